@@ -1,0 +1,24 @@
+#include "common/common.h"
+
+namespace toolkit {
+
+std::string ShapeToString(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ",";
+    s += std::to_string(shape[i]);
+  }
+  return s + "]";
+}
+
+OrtStatus* MakeStatus(OrtErrorCode code, const std::string& message) {
+  return Ort::GetApi().CreateStatus(code, message.c_str());
+}
+
+OrtStatus* InvalidInputStatus(const char* op, const char* input_name, const std::vector<int64_t>& shape,
+                              const std::string& expectation) {
+  return MakeStatus(ORT_INVALID_ARGUMENT, std::string(op) + ": input '" + input_name + "' has shape " +
+                                              ShapeToString(shape) + "; expected " + expectation);
+}
+
+}  // namespace toolkit

@@ -1,0 +1,516 @@
+// CPU kernel of FusedSoftmaxTopK, plus the provider-independent attribute and shape
+// checks (this file never needs nvcc).
+//
+// One read of each row: blocks of kBlock logits are loaded once (fp16 converted on
+// the fly) and, while they sit in L1, feed
+//   * the online softmax normaliser (running max m and sum of exp(x/T - m), rescaled
+//     when m grows; Milakov & Gimelshein 2018, "Online normalizer calculation for
+//     softmax", arXiv:1805.02867), with a vectorisable polynomial exp;
+//   * a top-k selection on the raw logits (exp is monotone, so the top-k of the
+//     logits is the top-k of the probabilities): candidates above the current k-th
+//     key are appended to a buffer that is cut back to k with nth_element when full;
+//     a whole block is rejected at once when its max is not above that key.
+// Rows are spread over ORT's intra-op thread pool; when there are fewer rows than
+// kTargetTasks, each long row is split into chunks whose partial (max, sum, top-k)
+// are merged afterwards. The chunking depends only on the shape, never on the
+// thread count, so results are identical for any number of threads.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "softmax_topk/softmax_topk.h"
+
+namespace toolkit::softmax_topk {
+
+// ------------------------------------------------------------------ checks
+
+OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs) {
+  const OrtApi& api = Ort::GetApi();
+  if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, "k", &attrs->k)) {
+    api.ReleaseStatus(st);
+    return MakeStatus(ORT_INVALID_ARGUMENT,
+                      std::string(kOpName) + ": the required integer attribute 'k' is missing");
+  }
+  auto optional_int = [&](const char* name, int64_t* v) {
+    if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, v)) api.ReleaseStatus(st);
+  };
+  optional_int("normalize", &attrs->normalize);
+  optional_int("log_probs", &attrs->log_probs);
+  if (OrtStatus* st = api.KernelInfoGetAttribute_float(info, "temperature", &attrs->temperature)) {
+    api.ReleaseStatus(st);
+  }
+  for (auto [name, v] : {std::pair{"normalize", attrs->normalize}, std::pair{"log_probs", attrs->log_probs}}) {
+    if (v != 0 && v != 1) {
+      return MakeStatus(ORT_INVALID_ARGUMENT, std::string(kOpName) + ": attribute '" + name +
+                                                  "' must be 0 or 1, got " + std::to_string(v));
+    }
+  }
+  return nullptr;
+}
+
+OrtStatus* CheckInput(const std::vector<int64_t>& shape, const Attributes& attrs, int64_t* rows, int64_t* V) {
+  if (shape.empty()) {
+    return InvalidInputStatus(kOpName, kInputName, shape, "rank >= 1 (softmax and top-k run over the last axis)");
+  }
+  const int64_t v = shape.back();
+  if (v <= 0) {
+    return InvalidInputStatus(kOpName, kInputName, shape, "a non-empty last axis (V >= 1)");
+  }
+  if (v > std::numeric_limits<int32_t>::max()) {
+    return InvalidInputStatus(kOpName, kInputName, shape, "a last axis of at most 2^31-1 elements");
+  }
+  if (attrs.k < 1 || attrs.k > v) {
+    return InvalidInputStatus(kOpName, kInputName, shape,
+                              "1 <= k <= " + std::to_string(v) + " (the size of the last axis), got k=" +
+                                  std::to_string(attrs.k));
+  }
+  if (!(attrs.temperature > 0.0f) || !std::isfinite(attrs.temperature)) {
+    return InvalidInputStatus(kOpName, kInputName, shape,
+                              "a finite temperature > 0, got temperature=" + std::to_string(attrs.temperature));
+  }
+  int64_t r = 1;
+  for (size_t i = 0; i + 1 < shape.size(); ++i) r *= shape[i];
+  *rows = r;
+  *V = v;
+  return nullptr;
+}
+
+OrtStatus* Op::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+  return GuardStatus(kOpName, [&]() -> OrtStatus* {
+    Attributes attrs;
+    if (OrtStatus* st = ReadAttributes(info, &attrs)) return st;
+    if (provider_ == Provider::kCpu) {
+      *kernel = new CpuKernel(attrs);
+      return nullptr;
+    }
+#ifdef TOOLKIT_WITH_CUDA
+    *kernel = new CudaKernel(attrs);
+    return nullptr;
+#else
+    return MakeStatus(ORT_NOT_IMPLEMENTED, std::string(kOpName) + ": library built without CUDA");
+#endif
+  });
+}
+
+// ------------------------------------------------------------------ numerics
+
+namespace {
+
+constexpr int kBlock = 512;     // logits per block: 2 KiB of fp32, stays in L1
+constexpr int kLanes = 16;      // independent accumulators, so -O3 vectorises
+constexpr int64_t kTargetTasks = 16;
+constexpr int64_t kMinChunk = 8192;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline uint32_t Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+inline float FromBits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// IEEE half -> float, exact and branch-free (vectorises; no denormal arithmetic).
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t em = h & 0x7fffu;
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t e = em << 13;
+  const float normal = FromBits(e + (112u << 23));           // rebias exponent 15 -> 127
+  const float sub = FromBits(e + (113u << 23)) - 0x1p-14f;   // subnormal: m * 2^-24, exact
+  const float special = FromBits(e | 0x7f800000u);           // inf / NaN keep the payload
+  const float f = em < 0x400u ? sub : (em >= 0x7c00u ? special : normal);
+  return FromBits(Bits(f) | sign);
+}
+
+// float -> IEEE half, round to nearest even.
+inline uint16_t FloatToHalf(float f) {
+  uint32_t x = Bits(f);
+  const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
+  x &= 0x7fffffffu;
+  if (x > 0x7f800000u) return sign | 0x7e00u;               // NaN
+  if (x >= 0x477ff000u) return sign | 0x7c00u;              // >= 65520 rounds to inf
+  if (x < 0x38800000u) {                                     // half subnormal or zero
+    return sign | uint16_t(std::nearbyint(FromBits(x) * 0x1p24f));
+  }
+  x += 0xfffu + ((x >> 13) & 1u);
+  x -= 112u << 23;
+  return sign | uint16_t(x >> 13);
+}
+
+template <typename T>
+inline float ToFloat(T v);
+template <>
+inline float ToFloat<float>(float v) { return v; }
+template <>
+inline float ToFloat<uint16_t>(uint16_t v) { return HalfToFloat(v); }
+
+template <typename T>
+inline T FromFloat(float v);
+template <>
+inline float FromFloat<float>(float v) { return v; }
+template <>
+inline uint16_t FromFloat<uint16_t>(float v) { return FloatToHalf(v); }
+
+// exp(t) for t <= 0 with about 1 ulp error, in plain float arithmetic so that loops
+// over it vectorise. Cody-Waite reduction t = n ln2 + r, |r| <= ln2/2, then a
+// degree-7 minimax polynomial; 2^n is built in the exponent field. t is clamped at
+// -87 (exp(-87) ~ 1.6e-38 is negligible next to the sum, which is >= 1).
+inline float ExpNonPositive(float t) {
+  t = t < -87.0f ? -87.0f : t;
+  const float shifter = 12582912.0f;                 // 1.5 * 2^23: round-to-int trick
+  const float z = t * 1.44269504088896341f + shifter;
+  const float n = z - shifter;
+  float r = t - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t scale = (Bits(z) - Bits(shifter) + 127u) << 23;  // 2^n, n in [-126, 0]
+  return p * FromBits(scale);
+}
+
+// Total order of the logits as int32: NaN (any sign) above +inf above finite above
+// -inf, and -0 == +0; this is the order ORT's TopK uses.
+inline int32_t OrderKey(float f) {
+  const uint32_t b = Bits(f);
+  const uint32_t mag = b & 0x7fffffffu;
+  if (mag > 0x7f800000u) return std::numeric_limits<int32_t>::max();
+  if (mag == 0) return 0;
+  return int32_t(b ^ (uint32_t(int32_t(b) >> 31) & 0x7fffffffu));
+}
+
+// Candidates are single uint64: ascending order = key descending, index ascending.
+inline uint64_t Compose(int32_t key, int64_t index) {
+  return (uint64_t(int64_t(std::numeric_limits<int32_t>::max()) - key) << 32) | uint64_t(uint32_t(index));
+}
+inline int32_t KeyOf(uint64_t c) { return int32_t(int64_t(std::numeric_limits<int32_t>::max()) - int64_t(c >> 32)); }
+inline int64_t IndexOf(uint64_t c) { return int64_t(c & 0xffffffffu); }
+
+struct Partial {
+  float max = -kInf;        // max of the non-NaN logits
+  double sum = 0.0;         // sum exp((x - max) / T) over the finite part
+  bool nan = false;
+  std::vector<uint64_t> cand;  // best min(k, len) candidates, unsorted
+};
+
+// Rescales a partial sum computed against `from` to the max `to` (to >= from).
+inline double Rescale(double sum, float from, float to, double inv_t) {
+  if (sum == 0.0 || from == to) return sum;
+  return sum * std::exp((double(from) - double(to)) * inv_t);
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t begin, int64_t end, int64_t k,
+                                                        float inv_t, Partial* out) {
+  const int64_t len = end - begin;
+  const size_t keep = size_t(std::min<int64_t>(k, len));
+  const size_t cap = size_t(std::min<int64_t>(len, k + std::max<int64_t>(k, 1024)));
+  std::vector<uint64_t>& cand = out->cand;
+  cand.resize(cap);
+  size_t n_cand = 0;
+  int32_t threshold = std::numeric_limits<int32_t>::min();  // below every real key
+
+  float m = -kInf;
+  double sum = 0.0;
+  bool any_nan = false;
+  alignas(64) float converted[kBlock];
+
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int n = int(std::min<int64_t>(kBlock, end - b));
+    const float* x;
+    if constexpr (std::is_same_v<T, float>) {
+      x = row + b;
+    } else {
+      for (int i = 0; i < n; ++i) converted[i] = ToFloat<T>(row[b + i]);
+      x = converted;
+    }
+
+    // Block max (NaN ignored) and NaN flag.
+    float lane_max[kLanes];
+    int lane_nan[kLanes];
+    for (int j = 0; j < kLanes; ++j) lane_max[j] = -kInf, lane_nan[j] = 0;
+    int i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const float v = x[i + j];
+        lane_max[j] = v > lane_max[j] ? v : lane_max[j];
+        lane_nan[j] |= v != v;
+      }
+    }
+    for (; i < n; ++i) {
+      const float v = x[i];
+      lane_max[0] = v > lane_max[0] ? v : lane_max[0];
+      lane_nan[0] |= v != v;
+    }
+    float block_max = -kInf;
+    int block_nan = 0;
+    for (int j = 0; j < kLanes; ++j) {
+      block_max = lane_max[j] > block_max ? lane_max[j] : block_max;
+      block_nan |= lane_nan[j];
+    }
+    any_nan |= block_nan != 0;
+
+    // Online normaliser.
+    if (block_max > m) {
+      sum = Rescale(sum, m, block_max, inv_t);
+      m = block_max;
+    }
+    if (m != kInf && m != -kInf && !block_nan) {
+      float lane_sum[kLanes];
+      for (int j = 0; j < kLanes; ++j) lane_sum[j] = 0.0f;
+      i = 0;
+      for (; i + kLanes <= n; i += kLanes) {
+        for (int j = 0; j < kLanes; ++j) lane_sum[j] += ExpNonPositive((x[i + j] - m) * inv_t);
+      }
+      for (; i < n; ++i) lane_sum[0] += ExpNonPositive((x[i] - m) * inv_t);
+      float block_sum = 0.0f;
+      for (int j = 0; j < kLanes; ++j) block_sum += lane_sum[j];
+      sum += double(block_sum);
+    }
+
+    // Top-k candidates; whole block rejected when its best key cannot enter.
+    const int32_t block_key = block_nan ? std::numeric_limits<int32_t>::max() : OrderKey(block_max);
+    if (block_key <= threshold) continue;
+    for (i = 0; i < n; ++i) {
+      const int32_t key = OrderKey(x[i]);
+      if (key <= threshold) continue;
+      cand[n_cand++] = Compose(key, b + i);
+      if (n_cand == cap && cap > keep) {
+        std::nth_element(cand.begin(), cand.begin() + (keep - 1), cand.begin() + n_cand);
+        n_cand = keep;
+        threshold = KeyOf(cand[keep - 1]);
+      }
+    }
+  }
+  if (n_cand > keep) {
+    std::nth_element(cand.begin(), cand.begin() + (keep - 1), cand.begin() + n_cand);
+    n_cand = keep;
+  }
+  cand.resize(n_cand);
+  out->max = m;
+  out->sum = sum;
+  out->nan = any_nan;
+}
+
+// AVX2/FMA/F16C clone picked at load time by cpuid (GCC ifunc), SSE2 otherwise.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define TOOLKIT_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define TOOLKIT_MULTIVERSION
+#endif
+
+TOOLKIT_MULTIVERSION void ScanChunkF32(const float* row, int64_t begin, int64_t end, int64_t k, float inv_t,
+                                       Partial* out) {
+  ScanChunkImpl<float>(row, begin, end, k, inv_t, out);
+}
+TOOLKIT_MULTIVERSION void ScanChunkF16(const uint16_t* row, int64_t begin, int64_t end, int64_t k, float inv_t,
+                                       Partial* out) {
+  ScanChunkImpl<uint16_t>(row, begin, end, k, inv_t, out);
+}
+inline void ScanChunk(const float* row, int64_t b, int64_t e, int64_t k, float inv_t, Partial* out) {
+  ScanChunkF32(row, b, e, k, inv_t, out);
+}
+inline void ScanChunk(const uint16_t* row, int64_t b, int64_t e, int64_t k, float inv_t, Partial* out) {
+  ScanChunkF16(row, b, e, k, inv_t, out);
+}
+
+// Merges the partials of one row and writes its k outputs.
+template <typename T>
+void FinishRow(const T* row, Partial* parts, int64_t n_parts, const Attributes& a, T* values, int64_t* indices,
+               float* log_norm, std::vector<uint64_t>* scratch) {
+  const int64_t k = a.k;
+  const double inv_t = 1.0 / double(a.temperature);
+  float m = -kInf;
+  bool nan = false;
+  for (int64_t p = 0; p < n_parts; ++p) {
+    m = std::max(m, parts[p].max);
+    nan |= parts[p].nan;
+  }
+  double sum = 0.0;
+  if (!nan && m != kInf && m != -kInf) {
+    for (int64_t p = 0; p < n_parts; ++p) sum += Rescale(parts[p].sum, parts[p].max, m, inv_t);
+  }
+
+  std::vector<uint64_t>* cand = &parts[0].cand;
+  if (n_parts > 1) {
+    scratch->clear();
+    for (int64_t p = 0; p < n_parts; ++p) scratch->insert(scratch->end(), parts[p].cand.begin(), parts[p].cand.end());
+    cand = scratch;
+  }
+  if (int64_t(cand->size()) > k) {
+    std::nth_element(cand->begin(), cand->begin() + (k - 1), cand->end());
+    cand->resize(size_t(k));
+  }
+  std::sort(cand->begin(), cand->end());
+  const uint64_t* c = cand->data();
+
+  const bool poisoned = nan || m == kInf || m == -kInf;
+  const float qnan = std::numeric_limits<float>::quiet_NaN();
+  if (log_norm) {
+    *log_norm = nan ? qnan : (m == kInf ? kInf : (m == -kInf ? -kInf : float(double(m) * inv_t + std::log(sum))));
+  }
+
+  if (poisoned) {
+    // Softmax(row) is all-NaN for ORT; TopK of all-NaN keeps indices 0..k-1.
+    // TopK first (normalize=1) keeps its order, then softmax of the kept is NaN.
+    for (int64_t j = 0; j < k; ++j) {
+      values[j] = FromFloat<T>(qnan);
+      indices[j] = a.normalize ? IndexOf(c[j]) : j;
+    }
+    return;
+  }
+
+  double ref_max = m;
+  double log_sum = std::log(sum);
+  if (a.normalize) {
+    // Softmax over the kept k only; the first kept is the largest.
+    ref_max = ToFloat<T>(row[IndexOf(c[0])]);
+    double s = 0.0;
+    for (int64_t j = 0; j < k; ++j) s += std::exp((double(ToFloat<T>(row[IndexOf(c[j])])) - ref_max) * inv_t);
+    log_sum = std::log(s);
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t idx = IndexOf(c[j]);
+    const double t = (double(ToFloat<T>(row[idx])) - ref_max) * inv_t;  // -inf for -inf logits
+    const double v = a.log_probs ? t - log_sum : std::exp(t - log_sum);
+    values[j] = FromFloat<T>(float(v));
+    indices[j] = idx;
+  }
+}
+
+template <typename T>
+struct Job {
+  const T* x;
+  T* values;
+  int64_t* indices;
+  float* log_norm;
+  int64_t rows, V;
+  Attributes attrs;
+  float inv_t;
+  int64_t chunks_per_row, chunk_len;
+  std::vector<Partial> parts;  // rows * chunks_per_row, only when chunks_per_row > 1
+  std::atomic<bool> failed{false};
+};
+
+template <typename T>
+void RunWholeRow(void* data, size_t r) {
+  auto* job = static_cast<Job<T>*>(data);
+  try {
+    thread_local Partial part;
+    thread_local std::vector<uint64_t> scratch;
+    const T* row = job->x + int64_t(r) * job->V;
+    ScanChunk(row, 0, job->V, job->attrs.k, job->inv_t, &part);
+    FinishRow(row, &part, 1, job->attrs, job->values + int64_t(r) * job->attrs.k,
+              job->indices + int64_t(r) * job->attrs.k, job->log_norm ? job->log_norm + r : nullptr, &scratch);
+  } catch (...) {
+    job->failed = true;
+  }
+}
+
+template <typename T>
+void RunChunk(void* data, size_t task) {
+  auto* job = static_cast<Job<T>*>(data);
+  try {
+    const int64_t r = int64_t(task) / job->chunks_per_row;
+    const int64_t c = int64_t(task) % job->chunks_per_row;
+    const int64_t begin = c * job->chunk_len;
+    const int64_t end = std::min(job->V, begin + job->chunk_len);
+    ScanChunk(job->x + r * job->V, begin, end, job->attrs.k, job->inv_t, &job->parts[task]);
+  } catch (...) {
+    job->failed = true;
+  }
+}
+
+template <typename T>
+void RunMerge(void* data, size_t r) {
+  auto* job = static_cast<Job<T>*>(data);
+  try {
+    thread_local std::vector<uint64_t> scratch;
+    FinishRow(job->x + int64_t(r) * job->V, &job->parts[r * job->chunks_per_row], job->chunks_per_row, job->attrs,
+              job->values + int64_t(r) * job->attrs.k, job->indices + int64_t(r) * job->attrs.k,
+              job->log_norm ? job->log_norm + r : nullptr, &scratch);
+  } catch (...) {
+    job->failed = true;
+  }
+}
+
+template <typename T>
+OrtStatus* Run(Ort::KernelContext& ctx, const T* x, T* values, int64_t* indices, float* log_norm, int64_t rows,
+               int64_t V, const Attributes& attrs) {
+  Job<T> job;
+  job.x = x;
+  job.values = values;
+  job.indices = indices;
+  job.log_norm = log_norm;
+  job.rows = rows;
+  job.V = V;
+  job.attrs = attrs;
+  job.inv_t = 1.0f / attrs.temperature;
+  job.chunks_per_row = 1;
+  if (rows < kTargetTasks && V >= 2 * kMinChunk) {
+    job.chunks_per_row = std::min((kTargetTasks + rows - 1) / rows, V / kMinChunk);
+  }
+  // Chunk boundaries on block multiples; recompute the count so none is empty.
+  job.chunk_len = ((V + job.chunks_per_row - 1) / job.chunks_per_row + kBlock - 1) / kBlock * kBlock;
+  job.chunks_per_row = (V + job.chunk_len - 1) / job.chunk_len;
+
+  if (job.chunks_per_row == 1) {
+    ctx.ParallelFor(&RunWholeRow<T>, size_t(rows), 0, &job);
+  } else {
+    job.parts.resize(size_t(rows * job.chunks_per_row));
+    ctx.ParallelFor(&RunChunk<T>, job.parts.size(), 0, &job);
+    if (!job.failed) ctx.ParallelFor(&RunMerge<T>, size_t(rows), 0, &job);
+  }
+  if (job.failed) {
+    return MakeStatus(ORT_RUNTIME_EXCEPTION, std::string(kOpName) + ": CPU kernel failed (out of memory?)");
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+OrtStatus* CpuKernel::ComputeV2(OrtKernelContext* context) {
+  return GuardStatus(kOpName, [&]() -> OrtStatus* {
+    Ort::KernelContext ctx(context);
+    Ort::ConstValue input = ctx.GetInput(0);
+    const auto info = input.GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> shape = info.GetShape();
+    int64_t rows = 0, V = 0;
+    if (OrtStatus* st = CheckInput(shape, attrs, &rows, &V)) return st;
+
+    std::vector<int64_t> out_shape = shape;
+    out_shape.back() = attrs.k;
+    auto values = ctx.GetOutput(0, out_shape);
+    auto indices = ctx.GetOutput(1, out_shape);
+    float* log_norm = nullptr;
+    if (ctx.GetOutputCount() > 2) {
+      const std::vector<int64_t> norm_shape(shape.begin(), shape.end() - 1);
+      OrtValue* out = nullptr;
+      Ort::ThrowOnError(
+          Ort::GetApi().KernelContext_GetOutput(context, 2, norm_shape.data(), norm_shape.size(), &out));
+      if (out) Ort::ThrowOnError(Ort::GetApi().GetTensorMutableData(out, reinterpret_cast<void**>(&log_norm)));
+    }
+    if (rows == 0) return nullptr;
+
+    int64_t* idx = indices.GetTensorMutableData<int64_t>();
+    if (info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+      return Run<uint16_t>(ctx, static_cast<const uint16_t*>(input.GetTensorRawData()),
+                           static_cast<uint16_t*>(values.GetTensorMutableRawData()), idx, log_norm, rows, V, attrs);
+    }
+    return Run<float>(ctx, input.GetTensorData<float>(), values.GetTensorMutableData<float>(), idx, log_norm, rows,
+                      V, attrs);
+  });
+}
+
+}  // namespace toolkit::softmax_topk

@@ -1,0 +1,201 @@
+"""The pass pipeline: THE order in which graph passes run.
+
+Mirrors onnxscript's ``ort_fusions/_core.py``: one explicit list, counts per pass,
+and a comment on every ordering dependency. After each pass the model is validated
+(:func:`validate_model`); an invalid graph raises :class:`PassError` naming the pass
+and the failing node, so a broken rewrite is caught where it happens rather than at
+session creation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from passes.registry import PassResult, check_pass_names, get_pass
+from toolkit.errors import PassError
+
+if TYPE_CHECKING:
+    import onnx
+    import onnx_ir as ir
+
+PIPELINE_ORDER: tuple[str, ...] = (
+    # Fusions first. fuse-softmax-topk needs the Softmax/TopK nodes as exported; a
+    # future pass that rewrites Softmax (e.g. an attention fusion that swallows its
+    # Softmax) must run after it, or it would hide the router/sampling Softmax.
+    "fuse-softmax-topk",
+    # cleanup must run last: every fusion may leave dead nodes and initializers
+    # behind (e.g. a Div constant folded into `temperature`), and it drops opset
+    # imports that no node uses after the rewrites.
+    "cleanup",
+)
+
+# Passes that run when the caller names none.
+DEFAULT_PASSES: tuple[str, ...] = PIPELINE_ORDER
+
+
+@dataclasses.dataclass
+class PipelineReport:
+    """Per-pass results of :func:`run_pipeline`, in the order the passes ran."""
+
+    results: list[PassResult] = dataclasses.field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Pass name -> number of rewrites."""
+        return {r.name: r.count for r in self.results}
+
+    @property
+    def order(self) -> list[str]:
+        """Names of the passes that ran, in order."""
+        return [r.name for r in self.results]
+
+    def __getitem__(self, name: str) -> PassResult:
+        for result in self.results:
+            if result.name == name:
+                return result
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"passes": [dataclasses.asdict(r) for r in self.results]}
+
+    def to_text(self) -> str:
+        """Human-readable summary, with explanations when they were recorded."""
+        lines = []
+        for r in self.results:
+            lines.append(f"{r.name}: {r.count}")
+            lines.extend(f"    {line}" for line in r.explanations)
+        return "\n".join(lines)
+
+
+def _to_ir(model: onnx.ModelProto | ir.Model) -> ir.Model:
+    """An onnx_ir copy of ``model``; the caller's model is never modified."""
+    import onnx
+    import onnx_ir as ir
+
+    proto = model if isinstance(model, onnx.ModelProto) else ir.serde.serialize_model(model)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return ir.serde.deserialize_model(copy)
+
+
+def _find_dangling_input(graph: onnx.GraphProto, outer: set[str]) -> tuple[Any, str] | None:
+    """(node, input name) of the first node input that nothing produces before it."""
+    available = set(outer)
+    available.update(i.name for i in graph.input)
+    available.update(i.name for i in graph.initializer)
+    available.update(i.name for i in graph.sparse_initializer)
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in available:
+                return node, name
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                found = _find_dangling_input(sub, available)
+                if found is not None:
+                    return found
+        available.update(o for o in node.output if o)
+    return None
+
+
+def _checker_failing_node(model: onnx.ModelProto) -> Any | None:
+    """The first top-level node that onnx's node checker rejects, if any."""
+    import onnx
+
+    ctx = onnx.checker.C.CheckerContext()
+    ctx.ir_version = model.ir_version
+    ctx.opset_imports = {o.domain: o.version for o in model.opset_import}
+    for node in model.graph.node:
+        try:
+            onnx.checker.check_node(node, ctx)
+        except onnx.checker.ValidationError:
+            return node
+    return None
+
+
+def _node_label(node: Any) -> str:
+    op = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
+    return f"node {node.name or '<unnamed>'} ({op})"
+
+
+def validate_model(model: onnx.ModelProto, pass_name: str) -> None:
+    """Check ``model`` as produced by ``pass_name``.
+
+    Checks that every node input is produced (by a graph input, an initializer or an
+    earlier node), then runs ``onnx.checker.check_model(full_check=False)``.
+
+    Raises:
+        PassError: naming the pass and, where it can be found, the failing node.
+    """
+    import onnx
+
+    found = _find_dangling_input(model.graph, set())
+    if found is not None:
+        node, name = found
+        raise PassError(
+            f"pass {pass_name!r} produced an invalid graph: input {name!r} of "
+            f"{_node_label(node)} is not produced by any node, graph input or initializer",
+            hint=f"this is a bug in pass {pass_name!r}; rerun without it "
+            f"(leave it out of the pass list) and report the model",
+        )
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as err:
+        node = _checker_failing_node(model)
+        where = f" at {_node_label(node)}" if node is not None else ""
+        raise PassError(
+            f"pass {pass_name!r} produced a model that fails onnx.checker{where}: {err}",
+            hint=f"this is a bug in pass {pass_name!r}; rerun without it and report the model",
+        ) from err
+
+
+def resolve_pass_names(names: list[str] | None) -> list[str]:
+    """The passes to run, in pipeline order (``None`` -> the default set)."""
+    if names is None:
+        return list(DEFAULT_PASSES)
+    check_pass_names(list(names))
+    requested = set(names)
+    return [name for name in PIPELINE_ORDER if name in requested]
+
+
+def run_pipeline(
+    model: onnx.ModelProto | ir.Model,
+    names: list[str] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+    explain: bool = False,
+) -> tuple[onnx.ModelProto, PipelineReport]:
+    """Run the requested passes in pipeline order.
+
+    Args:
+        model: The model; it is copied, never modified.
+        names: Passes to run (any order, duplicates ignored); ``None`` runs the
+            default set ``DEFAULT_PASSES``.
+        options: ``{pass name: {option: value}}``; values may be strings (from the
+            CLI) and are converted to the option's type.
+        explain: Record, per pass, why candidate nodes did not match.
+
+    Returns:
+        The rewritten model and the per-pass report.
+
+    Raises:
+        PassError: unknown pass name (lists the known ones), invalid options, or a
+            pass produced an invalid model (names the pass and node).
+    """
+    import onnx_ir as ir
+
+    selected = resolve_pass_names(names)
+    options = dict(options or {})
+    check_pass_names(list(options))
+    # Build and validate every pass's options before touching the model, so a typo
+    # in the last pass's options does not cost a run of the first passes.
+    graph_passes = [get_pass(name) for name in selected]
+    pass_options = [p.make_options(options.get(p.name)) for p in graph_passes]
+
+    ir_model = _to_ir(model)
+    report = PipelineReport()
+    for graph_pass, opts in zip(graph_passes, pass_options):
+        result = graph_pass.apply(ir_model, opts, explain=explain)
+        validate_model(ir.serde.serialize_model(ir_model), graph_pass.name)
+        report.results.append(result)
+    return ir.serde.serialize_model(ir_model), report

@@ -1,0 +1,106 @@
+"""The CLI end to end, as a user runs it (subprocesses, exit codes, files on disk)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def toolkit(*args, cwd=None, timeout=600):
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "toolkit", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env=env)
+
+
+def test_help_is_fast_and_lists_commands():
+    start = time.perf_counter()
+    r = toolkit("--help")
+    elapsed = time.perf_counter() - start
+    assert r.returncode == 0
+    for cmd in ("export", "convert", "parity", "inspect", "list-passes"):
+        assert cmd in r.stdout
+    # heavy imports (torch, onnxruntime) must not happen for --help
+    assert elapsed < 5, elapsed
+
+
+def test_unknown_model_is_one_paragraph_error(tmp_path):
+    r = toolkit("export", "nosuchmodel", "-o", str(tmp_path / "m.onnx"))
+    assert r.returncode == 2
+    assert "unknown model 'nosuchmodel'" in r.stderr and "llama" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_path_and_not_a_model_dir(tmp_path):
+    r = toolkit("export", "./does/not/exist", "-o", str(tmp_path / "m.onnx"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = toolkit("export", str(tmp_path / "empty"), "-o", str(tmp_path / "m.onnx"))
+    assert r.returncode == 2 and "no config.json" in r.stderr
+
+
+def test_corrupt_onnx_for_inspect_and_parity(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 10)
+    for args in (("inspect", str(bad)), ("parity", "llama", str(bad))):
+        r = toolkit(*args)
+        assert r.returncode == 2, r.stderr
+        assert "not a valid ONNX model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_convert_end_to_end_and_inspect(tmp_path):
+    out = tmp_path / "llama-out"
+    r = toolkit("convert", "llama", "-o", str(out), "--decode-steps", "2", "--batch-sizes", "1,2")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "parity.json", "passes.json"]
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] is True
+    # no staging directories left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["llama-out"]
+
+    r = toolkit("inspect", str(out / "model.onnx"), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    from models import build
+
+    cfg = build("llama").config
+    assert info["kv_cache"]["layers"] == cfg.num_layers
+    assert info["kv_cache"]["bytes_per_token"] == cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4
+
+    # an existing output directory is refused, and left untouched
+    before = (out / "model.onnx").stat().st_mtime_ns
+    r = toolkit("convert", "llama", "-o", str(out))
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert (out / "model.onnx").stat().st_mtime_ns == before
+
+    # parity as its own command, with JSON and JUnit outputs; ORIGINAL settings come from metadata
+    r = toolkit("parity", "llama", str(out / "model.onnx"), "--decode-steps", "2",
+                "--json", str(tmp_path / "p.json"), "--junit", str(tmp_path / "p.xml"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads((tmp_path / "p.json").read_text())["passed"] is True
+    assert (tmp_path / "p.xml").read_text().startswith("<testsuite")
+
+
+def test_parity_exit_code_is_1_on_failure(exported, tmp_path):
+    _, path = exported("gpt2")
+    r = toolkit("parity", "gpt2", str(path), "--decode-steps", "1", "--threshold", "logits_max_abs=0")
+    # bit-exactness is not expected between ORT and PyTorch: a zero threshold must fail
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAIL" in r.stdout
+
+
+def test_unknown_pass_name_lists_known_ones(tmp_path):
+    r = toolkit("convert", "llama", "-o", str(tmp_path / "o"), "--passes", "no-such-pass")
+    assert r.returncode == 2
+    assert "no-such-pass" in r.stderr and "fuse-softmax-topk" in r.stderr
+    assert not list(tmp_path.iterdir()), "a failed convert must leave nothing behind"
+
+
+def test_list_passes():
+    r = toolkit("list-passes")
+    assert r.returncode == 0 and "fuse-softmax-topk" in r.stdout

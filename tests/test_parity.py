@@ -1,0 +1,106 @@
+"""The parity harness must pass a faithful export and FAIL a perturbed one."""
+
+from __future__ import annotations
+
+import json
+import math
+from xml.etree import ElementTree as ET
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from toolkit import parity
+from toolkit.errors import InvalidModelError, ToolkitError
+
+SETTINGS = parity.ParitySettings(batch_sizes=(1, 3), prompt_len=8, decode_steps=3, perplexity_tokens=0)
+
+
+def _perturbed_copy(path, out, scale: float, seed: int = 0):
+    """Copy of the model with noise added to its largest weight."""
+    model = onnx.load(str(path))
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    w = numpy_helper.to_array(init).copy()
+    w += scale * np.random.default_rng(seed).standard_normal(w.shape).astype(w.dtype)
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(out))
+    return init.name
+
+
+@pytest.mark.parametrize("spec", ["llama", "gpt2", "hf:qwen2"])
+def test_faithful_export_passes(spec, exported):
+    src, path = exported(spec)
+    report = parity.check(src, path, SETTINGS)
+    assert report.passed, report.to_json()
+    logits = [r for r in report.records if r.name == "logits"]
+    # one prefill and one decode record per batch size
+    assert len(logits) == 4
+    assert all(r.top1_agreement == 1.0 and r.max_abs < 1e-4 for r in logits)
+    assert any(r.name.startswith("present.") for r in report.records)
+
+
+def test_perturbed_model_fails(exported, tmp_path):
+    src, path = exported("llama")
+    bad = tmp_path / "perturbed.onnx"
+    _perturbed_copy(path, bad, scale=1e-2)
+    report = parity.check(src, bad, SETTINGS)
+    assert not report.passed
+    failing = [r for r in report.records if not r.passed]
+    assert any(r.name == "logits" and any("max abs" in f for f in r.failures) for r in failing)
+
+
+def test_tiny_perturbation_is_caught_by_tight_threshold_only(exported, tmp_path):
+    src, path = exported("llama")
+    bad = tmp_path / "slightly.onnx"
+    _perturbed_copy(path, bad, scale=1e-6)
+    assert parity.check(src, bad, SETTINGS).passed
+    strict = parity.check(src, bad, SETTINGS, overrides={"logits_max_abs": 1e-9})
+    assert not strict.passed
+
+
+def test_report_formats(exported, tmp_path):
+    src, path = exported("llama")
+    report = parity.check(src, path, SETTINGS)
+    data = json.loads(report.to_json())
+    assert data["passed"] is True and data["profile"] == "fp32"
+    rec = data["records"][0]
+    for key in ("max_abs", "max_rel", "cosine", "histogram", "top1_agreement", "kl_mean"):
+        assert key in rec
+    assert sum(rec["histogram"]) > 0
+    suite = ET.fromstring(report.to_junit())
+    assert suite.tag == "testsuite" and int(suite.get("failures")) == 0
+    assert len(suite.findall("testcase")) == len(report.records) + 1
+
+
+def test_compare_metrics_against_numpy():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((4, 50)).astype(np.float32)
+    b = a + 1e-3 * rng.standard_normal(a.shape).astype(np.float32)
+    rec = parity.compare_logits("p", a[None], b[None], np.ones((1, 4), bool))
+    assert rec.max_abs == pytest.approx(np.abs(a.astype(np.float64) - b).max())
+    cos = float((a.astype(np.float64) * b).sum() / np.linalg.norm(a.astype(np.float64)) / np.linalg.norm(b))
+    assert rec.cosine == pytest.approx(cos, rel=1e-12)
+    p = np.exp(a - a.max(-1, keepdims=True)); p /= p.sum(-1, keepdims=True)
+    q = np.exp(b - b.max(-1, keepdims=True)); q /= q.sum(-1, keepdims=True)
+    kl = (p * (np.log(p) - np.log(q))).sum(-1)
+    assert rec.kl_mean == pytest.approx(kl.mean(), rel=1e-3)
+    assert rec.top1_agreement == np.mean(a.argmax(-1) == b.argmax(-1))
+    nan = parity.compare("x", "p", a, np.where(a > 0, np.nan, a))
+    assert math.isinf(nan.max_abs)  # a NaN where the reference has none is a failure, never ignored
+
+
+def test_truncated_onnx_is_a_clear_error(exported, tmp_path):
+    _, path = exported("llama")
+    bad = tmp_path / "truncated.onnx"
+    bad.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    with pytest.raises(InvalidModelError, match="truncated"):
+        parity.load_onnx(bad)
+
+
+def test_unknown_threshold_and_profile(exported):
+    src, path = exported("llama")
+    with pytest.raises(ToolkitError, match="known thresholds"):
+        parity.check(src, path, SETTINGS, overrides={"nope": 1.0})
+    with pytest.raises(ToolkitError, match="profile"):
+        parity.check(src, path, SETTINGS, profile="int3")

@@ -1,0 +1,9 @@
+"""toolkit: export PyTorch transformers to ONNX, rewrite them onto fused custom
+operators (softmax–top-k, quantized KV-cache attention, low-rank projections) and
+prove numerical parity with the original model.
+
+Heavy dependencies (torch, onnxruntime, transformers) are imported lazily, so
+``import toolkit`` and ``toolkit --help`` stay instant.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,56 @@
+"""The ``toolkit`` command line.
+
+One module per command in :mod:`toolkit.commands`, each with ``register(parser)``
+and ``run(args) -> int``; heavy imports happen inside ``run`` so ``--help`` is instant.
+User errors (:class:`toolkit.errors.ToolkitError`) print one paragraph, no
+traceback (``--traceback`` shows it), and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from toolkit import __version__
+from toolkit.errors import ToolkitError
+
+COMMANDS = ("export", "convert", "parity", "inspect", "list_passes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="toolkit",
+        description="Export PyTorch transformers to ONNX, rewrite them onto fused custom operators, "
+        "and check numerical parity against the original model.",
+    )
+    parser.add_argument("--version", action="version", version=f"toolkit {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show Python tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        module = importlib.import_module(f"toolkit.commands.{name}")
+        p = sub.add_parser(name.replace("_", "-"), help=module.__doc__.strip().splitlines()[0],
+                           description=module.__doc__)
+        module.register(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except ToolkitError as err:
+        if args.traceback:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Arguments shared by several commands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default=None,
+                        help="size preset of a built-in model (tiny, small, base; default tiny)")
+    parser.add_argument("--config", action="append", metavar="KEY=VALUE",
+                        help="config override (repeatable), e.g. --config num_hidden_layers=4")
+    parser.add_argument("--seed", type=int, default=None, help="seed of random-weight models (default 0)")
+
+
+def resolve_model(args: argparse.Namespace, metadata: dict[str, str] | None = None):
+    """Resolve the MODEL argument; unspecified preset/seed/config fall back to what the ONNX recorded."""
+    import json
+
+    from toolkit import sources
+
+    metadata = metadata or {}
+    preset = args.preset or metadata.get("toolkit.preset") or "tiny"
+    seed = args.seed if args.seed is not None else int(metadata.get("toolkit.seed", "0") or 0)
+    overrides = (sources.parse_config_overrides(args.config) if args.config
+                 else json.loads(metadata.get("toolkit.config_overrides", "{}") or "{}"))
+    return sources.resolve(args.model, preset=preset, overrides=overrides, seed=seed)
+
+
+def add_parity_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("parity")
+    g.add_argument("--batch-sizes", default="1,3", help="comma-separated prefill batch sizes (default 1,3)")
+    g.add_argument("--prompt-len", type=int, default=12, help="prompt length before left padding (default 12)")
+    g.add_argument("--decode-steps", type=int, default=6, help="decode steps with cache (default 6)")
+    g.add_argument("--ppl-tokens", type=int, default=2048,
+                   help="held-out tokens for perplexity, when the model ships held-out text (0 = off)")
+    g.add_argument("--profile", default=None,
+                   help="threshold profile (fp32, fp16, kv-int8, kv-int4); default from the model's metadata")
+    g.add_argument("--threshold", action="append", metavar="NAME=VALUE",
+                   help="override one threshold, e.g. --threshold logits_max_abs=1e-2")
+    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+
+
+def parity_settings(args: argparse.Namespace):
+    from toolkit.errors import ToolkitError
+    from toolkit.parity import ParitySettings
+
+    try:
+        batches = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError as exc:
+        raise ToolkitError(f"--batch-sizes {args.batch_sizes!r} is not a comma-separated list of integers",
+                           hint="write e.g. --batch-sizes 1,4") from exc
+    return ParitySettings(batch_sizes=batches, prompt_len=args.prompt_len, decode_steps=args.decode_steps,
+                          perplexity_tokens=args.ppl_tokens, threads=args.threads)
+
+
+def threshold_overrides(args: argparse.Namespace) -> dict[str, float]:
+    from toolkit.errors import ToolkitError
+
+    out = {}
+    for item in args.threshold or []:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError as exc:
+            raise ToolkitError(f"--threshold {item!r} is not NAME=NUMBER",
+                               hint="write e.g. --threshold top1_min=0.99") from exc
+    return out

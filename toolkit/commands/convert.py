@@ -1,0 +1,117 @@
+"""Export + graph passes + parity in one command, written atomically to a directory.
+
+Writes DIR/model.onnx (+ external data for large models), DIR/passes.json (what
+each pass rewrote) and DIR/parity.json. Nothing is published when any step fails
+(or parity fails, unless --keep-failed), so DIR is never half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from toolkit.commands._common import add_model_args, add_parity_args, parity_settings, threshold_overrides
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="built-in name, hf:<arch>, or a model directory")
+    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--passes", default=None,
+                        help="comma-separated passes to run (default: the default pipeline; 'none' for none); "
+                        "see `toolkit list-passes`")
+    parser.add_argument("--explain", action="store_true", help="say why each pass did not match where it did not")
+    parser.add_argument("--opset", type=int, default=21)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--keep-failed", action="store_true",
+                        help="publish the output even when parity fails (parity.json records the failure)")
+    parser.add_argument("--no-parity", action="store_true", help="skip the parity check (not recommended)")
+    parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--junit", metavar="PATH", help="also write the parity report as JUnit XML")
+    add_model_args(parser)
+    add_parity_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+    import signal
+    import tempfile
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from toolkit.commands._common import resolve_model
+    from toolkit.errors import OutputExistsError, ParityFailure
+    from toolkit.workspace import publish
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise OutputExistsError(f"output directory {str(out)!r} already exists",
+                                hint="pass --overwrite to replace it, or choose another directory")
+    names = None if args.passes is None else [p for p in args.passes.split(",") if p and p != "none"]
+    from passes.pipeline import resolve_pass_names
+
+    resolve_pass_names(names)  # unknown names fail here, before minutes of export
+    console = Console(stderr=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+    def on_term(signum, frame):  # SIGTERM behaves like Ctrl-C: unwind and remove the staging dir
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=False) as progress:
+            t = progress.add_task(f"load {args.model}", total=None)
+            src = resolve_model(args)
+            progress.update(t, total=1, completed=1, description=f"loaded {src.spec} ({src.family})")
+
+            t = progress.add_task("export (torch.onnx dynamo)", total=None)
+            from toolkit.export import export, save_model
+
+            exported = export(src, staging / "exported.onnx", opset=args.opset)
+            progress.update(t, total=1, completed=1)
+
+            t = progress.add_task("graph passes", total=None)
+            from passes import run_pipeline
+
+            optimized, pipeline_report = run_pipeline(exported, names, explain=args.explain)
+            save_model(optimized, staging / "model.onnx")
+            for f in staging.glob("exported.onnx*"):
+                f.unlink()
+            report_dict = pipeline_report.to_dict()
+            (staging / "passes.json").write_text(json.dumps(report_dict, indent=2))
+            counts = ", ".join(f"{r['name']}={r['count']}" for r in report_dict["passes"]) or "none"
+            progress.update(t, total=1, completed=1, description=f"graph passes ({counts})")
+
+            report = None
+            if not args.no_parity:
+                from toolkit import parity
+
+                t = progress.add_task("parity (prefill + decode)", total=1)
+                report = parity.check(
+                    src, staging / "model.onnx", parity_settings(args), profile=args.profile,
+                    overrides=threshold_overrides(args),
+                    progress=lambda done, total: progress.update(t, completed=done, total=total))
+                (staging / "parity.json").write_text(report.to_json())
+        if args.explain:
+            for r in report_dict["passes"]:
+                for line in r.get("explanations", []):
+                    console.print(f"[dim]{r['name']}: {line}[/]")
+        if report is not None:
+            report.render(console)
+            if args.junit:
+                parity.write_atomic(args.junit, report.to_junit())
+            if not report.passed and not args.keep_failed:
+                raise ParityFailure(
+                    f"parity failed for {src.spec}; nothing was written to {str(out)!r}",
+                    hint="see the table above; rerun with --keep-failed to inspect the model, or --passes to "
+                    "narrow down which pass breaks it")
+        publish(staging, out, overwrite=args.overwrite)
+        console.print(f"wrote {out}/model.onnx, passes.json" + (", parity.json" if report else ""))
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

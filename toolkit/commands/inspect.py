@@ -1,0 +1,46 @@
+"""Describe an ONNX model: ops, I/O, custom ops used, KV-cache layout and size."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("onnx", metavar="MODEL.onnx")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a summary")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from toolkit.model_info import describe
+    from toolkit.parity import load_onnx
+
+    info = describe(args.onnx, load_onnx(args.onnx))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    c.print(f"[bold]{info['path']}[/]  {info['size_bytes'] / 1e6:.2f} MB, {info['parameters']:,} parameters, "
+            f"{info['nodes']} nodes, opsets {info['opset_imports']}")
+    kv = info["kv_cache"]
+    c.print(f"KV cache: {kv['layers']} layers x {kv['tensors_per_layer']}, scheme {kv['scheme']}, "
+            f"{kv['bytes_per_token']:,} bytes per token")
+    c.print(f"custom ops: {', '.join(info['custom_ops']) or 'none'}")
+    io = Table(title="inputs / outputs")
+    for col in ("kind", "name", "dtype", "shape"):
+        io.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            io.add_row(kind[:-1], v["name"], v["dtype"], str(v["shape"]))
+    c.print(io)
+    ops = Table(title="operators")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, n in info["ops"].items():
+        ops.add_row(op, str(n))
+    c.print(ops)
+    return 0

@@ -1,0 +1,172 @@
+"""PyTorch → ONNX export with a flat key/value cache (torch.onnx dynamo exporter).
+
+The exported graph has the I/O layout used by onnxruntime-genai and Optimum:
+
+* inputs ``input_ids [B, S]``, ``attention_mask [B, P+S]``, ``position_ids [B, S]``,
+  ``past_key_values.{i}.key/value [B, kv_heads, P, head_dim]``;
+* outputs ``logits [B, S, V]``, ``present.{i}.key/value [B, kv_heads, P+S, head_dim]``.
+
+Batch, sequence and past length are dynamic. A prefill step feeds P = 0 (empty
+past tensors). The exporter needs eager attention and a ``*past`` argument whose
+``dynamic_shapes`` entry is a tuple (see shared/ENVIRONMENT.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import ExportError
+from toolkit.sources import SourceModel
+
+DEFAULT_OPSET = 21
+# Protobuf cannot hold more than 2 GiB; leave head-room for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def input_names(num_layers: int) -> list[str]:
+    names = ["input_ids", "attention_mask", "position_ids"]
+    for i in range(num_layers):
+        names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+    return names
+
+
+def output_names(num_layers: int) -> list[str]:
+    names = ["logits"]
+    for i in range(num_layers):
+        names += [f"present.{i}.key", f"present.{i}.value"]
+    return names
+
+
+def _flat_module(src: SourceModel):
+    import torch
+
+    class FlatKV(torch.nn.Module):
+        """Adapts ``SourceModel.forward`` to flat positional tensors for the exporter."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = src.module
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+            logits, presents = src.forward(input_ids, attention_mask, position_ids, pairs)
+            flat = [t for kv in presents for t in kv]
+            return (logits, *flat)
+
+    return FlatKV().eval()
+
+
+def example_inputs(src: SourceModel, batch: int = 2, seq: int = 3, past: int = 5, seed: int = 0):
+    """Example inputs with every dynamic axis > 1 and distinct (avoids 0/1 specialisation)."""
+    import torch
+
+    from models import position_ids_from_mask
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, src.vocab_size, (batch, seq), generator=gen)
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    pos = position_ids_from_mask(mask, seq)
+    kv_shape = (batch, src.num_kv_heads, past, src.head_dim)
+    flat = []
+    for _ in range(src.num_layers):
+        flat += [torch.randn(kv_shape, generator=gen), torch.randn(kv_shape, generator=gen)]
+    return (ids, mask, pos, *flat)
+
+
+def _explain_export_failure(exc: BaseException) -> str:
+    """Pull the unsupported op / module out of an exporter exception, if named."""
+    text = str(exc)
+    for pattern in (r"(aten::[\w.]+)", r"(torch\.ops\.[\w.]+)", r"node[^\n]*'([^']+)'"):
+        m = re.search(pattern, text)
+        if m:
+            return m.group(1)
+    return ""
+
+
+def export(src: SourceModel, out_path: Path, opset: int = DEFAULT_OPSET) -> Any:
+    """Export ``src`` to ``out_path`` (ONNX, external data when over 2 GB).
+
+    Returns:
+        The exported ``onnx.ModelProto`` (weights loaded).
+
+    Raises:
+        ExportError: naming the failing op or module and what to try.
+    """
+    import onnx
+    import torch
+
+    module = _flat_module(src)
+    args = example_inputs(src)
+    dyn = torch.export.Dim.DYNAMIC
+    dynamic_shapes = (
+        {0: dyn, 1: dyn},
+        {0: dyn, 1: dyn},
+        {0: dyn, 1: dyn},
+        tuple({0: dyn, 2: dyn} for _ in range(2 * src.num_layers)),
+    )
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module, args, dynamo=True, opset_version=opset,
+                input_names=input_names(src.num_layers),
+                output_names=output_names(src.num_layers),
+                dynamic_shapes=dynamic_shapes, optimize=True, verify=False, report=False,
+            )
+    except Exception as exc:  # the exporter raises a zoo of types; normalise them
+        culprit = _explain_export_failure(exc)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"torch.onnx export of {src.spec!r} ({src.family}) failed"
+            + (f" at {culprit}" if culprit else "") + f": {first}",
+            hint="use eager attention (no SDPA/flash), avoid data-dependent control flow in forward, "
+            "or open an issue with the model config",
+        ) from exc
+    model = program.model_proto
+    _set_metadata(model, src, opset)
+    save_model(model, out_path)
+    return model
+
+
+def _set_metadata(model: Any, src: SourceModel, opset: int) -> None:
+    import onnx
+
+    meta = {
+        "toolkit.source": src.spec,
+        "toolkit.family": src.family,
+        "toolkit.num_layers": str(src.num_layers),
+        "toolkit.num_kv_heads": str(src.num_kv_heads),
+        "toolkit.head_dim": str(src.head_dim),
+        "toolkit.vocab_size": str(src.vocab_size),
+        "toolkit.opset": str(opset),
+        "toolkit.kv_cache": "fp32",
+        "toolkit.preset": src.preset or "",
+        "toolkit.seed": str(src.seed),
+        "toolkit.config_overrides": json.dumps(src.overrides, sort_keys=True),
+    }
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in meta.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+
+
+def save_model(model: Any, out_path: Path) -> None:
+    """Save an ONNX model, with weights as external data when the model is large.
+
+    The caller is responsible for atomicity (write into a temporary directory and
+    rename); this function writes ``out_path`` and, for large models,
+    ``out_path.name + ".data"`` beside it.
+    """
+    import onnx
+
+    out_path = Path(out_path)
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out_path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(out_path))

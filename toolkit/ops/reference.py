@@ -1,0 +1,93 @@
+"""NumPy reference of the toolkit's custom operators (domain ``com.toolkit``).
+
+Independent of the C++ kernels: plain NumPy in float64, used by the parity tests
+and as the portable fallback. The operator contract (including the NaN/Inf rules
+measured on ONNX Runtime 1.32) is documented in
+``custom_ops/softmax_topk/softmax_topk.h``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    """Row-wise order of ONNX Runtime's TopK: NaN first, then descending, ties by lower index."""
+    key = -x  # -(-0.0) == 0.0 == -(0.0) compares equal, as in ORT
+    key = np.where(np.isnan(x), -np.inf, key)
+    # NaN and +inf both map to -inf; put NaN first with a primary key.
+    primary = np.where(np.isnan(x), 0, 1)
+    order = np.argsort(key, axis=-1, kind="stable")
+    order = np.take_along_axis(order, np.argsort(np.take_along_axis(primary, order, -1), axis=-1, kind="stable"), -1)
+    return order
+
+
+def softmax_topk(
+    logits: np.ndarray,
+    k: int,
+    temperature: float = 1.0,
+    normalize: int = 0,
+    log_probs: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reference of ``com.toolkit::FusedSoftmaxTopK``.
+
+    Args:
+        logits: float32 or float16 array of shape ``[..., V]``.
+        k: number of entries kept, ``1 <= k <= V``.
+        temperature: probabilities are ``softmax(logits / temperature)``, > 0.
+        normalize: 0 = probabilities over the full row (Softmax -> TopK); 1 =
+            renormalised over the kept k (TopK -> Softmax).
+        log_probs: return log-probabilities.
+
+    Returns:
+        ``(values [..., k] in the input dtype, indices [..., k] int64,
+        log_normalizer [...] float32)``.
+    """
+    x_in = np.asarray(logits)
+    if x_in.ndim < 1 or x_in.shape[-1] < 1:
+        raise ValueError(f"logits must have rank >= 1 and a non-empty last axis, got shape {x_in.shape}")
+    V = x_in.shape[-1]
+    if not 1 <= k <= V:
+        raise ValueError(f"expected 1 <= k <= {V}, got k={k}")
+    if not temperature > 0:
+        raise ValueError(f"expected temperature > 0, got {temperature}")
+    lead = x_in.shape[:-1]
+    x = x_in.astype(np.float64).reshape(-1, V)
+    rows = x.shape[0]
+
+    has_nan = np.isnan(x).any(axis=1)
+    has_pinf = np.isposinf(x).any(axis=1)
+    all_ninf = np.isneginf(x).all(axis=1)
+    poisoned = has_nan | has_pinf | all_ninf
+
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        m = np.where(poisoned, 0.0, np.max(np.where(np.isnan(x), -np.inf, x), axis=1))
+        t = (x - m[:, None]) / temperature
+        lse = np.log(np.sum(np.exp(t), axis=1))
+        log_norm = m / temperature + lse
+    log_norm = np.where(all_ninf, -np.inf, log_norm)
+    log_norm = np.where(has_pinf, np.inf, log_norm)
+    log_norm = np.where(has_nan, np.nan, log_norm)
+
+    order = _rank(x)[:, :k]
+    indices = order.copy()
+    values = np.empty((rows, k), dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        if normalize:
+            kept = np.take_along_axis(x, order, axis=1)
+            tk = (kept - kept[:, :1]) / temperature
+            lse_k = np.log(np.sum(np.exp(tk), axis=1, keepdims=True))
+            values = tk - lse_k if log_probs else np.exp(tk - lse_k)
+        else:
+            tk = np.take_along_axis(t, order, axis=1)
+            values = tk - lse[:, None] if log_probs else np.exp(tk - lse[:, None])
+            # ORT: the probability row is all NaN, and TopK of NaNs keeps 0..k-1.
+            indices[poisoned] = np.arange(k)
+    values[poisoned] = np.nan
+
+    out_shape = (*lead, k)
+    return (
+        values.astype(x_in.dtype).reshape(out_shape),
+        indices.astype(np.int64).reshape(out_shape),
+        log_norm.astype(np.float32).reshape(lead),
+    )

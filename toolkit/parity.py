@@ -1,0 +1,518 @@
+"""Numerical parity of an ONNX model against the PyTorch model it came from.
+
+The product's core promise: a converted model computes what the original does.
+:func:`check` runs both on the same inputs:
+
+* **prefill** at several batch sizes with left padding (rows of different length),
+* **decode**: N steps, each side feeding its *own* cache back (so cache errors
+  compound as they would in deployment); both sides are given the same next
+  token (the reference's greedy choice) so positions stay aligned,
+* **held-out perplexity** for sources that ship held-out text (the trained
+  reference model).
+
+Results are data (one :class:`OutputRecord` per output and phase) rendered to a
+text table, JSON and JUnit XML, in the spirit of the PyTorch exporter's
+verification records. Thresholds per precision live in :data:`THRESHOLDS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+import numpy as np
+
+from toolkit.errors import InvalidModelError, OpLibraryError, ToolkitError
+
+# One table of thresholds, per precision profile. A record fails when a metric is
+# beyond its bound. fp32: export/fusions that keep fp32 math re-associate sums
+# (fused kernels, ORT graph optimisations); 1e-3 absolute on logits of magnitude
+# ~10 and cosine 1 - 1e-6 catch any real bug (a perturbed weight moves logits by
+# >1e-2) while tolerating re-association. Quantized caches are judged on the
+# distribution (KL, top-1, perplexity), not on raw logits.
+THRESHOLDS: dict[str, dict[str, float]] = {
+    "fp32": {
+        "logits_max_abs": 1e-3,
+        "logits_cosine_min": 1 - 1e-6,
+        "top1_min": 0.999,
+        "kl_mean_max": 1e-6,
+        "present_max_abs": 1e-3,
+        "present_cosine_min": 1 - 1e-6,
+        "ppl_rel_increase_max": 1e-4,
+    },
+    "fp16": {
+        "logits_max_abs": 5e-2,
+        "logits_cosine_min": 0.9999,
+        "top1_min": 0.98,
+        "kl_mean_max": 1e-3,
+        "present_max_abs": 1e-2,
+        "present_cosine_min": 0.9999,
+        "ppl_rel_increase_max": 5e-3,
+    },
+    "kv-int8": {
+        "logits_max_abs": math.inf,
+        "logits_cosine_min": 0.999,
+        "top1_min": 0.99,
+        "kl_mean_max": 5e-3,
+        "present_max_abs": math.inf,
+        "present_cosine_min": -1.0,
+        "ppl_rel_increase_max": 5e-3,
+    },
+    "kv-int4": {
+        "logits_max_abs": math.inf,
+        "logits_cosine_min": 0.99,
+        "top1_min": 0.9,
+        "kl_mean_max": 5e-2,
+        "present_max_abs": math.inf,
+        "present_cosine_min": -1.0,
+        "ppl_rel_increase_max": 2e-2,
+    },
+}
+
+HIST_EDGES = [0.0] + [10.0**e for e in range(-9, 3)] + [math.inf]
+
+
+@dataclasses.dataclass
+class OutputRecord:
+    """Comparison of one output in one phase."""
+
+    name: str
+    phase: str
+    shape: list[int]
+    max_abs: float
+    max_rel: float
+    cosine: float
+    histogram: list[int]
+    top1_agreement: float | None = None
+    kl_mean: float | None = None
+    kl_max: float | None = None
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclasses.dataclass
+class ParityReport:
+    """All records of one parity run, plus the configuration that produced them."""
+
+    original: str
+    optimized: str
+    profile: str
+    thresholds: dict[str, float]
+    settings: dict[str, Any]
+    records: list[OutputRecord]
+    perplexity: dict[str, float] | None = None
+    perplexity_failures: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.records) and not self.perplexity_failures
+
+    def to_dict(self) -> dict[str, Any]:
+        def clean(v: Any) -> Any:
+            if isinstance(v, float) and not math.isfinite(v):
+                return str(v)
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+
+        return clean({
+            "original": self.original,
+            "optimized": self.optimized,
+            "profile": self.profile,
+            "passed": self.passed,
+            "thresholds": self.thresholds,
+            "settings": self.settings,
+            "histogram_edges": HIST_EDGES,
+            "records": [dict(dataclasses.asdict(r), passed=r.passed) for r in self.records],
+            "perplexity": self.perplexity,
+            "perplexity_failures": self.perplexity_failures,
+        })
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_junit(self) -> str:
+        suite = ET.Element("testsuite", name="toolkit.parity", tests=str(len(self.records) + 1),
+                           failures=str(sum(not r.passed for r in self.records)
+                                        + bool(self.perplexity_failures)))
+        for r in self.records:
+            case = ET.SubElement(suite, "testcase", classname=f"parity.{r.phase}", name=r.name)
+            if not r.passed:
+                ET.SubElement(case, "failure", message="; ".join(r.failures)).text = json.dumps(
+                    dataclasses.asdict(r))
+        case = ET.SubElement(suite, "testcase", classname="parity.heldout", name="perplexity")
+        if self.perplexity is None:
+            ET.SubElement(case, "skipped", message="source ships no held-out text")
+        elif self.perplexity_failures:
+            ET.SubElement(case, "failure", message="; ".join(self.perplexity_failures))
+        return ET.tostring(suite, encoding="unicode")
+
+    def render(self, console: Any = None) -> None:
+        """Print the report as a table (rich)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        console = console or Console()
+        table = Table(title=f"parity: {self.optimized} vs {self.original} (profile {self.profile})")
+        for col in ("phase", "output", "max abs", "max rel", "cosine", "top-1", "KL mean", "status"):
+            table.add_column(col)
+        shown_presents: set[str] = set()
+        for r in self.records:
+            # One line per phase for the cache tensors unless one fails: they are many.
+            if r.name.startswith("present") and r.passed:
+                if r.phase in shown_presents:
+                    continue
+                shown_presents.add(r.phase)
+                group = [x for x in self.records if x.phase == r.phase and x.name.startswith("present")]
+                table.add_row(r.phase, f"present.* ({len(group)})", f"{max(x.max_abs for x in group):.2e}",
+                              f"{max(x.max_rel for x in group):.2e}",
+                              f"{min(x.cosine for x in group):.8f}", "", "",
+                              "ok" if all(x.passed for x in group) else "FAIL")
+                continue
+            table.add_row(
+                r.phase, r.name, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.cosine:.8f}",
+                "" if r.top1_agreement is None else f"{100 * r.top1_agreement:.2f}%",
+                "" if r.kl_mean is None else f"{r.kl_mean:.2e}",
+                "ok" if r.passed else "FAIL: " + "; ".join(r.failures),
+            )
+        if self.perplexity is not None:
+            p = self.perplexity
+            table.add_row("heldout", "perplexity", "", f"{p['rel_increase']:+.2e}", "", "", "",
+                          (f"ok ({p['reference']:.3f} -> {p['onnx']:.3f}, {int(p['tokens'])} tokens)"
+                           if not self.perplexity_failures else "FAIL: " + "; ".join(self.perplexity_failures)))
+        console.print(table)
+        console.print("[bold green]PASS[/]" if self.passed else "[bold red]FAIL[/]")
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def compare(name: str, phase: str, ref: np.ndarray, got: np.ndarray) -> OutputRecord:
+    """Elementwise comparison of two arrays of the same shape."""
+    if ref.shape != got.shape:
+        raise ToolkitError(
+            f"output {name!r} ({phase}) has shape {list(got.shape)} in the ONNX model but "
+            f"{list(ref.shape)} in PyTorch",
+            hint="the optimized model's I/O does not match the original; check the passes applied",
+        )
+    a = ref.astype(np.float64).ravel()
+    b = got.astype(np.float64).ravel()
+    diff = np.abs(a - b)
+    nan_mismatch = bool(np.any(np.isnan(a) != np.isnan(b)))
+    finite = np.isfinite(diff)
+    max_abs = math.inf if nan_mismatch else float(diff[finite].max(initial=0.0))
+    rel = diff / np.maximum(np.abs(a), 1e-6)
+    max_rel = math.inf if nan_mismatch else float(rel[finite].max(initial=0.0))
+    denom = float(np.linalg.norm(a[finite]) * np.linalg.norm(b[finite]))
+    cosine = float(np.dot(a[finite], b[finite]) / denom) if denom > 0 else (1.0 if max_abs == 0 else 0.0)
+    hist, _ = np.histogram(diff[finite], bins=HIST_EDGES)
+    return OutputRecord(name=name, phase=phase, shape=list(ref.shape), max_abs=max_abs, max_rel=max_rel,
+                        cosine=cosine, histogram=[int(h) for h in hist])
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def compare_logits(phase: str, ref: np.ndarray, got: np.ndarray, keep: np.ndarray) -> OutputRecord:
+    """Compare logits at the positions ``keep`` (bool [B, S]: real, non-padding tokens)."""
+    rec = compare("logits", phase, ref[keep], got[keep])
+    rec.shape = list(ref.shape)
+    lp, lq = _log_softmax(ref[keep]), _log_softmax(got[keep])
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    rec.top1_agreement = float(np.mean(ref[keep].argmax(-1) == got[keep].argmax(-1)))
+    rec.kl_mean, rec.kl_max = float(kl.mean()), float(kl.max())
+    return rec
+
+
+def apply_thresholds(rec: OutputRecord, th: dict[str, float]) -> None:
+    kind = "logits" if rec.name == "logits" else "present"
+    if not rec.max_abs <= th[f"{kind}_max_abs"]:
+        rec.failures.append(f"max abs {rec.max_abs:.3e} > {th[f'{kind}_max_abs']:.1e}")
+    if not rec.cosine >= th[f"{kind}_cosine_min"]:
+        rec.failures.append(f"cosine {rec.cosine:.8f} < {th[f'{kind}_cosine_min']}")
+    if rec.top1_agreement is not None and not rec.top1_agreement >= th["top1_min"]:
+        rec.failures.append(f"top-1 agreement {rec.top1_agreement:.4f} < {th['top1_min']}")
+    if rec.kl_mean is not None and not rec.kl_mean <= th["kl_mean_max"]:
+        rec.failures.append(f"KL mean {rec.kl_mean:.3e} > {th['kl_mean_max']:.1e}")
+
+
+# ---------------------------------------------------------------- ONNX side
+
+
+def load_onnx(path: str | Path) -> Any:
+    """Load and check an ONNX file; corrupt or truncated files get a clear error."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidModelError(f"ONNX file {str(path)!r} does not exist",
+                                hint="pass the path of a model.onnx written by `toolkit export/convert`")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(model, full_check=False)
+    except Exception as exc:
+        raise InvalidModelError(
+            f"{str(path)!r} is not a valid ONNX model ({type(exc).__name__}: {str(exc).strip()[:300]})",
+            hint="the file is corrupt or truncated: re-run `toolkit export` or `toolkit convert`",
+        ) from exc
+    return model
+
+
+def metadata(model: Any) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def uses_custom_ops(model: Any) -> bool:
+    from toolkit.ops import DOMAIN
+
+    return any(n.domain == DOMAIN for n in model.graph.node) or any(
+        f.domain == DOMAIN for f in model.functions)
+
+
+def make_session(path: str | Path, model: Any | None = None, threads: int | None = None,
+                 optimization: str = "all") -> Any:
+    """An ORT CPU session with the op library registered (required if the model uses our ops)."""
+    import onnxruntime as ort
+
+    from toolkit import ops
+
+    model = model if model is not None else load_onnx(path)
+    try:
+        so = ops.session_options(threads=threads)
+    except OpLibraryError:
+        if uses_custom_ops(model):
+            raise
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise InvalidModelError(
+            f"ONNX Runtime could not load {str(path)!r}: {str(exc).strip()[:400]}",
+            hint="if it names an op of domain com.toolkit, the op library is missing or too old "
+            "(rebuild with `make build`); otherwise re-export the model",
+        ) from exc
+
+
+class OnnxDecoder:
+    """Drives an exported decoder's session step by step, keeping its own cache."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.inputs = {i.name: i for i in session.get_inputs()}
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.output_names = [o.name for o in session.get_outputs()]
+        for required in ("input_ids", "attention_mask"):
+            if required not in self.inputs:
+                raise InvalidModelError(
+                    f"the ONNX model has no input {required!r} (inputs: {', '.join(self.inputs)})",
+                    hint="parity expects a decoder exported by `toolkit export` (flat KV cache I/O)",
+                )
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        from toolkit.model_info import ORT_TYPE_TO_NUMPY
+
+        past = {}
+        for name in self.past_names:
+            meta = self.inputs[name]
+            dims = []
+            for d in meta.shape:
+                if isinstance(d, int):
+                    dims.append(d)
+                else:
+                    dims.append(-1)
+            # By the export convention dim 0 is batch and the first other dynamic dim is the past length.
+            dims[0] = batch
+            dims = [0 if d == -1 else d for d in dims]
+            past[name] = np.zeros(dims, dtype=ORT_TYPE_TO_NUMPY[meta.type])
+        return past
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, **past}
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = position_ids
+        outs = dict(zip(self.output_names, self.session.run(None, feeds)))
+        new_past = {n: outs[n.replace("past_key_values.", "present.")] for n in self.past_names}
+        presents = {n: v for n, v in outs.items() if n.startswith("present.")}
+        return outs["logits"], new_past, presents
+
+
+# ---------------------------------------------------------------- the check
+
+
+@dataclasses.dataclass(frozen=True)
+class ParitySettings:
+    batch_sizes: tuple[int, ...] = (1, 3)
+    prompt_len: int = 12
+    decode_steps: int = 6
+    perplexity_tokens: int = 2048
+    perplexity_window: int = 256
+    seed: int = 0
+    threads: int | None = None
+    optimization: str = "all"
+
+
+def _prompts(src: Any, batch: int, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompts: row r is shorter by 2r tokens (at least 1)."""
+    lengths = [max(1, length - 2 * r) for r in range(batch)]
+    ids = np.zeros((batch, length), dtype=np.int64)
+    mask = np.zeros((batch, length), dtype=np.int64)
+    text_ids = None
+    if src.tokenizer is not None and src.heldout_text:
+        text_ids = np.array(src.tokenizer.encode(src.heldout_text[:20000]).ids, dtype=np.int64)
+    for r, n in enumerate(lengths):
+        if text_ids is not None and len(text_ids) > n:
+            start = int(rng.integers(0, len(text_ids) - n))
+            row = text_ids[start:start + n]
+        else:
+            row = rng.integers(0, src.vocab_size, n)
+        ids[r, length - n:] = row
+        mask[r, length - n:] = 1
+    return ids, mask
+
+
+def _positions(mask: np.ndarray, seq: int) -> np.ndarray:
+    pos = np.cumsum(mask, axis=-1) - 1
+    return np.clip(pos, 0, None)[:, -seq:].astype(np.int64)
+
+
+def _torch_step(src: Any, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list) -> tuple:
+    import torch
+
+    with torch.no_grad():
+        logits, presents = src.forward(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos),
+                                       past)
+    return logits.float().numpy(), [(k, v) for k, v in presents]
+
+
+def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySettings(),
+          profile: str | None = None, overrides: dict[str, float] | None = None,
+          progress: Any = None) -> ParityReport:
+    """Run the parity check of ``onnx_path`` against the PyTorch source ``src``."""
+    model = load_onnx(onnx_path)
+    meta = metadata(model)
+    profile = profile or meta.get("toolkit.parity_profile") or "fp32"
+    if profile not in THRESHOLDS:
+        raise ToolkitError(f"unknown parity profile {profile!r}",
+                           hint=f"use one of {', '.join(THRESHOLDS)}")
+    th = dict(THRESHOLDS[profile])
+    for key, value in (overrides or {}).items():
+        if key not in th:
+            raise ToolkitError(f"unknown threshold {key!r}", hint=f"known thresholds: {', '.join(th)}")
+        th[key] = float(value)
+    session = make_session(onnx_path, model, threads=settings.threads, optimization=settings.optimization)
+    dec = OnnxDecoder(session)
+    rng = np.random.default_rng(settings.seed)
+    records: list[OutputRecord] = []
+    total = len(settings.batch_sizes) * (1 + settings.decode_steps)
+    done = 0
+    for batch in settings.batch_sizes:
+        ids, mask = _prompts(src, batch, settings.prompt_len, rng)
+        pos = _positions(mask, ids.shape[1])
+        ref_logits, ref_past = _torch_step(src, ids, mask, pos, src.empty_past(batch))
+        got_logits, past, presents = dec.step(ids, mask, pos, dec.empty_past(batch))
+        phase = f"prefill[b={batch}]"
+        records.append(compare_logits(phase, ref_logits, got_logits, mask.astype(bool)))
+        records += _compare_presents(phase, ref_past, presents)
+        done += 1
+        if progress:
+            progress(done, total)
+        dec_ref, dec_got = [], []
+        for step in range(settings.decode_steps):
+            nxt = ref_logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+            pos = _positions(mask, 1)
+            ref_logits, ref_past = _torch_step(src, nxt, mask, pos, ref_past)
+            got_logits, past, presents = dec.step(nxt, mask, pos, past)
+            dec_ref.append(ref_logits)
+            dec_got.append(got_logits)
+            done += 1
+            if progress:
+                progress(done, total)
+        if settings.decode_steps:
+            phase = f"decode[b={batch},steps={settings.decode_steps}]"
+            r, g = np.concatenate(dec_ref, axis=1), np.concatenate(dec_got, axis=1)
+            records.append(compare_logits(phase, r, g, np.ones(r.shape[:2], bool)))
+            records += _compare_presents(phase, ref_past, presents)
+    for rec in records:
+        apply_thresholds(rec, th)
+    report = ParityReport(original=src.spec, optimized=str(onnx_path), profile=profile, thresholds=th,
+                          settings=dataclasses.asdict(settings), records=records)
+    if src.tokenizer is not None and src.heldout_text and settings.perplexity_tokens > 0:
+        report.perplexity = perplexity(src, dec, settings)
+        p = report.perplexity
+        if not p["rel_increase"] <= th["ppl_rel_increase_max"]:
+            report.perplexity_failures.append(
+                f"perplexity {p['reference']:.4f} -> {p['onnx']:.4f} (+{100 * p['rel_increase']:.3f}%) "
+                f"> +{100 * th['ppl_rel_increase_max']:.3f}%")
+    return report
+
+
+def _compare_presents(phase: str, ref_past: list, presents: dict[str, np.ndarray]) -> list[OutputRecord]:
+    """Compare cache outputs when the ONNX model keeps the original fp32 layout."""
+    out = []
+    for i, (k, v) in enumerate(ref_past):
+        for kind, t in (("key", k), ("value", v)):
+            name = f"present.{i}.{kind}"
+            got = presents.get(name)
+            if got is not None and got.shape == tuple(t.shape) and got.dtype == np.float32:
+                out.append(compare(name, phase, t.numpy(), got))
+    return out
+
+
+def perplexity(src: Any, dec: OnnxDecoder, settings: ParitySettings) -> dict[str, float]:
+    """Held-out perplexity of both models over non-overlapping windows (prefill only)."""
+    ids = np.array(src.tokenizer.encode(src.heldout_text).ids, dtype=np.int64)[: settings.perplexity_tokens + 1]
+    w = settings.perplexity_window
+    n_win = max(1, (len(ids) - 1) // w)
+    nll_ref = nll_got = 0.0
+    count = 0
+    for i in range(n_win):
+        chunk = ids[i * w: i * w + w + 1]
+        if len(chunk) < 2:
+            break
+        x, y = chunk[None, :-1], chunk[1:]
+        mask = np.ones_like(x)
+        pos = _positions(mask, x.shape[1])
+        ref, _ = _torch_step(src, x, mask, pos, src.empty_past(1))
+        got, _, _ = dec.step(x, mask, pos, dec.empty_past(1))
+        nll_ref -= float(_log_softmax(ref[0])[np.arange(len(y)), y].sum())
+        nll_got -= float(_log_softmax(got[0])[np.arange(len(y)), y].sum())
+        count += len(y)
+    p_ref, p_got = math.exp(nll_ref / count), math.exp(nll_got / count)
+    return {"reference": p_ref, "onnx": p_got, "rel_increase": (p_got - p_ref) / p_ref, "tokens": float(count)}
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write a file so that readers never see a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,299 @@
+"""Resolve a MODEL argument into a PyTorch decoder with one calling convention.
+
+A MODEL is one of:
+
+* a name from ``models/`` (``llama``, ``gpt2``, ``llama-stdlib`` — the trained
+  reference checkpoint), with a size preset;
+* ``hf:<arch>`` — a Hugging Face transformers architecture built from its config
+  with random weights (no hub access), e.g. ``hf:llama``, ``hf:qwen2``;
+* a local directory: a Hugging Face model directory (``config.json`` with
+  ``model_type``) or a toolkit checkpoint (``config.json`` with ``family``).
+
+Whatever the source, :class:`SourceModel.forward` takes flat tensors and returns
+``(logits, [(key, value), ...])`` with keys/values shaped
+``[batch, kv_heads, past + seq, head_dim]``. That single convention is what
+export (:mod:`toolkit.export`) and parity (:mod:`toolkit.parity`) build on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from toolkit.errors import ModelNotFoundError
+
+# Tiny random-weight configurations of Hugging Face architectures. They keep every
+# structural feature of the family (GQA, MoE routing, fused qkv in Phi-3, ...) at
+# a size that exports in seconds. Users override any field with --config k=v.
+HF_TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=256, bos_token_id=1, eos_token_id=1),
+    "llama": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+    ),
+    "qwen2": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+    ),
+    "mistral": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, sliding_window=None,
+    ),
+    "phi3": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+        original_max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    ),
+    "mixtral": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+        num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+    ),
+}
+
+
+@dataclasses.dataclass
+class SourceModel:
+    """A PyTorch decoder resolved from a MODEL argument.
+
+    Attributes:
+        spec: The MODEL argument as the user wrote it (recorded in metadata).
+        module: The underlying ``torch.nn.Module`` (eval mode, float32).
+        family: Architecture family (``llama``, ``gpt2``, ``hf:qwen2``, ...).
+        num_layers: Decoder layers, i.e. number of (key, value) cache pairs.
+        num_kv_heads: Key/value heads per layer.
+        head_dim: Size of one attention head.
+        vocab_size: Logit width.
+        forward: ``(input_ids, attention_mask, position_ids, past) -> (logits, presents)``.
+        tokenizer: A ``tokenizers.Tokenizer`` when the source ships one.
+        heldout_text: Held-out text for perplexity when the source ships one.
+    """
+
+    spec: str
+    module: Any
+    family: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    forward: Callable[..., Any]
+    tokenizer: Any = None
+    heldout_text: str | None = None
+    preset: str | None = None
+    seed: int = 0
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def empty_past(self, batch: int) -> list[tuple[Any, Any]]:
+        """Zero-length past key/values for a prefill step."""
+        import torch
+
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.num_layers)]
+
+
+def _parse_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    return dict(overrides or {})
+
+
+def resolve_from_metadata(spec: str, metadata: dict[str, str]) -> SourceModel:
+    """Rebuild the source of an exported model with the preset/seed/overrides it recorded."""
+    preset = metadata.get("toolkit.preset") or "tiny"
+    seed = int(metadata.get("toolkit.seed", "0"))
+    overrides = json.loads(metadata.get("toolkit.config_overrides", "{}"))
+    return resolve(spec, preset=preset, overrides=overrides, seed=seed)
+
+
+def parse_config_overrides(items: list[str] | None) -> dict[str, Any]:
+    """Parse ``--config key=value`` items; values are JSON when they parse as JSON."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ModelNotFoundError(
+                f"config override {item!r} is not of the form key=value",
+                hint="write e.g. --config num_hidden_layers=4",
+            )
+        key, raw = item.split("=", 1)
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def resolve(spec: str, preset: str = "tiny", overrides: dict[str, Any] | None = None,
+            seed: int = 0) -> SourceModel:
+    """Resolve a MODEL argument (see module docstring) into a :class:`SourceModel`.
+
+    Raises:
+        ModelNotFoundError: unknown name, architecture or directory, naming the
+            known choices.
+    """
+    overrides = _parse_overrides(overrides)
+    path = Path(spec)
+    if spec.startswith("hf:"):
+        src = _hf_random(spec, spec[3:], overrides, seed)
+        src.seed, src.overrides = seed, overrides
+        return src
+    if path.exists():
+        return _from_directory(spec, path)
+    if "/" in spec or spec.startswith("."):
+        raise ModelNotFoundError(
+            f"model path {spec!r} does not exist",
+            hint="pass an existing model directory (with config.json), a toolkit model name "
+            f"({', '.join(_toolkit_names())}) or hf:<arch> ({', '.join('hf:' + a for a in HF_TINY_CONFIGS)})",
+        )
+    src = _toolkit_model(spec, preset, overrides, seed)
+    if spec != "llama-stdlib":
+        src.preset, src.seed, src.overrides = preset, seed, overrides
+    return src
+
+
+def _toolkit_names() -> list[str]:
+    import models
+
+    return models.list_models()
+
+
+def _toolkit_model(spec: str, preset: str, overrides: dict[str, Any], seed: int) -> SourceModel:
+    import models
+
+    names = models.list_models()
+    if spec not in names:
+        raise ModelNotFoundError(
+            f"unknown model {spec!r}",
+            hint=f"use one of the built-in models ({', '.join(names)}), hf:<arch> "
+            f"({', '.join('hf:' + a for a in HF_TINY_CONFIGS)}), or a local model directory",
+        )
+    tokenizer = heldout = None
+    if spec == "llama-stdlib":
+        module, tokenizer = models.load_reference(spec)
+        heldout = models.reference_heldout_text(spec)
+    else:
+        module = models.build(spec, preset=preset, seed=seed, **overrides)
+    return _wrap_toolkit_module(spec, module, tokenizer, heldout)
+
+
+def _wrap_toolkit_module(spec: str, module: Any, tokenizer: Any = None,
+                         heldout: str | None = None) -> SourceModel:
+    cfg = module.config
+
+    def forward(input_ids, attention_mask, position_ids, past):
+        return module(input_ids, attention_mask, position_ids, list(past) if past else None)
+
+    return SourceModel(
+        spec=spec, module=module, family=module.family, num_layers=cfg.num_layers,
+        num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
+        forward=forward, tokenizer=tokenizer, heldout_text=heldout,
+    )
+
+
+def _from_directory(spec: str, path: Path) -> SourceModel:
+    config_file = path / "config.json"
+    if not path.is_dir() or not config_file.is_file():
+        raise ModelNotFoundError(
+            f"{spec!r} is not a model directory: no config.json in it",
+            hint="point at a Hugging Face model directory (config.json + weights) or a toolkit "
+            "checkpoint directory written by models.save_checkpoint",
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelNotFoundError(f"cannot read {config_file}: {exc}",
+                                 hint="check the file is valid JSON") from exc
+    if "family" in config:
+        import models
+
+        module = models.load_checkpoint(path)
+        tokenizer = None
+        if (path / "tokenizer.json").is_file():
+            import tokenizers
+
+            tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        heldout = (path / "heldout.txt").read_text() if (path / "heldout.txt").is_file() else None
+        return _wrap_toolkit_module(spec, module, tokenizer, heldout)
+    if "model_type" in config:
+        import transformers
+
+        try:
+            hf_config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+            module = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path), dtype="float32", local_files_only=True, **_hf_impl_kwargs(hf_config))
+        except Exception as exc:  # transformers raises many types; report them uniformly
+            raise ModelNotFoundError(
+                f"transformers could not load {spec!r}: {exc}",
+                hint="check the directory holds config.json and safetensors/bin weights of a causal LM",
+            ) from exc
+        tokenizer = None
+        if (path / "tokenizer.json").is_file():
+            import tokenizers
+
+            tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        return _wrap_hf_module(spec, module.eval(), tokenizer)
+    raise ModelNotFoundError(
+        f"{config_file} has neither 'model_type' (Hugging Face) nor 'family' (toolkit checkpoint)",
+        hint="point at a Hugging Face causal LM directory or a toolkit checkpoint",
+    )
+
+
+def _hf_impl_kwargs(config: Any) -> dict[str, str]:
+    """Implementation choices that the dynamo exporter can trace.
+
+    Eager attention (SDPA's ``is_causal`` becomes a SymBool). For mixture-of-experts
+    models, ``batched_mm`` experts: dense gathers of expert weights, while the
+    default grouped-mm path is a custom op the exporter cannot translate and the
+    eager path loops over data-dependent token sets.
+    """
+    kwargs = {"attn_implementation": "eager"}
+    if any(getattr(config, a, None) for a in ("num_local_experts", "num_experts", "n_routed_experts")):
+        kwargs["experts_implementation"] = "batched_mm"
+    return kwargs
+
+
+def _hf_random(spec: str, arch: str, overrides: dict[str, Any], seed: int) -> SourceModel:
+    import torch
+    import transformers
+
+    if arch not in HF_TINY_CONFIGS:
+        raise ModelNotFoundError(
+            f"unknown Hugging Face architecture {arch!r}",
+            hint=f"use one of {', '.join('hf:' + a for a in HF_TINY_CONFIGS)}, or a local model directory",
+        )
+    kwargs = {**HF_TINY_CONFIGS[arch], **overrides}
+    try:
+        config = transformers.AutoConfig.for_model(arch, **kwargs)
+    except Exception as exc:
+        raise ModelNotFoundError(f"invalid config for hf:{arch}: {exc}",
+                                 hint="check the --config field names against the transformers config class") from exc
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    module = transformers.AutoModelForCausalLM.from_config(config, **_hf_impl_kwargs(config))
+    return _wrap_hf_module(spec, module.eval().float(), None)
+
+
+def _wrap_hf_module(spec: str, module: Any, tokenizer: Any) -> SourceModel:
+    import transformers
+
+    cfg = module.config
+    num_layers = cfg.num_hidden_layers
+    num_heads = cfg.num_attention_heads
+    num_kv = getattr(cfg, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
+
+    def forward(input_ids, attention_mask, position_ids, past):
+        cache = transformers.DynamicCache(config=cfg)
+        if past:
+            for i, (k, v) in enumerate(past):
+                cache.update(k, v, i)
+        out = module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     past_key_values=cache, use_cache=True)
+        kv = out.past_key_values
+        presents = [(layer.keys, layer.values) for layer in kv.layers]
+        return out.logits, presents
+
+    return SourceModel(
+        spec=spec, module=module, family=f"hf:{cfg.model_type}", num_layers=num_layers,
+        num_kv_heads=num_kv, head_dim=head_dim, vocab_size=cfg.vocab_size, forward=forward,
+        tokenizer=tokenizer,
+    )
