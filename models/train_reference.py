@@ -186,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=25.0, help="training-loop wall-clock budget")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--heldout-percent", type=int, default=3)
     p.add_argument("--heldout-bytes", type=int, default=80_000)
     p.add_argument("--threads", type=int, default=2)
@@ -257,17 +257,18 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         step += 1
         tokens += bs * seq
-        ema = float(loss) if ema is None else 0.95 * ema + 0.05 * float(loss)
-        if step % 25 == 0:
+        loss_value = loss.item()
+        ema = loss_value if ema is None else 0.95 * ema + 0.05 * loss_value
+        if step % 10 == 0:
             rate = tokens / (time.time() - t_train)
-            print(f"step {step} loss {float(loss):.3f} ema {ema:.3f} lr {lr:.2e} "
+            print(f"step {step} loss {loss_value:.3f} ema {ema:.3f} lr {lr:.2e} "
                   f"{rate:.0f} tok/s {elapsed / 60:.1f} min", flush=True)
             history.append({"step": step, "loss_ema": round(ema, 4), "minutes": round(elapsed / 60, 2)})
     train_minutes = (time.time() - t_train) / 60
 
     model.eval()
     models.save_checkpoint(model, out, dtype=torch.float16)
-    reloaded, _ = models.load_checkpoint(out), None
+    reloaded = models.load_checkpoint(out)
     heldout_list = heldout_ids.astype(np.int64).tolist()
     ppl_full = models.evaluate_perplexity(reloaded, heldout_list, chunk_len=256)
     ppl_2k = models.evaluate_perplexity(reloaded, heldout_list[:2048], chunk_len=256)

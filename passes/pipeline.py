@@ -24,14 +24,18 @@ PIPELINE_ORDER: tuple[str, ...] = (
     # future pass that rewrites Softmax (e.g. an attention fusion that swallows its
     # Softmax) must run after it, or it would hide the router/sampling Softmax.
     "fuse-softmax-topk",
+    # sampling-head appends its own FusedSoftmaxTopK to the logits; running it after
+    # the fusion keeps its report free of the head it adds. It changes the model's
+    # outputs, so it is opt-in (not in DEFAULT_PASSES).
+    "sampling-head",
     # cleanup must run last: every fusion may leave dead nodes and initializers
     # behind (e.g. a Div constant folded into `temperature`), and it drops opset
     # imports that no node uses after the rewrites.
     "cleanup",
 )
 
-# Passes that run when the caller names none.
-DEFAULT_PASSES: tuple[str, ...] = PIPELINE_ORDER
+# Passes that run when the caller names none: those that keep the model's I/O.
+DEFAULT_PASSES: tuple[str, ...] = tuple(p for p in PIPELINE_ORDER if p != "sampling-head")
 
 
 @dataclasses.dataclass

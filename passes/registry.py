@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # (a test asserts both list the same names).
 _PASS_MODULES: dict[str, str] = {
     "fuse-softmax-topk": "passes.softmax_topk",
+    "sampling-head": "passes.sampling_head",
     "cleanup": "passes.cleanup",
 }
 

@@ -202,7 +202,8 @@ def _temperature(scale_kind: str | None, scale: ir.Value | None) -> tuple[float,
         return 1.0, None
     array = _constant_array(scale)
     if array is None or array.size != 1:
-        return 1.0, f"the {scale_kind} operand {getattr(scale, 'name', None)!r} is not a constant scalar"
+        name = getattr(scale, "name", None)
+        return 1.0, f"the {scale_kind} operand {name!r} is not a constant scalar"
     c = float(array.reshape(-1)[0])
     if not math.isfinite(c) or c <= 0.0:
         # A non-positive scale reverses (or collapses) the order TopK sees.
@@ -411,7 +412,9 @@ class RenormalizedTopKFusion(rw.RewriteRuleClassBase):
         self._cast = cast
 
     def pattern(self, op, x, axes, to):
-        values, indices = op.FusedSoftmaxTopK(x, _domain=DOMAIN, _outputs=["fused_values", "indices"])
+        values, indices = op.FusedSoftmaxTopK(
+            x, _domain=DOMAIN, _outputs=["fused_values", "indices"]
+        )
         if self._cast:
             values = op.Cast(values, to=to, _outputs=["values"])
         total = op.ReduceSum(values, axes, _outputs=["total"])

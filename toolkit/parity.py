@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ THRESHOLDS: dict[str, dict[str, float]] = {
         "present_max_abs": 1e-3,
         "present_cosine_min": 1 - 1e-6,
         "ppl_rel_increase_max": 1e-4,
+        "head_probs_max_abs": 1e-5,
     },
     "fp16": {
         "logits_max_abs": 5e-2,
@@ -54,6 +56,7 @@ THRESHOLDS: dict[str, dict[str, float]] = {
         "present_max_abs": 1e-2,
         "present_cosine_min": 0.9999,
         "ppl_rel_increase_max": 5e-3,
+        "head_probs_max_abs": 1e-3,
     },
     "kv-int8": {
         "logits_max_abs": math.inf,
@@ -63,6 +66,7 @@ THRESHOLDS: dict[str, dict[str, float]] = {
         "present_max_abs": math.inf,
         "present_cosine_min": -1.0,
         "ppl_rel_increase_max": 5e-3,
+        "head_probs_max_abs": 1e-2,
     },
     "kv-int4": {
         "logits_max_abs": math.inf,
@@ -72,6 +76,7 @@ THRESHOLDS: dict[str, dict[str, float]] = {
         "present_max_abs": math.inf,
         "present_cosine_min": -1.0,
         "ppl_rel_increase_max": 2e-2,
+        "head_probs_max_abs": 5e-2,
     },
 }
 
@@ -163,7 +168,7 @@ class ParityReport:
         from rich.console import Console
         from rich.table import Table
 
-        console = console or Console()
+        console = console or Console(width=None if sys.stdout.isatty() else 150)
         table = Table(title=f"parity: {self.optimized} vs {self.original} (profile {self.profile})")
         for col in ("phase", "output", "max abs", "max rel", "cosine", "top-1", "KL mean", "status"):
             table.add_column(col)
@@ -239,6 +244,12 @@ def compare_logits(phase: str, ref: np.ndarray, got: np.ndarray, keep: np.ndarra
 
 
 def apply_thresholds(rec: OutputRecord, th: dict[str, float]) -> None:
+    if rec.name == "next_token_probs":
+        if not rec.max_abs <= th["head_probs_max_abs"]:
+            rec.failures.append(f"max abs {rec.max_abs:.3e} > {th['head_probs_max_abs']:.1e}")
+        if not rec.top1_agreement >= th["top1_min"]:
+            rec.failures.append(f"greedy token agreement {rec.top1_agreement:.4f} < {th['top1_min']}")
+        return
     kind = "logits" if rec.name == "logits" else "present"
     if not rec.max_abs <= th[f"{kind}_max_abs"]:
         rec.failures.append(f"max abs {rec.max_abs:.3e} > {th[f'{kind}_max_abs']:.1e}")
@@ -349,13 +360,13 @@ class OnnxDecoder:
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """One forward step; returns (logits, the cache to feed next, all outputs by name)."""
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, **past}
         if "position_ids" in self.inputs:
             feeds["position_ids"] = position_ids
         outs = dict(zip(self.output_names, self.session.run(None, feeds)))
         new_past = {n: outs[n.replace("past_key_values.", "present.")] for n in self.past_names}
-        presents = {n: v for n, v in outs.items() if n.startswith("present.")}
-        return outs["logits"], new_past, presents
+        return outs["logits"], new_past, outs
 
 
 # ---------------------------------------------------------------- the check
@@ -435,16 +446,21 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
         phase = f"prefill[b={batch}]"
         records.append(compare_logits(phase, ref_logits, got_logits, mask.astype(bool)))
         records += _compare_presents(phase, ref_past, presents)
+        head_temperature = _head_temperature(meta)
+        head = compare_sampling_head(phase, ref_logits, presents, head_temperature)
+        records += [head] if head else []
         done += 1
         if progress:
             progress(done, total)
-        dec_ref, dec_got = [], []
+        dec_ref, dec_got, head_outs = [], [], []
         for step in range(settings.decode_steps):
             nxt = ref_logits[:, -1].argmax(-1).astype(np.int64)[:, None]
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
             pos = _positions(mask, 1)
             ref_logits, ref_past = _torch_step(src, nxt, mask, pos, ref_past)
             got_logits, past, presents = dec.step(nxt, mask, pos, past)
+            if "next_token_ids" in presents:
+                head_outs.append({n: presents[n] for n in ("next_token_ids", "next_token_probs")})
             dec_ref.append(ref_logits)
             dec_got.append(got_logits)
             done += 1
@@ -455,6 +471,10 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
             r, g = np.concatenate(dec_ref, axis=1), np.concatenate(dec_got, axis=1)
             records.append(compare_logits(phase, r, g, np.ones(r.shape[:2], bool)))
             records += _compare_presents(phase, ref_past, presents)
+            if head_outs:  # all decode steps as one record: rows = batch x steps
+                stacked = {n: np.concatenate([h[n] for h in head_outs]) for n in head_outs[0]}
+                records.append(compare_sampling_head(phase, np.concatenate([x[:, -1:] for x in dec_ref]), stacked,
+                                                     head_temperature))
     for rec in records:
         apply_thresholds(rec, th)
     report = ParityReport(original=src.spec, optimized=str(onnx_path), profile=profile, thresholds=th,
@@ -467,6 +487,28 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
                 f"perplexity {p['reference']:.4f} -> {p['onnx']:.4f} (+{100 * p['rel_increase']:.3f}%) "
                 f"> +{100 * th['ppl_rel_increase_max']:.3f}%")
     return report
+
+
+def compare_sampling_head(phase: str, ref_logits: np.ndarray, outs: dict[str, np.ndarray],
+                          temperature: float = 1.0) -> OutputRecord | None:
+    """Check a sampling head's outputs against the reference's last-position logits.
+
+    Probabilities are compared at the ids the head returned (robust to near-tie
+    swaps deep in the top-k); the greedy id (column 0) must equal the reference argmax.
+    """
+    if "next_token_ids" not in outs:
+        return None
+    last = ref_logits[:, -1].astype(np.float64) / temperature
+    ref_p = np.exp(_log_softmax(last))
+    ids, probs = outs["next_token_ids"], outs["next_token_probs"]
+    rec = compare("next_token_probs", phase, np.take_along_axis(ref_p, ids, axis=-1), probs)
+    rec.top1_agreement = float(np.mean(ids[:, 0] == last.argmax(-1)))
+    return rec
+
+
+def _head_temperature(meta: dict[str, str]) -> float:
+    head = meta.get("toolkit.sampling_head")
+    return float(json.loads(head).get("temperature", 1.0)) if head else 1.0
 
 
 def _compare_presents(phase: str, ref_past: list, presents: dict[str, np.ndarray]) -> list[OutputRecord]:

@@ -185,9 +185,14 @@ inline float ExpNonPositive(float t) {
 inline int32_t OrderKey(float f) {
   const uint32_t b = Bits(f);
   const uint32_t mag = b & 0x7fffffffu;
-  if (mag > 0x7f800000u) return std::numeric_limits<int32_t>::max();
-  if (mag == 0) return 0;
-  return int32_t(b ^ (uint32_t(int32_t(b) >> 31) & 0x7fffffffu));
+  int32_t key = int32_t(b ^ (uint32_t(int32_t(b) >> 31) & 0x7fffffffu));
+  key = mag == 0 ? 0 : key;
+  return mag > 0x7f800000u ? std::numeric_limits<int32_t>::max() : key;  // branch-free: vectorises
+}
+
+// Inverse of OrderKey for non-NaN keys.
+inline float KeyToFloat(int32_t key) {
+  return FromBits(uint32_t(key) ^ (uint32_t(key >> 31) & 0x7fffffffu));
 }
 
 // Candidates are single uint64: ascending order = key descending, index ascending.
@@ -215,7 +220,8 @@ __attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t b
                                                         float inv_t, Partial* out) {
   const int64_t len = end - begin;
   const size_t keep = size_t(std::min<int64_t>(k, len));
-  const size_t cap = size_t(std::min<int64_t>(len, k + std::max<int64_t>(k, 1024)));
+  // Small buffer: the threshold rises after a few hundred logits already.
+  const size_t cap = size_t(std::min<int64_t>(len, k + std::max<int64_t>(k, 128)));
   std::vector<uint64_t>& cand = out->cand;
   cand.resize(cap);
   size_t n_cand = 0;
@@ -224,7 +230,7 @@ __attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t b
   float m = -kInf;
   double sum = 0.0;
   bool any_nan = false;
-  alignas(64) float converted[kBlock];
+  alignas(64) float converted[kBlock + kLanes];
 
   for (int64_t b = begin; b < end; b += kBlock) {
     const int n = int(std::min<int64_t>(kBlock, end - b));
@@ -236,30 +242,26 @@ __attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t b
       x = converted;
     }
 
-    // Block max (NaN ignored) and NaN flag.
-    float lane_max[kLanes];
-    int lane_nan[kLanes];
-    for (int j = 0; j < kLanes; ++j) lane_max[j] = -kInf, lane_nan[j] = 0;
-    int i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const float v = x[i + j];
-        lane_max[j] = v > lane_max[j] ? v : lane_max[j];
-        lane_nan[j] |= v != v;
-      }
+    // Order keys of the block and their max (integer max vectorises; NaN -> INT32_MAX).
+    // Per group of kLanes keys a max too, so the candidate scan skips whole groups
+    // with one (well-predicted) compare instead of branching on every logit.
+    constexpr int32_t kMinKey = std::numeric_limits<int32_t>::min();
+    alignas(64) int32_t keys[kBlock + kLanes];
+    alignas(64) int32_t group_max[kBlock / kLanes];
+    const int groups = (n + kLanes - 1) / kLanes;
+    for (int t = 0; t < n; ++t) keys[t] = OrderKey(x[t]);
+    for (int t = n; t < groups * kLanes; ++t) keys[t] = kMinKey;
+    for (int g = 0; g < groups; ++g) {
+      int32_t v = kMinKey;
+      for (int j = 0; j < kLanes; ++j) v = std::max(v, keys[g * kLanes + j]);
+      group_max[g] = v;
     }
-    for (; i < n; ++i) {
-      const float v = x[i];
-      lane_max[0] = v > lane_max[0] ? v : lane_max[0];
-      lane_nan[0] |= v != v;
-    }
-    float block_max = -kInf;
-    int block_nan = 0;
-    for (int j = 0; j < kLanes; ++j) {
-      block_max = lane_max[j] > block_max ? lane_max[j] : block_max;
-      block_nan |= lane_nan[j];
-    }
-    any_nan |= block_nan != 0;
+    int32_t block_key = kMinKey;
+    for (int g = 0; g < groups; ++g) block_key = std::max(block_key, group_max[g]);
+    const bool block_nan = block_key == std::numeric_limits<int32_t>::max();
+    // With a NaN the row is poisoned and the max no longer matters.
+    const float block_max = block_nan ? -kInf : KeyToFloat(block_key);
+    any_nan |= block_nan;
 
     // Online normaliser.
     if (block_max > m) {
@@ -267,29 +269,35 @@ __attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t b
       m = block_max;
     }
     if (m != kInf && m != -kInf && !block_nan) {
-      float lane_sum[kLanes];
-      for (int j = 0; j < kLanes; ++j) lane_sum[j] = 0.0f;
-      i = 0;
-      for (; i + kLanes <= n; i += kLanes) {
-        for (int j = 0; j < kLanes; ++j) lane_sum[j] += ExpNonPositive((x[i + j] - m) * inv_t);
+      // Exps into a buffer (a plain map loop, which -O3 vectorises), then a
+      // lane-wise sum; a block sum feeds a double running total.
+      alignas(64) float e[kBlock + kLanes];
+      const float mm = m;
+      for (int t = 0; t < n; ++t) e[t] = ExpNonPositive((x[t] - mm) * inv_t);
+      for (int t = n; t < (n + kLanes - 1) / kLanes * kLanes; ++t) e[t] = 0.0f;
+      float lane_sum[kLanes] = {};
+      for (int t = 0; t < n; t += kLanes) {
+        for (int j = 0; j < kLanes; ++j) lane_sum[j] += e[t + j];
       }
-      for (; i < n; ++i) lane_sum[0] += ExpNonPositive((x[i] - m) * inv_t);
       float block_sum = 0.0f;
       for (int j = 0; j < kLanes; ++j) block_sum += lane_sum[j];
       sum += double(block_sum);
     }
 
     // Top-k candidates; whole block rejected when its best key cannot enter.
-    const int32_t block_key = block_nan ? std::numeric_limits<int32_t>::max() : OrderKey(block_max);
     if (block_key <= threshold) continue;
-    for (i = 0; i < n; ++i) {
-      const int32_t key = OrderKey(x[i]);
-      if (key <= threshold) continue;
-      cand[n_cand++] = Compose(key, b + i);
-      if (n_cand == cap && cap > keep) {
-        std::nth_element(cand.begin(), cand.begin() + (keep - 1), cand.begin() + n_cand);
-        n_cand = keep;
-        threshold = KeyOf(cand[keep - 1]);
+    for (int g = 0; g < groups; ++g) {
+      if (group_max[g] <= threshold) continue;
+      const int t_end = std::min(n, (g + 1) * kLanes);
+      for (int t = g * kLanes; t < t_end; ++t) {
+        const int32_t key = keys[t];
+        if (key <= threshold) continue;
+        cand[n_cand++] = Compose(key, b + t);
+        if (n_cand == cap && cap > keep) {
+          std::nth_element(cand.begin(), cand.begin() + (keep - 1), cand.begin() + n_cand);
+          n_cand = keep;
+          threshold = KeyOf(cand[keep - 1]);
+        }
       }
     }
   }
@@ -303,19 +311,208 @@ __attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t b
   out->nan = any_nan;
 }
 
-// AVX2/FMA/F16C clone picked at load time by cpuid (GCC ifunc), SSE2 otherwise.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define TOOLKIT_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define TOOLKIT_MULTIVERSION
-#endif
+// AVX2+FMA+F16C path, chosen at run time by cpuid; the default build stays baseline
+// x86-64 (no -march flags). It handles rows of finite values and -inf (the normal
+// case) with explicit 8-wide intrinsics, three sweeps per L1-resident block:
+//   1. max of the block, and a flag for NaN / +inf;
+//   2. sum of exp((x - m) / T) against the running max m (online normaliser);
+//   3. top-k candidates: a vector compare against the current k-th value and a
+//      bit-scan of the mask, skipped entirely when the block max cannot enter.
+// A chunk holding a NaN or +inf is rescanned by the exact scalar path above, which
+// reproduces ONNX Runtime's ordering of non-finite values.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define TOOLKIT_HAVE_AVX2_PATH 1
+#include <immintrin.h>
 
-TOOLKIT_MULTIVERSION void ScanChunkF32(const float* row, int64_t begin, int64_t end, int64_t k, float inv_t,
-                                       Partial* out) {
+#define TOOLKIT_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// exp(t) for t <= 0, 8 lanes; same reduction and polynomial as ExpNonPositive.
+TOOLKIT_AVX2 inline __m256 Exp8(__m256 t) {
+  t = _mm256_max_ps(t, _mm256_set1_ps(-87.0f));
+  const __m256 shifter = _mm256_set1_ps(12582912.0f);
+  const __m256 z = _mm256_fmadd_ps(t, _mm256_set1_ps(1.44269504088896341f), shifter);
+  const __m256 n = _mm256_sub_ps(z, shifter);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), t);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i scale = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(z), _mm256_castps_si256(shifter)),
+                       _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+TOOLKIT_AVX2 inline float HorizontalMax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+TOOLKIT_AVX2 inline float HorizontalSum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Returns false when the chunk holds a NaN or +inf (the caller then uses the exact path).
+template <typename T>
+TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t k, float inv_t, Partial* out) {
+  constexpr int kFastBlock = 1024;
+  const int64_t len = end - begin;
+  const size_t keep = size_t(std::min<int64_t>(k, len));
+  const size_t cap = size_t(std::min<int64_t>(len, k + std::max<int64_t>(k, 128)));
+  std::vector<uint64_t>& cand = out->cand;
+  cand.resize(cap);
+  size_t n_cand = 0;
+  bool have_threshold = false;  // until the buffer first fills, every value is a candidate
+  float threshold = -kInf;
+
+  float m = -kInf;
+  double sum = 0.0;
+  const __m256 vinv_t = _mm256_set1_ps(inv_t);
+  const __m256 vinf = _mm256_set1_ps(kInf);
+  alignas(64) float converted[kFastBlock];
+
+  auto push = [&](float v, int64_t index) {
+    cand[n_cand++] = Compose(OrderKey(v), index);
+    if (n_cand == cap && cap > keep) {
+      std::nth_element(cand.begin(), cand.begin() + (keep - 1), cand.begin() + n_cand);
+      n_cand = keep;
+      threshold = KeyToFloat(KeyOf(cand[keep - 1]));
+      have_threshold = true;
+    }
+  };
+
+  for (int64_t b = begin; b < end; b += kFastBlock) {
+    const int n = int(std::min<int64_t>(kFastBlock, end - b));
+    const int n8 = n & ~7;
+    const float* x;
+    if constexpr (std::is_same_v<T, float>) {
+      x = row + b;
+    } else {
+      int i = 0;
+      for (; i < n8; i += 8) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b + i));
+        _mm256_store_ps(converted + i, _mm256_cvtph_ps(h));
+      }
+      for (; i < n; ++i) converted[i] = ToFloat<T>(row[b + i]);
+      x = converted;
+    }
+
+    // 1. block max and NaN / +inf detection.
+    __m256 vmax0 = _mm256_set1_ps(-kInf), vmax1 = vmax0;
+    __m256 vbad = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n8; i += 16) {
+      const __m256 a = _mm256_loadu_ps(x + i), c = _mm256_loadu_ps(x + i + 8);
+      vmax0 = _mm256_max_ps(vmax0, a);
+      vmax1 = _mm256_max_ps(vmax1, c);
+      vbad = _mm256_or_ps(vbad, _mm256_or_ps(_mm256_cmp_ps(a, vinf, _CMP_NLT_UQ), _mm256_cmp_ps(c, vinf, _CMP_NLT_UQ)));
+    }
+    for (; i < n8; i += 8) {
+      const __m256 a = _mm256_loadu_ps(x + i);
+      vmax0 = _mm256_max_ps(vmax0, a);
+      vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(a, vinf, _CMP_NLT_UQ));  // NaN or +inf
+    }
+    float block_max = HorizontalMax(_mm256_max_ps(vmax0, vmax1));
+    bool bad = _mm256_movemask_ps(vbad) != 0;
+    for (int t = n8; t < n; ++t) {
+      bad |= !(x[t] < kInf);
+      block_max = std::max(block_max, x[t]);
+    }
+    if (bad) return false;
+
+    // 2. online normaliser.
+    if (block_max > m) {
+      sum = Rescale(sum, m, block_max, double(inv_t));
+      m = block_max;
+    }
+    if (m != -kInf) {
+      const __m256 vm = _mm256_set1_ps(m);
+      __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+      i = 0;
+      for (; i + 32 <= n8; i += 32) {
+        s0 = _mm256_add_ps(s0, Exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm), vinv_t)));
+        s1 = _mm256_add_ps(s1, Exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vm), vinv_t)));
+        s2 = _mm256_add_ps(s2, Exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 16), vm), vinv_t)));
+        s3 = _mm256_add_ps(s3, Exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 24), vm), vinv_t)));
+      }
+      for (; i < n8; i += 8) {
+        s0 = _mm256_add_ps(s0, Exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm), vinv_t)));
+      }
+      float block_sum = HorizontalSum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+      for (int t = n8; t < n; ++t) block_sum += ExpNonPositive((x[t] - m) * inv_t);
+      sum += double(block_sum);
+    }
+
+    // 3. top-k candidates (strictly above the k-th value: equal later indices lose ties).
+    if (!have_threshold) {
+      for (int t = 0; t < n; ++t) {
+        if (!have_threshold || x[t] > threshold) push(x[t], b + t);
+      }
+      continue;
+    }
+    if (!(block_max > threshold)) continue;
+    for (i = 0; i < n8; i += 8) {
+      unsigned mask = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(threshold),
+                                                                _CMP_GT_OQ)));
+      while (mask) {
+        const int j = __builtin_ctz(mask);
+        mask &= mask - 1;
+        if (x[i + j] > threshold) push(x[i + j], b + i + j);  // threshold may rise mid-mask
+      }
+    }
+    for (int t = n8; t < n; ++t) {
+      if (x[t] > threshold) push(x[t], b + t);
+    }
+  }
+  if (n_cand > keep) {
+    std::nth_element(cand.begin(), cand.begin() + (keep - 1), cand.begin() + n_cand);
+    n_cand = keep;
+  }
+  cand.resize(n_cand);
+  out->max = m;
+  out->sum = sum;
+  out->nan = false;
+  return true;
+}
+
+TOOLKIT_AVX2 void ScanChunkF32Avx2(const float* row, int64_t begin, int64_t end, int64_t k, float inv_t,
+                                   Partial* out) {
+  if (FastScanAvx2<float>(row, begin, end, k, inv_t, out)) return;
   ScanChunkImpl<float>(row, begin, end, k, inv_t, out);
 }
-TOOLKIT_MULTIVERSION void ScanChunkF16(const uint16_t* row, int64_t begin, int64_t end, int64_t k, float inv_t,
-                                       Partial* out) {
+TOOLKIT_AVX2 void ScanChunkF16Avx2(const uint16_t* row, int64_t begin, int64_t end, int64_t k, float inv_t,
+                                   Partial* out) {
+  if (FastScanAvx2<uint16_t>(row, begin, end, k, inv_t, out)) return;
+  ScanChunkImpl<uint16_t>(row, begin, end, k, inv_t, out);
+}
+bool CpuHasAvx2() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return has;
+}
+#endif
+
+void ScanChunkF32(const float* row, int64_t begin, int64_t end, int64_t k, float inv_t, Partial* out) {
+#ifdef TOOLKIT_HAVE_AVX2_PATH
+  if (CpuHasAvx2()) return ScanChunkF32Avx2(row, begin, end, k, inv_t, out);
+#endif
+  ScanChunkImpl<float>(row, begin, end, k, inv_t, out);
+}
+void ScanChunkF16(const uint16_t* row, int64_t begin, int64_t end, int64_t k, float inv_t, Partial* out) {
+#ifdef TOOLKIT_HAVE_AVX2_PATH
+  if (CpuHasAvx2()) return ScanChunkF16Avx2(row, begin, end, k, inv_t, out);
+#endif
   ScanChunkImpl<uint16_t>(row, begin, end, k, inv_t, out);
 }
 inline void ScanChunk(const float* row, int64_t b, int64_t e, int64_t k, float inv_t, Partial* out) {

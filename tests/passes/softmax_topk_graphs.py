@@ -85,7 +85,9 @@ def router(k=2, cast=False, dtype=TensorProto.FLOAT, shape=(6, 8)):
     nodes = [topk(inp="x", outs=("tv", "i"))]
     softmax_in = "tv"
     if cast:
-        nodes.append(helper.make_node("Cast", ["tv"], ["tvf"], name="upcast", to=TensorProto.FLOAT))
+        nodes.append(
+            helper.make_node("Cast", ["tv"], ["tvf"], name="upcast", to=TensorProto.FLOAT)
+        )
         softmax_in = "tvf"
     nodes.append(softmax(inp=softmax_in, out="w", axis=-1))
     return make_model(

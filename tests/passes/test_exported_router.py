@@ -73,11 +73,13 @@ def test_exported_fp32_router_and_head_fuse(fp32_model):
     }
     ops = {n.op_type for n in out.graph.node}
     assert not ops & {"Softmax", "TopK", "ReduceSum", "Div"}
-    attrs = sorted(
-        (onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "normalize")
+    normalize = sorted(
+        onnx.helper.get_attribute_value(a)
         for n in fused_nodes(out)
+        for a in n.attribute
+        if a.name == "normalize"
     )
-    assert attrs == [[0], [1], [1]] or sorted(a[0] if isinstance(a, list) else a for a in attrs)
+    assert normalize == [0, 1, 1]
     onnx.checker.check_model(out, full_check=True)
 
     feeds = {"h": np.random.default_rng(1).standard_normal((6, 16)).astype(np.float32)}
@@ -96,7 +98,6 @@ def test_exported_fp16_router_fuses():
     model = _export(module, torch.randn(6, 16, dtype=torch.float16))
     out, report = run_pipeline(model, explain=True)
     result = report["fuse-softmax-topk"]
-    assert result.count >= 1, result.explanations
     assert result.count == 3, (result.details, result.explanations)
     assert "RenormalizedSoftmaxTopK[Cast]" in result.details["rules"]
     assert not {n.op_type for n in out.graph.node} & {"Softmax", "TopK"}

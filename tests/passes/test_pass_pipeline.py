@@ -62,7 +62,8 @@ def test_options_for_unknown_pass_rejected():
 def test_default_set_runs_in_pipeline_order_with_counts():
     model = graphs.scaled_softmax_topk("Div", 0.5)
     out, report = passes.run_pipeline(model)
-    assert report.order == list(pipeline.PIPELINE_ORDER)
+    assert report.order == list(pipeline.DEFAULT_PASSES)
+    assert "sampling-head" not in pipeline.DEFAULT_PASSES  # changes the I/O: opt-in only
     assert report.counts == {"fuse-softmax-topk": 1, "cleanup": 0}
     assert [n.op_type for n in out.graph.node] == ["FusedSoftmaxTopK"]
     # the Div constant folded into `temperature` is gone
@@ -105,7 +106,11 @@ def test_accepts_onnx_ir_model():
     ("options", "message", "hint"),
     [
         ({"max_k": 0}, "must be a positive int or None, got 0", "max_k=None"),
-        ({"max_kk": 4}, "has no option 'max_kk'; valid options: enable_router_form", "list-passes"),
+        (
+            {"max_kk": 4},
+            "has no option 'max_kk'; valid options: enable_router_form",
+            "list-passes",
+        ),
         ({"fold_temperature": "maybe"}, "expects bool, got str 'maybe'", "fold_temperature=true"),
         ({"max_k": 2.5}, "expects int | None, got float 2.5", "max_k=8"),
     ],

@@ -18,6 +18,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passes", default=None,
                         help="comma-separated passes to run (default: the default pipeline; 'none' for none); "
                         "see `toolkit list-passes`")
+    parser.add_argument("--sampling-head", type=int, metavar="K", default=None,
+                        help="append FusedSoftmaxTopK to the logits: next_token_probs/next_token_ids [B, K] outputs")
+    parser.add_argument("--pass-option", action="append", metavar="PASS.OPTION=VALUE", default=[],
+                        help="set a pass option, e.g. --pass-option sampling-head.temperature=0.8")
     parser.add_argument("--explain", action="store_true", help="say why each pass did not match where it did not")
     parser.add_argument("--opset", type=int, default=21)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -34,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import shutil
     import signal
+    import sys
     import tempfile
     from pathlib import Path
 
@@ -48,11 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise OutputExistsError(f"output directory {str(out)!r} already exists",
                                 hint="pass --overwrite to replace it, or choose another directory")
-    names = None if args.passes is None else [p for p in args.passes.split(",") if p and p != "none"]
-    from passes.pipeline import resolve_pass_names
-
-    resolve_pass_names(names)  # unknown names fail here, before minutes of export
-    console = Console(stderr=True)
+    names, pass_options = _pass_selection(args)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
 
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             t = progress.add_task("graph passes", total=None)
             from passes import run_pipeline
 
-            optimized, pipeline_report = run_pipeline(exported, names, explain=args.explain)
+            optimized, pipeline_report = run_pipeline(exported, names, pass_options, explain=args.explain)
             save_model(optimized, staging / "model.onnx")
             for f in staging.glob("exported.onnx*"):
                 f.unlink()
@@ -115,3 +117,28 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, dict[str, str]]]:
+    """Pass names and options from the flags; validated before the (slow) export."""
+    from passes import get_pass
+    from passes.pipeline import DEFAULT_PASSES, resolve_pass_names
+    from toolkit.errors import PassError
+
+    names = None if args.passes is None else [p for p in args.passes.split(",") if p and p != "none"]
+    options: dict[str, dict[str, str]] = {}
+    for item in args.pass_option:
+        key, sep, value = item.partition("=")
+        name, dot, option = key.partition(".")
+        if not sep or not dot:
+            raise PassError(f"--pass-option {item!r} is not PASS.OPTION=VALUE",
+                            hint="write e.g. --pass-option sampling-head.k=40")
+        options.setdefault(name, {})[option] = value
+    if args.sampling_head is not None:
+        names = list(DEFAULT_PASSES) if names is None else names
+        names.append("sampling-head")
+        options.setdefault("sampling-head", {})["k"] = str(args.sampling_head)
+    resolve_pass_names(names)
+    for name, opts in options.items():
+        get_pass(name).make_options(opts)
+    return names, options

@@ -15,6 +15,8 @@ import ctypes
 import functools
 import os
 import pathlib
+import sys
+import sysconfig
 from typing import TYPE_CHECKING
 
 from toolkit.errors import OpLibraryError
@@ -36,10 +38,19 @@ _BUILD_HINT = (
 def _candidate_paths() -> list[tuple[str, pathlib.Path]]:
     package_dir = pathlib.Path(__file__).resolve().parent.parent  # toolkit/
     repo_root = package_dir.parent
-    return [
-        ("package", package_dir / "_lib" / _LIBRARY_NAME),
-        ("development build", repo_root / "build" / "ops" / _LIBRARY_NAME),
-    ]
+    package_dirs = [package_dir]
+    # Editable installs (scikit-build-core "redirect" mode) put built files in
+    # site-packages/toolkit/ while the sources stay in the checkout.
+    toolkit_module = sys.modules.get("toolkit")
+    for entry in list(getattr(toolkit_module, "__path__", [])) + [
+        os.path.join(sysconfig.get_paths()[key], "toolkit") for key in ("platlib", "purelib")
+    ]:
+        path = pathlib.Path(entry).resolve()
+        if path not in package_dirs:
+            package_dirs.append(path)
+    candidates = [("package", d / "_lib" / _LIBRARY_NAME) for d in package_dirs]
+    candidates.append(("development build", repo_root / "build" / "ops" / _LIBRARY_NAME))
+    return candidates
 
 
 def library_path() -> pathlib.Path:

@@ -1,0 +1,136 @@
+"""``toolkit bench topk``: FusedSoftmaxTopK vs ONNX Runtime's Softmax→TopK and TopK.
+
+Contenders, interleaved in one process on the same input:
+
+* ``fused``: our ``com.toolkit::FusedSoftmaxTopK`` (one pass over the row);
+* ``ort_softmax_topk``: ONNX Runtime's Softmax(axis=-1) → TopK, the exported form;
+* ``ort_topk``: ONNX Runtime's TopK alone (no softmax at all: a lower bound ORT sets);
+* ``floor``: ONNX Runtime's ReduceMax over the last axis, a vectorised single read
+  of the logits: the single-read floor measured in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import numpy as np
+
+from toolkit.bench import CacheFlusher, host_info, interleaved
+
+DEFAULT_VOCABS = (32000, 128256, 151936)
+DEFAULT_BATCHES = (1, 8, 64)
+DEFAULT_KS = (1, 50)
+DEFAULT_THREADS = (1, 2)
+TARGET_RATIO = 5.0          # >= 5x faster than ORT Softmax->TopK at V >= 128k
+TARGET_FLOOR_FACTOR = 3.0   # within 3x of the single-read floor
+
+
+def _models(vocab: int, batch: int, k: int) -> dict[str, Any]:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from toolkit.ops import DOMAIN, OPSET_VERSION
+
+    x = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, vocab])
+    vals = helper.make_tensor_value_info("values", TensorProto.FLOAT, [batch, k])
+    idx = helper.make_tensor_value_info("indices", TensorProto.INT64, [batch, k])
+    kconst = helper.make_tensor("k", TensorProto.INT64, [1], [k])
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, OPSET_VERSION)]
+
+    def model(nodes, outputs, inits=()):
+        g = helper.make_graph(nodes, "bench", [x], outputs, initializer=list(inits))
+        m = helper.make_model(g, opset_imports=opsets)
+        m.ir_version = 10
+        return m.SerializeToString()
+
+    red = helper.make_tensor_value_info("max", TensorProto.FLOAT, [batch])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [-1])
+    return {
+        "fused": model([helper.make_node("FusedSoftmaxTopK", ["logits"], ["values", "indices"], domain=DOMAIN,
+                                         k=k)], [vals, idx]),
+        "ort_softmax_topk": model([helper.make_node("Softmax", ["logits"], ["p"], axis=-1),
+                                   helper.make_node("TopK", ["p", "k"], ["values", "indices"], axis=-1)],
+                                  [vals, idx], [kconst]),
+        "ort_topk": model([helper.make_node("TopK", ["logits", "k"], ["values", "indices"], axis=-1)],
+                          [vals, idx], [kconst]),
+        "floor": model([helper.make_node("ReduceMax", ["logits", "axes"], ["max"], keepdims=0)], [red], [axes]),
+    }
+
+
+def _bound_runner(session: Any, x: np.ndarray) -> Any:
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("logits", ort.OrtValue.ortvalue_from_numpy(x))
+    keep = []
+    for out in session.get_outputs():
+        shape = [d if isinstance(d, int) else 1 for d in out.shape]
+        dtype = np.int64 if out.type == "tensor(int64)" else np.float32
+        ov = ort.OrtValue.ortvalue_from_numpy(np.empty(shape, dtype))
+        keep.append(ov)
+        binding.bind_ortvalue_output(out.name, ov)
+    binding.synchronize_inputs()
+
+    def run() -> None:
+        session.run_with_iobinding(binding)
+
+    run.keep = keep  # outputs must outlive the binding
+    return run
+
+
+def run(vocabs=DEFAULT_VOCABS, batches=DEFAULT_BATCHES, ks=DEFAULT_KS, threads=DEFAULT_THREADS,
+        warmup: int = 30, runs: int = 300, cold: bool = False, seed: int = 0, progress=None) -> dict[str, Any]:
+    """Run the grid and return a JSON-able result."""
+    import onnxruntime as ort
+
+    from toolkit import ops
+
+    rng = np.random.default_rng(seed)
+    flusher = CacheFlusher() if cold else None
+    results = []
+    grid = list(itertools.product(vocabs, batches, ks, threads))
+    for i, (vocab, batch, k, nthreads) in enumerate(grid):
+        x = (2.0 * rng.standard_normal((batch, vocab))).astype(np.float32)
+        contenders = {}
+        sessions = {}
+        for name, blob in _models(vocab, batch, k).items():
+            so = ops.session_options(threads=nthreads)
+            so.inter_op_num_threads = 1
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            sessions[name] = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+            contenders[name] = _bound_runner(sessions[name], x)
+        # Correctness guard: a fast wrong kernel must not produce a number.
+        got = sessions["fused"].run(None, {"logits": x})
+        ref = sessions["ort_softmax_topk"].run(None, {"logits": x})
+        if not np.array_equal(got[1], ref[1]) or not np.allclose(got[0], ref[0], rtol=1e-5, atol=1e-7):
+            raise AssertionError(f"FusedSoftmaxTopK disagrees with ORT at V={vocab} B={batch} k={k}")
+        t = interleaved(contenders, warmup=warmup, runs=runs, between=flusher)
+        fused = t["fused"].median_us
+        row = {
+            "vocab": vocab, "batch": batch, "k": k, "threads": nthreads,
+            "bytes_read": 4 * vocab * batch,
+            **{name: dataclasses.asdict(tm) for name, tm in t.items()},
+            "speedup_vs_ort_softmax_topk": t["ort_softmax_topk"].median_us / fused,
+            "speedup_vs_ort_topk": t["ort_topk"].median_us / fused,
+            "fused_over_floor": fused / t["floor"].median_us,
+            "floor_gbps": 4 * vocab * batch / (t["floor"].median_us * 1e3),
+        }
+        if vocab >= 128000:
+            row["meets_target"] = bool(row["speedup_vs_ort_softmax_topk"] >= TARGET_RATIO
+                                       and row["fused_over_floor"] <= TARGET_FLOOR_FACTOR)
+        results.append(row)
+        if progress:
+            progress(i + 1, len(grid), row)
+    return {
+        "benchmark": "topk",
+        "host": host_info(),
+        "protocol": {"interleaved": True, "iobinding": True, "warmup": warmup, "runs": runs,
+                     "cache": "cold (64 MiB touched before each run)" if cold else "hot",
+                     "statistic": "median and p90 of per-call wall time, includes ORT Run() overhead",
+                     "floor": "ORT ReduceMax over the last axis (single read)"},
+        "targets": {"speedup_vs_ort_softmax_topk_min": TARGET_RATIO, "fused_over_floor_max": TARGET_FLOOR_FACTOR,
+                    "applies_to": "vocab >= 128000"},
+        "results": results,
+    }
