@@ -27,7 +27,8 @@ build: setup
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 
 demo: setup
-	$(BIN)/toolkit convert $(MODEL) -o $(OUT) --overwrite
+	$(BIN)/toolkit convert $(MODEL) -o $(OUT) --overwrite --sampling-head 50
+	$(BIN)/toolkit generate $(OUT) --prompt "def parse_args(" --max-new-tokens 24
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -196,7 +196,7 @@ def build(name: str, preset: str = "tiny", seed: int = 0, **overrides: Any) -> n
             raise _not_found(
                 f"reference model {name!r} is a trained checkpoint and takes no config overrides "
                 f"(got {', '.join(sorted(overrides))})",
-                f"build a random model instead: build('llama', preset='small', ...)",
+                "build a random model instead: build('llama', preset='small', ...)",
             )
         return load_reference(name)[0]
     if name not in FAMILIES:

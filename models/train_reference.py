@@ -24,7 +24,6 @@ import math
 import sys
 import sysconfig
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np

@@ -366,7 +366,7 @@ class OnnxDecoder:
             feeds["position_ids"] = position_ids
         outs = dict(zip(self.output_names, self.session.run(None, feeds)))
         new_past = {n: outs[n.replace("past_key_values.", "present.")] for n in self.past_names}
-        return outs["logits"], new_past, outs
+        return outs.get("logits"), new_past, outs
 
 
 # ---------------------------------------------------------------- the check
@@ -444,7 +444,8 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
         ref_logits, ref_past = _torch_step(src, ids, mask, pos, src.empty_past(batch))
         got_logits, past, presents = dec.step(ids, mask, pos, dec.empty_past(batch))
         phase = f"prefill[b={batch}]"
-        records.append(compare_logits(phase, ref_logits, got_logits, mask.astype(bool)))
+        if got_logits is not None:  # a model with a sampling head may drop its logits output
+            records.append(compare_logits(phase, ref_logits, got_logits, mask.astype(bool)))
         records += _compare_presents(phase, ref_past, presents)
         head_temperature = _head_temperature(meta)
         head = compare_sampling_head(phase, ref_logits, presents, head_temperature)
@@ -468,18 +469,24 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
                 progress(done, total)
         if settings.decode_steps:
             phase = f"decode[b={batch},steps={settings.decode_steps}]"
-            r, g = np.concatenate(dec_ref, axis=1), np.concatenate(dec_got, axis=1)
-            records.append(compare_logits(phase, r, g, np.ones(r.shape[:2], bool)))
+            r = np.concatenate(dec_ref, axis=1)
+            if got_logits is not None:
+                g = np.concatenate(dec_got, axis=1)
+                records.append(compare_logits(phase, r, g, np.ones(r.shape[:2], bool)))
             records += _compare_presents(phase, ref_past, presents)
             if head_outs:  # all decode steps as one record: rows = batch x steps
                 stacked = {n: np.concatenate([h[n] for h in head_outs]) for n in head_outs[0]}
                 records.append(compare_sampling_head(phase, np.concatenate([x[:, -1:] for x in dec_ref]), stacked,
                                                      head_temperature))
+    if not any(r.name in ("logits", "next_token_probs") for r in records):
+        raise ToolkitError(f"{str(onnx_path)!r} has neither a 'logits' nor a 'next_token_ids' output to compare",
+                           hint="parity compares decoder outputs; keep the logits output or add a sampling head")
     for rec in records:
         apply_thresholds(rec, th)
     report = ParityReport(original=src.spec, optimized=str(onnx_path), profile=profile, thresholds=th,
                           settings=dataclasses.asdict(settings), records=records)
-    if src.tokenizer is not None and src.heldout_text and settings.perplexity_tokens > 0:
+    has_logits = "logits" in dec.output_names
+    if src.tokenizer is not None and src.heldout_text and settings.perplexity_tokens > 0 and has_logits:
         report.perplexity = perplexity(src, dec, settings)
         p = report.perplexity
         if not p["rel_increase"] <= th["ppl_rel_increase_max"]:

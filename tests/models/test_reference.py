@@ -18,10 +18,13 @@ from models.train_reference import is_heldout, lr_at
 
 REF_DIR = models.CHECKPOINT_ROOT / "llama-stdlib"
 
-# Held-out perplexity on the first 2048 tokens of heldout.txt (256-token chunks),
-# measured on the committed checkpoint: MEASURED_PPL. Bound = measured x 1.05.
-MEASURED_PPL = None
-PPL_BOUND = None
+# Held-out perplexity on the first 2048 tokens of heldout.txt (non-overlapping
+# 256-token chunks), measured on the committed checkpoint (25-minute CPU run, see
+# train_log.json). Those tokens are mostly docstring prose (_threading_local.py),
+# harder than the held-out average (18.6 over all 27,109 tokens); an add-one
+# unigram model fit on the training stream scores 1187.7 on the same 2048 tokens.
+MEASURED_PPL = 113.247
+PPL_BOUND = 119.0  # measured x 1.05
 
 
 @pytest.fixture(scope="module")

@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
 
             optimized, pipeline_report = run_pipeline(exported, names, pass_options, explain=args.explain)
             save_model(optimized, staging / "model.onnx")
+            if src.tokenizer is not None:
+                src.tokenizer.save(str(staging / "tokenizer.json"))
             for f in staging.glob("exported.onnx*"):
                 f.unlink()
             report_dict = pipeline_report.to_dict()
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                     hint="see the table above; rerun with --keep-failed to inspect the model, or --passes to "
                     "narrow down which pass breaks it")
         publish(staging, out, overwrite=args.overwrite)
-        console.print(f"wrote {out}/model.onnx, passes.json" + (", parity.json" if report else ""))
+        console.print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
