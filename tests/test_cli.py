@@ -104,3 +104,19 @@ def test_unknown_pass_name_lists_known_ones(tmp_path):
 def test_list_passes():
     r = toolkit("list-passes")
     assert r.returncode == 0 and "fuse-softmax-topk" in r.stdout
+
+
+def test_model_with_custom_ops_needs_the_library(exported, tmp_path):
+    import onnx
+
+    from passes import run_pipeline
+
+    _, path = exported("llama")
+    head, _ = run_pipeline(onnx.load(str(path)), ["sampling-head"])
+    fused = tmp_path / "head.onnx"
+    onnx.save(head, str(fused))
+    env = dict(os.environ, TOOLKIT_OPS_LIBRARY=str(tmp_path / "missing.so"))
+    r = subprocess.run([sys.executable, "-m", "toolkit", "parity", "llama", str(fused), "--decode-steps", "1"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2
+    assert "missing.so" in r.stderr and "Traceback" not in r.stderr

@@ -60,6 +60,21 @@ OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs);
 // the leading dims) and V (the last dim).
 OrtStatus* CheckInput(const std::vector<int64_t>& shape, const Attributes& attrs, int64_t* rows, int64_t* V);
 
+// The tensors of one call, checked and with outputs allocated by ORT; the same for
+// every provider (pointers are host or device memory as the provider's allocator gives).
+struct Io {
+  std::vector<int64_t> shape;  // of the input
+  int64_t rows = 0, V = 0;
+  bool fp16 = false;
+  const void* logits = nullptr;
+  void* values = nullptr;
+  int64_t* indices = nullptr;
+  float* log_norm = nullptr;   // null when the optional output is not requested
+};
+
+// Checks the input against the attributes and allocates the outputs.
+OrtStatus* PrepareIo(OrtKernelContext* context, const Attributes& attrs, Io* io);
+
 // Kernel state shared by the providers; ORT deletes it through this base.
 struct Kernel {
   explicit Kernel(const Attributes& a) : attrs(a) {}

@@ -5,8 +5,9 @@ Contenders, interleaved in one process on the same input:
 * ``fused``: our ``com.toolkit::FusedSoftmaxTopK`` (one pass over the row);
 * ``ort_softmax_topk``: ONNX Runtime's Softmax(axis=-1) → TopK, the exported form;
 * ``ort_topk``: ONNX Runtime's TopK alone (no softmax at all: a lower bound ORT sets);
-* ``floor``: ONNX Runtime's ReduceMax over the last axis, a vectorised single read
-  of the logits: the single-read floor measured in the same run.
+* ``floor``: the single-read floor measured in the same run: the faster of ONNX
+  Runtime's ReduceMax and NumPy's ``max`` over the last axis (both one vectorised
+  read of the logits; on some hosts NumPy's is 2x faster than ORT's).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def run(vocabs=DEFAULT_VOCABS, batches=DEFAULT_BATCHES, ks=DEFAULT_KS, threads=D
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             sessions[name] = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
             contenders[name] = _bound_runner(sessions[name], x)
+        contenders["numpy_max"] = lambda: x.max(axis=-1)
         # Correctness guard: a fast wrong kernel must not produce a number.
         got = sessions["fused"].run(None, {"logits": x})
         ref = sessions["ort_softmax_topk"].run(None, {"logits": x})
@@ -108,14 +110,16 @@ def run(vocabs=DEFAULT_VOCABS, batches=DEFAULT_BATCHES, ks=DEFAULT_KS, threads=D
             raise AssertionError(f"FusedSoftmaxTopK disagrees with ORT at V={vocab} B={batch} k={k}")
         t = interleaved(contenders, warmup=warmup, runs=runs, between=flusher)
         fused = t["fused"].median_us
+        floor = min(t["floor"].median_us, t["numpy_max"].median_us)
         row = {
             "vocab": vocab, "batch": batch, "k": k, "threads": nthreads,
             "bytes_read": 4 * vocab * batch,
             **{name: dataclasses.asdict(tm) for name, tm in t.items()},
             "speedup_vs_ort_softmax_topk": t["ort_softmax_topk"].median_us / fused,
             "speedup_vs_ort_topk": t["ort_topk"].median_us / fused,
-            "fused_over_floor": fused / t["floor"].median_us,
-            "floor_gbps": 4 * vocab * batch / (t["floor"].median_us * 1e3),
+            "floor_us": floor,
+            "fused_over_floor": fused / floor,
+            "floor_gbps": 4 * vocab * batch / (floor * 1e3),
         }
         if vocab >= 128000:
             row["meets_target"] = bool(row["speedup_vs_ort_softmax_topk"] >= TARGET_RATIO
@@ -129,7 +133,7 @@ def run(vocabs=DEFAULT_VOCABS, batches=DEFAULT_BATCHES, ks=DEFAULT_KS, threads=D
         "protocol": {"interleaved": True, "iobinding": True, "warmup": warmup, "runs": runs,
                      "cache": "cold (64 MiB touched before each run)" if cold else "hot",
                      "statistic": "median and p90 of per-call wall time, includes ORT Run() overhead",
-                     "floor": "ORT ReduceMax over the last axis (single read)"},
+                     "floor": "min(ORT ReduceMax, numpy max) over the last axis (single read)"},
         "targets": {"speedup_vs_ort_softmax_topk_min": TARGET_RATIO, "fused_over_floor_max": TARGET_FLOOR_FACTOR,
                     "applies_to": "vocab >= 128000"},
         "results": results,

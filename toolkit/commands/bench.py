@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{i}/{n}] V={row['vocab']} B={row['batch']} k={row['k']} t={row['threads']}: "
               f"fused {row['fused']['median_us']:.1f} us, ORT softmax+topk {row['ort_softmax_topk']['median_us']:.1f} "
               f"us ({row['speedup_vs_ort_softmax_topk']:.2f}x), ORT topk {row['ort_topk']['median_us']:.1f} us, "
-              f"floor {row['floor']['median_us']:.1f} us ({row['fused_over_floor']:.2f}x floor)", flush=True)
+              f"floor {row['floor_us']:.1f} us ({row['fused_over_floor']:.2f}x floor)", flush=True)
 
     result = topk.run(args.vocab, args.batch, args.k, args.threads, args.warmup, args.runs, args.cold,
                       progress=None if args.json == "-" else show)
