@@ -8,21 +8,27 @@
 #include <vector>
 
 #include "common/common.h"
+#include "sample_topk/sample_topk.h"
 #include "softmax_topk/softmax_topk.h"
 
 namespace {
 
 using toolkit::softmax_topk::Op;
 using toolkit::softmax_topk::Provider;
+using SampleOp = toolkit::sample_topk::Op;
 constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr auto kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 
 const OrtCustomOp* const kOps[] = {
     new Op(Provider::kCpu, kF32),  // FusedSoftmaxTopK, CPU, float32
     new Op(Provider::kCpu, kF16),  // FusedSoftmaxTopK, CPU, float16
+    new SampleOp(Provider::kCpu, kF32),  // SampleTopKTopP, CPU, float32
+    new SampleOp(Provider::kCpu, kF16),  // SampleTopKTopP, CPU, float16
 #ifdef TOOLKIT_WITH_CUDA
     new Op(Provider::kCuda, kF32),  // FusedSoftmaxTopK, CUDA, float32
     new Op(Provider::kCuda, kF16),  // FusedSoftmaxTopK, CUDA, float16
+    new SampleOp(Provider::kCuda, kF32),  // SampleTopKTopP, CUDA, float32
+    new SampleOp(Provider::kCuda, kF16),  // SampleTopKTopP, CUDA, float16
 #endif
 };
 

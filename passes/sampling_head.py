@@ -9,6 +9,11 @@ This pass takes the last position of the ``logits`` output and feeds it to
 * ``next_token_ids [B, k]`` — their token ids (int64); ``next_token_ids[:, 0]`` is
   the greedy token.
 
+With ``sample=true`` the head is ``com.toolkit::SampleTopKTopP`` instead: the model
+takes an extra input ``sampling_seed`` (int64 ``[1]``; a decode loop passes
+``base_seed + step``) and outputs ``next_token [B]`` (drawn with temperature,
+top-k, min-p and top-p) and ``next_token_prob [B]``.
+
 The logits output is kept by default (parity checks and scoring need it); with
 ``keep_logits=false`` it is removed from the graph outputs, so a runtime never
 copies ``[B, S, V]`` floats out of the session. The pass changes the model's I/O, so
@@ -37,6 +42,10 @@ class SamplingHeadOptions(PassOptions):
     temperature: float = dataclasses.field(default=1.0, metadata={"help": "softmax temperature (> 0)"})
     keep_logits: bool = dataclasses.field(default=True, metadata={"help": "keep the [B, S, V] logits output"})
     logits_output: str = dataclasses.field(default="logits", metadata={"help": "name of the logits graph output"})
+    sample: bool = dataclasses.field(
+        default=False, metadata={"help": "draw a token (SampleTopKTopP, input sampling_seed) instead of top-k"})
+    top_p: float = dataclasses.field(default=1.0, metadata={"help": "nucleus mass kept when sampling, in (0, 1]"})
+    min_p: float = dataclasses.field(default=0.0, metadata={"help": "min-p filter when sampling, in [0, 1)"})
 
     def validate(self) -> None:
         if not isinstance(self.k, int) or self.k < 1:
@@ -45,6 +54,12 @@ class SamplingHeadOptions(PassOptions):
         if not self.temperature > 0:
             raise PassError(f"sampling-head option temperature must be > 0, got {self.temperature!r}",
                             hint="use 1.0 for the model's own distribution")
+        if not 0 < self.top_p <= 1:
+            raise PassError(f"sampling-head option top_p must be in (0, 1], got {self.top_p!r}",
+                            hint="1.0 keeps every top-k candidate")
+        if not 0 <= self.min_p < 1:
+            raise PassError(f"sampling-head option min_p must be in [0, 1), got {self.min_p!r}",
+                            hint="0.0 disables the min-p filter")
 
 
 def apply(model: ir.Model, options: SamplingHeadOptions, *, explain: bool = False) -> PassResult:
@@ -58,9 +73,9 @@ def apply(model: ir.Model, options: SamplingHeadOptions, *, explain: bool = Fals
             f"(outputs: {', '.join(outputs)})",
             hint="set sampling-head.logits_output to the name of the [batch, seq, vocab] logits output",
         )
-    if "next_token_ids" in outputs:
+    if "next_token_ids" in outputs or "next_token" in outputs:
         return PassResult(name=PASS.name, count=0,
-                          explanations=["graph already has next_token_ids: sampling head present"])
+                          explanations=["graph already has a sampling head (next_token_ids / next_token)"])
     shape = logits.shape
     if shape is not None and len(shape) != 3:
         raise PassError(
@@ -78,31 +93,46 @@ def apply(model: ir.Model, options: SamplingHeadOptions, *, explain: bool = Fals
                      name="sampling_head/Gather_last")
     last = gather.outputs[0]
     last.name = "sampling_head.last_logits"
-    fused = ir.Node(
-        DOMAIN, "FusedSoftmaxTopK", [last],
-        [ir.AttrInt64("k", options.k), ir.AttrFloat32("temperature", float(options.temperature)),
-         ir.AttrInt64("normalize", 0), ir.AttrInt64("log_probs", 0)],
-        num_outputs=2, name="sampling_head/FusedSoftmaxTopK",
-    )
-    probs, ids = fused.outputs
-    probs.name, ids.name = "next_token_probs", "next_token_ids"
-    probs.dtype = logits.dtype
-    ids.dtype = ir.DataType.INT64
     batch = shape[0] if shape is not None else None
-    probs.shape = ir.Shape([batch, options.k])
-    ids.shape = ir.Shape([batch, options.k])
-    graph.extend([gather, fused])
-    graph.outputs.extend([probs, ids])
+    common = [ir.AttrInt64("k", options.k), ir.AttrFloat32("temperature", float(options.temperature))]
+    if options.sample:
+        seed = ir.val("sampling_seed", ir.DataType.INT64, ir.Shape([1]))
+        graph.inputs.append(seed)
+        head = ir.Node(DOMAIN, "SampleTopKTopP", [last, seed],
+                       [*common, ir.AttrFloat32("top_p", float(options.top_p)),
+                        ir.AttrFloat32("min_p", float(options.min_p))],
+                       num_outputs=2, name="sampling_head/SampleTopKTopP")
+        token, prob = head.outputs
+        token.name, prob.name = "next_token", "next_token_prob"
+        token.dtype, prob.dtype = ir.DataType.INT64, ir.DataType.FLOAT
+        token.shape = ir.Shape([batch])
+        prob.shape = ir.Shape([batch])
+        new_outputs = [token, prob]
+    else:
+        head = ir.Node(DOMAIN, "FusedSoftmaxTopK", [last],
+                       [*common, ir.AttrInt64("normalize", 0), ir.AttrInt64("log_probs", 0)],
+                       num_outputs=2, name="sampling_head/FusedSoftmaxTopK")
+        probs, ids = head.outputs
+        probs.name, ids.name = "next_token_probs", "next_token_ids"
+        probs.dtype = logits.dtype
+        ids.dtype = ir.DataType.INT64
+        probs.shape = ir.Shape([batch, options.k])
+        ids.shape = ir.Shape([batch, options.k])
+        new_outputs = [probs, ids]
+    graph.extend([gather, head])
+    graph.outputs.extend(new_outputs)
     if not options.keep_logits:
         graph.outputs.remove(logits)
     model.opset_imports.setdefault(DOMAIN, 1)
     model.metadata_props["toolkit.sampling_head"] = json.dumps(dataclasses.asdict(options), sort_keys=True)
-    return PassResult(name=PASS.name, count=1, details={"k": options.k, "keep_logits": options.keep_logits})
+    return PassResult(name=PASS.name, count=1,
+                      details={"k": options.k, "keep_logits": options.keep_logits, "sample": options.sample})
 
 
 PASS = GraphPass(
     name="sampling-head",
-    description="Append FusedSoftmaxTopK to the LM logits: next_token_probs/next_token_ids [B, k] outputs",
+    description="Append the decode step's head to the LM logits: top-k (next_token_probs/ids) or a sampled "
+    "next_token (sample=true)",
     options_type=SamplingHeadOptions,
     apply=apply,
 )

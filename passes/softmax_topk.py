@@ -338,6 +338,65 @@ class SoftmaxTopKFusion(rw.RewriteRuleClassBase):
         return fused_values, indices
 
 
+class SoftmaxTransposeTopKFusion(rw.RewriteRuleClassBase):
+    """``Softmax|LogSoftmax(axis=a) -> Transpose(perm) -> TopK(K, last)`` with ``perm[-1] == a``.
+
+    The softmax axis becomes the last axis after the Transpose (e.g. logits laid out
+    ``[B, V, S]``), so the fused op runs on ``Transpose(x)``: the Transpose moves the
+    logits instead of the probabilities, and the softmax and top-k become one pass.
+    """
+
+    def __init__(self, *, log_probs: bool, max_k: int | None):
+        super().__init__(f"{'LogSoftmax' if log_probs else 'Softmax'}TransposeTopK", remove_nodes=False)
+        self._log_probs = log_probs
+        self._max_k = max_k
+
+    def pattern(self, op, x, k):
+        softmax = op.LogSoftmax if self._log_probs else op.Softmax
+        probs = softmax(x, _outputs=["probs"])
+        moved = op.Transpose(probs, _outputs=["moved"])
+        return op.TopK(moved, k, _outputs=["values", "indices"])
+
+    def check(self, context, x, k, probs, moved, values, **_):
+        softmax, transpose, topk = probs.producer(), moved.producer(), values.producer()
+        rank = _rank(x, probs, moved)
+        if rank is None:
+            return _fail(f"the rank of {x.name!r} is unknown, so the Transpose cannot be checked", x)
+        perm_attr = transpose.attributes.get("perm")
+        perm = list(perm_attr.as_ints()) if perm_attr is not None else list(range(rank))[::-1]
+        axis = _int_attr(softmax, "axis", -1)
+        axis = axis + rank if axis < 0 else axis
+        if _opset_version(context.model) < 13:
+            return _fail(f"{describe_node(softmax)} is from opset < 13, where it normalises flattened axes",
+                         softmax)
+        if perm[-1] != axis:
+            return _fail(
+                f"{describe_node(transpose)} moves axis {perm[-1]} last, but {describe_node(softmax)} "
+                f"normalises axis {axis}",
+                transpose,
+            )
+        if (reason := _topk_failure(topk, rank)) is not None:
+            return _fail(reason, topk)
+        k_value, reason = _topk_k(topk, k)
+        if reason is None:
+            reason = _k_limit_failure(k_value, self._max_k, topk)
+        if reason is not None:
+            return _fail(reason, topk)
+        if reason := _exclusive_use_failure(probs, {transpose}, f"{softmax.op_type} output"):
+            return _fail(reason, probs)
+        if reason := _exclusive_use_failure(moved, {topk}, "Transpose output"):
+            return _fail(reason, moved)
+        if x.dtype not in _FUSED_INPUT_DTYPES:
+            return _fail(f"input {x.name!r} has dtype {x.dtype}; the fused op takes float32 or float16", x)
+        return rw.MatchResult()
+
+    def rewrite(self, op, x, k, moved, values, **_):
+        k_value, _reason = _topk_k(values.producer(), k)
+        perm = moved.producer().attributes.get("perm")
+        transposed = op.Transpose(x, perm=list(perm.as_ints())) if perm is not None else op.Transpose(x)
+        return _fused(op, transposed, k=k_value, temperature=1.0, normalize=0, log_probs=int(self._log_probs))
+
+
 class TopKSoftmaxRouterFusion(rw.RewriteRuleClassBase):
     """``[Div|Mul by c] -> TopK(K, last) -> [Cast to float32] -> Softmax(values, last)``."""
 
@@ -476,6 +535,7 @@ def _rules(options: SoftmaxTopKOptions) -> list[rw.RewriteRule]:
         for cast in (True, False)
         for kind in scale_kinds
     ]
+    rules += [SoftmaxTransposeTopKFusion.rule(log_probs=lp, max_k=options.max_k) for lp in (False, True)]
     if options.enable_router_form:
         rules += [
             TopKSoftmaxRouterFusion.rule(cast=cast, scale_kind=kind, max_k=options.max_k)

@@ -39,3 +39,21 @@ def test_sampling_head_greedy_equals_logits_argmax_and_pytorch(exported, tmp_pat
     # the reference recomputes the whole prefix each step (no cache): an independent path
     assert plain.token_ids == _torch_greedy(src, prompt, 12)
     assert len(head.step_ms) == 11 and all(t > 0 for t in head.step_ms)
+
+
+def test_sampled_head_parity_and_reproducible_generation(exported, tmp_path):
+    from toolkit import parity
+
+    src, path = exported("llama")
+    opts = {"k": 16, "sample": "true", "temperature": "0.8", "top_p": "0.9"}
+    model, _ = run_pipeline(onnx.load(str(path)), ["sampling-head"], {"sampling-head": opts})
+    head_path = tmp_path / "sampled.onnx"
+    onnx.save(model, str(head_path))
+    report = parity.check(src, head_path, parity.ParitySettings(batch_sizes=(1, 3), prompt_len=6, decode_steps=3))
+    heads = [r for r in report.records if r.name == "next_token_prob"]
+    assert len(heads) == 4 and all(r.top1_agreement == 1.0 for r in heads), report.to_json()
+    assert report.passed, report.to_json()
+    sess = make_session(head_path)
+    prompt = [5, 17, 42, 7]
+    a, b, c = (greedy(sess, prompt, 10, seed=s).token_ids for s in (3, 3, 4))
+    assert a == b and a != c

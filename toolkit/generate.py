@@ -1,7 +1,8 @@
 """Greedy decoding with ONNX Runtime over the exported flat KV-cache I/O.
 
-Uses the sampling head's ``next_token_ids`` when the model has one (the decode
-step then never reads ``[B, S, V]`` logits back), else the argmax of ``logits``.
+Uses the model's sampling head when it has one: ``next_token`` (a seeded draw,
+SampleTopKTopP) or ``next_token_ids[:, 0]`` (greedy, FusedSoftmaxTopK) — the decode
+step then never reads ``[B, S, V]`` logits back — else the argmax of ``logits``.
 Each step feeds the ``present.*`` outputs back as ``past_key_values.*``.
 """
 
@@ -30,11 +31,26 @@ class GenerationResult:
         return 1000.0 / self.median_step_ms if self.step_ms else float("nan")
 
 
-def greedy(session: Any, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> GenerationResult:
-    """Greedy-decode ``max_new_tokens`` tokens after ``prompt_ids`` (batch 1)."""
+def next_token(outs: dict[str, np.ndarray]) -> int:
+    """The token a decode step chose, from the head's output or the logits."""
+    if "next_token" in outs:
+        return int(outs["next_token"][0])
+    if "next_token_ids" in outs:
+        return int(outs["next_token_ids"][0, 0])
+    return int(outs["logits"][0, -1].argmax())
+
+
+def greedy(session: Any, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None,
+           seed: int = 0) -> GenerationResult:
+    """Decode ``max_new_tokens`` tokens after ``prompt_ids`` (batch 1).
+
+    Greedy unless the model's head samples; then ``seed`` is the base of the
+    per-step seeds, so a run is reproducible.
+    """
     from toolkit.parity import OnnxDecoder
 
     dec = OnnxDecoder(session)
+    dec.seed_base = seed
     ids = np.array([prompt_ids], dtype=np.int64)
     mask = np.ones_like(ids)
     pos = np.arange(ids.shape[1], dtype=np.int64)[None]
@@ -45,7 +61,7 @@ def greedy(session: Any, prompt_ids: list[int], max_new_tokens: int, eos_id: int
     for step in range(max_new_tokens):
         start = time.perf_counter()
         _, past, outs = dec.step(ids, mask, pos, past)
-        nxt = int(outs["next_token_ids"][0, 0]) if "next_token_ids" in outs else int(outs["logits"][0, -1].argmax())
+        nxt = next_token(outs)
         elapsed = (time.perf_counter() - start) * 1e3
         if step == 0:
             prefill_ms = (time.perf_counter() - t0) * 1e3

@@ -244,7 +244,7 @@ def compare_logits(phase: str, ref: np.ndarray, got: np.ndarray, keep: np.ndarra
 
 
 def apply_thresholds(rec: OutputRecord, th: dict[str, float]) -> None:
-    if rec.name == "next_token_probs":
+    if rec.name in HeadCheck.RECORD_NAMES:
         if not rec.max_abs <= th["head_probs_max_abs"]:
             rec.failures.append(f"max abs {rec.max_abs:.3e} > {th['head_probs_max_abs']:.1e}")
         if not rec.top1_agreement >= th["top1_min"]:
@@ -333,6 +333,11 @@ class OnnxDecoder:
         self.inputs = {i.name: i for i in session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.output_names = [o.name for o in session.get_outputs()]
+        # A sampled head takes a seed per call: base + call index, so every step draws
+        # fresh numbers and a rerun reproduces them.
+        self.seed_base = 0
+        self.calls = 0
+        self.last_seed: int | None = None
         for required in ("input_ids", "attention_mask"):
             if required not in self.inputs:
                 raise InvalidModelError(
@@ -364,6 +369,10 @@ class OnnxDecoder:
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, **past}
         if "position_ids" in self.inputs:
             feeds["position_ids"] = position_ids
+        if "sampling_seed" in self.inputs:
+            self.last_seed = self.seed_base + self.calls
+            feeds["sampling_seed"] = np.array([self.last_seed], dtype=np.int64)
+        self.calls += 1
         outs = dict(zip(self.output_names, self.session.run(None, feeds)))
         new_past = {n: outs[n.replace("past_key_values.", "present.")] for n in self.past_names}
         return outs.get("logits"), new_past, outs
@@ -447,21 +456,23 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
         if got_logits is not None:  # a model with a sampling head may drop its logits output
             records.append(compare_logits(phase, ref_logits, got_logits, mask.astype(bool)))
         records += _compare_presents(phase, ref_past, presents)
-        head_temperature = _head_temperature(meta)
-        head = compare_sampling_head(phase, ref_logits, presents, head_temperature)
-        records += [head] if head else []
+        head = HeadCheck.for_model(meta)
+        if head:
+            head.add(ref_logits, presents, dec.last_seed)
+            records.append(head.record(phase))
         done += 1
         if progress:
             progress(done, total)
-        dec_ref, dec_got, head_outs = [], [], []
+        dec_ref, dec_got = [], []
+        head = HeadCheck.for_model(meta)
         for step in range(settings.decode_steps):
             nxt = ref_logits[:, -1].argmax(-1).astype(np.int64)[:, None]
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
             pos = _positions(mask, 1)
             ref_logits, ref_past = _torch_step(src, nxt, mask, pos, ref_past)
             got_logits, past, presents = dec.step(nxt, mask, pos, past)
-            if "next_token_ids" in presents:
-                head_outs.append({n: presents[n] for n in ("next_token_ids", "next_token_probs")})
+            if head:
+                head.add(ref_logits, presents, dec.last_seed)
             dec_ref.append(ref_logits)
             dec_got.append(got_logits)
             done += 1
@@ -474,11 +485,9 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
                 g = np.concatenate(dec_got, axis=1)
                 records.append(compare_logits(phase, r, g, np.ones(r.shape[:2], bool)))
             records += _compare_presents(phase, ref_past, presents)
-            if head_outs:  # all decode steps as one record: rows = batch x steps
-                stacked = {n: np.concatenate([h[n] for h in head_outs]) for n in head_outs[0]}
-                records.append(compare_sampling_head(phase, np.concatenate([x[:, -1:] for x in dec_ref]), stacked,
-                                                     head_temperature))
-    if not any(r.name in ("logits", "next_token_probs") for r in records):
+            if head:  # all decode steps as one record: rows = batch x steps
+                records.append(head.record(phase))
+    if not any(r.name in ("logits", *HeadCheck.RECORD_NAMES) for r in records):
         raise ToolkitError(f"{str(onnx_path)!r} has neither a 'logits' nor a 'next_token_ids' output to compare",
                            hint="parity compares decoder outputs; keep the logits output or add a sampling head")
     for rec in records:
@@ -496,26 +505,53 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
     return report
 
 
-def compare_sampling_head(phase: str, ref_logits: np.ndarray, outs: dict[str, np.ndarray],
-                          temperature: float = 1.0) -> OutputRecord | None:
-    """Check a sampling head's outputs against the reference's last-position logits.
+class HeadCheck:
+    """Checks a sampling head (``sampling-head`` pass) against the reference's logits.
 
-    Probabilities are compared at the ids the head returned (robust to near-tie
-    swaps deep in the top-k); the greedy id (column 0) must equal the reference argmax.
+    Top-k head: probabilities are compared at the ids the head returned (robust to
+    near-tie swaps deep in the top-k), and the greedy id (column 0) must be the
+    reference's argmax. Sampled head: the reference draws with the same seed from
+    the PyTorch logits (``toolkit.ops.reference.sample_topk_top_p``); the token must
+    be the same and its probability close.
     """
-    if "next_token_ids" not in outs:
-        return None
-    last = ref_logits[:, -1].astype(np.float64) / temperature
-    ref_p = np.exp(_log_softmax(last))
-    ids, probs = outs["next_token_ids"], outs["next_token_probs"]
-    rec = compare("next_token_probs", phase, np.take_along_axis(ref_p, ids, axis=-1), probs)
-    rec.top1_agreement = float(np.mean(ids[:, 0] == last.argmax(-1)))
-    return rec
 
+    RECORD_NAMES = ("next_token_probs", "next_token_prob")
 
-def _head_temperature(meta: dict[str, str]) -> float:
-    head = meta.get("toolkit.sampling_head")
-    return float(json.loads(head).get("temperature", 1.0)) if head else 1.0
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+        self.ref_probs: list[np.ndarray] = []
+        self.got_probs: list[np.ndarray] = []
+        self.agree: list[np.ndarray] = []
+
+    @classmethod
+    def for_model(cls, meta: dict[str, str]) -> HeadCheck | None:
+        head = meta.get("toolkit.sampling_head")
+        return cls(json.loads(head)) if head else None
+
+    def add(self, ref_logits: np.ndarray, outs: dict[str, np.ndarray], seed: int | None) -> None:
+        opts = self.options
+        last = ref_logits[:, -1]
+        if opts.get("sample"):
+            from toolkit.ops.reference import sample_topk_top_p
+
+            ref_ids, ref_p = sample_topk_top_p(last.astype(np.float32), opts["k"], opts["temperature"],
+                                               opts["top_p"], opts["min_p"], seed=int(seed))
+            self.agree.append(outs["next_token"] == ref_ids)
+            self.ref_probs.append(ref_p.astype(np.float64))
+            self.got_probs.append(outs["next_token_prob"])
+            return
+        scaled = last.astype(np.float64) / opts.get("temperature", 1.0)
+        ids = outs["next_token_ids"]
+        self.ref_probs.append(np.take_along_axis(np.exp(_log_softmax(scaled)), ids, axis=-1))
+        self.got_probs.append(outs["next_token_probs"])
+        self.agree.append(ids[:, 0] == scaled.argmax(-1))
+
+    def record(self, phase: str) -> OutputRecord:
+        name = self.RECORD_NAMES[1] if self.options.get("sample") else self.RECORD_NAMES[0]
+        rec = compare(name, phase, np.concatenate(self.ref_probs), np.concatenate(self.got_probs))
+        rec.top1_agreement = float(np.mean(np.concatenate(self.agree)))
+        self.ref_probs, self.got_probs, self.agree = [], [], []
+        return rec
 
 
 def _compare_presents(phase: str, ref_past: list, presents: dict[str, np.ndarray]) -> list[OutputRecord]:

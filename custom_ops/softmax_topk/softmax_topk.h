@@ -75,6 +75,11 @@ struct Io {
 // Checks the input against the attributes and allocates the outputs.
 OrtStatus* PrepareIo(OrtKernelContext* context, const Attributes& attrs, Io* io);
 
+// The CPU kernel on host buffers described by `io` (values in the input dtype:
+// float, or IEEE half bits); threads come from the context's intra-op pool.
+// SampleTopKTopP builds on it.
+OrtStatus* RunCpu(OrtKernelContext* context, const Io& io, const Attributes& attrs);
+
 // Kernel state shared by the providers; ORT deletes it through this base.
 struct Kernel {
   explicit Kernel(const Attributes& a) : attrs(a) {}

@@ -705,18 +705,22 @@ OrtStatus* PrepareIo(OrtKernelContext* context, const Attributes& attrs, Io* io)
   return nullptr;
 }
 
+OrtStatus* RunCpu(OrtKernelContext* context, const Io& io, const Attributes& attrs) {
+  if (io.rows == 0) return nullptr;
+  Ort::KernelContext ctx(context);
+  if (io.fp16) {
+    return Run<uint16_t>(ctx, static_cast<const uint16_t*>(io.logits), static_cast<uint16_t*>(io.values),
+                         io.indices, io.log_norm, io.rows, io.V, attrs);
+  }
+  return Run<float>(ctx, static_cast<const float*>(io.logits), static_cast<float*>(io.values), io.indices,
+                    io.log_norm, io.rows, io.V, attrs);
+}
+
 OrtStatus* CpuKernel::ComputeV2(OrtKernelContext* context) {
   return GuardStatus(kOpName, [&]() -> OrtStatus* {
     Io io;
     if (OrtStatus* st = PrepareIo(context, attrs, &io)) return st;
-    if (io.rows == 0) return nullptr;
-    Ort::KernelContext ctx(context);
-    if (io.fp16) {
-      return Run<uint16_t>(ctx, static_cast<const uint16_t*>(io.logits), static_cast<uint16_t*>(io.values),
-                           io.indices, io.log_norm, io.rows, io.V, attrs);
-    }
-    return Run<float>(ctx, static_cast<const float*>(io.logits), static_cast<float*>(io.values), io.indices,
-                      io.log_norm, io.rows, io.V, attrs);
+    return RunCpu(context, io, attrs);
   });
 }
 

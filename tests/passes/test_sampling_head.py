@@ -75,3 +75,30 @@ def test_head_bad_options_are_actionable():
         run_pipeline(_lm_graph(), ["sampling-head"], {"sampling-head": {"logits_output": "scores"}})
     with pytest.raises(PassError, match="temperature must be > 0"):
         run_pipeline(_lm_graph(), ["sampling-head"], {"sampling-head": {"temperature": "0"}})
+
+
+def test_sampled_head_structure_and_draws_match_reference():
+    import onnxruntime as ort
+
+    from toolkit import ops
+    from toolkit.ops.reference import sample_topk_top_p
+
+    opts = {"k": 20, "sample": "true", "temperature": "0.9", "top_p": "0.85", "min_p": "0.01"}
+    out, report = run_pipeline(_lm_graph(), ["sampling-head"], {"sampling-head": opts})
+    assert report.counts == {"sampling-head": 1}
+    assert [i.name for i in out.graph.input] == ["x", "sampling_seed"]
+    assert [o.name for o in out.graph.output] == ["logits", "next_token", "next_token_prob"]
+    assert [n.op_type for n in out.graph.node if n.domain == "com.toolkit"] == ["SampleTopKTopP"]
+    onnx.checker.check_model(out, full_check=True)
+    sess = ort.InferenceSession(out.SerializeToString(), ops.session_options(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(4).standard_normal((B, S, H)).astype(np.float32)
+    for seed in range(5):
+        logits, token, prob = sess.run(None, {"x": x, "sampling_seed": np.array([seed], np.int64)})
+        ref_token, ref_prob = sample_topk_top_p(logits[:, -1], 20, 0.9, 0.85, 0.01, seed=seed)
+        np.testing.assert_array_equal(token, ref_token)
+        np.testing.assert_allclose(prob, ref_prob, rtol=1e-6)
+
+
+def test_sampled_head_bad_top_p():
+    with pytest.raises(PassError, match="top_p must be in"):
+        run_pipeline(_lm_graph(), ["sampling-head"], {"sampling-head": {"sample": "true", "top_p": "1.5"}})

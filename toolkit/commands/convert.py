@@ -19,7 +19,10 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated passes to run (default: the default pipeline; 'none' for none); "
                         "see `toolkit list-passes`")
     parser.add_argument("--sampling-head", type=int, metavar="K", default=None,
-                        help="append FusedSoftmaxTopK to the logits: next_token_probs/next_token_ids [B, K] outputs")
+                        help="append FusedSoftmaxTopK to the logits: next_token_probs/next_token_ids [B, K] outputs "
+                        "(with --sample: SampleTopKTopP, a seeded draw from the top K -> next_token [B])")
+    parser.add_argument("--sample", action="store_true",
+                        help="with --sampling-head: draw the token (temperature/top-p/min-p via --pass-option)")
     parser.add_argument("--pass-option", action="append", metavar="PASS.OPTION=VALUE", default=[],
                         help="set a pass option, e.g. --pass-option sampling-head.temperature=0.8")
     parser.add_argument("--explain", action="store_true", help="say why each pass did not match where it did not")
@@ -140,6 +143,8 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
         names = list(DEFAULT_PASSES) if names is None else names
         names.append("sampling-head")
         options.setdefault("sampling-head", {})["k"] = str(args.sampling_head)
+        if args.sample:
+            options["sampling-head"]["sample"] = "true"
     resolve_pass_names(names)
     for name, opts in options.items():
         get_pass(name).make_options(opts)

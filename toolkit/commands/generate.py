@@ -1,7 +1,7 @@
-"""Greedy generation with ONNX Runtime from a converted model directory.
+"""Generate with ONNX Runtime from a converted model directory.
 
-Uses the sampling head (next_token_ids) when the model has one; reports the
-prefill time and the median decode-step time.
+Greedy, or sampled when the model has a sampling head converted with
+sample=true (seeded: --seed); reports the prefill time and the median decode-step time.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="base seed of a sampling head (sample=true)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         raise ToolkitError(f"no tokenizer.json beside {str(onnx_path)!r}",
                            hint="pass --prompt-ids 1,2,3 or convert a model that ships a tokenizer")
     session = make_session(onnx_path, threads=args.threads)
-    result = greedy(session, prompt, args.max_new_tokens)
+    result = greedy(session, prompt, args.max_new_tokens, seed=args.seed)
     text = tokenizer.decode(result.token_ids) if tokenizer is not None else None
     if args.json:
         print(json.dumps({"prompt_ids": prompt, "token_ids": result.token_ids, "text": text,

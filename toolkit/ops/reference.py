@@ -91,3 +91,76 @@ def softmax_topk(
         indices.astype(np.int64).reshape(out_shape),
         log_norm.astype(np.float32).reshape(lead),
     )
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    """SplitMix64 (Steele, Lea & Flood 2014), as in custom_ops/sample_topk/sample_math.h."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def uniform(seed: int, row: int) -> float:
+    """The uniform number in [0, 1) that row ``row`` of a call with ``seed`` draws."""
+    bits = _splitmix64(_splitmix64(seed & _MASK64) ^ (row & _MASK64))
+    return (bits >> 11) * (1.0 / 9007199254740992.0)
+
+
+def sample_position(probs: np.ndarray, top_p: float, min_p: float, u: float) -> int:
+    """The draw over descending top-k probabilities (min-p, then top-p, then u)."""
+    p = [float(v) for v in probs]
+    if np.isnan(p[0]):
+        return 0
+    m, kept = 0, 0.0
+    for i, v in enumerate(p):
+        if not v >= min_p * p[0] or (i > 0 and v <= 0.0):
+            break
+        kept += v
+        m += 1
+    if m == 0:
+        return 0
+    mass, n = 0.0, 0
+    while n < m:
+        mass += p[n]
+        n += 1
+        if mass >= top_p * kept:
+            break
+    target, c = u * mass, 0.0
+    for j in range(n):
+        c += p[j]
+        if c > target:
+            return j
+    return n - 1
+
+
+def sample_topk_top_p(
+    logits: np.ndarray,
+    k: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reference of ``com.toolkit::SampleTopKTopP`` (contract in sample_topk.h).
+
+    Returns:
+        ``(token_ids [...] int64, token_probs [...] float32)``.
+    """
+    if not 0 < top_p <= 1:
+        raise ValueError(f"expected 0 < top_p <= 1, got {top_p}")
+    if not 0 <= min_p < 1:
+        raise ValueError(f"expected 0 <= min_p < 1, got {min_p}")
+    values, indices, _ = softmax_topk(logits, k, temperature)
+    lead = values.shape[:-1]
+    values = values.astype(np.float64).reshape(-1, k)
+    indices = indices.reshape(-1, k)
+    ids = np.empty(values.shape[0], np.int64)
+    probs = np.empty(values.shape[0], np.float32)
+    for r in range(values.shape[0]):
+        j = sample_position(values[r], top_p, min_p, uniform(seed, r))
+        ids[r], probs[r] = indices[r, j], values[r, j]
+    return ids.reshape(lead), probs.reshape(lead)

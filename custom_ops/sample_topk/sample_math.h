@@ -1,0 +1,67 @@
+// The sampling step of SampleTopKTopP on k sorted candidates, shared by the CPU
+// kernel, the CUDA kernel (compiled as __host__ __device__) and mirrored by the
+// NumPy reference in toolkit/ops/reference.py. Keep the three in step.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define TOOLKIT_HD __host__ __device__ __forceinline__
+#else
+#define TOOLKIT_HD inline
+#endif
+
+namespace toolkit::sample_topk {
+
+// SplitMix64 (Steele, Lea & Flood 2014): a counter-based generator, so row r of a
+// call with seed s draws the same number on every provider and thread count.
+TOOLKIT_HD uint64_t SplitMix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Uniform double in [0, 1) for (seed, row): 53 random bits.
+TOOLKIT_HD double Uniform(int64_t seed, int64_t row) {
+  const uint64_t bits = SplitMix64(SplitMix64(uint64_t(seed)) ^ uint64_t(row));
+  return double(bits >> 11) * (1.0 / 9007199254740992.0);
+}
+
+// probs[0..k) are the top-k probabilities under softmax(x / T) over the whole row,
+// in descending order. Keeps those >= min_p * probs[0], then the shortest prefix
+// whose renormalised mass reaches top_p, and draws one of them in proportion to its
+// probability with u in [0, 1). Returns the chosen position in [0, k). A NaN
+// probability (a NaN/+inf row) selects position 0.
+template <typename GetProb>
+TOOLKIT_HD int64_t SamplePosition(GetProb prob, int64_t k, double top_p, double min_p, double u) {
+  const double p0 = prob(0);
+  if (!(p0 == p0)) return 0;
+  int64_t m = 0;
+  double kept = 0.0;
+  const double floor_p = min_p * p0;
+  for (; m < k; ++m) {
+    const double p = prob(m);
+    if (!(p >= floor_p) || (m > 0 && p <= 0.0)) break;  // sorted: everything after fails too
+    kept += p;
+  }
+  if (m == 0) return 0;
+  // top-p on the renormalised mass: stop at the first prefix reaching top_p * kept.
+  double mass = 0.0;
+  int64_t n = 0;
+  const double target_mass = top_p * kept;
+  while (n < m) {
+    mass += prob(n);
+    ++n;
+    if (mass >= target_mass) break;
+  }
+  const double target = u * mass;
+  double c = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    c += prob(j);
+    if (c > target) return j;
+  }
+  return n - 1;
+}
+
+}  // namespace toolkit::sample_topk

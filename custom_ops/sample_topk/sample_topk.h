@@ -1,0 +1,98 @@
+// SampleTopKTopP (domain com.toolkit, since_version 1): the whole sampling head of a
+// decode step in one op — the one-pass softmax–top-k of FusedSoftmaxTopK, then
+// temperature / top-k / min-p / top-p filtering and a seeded draw.
+//
+//   input  0 logits       float32 | float16, shape [..., V], rank >= 1
+//   input  1 seed         int64, optional, one element: the random stream of this call
+//                         (a decode loop passes base_seed + step); default: attribute seed
+//   attr   k              int, required, 1 <= k <= V: candidates (top-k)
+//   attr   temperature    float, default 1.0, > 0
+//   attr   top_p          float, default 1.0, in (0, 1]
+//   attr   min_p          float, default 0.0, in [0, 1)
+//   attr   seed           int, default 0
+//   output 0 token_ids    [...] int64: the drawn token of each row
+//   output 1 token_probs  [...] float32 (optional): its probability under softmax(x / T)
+//
+// Filtering order: top-k, then min-p (keep p >= min_p * p_max), then top-p (shortest
+// prefix of the kept, in descending order, whose renormalised mass reaches top_p).
+// k = 1 or top_p -> 0 is greedy. Row r draws u = Uniform(seed, r) (sample_math.h),
+// so results are identical on every provider and thread count for a given seed.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/common.h"
+#include "softmax_topk/softmax_topk.h"
+
+namespace toolkit::sample_topk {
+
+inline constexpr const char* kOpName = "SampleTopKTopP";
+
+struct Attributes {
+  softmax_topk::Attributes topk;  // k, temperature (normalize = log_probs = 0)
+  float top_p = 1.0f;
+  float min_p = 0.0f;
+  int64_t seed = 0;
+};
+
+OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs);
+
+// The seed of this call: input 1 when given (one int64 element), else the attribute.
+OrtStatus* ReadSeed(OrtKernelContext* context, const Attributes& attrs, int64_t* seed);
+
+struct Kernel {
+  explicit Kernel(const Attributes& a) : attrs(a) {}
+  virtual ~Kernel() = default;
+  virtual OrtStatus* ComputeV2(OrtKernelContext* context) = 0;
+  Attributes attrs;
+};
+
+struct CpuKernel final : Kernel {
+  using Kernel::Kernel;
+  OrtStatus* ComputeV2(OrtKernelContext* context) override;
+};
+
+#ifdef TOOLKIT_WITH_CUDA
+struct CudaKernel final : Kernel {
+  using Kernel::Kernel;
+  OrtStatus* ComputeV2(OrtKernelContext* context) override;
+};
+#endif
+
+struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
+  Op(softmax_topk::Provider provider, ONNXTensorElementDataType dtype) : provider_(provider), dtype_(dtype) {
+    OrtCustomOp::version = TOOLKIT_ORT_API_VERSION;  // see softmax_topk::Op
+  }
+
+  OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
+
+  const char* GetName() const { return kOpName; }
+  const char* GetExecutionProviderType() const {
+    return provider_ == softmax_topk::Provider::kCuda ? kCudaExecutionProvider : nullptr;
+  }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 0 ? dtype_ : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  // The seed is read on the host by every provider.
+  OrtMemType GetInputMemoryType(size_t index) const {
+    return index == 1 ? OrtMemTypeCPUInput : OrtMemTypeDefault;
+  }
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t index) const {
+    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
+    return index == 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+
+ private:
+  softmax_topk::Provider provider_;
+  ONNXTensorElementDataType dtype_;
+};
+
+}  // namespace toolkit::sample_topk

@@ -1,0 +1,116 @@
+// CPU kernel of SampleTopKTopP and the provider-independent attribute checks.
+// The candidates come from the FusedSoftmaxTopK CPU kernel (one pass over each row);
+// the draw over the k candidates is sample_math.h.
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "sample_topk/sample_math.h"
+#include "sample_topk/sample_topk.h"
+
+namespace toolkit::sample_topk {
+
+OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs) {
+  const OrtApi& api = Ort::GetApi();
+  if (OrtStatus* st = softmax_topk::ReadAttributes(info, &attrs->topk)) {
+    // The message names FusedSoftmaxTopK's attribute 'k'; say which op it is.
+    const std::string msg = std::string(kOpName) + " (" + api.GetErrorMessage(st) + ")";
+    api.ReleaseStatus(st);
+    return MakeStatus(ORT_INVALID_ARGUMENT, msg);
+  }
+  attrs->topk.normalize = 0;
+  attrs->topk.log_probs = 0;
+  auto optional_float = [&](const char* name, float* v) {
+    if (OrtStatus* st = api.KernelInfoGetAttribute_float(info, name, v)) api.ReleaseStatus(st);
+  };
+  optional_float("top_p", &attrs->top_p);
+  optional_float("min_p", &attrs->min_p);
+  if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, "seed", &attrs->seed)) api.ReleaseStatus(st);
+  if (!(attrs->top_p > 0.0f && attrs->top_p <= 1.0f)) {
+    return MakeStatus(ORT_INVALID_ARGUMENT, std::string(kOpName) + ": attribute 'top_p' must be in (0, 1], got " +
+                                                std::to_string(attrs->top_p));
+  }
+  if (!(attrs->min_p >= 0.0f && attrs->min_p < 1.0f)) {
+    return MakeStatus(ORT_INVALID_ARGUMENT, std::string(kOpName) + ": attribute 'min_p' must be in [0, 1), got " +
+                                                std::to_string(attrs->min_p));
+  }
+  return nullptr;
+}
+
+OrtStatus* ReadSeed(OrtKernelContext* context, const Attributes& attrs, int64_t* seed) {
+  Ort::KernelContext ctx(context);
+  *seed = attrs.seed;
+  if (ctx.GetInputCount() < 2) return nullptr;
+  Ort::ConstValue value = ctx.GetInput(1);
+  if (!value) return nullptr;  // optional input left empty
+  const auto info = value.GetTensorTypeAndShapeInfo();
+  if (info.GetElementCount() != 1) {
+    return InvalidInputStatus(kOpName, "seed", info.GetShape(), "exactly one int64 element");
+  }
+  *seed = *value.GetTensorData<int64_t>();
+  return nullptr;
+}
+
+OrtStatus* Op::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+  return GuardStatus(kOpName, [&]() -> OrtStatus* {
+    Attributes attrs;
+    if (OrtStatus* st = ReadAttributes(info, &attrs)) return st;
+    if (provider_ == softmax_topk::Provider::kCpu) {
+      *kernel = new CpuKernel(attrs);
+      return nullptr;
+    }
+#ifdef TOOLKIT_WITH_CUDA
+    *kernel = new CudaKernel(attrs);
+    return nullptr;
+#else
+    return MakeStatus(ORT_NOT_IMPLEMENTED, std::string(kOpName) + ": library built without CUDA");
+#endif
+  });
+}
+
+OrtStatus* CpuKernel::ComputeV2(OrtKernelContext* context) {
+  return GuardStatus(kOpName, [&]() -> OrtStatus* {
+    Ort::KernelContext ctx(context);
+    Ort::ConstValue input = ctx.GetInput(0);
+    const auto info = input.GetTensorTypeAndShapeInfo();
+    softmax_topk::Io io;
+    io.shape = info.GetShape();
+    if (OrtStatus* st = softmax_topk::CheckInput(io.shape, attrs.topk, &io.rows, &io.V)) {
+      return st;
+    }
+    int64_t seed = 0;
+    if (OrtStatus* st = ReadSeed(context, attrs, &seed)) return st;
+    const std::vector<int64_t> out_shape(io.shape.begin(), io.shape.end() - 1);
+    int64_t* token_ids = ctx.GetOutput(0, out_shape).GetTensorMutableData<int64_t>();
+    float* token_probs = nullptr;
+    if (ctx.GetOutputCount() > 1) {
+      OrtValue* out = nullptr;
+      Ort::ThrowOnError(Ort::GetApi().KernelContext_GetOutput(context, 1, out_shape.data(), out_shape.size(), &out));
+      if (out) Ort::ThrowOnError(Ort::GetApi().GetTensorMutableData(out, reinterpret_cast<void**>(&token_probs)));
+    }
+    if (io.rows == 0) return nullptr;
+
+    const int64_t k = attrs.topk.k;
+    io.fp16 = info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    io.logits = input.GetTensorRawData();
+    std::vector<float> probs(size_t(io.rows * k));
+    std::vector<uint16_t> probs16(io.fp16 ? size_t(io.rows * k) : 0);
+    std::vector<int64_t> ids(size_t(io.rows * k));
+    io.values = io.fp16 ? static_cast<void*>(probs16.data()) : static_cast<void*>(probs.data());
+    io.indices = ids.data();
+    if (OrtStatus* st = softmax_topk::RunCpu(context, io, attrs.topk)) return st;
+    if (io.fp16) {
+      for (size_t i = 0; i < probs16.size(); ++i) probs[i] = Ort::Float16_t::FromBits(probs16[i]).ToFloat();
+    }
+    for (int64_t r = 0; r < io.rows; ++r) {
+      const float* p = probs.data() + r * k;
+      const int64_t j = SamplePosition([p](int64_t i) { return double(p[i]); }, k, attrs.top_p, attrs.min_p,
+                                       Uniform(seed, r));
+      token_ids[r] = ids[size_t(r * k + j)];
+      if (token_probs) token_probs[r] = p[j];
+    }
+    return nullptr;
+  });
+}
+
+}  // namespace toolkit::sample_topk

@@ -1,0 +1,156 @@
+"""SampleTopKTopP: the CPU kernel vs the NumPy reference, and the draw's statistics.
+
+Token ids must equal the reference's exactly (same counter-based random numbers,
+same filtering); probabilities within 1e-6 relative for float32 (1e-3 for float16,
+whose probabilities are rounded to half precision). The distribution test compares
+empirical frequencies with the filtered softmax over many independent rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from toolkit import ops
+from toolkit.ops import reference
+
+DTYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+RTOL = {np.float32: 1e-6, np.float16: 1e-3}
+
+
+def session(dtype, k, temperature=1.0, top_p=1.0, min_p=0.0, seed=0, with_seed_input=False, threads=1):
+    inputs = ["logits", "seed"] if with_seed_input else ["logits"]
+    node = helper.make_node("SampleTopKTopP", inputs, ["token_ids", "token_probs"], domain=ops.DOMAIN, k=k,
+                            temperature=float(temperature), top_p=float(top_p), min_p=float(min_p), seed=seed)
+    graph_inputs = [helper.make_tensor_value_info("logits", DTYPES[dtype], None)]
+    if with_seed_input:
+        graph_inputs.append(helper.make_tensor_value_info("seed", TensorProto.INT64, None))
+    graph = helper.make_graph([node], "sample", graph_inputs, [
+        helper.make_tensor_value_info("token_ids", TensorProto.INT64, None),
+        helper.make_tensor_value_info("token_probs", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION)])
+    model.ir_version = 10
+    so = ops.session_options(threads)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("V,k", [(50, 50), (1000, 40), (32000, 50), (128256, 20)])
+@pytest.mark.parametrize("temperature,top_p,min_p", [(1.0, 1.0, 0.0), (0.7, 0.9, 0.0), (1.3, 0.8, 0.05)])
+def test_matches_reference(dtype, V, k, temperature, top_p, min_p):
+    rng = np.random.default_rng(V + k)
+    x = (2.0 * rng.standard_normal((16, V))).astype(dtype)
+    ids, probs = session(dtype, k, temperature, top_p, min_p, seed=1234).run(None, {"logits": x})
+    ref_ids, ref_probs = reference.sample_topk_top_p(x, k, temperature, top_p, min_p, seed=1234)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(probs, ref_probs, rtol=RTOL[dtype], atol=1e-7)
+    assert ids.shape == (16,) and ids.dtype == np.int64
+
+
+def test_batch_shape_is_kept():
+    x = np.random.default_rng(0).standard_normal((2, 3, 100)).astype(np.float32)
+    ids, probs = session(np.float32, 10).run(None, {"logits": x})
+    assert ids.shape == (2, 3) and probs.shape == (2, 3)
+
+
+@pytest.mark.parametrize("kwargs", [dict(k=1), dict(k=50, top_p=1e-6), dict(k=50, min_p=0.999)])
+def test_degenerate_settings_are_greedy(kwargs):
+    x = np.random.default_rng(1).standard_normal((64, 5000)).astype(np.float32)
+    ids, _ = session(np.float32, **kwargs).run(None, {"logits": x})
+    np.testing.assert_array_equal(ids, x.argmax(-1))
+
+
+def test_seed_input_overrides_attribute_and_is_deterministic():
+    x = np.random.default_rng(2).standard_normal((256, 300)).astype(np.float32)
+    sess = session(np.float32, 300, with_seed_input=True, seed=99)
+    a = sess.run(None, {"logits": x, "seed": np.array([7], np.int64)})[0]
+    b = sess.run(None, {"logits": x, "seed": np.array([7], np.int64)})[0]
+    c = sess.run(None, {"logits": x, "seed": np.array([8], np.int64)})[0]
+    np.testing.assert_array_equal(a, b)
+    assert np.mean(a != c) > 0.5  # near-uniform logits over 300 tokens: new seed, new draws
+    np.testing.assert_array_equal(a, reference.sample_topk_top_p(x, 300, seed=7)[0])
+
+
+def test_two_threads_match_one():
+    x = np.random.default_rng(3).standard_normal((1, 262144)).astype(np.float32)
+    x = np.repeat(x, 3, axis=0)
+    one = session(np.float32, 64, 0.8, 0.9, seed=5, threads=1).run(None, {"logits": x})
+    two = session(np.float32, 64, 0.8, 0.9, seed=5, threads=2).run(None, {"logits": x})
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_empirical_distribution_follows_the_filtered_softmax():
+    """40000 rows of the same logits: each row is an independent draw."""
+    logits = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -6.0], np.float32)
+    rows = 40000
+    x = np.tile(logits, (rows, 1))
+    top_p = 0.8
+    ids, _ = session(np.float32, 6, top_p=top_p, seed=11).run(None, {"logits": x})
+    p = np.exp(logits.astype(np.float64) - logits.max())
+    p /= p.sum()
+    # top-k=6, then the shortest prefix with renormalised mass >= 0.8
+    kept = p[:6] / p[:6].sum()
+    n = int(np.searchsorted(np.cumsum(kept), top_p) + 1)
+    expected = np.zeros_like(p)
+    expected[:n] = p[:n] / p[:n].sum()
+    freq = np.bincount(ids, minlength=len(p)) / rows
+    assert np.all(freq[n:] == 0), "tokens outside the nucleus were drawn"
+    # binomial standard error <= 0.0025 at 40000 draws: 5 sigma
+    np.testing.assert_allclose(freq, expected, atol=0.0125)
+
+
+@pytest.mark.parametrize("attrs,message", [
+    (dict(k=0), "k"), (dict(k=5, top_p=0.0), "top_p"), (dict(k=5, min_p=1.0), "min_p")])
+def test_bad_attributes_are_errors(attrs, message):
+    x = np.zeros((2, 4), np.float32)
+    with pytest.raises(Exception, match=message):
+        session(np.float32, **attrs).run(None, {"logits": x})
+
+
+def test_k_larger_than_vocab_names_the_input():
+    with pytest.raises(Exception, match=r"logits.*\[2,4\]"):
+        session(np.float32, 5).run(None, {"logits": np.zeros((2, 4), np.float32)})
+
+
+def test_bad_seed_input_names_it():
+    sess = session(np.float32, 2, with_seed_input=True)
+    x = np.zeros((2, 4), np.float32)
+    with pytest.raises(Exception, match=r"input .seed. has shape \[2\]"):
+        sess.run(None, {"logits": x, "seed": np.array([1, 2], np.int64)})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("V,k,top_p,min_p", [(1000, 40, 0.9, 0.0), (128256, 50, 0.95, 0.02), (32000, 1, 1.0, 0.0)])
+def test_cuda_kernel_matches_reference(dtype, V, k, top_p, min_p):
+    import ctypes
+
+    try:
+        import torch
+    except ImportError:
+        pytest.skip("torch is not installed: no CUDA harness")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device available")
+    if not ops.has_cuda():
+        pytest.skip("libtoolkit_ops.so was built without CUDA kernels")
+    fn = ctypes.CDLL(str(ops.library_path())).toolkit_sample_topk_cuda
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+                   ctypes.c_float, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    rows = 32
+    x = (2.0 * np.random.default_rng(V).standard_normal((rows, V))).astype(dtype)
+    xt = torch.from_numpy(x).cuda()
+    ids = torch.empty(rows, dtype=torch.int64, device="cuda")
+    probs = torch.empty(rows, dtype=torch.float32, device="cuda")
+    err = fn(xt.data_ptr(), int(dtype == np.float16), rows, V, k, 0.8, top_p, min_p, 42, ids.data_ptr(),
+             probs.data_ptr(), torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    assert err == 0, f"cudaError {err}"
+    ref_ids, ref_probs = reference.sample_topk_top_p(x, k, 0.8, top_p, min_p, seed=42)
+    np.testing.assert_array_equal(ids.cpu().numpy(), ref_ids)
+    np.testing.assert_allclose(probs.cpu().numpy(), ref_probs, rtol=1e-3 if dtype == np.float16 else 2e-5)
