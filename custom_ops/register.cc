@@ -14,7 +14,7 @@
 namespace {
 
 using toolkit::softmax_topk::Op;
-using toolkit::softmax_topk::Provider;
+using toolkit::Provider;
 using SampleOp = toolkit::sample_topk::Op;
 constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr auto kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;

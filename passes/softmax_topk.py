@@ -253,6 +253,14 @@ def _k_limit_failure(k: int, max_k: int | None, topk: ir.Node) -> str | None:
     return None
 
 
+def _fusable_topk_failure(topk: ir.Node, k: ir.Value, rank: int | None, max_k: int | None) -> str | None:
+    """Why ``topk`` cannot become part of the fused op (last axis, largest, sorted, constant K)."""
+    if (reason := _topk_failure(topk, rank)) is not None:
+        return reason
+    k_value, reason = _topk_k(topk, k)
+    return reason if reason is not None else _k_limit_failure(k_value, max_k, topk)
+
+
 # --------------------------------------------------------------------------- rules
 
 
@@ -300,12 +308,7 @@ class SoftmaxTopKFusion(rw.RewriteRuleClassBase):
                 return _fail(reason, cast_probs)
         if (reason := _softmax_failure(context.model, softmax, rank)) is not None:
             return _fail(reason, softmax)
-        if (reason := _topk_failure(topk, rank)) is not None:
-            return _fail(reason, topk)
-        k_value, reason = _topk_k(topk, k)
-        if reason is None:
-            reason = _k_limit_failure(k_value, self._max_k, topk)
-        if reason is not None:
+        if (reason := _fusable_topk_failure(topk, k, rank, self._max_k)) is not None:
             return _fail(reason, topk)
         consumer = cast_probs.producer() if self._cast_after else topk
         if reason := _exclusive_use_failure(probs, {consumer}, f"{softmax.op_type} output"):
@@ -375,12 +378,7 @@ class SoftmaxTransposeTopKFusion(rw.RewriteRuleClassBase):
                 f"normalises axis {axis}",
                 transpose,
             )
-        if (reason := _topk_failure(topk, rank)) is not None:
-            return _fail(reason, topk)
-        k_value, reason = _topk_k(topk, k)
-        if reason is None:
-            reason = _k_limit_failure(k_value, self._max_k, topk)
-        if reason is not None:
+        if (reason := _fusable_topk_failure(topk, k, rank, self._max_k)) is not None:
             return _fail(reason, topk)
         if reason := _exclusive_use_failure(probs, {transpose}, f"{softmax.op_type} output"):
             return _fail(reason, probs)
@@ -418,15 +416,10 @@ class TopKSoftmaxRouterFusion(rw.RewriteRuleClassBase):
               scale=None, scaled=None, **_):  # fmt: skip
         softmax, topk = probs.producer(), topk_values.producer()
         rank = _rank(x, topk_values, probs)
-        if (reason := _topk_failure(topk, rank)) is not None:
+        if (reason := _fusable_topk_failure(topk, k, rank, self._max_k)) is not None:
             return _fail(reason, topk)
         if (reason := _softmax_failure(context.model, softmax, rank)) is not None:
             return _fail(reason, softmax)
-        k_value, reason = _topk_k(topk, k)
-        if reason is None:
-            reason = _k_limit_failure(k_value, self._max_k, topk)
-        if reason is not None:
-            return _fail(reason, topk)
         consumer = cast_values.producer() if self._cast else softmax
         if (reason := _exclusive_use_failure(topk_values, {consumer}, "TopK values")):
             return _fail(reason, topk_values)

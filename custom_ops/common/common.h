@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "onnxruntime_cxx_api.h"
@@ -47,5 +48,34 @@ OrtStatus* GuardStatus(const char* op, Body&& body) noexcept {
     return MakeStatus(ORT_RUNTIME_EXCEPTION, std::string(op) + ": unknown C++ exception");
   }
 }
+
+enum class Provider { kCpu, kCuda };
+
+// Kernel state of one node; ORT deletes it through this base. Each op declares a
+// CPU and (with CUDA) a CUDA subclass implementing ComputeV2.
+template <typename Attrs>
+struct KernelBase {
+  explicit KernelBase(const Attrs& a) : attrs(a) {}
+  virtual ~KernelBase() = default;
+  virtual OrtStatus* ComputeV2(OrtKernelContext* context) = 0;
+  Attrs attrs;
+};
+
+// Creates the provider's kernel for checked attributes (CreateKernelV2 of every op).
+template <typename CpuKernel, typename CudaKernel, typename Attrs>
+OrtStatus* NewKernel(const char* op, Provider provider, const Attrs& attrs, void** kernel) {
+  if (provider == Provider::kCpu) {
+    *kernel = new CpuKernel(attrs);
+    return nullptr;
+  }
+  if constexpr (!std::is_void_v<CudaKernel>) {
+    *kernel = new CudaKernel(attrs);
+    return nullptr;
+  }
+  return MakeStatus(ORT_NOT_IMPLEMENTED, std::string(op) + ": library built without CUDA");
+}
+
+// Output `index` as float32 of `shape` when the node requests it, else null.
+float* OptionalFloatOutput(OrtKernelContext* context, size_t index, const std::vector<int64_t>& shape);
 
 }  // namespace toolkit

@@ -21,4 +21,14 @@ OrtStatus* InvalidInputStatus(const char* op, const char* input_name, const std:
                                               ShapeToString(shape) + "; expected " + expectation);
 }
 
+float* OptionalFloatOutput(OrtKernelContext* context, size_t index, const std::vector<int64_t>& shape) {
+  Ort::KernelContext ctx(context);
+  if (ctx.GetOutputCount() <= index) return nullptr;
+  OrtValue* out = nullptr;
+  Ort::ThrowOnError(Ort::GetApi().KernelContext_GetOutput(context, index, shape.data(), shape.size(), &out));
+  float* data = nullptr;
+  if (out) Ort::ThrowOnError(Ort::GetApi().GetTensorMutableData(out, reinterpret_cast<void**>(&data)));
+  return data;
+}
+
 }  // namespace toolkit

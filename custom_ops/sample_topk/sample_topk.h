@@ -41,12 +41,7 @@ OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs);
 // The seed of this call: input 1 when given (one int64 element), else the attribute.
 OrtStatus* ReadSeed(OrtKernelContext* context, const Attributes& attrs, int64_t* seed);
 
-struct Kernel {
-  explicit Kernel(const Attributes& a) : attrs(a) {}
-  virtual ~Kernel() = default;
-  virtual OrtStatus* ComputeV2(OrtKernelContext* context) = 0;
-  Attributes attrs;
-};
+using Kernel = KernelBase<Attributes>;
 
 struct CpuKernel final : Kernel {
   using Kernel::Kernel;
@@ -61,7 +56,7 @@ struct CudaKernel final : Kernel {
 #endif
 
 struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
-  Op(softmax_topk::Provider provider, ONNXTensorElementDataType dtype) : provider_(provider), dtype_(dtype) {
+  Op(Provider provider, ONNXTensorElementDataType dtype) : provider_(provider), dtype_(dtype) {
     OrtCustomOp::version = TOOLKIT_ORT_API_VERSION;  // see softmax_topk::Op
   }
 
@@ -69,7 +64,7 @@ struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
 
   const char* GetName() const { return kOpName; }
   const char* GetExecutionProviderType() const {
-    return provider_ == softmax_topk::Provider::kCuda ? kCudaExecutionProvider : nullptr;
+    return provider_ == Provider::kCuda ? kCudaExecutionProvider : nullptr;
   }
   size_t GetInputTypeCount() const { return 2; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
@@ -91,7 +86,7 @@ struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
   }
 
  private:
-  softmax_topk::Provider provider_;
+  Provider provider_;
   ONNXTensorElementDataType dtype_;
 };
 

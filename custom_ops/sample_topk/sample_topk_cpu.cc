@@ -55,15 +55,10 @@ OrtStatus* Op::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** k
   return GuardStatus(kOpName, [&]() -> OrtStatus* {
     Attributes attrs;
     if (OrtStatus* st = ReadAttributes(info, &attrs)) return st;
-    if (provider_ == softmax_topk::Provider::kCpu) {
-      *kernel = new CpuKernel(attrs);
-      return nullptr;
-    }
 #ifdef TOOLKIT_WITH_CUDA
-    *kernel = new CudaKernel(attrs);
-    return nullptr;
+    return NewKernel<CpuKernel, CudaKernel>(kOpName, provider_, attrs, kernel);
 #else
-    return MakeStatus(ORT_NOT_IMPLEMENTED, std::string(kOpName) + ": library built without CUDA");
+    return NewKernel<CpuKernel, void>(kOpName, provider_, attrs, kernel);
 #endif
   });
 }
@@ -82,12 +77,7 @@ OrtStatus* CpuKernel::ComputeV2(OrtKernelContext* context) {
     if (OrtStatus* st = ReadSeed(context, attrs, &seed)) return st;
     const std::vector<int64_t> out_shape(io.shape.begin(), io.shape.end() - 1);
     int64_t* token_ids = ctx.GetOutput(0, out_shape).GetTensorMutableData<int64_t>();
-    float* token_probs = nullptr;
-    if (ctx.GetOutputCount() > 1) {
-      OrtValue* out = nullptr;
-      Ort::ThrowOnError(Ort::GetApi().KernelContext_GetOutput(context, 1, out_shape.data(), out_shape.size(), &out));
-      if (out) Ort::ThrowOnError(Ort::GetApi().GetTensorMutableData(out, reinterpret_cast<void**>(&token_probs)));
-    }
+    float* token_probs = OptionalFloatOutput(context, 1, out_shape);
     if (io.rows == 0) return nullptr;
 
     const int64_t k = attrs.topk.k;

@@ -21,12 +21,7 @@ OrtStatus* CudaKernel::ComputeV2(OrtKernelContext* context) {
     if (OrtStatus* st = ReadSeed(context, attrs, &seed)) return st;
     const std::vector<int64_t> out_shape(shape.begin(), shape.end() - 1);
     int64_t* token_ids = ctx.GetOutput(0, out_shape).GetTensorMutableData<int64_t>();
-    float* token_probs = nullptr;
-    if (ctx.GetOutputCount() > 1) {
-      OrtValue* out = nullptr;
-      Ort::ThrowOnError(Ort::GetApi().KernelContext_GetOutput(context, 1, out_shape.data(), out_shape.size(), &out));
-      if (out) Ort::ThrowOnError(Ort::GetApi().GetTensorMutableData(out, reinterpret_cast<void**>(&token_probs)));
-    }
+    float* token_probs = OptionalFloatOutput(context, 1, out_shape);
     const bool fp16 = info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     const int err = LaunchSampleCuda(input.GetTensorRawData(), fp16, rows, V, attrs.topk.k, attrs.topk.temperature,
                                      attrs.top_p, attrs.min_p, seed, token_ids, token_probs,

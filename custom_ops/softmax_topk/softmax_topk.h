@@ -80,13 +80,7 @@ OrtStatus* PrepareIo(OrtKernelContext* context, const Attributes& attrs, Io* io)
 // SampleTopKTopP builds on it.
 OrtStatus* RunCpu(OrtKernelContext* context, const Io& io, const Attributes& attrs);
 
-// Kernel state shared by the providers; ORT deletes it through this base.
-struct Kernel {
-  explicit Kernel(const Attributes& a) : attrs(a) {}
-  virtual ~Kernel() = default;
-  virtual OrtStatus* ComputeV2(OrtKernelContext* context) = 0;
-  Attributes attrs;
-};
+using Kernel = KernelBase<Attributes>;
 
 struct CpuKernel final : Kernel {
   using Kernel::Kernel;
@@ -99,8 +93,6 @@ struct CudaKernel final : Kernel {
   OrtStatus* ComputeV2(OrtKernelContext* context) override;
 };
 #endif
-
-enum class Provider { kCpu, kCuda };
 
 // One OrtCustomOp per (provider, dtype); all share the name and the domain.
 struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {

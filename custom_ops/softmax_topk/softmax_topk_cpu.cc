@@ -83,15 +83,10 @@ OrtStatus* Op::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** k
   return GuardStatus(kOpName, [&]() -> OrtStatus* {
     Attributes attrs;
     if (OrtStatus* st = ReadAttributes(info, &attrs)) return st;
-    if (provider_ == Provider::kCpu) {
-      *kernel = new CpuKernel(attrs);
-      return nullptr;
-    }
 #ifdef TOOLKIT_WITH_CUDA
-    *kernel = new CudaKernel(attrs);
-    return nullptr;
+    return NewKernel<CpuKernel, CudaKernel>(kOpName, provider_, attrs, kernel);
 #else
-    return MakeStatus(ORT_NOT_IMPLEMENTED, std::string(kOpName) + ": library built without CUDA");
+    return NewKernel<CpuKernel, void>(kOpName, provider_, attrs, kernel);
 #endif
   });
 }
@@ -694,14 +689,7 @@ OrtStatus* PrepareIo(OrtKernelContext* context, const Attributes& attrs, Io* io)
   out_shape.back() = attrs.k;
   io->values = ctx.GetOutput(0, out_shape).GetTensorMutableRawData();
   io->indices = ctx.GetOutput(1, out_shape).GetTensorMutableData<int64_t>();
-  io->log_norm = nullptr;
-  if (ctx.GetOutputCount() > 2) {
-    const std::vector<int64_t> norm_shape(io->shape.begin(), io->shape.end() - 1);
-    OrtValue* out = nullptr;
-    Ort::ThrowOnError(
-        Ort::GetApi().KernelContext_GetOutput(context, 2, norm_shape.data(), norm_shape.size(), &out));
-    if (out) Ort::ThrowOnError(Ort::GetApi().GetTensorMutableData(out, reinterpret_cast<void**>(&io->log_norm)));
-  }
+  io->log_norm = OptionalFloatOutput(context, 2, {io->shape.begin(), io->shape.end() - 1});
   return nullptr;
 }
 

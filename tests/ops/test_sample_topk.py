@@ -130,14 +130,9 @@ def test_bad_seed_input_names_it():
 def test_cuda_kernel_matches_reference(dtype, V, k, top_p, min_p):
     import ctypes
 
-    try:
-        import torch
-    except ImportError:
-        pytest.skip("torch is not installed: no CUDA harness")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device available")
-    if not ops.has_cuda():
-        pytest.skip("libtoolkit_ops.so was built without CUDA kernels")
+    from test_softmax_topk import _cuda_torch
+
+    torch = _cuda_torch()
     fn = ctypes.CDLL(str(ops.library_path())).toolkit_sample_topk_cuda
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
