@@ -113,7 +113,7 @@ def export(src: SourceModel, out_path: Path, opset: int = DEFAULT_OPSET) -> Any:
                 module, args, dynamo=True, opset_version=opset,
                 input_names=input_names(src.num_layers),
                 output_names=output_names(src.num_layers),
-                dynamic_shapes=dynamic_shapes, optimize=True, verify=False, report=False,
+                dynamic_shapes=dynamic_shapes, optimize=True, verify=False, report=False, verbose=False,
             )
     except Exception as exc:  # the exporter raises a zoo of types; normalise them
         culprit = _explain_export_failure(exc)

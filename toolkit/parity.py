@@ -166,10 +166,11 @@ class ParityReport:
     def render(self, console: Any = None) -> None:
         """Print the report as a table (rich)."""
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         console = console or Console(width=None if sys.stdout.isatty() else 150)
-        table = Table(title=f"parity: {self.optimized} vs {self.original} (profile {self.profile})")
+        table = Table(title=escape(f"parity: {self.optimized} vs {self.original} (profile {self.profile})"))
         for col in ("phase", "output", "max abs", "max rel", "cosine", "top-1", "KL mean", "status"):
             table.add_column(col)
         shown_presents: set[str] = set()
@@ -180,16 +181,16 @@ class ParityReport:
                     continue
                 shown_presents.add(r.phase)
                 group = [x for x in self.records if x.phase == r.phase and x.name.startswith("present")]
-                table.add_row(r.phase, f"present.* ({len(group)})", f"{max(x.max_abs for x in group):.2e}",
-                              f"{max(x.max_rel for x in group):.2e}",
+                table.add_row(escape(r.phase), f"present.* ({len(group)})",
+                              f"{max(x.max_abs for x in group):.2e}", f"{max(x.max_rel for x in group):.2e}",
                               f"{min(x.cosine for x in group):.8f}", "", "",
                               "ok" if all(x.passed for x in group) else "FAIL")
                 continue
             table.add_row(
-                r.phase, r.name, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.cosine:.8f}",
+                escape(r.phase), r.name, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.cosine:.8f}",
                 "" if r.top1_agreement is None else f"{100 * r.top1_agreement:.2f}%",
                 "" if r.kl_mean is None else f"{r.kl_mean:.2e}",
-                "ok" if r.passed else "FAIL: " + "; ".join(r.failures),
+                "ok" if r.passed else escape("FAIL: " + "; ".join(r.failures)),
             )
         if self.perplexity is not None:
             p = self.perplexity

@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
                     src, staging / "model.onnx", parity_settings(args), profile=args.profile,
                     overrides=threshold_overrides(args),
                     progress=lambda done, total: progress.update(t, completed=done, total=total))
+                report.optimized = str(out / "model.onnx")  # where it will be, not the staging path
                 (staging / "parity.json").write_text(report.to_json())
         if args.explain:
             for r in report_dict["passes"]:
