@@ -98,3 +98,15 @@ def test_large_models_use_external_data(monkeypatch, tmp_path):
     assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()][0] == "logits"
+
+
+def test_dynamic_axes_have_runtime_names(exported):
+    _, path = exported("hf:qwen2")
+    model = onnx.load(str(path), load_external_data=False)
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*model.graph.input, *model.graph.output]}
+    assert dims["input_ids"] == ["batch_size", "sequence_length"]
+    assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert dims["past_key_values.0.key"][0] == "batch_size"
+    assert dims["past_key_values.0.key"][2] == "past_sequence_length"
+    assert dims["logits"][:2] == ["batch_size", "sequence_length"]

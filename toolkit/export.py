@@ -125,9 +125,36 @@ def export(src: SourceModel, out_path: Path, opset: int = DEFAULT_OPSET) -> Any:
             "or open an issue with the model config",
         ) from exc
     model = program.model_proto
+    _name_dynamic_dims(model)
     _set_metadata(model, src, opset)
     save_model(model, out_path)
     return model
+
+
+def _name_dynamic_dims(model: Any) -> None:
+    """Replace the exporter's symbols (``s10``...) by the names genai runtimes use.
+
+    The symbols are read off the inputs whose layout is fixed by the export
+    convention, then renamed everywhere in the graph's I/O and value_info.
+    """
+    wanted = {("input_ids", 0): "batch_size", ("input_ids", 1): "sequence_length",
+              ("attention_mask", 0): "batch_size", ("attention_mask", 1): "total_sequence_length",
+              ("position_ids", 0): "batch_size", ("position_ids", 1): "sequence_length"}
+    rename: dict[str, str] = {}
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        keys = [(vi.name, i) for i in range(len(dims))]
+        if vi.name.startswith("past_key_values.") and len(dims) == 4:
+            keys = [("input_ids", 0), None, ("past", 2), None]
+        for i, key in enumerate(keys):
+            name = wanted.get(key) if key != ("past", 2) else "past_sequence_length"
+            if name and dims[i].dim_param and dims[i].dim_param not in rename:
+                rename[dims[i].dim_param] = name
+    symbol = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param:  # also inside expressions such as "s69 + s70"
+                d.dim_param = symbol.sub(lambda m: rename.get(m.group(0), m.group(0)), d.dim_param)
 
 
 def _set_metadata(model: Any, src: SourceModel, opset: int) -> None:
