@@ -70,7 +70,7 @@ OrtStatus* CpuKernel::ComputeV2(OrtKernelContext* context) {
     const auto info = input.GetTensorTypeAndShapeInfo();
     softmax_topk::Io io;
     io.shape = info.GetShape();
-    if (OrtStatus* st = softmax_topk::CheckInput(io.shape, attrs.topk, &io.rows, &io.V)) {
+    if (OrtStatus* st = softmax_topk::CheckInput(io.shape, attrs.topk, &io.rows, &io.V, kOpName)) {
       return st;
     }
     int64_t seed = 0;

@@ -16,7 +16,7 @@ OrtStatus* CudaKernel::ComputeV2(OrtKernelContext* context) {
     const auto info = input.GetTensorTypeAndShapeInfo();
     const std::vector<int64_t> shape = info.GetShape();
     int64_t rows = 0, V = 0;
-    if (OrtStatus* st = softmax_topk::CheckInput(shape, attrs.topk, &rows, &V)) return st;
+    if (OrtStatus* st = softmax_topk::CheckInput(shape, attrs.topk, &rows, &V, kOpName)) return st;
     int64_t seed = 0;
     if (OrtStatus* st = ReadSeed(context, attrs, &seed)) return st;
     const std::vector<int64_t> out_shape(shape.begin(), shape.end() - 1);

@@ -58,7 +58,9 @@ OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs);
 
 // Checks the input shape against the attributes; on success sets rows (product of
 // the leading dims) and V (the last dim).
-OrtStatus* CheckInput(const std::vector<int64_t>& shape, const Attributes& attrs, int64_t* rows, int64_t* V);
+// `op` names the operator in the error (SampleTopKTopP shares these checks).
+OrtStatus* CheckInput(const std::vector<int64_t>& shape, const Attributes& attrs, int64_t* rows, int64_t* V,
+                      const char* op = kOpName);
 
 // The tensors of one call, checked and with outputs allocated by ORT; the same for
 // every provider (pointers are host or device memory as the provider's allocator gives).

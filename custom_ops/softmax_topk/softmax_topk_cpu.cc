@@ -52,24 +52,25 @@ OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs) {
   return nullptr;
 }
 
-OrtStatus* CheckInput(const std::vector<int64_t>& shape, const Attributes& attrs, int64_t* rows, int64_t* V) {
+OrtStatus* CheckInput(const std::vector<int64_t>& shape, const Attributes& attrs, int64_t* rows, int64_t* V,
+                      const char* op) {
   if (shape.empty()) {
-    return InvalidInputStatus(kOpName, kInputName, shape, "rank >= 1 (softmax and top-k run over the last axis)");
+    return InvalidInputStatus(op, kInputName, shape, "rank >= 1 (softmax and top-k run over the last axis)");
   }
   const int64_t v = shape.back();
   if (v <= 0) {
-    return InvalidInputStatus(kOpName, kInputName, shape, "a non-empty last axis (V >= 1)");
+    return InvalidInputStatus(op, kInputName, shape, "a non-empty last axis (V >= 1)");
   }
   if (v > std::numeric_limits<int32_t>::max()) {
-    return InvalidInputStatus(kOpName, kInputName, shape, "a last axis of at most 2^31-1 elements");
+    return InvalidInputStatus(op, kInputName, shape, "a last axis of at most 2^31-1 elements");
   }
   if (attrs.k < 1 || attrs.k > v) {
-    return InvalidInputStatus(kOpName, kInputName, shape,
+    return InvalidInputStatus(op, kInputName, shape,
                               "1 <= k <= " + std::to_string(v) + " (the size of the last axis), got k=" +
                                   std::to_string(attrs.k));
   }
   if (!(attrs.temperature > 0.0f) || !std::isfinite(attrs.temperature)) {
-    return InvalidInputStatus(kOpName, kInputName, shape,
+    return InvalidInputStatus(op, kInputName, shape,
                               "a finite temperature > 0, got temperature=" + std::to_string(attrs.temperature));
   }
   int64_t r = 1;
