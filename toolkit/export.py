@@ -95,7 +95,6 @@ def export(src: SourceModel, out_path: Path, opset: int = DEFAULT_OPSET) -> Any:
     Raises:
         ExportError: naming the failing op or module and what to try.
     """
-    import onnx
     import torch
 
     module = _flat_module(src)

@@ -29,7 +29,6 @@ TARGET_FLOOR_FACTOR = 3.0   # within 3x of the single-read floor
 
 
 def _models(vocab: int, batch: int, k: int) -> dict[str, Any]:
-    import onnx
     from onnx import TensorProto, helper
 
     from toolkit.ops import DOMAIN, OPSET_VERSION
