@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import onnx
+import pytest
 
 from passes import run_pipeline
 from toolkit import parity
@@ -46,8 +47,29 @@ def test_reference_model_convert_with_sampling_head(tmp_path):
     assert heads and all(rec["top1_agreement"] == 1.0 for rec in heads)
     assert (out / "tokenizer.json").is_file()
 
+    # the bundle ships the library it was validated with, and load() checks it
+    import toolkit
+    from toolkit import bundle
+    from toolkit.errors import OpLibraryError
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    lib = manifest["op_library"]
+    assert lib["file"] == "libtoolkit_ops.so" and lib["domain"] == "com.toolkit"
+    assert lib["sha256"] == bundle.sha256(out / "libtoolkit_ops.so")
+    assert manifest["kv_cache"]["bytes_per_token"] == 2048  # 4 layers x 2 x 2 kv heads x 32 x fp32
+    assert manifest["parity"]["passed"] is True
+    assert [o["name"] for o in manifest["outputs"]][-2:] == ["next_token_probs", "next_token_ids"]
+    sess = toolkit.load(out)
+    assert "next_token_ids" in [o.name for o in sess.get_outputs()]
+
     r = subprocess.run([sys.executable, "-m", "toolkit", "generate", str(out), "--prompt", "def main(",
                         "--max-new-tokens", "8", "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     gen = json.loads(r.stdout)
     assert len(gen["token_ids"]) == 8 and gen["tokens_per_second"] > 0
+
+    # a replaced library no longer matches what parity validated: refused, by name
+    with open(out / "libtoolkit_ops.so", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(OpLibraryError, match=r"libtoolkit_ops\.so does not match the SHA-256"):
+        toolkit.load(out)

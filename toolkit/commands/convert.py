@@ -1,7 +1,9 @@
 """Export + graph passes + parity in one command, written atomically to a directory.
 
-Writes DIR/model.onnx (+ external data for large models), DIR/passes.json (what
-each pass rewrote) and DIR/parity.json. Nothing is published when any step fails
+Writes a bundle: DIR/model.onnx (+ external data for large models),
+DIR/manifest.json (I/O, KV layout, op library hash and ORT API version, passes,
+parity verdict), DIR/libtoolkit_ops.so when the model uses our ops, DIR/passes.json
+(what each pass rewrote) and DIR/parity.json. Load it with toolkit.load(DIR). Nothing is published when any step fails
 (or parity fails, unless --keep-failed), so DIR is never half-written.
 """
 
@@ -116,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
                     f"parity failed for {src.spec}; nothing was written to {str(out)!r}",
                     hint="see the table above; rerun with --keep-failed to inspect the model, or --passes to "
                     "narrow down which pass breaks it")
+        from toolkit import bundle
+
+        bundle.write(staging, optimized, report_dict, None if report is None else report.passed)
         publish(staging, out, overwrite=args.overwrite)
         console.print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
         return 0

@@ -34,7 +34,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise ToolkitError(f"no tokenizer.json beside {str(onnx_path)!r}",
                            hint="pass --prompt-ids 1,2,3 or convert a model that ships a tokenizer")
-    session = make_session(onnx_path, threads=args.threads)
+    from pathlib import Path
+
+    from toolkit import bundle
+
+    if (Path(args.model) / bundle.MANIFEST).is_file():  # a convert bundle: its own checked library
+        session = bundle.load(args.model, threads=args.threads)
+    else:
+        session = make_session(onnx_path, threads=args.threads)
     result = greedy(session, prompt, args.max_new_tokens, seed=args.seed)
     text = tokenizer.decode(result.token_ids) if tokenizer is not None else None
     if args.json:

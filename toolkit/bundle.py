@@ -1,0 +1,141 @@
+"""Self-describing output directories: what ``toolkit convert`` ships.
+
+A bundle is ``model.onnx`` (+ external data), ``manifest.json``, ``parity.json``,
+``passes.json``, the tokenizer when the source has one and — when the model uses
+operators of domain ``com.toolkit`` — the op library it was validated with
+(``libtoolkit_ops.so``). The manifest records what a host needs to check before
+running it: the op domain and version, the oldest ONNX Runtime C API the library
+needs, the library's SHA-256, the model's I/O and KV-cache layout, the passes
+applied and the parity verdict. :func:`load` opens a session after those checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import InvalidModelError, OpLibraryError
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+LIBRARY_NAME = "libtoolkit_ops.so"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write(staging: Path, model: Any, pipeline_report: dict[str, Any], parity_passed: bool | None) -> dict[str, Any]:
+    """Write ``manifest.json`` (and copy the op library when needed) into ``staging``."""
+    from toolkit import __version__, ops
+    from toolkit.model_info import describe
+    from toolkit.parity import uses_custom_ops
+
+    info = describe(staging / "model.onnx", model)
+    manifest: dict[str, Any] = {
+        "manifest_version": MANIFEST_VERSION,
+        "toolkit_version": __version__,
+        "model": "model.onnx",
+        "source": info["metadata"].get("toolkit.source"),
+        "opset_imports": info["opset_imports"],
+        "inputs": info["inputs"],
+        "outputs": info["outputs"],
+        "kv_cache": info["kv_cache"],
+        "custom_ops": info["custom_ops"],
+        "passes": pipeline_report.get("passes", []),
+        "parity": {"passed": parity_passed, "report": "parity.json" if parity_passed is not None else None},
+        "op_library": None,
+    }
+    if uses_custom_ops(model):
+        lib = ops.library_path()
+        shutil.copy2(lib, staging / LIBRARY_NAME)
+        manifest["op_library"] = {
+            "file": LIBRARY_NAME,
+            "sha256": sha256(staging / LIBRARY_NAME),
+            "domain": ops.DOMAIN,
+            "domain_version": ops.OPSET_VERSION,
+            "min_ort_api_version": ops.min_ort_api_version(),
+            "cuda_kernels": ops.has_cuda(),
+            "providers": ["CPUExecutionProvider"] + (["CUDAExecutionProvider"] if ops.has_cuda() else []),
+        }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise InvalidModelError(f"{str(directory)!r} has no {MANIFEST}",
+                                hint="point at a directory written by `toolkit convert`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InvalidModelError(f"{path} is not valid JSON: {exc}", hint="re-run `toolkit convert`") from exc
+    if manifest.get("manifest_version") != MANIFEST_VERSION:
+        raise InvalidModelError(
+            f"{path} has manifest version {manifest.get('manifest_version')!r}; this toolkit reads "
+            f"version {MANIFEST_VERSION}",
+            hint="convert the model again with this toolkit version",
+        )
+    return manifest
+
+
+def load(directory: str | Path, providers: list[str] | None = None, threads: int | None = None) -> Any:
+    """An ONNX Runtime session for a bundle, after checking its manifest.
+
+    Checks the op library's SHA-256 against the manifest and that the running ONNX
+    Runtime provides the C API version the library needs; picks
+    CUDAExecutionProvider when both the runtime and the bundled library have it.
+
+    Raises:
+        InvalidModelError: missing/unreadable manifest or model.
+        OpLibraryError: the library is missing, altered, or too new for this runtime.
+    """
+    import onnxruntime as ort
+
+    from toolkit import ops
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    so = ort.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = threads
+    lib = manifest.get("op_library")
+    available = ort.get_available_providers()
+    if lib:
+        path = directory / lib["file"]
+        if not path.is_file():
+            raise OpLibraryError(f"the bundle's op library {path} is missing",
+                                 hint="copy the whole bundle directory, or convert the model again")
+        if sha256(path) != lib["sha256"]:
+            raise OpLibraryError(
+                f"{path} does not match the SHA-256 in {directory / MANIFEST}: the library was replaced "
+                "after conversion, so the parity report no longer describes it",
+                hint="restore the bundled library or convert the model again",
+            )
+        have = ops.ort_api_version()
+        if have < lib["min_ort_api_version"]:
+            raise OpLibraryError(
+                f"onnxruntime {ort.__version__} (C API {have}) is too old for {path}, which needs C API >= "
+                f"{lib['min_ort_api_version']}",
+                hint=f"pip install 'onnxruntime>=1.{lib['min_ort_api_version']}'",
+            )
+        try:
+            so.register_custom_ops_library(str(path))
+        except Exception as exc:
+            raise OpLibraryError(f"onnxruntime could not register {path}: {exc}",
+                                 hint="the library was built for another platform; convert on this one") from exc
+        wanted = lib.get("providers", ["CPUExecutionProvider"])
+    else:
+        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if providers is None:
+        providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(directory / manifest["model"]), so, providers=providers)
