@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from toolkit import ops
@@ -149,3 +151,36 @@ def test_cuda_kernel_matches_reference(dtype, V, k, top_p, min_p):
     ref_ids, ref_probs = reference.sample_topk_top_p(x, k, 0.8, top_p, min_p, seed=42)
     np.testing.assert_array_equal(ids.cpu().numpy(), ref_ids)
     np.testing.assert_allclose(probs.cpu().numpy(), ref_probs, rtol=1e-3 if dtype == np.float16 else 2e-5)
+
+
+@st.composite
+def _sampling_cases(draw):
+    V = draw(st.integers(1, 400))
+    rows = draw(st.integers(1, 6))
+    k = draw(st.integers(1, V))
+    scale = draw(st.sampled_from([0.1, 1.0, 4.0, 30.0]))  # flat to very peaked distributions
+    x = (scale * np.random.default_rng(draw(st.integers(0, 2**31))).standard_normal((rows, V))).astype(np.float32)
+    if draw(st.booleans()):
+        x = np.round(x)  # exact ties between logits
+    return (x, k, draw(st.sampled_from([0.3, 1.0, 1.7])), draw(st.sampled_from([0.05, 0.5, 0.9, 1.0])),
+            draw(st.sampled_from([0.0, 0.01, 0.3])), draw(st.integers(-2**40, 2**40)))
+
+
+_SESSIONS: dict = {}
+
+
+# derandomize: kernel and reference round probabilities differently by ~1 ulp, so a
+# draw landing within ~1e-7 of a cumulative-probability boundary may pick the
+# neighbour (about 1e-4 per row at V = 400). A fixed example set keeps CI
+# deterministic instead of flaking a few percent of runs; it still covers 300 cases.
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(_sampling_cases())
+def test_property_matches_reference(case):
+    x, k, temperature, top_p, min_p, seed = case
+    key = (k, temperature, top_p, min_p)
+    if key not in _SESSIONS:
+        _SESSIONS[key] = session(np.float32, k, temperature, top_p, min_p, with_seed_input=True)
+    ids, probs = _SESSIONS[key].run(None, {"logits": x, "seed": np.array([seed], np.int64)})
+    ref_ids, ref_probs = reference.sample_topk_top_p(x, k, temperature, top_p, min_p, seed=seed)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(probs, ref_probs, rtol=1e-6, atol=1e-7)
