@@ -266,7 +266,13 @@ def apply_thresholds(rec: OutputRecord, th: dict[str, float]) -> None:
 
 
 def load_onnx(path: str | Path) -> Any:
-    """Load and check an ONNX file; corrupt or truncated files get a clear error."""
+    """Load and check an ONNX file (weights in external data are not read).
+
+    Corrupt or truncated files, structurally invalid graphs (unknown ops, missing
+    inputs, cycles), opsets newer than this ``onnx`` knows, and external data that
+    points outside the model's directory each get an :class:`InvalidModelError`
+    saying which.
+    """
     import onnx
 
     path = Path(path)
@@ -275,13 +281,52 @@ def load_onnx(path: str | Path) -> Any:
                                 hint="pass the path of a model.onnx written by `toolkit export/convert`")
     try:
         model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise InvalidModelError(
+            f"{str(path)!r} is not a valid ONNX model: it does not parse "
+            f"({type(exc).__name__}: {str(exc).strip()[:200]})",
+            hint="the file is corrupt or truncated: re-run `toolkit export` or `toolkit convert`",
+        ) from exc
+    _check_external_data(path, model)
+    newest = onnx.defs.onnx_opset_version()
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and imp.version > newest:
+            raise InvalidModelError(
+                f"{str(path)!r} imports ONNX opset {imp.version}, newer than this onnx ({onnx.__version__}, "
+                f"opset <= {newest}) knows",
+                hint="export with an older opset (toolkit export --opset 21) or upgrade onnx/onnxruntime",
+            )
+    try:
         onnx.checker.check_model(model, full_check=False)
     except Exception as exc:
         raise InvalidModelError(
-            f"{str(path)!r} is not a valid ONNX model ({type(exc).__name__}: {str(exc).strip()[:300]})",
-            hint="the file is corrupt or truncated: re-run `toolkit export` or `toolkit convert`",
+            f"{str(path)!r} is not a valid ONNX model: {str(exc).strip().splitlines()[0][:300]}",
+            hint="the graph is structurally invalid (unknown op, missing input, cycle, ...): fix the producer "
+            "or re-run `toolkit export` / `toolkit convert`",
         ) from exc
     return model
+
+
+def _check_external_data(path: Path, model: Any) -> None:
+    """External data must be a relative path inside the model's directory."""
+    root = path.parent.resolve()
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for tensor in graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key != "location":
+                    continue
+                target = (root / entry.value).resolve()
+                if Path(entry.value).is_absolute() or root not in (target, *target.parents):
+                    raise InvalidModelError(
+                        f"{str(path)!r}: external data of tensor {tensor.name!r} points outside the model's "
+                        f"directory ({entry.value!r}); refusing to read it",
+                        hint="external data must be a relative path next to the model (as onnx.save writes it)",
+                    )
+        for node in graph.node:
+            for attr in node.attribute:
+                graphs.extend([attr.g] if attr.HasField("g") else list(attr.graphs))
 
 
 def metadata(model: Any) -> dict[str, str]:
