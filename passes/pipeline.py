@@ -28,6 +28,9 @@ PIPELINE_ORDER: tuple[str, ...] = (
     # the fusion keeps its report free of the head it adds. It changes the model's
     # outputs, so it is opt-in (not in DEFAULT_PASSES).
     "sampling-head",
+    # portable attaches a standard-ONNX body to every com.toolkit op present, so it
+    # runs after every pass that inserts such ops. Opt-in (it grows the model).
+    "portable",
     # cleanup must run last: every fusion may leave dead nodes and initializers
     # behind (e.g. a Div constant folded into `temperature`), and it drops opset
     # imports that no node uses after the rewrites.
@@ -35,7 +38,7 @@ PIPELINE_ORDER: tuple[str, ...] = (
 )
 
 # Passes that run when the caller names none: those that keep the model's I/O.
-DEFAULT_PASSES: tuple[str, ...] = tuple(p for p in PIPELINE_ORDER if p != "sampling-head")
+DEFAULT_PASSES: tuple[str, ...] = tuple(p for p in PIPELINE_ORDER if p not in ("sampling-head", "portable"))
 
 
 @dataclasses.dataclass

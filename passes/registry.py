@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 _PASS_MODULES: dict[str, str] = {
     "fuse-softmax-topk": "passes.softmax_topk",
     "sampling-head": "passes.sampling_head",
+    "portable": "passes.portable",
     "cleanup": "passes.cleanup",
 }
 

@@ -49,6 +49,9 @@ def write(staging: Path, model: Any, pipeline_report: dict[str, Any], parity_pas
         "outputs": info["outputs"],
         "kv_cache": info["kv_cache"],
         "custom_ops": info["custom_ops"],
+        # every custom op has a standard-ONNX body: runs without the library too
+        "portable": bool(info["custom_ops"]) and {f.name for f in model.functions} >= {
+            op.split("::")[1] for op in info["custom_ops"]},
         "passes": pipeline_report.get("passes", []),
         "parity": {"passed": parity_passed, "report": "parity.json" if parity_passed is not None else None},
         "op_library": None,

@@ -25,6 +25,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         "(with --sample: SampleTopKTopP, a seeded draw from the top K -> next_token [B])")
     parser.add_argument("--sample", action="store_true",
                         help="with --sampling-head: draw the token (temperature/top-p/min-p via --pass-option)")
+    parser.add_argument("--portable", action="store_true",
+                        help="attach standard-ONNX bodies to our ops: the model also runs without the op library "
+                        "(ORT with the library still uses the fused kernels)")
     parser.add_argument("--pass-option", action="append", metavar="PASS.OPTION=VALUE", default=[],
                         help="set a pass option, e.g. --pass-option sampling-head.temperature=0.8")
     parser.add_argument("--explain", action="store_true", help="say why each pass did not match where it did not")
@@ -151,6 +154,9 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
         options.setdefault("sampling-head", {})["k"] = str(args.sampling_head)
         if args.sample:
             options["sampling-head"]["sample"] = "true"
+    if args.portable:
+        names = list(DEFAULT_PASSES) if names is None else names
+        names.append("portable")
     resolve_pass_names(names)
     for name, opts in options.items():
         get_pass(name).make_options(opts)
