@@ -48,5 +48,5 @@ test-sanitize: setup
 	  LD_PRELOAD="$$(gcc -print-file-name=lib$$lib.so) $$(gcc -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  TOOLKIT_OPS_LIBRARY=build/ops-$$lib/libtoolkit_ops.so \
-	  $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/ops || exit 1; \
+	  $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/ops tests/reliability/test_concurrency.py || exit 1; \
 	done

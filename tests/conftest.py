@@ -9,6 +9,15 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Property tests: CI runs a fixed (derandomized) set of examples so a stop is never
+# red by chance; TOOLKIT_HYPOTHESIS=explore draws new examples each run (hypothesis
+# prints the falsifying example and how to reproduce it).
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+_hypothesis_settings.register_profile("explore", derandomize=False, print_blob=True)
+_hypothesis_settings.load_profile(os.environ.get("TOOLKIT_HYPOTHESIS", "ci"))
+
 _EXPORTS: dict[str, tuple] = {}
 
 

@@ -169,11 +169,11 @@ def _sampling_cases(draw):
 _SESSIONS: dict = {}
 
 
-# derandomize: kernel and reference round probabilities differently by ~1 ulp, so a
-# draw landing within ~1e-7 of a cumulative-probability boundary may pick the
-# neighbour (about 1e-4 per row at V = 400). A fixed example set keeps CI
-# deterministic instead of flaking a few percent of runs; it still covers 300 cases.
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+# Kernel and reference round probabilities differently by ~1 ulp, so a draw landing
+# within ~1e-7 of a cumulative-probability boundary may pick the neighbour (about
+# 1e-4 per row at V = 400): a mismatch under TOOLKIT_HYPOTHESIS=explore needs that
+# check before it is called a bug. CI's fixed example set (tests/conftest.py) passes.
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_sampling_cases())
 def test_property_matches_reference(case):
     x, k, temperature, top_p, min_p, seed = case

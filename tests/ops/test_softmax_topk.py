@@ -373,7 +373,7 @@ def _cases(draw):
     return x, k, temperature, normalize, log_probs
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_cases())
 def test_property_matches_reference(case):
     x, k, temperature, normalize, log_probs = case

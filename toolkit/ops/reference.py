@@ -154,6 +154,10 @@ def sample_topk_top_p(
         raise ValueError(f"expected 0 < top_p <= 1, got {top_p}")
     if not 0 <= min_p < 1:
         raise ValueError(f"expected 0 <= min_p < 1, got {min_p}")
+    # The op's attributes are float32: 0.05 arrives as 0.0500000007. With tied
+    # probabilities the top-p cut can fall exactly on such a value, so use theirs.
+    top_p, min_p = float(np.float32(top_p)), float(np.float32(min_p))
+    temperature = float(np.float32(temperature))
     values, indices, _ = softmax_topk(logits, k, temperature)
     lead = values.shape[:-1]
     values = values.astype(np.float64).reshape(-1, k)

@@ -58,13 +58,14 @@ CORPUS = {
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
-@pytest.mark.parametrize("command", ["inspect", "parity"])
+@pytest.mark.parametrize("command", ["inspect", "parity", "generate"])
 def test_malformed_model_is_refused(tmp_path, name, command):
     make, message = CORPUS[name]
     path = make(tmp_path / f"{name}.onnx")
     before = sorted(p.name for p in tmp_path.iterdir())
     args = {"inspect": ["inspect", str(path)],
-            "parity": ["parity", "llama", str(path), "--json", str(tmp_path / "report.json")]}[command]
+            "parity": ["parity", "llama", str(path), "--json", str(tmp_path / "report.json")],
+            "generate": ["generate", str(path), "--prompt-ids", "1,2,3"]}[command]
     r = subprocess.run([sys.executable, "-m", "toolkit", *args], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     assert r.returncode == 2, r.stdout + r.stderr
