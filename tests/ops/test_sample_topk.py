@@ -162,6 +162,10 @@ def _sampling_cases(draw):
     x = (scale * np.random.default_rng(draw(st.integers(0, 2**31))).standard_normal((rows, V))).astype(np.float32)
     if draw(st.booleans()):
         x = np.round(x)  # exact ties between logits
+    special = draw(st.sampled_from([None, np.nan, np.inf, -np.inf]))
+    if special is not None:  # non-finite entries at random places (NaN/+inf poison a row, -inf is p = 0)
+        spots = np.random.default_rng(V + rows).random(x.shape) < 0.1
+        x = np.where(spots, np.float32(special), x).astype(np.float32)
     return (x, k, draw(st.sampled_from([0.3, 1.0, 1.7])), draw(st.sampled_from([0.05, 0.5, 0.9, 1.0])),
             draw(st.sampled_from([0.0, 0.01, 0.3])), draw(st.integers(-2**40, 2**40)))
 

@@ -71,3 +71,18 @@ def test_malformed_model_is_refused(tmp_path, name, command):
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing may be written"
+
+
+@pytest.mark.parametrize("config", ['{"model_type": "llama", ', '{"neither": 1}', '{"model_type": "nosuch"}'])
+@pytest.mark.parametrize("command", ["export", "convert"])
+def test_malformed_model_directory_is_refused(tmp_path, config, command):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(config)
+    out = tmp_path / ("m.onnx" if command == "export" else "out")
+    r = subprocess.run([sys.executable, "-m", "toolkit", command, str(model_dir), "-o", str(out)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "config.json" in r.stderr or "could not load" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "nothing may be written"
