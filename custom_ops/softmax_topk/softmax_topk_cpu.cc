@@ -215,6 +215,20 @@ inline double Rescale(double sum, float from, float to, double inv_t) {
   return sum * std::exp((double(from) - double(to)) * inv_t);
 }
 
+// Ends a chunk scan: cuts the first n_cand entries of out->cand to the best `keep`
+// (unsorted) and records the chunk's normaliser. Shared by the scalar and AVX2 scans.
+inline void FinishPartial(size_t keep, size_t n_cand, float m, double sum, bool nan, Partial* out) {
+  std::vector<uint64_t>& cand = out->cand;
+  if (n_cand > keep) {
+    std::nth_element(cand.begin(), cand.begin() + (keep - 1), cand.begin() + n_cand);
+    n_cand = keep;
+  }
+  cand.resize(n_cand);
+  out->max = m;
+  out->sum = sum;
+  out->nan = nan;
+}
+
 template <typename T>
 __attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t begin, int64_t end, int64_t k,
                                                         float inv_t, Partial* out) {
@@ -301,14 +315,7 @@ __attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t b
       }
     }
   }
-  if (n_cand > keep) {
-    std::nth_element(cand.begin(), cand.begin() + (keep - 1), cand.begin() + n_cand);
-    n_cand = keep;
-  }
-  cand.resize(n_cand);
-  out->max = m;
-  out->sum = sum;
-  out->nan = any_nan;
+  FinishPartial(keep, n_cand, m, sum, any_nan, out);
 }
 
 // AVX2+FMA+F16C path, chosen at run time by cpuid; the default build stays baseline
@@ -473,14 +480,7 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
       if (x[t] > threshold) push(x[t], b + t);
     }
   }
-  if (n_cand > keep) {
-    std::nth_element(cand.begin(), cand.begin() + (keep - 1), cand.begin() + n_cand);
-    n_cand = keep;
-  }
-  cand.resize(n_cand);
-  out->max = m;
-  out->sum = sum;
-  out->nan = false;
+  FinishPartial(keep, n_cand, m, sum, /*nan=*/false, out);
   return true;
 }
 
