@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "common/common.h"
+#include "kv_attention/kv_attention.h"
+#include "lowrank_matmul/lowrank_matmul.h"
 #include "sample_topk/sample_topk.h"
 #include "softmax_topk/softmax_topk.h"
 
@@ -16,6 +18,8 @@ namespace {
 using toolkit::softmax_topk::Op;
 using toolkit::Provider;
 using SampleOp = toolkit::sample_topk::Op;
+using KvOp = toolkit::kv_attention::Op;
+using LowRankOp = toolkit::lowrank_matmul::Op;
 constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr auto kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 
@@ -24,11 +28,17 @@ const OrtCustomOp* const kOps[] = {
     new Op(Provider::kCpu, kF16),  // FusedSoftmaxTopK, CPU, float16
     new SampleOp(Provider::kCpu, kF32),  // SampleTopKTopP, CPU, float32
     new SampleOp(Provider::kCpu, kF16),  // SampleTopKTopP, CPU, float16
+    new KvOp(Provider::kCpu),  // QuantKVAttention, CPU, float32 (uint8/float16 cache)
+    new LowRankOp(Provider::kCpu, kF32),  // LowRankMatMul, CPU, float32 weights
+    new LowRankOp(Provider::kCpu, kF16),  // LowRankMatMul, CPU, float16 weights
 #ifdef TOOLKIT_WITH_CUDA
     new Op(Provider::kCuda, kF32),  // FusedSoftmaxTopK, CUDA, float32
     new Op(Provider::kCuda, kF16),  // FusedSoftmaxTopK, CUDA, float16
     new SampleOp(Provider::kCuda, kF32),  // SampleTopKTopP, CUDA, float32
     new SampleOp(Provider::kCuda, kF16),  // SampleTopKTopP, CUDA, float16
+    new LowRankOp(Provider::kCuda, kF32),  // LowRankMatMul, CUDA, float32 weights
+    new LowRankOp(Provider::kCuda, kF16),  // LowRankMatMul, CUDA, float16 weights
+    new KvOp(Provider::kCuda),  // QuantKVAttention, CUDA, float32
 #endif
 };
 

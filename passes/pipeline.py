@@ -24,10 +24,21 @@ PIPELINE_ORDER: tuple[str, ...] = (
     # future pass that rewrites Softmax (e.g. an attention fusion that swallows its
     # Softmax) must run after it, or it would hide the router/sampling Softmax.
     "fuse-softmax-topk",
+    # kv-cache swallows each attention's Softmax into QuantKVAttention. Independent of
+    # fuse-softmax-topk (an attention Softmax never feeds a TopK). Before low-rank, so
+    # low-rank's calibration run already uses the quantized cache. It changes the
+    # cache I/O, so it is opt-in (`convert --kv-cache`).
+    "kv-cache",
     # sampling-head appends its own FusedSoftmaxTopK to the logits; running it after
     # the fusion keeps its report free of the head it adds. It changes the model's
     # outputs, so it is opt-in (not in DEFAULT_PASSES).
     "sampling-head",
+    # low-rank replaces constant-weight MatMul(+Add) by LowRankMatMul. It runs after
+    # the fusions (none of them looks at these MatMuls, and its calibration run of
+    # the graph then sees their ops too) and before portable, which must attach a
+    # body to the LowRankMatMul nodes it adds, and cleanup, which drops the dense
+    # weights it leaves unused. Opt-in: it changes the numbers (lossy by design).
+    "low-rank",
     # portable attaches a standard-ONNX body to every com.toolkit op present, so it
     # runs after every pass that inserts such ops. Opt-in (it grows the model).
     "portable",
@@ -38,7 +49,8 @@ PIPELINE_ORDER: tuple[str, ...] = (
 )
 
 # Passes that run when the caller names none: those that keep the model's I/O.
-DEFAULT_PASSES: tuple[str, ...] = tuple(p for p in PIPELINE_ORDER if p not in ("sampling-head", "portable"))
+DEFAULT_PASSES: tuple[str, ...] = tuple(
+    p for p in PIPELINE_ORDER if p not in ("sampling-head", "kv-cache", "low-rank", "portable"))
 
 
 @dataclasses.dataclass

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 # (a test asserts both list the same names).
 _PASS_MODULES: dict[str, str] = {
     "fuse-softmax-topk": "passes.softmax_topk",
+    "kv-cache": "passes.kv_cache",
     "sampling-head": "passes.sampling_head",
+    "low-rank": "passes.low_rank",
     "portable": "passes.portable",
     "cleanup": "passes.cleanup",
 }

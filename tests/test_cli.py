@@ -121,3 +121,34 @@ def test_model_with_custom_ops_needs_the_library(exported, tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2
     assert "missing.so" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_convert_with_quantized_kv_cache(tmp_path):
+    """--kv-cache end to end: the bundle's cache I/O, parity (greedy record), inspect, generate."""
+    out = tmp_path / "kv"
+    r = toolkit("convert", "llama", "-o", str(out), "--kv-cache", "kivi4", "--kv-group", "8", "--kv-residual", "16",
+                "--batch-sizes", "1,2", "--decode-steps", "20", "--greedy", "4", "--greedy-tokens", "24")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] is True and report["profile"] == "kv-int4"
+    phases = [rec["phase"] for rec in report["records"]]
+    assert "greedy[4x24]" in phases
+    assert (out / "libtoolkit_ops.so").exists()
+
+    r = toolkit("inspect", str(out / "model.onnx"), "--json")
+    assert r.returncode == 0, r.stderr
+    kv = json.loads(r.stdout)["kv_cache"]
+    from models import build
+    from toolkit.ops.kv_quant import scheme_for
+
+    cfg = build("llama").config
+    scheme = scheme_for("kivi4", cfg.head_dim, 8, 16)
+    assert kv["scheme"] == "kivi4"
+    assert kv["bytes_per_token"] == cfg.num_layers * scheme.bytes_per_token(cfg.num_kv_heads, cfg.head_dim)
+    # G=8: per value 0.5 byte of code + (2+2 bytes of scale/zero) / 8 = 1 byte: 4x smaller
+    # than float32 (at G=32 it is 0.625 byte: 6.4x).
+    assert kv["reduction_vs_fp32"] == pytest.approx(4.0)
+    assert "key_q" in kv["tensors_per_layer"] and "key" not in kv["tensors_per_layer"]
+
+    r = toolkit("generate", str(out), "--max-new-tokens", "40", "--prompt-ids", "5,6,7")
+    assert r.returncode == 0, r.stdout + r.stderr

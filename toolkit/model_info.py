@@ -66,6 +66,30 @@ def describe(path: str | Path, model: Any) -> dict[str, Any]:
             static = [d for i, d in enumerate(vi["shape"]) if i != 0 and i != 2 and isinstance(d, int)]
             per_token += int(np.prod(static)) * np.dtype(vi["dtype"]).itemsize if static else 0
     meta = {p.key: p.value for p in model.metadata_props}
+    kv = {
+        "layers": len(layers),
+        "tensors_per_layer": sorted({vi["name"].split(".", 2)[2] for t in layers.values() for vi in t}),
+        "bytes_per_token": per_token,
+        "scheme": meta.get("toolkit.kv_cache", "unknown"),
+    }
+    if "toolkit.kv_quant" in meta:
+        # Quantized cache (passes/kv_cache.py): codes + float16 scales/zeros per token,
+        # from the scheme (the lengths are dynamic, so the shapes cannot say it); the
+        # full-precision residual window is a fixed cost, reported on its own.
+        import json
+
+        from toolkit.ops.kv_quant import KVScheme
+
+        info = json.loads(meta["toolkit.kv_quant"])
+        scheme = KVScheme(info["bits"], bool(info["key_per_channel"]), info["key_group"], info["value_group"],
+                          info["residual"], bool(info["symmetric"]))
+        n_layers = info["layers"]
+        kv["scheme"] = info["scheme"]
+        kv["attributes"] = scheme.to_attributes()
+        kv["bytes_per_token"] = scheme.bytes_per_token(info["kv_heads"], info["head_dim"]) * n_layers
+        kv["fp32_bytes_per_token"] = 2 * info["kv_heads"] * info["head_dim"] * 4 * n_layers
+        kv["reduction_vs_fp32"] = kv["fp32_bytes_per_token"] / kv["bytes_per_token"]
+        kv["residual_bytes_max"] = scheme.residual_bytes(info["kv_heads"], info["head_dim"]) * n_layers
     return {
         "path": str(path),
         "size_bytes": size,
@@ -79,12 +103,7 @@ def describe(path: str | Path, model: Any) -> dict[str, Any]:
         "custom_ops": custom,
         "inputs": inputs,
         "outputs": outputs,
-        "kv_cache": {
-            "layers": len(layers),
-            "tensors_per_layer": sorted({vi["name"].split(".", 2)[2] for t in layers.values() for vi in t}),
-            "bytes_per_token": per_token,
-            "scheme": meta.get("toolkit.kv_cache", "unknown"),
-        },
+        "kv_cache": kv,
         "metadata": meta,
         "onnx_version": onnx.__version__,
     }

@@ -78,6 +78,18 @@ THRESHOLDS: dict[str, dict[str, float]] = {
         "ppl_rel_increase_max": 2e-2,
         "head_probs_max_abs": 5e-2,
     },
+    # 2-bit KIVI is measured and reported; these bounds only catch a broken cache
+    # (a wrong layout gives perplexity in the thousands and near-random top-1).
+    "kv-2bit": {
+        "logits_max_abs": math.inf,
+        "logits_cosine_min": 0.9,
+        "top1_min": 0.7,
+        "kl_mean_max": 0.3,
+        "present_max_abs": math.inf,
+        "present_cosine_min": -1.0,
+        "ppl_rel_increase_max": 0.15,
+        "head_probs_max_abs": 0.2,
+    },
 }
 
 HIST_EDGES = [0.0] + [10.0**e for e in range(-9, 3)] + [math.inf]
@@ -434,6 +446,15 @@ class ParitySettings:
     decode_steps: int = 6
     perplexity_tokens: int = 2048
     perplexity_window: int = 256
+    # None: decode (token by token, through the cache) for models with a quantized
+    # cache, whose prefill attends in full precision; prefill windows otherwise.
+    perplexity_decode: bool | None = None
+    # Teacher-forced greedy agreement: prompts x new tokens of the reference's greedy
+    # continuation, fed to the ONNX model step by step (None: 32 for quantized-cache
+    # models, else 0 = off).
+    greedy_prompts: int | None = None
+    greedy_tokens: int = 128
+    greedy_prompt_len: int = 64
     seed: int = 0
     threads: int | None = None
     optimization: str = "all"
@@ -541,8 +562,15 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
     report = ParityReport(original=src.spec, optimized=str(onnx_path), profile=profile, thresholds=th,
                           settings=dataclasses.asdict(settings), records=records)
     has_logits = "logits" in dec.output_names
+    quantized_cache = "toolkit.kv_quant" in meta
+    greedy_prompts = settings.greedy_prompts if settings.greedy_prompts is not None else (32 if quantized_cache else 0)
+    if greedy_prompts > 0 and has_logits:
+        rec = greedy_agreement(src, dec, greedy_prompts, settings.greedy_tokens, settings.greedy_prompt_len, rng)
+        apply_thresholds(rec, th)
+        report.records.append(rec)
     if src.tokenizer is not None and src.heldout_text and settings.perplexity_tokens > 0 and has_logits:
-        report.perplexity = perplexity(src, dec, settings)
+        decode = settings.perplexity_decode if settings.perplexity_decode is not None else quantized_cache
+        report.perplexity = perplexity(src, dec, settings, decode=decode)
         p = report.perplexity
         if not p["rel_increase"] <= th["ppl_rel_increase_max"]:
             report.perplexity_failures.append(
@@ -612,8 +640,53 @@ def _compare_presents(phase: str, ref_past: list, presents: dict[str, np.ndarray
     return out
 
 
-def perplexity(src: Any, dec: OnnxDecoder, settings: ParitySettings) -> dict[str, float]:
-    """Held-out perplexity of both models over non-overlapping windows (prefill only)."""
+def greedy_agreement(src: Any, dec: OnnxDecoder, prompts: int, tokens: int, prompt_len: int,
+                     rng: np.random.Generator) -> OutputRecord:
+    """Teacher-forced greedy agreement on the reference's greedy continuations.
+
+    ``prompts`` held-out (or random) prompts of ``prompt_len`` tokens run as one
+    batch; the reference decodes ``tokens`` greedy tokens with its own cache, and the
+    ONNX model is fed the same tokens one step at a time with *its* cache. The
+    record compares the decode-step logits: top-1 agreement (the greedy token the
+    ONNX model would have chosen), KL and cosine.
+    """
+    max_pos = getattr(getattr(src.module, "config", None), "max_position_embeddings", None)
+    if isinstance(max_pos, int) and prompt_len + tokens > max_pos:
+        # Stay inside the positions the model was built for (learned position tables).
+        tokens = max(1, min(tokens, max_pos // 2))
+        prompt_len = max(1, max_pos - tokens)
+    text_ids = None
+    if src.tokenizer is not None and src.heldout_text:
+        text_ids = np.array(src.tokenizer.encode(src.heldout_text).ids, dtype=np.int64)
+    if text_ids is not None and len(text_ids) > prompts * prompt_len:
+        starts = np.linspace(0, len(text_ids) - prompt_len, prompts).astype(int)
+        ids = np.stack([text_ids[s:s + prompt_len] for s in starts])
+    else:
+        ids = rng.integers(0, src.vocab_size, (prompts, prompt_len)).astype(np.int64)
+    mask = np.ones_like(ids)
+    pos = _positions(mask, ids.shape[1])
+    ref_logits, ref_past = _torch_step(src, ids, mask, pos, src.empty_past(prompts))
+    _, past, _ = dec.step(ids, mask, pos, dec.empty_past(prompts))
+    refs, gots = [], []
+    for _ in range(tokens):
+        nxt = ref_logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+        mask = np.concatenate([mask, np.ones((prompts, 1), np.int64)], axis=1)
+        pos = _positions(mask, 1)
+        ref_logits, ref_past = _torch_step(src, nxt, mask, pos, ref_past)
+        got, past, _ = dec.step(nxt, mask, pos, past)
+        refs.append(ref_logits)
+        gots.append(got)
+    r, g = np.concatenate(refs, axis=1), np.concatenate(gots, axis=1)
+    return compare_logits(f"greedy[{prompts}x{tokens}]", r, g, np.ones(r.shape[:2], bool))
+
+
+def perplexity(src: Any, dec: OnnxDecoder, settings: ParitySettings, decode: bool = False) -> dict[str, float]:
+    """Held-out perplexity of both models over non-overlapping windows.
+
+    The reference always scores a window in one prefill. The ONNX model does too,
+    or with ``decode`` feeds the window one token per step through its cache (what a
+    quantized cache changes: its prefill attends in full precision).
+    """
     ids = np.array(src.tokenizer.encode(src.heldout_text).ids, dtype=np.int64)[: settings.perplexity_tokens + 1]
     w = settings.perplexity_window
     n_win = max(1, (len(ids) - 1) // w)
@@ -627,12 +700,20 @@ def perplexity(src: Any, dec: OnnxDecoder, settings: ParitySettings) -> dict[str
         mask = np.ones_like(x)
         pos = _positions(mask, x.shape[1])
         ref, _ = _torch_step(src, x, mask, pos, src.empty_past(1))
-        got, _, _ = dec.step(x, mask, pos, dec.empty_past(1))
+        if decode:
+            past, steps = dec.empty_past(1), []
+            for j in range(x.shape[1]):
+                logits, past, _ = dec.step(x[:, j:j + 1], mask[:, :j + 1], pos[:, j:j + 1], past)
+                steps.append(logits)
+            got = np.concatenate(steps, axis=1)
+        else:
+            got, _, _ = dec.step(x, mask, pos, dec.empty_past(1))
         nll_ref -= float(_log_softmax(ref[0])[np.arange(len(y)), y].sum())
         nll_got -= float(_log_softmax(got[0])[np.arange(len(y)), y].sum())
         count += len(y)
     p_ref, p_got = math.exp(nll_ref / count), math.exp(nll_got / count)
-    return {"reference": p_ref, "onnx": p_got, "rel_increase": (p_got - p_ref) / p_ref, "tokens": float(count)}
+    return {"reference": p_ref, "onnx": p_got, "rel_increase": (p_got - p_ref) / p_ref, "tokens": float(count),
+            "window": float(w), "decode": float(decode)}
 
 
 def write_atomic(path: str | Path, text: str) -> None:

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "common/simd_avx2.h"
 #include "softmax_topk/softmax_topk.h"
 
 namespace toolkit::softmax_topk {
@@ -329,44 +330,6 @@ __attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t b
 // reproduces ONNX Runtime's ordering of non-finite values.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define TOOLKIT_HAVE_AVX2_PATH 1
-#include <immintrin.h>
-
-#define TOOLKIT_AVX2 __attribute__((target("avx2,fma,f16c")))
-
-// exp(t) for t <= 0, 8 lanes; same reduction and polynomial as ExpNonPositive.
-TOOLKIT_AVX2 inline __m256 Exp8(__m256 t) {
-  t = _mm256_max_ps(t, _mm256_set1_ps(-87.0f));
-  const __m256 shifter = _mm256_set1_ps(12582912.0f);
-  const __m256 z = _mm256_fmadd_ps(t, _mm256_set1_ps(1.44269504088896341f), shifter);
-  const __m256 n = _mm256_sub_ps(z, shifter);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), t);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i scale = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(z), _mm256_castps_si256(shifter)),
-                       _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
-}
-
-TOOLKIT_AVX2 inline float HorizontalMax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-
-TOOLKIT_AVX2 inline float HorizontalSum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // Returns false when the chunk holds a NaN or +inf (the caller then uses the exact path).
 template <typename T>

@@ -34,8 +34,17 @@ def add_parity_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-steps", type=int, default=6, help="decode steps with cache (default 6)")
     g.add_argument("--ppl-tokens", type=int, default=2048,
                    help="held-out tokens for perplexity, when the model ships held-out text (0 = off)")
+    g.add_argument("--ppl-window", type=int, default=256, help="perplexity window in tokens (default 256)")
+    g.add_argument("--ppl-mode", choices=("auto", "prefill", "decode"), default="auto",
+                   help="score each window in one prefill, or token by token through the cache (auto: decode "
+                   "for a quantized KV cache, whose prefill is full precision)")
+    g.add_argument("--greedy", type=int, default=None, metavar="PROMPTS",
+                   help="teacher-forced greedy agreement over PROMPTS held-out prompts x --greedy-tokens "
+                   "(default: 32 for a quantized KV cache, else off)")
+    g.add_argument("--greedy-tokens", type=int, default=128, help="new tokens per greedy prompt (default 128)")
     g.add_argument("--profile", default=None,
-                   help="threshold profile (fp32, fp16, kv-int8, kv-int4); default from the model's metadata")
+                   help="threshold profile (fp32, fp16, kv-int8, kv-int4, kv-2bit); default from the model's "
+                   "metadata")
     g.add_argument("--threshold", action="append", metavar="NAME=VALUE",
                    help="override one threshold, e.g. --threshold logits_max_abs=1e-2")
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
@@ -50,8 +59,13 @@ def parity_settings(args: argparse.Namespace):
     except ValueError as exc:
         raise ToolkitError(f"--batch-sizes {args.batch_sizes!r} is not a comma-separated list of integers",
                            hint="write e.g. --batch-sizes 1,4") from exc
+    mode = getattr(args, "ppl_mode", "auto")
     return ParitySettings(batch_sizes=batches, prompt_len=args.prompt_len, decode_steps=args.decode_steps,
-                          perplexity_tokens=args.ppl_tokens, threads=args.threads)
+                          perplexity_tokens=args.ppl_tokens, threads=args.threads,
+                          perplexity_window=getattr(args, "ppl_window", 256),
+                          perplexity_decode=None if mode == "auto" else mode == "decode",
+                          greedy_prompts=getattr(args, "greedy", None),
+                          greedy_tokens=getattr(args, "greedy_tokens", 128))
 
 
 def threshold_overrides(args: argparse.Namespace) -> dict[str, float]:

@@ -2,7 +2,11 @@
 
 `toolkit bench topk`: FusedSoftmaxTopK vs ORT Softmax->TopK, TopK and a
 single-read floor, interleaved in one process. `toolkit bench head`: greedy decode
-with the sampling head vs full logits on the same prompts.
+with the sampling head vs full logits on the same prompts. `toolkit bench lowrank`:
+LowRankMatMul vs ORT dense MatMul and MatMul->MatMul, weights rotated out of cache.
+`toolkit bench attention`: QuantKVAttention vs ORT GroupQueryAttention (fp32 and its
+quantized caches) and the unfused exported subgraph, one decode step; with
+--model/--converted, decode tokens/s of a converted model vs the original.
 """
 
 from __future__ import annotations
@@ -26,6 +30,41 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=300)
     p.add_argument("--cold", action="store_true", help="touch 64 MiB before each timed run (cold cache)")
     p.add_argument("--json", metavar="PATH", help="write results as JSON ('-' for stdout)")
+    lr = sub.add_parser("lowrank", help="LowRankMatMul vs ONNX Runtime dense MatMul and MatMul->MatMul")
+    lr.add_argument("--shapes", type=lambda t: tuple(tuple(int(v) for v in s.split("x")) for s in t.split(",")),
+                    default=((4096, 4096), (4096, 11008)), help="KxN of the dense layer, e.g. 4096x4096,4096x11008")
+    lr.add_argument("--ranks", type=_ints, default=(512, 1024, 2048))
+    lr.add_argument("--rows", type=_ints, default=(1, 8, 128), help="M, rows of x")
+    lr.add_argument("--threads", type=_ints, default=(1, 2))
+    lr.add_argument("--warmup", type=int, default=30)
+    lr.add_argument("--runs", type=int, default=300)
+    lr.add_argument("--warmup-big", type=int, default=5, help="warm-ups at M >= 128 (each call is 10-500 ms)")
+    lr.add_argument("--runs-big", type=int, default=30, help="timed runs at M >= 128")
+    lr.add_argument("--json", metavar="PATH", help="write results as JSON ('-' for stdout)")
+    fid = sub.add_parser("lowrank-fidelity", help="perplexity vs parameter reduction of the low-rank pass "
+                         "(plain vs activation-aware SVD)")
+    fid.add_argument("--model", default="llama-stdlib")
+    fid.add_argument("--budgets", type=lambda t: tuple(float(v) for v in t.split(",")),
+                     default=(0.9, 0.8, 0.7, 0.6, 0.5, 0.4), help="global shares of the eligible weights kept")
+    fid.add_argument("--json", metavar="PATH", help="write results as JSON ('-' for stdout)")
+    at = sub.add_parser("attention", help="QuantKVAttention vs ONNX Runtime GroupQueryAttention (fp32/int8/int4) "
+                        "and the unfused subgraph, one decode step; or, with --model/--converted, decode tokens/s")
+    at.add_argument("--context", type=_ints, default=(1024, 4096, 16384), help="past lengths L")
+    at.add_argument("--batch", type=_ints, default=(1, 8))
+    at.add_argument("--threads", type=_ints, default=(1, 2))
+    at.add_argument("--schemes", type=lambda t: tuple(t.split(",")), default=("int8", "int4", "kivi4", "kivi2"))
+    at.add_argument("--gqa-quant", type=lambda t: tuple(v for v in t.split(",") if v),
+                    default=("per_channel", "per_tensor"), help="ORT GQA quantized-cache modes ('' for none)")
+    at.add_argument("--warmup", type=int, default=30)
+    at.add_argument("--runs", type=int, default=300)
+    at.add_argument("--point-seconds", type=float, default=30.0,
+                    help="timed-run budget of a point with B*L > 4096 (runs = budget / round time, >= 20)")
+    at.add_argument("--max-point-seconds", type=float, default=90.0,
+                    help="cap on any point's timed runs (a loaded machine makes rounds slower)")
+    at.add_argument("--model", metavar="PATH", help="end-to-end mode: the unconverted model.onnx")
+    at.add_argument("--converted", metavar="PATH", help="end-to-end mode: the same model with the quantized cache")
+    at.add_argument("--steps", type=int, default=64, help="end-to-end mode: timed decode steps")
+    at.add_argument("--json", metavar="PATH", help="write results as JSON ('-' for stdout)")
     h = sub.add_parser("head", help="decode step with the sampling head vs full logits (greedy, same prompts)")
     h.add_argument("--model", default="llama-stdlib")
     h.add_argument("--prompts", type=int, default=16)
@@ -47,7 +86,40 @@ def run(args: argparse.Namespace) -> int:
               f"us ({row['speedup_vs_ort_softmax_topk']:.2f}x), ORT topk {row['ort_topk']['median_us']:.1f} us, "
               f"floor {row['floor_us']:.1f} us ({row['fused_over_floor']:.2f}x floor)", flush=True)
 
-    if args.bench == "head":
+    if args.bench == "lowrank":
+        from toolkit.bench import lowrank
+
+        def show_lowrank(i, n, row):
+            print(f"[{i}/{n}] {row['K']}x{row['N']} r={row['r']} M={row['M']} t={row['threads']}: ours "
+                  f"{row['ours']['median_us']:.0f} us, ORT dense {row['ort_dense']['median_us']:.0f} us "
+                  f"({row['speedup_vs_ort_dense']:.2f}x), ORT MatMul->MatMul "
+                  f"{row['ort_two_matmul']['median_us']:.0f} us ({row['speedup_vs_ort_two_matmul']:.2f}x)", flush=True)
+
+        result = lowrank.run(args.shapes, args.ranks, args.rows, args.threads, args.warmup, args.runs,
+                             args.warmup_big, args.runs_big, progress=None if args.json == "-" else show_lowrank)
+    elif args.bench == "lowrank-fidelity":
+        from toolkit.bench import lowrank_fidelity
+
+        result = lowrank_fidelity.run(args.model, args.budgets,
+                                      progress=None if args.json == "-" else lambda line: print(line, flush=True))
+    elif args.bench == "attention":
+        from toolkit.bench import attention
+
+        say = None if args.json == "-" else lambda line: print(line, flush=True)
+        if args.model or args.converted:
+            if not (args.model and args.converted):
+                raise SystemExit("toolkit bench attention: --model and --converted go together")
+            result = attention.run_end_to_end(args.model, args.converted, context=args.context[0],
+                                              steps=args.steps, threads=args.threads[0], progress=say)
+            if say:
+                say(f"decode at context {result['context']}: {result['tokens_per_s']['original']:.1f} tokens/s "
+                    f"(original) vs {result['tokens_per_s']['converted']:.1f} (converted): "
+                    f"{result['speedup']:.2f}x")
+        else:
+            result = attention.run(args.context, args.batch, args.threads, args.schemes, args.warmup, args.runs,
+                                   gqa_quant=args.gqa_quant, point_seconds=args.point_seconds,
+                                   max_point_seconds=args.max_point_seconds, progress=say)
+    elif args.bench == "head":
         from toolkit.bench import decode_head
 
         result = decode_head.run(args.model, args.prompts, new_tokens=args.new_tokens, k=args.k,

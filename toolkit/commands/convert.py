@@ -25,6 +25,25 @@ def register(parser: argparse.ArgumentParser) -> None:
                         "(with --sample: SampleTopKTopP, a seeded draw from the top K -> next_token [B])")
     parser.add_argument("--sample", action="store_true",
                         help="with --sampling-head: draw the token (temperature/top-p/min-p via --pass-option)")
+    parser.add_argument("--kv-cache", metavar="SCHEME", default=None,
+                        choices=("int8", "int8-asym", "int4", "kivi4", "kivi2"),
+                        help="quantized KV cache attention (QuantKVAttention): int8 (symmetric per token), "
+                        "int8-asym, int4 (per token, groups of --kv-group channels), kivi4 / kivi2 (KIVI: keys per "
+                        "channel, values per token, --kv-residual full-precision tokens); changes the cache I/O")
+    parser.add_argument("--kv-group", type=int, default=32, metavar="G", help="KV quantization group size (32)")
+    parser.add_argument("--kv-residual", type=int, default=128, metavar="R",
+                        help="full-precision residual window of the KIVI schemes (128)")
+    low_rank = parser.add_mutually_exclusive_group()
+    low_rank.add_argument("--rank-ratio", type=float, metavar="R", default=None,
+                          help="run the low-rank pass: factor constant-weight MatMuls by truncated SVD, rank "
+                          "R * min(K, N) per layer (more options via --pass-option low-rank.OPTION=VALUE)")
+    low_rank.add_argument("--energy", type=float, metavar="E", default=None,
+                          help="run the low-rank pass keeping a share E of each layer's spectral energy")
+    low_rank.add_argument("--param-budget", type=float, metavar="B", default=None,
+                          help="run the low-rank pass keeping a global share B of the eligible weights")
+    parser.add_argument("--activation-aware", action="store_true",
+                        help="with --rank-ratio/--energy/--param-budget: activation-aware SVD (ASVD) from a "
+                        "calibration run of the original model")
     parser.add_argument("--portable", action="store_true",
                         help="attach standard-ONNX bodies to our ops: the model also runs without the op library "
                         "(ORT with the library still uses the fused kernels)")
@@ -154,6 +173,21 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
         options.setdefault("sampling-head", {})["k"] = str(args.sampling_head)
         if args.sample:
             options["sampling-head"]["sample"] = "true"
+    if getattr(args, "kv_cache", None):
+        names = list(DEFAULT_PASSES) if names is None else names
+        names.append("kv-cache")
+        options.setdefault("kv-cache", {}).update(
+            scheme=args.kv_cache, group=str(args.kv_group), residual=str(args.kv_residual))
+    for flag, option in (("rank_ratio", "rank_ratio"), ("energy", "energy"), ("param_budget", "param_budget")):
+        if getattr(args, flag, None) is not None:
+            names = list(DEFAULT_PASSES) if names is None else names
+            names.append("low-rank")
+            options.setdefault("low-rank", {})[option] = str(getattr(args, flag))
+    if getattr(args, "activation_aware", False):
+        if "low-rank" not in options:
+            raise PassError("--activation-aware needs --rank-ratio, --energy or --param-budget",
+                            hint="e.g. toolkit convert MODEL -o DIR --rank-ratio 0.5 --activation-aware")
+        options["low-rank"]["activation_aware"] = "true"
     if args.portable:
         names = list(DEFAULT_PASSES) if names is None else names
         names.append("portable")

@@ -29,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
     kv = info["kv_cache"]
     c.print(f"KV cache: {kv['layers']} layers x {kv['tensors_per_layer']}, scheme {kv['scheme']}, "
             f"{kv['bytes_per_token']:,} bytes per token")
+    if "reduction_vs_fp32" in kv:
+        c.print(f"  {kv['reduction_vs_fp32']:.2f}x smaller than float32 ({kv['fp32_bytes_per_token']:,} bytes per "
+                f"token); plus at most {kv['residual_bytes_max']:,} bytes of full-precision residual window")
     c.print(f"custom ops: {', '.join(info['custom_ops']) or 'none'}")
     io = Table(title="inputs / outputs")
     for col in ("kind", "name", "dtype", "shape"):

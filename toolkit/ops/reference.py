@@ -168,3 +168,39 @@ def sample_topk_top_p(
         j = sample_position(values[r], top_p, min_p, uniform(seed, r))
         ids[r], probs[r] = indices[r, j], values[r, j]
     return ids.reshape(lead), probs.reshape(lead)
+
+
+def lowrank_matmul(
+    x: np.ndarray,
+    U: np.ndarray,
+    V: np.ndarray,
+    bias: np.ndarray | None = None,
+) -> np.ndarray:
+    """Reference of ``com.toolkit::LowRankMatMul``: ``(x @ U) @ V + bias`` in float64.
+
+    Contract in ``custom_ops/lowrank_matmul/lowrank_matmul.h``. float16 weights are
+    widened exactly, so the reference sees the very values the kernel multiplies.
+
+    Args:
+        x: float32 array ``[..., K]``.
+        U: float32 or float16 ``[K, r]``.
+        V: same dtype as ``U``, ``[r, N]``.
+        bias: optional float32 ``[N]``.
+
+    Returns:
+        float32 array ``[..., N]``.
+    """
+    x, U, V = np.asarray(x), np.asarray(U), np.asarray(V)
+    if x.ndim < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have rank >= 1 and a non-empty last axis, got shape {x.shape}")
+    if U.ndim != 2 or U.shape[0] != x.shape[-1] or U.shape[1] < 1:
+        raise ValueError(f"U must be [K={x.shape[-1]}, r>=1], got shape {U.shape}")
+    if V.ndim != 2 or V.shape[0] != U.shape[1] or V.shape[1] < 1:
+        raise ValueError(f"V must be [r={U.shape[1]}, N>=1], got shape {V.shape}")
+    y = (x.astype(np.float64) @ U.astype(np.float64)) @ V.astype(np.float64)
+    if bias is not None:
+        bias = np.asarray(bias)
+        if bias.shape != (V.shape[1],):
+            raise ValueError(f"bias must be [N={V.shape[1]}], got shape {bias.shape}")
+        y = y + bias.astype(np.float64)
+    return y.astype(np.float32)

@@ -1,0 +1,153 @@
+// QuantKVAttention (domain com.toolkit, since_version 1): attention of one decoder
+// layer over a quantized KV cache (KIVI-style int8 / int4 / 2-bit), which it also
+// appends to. Dequantization is fused into the QK and PV dot products: no
+// full-precision copy of the cache is ever built.
+//
+// The cache layout (tensor shapes, packing, scale/zero rules, padding rule) is
+// defined in ONE place: toolkit/ops/kv_quant.py, which is also the NumPy reference.
+//
+//   input  0 query         float32 [B, Hq, S, D]   RoPE applied, not scaled
+//   input  1 key           float32 [B, Hkv, S, D]  the S new tokens (RoPE applied)
+//   input  2 value         float32 [B, Hkv, S, D]
+//   input  3 past_key_q    uint8   [B, Hkv, N, D*bits/8]
+//   input  4 past_key_scale float16 [B, Hkv, N/Gk, D] (per channel) | [B, Hkv, N, D/Gk]
+//   input  5 past_key_zero float16 as key_scale; absent when symmetric
+//   input  6 past_key_res  float32 [B, Hkv, r, D]   r < R (r = 0 when R = 0)
+//   input  7 past_value_q  uint8   [B, Hkv, N, D*bits/8]
+//   input  8 past_value_scale float16 [B, Hkv, N, D/Gv]
+//   input  9 past_value_zero float16; absent when symmetric
+//   input 10 past_value_res float32 [B, Hkv, r, D]
+//   input 11 attn_bias     float32 [B|1, 1, S, T], T = N + r + S (optional; absent:
+//                          causal, query s sees positions <= N + r + s)
+//   output 0 output        float32 [B, Hq, S, D]
+//   outputs 1..8           present_* with the layout of inputs 3..10
+//   attrs  bits (8|4|2), key_per_channel (0|1), key_group, value_group, residual,
+//          symmetric (0|1), scale (float, 0 = 1/sqrt(D))
+//
+// Query head h reads KV head h / (Hq / Hkv) (GQA as in Hugging Face repeat_kv).
+// After the attention, r + S residual tokens are in hand; floor((r + S) / R) * R of
+// them (all when R = 0) are quantized and appended to the quantized part.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/common.h"
+
+namespace toolkit::kv_attention {
+
+inline constexpr const char* kOpName = "QuantKVAttention";
+// A key position whose bias (last query row) is at or below this is padding and
+// left out of per-channel key ranges (toolkit/ops/kv_quant.py: MASKED_BIAS).
+inline constexpr float kMaskedBias = -1.0e8f;
+
+struct Attributes {
+  int64_t bits = 4;
+  int64_t key_per_channel = 1;
+  int64_t key_group = 32;
+  int64_t value_group = 32;
+  int64_t residual = 128;
+  int64_t symmetric = 0;
+  float scale = 0.0f;
+};
+
+OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs);
+
+// Shapes, the flush decision and the data pointers of one call (host or device
+// pointers, depending on the provider). Filled by Prepare, shared by all providers.
+struct Io {
+  int64_t B = 0, Hq = 0, Hkv = 0, S = 0, D = 0;
+  int64_t N = 0;    // quantized tokens in the past
+  int64_t r = 0;    // residual tokens in the past
+  int64_t T = 0;    // N + r + S
+  int64_t F = 0;    // tokens quantized by this call
+  int64_t row_bytes = 0;  // D * bits / 8
+  int64_t key_params_per_token = 0;  // per-token keys: D / Gk
+  int64_t value_params = 0;          // D / Gv
+  int64_t bias_batch = 0;            // 0: no bias, 1: broadcast, B
+  float scale = 0.0f;
+
+  const float* query = nullptr;
+  const float* key = nullptr;
+  const float* value = nullptr;
+  const uint8_t* key_q = nullptr;
+  const uint16_t* key_scale = nullptr;
+  const uint16_t* key_zero = nullptr;
+  const float* key_res = nullptr;
+  const uint8_t* value_q = nullptr;
+  const uint16_t* value_scale = nullptr;
+  const uint16_t* value_zero = nullptr;
+  const float* value_res = nullptr;
+  const float* bias = nullptr;
+
+  float* out = nullptr;
+  uint8_t* p_key_q = nullptr;
+  uint16_t* p_key_scale = nullptr;
+  uint16_t* p_key_zero = nullptr;
+  float* p_key_res = nullptr;
+  uint8_t* p_value_q = nullptr;
+  uint16_t* p_value_scale = nullptr;
+  uint16_t* p_value_zero = nullptr;
+  float* p_value_res = nullptr;
+};
+
+// Checks every input against the attributes and the other inputs (errors name the
+// input, its shape and what was expected), allocates the outputs, fills `io`.
+OrtStatus* Prepare(OrtKernelContext* context, const Attributes& attrs, Io* io);
+
+using Kernel = KernelBase<Attributes>;
+
+struct CpuKernel final : Kernel {
+  using Kernel::Kernel;
+  OrtStatus* ComputeV2(OrtKernelContext* context) override;
+};
+
+#ifdef TOOLKIT_WITH_CUDA
+struct CudaKernel final : Kernel {
+  using Kernel::Kernel;
+  OrtStatus* ComputeV2(OrtKernelContext* context) override;
+};
+#endif
+
+struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
+  explicit Op(Provider provider) : provider_(provider) {
+    OrtCustomOp::version = TOOLKIT_ORT_API_VERSION;  // see softmax_topk::Op
+  }
+
+  OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
+
+  const char* GetName() const { return kOpName; }
+  const char* GetExecutionProviderType() const {
+    return provider_ == Provider::kCuda ? kCudaExecutionProvider : nullptr;
+  }
+  size_t GetInputTypeCount() const { return 12; }
+  ONNXTensorElementDataType GetInputType(size_t index) const { return IoType(index == 11 ? 0 : index); }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return (index == 5 || index == 9 || index == 11) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 9; }
+  // Output i >= 1 mirrors input i + 2.
+  ONNXTensorElementDataType GetOutputType(size_t index) const { return IoType(index == 0 ? 0 : index + 2); }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
+    return (index == 3 || index == 7) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+
+ private:
+  static ONNXTensorElementDataType IoType(size_t input_index) {
+    switch (input_index) {
+      case 3:
+      case 7:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      case 4:
+      case 5:
+      case 8:
+      case 9:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+      default:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+  }
+  Provider provider_;
+};
+
+}  // namespace toolkit::kv_attention

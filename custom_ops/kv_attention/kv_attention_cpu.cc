@@ -1,0 +1,782 @@
+// QuantKVAttention: attribute/shape checks shared by all providers, and the CPU kernel.
+//
+// CPU plan. Work items are (batch, KV head, slice of key positions): each item
+// dequantizes every key/value row of its slice once into a D-float row buffer and
+// uses it for all Hq/Hkv query heads of the group and all S queries (GQA reuse),
+// keeping flash-decoding partials (running max, sum, weighted V) per query row; a
+// second parallel pass merges the slices. Long contexts at batch 1 thus use every
+// thread. The hot loops (row dequantization, dot, axpy) are compiled for AVX2+FMA
+// and for the baseline ISA, picked at load time (target_clones).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "common/simd_avx2.h"
+#include "kv_attention/kv_attention.h"
+#include "kv_attention/kv_math.h"
+
+namespace toolkit::kv_attention {
+
+namespace {
+
+std::string Dims(std::initializer_list<int64_t> d) { return ShapeToString(std::vector<int64_t>(d)); }
+
+OrtStatus* CheckShape(const char* name, const std::vector<int64_t>& got, const std::vector<int64_t>& want,
+                      const std::string& why) {
+  if (got != want) return InvalidInputStatus(kOpName, name, got, ShapeToString(want) + " (" + why + ")");
+  return nullptr;
+}
+
+}  // namespace
+
+OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs) {
+  const OrtApi& api = Ort::GetApi();
+  for (auto [name, v] : {std::pair<const char*, int64_t*>{"bits", &attrs->bits},
+                         {"key_per_channel", &attrs->key_per_channel},
+                         {"key_group", &attrs->key_group},
+                         {"value_group", &attrs->value_group},
+                         {"residual", &attrs->residual},
+                         {"symmetric", &attrs->symmetric}}) {
+    if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, v)) api.ReleaseStatus(st);
+  }
+  if (OrtStatus* st = api.KernelInfoGetAttribute_float(info, "scale", &attrs->scale)) api.ReleaseStatus(st);
+  const std::string op = kOpName;
+  if (attrs->bits != 8 && attrs->bits != 4 && attrs->bits != 2) {
+    return MakeStatus(ORT_INVALID_ARGUMENT, op + ": attribute bits=" + std::to_string(attrs->bits) +
+                                                "; expected 8, 4 or 2");
+  }
+  if (attrs->key_group <= 0 || attrs->value_group <= 0) {
+    return MakeStatus(ORT_INVALID_ARGUMENT, op + ": attributes key_group and value_group must be positive");
+  }
+  if (attrs->residual < 0) return MakeStatus(ORT_INVALID_ARGUMENT, op + ": attribute residual must be >= 0");
+  if (attrs->key_per_channel &&
+      (attrs->residual < attrs->key_group || attrs->residual % attrs->key_group != 0)) {
+    return MakeStatus(ORT_INVALID_ARGUMENT,
+                      op + ": attribute residual=" + std::to_string(attrs->residual) +
+                          " must be a positive multiple of key_group=" + std::to_string(attrs->key_group) +
+                          " when keys are quantized per channel (key_per_channel=1)");
+  }
+  if (attrs->symmetric && (attrs->bits != 8 || attrs->key_per_channel)) {
+    return MakeStatus(ORT_INVALID_ARGUMENT,
+                      op + ": symmetric=1 is only supported for bits=8 with per-token keys (key_per_channel=0)");
+  }
+  if (!(attrs->scale >= 0.0f) || !std::isfinite(attrs->scale)) {
+    return MakeStatus(ORT_INVALID_ARGUMENT, op + ": attribute scale must be finite and >= 0 (0 = 1/sqrt(D))");
+  }
+  return nullptr;
+}
+
+OrtStatus* Prepare(OrtKernelContext* context, const Attributes& a, Io* io) {
+  Ort::KernelContext ctx(context);
+  auto shape_of = [&](size_t i) -> std::vector<int64_t> {
+    Ort::ConstValue v = ctx.GetInput(i);
+    if (!v) return {};
+    return v.GetTensorTypeAndShapeInfo().GetShape();
+  };
+  const auto qs = shape_of(0);
+  if (qs.size() != 4) return InvalidInputStatus(kOpName, "query", qs, "rank 4 [batch, q_heads, seq, head_dim]");
+  const int64_t B = qs[0], Hq = qs[1], S = qs[2], D = qs[3];
+  const auto ks = shape_of(1);
+  if (ks.size() != 4 || ks[0] != B || ks[2] != S || ks[3] != D || ks[1] <= 0 || Hq % ks[1] != 0) {
+    return InvalidInputStatus(kOpName, "key", ks,
+                              "[batch, kv_heads, seq, head_dim] with batch, seq, head_dim of query " +
+                                  ShapeToString(qs) + " and kv_heads dividing the query heads");
+  }
+  const int64_t Hkv = ks[1];
+  if (OrtStatus* st = CheckShape("value", shape_of(2), ks, "the shape of key")) return st;
+  const int64_t per = 8 / a.bits;
+  if (D % per != 0 || D % a.value_group != 0 || (!a.key_per_channel && D % a.key_group != 0)) {
+    return InvalidInputStatus(kOpName, "query", qs,
+                              "head_dim divisible by " + std::to_string(per) + " (" + std::to_string(a.bits) +
+                                  "-bit packing), by value_group=" + std::to_string(a.value_group) +
+                                  (a.key_per_channel ? "" : " and by key_group=" + std::to_string(a.key_group)));
+  }
+  const int64_t row_bytes = D / per;
+  const auto kq = shape_of(3);
+  if (kq.size() != 4 || kq[0] != B || kq[1] != Hkv || kq[3] != row_bytes) {
+    return InvalidInputStatus(kOpName, "past_key_q", kq,
+                              Dims({B, Hkv, -1, row_bytes}) + " ([batch, kv_heads, quantized_tokens, head_dim*" +
+                                  std::to_string(a.bits) + "/8])");
+  }
+  const int64_t N = kq[2];
+  if (a.key_per_channel && N % a.key_group != 0) {
+    return InvalidInputStatus(kOpName, "past_key_q", kq,
+                              "a quantized length that is a multiple of key_group=" + std::to_string(a.key_group));
+  }
+  const std::vector<int64_t> kscale = a.key_per_channel ? std::vector<int64_t>{B, Hkv, N / a.key_group, D}
+                                                        : std::vector<int64_t>{B, Hkv, N, D / a.key_group};
+  if (OrtStatus* st = CheckShape("past_key_scale", shape_of(4), kscale, "one float16 per key group")) return st;
+  const bool has_kz = bool(ctx.GetInput(5)), has_vz = bool(ctx.GetInput(9));
+  if (has_kz == bool(a.symmetric) || has_vz == bool(a.symmetric)) {
+    return MakeStatus(ORT_INVALID_ARGUMENT,
+                      std::string(kOpName) + ": inputs 'past_key_zero' and 'past_value_zero' must be " +
+                          (a.symmetric ? "absent (symmetric=1 has no zero point)" : "given (symmetric=0)"));
+  }
+  if (has_kz) {
+    if (OrtStatus* st = CheckShape("past_key_zero", shape_of(5), kscale, "the shape of past_key_scale")) return st;
+  }
+  const auto kr = shape_of(6);
+  if (kr.size() != 4 || kr[0] != B || kr[1] != Hkv || kr[3] != D) {
+    return InvalidInputStatus(kOpName, "past_key_res", kr, Dims({B, Hkv, -1, D}) + " ([batch, kv_heads, r, head_dim])");
+  }
+  const int64_t r = kr[2];
+  if ((a.residual == 0 && r != 0) || (a.residual > 0 && r >= a.residual)) {
+    return InvalidInputStatus(kOpName, "past_key_res", kr,
+                              "fewer than residual=" + std::to_string(a.residual) +
+                                  " tokens (a full window is quantized by the call that fills it)");
+  }
+  if (OrtStatus* st = CheckShape("past_value_q", shape_of(7), kq, "the shape of past_key_q")) return st;
+  const std::vector<int64_t> vscale{B, Hkv, N, D / a.value_group};
+  if (OrtStatus* st = CheckShape("past_value_scale", shape_of(8), vscale, "one float16 per value group")) return st;
+  if (has_vz) {
+    if (OrtStatus* st = CheckShape("past_value_zero", shape_of(9), vscale, "the shape of past_value_scale")) return st;
+  }
+  if (OrtStatus* st = CheckShape("past_value_res", shape_of(10), kr, "the shape of past_key_res")) return st;
+
+  const int64_t T = N + r + S;
+  io->bias_batch = 0;
+  if (ctx.GetInput(11)) {
+    const auto bs = shape_of(11);
+    if (bs.size() != 4 || (bs[0] != B && bs[0] != 1) || bs[1] != 1 || bs[2] != S || bs[3] != T) {
+      return InvalidInputStatus(kOpName, "attn_bias", bs,
+                                Dims({B, 1, S, T}) + " (or batch 1): [batch, 1, seq, past + seq] with past = " +
+                                    std::to_string(N) + " quantized + " + std::to_string(r) + " residual tokens");
+    }
+    io->bias_batch = bs[0];
+    io->bias = ctx.GetInput(11).GetTensorData<float>();
+  }
+
+  io->B = B, io->Hq = Hq, io->Hkv = Hkv, io->S = S, io->D = D, io->N = N, io->r = r, io->T = T;
+  io->F = a.residual > 0 ? (r + S) / a.residual * a.residual : r + S;
+  io->row_bytes = row_bytes;
+  io->key_params_per_token = a.key_per_channel ? 0 : D / a.key_group;
+  io->value_params = D / a.value_group;
+  io->scale = a.scale > 0.0f ? a.scale : 1.0f / std::sqrt(float(D));
+
+  io->query = ctx.GetInput(0).GetTensorData<float>();
+  io->key = ctx.GetInput(1).GetTensorData<float>();
+  io->value = ctx.GetInput(2).GetTensorData<float>();
+  io->key_q = ctx.GetInput(3).GetTensorData<uint8_t>();
+  io->key_scale = reinterpret_cast<const uint16_t*>(ctx.GetInput(4).GetTensorRawData());
+  io->key_zero = has_kz ? reinterpret_cast<const uint16_t*>(ctx.GetInput(5).GetTensorRawData()) : nullptr;
+  io->key_res = ctx.GetInput(6).GetTensorData<float>();
+  io->value_q = ctx.GetInput(7).GetTensorData<uint8_t>();
+  io->value_scale = reinterpret_cast<const uint16_t*>(ctx.GetInput(8).GetTensorRawData());
+  io->value_zero = has_vz ? reinterpret_cast<const uint16_t*>(ctx.GetInput(9).GetTensorRawData()) : nullptr;
+  io->value_res = ctx.GetInput(10).GetTensorData<float>();
+
+  const int64_t N2 = N + io->F, r2 = r + S - io->F;
+  io->out = ctx.GetOutput(0, qs).GetTensorMutableData<float>();
+  io->p_key_q = ctx.GetOutput(1, {B, Hkv, N2, row_bytes}).GetTensorMutableData<uint8_t>();
+  const std::vector<int64_t> kscale2 = a.key_per_channel ? std::vector<int64_t>{B, Hkv, N2 / a.key_group, D}
+                                                         : std::vector<int64_t>{B, Hkv, N2, D / a.key_group};
+  io->p_key_scale = reinterpret_cast<uint16_t*>(ctx.GetOutput(2, kscale2).GetTensorMutableRawData());
+  io->p_key_zero = nullptr;
+  io->p_value_zero = nullptr;
+  if (!a.symmetric) {
+    if (ctx.GetOutputCount() <= 7) {
+      return MakeStatus(ORT_INVALID_ARGUMENT, std::string(kOpName) +
+                                                  ": symmetric=0 needs the outputs present_key_zero and "
+                                                  "present_value_zero");
+    }
+    io->p_key_zero = reinterpret_cast<uint16_t*>(ctx.GetOutput(3, kscale2).GetTensorMutableRawData());
+  }
+  io->p_key_res = ctx.GetOutput(4, {B, Hkv, r2, D}).GetTensorMutableData<float>();
+  io->p_value_q = ctx.GetOutput(5, {B, Hkv, N2, row_bytes}).GetTensorMutableData<uint8_t>();
+  const std::vector<int64_t> vscale2{B, Hkv, N2, D / a.value_group};
+  io->p_value_scale = reinterpret_cast<uint16_t*>(ctx.GetOutput(6, vscale2).GetTensorMutableRawData());
+  if (!a.symmetric) {
+    io->p_value_zero = reinterpret_cast<uint16_t*>(ctx.GetOutput(7, vscale2).GetTensorMutableRawData());
+  }
+  io->p_value_res = ctx.GetOutput(8, {B, Hkv, r2, D}).GetTensorMutableData<float>();
+  return nullptr;
+}
+
+OrtStatus* Op::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+  return GuardStatus(kOpName, [&]() -> OrtStatus* {
+    Attributes attrs;
+    if (OrtStatus* st = ReadAttributes(info, &attrs)) return st;
+#ifdef TOOLKIT_WITH_CUDA
+    return NewKernel<CpuKernel, CudaKernel>(kOpName, provider_, attrs, kernel);
+#else
+    return NewKernel<CpuKernel, void>(kOpName, provider_, attrs, kernel);
+#endif
+  });
+}
+
+// ---------------------------------------------------------------- CPU kernel
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Dequantization parameters of one token row: per-channel vectors (KIVI keys, one
+// float per channel) or per-group scalars (G channels share one scale/zero).
+struct RowParams {
+  const float* s;
+  const float* z;
+  int64_t G;  // 0: per channel
+};
+
+// Portable row operations; the AVX2 set below has the same interface.
+struct ScalarOps {
+  static inline void Dequant(const uint8_t* q, int bits, int64_t D, const RowParams& p, float* out) {
+    const int per = 8 / bits, mask = (1 << bits) - 1;
+    for (int64_t d = 0; d < D; ++d) {
+      const float c = float((q[d / per] >> ((d % per) * bits)) & mask);
+      const int64_t i = p.G ? d / p.G : d;
+      out[d] = p.s[i] * c + p.z[i];
+    }
+  }
+  // out[r] = dot(q + r * D, k) for `rows` query rows.
+  static inline void DotRows(const float* q, int64_t rows, const float* k, int64_t D, float* out, int64_t stride) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float acc = 0.0f;
+      for (int64_t d = 0; d < D; ++d) acc += q[r * D + d] * k[d];
+      out[r * stride] = acc;
+    }
+  }
+  // out[r] = dot(q + r * D, dequantized row) with the row dequantized on the fly.
+  static inline void QuantScores(const float* q, int64_t rows, const uint8_t* codes, int bits, int64_t D,
+                                 const RowParams& p, float* buf, float* out, int64_t stride) {
+    Dequant(codes, bits, D, p, buf);
+    DotRows(q, rows, buf, D, out, stride);
+  }
+  // acc[r] += p[r * stride] * v for `rows` rows.
+  static inline void AxpyRows(const float* p, int64_t stride, int64_t rows, const float* v, int64_t D, float* acc) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float w = p[r * stride];
+      if (w == 0.0f) continue;
+      for (int64_t d = 0; d < D; ++d) acc[r * D + d] += w * v[d];
+    }
+  }
+  // acc[r] += sum_t p[r * stride + t] * v[t] over a block of nt dequantized rows.
+  static inline void AccumulateBlock(const float* p, int64_t stride, int64_t rows, const float* v, int64_t nt,
+                                     int64_t D, float* acc) {
+    for (int64_t t = 0; t < nt; ++t) AxpyRows(p + t, stride, rows, v + t * D, D, acc);
+  }
+  // x = exp(x - m) in place; returns the sum.
+  static inline float ExpShift(float* x, int64_t n, float m) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp(x[i] - m));
+    return sum;
+  }
+};
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define TOOLKIT_KV_AVX2 1
+struct Avx2Ops {
+  // 8 codes starting at channel d as floats (d a multiple of 8).
+  template <int kBits>
+  TOOLKIT_AVX2 static inline __m256 Codes8(const uint8_t* q, int64_t d) {
+    if constexpr (kBits == 8) {
+      return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + d))));
+    } else if constexpr (kBits == 4) {
+      uint32_t w;
+      std::memcpy(&w, q + d / 2, 4);
+      const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w)), sh),
+                                                 _mm256_set1_epi32(15)));
+    } else {
+      uint16_t w;
+      std::memcpy(&w, q + d / 4, 2);
+      const __m256i sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w)), sh),
+                                                 _mm256_set1_epi32(3)));
+    }
+  }
+  template <int kBits>
+  TOOLKIT_AVX2 static inline void DequantBits(const uint8_t* q, int64_t D, const RowParams& p, float* out) {
+    if (p.G) {  // one (scale, zero) per group of G channels
+      for (int64_t g = 0, d = 0; d < D; ++g) {
+        const __m256 s = _mm256_set1_ps(p.s[g]), z = _mm256_set1_ps(p.z[g]);
+        for (const int64_t end = d + p.G; d < end; d += 8) {
+          _mm256_storeu_ps(out + d, _mm256_fmadd_ps(s, Codes8<kBits>(q, d), z));
+        }
+      }
+    } else {  // per channel
+      for (int64_t d = 0; d < D; d += 8) {
+        _mm256_storeu_ps(out + d,
+                         _mm256_fmadd_ps(_mm256_loadu_ps(p.s + d), Codes8<kBits>(q, d), _mm256_loadu_ps(p.z + d)));
+      }
+    }
+  }
+  template <int kBits>
+  TOOLKIT_AVX2 static inline __m256 Key8(const uint8_t* codes, const RowParams& p, int64_t d) {
+    const __m256 c = Codes8<kBits>(codes, d);
+    if (p.G) return _mm256_fmadd_ps(_mm256_set1_ps(p.s[d / p.G]), c, _mm256_set1_ps(p.z[d / p.G]));
+    return _mm256_fmadd_ps(_mm256_loadu_ps(p.s + d), c, _mm256_loadu_ps(p.z + d));
+  }
+  // Scores of a quantized key row: each 8-channel chunk is dequantized in a register
+  // and used by four query rows before the next chunk is decoded.
+  template <int kBits>
+  TOOLKIT_AVX2 static inline void QuantScoresBits(const float* q, int64_t rows, const uint8_t* codes, int64_t D,
+                                                  const RowParams& p, float* out, int64_t stride) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      const float *q0 = q + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 k = Key8<kBits>(codes, p, d);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), k, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + d), k, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + d), k, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + d), k, a3);
+      }
+      out[r * stride] = HorizontalSum(a0);
+      out[(r + 1) * stride] = HorizontalSum(a1);
+      out[(r + 2) * stride] = HorizontalSum(a2);
+      out[(r + 3) * stride] = HorizontalSum(a3);
+    }
+    for (; r < rows; ++r) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), Key8<kBits>(codes, p, d), a);
+      out[r * stride] = HorizontalSum(a);
+    }
+  }
+  TOOLKIT_AVX2 static inline void QuantScores(const float* q, int64_t rows, const uint8_t* codes, int bits,
+                                              int64_t D, const RowParams& p, float* /*buf*/, float* out,
+                                              int64_t stride) {
+    if (bits == 8) return QuantScoresBits<8>(q, rows, codes, D, p, out, stride);
+    if (bits == 4) return QuantScoresBits<4>(q, rows, codes, D, p, out, stride);
+    QuantScoresBits<2>(q, rows, codes, D, p, out, stride);
+  }
+  TOOLKIT_AVX2 static inline void Dequant(const uint8_t* q, int bits, int64_t D, const RowParams& p, float* out) {
+    if (bits == 8) return DequantBits<8>(q, D, p, out);
+    if (bits == 4) return DequantBits<4>(q, D, p, out);
+    DequantBits<2>(q, D, p, out);
+  }
+  TOOLKIT_AVX2 static inline void DotRows(const float* q, int64_t rows,
+                                                                         const float* k, int64_t D, float* out,
+                                                                         int64_t stride) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {  // four rows share each load of k
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      const float *q0 = q + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 kv = _mm256_loadu_ps(k + d);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), kv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + d), kv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + d), kv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + d), kv, a3);
+      }
+      out[r * stride] = HorizontalSum(a0);
+      out[(r + 1) * stride] = HorizontalSum(a1);
+      out[(r + 2) * stride] = HorizontalSum(a2);
+      out[(r + 3) * stride] = HorizontalSum(a3);
+    }
+    for (; r < rows; ++r) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), _mm256_loadu_ps(k + d), a);
+      out[r * stride] = HorizontalSum(a);
+    }
+  }
+  TOOLKIT_AVX2 static inline void AxpyRows(const float* p, int64_t stride,
+                                                                          int64_t rows, const float* v, int64_t D,
+                                                                          float* acc) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float w = p[r * stride];
+      if (w == 0.0f) continue;
+      const __m256 wv = _mm256_set1_ps(w);
+      float* a = acc + r * D;
+      for (int64_t d = 0; d < D; d += 8) {
+        _mm256_storeu_ps(a + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + d), _mm256_loadu_ps(a + d)));
+      }
+    }
+  }
+  // Register-blocked PV: 4 query rows x 16 channels of accumulators stay in
+  // registers over the nt tokens of the block (one store per block, not per token).
+  TOOLKIT_AVX2 static inline void AccumulateBlock(const float* p, int64_t stride, int64_t rows, const float* v,
+                                                  int64_t nt, int64_t D, float* acc) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      const float *p0 = p + r * stride, *p1 = p0 + stride, *p2 = p1 + stride, *p3 = p2 + stride;
+      for (int64_t d = 0; d < D; d += 16) {
+        const bool two = d + 16 <= D;
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+               a31 = a00;
+        for (int64_t t = 0; t < nt; ++t) {
+          const float* vt = v + t * D + d;
+          const __m256 v0 = _mm256_loadu_ps(vt);
+          const __m256 v1 = two ? _mm256_loadu_ps(vt + 8) : _mm256_setzero_ps();
+          const __m256 w0 = _mm256_broadcast_ss(p0 + t), w1 = _mm256_broadcast_ss(p1 + t);
+          const __m256 w2 = _mm256_broadcast_ss(p2 + t), w3 = _mm256_broadcast_ss(p3 + t);
+          a00 = _mm256_fmadd_ps(w0, v0, a00), a01 = _mm256_fmadd_ps(w0, v1, a01);
+          a10 = _mm256_fmadd_ps(w1, v0, a10), a11 = _mm256_fmadd_ps(w1, v1, a11);
+          a20 = _mm256_fmadd_ps(w2, v0, a20), a21 = _mm256_fmadd_ps(w2, v1, a21);
+          a30 = _mm256_fmadd_ps(w3, v0, a30), a31 = _mm256_fmadd_ps(w3, v1, a31);
+        }
+        float* o = acc + r * D + d;
+        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), a00));
+        _mm256_storeu_ps(o + D, _mm256_add_ps(_mm256_loadu_ps(o + D), a10));
+        _mm256_storeu_ps(o + 2 * D, _mm256_add_ps(_mm256_loadu_ps(o + 2 * D), a20));
+        _mm256_storeu_ps(o + 3 * D, _mm256_add_ps(_mm256_loadu_ps(o + 3 * D), a30));
+        if (two) {
+          _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), a01));
+          _mm256_storeu_ps(o + D + 8, _mm256_add_ps(_mm256_loadu_ps(o + D + 8), a11));
+          _mm256_storeu_ps(o + 2 * D + 8, _mm256_add_ps(_mm256_loadu_ps(o + 2 * D + 8), a21));
+          _mm256_storeu_ps(o + 3 * D + 8, _mm256_add_ps(_mm256_loadu_ps(o + 3 * D + 8), a31));
+        }
+      }
+    }
+    for (; r < rows; ++r) {
+      for (int64_t d = 0; d < D; d += 8) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t t = 0; t < nt; ++t) a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + r * stride + t),
+                                                             _mm256_loadu_ps(v + t * D + d), a);
+        float* o = acc + r * D + d;
+        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), a));
+      }
+    }
+  }
+  TOOLKIT_AVX2 static inline float ExpShift(float* x, int64_t n, float m) {
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
+      _mm256_storeu_ps(x + i, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    float sum = HorizontalSum(acc);
+    for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - m));
+    return sum;
+  }
+};
+#endif
+
+struct Job {
+  const Io* io;
+  const Attributes* a;
+  int64_t slices = 1;  // key-position slices per (batch, kv head)
+  int64_t slice_len = 0;
+  int64_t rows = 0;  // query rows per (batch, kv head): rep * S
+  bool avx2 = false;
+  // partials[(bh * slices + slice) * rows + row] -> {max, sum, acc[D]}
+  std::vector<float> partials;
+  std::atomic<bool> failed{false};
+};
+
+inline float BiasAt(const Io& io, int64_t b, int64_t s, int64_t t) {
+  if (io.bias_batch == 0) return t <= io.N + io.r + s ? 0.0f : kNegInf;
+  const int64_t bb = io.bias_batch == 1 ? 0 : b;
+  return io.bias[(bb * io.S + s) * io.T + t];
+}
+
+// Full-precision row of position t >= N (residual, then the new tokens).
+inline const float* FpRow(const Io& io, const float* res, const float* fresh, int64_t b, int64_t h, int64_t t) {
+  const int64_t i = t - io.N;
+  if (i < io.r) return res + ((b * io.Hkv + h) * io.r + i) * io.D;
+  return fresh + ((b * io.Hkv + h) * io.S + (i - io.r)) * io.D;
+}
+
+// One (batch, KV head, slice of positions) work item, two passes over the slice:
+// scores for every query row of the group (each key row dequantized once), then
+// exp against the slice max, then the probability-weighted values (each value row
+// dequantized once). Query rows are processed in blocks so the score block stays
+// small for long prefills.
+template <typename Ops>
+inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t index) {
+  const Io& io = *job->io;
+  const Attributes& a = *job->a;
+  const int64_t D = io.D, S = io.S, rep = io.Hq / io.Hkv, rows = job->rows;
+  const int64_t bh = int64_t(index) / job->slices, slice = int64_t(index) % job->slices;
+  const int64_t b = bh / io.Hkv, h = bh % io.Hkv;
+  const int64_t t0 = slice * job->slice_len, t1 = std::min(io.T, t0 + job->slice_len), len = t1 - t0;
+  const int bits = int(a.bits);
+  const int64_t groups = io.N / a.key_group;  // per-channel key groups
+
+  std::vector<float> kv(static_cast<size_t>(D)), sc(static_cast<size_t>(D)), zc(sc), vsc(sc), vzc(sc);
+  int64_t loaded_group = -1;
+  // Scores of position t for the nr query rows q (written with stride len).
+  auto key_scores = [&](int64_t t, const float* q, int64_t nr, float* out, int64_t stride) {
+    if (t >= io.N) return Ops::DotRows(q, nr, FpRow(io, io.key_res, io.key, b, h, t), D, out, stride);
+    if (a.key_per_channel) {
+      const int64_t g = t / a.key_group;
+      if (g != loaded_group) {
+        const uint16_t* s16 = io.key_scale + (bh * groups + g) * D;
+        const uint16_t* z16 = io.key_zero + (bh * groups + g) * D;
+        for (int64_t d = 0; d < D; ++d) sc[size_t(d)] = HalfToFloat(s16[d]), zc[size_t(d)] = HalfToFloat(z16[d]);
+        loaded_group = g;
+      }
+      Ops::QuantScores(q, nr, io.key_q + (bh * io.N + t) * io.row_bytes, bits, D, RowParams{sc.data(), zc.data(), 0},
+                       kv.data(), out, stride);
+    } else {
+      const int64_t ng = io.key_params_per_token;
+      const uint16_t* s16 = io.key_scale + (bh * io.N + t) * ng;
+      for (int64_t g = 0; g < ng; ++g) {
+        sc[size_t(g)] = HalfToFloat(s16[g]);
+        zc[size_t(g)] = io.key_zero ? HalfToFloat(io.key_zero[(bh * io.N + t) * ng + g]) : -128.0f * sc[size_t(g)];
+      }
+      Ops::QuantScores(q, nr, io.key_q + (bh * io.N + t) * io.row_bytes, bits, D,
+                       RowParams{sc.data(), zc.data(), a.key_group}, kv.data(), out, stride);
+    }
+  };
+  auto value_row = [&](int64_t t, float* dst) {
+    if (t >= io.N) {
+      std::memcpy(dst, FpRow(io, io.value_res, io.value, b, h, t), size_t(D) * sizeof(float));
+      return;
+    }
+    const int64_t ng = io.value_params;
+    const uint16_t* s16 = io.value_scale + (bh * io.N + t) * ng;
+    for (int64_t g = 0; g < ng; ++g) {
+      vsc[size_t(g)] = HalfToFloat(s16[g]);
+      vzc[size_t(g)] = io.value_zero ? HalfToFloat(io.value_zero[(bh * io.N + t) * ng + g]) : -128.0f * vsc[size_t(g)];
+    }
+    Ops::Dequant(io.value_q + (bh * io.N + t) * io.row_bytes, bits, D,
+                 RowParams{vsc.data(), vzc.data(), a.value_group}, dst);
+  };
+
+  // Query rows of this KV head, pre-scaled: row j*S + s is head h*rep + j, query s.
+  constexpr int64_t kRowBlock = 64;
+  std::vector<float> q(static_cast<size_t>(std::min(rows, kRowBlock) * D));
+  std::vector<float> score(static_cast<size_t>(std::min(rows, kRowBlock) * len));
+  std::vector<float> acc(q.size());
+  constexpr int64_t kTokenBlock = 32;
+  std::vector<float> vblk(static_cast<size_t>(kTokenBlock * D));
+  float* part = job->partials.data() + size_t((bh * job->slices + slice) * rows) * size_t(D + 2);
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    const int64_t nr = std::min(kRowBlock, rows - r0);
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      const int64_t j = (r0 + rr) / S, s = (r0 + rr) % S;
+      const float* src = io.query + (((b * io.Hq + h * rep + j) * S + s) * D);
+      for (int64_t d = 0; d < D; ++d) q[size_t(rr * D + d)] = src[d] * io.scale;
+    }
+    // Pass 1: scores [nr, len] (+ bias).
+    loaded_group = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      key_scores(t, q.data(), nr, score.data() + (t - t0), len);
+    }
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      const int64_t s = (r0 + rr) % S;
+      float* sr = score.data() + rr * len;
+      if (io.bias_batch) {
+        const float* br = io.bias + ((io.bias_batch == 1 ? 0 : b) * S + s) * io.T + t0;
+        for (int64_t i = 0; i < len; ++i) sr[i] += br[i];
+      } else {
+        for (int64_t t = std::max(t0, io.N + io.r + s + 1); t < t1; ++t) sr[t - t0] = kNegInf;
+      }
+    }
+    // Softmax numerators against the slice max.
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      float* sr = score.data() + rr * len;
+      float m = kNegInf;
+      for (int64_t i = 0; i < len; ++i) m = std::max(m, sr[i]);
+      float* dst = part + (r0 + rr) * (D + 2);
+      dst[0] = m;
+      if (!(m > kNegInf)) {  // every position of the slice masked (or NaN scores)
+        dst[1] = 0.0f;
+        std::fill(sr, sr + len, 0.0f);
+        continue;
+      }
+      dst[1] = Ops::ExpShift(sr, len, m);
+    }
+    // Pass 2: probability-weighted values, kTokenBlock dequantized rows at a time.
+    std::fill(acc.begin(), acc.begin() + nr * D, 0.0f);
+    for (int64_t tb = t0; tb < t1; tb += kTokenBlock) {
+      const int64_t nt = std::min(kTokenBlock, t1 - tb);
+      for (int64_t i = 0; i < nt; ++i) value_row(tb + i, vblk.data() + i * D);
+      Ops::AccumulateBlock(score.data() + (tb - t0), len, nr, vblk.data(), nt, D, acc.data());
+    }
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      std::memcpy(part + (r0 + rr) * (D + 2) + 2, acc.data() + rr * D, size_t(D) * sizeof(float));
+    }
+  }
+}
+
+void AttendSliceScalar(Job* job, size_t index) { AttendSliceImpl<ScalarOps>(job, index); }
+#ifdef TOOLKIT_KV_AVX2
+TOOLKIT_AVX2 void AttendSliceAvx2(Job* job, size_t index) { AttendSliceImpl<Avx2Ops>(job, index); }
+#endif
+
+void AttendSlice(void* data, size_t index) {
+  Job* job = static_cast<Job*>(data);
+  try {
+#ifdef TOOLKIT_KV_AVX2
+    if (job->avx2) return AttendSliceAvx2(job, index);
+#endif
+    AttendSliceScalar(job, index);
+  } catch (...) {
+    job->failed = true;
+  }
+}
+
+void MergeSlices(void* data, size_t index) {
+  Job* job = static_cast<Job*>(data);
+  const Io& io = *job->io;
+  const int64_t D = io.D, S = io.S, rep = io.Hq / io.Hkv, rows = job->rows;
+  const int64_t bh = int64_t(index);
+  const int64_t b = bh / io.Hkv, h = bh % io.Hkv;
+  for (int64_t rr = 0; rr < rows; ++rr) {
+    const int64_t j = rr / S, s = rr % S;
+    float* out = io.out + (((b * io.Hq + h * rep + j) * S + s) * D);
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < job->slices; ++c) {
+      mx = std::max(mx, job->partials[size_t(((bh * job->slices + c) * rows + rr) * (D + 2))]);
+    }
+    std::fill(out, out + D, 0.0f);
+    if (!(mx > -std::numeric_limits<float>::infinity())) continue;  // every position masked
+    float denom = 0.0f;
+    for (int64_t c = 0; c < job->slices; ++c) {
+      const float* p = job->partials.data() + size_t(((bh * job->slices + c) * rows + rr) * (D + 2));
+      if (!(p[0] > -std::numeric_limits<float>::infinity())) continue;
+      const float w = std::exp(p[0] - mx);
+      denom += w * p[1];
+      for (int64_t d = 0; d < D; ++d) out[d] += w * p[2 + d];
+    }
+    const float inv = 1.0f / denom;
+    for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+  }
+}
+
+// ---------------------------------------------------------------- present cache
+
+// Copies the past cache into the present one and quantizes the F flushed tokens;
+// one (batch, kv head) per call.
+void WritePresent(void* data, size_t index) {
+  Job* job = static_cast<Job*>(data);
+  try {
+    const Io& io = *job->io;
+    const Attributes& a = *job->a;
+    const int64_t bh = int64_t(index), b = bh / io.Hkv, h = bh % io.Hkv, D = io.D;
+    const int64_t N = io.N, F = io.F, N2 = N + F, r2 = io.r + io.S - F, rb = io.row_bytes;
+    const int bits = int(a.bits), per = 8 / bits;
+    auto copy = [](auto* dst, const auto* src, int64_t n) {
+      if (n > 0) std::memcpy(dst, src, size_t(n) * sizeof(*src));
+    };
+    // Quantized parts: the past rows, then F new rows.
+    copy(io.p_key_q + bh * N2 * rb, io.key_q + bh * N * rb, N * rb);
+    copy(io.p_value_q + bh * N2 * rb, io.value_q + bh * N * rb, N * rb);
+    const int64_t kp_past = a.key_per_channel ? N / a.key_group * D : N * io.key_params_per_token;
+    const int64_t kp_new = a.key_per_channel ? F / a.key_group * D : F * io.key_params_per_token;
+    copy(io.p_key_scale + bh * (kp_past + kp_new), io.key_scale + bh * kp_past, kp_past);
+    if (io.p_key_zero) copy(io.p_key_zero + bh * (kp_past + kp_new), io.key_zero + bh * kp_past, kp_past);
+    const int64_t vp = io.value_params;
+    copy(io.p_value_scale + bh * N2 * vp, io.value_scale + bh * N * vp, N * vp);
+    if (io.p_value_zero) copy(io.p_value_zero + bh * N2 * vp, io.value_zero + bh * N * vp, N * vp);
+
+    auto fp_key = [&](int64_t i) { return FpRow(io, io.key_res, io.key, b, h, N + i); };
+    auto fp_value = [&](int64_t i) { return FpRow(io, io.value_res, io.value, b, h, N + i); };
+    std::vector<uint8_t> codes(static_cast<size_t>(D));
+    auto pack_row = [&](uint8_t* dst) {
+      for (int64_t j = 0; j < rb; ++j) {
+        uint8_t byte = 0;
+        for (int i = 0; i < per; ++i) byte = uint8_t(byte | (codes[size_t(j * per + i)] << (i * bits)));
+        dst[j] = byte;
+      }
+    };
+    // Per-token groups (values always; keys unless per channel).
+    auto per_token = [&](const float* x, int64_t G, uint16_t* s_out, uint16_t* z_out, uint8_t* q_out) {
+      for (int64_t g = 0; g < D / G; ++g) {
+        const float* xg = x + g * G;
+        if (a.symmetric) {
+          float amax = 0.0f;
+          for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::fabs(xg[i]));
+          s_out[g] = FloatToHalf(amax / 127.0f);
+          const float s = HalfToFloat(s_out[g]);
+          for (int64_t i = 0; i < G; ++i) codes[size_t(g * G + i)] = SymmetricCode(xg[i], s);
+        } else {
+          float mn = xg[0], mx = xg[0];
+          for (int64_t i = 1; i < G; ++i) mn = std::min(mn, xg[i]), mx = std::max(mx, xg[i]);
+          AsymmetricParams(mn, mx, bits, &s_out[g], &z_out[g]);
+          const float s = HalfToFloat(s_out[g]), z = HalfToFloat(z_out[g]);
+          for (int64_t i = 0; i < G; ++i) codes[size_t(g * G + i)] = AsymmetricCode(xg[i], s, z, bits);
+        }
+      }
+      pack_row(q_out);
+    };
+    for (int64_t i = 0; i < F; ++i) {
+      // z_out is only written when asymmetric, where the zero outputs exist.
+      per_token(fp_value(i), a.value_group, io.p_value_scale + (bh * N2 + N + i) * vp,
+                io.p_value_zero ? io.p_value_zero + (bh * N2 + N + i) * vp : nullptr,
+                io.p_value_q + (bh * N2 + N + i) * rb);
+      if (!a.key_per_channel) {
+        const int64_t kp = io.key_params_per_token;
+        per_token(fp_key(i), a.key_group, io.p_key_scale + (bh * N2 + N + i) * kp,
+                  io.p_key_zero ? io.p_key_zero + (bh * N2 + N + i) * kp : nullptr,
+                  io.p_key_q + (bh * N2 + N + i) * rb);
+      }
+    }
+    if (a.key_per_channel) {
+      const int64_t G = a.key_group, groups2 = N2 / G;
+      std::vector<uint8_t> block(size_t(G * D));
+      for (int64_t g0 = 0; g0 < F; g0 += G) {
+        const int64_t gi = (N + g0) / G;
+        uint16_t* s_out = io.p_key_scale + (bh * groups2 + gi) * D;
+        uint16_t* z_out = io.p_key_zero + (bh * groups2 + gi) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+          for (int64_t i = 0; i < G; ++i) {
+            const int64_t t = N + g0 + i;
+            if (io.bias_batch && !(BiasAt(io, b, io.S - 1, t) > kMaskedBias)) continue;
+            const float x = fp_key(g0 + i)[d];
+            mn = std::min(mn, x), mx = std::max(mx, x);
+          }
+          if (mn > mx) mn = mx = 0.0f;  // no valid token in the group
+          AsymmetricParams(mn, mx, bits, &s_out[d], &z_out[d]);
+          const float s = HalfToFloat(s_out[d]), z = HalfToFloat(z_out[d]);
+          for (int64_t i = 0; i < G; ++i) block[size_t(i * D + d)] = AsymmetricCode(fp_key(g0 + i)[d], s, z, bits);
+        }
+        for (int64_t i = 0; i < G; ++i) {
+          std::memcpy(codes.data(), block.data() + i * D, size_t(D));
+          pack_row(io.p_key_q + (bh * N2 + N + g0 + i) * rb);
+        }
+      }
+    }
+    // The residual that stays in full precision.
+    for (int64_t i = 0; i < r2; ++i) {
+      std::memcpy(io.p_key_res + (bh * r2 + i) * D, fp_key(F + i), size_t(D) * sizeof(float));
+      std::memcpy(io.p_value_res + (bh * r2 + i) * D, fp_value(F + i), size_t(D) * sizeof(float));
+    }
+  } catch (...) {
+    job->failed = true;
+  }
+}
+
+}  // namespace
+
+// TOOLKIT_KV_SCALAR=1 forces the portable path (tests run both paths).
+static bool ForceScalar() {
+  const char* v = std::getenv("TOOLKIT_KV_SCALAR");
+  return v != nullptr && v[0] == '1';
+}
+
+OrtStatus* CpuKernel::ComputeV2(OrtKernelContext* context) {
+  return GuardStatus(kOpName, [&]() -> OrtStatus* {
+    Io io;
+    if (OrtStatus* st = Prepare(context, attrs, &io)) return st;
+    Ort::KernelContext ctx(context);
+    Job job;
+    job.io = &io;
+    job.a = &attrs;
+    const int64_t heads = io.B * io.Hkv;
+    job.rows = (io.Hq / io.Hkv) * io.S;
+#ifdef TOOLKIT_KV_AVX2
+    // The AVX2 row operations work on 8 channels at a time, one scale per 8.
+    job.avx2 = AvxAvailable() && !ForceScalar() && io.D % 8 == 0 && attrs.value_group % 8 == 0 &&
+               (attrs.key_per_channel || attrs.key_group % 8 == 0);
+#endif
+    if (heads > 0 && io.T > 0 && job.rows > 0) {
+      // Enough slices for every thread at small batch, each at least 256 positions.
+      constexpr int64_t kTargetTasks = 16, kMinSlice = 256;
+      job.slices = std::max<int64_t>(1, std::min((kTargetTasks + heads - 1) / heads, (io.T + kMinSlice - 1) / kMinSlice));
+      job.slice_len = (io.T + job.slices - 1) / job.slices;
+      job.slices = (io.T + job.slice_len - 1) / job.slice_len;
+      job.partials.resize(size_t(heads * job.slices * job.rows * (io.D + 2)));
+      ctx.ParallelFor(&AttendSlice, size_t(heads * job.slices), 0, &job);
+      if (!job.failed) ctx.ParallelFor(&MergeSlices, size_t(heads), 0, &job);
+    }
+    if (!job.failed && heads > 0) ctx.ParallelFor(&WritePresent, size_t(heads), 0, &job);
+    if (job.failed) {
+      return MakeStatus(ORT_RUNTIME_EXCEPTION, std::string(kOpName) + ": CPU kernel failed (out of memory?)");
+    }
+    return nullptr;
+  });
+}
+
+}  // namespace toolkit::kv_attention

@@ -1,0 +1,92 @@
+// LowRankMatMul (domain com.toolkit, since_version 1): a factored linear layer
+// y = (x · U) · V (+ bias) in one kernel, the rank-r intermediate x·U kept in cache.
+//
+//   input  0 x     float32, shape [..., K], rank >= 1
+//   input  1 U     float32 | float16, shape [K, r], r >= 1 (a constant weight)
+//   input  2 V     same type as U, shape [r, N], N >= 1
+//   input  3 bias  float32, optional, shape [N]
+//   output 0 y     float32, shape [..., N]
+//
+// Numerics: float16 weights are widened to float32 exactly; every output element
+// (and every element of the intermediate t = x·U, which is rounded to float32) is
+// a fused multiply-add chain over the reduction axis in ascending order, starting
+// at 0; the bias is added last. The CPU result therefore does not depend on the
+// thread count, the row blocking or the SIMD path (AVX2 or scalar std::fma).
+//
+// This is the operator the `low-rank` pass (passes/low_rank.py) writes for a
+// MatMul(+Add) whose weight W [K, N] it factored as W ~ U · V by truncated SVD.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/common.h"
+
+namespace toolkit::lowrank_matmul {
+
+inline constexpr const char* kOpName = "LowRankMatMul";
+
+struct Attributes {};  // none; kept for KernelBase
+
+// Shapes of one call, checked.
+struct Io {
+  std::vector<int64_t> x_shape;
+  int64_t M = 0, K = 0, r = 0, N = 0;  // M = product of x's leading axes
+  bool fp16 = false;                    // dtype of U and V
+  const float* x = nullptr;
+  const void* U = nullptr;
+  const void* V = nullptr;
+  const float* bias = nullptr;  // null when absent
+  float* y = nullptr;
+};
+
+// Checks x [..., K], U [K, r], V [r, N], bias [N]; each failure names the input,
+// its shape and the expectation.
+OrtStatus* CheckShapes(const std::vector<int64_t>& x, const std::vector<int64_t>& U, const std::vector<int64_t>& V,
+                       const std::vector<int64_t>* bias, int64_t* M, int64_t* K, int64_t* r, int64_t* N);
+
+// Reads and checks the inputs and allocates the output (provider independent).
+OrtStatus* PrepareIo(OrtKernelContext* context, Io* io);
+
+using Kernel = KernelBase<Attributes>;
+
+struct CpuKernel final : Kernel {
+  using Kernel::Kernel;
+  OrtStatus* ComputeV2(OrtKernelContext* context) override;
+};
+
+#ifdef TOOLKIT_WITH_CUDA
+struct CudaKernel final : Kernel {
+  using Kernel::Kernel;
+  OrtStatus* ComputeV2(OrtKernelContext* context) override;
+};
+#endif
+
+struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
+  // `weight_dtype`: the element type of U and V (x, bias and y are float32).
+  Op(Provider provider, ONNXTensorElementDataType weight_dtype) : provider_(provider), dtype_(weight_dtype) {
+    OrtCustomOp::version = TOOLKIT_ORT_API_VERSION;  // see softmax_topk::Op
+  }
+
+  OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
+
+  const char* GetName() const { return kOpName; }
+  const char* GetExecutionProviderType() const {
+    return provider_ == Provider::kCuda ? kCudaExecutionProvider : nullptr;
+  }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 1 || index == 2 ? dtype_ : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
+ private:
+  Provider provider_;
+  ONNXTensorElementDataType dtype_;
+};
+
+}  // namespace toolkit::lowrank_matmul

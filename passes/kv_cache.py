@@ -1,0 +1,370 @@
+"""``kv-cache``: attention over a quantized KV cache (``com.toolkit::QuantKVAttention``).
+
+Rewrites the eager attention of an exported decoder (``toolkit export``; the raw form
+described in ENVIRONMENT.md, the same for our models and Hugging Face GPT-2, Llama,
+Qwen2, Mistral and Phi-3)::
+
+    present.{i}.key   = Concat(past_key_values.{i}.key, k_new, axis=2)   # graph output
+    present.{i}.value = Concat(past_key_values.{i}.value, v_new, axis=2)  # graph output
+    k_rep, v_rep      = [Unsqueeze(axis 2) -> Expand -> Reshape](present.*)  # GQA repeat_kv, or nothing
+    scores            = Add(Mul(MatMul(q, Transpose(k_rep, perm=[0,1,3,2])), scale), bias)
+    out               = MatMul(Softmax(scores, axis=-1), v_rep)
+
+into one ``QuantKVAttention(q, k_new, v_new, <cache>, bias)`` per layer, and changes
+the model's cache I/O from ``past_key_values.{i}.key/value`` to the quantized layout
+of ``toolkit/ops/kv_quant.py`` (``past_key_values.{i}.key_q`` ... ``value_res`` in,
+``present.{i}.*`` out). ``Shape`` nodes that read the old cache tensors (exporters
+compute the past length from them) are rebuilt from the new tensors.
+
+The pass changes the model's I/O, so it is opt-in (``toolkit convert --kv-cache``).
+Either every layer is rewritten or none: a layer that does not match raises a
+:class:`PassError` naming the node and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import numpy as np
+import onnx_ir as ir
+
+from passes.registry import GraphPass, PassOptions, PassResult
+from passes.rule_application import describe_node
+from toolkit.errors import PassError
+from toolkit.ops import kv_quant
+
+DOMAIN = "com.toolkit"
+_PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
+_REPEAT_OPS = ("Unsqueeze", "Expand", "Reshape")
+PROFILE = {8: "kv-int8", 4: "kv-int4", 2: "kv-2bit"}
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheOptions(PassOptions):
+    """Options of ``kv-cache``."""
+
+    scheme: str = dataclasses.field(
+        default="kivi4", metadata={"help": f"cache scheme: {', '.join(kv_quant.PRESETS)}"})
+    group: int = dataclasses.field(
+        default=32, metadata={"help": "group size G: tokens per key group (KIVI), channels per value group"})
+    residual: int = dataclasses.field(
+        default=128, metadata={"help": "full-precision residual window R of the KIVI schemes (multiple of G)"})
+
+    def validate(self) -> None:
+        if self.scheme not in kv_quant.PRESETS:
+            raise PassError(f"kv-cache: unknown scheme {self.scheme!r}",
+                            hint=f"use one of {', '.join(kv_quant.PRESETS)} (e.g. --kv-cache kivi4)")
+        if self.group not in (8, 16, 32, 64, 128):
+            raise PassError(f"kv-cache: group={self.group} is not supported",
+                            hint="use --kv-group 32, 64 or 128 (KIVI's sizes; 8 and 16 for small heads)")
+        if self.scheme.startswith("kivi") and (self.residual < self.group or self.residual % self.group):
+            raise PassError(f"kv-cache: residual={self.residual} must be a positive multiple of group={self.group}",
+                            hint="e.g. --kv-group 32 --kv-residual 128")
+
+
+@dataclasses.dataclass
+class _Layer:
+    index: int
+    past_k: ir.Value
+    past_v: ir.Value
+    concat_k: ir.Node
+    concat_v: ir.Node
+    query: ir.Value
+    scale: float
+    bias: ir.Value | None
+    out: ir.Value
+    remove: list[ir.Node]
+    shape_users: list[tuple[ir.Node, str]]  # (Shape node, "past" | "present") of the key or value
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def _const_scalar(value: ir.Value | None) -> float | None:
+    if value is None or value.is_graph_input():
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is None:
+        return None
+    arr = tensor.numpy()
+    if arr.size != 1:
+        return None
+    return float(arr.reshape(()))
+
+
+def _int_list(value: ir.Value | None) -> list[int] | None:
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else [int(v) for v in np.asarray(tensor.numpy()).reshape(-1)]
+
+
+def _split_uses(value: ir.Value) -> tuple[list[ir.Node], list[ir.Node]]:
+    """(Shape consumers, other consumers) of ``value``."""
+    shapes, others = [], []
+    for use in value.uses():
+        (shapes if use.node.op_type == "Shape" and use.node.domain in ("", "ai.onnx") else others).append(use.node)
+    return shapes, others
+
+
+def _only_use(value: ir.Value, what: str, graph_output_ok: bool = False) -> ir.Node:
+    uses = value.uses()
+    if (value.is_graph_output() and not graph_output_ok) or len(uses) != 1:
+        users = ", ".join(describe_node(u.node) for u in uses) or "none"
+        raise _NoMatch(f"{what} {value.name!r} must have exactly one consumer (has: {users}"
+                       f"{'; it is a graph output' if value.is_graph_output() else ''})")
+    return uses[0].node
+
+
+def _cache_concat(graph_outputs: dict[str, ir.Value], past: ir.Value, present_name: str) -> tuple[ir.Node, list]:
+    shapes, others = _split_uses(past)
+    if len(others) != 1 or others[0].op_type != "Concat":
+        raise _NoMatch(f"input {past.name!r} is read by {', '.join(describe_node(n) for n in others) or 'nothing'};"
+                       " expected one Concat(past, new, axis=2) (a flat KV cache from `toolkit export`)")
+    concat = others[0]
+    axis = concat.attributes.get_int("axis", 0)
+    if len(concat.inputs) != 2 or concat.inputs[0] is not past or axis not in (2, -2):
+        raise _NoMatch(f"{describe_node(concat)} is not Concat(past, new) on axis 2 (axis={axis})")
+    out = concat.outputs[0]
+    if graph_outputs.get(present_name) is not out:
+        raise _NoMatch(f"{describe_node(concat)} does not produce the graph output {present_name!r}")
+    return concat, [(n, "past") for n in shapes]
+
+
+def _repeat_chain(present: ir.Value, what: str) -> tuple[ir.Value, list[ir.Node], list]:
+    """Follow Hugging Face repeat_kv (Unsqueeze axis 2 -> Expand -> Reshape) from ``present``."""
+    shapes, others = _split_uses(present)
+    shape_users = [(n, "present") for n in shapes]
+    if len(others) != 1:
+        raise _NoMatch(f"{what} cache {present.name!r} has {len(others)} non-Shape consumers "
+                       f"({', '.join(describe_node(n) for n in others)}); expected the attention alone")
+    node = others[0]
+    if node.op_type != "Unsqueeze":
+        return present, [], shape_users
+    axes = _int_list(node.inputs[1]) if len(node.inputs) > 1 else None
+    if axes not in ([2], [-3]):
+        raise _NoMatch(f"{describe_node(node)} unsqueezes axes {axes}; repeat_kv (query head h reads KV head "
+                       "h // n_rep) unsqueezes axis 2")
+    expand = _only_use(node.outputs[0], "repeat_kv Unsqueeze output")
+    if expand.op_type != "Expand":
+        raise _NoMatch(f"{describe_node(expand)} follows the repeat_kv Unsqueeze; expected Expand")
+    reshape = _only_use(expand.outputs[0], "repeat_kv Expand output")
+    if reshape.op_type != "Reshape":
+        raise _NoMatch(f"{describe_node(reshape)} follows the repeat_kv Expand; expected Reshape")
+    return reshape.outputs[0], [node, expand, reshape], shape_users
+
+
+def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value) -> _Layer:
+    graph = model.graph
+    outputs = {v.name: v for v in graph.outputs}
+    concat_k, shape_users = _cache_concat(outputs, past_k, f"present.{index}.key")
+    concat_v, shape_users_v = _cache_concat(outputs, past_v, f"present.{index}.value")
+    shape_users += shape_users_v
+    k_rep, remove_k, su = _repeat_chain(concat_k.outputs[0], "key")
+    shape_users += su
+    v_rep, remove_v, su = _repeat_chain(concat_v.outputs[0], "value")
+    shape_users += su
+    remove = [concat_k, concat_v, *remove_k, *remove_v]
+
+    # Without GQA (no repeat_kv) the keys are the present output itself.
+    transpose = _only_use(k_rep, "repeated key", graph_output_ok=k_rep is concat_k.outputs[0])
+    perm = transpose.attributes.get_ints("perm", None)
+    if transpose.op_type != "Transpose" or list(perm or []) not in ([0, 1, 3, 2],):
+        raise _NoMatch(f"{describe_node(transpose)} consumes the keys; expected Transpose(perm=[0,1,3,2])")
+    remove.append(transpose)
+    scale = 1.0
+    node = _only_use(transpose.outputs[0], "transposed key")
+    if node.op_type == "Mul":  # SDPA decomposition: sqrt(scale) on q and k
+        c = _const_scalar(node.inputs[1]) if node.inputs[0] is transpose.outputs[0] else _const_scalar(node.inputs[0])
+        if c is None:
+            raise _NoMatch(f"{describe_node(node)} scales the keys by a non-constant")
+        scale *= c
+        remove.append(node)
+        node = _only_use(node.outputs[0], "scaled key")
+    qk = node
+    if qk.op_type != "MatMul" or qk.inputs[1] is not remove[-1].outputs[0]:
+        raise _NoMatch(f"{describe_node(qk)} consumes the keys; expected MatMul(query, keys^T)")
+    remove.append(qk)
+    query = qk.inputs[0]
+    node = _only_use(qk.outputs[0], "attention scores")
+    if node.op_type in ("Mul", "Div"):
+        other = node.inputs[1] if node.inputs[0] is qk.outputs[0] else node.inputs[0]
+        c = _const_scalar(other)
+        if c is None or (node.op_type == "Div" and node.inputs[1] is not other) or c == 0:
+            raise _NoMatch(f"{describe_node(node)} scales the scores by a non-constant")
+        scale *= c if node.op_type == "Mul" else 1.0 / c
+        remove.append(node)
+        node = _only_use(node.outputs[0], "scaled scores")
+    bias = None
+    if node.op_type == "Add":
+        prev = remove[-1].outputs[0]
+        bias = node.inputs[1] if node.inputs[0] is prev else node.inputs[0]
+        remove.append(node)
+        node = _only_use(node.outputs[0], "masked scores")
+    softmax = node
+    if softmax.op_type != "Softmax" or softmax.attributes.get_int("axis", -1) not in (-1, 3):
+        raise _NoMatch(f"{describe_node(softmax)} follows the scores; expected Softmax(axis=-1)")
+    remove.append(softmax)
+    pv = _only_use(softmax.outputs[0], "attention probabilities")
+    if pv.op_type != "MatMul" or pv.inputs[0] is not softmax.outputs[0] or pv.inputs[1] is not v_rep:
+        raise _NoMatch(f"{describe_node(pv)} consumes the probabilities; expected MatMul(probs, values) with the "
+                       f"values of {past_v.name!r}")
+    remove.append(pv)
+    return _Layer(index, past_k, past_v, concat_k, concat_v, query, scale, bias, pv.outputs[0], remove, shape_users)
+
+
+def _int64(name: str, values: list[int]) -> ir.Value:
+    return ir.val(name, const_value=ir.tensor(np.array(values, dtype=np.int64)))
+
+
+def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) -> PassResult:
+    """Rewrite every layer's attention; count = number of layers rewritten."""
+    del explain  # a mismatch is an error (all layers or none), with its reason
+    graph = model.graph
+    pasts = {}
+    for value in graph.inputs:
+        m = _PAST.match(value.name or "")
+        if m:
+            pasts[int(m.group(1))] = value
+    if not pasts:
+        return PassResult(name=PASS.name, count=0, explanations=[
+            "the model has no past_key_values.{i}.key inputs (export it with `toolkit export`)"])
+    inputs_by_name = {v.name: v for v in graph.inputs}
+    layers = []
+    for index in sorted(pasts):
+        past_k = pasts[index]
+        past_v = inputs_by_name.get(f"past_key_values.{index}.value")
+        if past_v is None:
+            raise PassError(f"kv-cache: input past_key_values.{index}.value is missing",
+                            hint="the model must have a flat KV cache (`toolkit export`)")
+        try:
+            layers.append(_match_layer(model, index, past_k, past_v))
+        except _NoMatch as err:
+            raise PassError(f"kv-cache: layer {index}: {err}",
+                            hint="the pass rewrites the eager attention exported by `toolkit export`; run "
+                                 "`toolkit inspect` on the model and report the pattern if it is a standard one") from None
+
+    shape = layers[0].past_k.shape
+    if shape is None or len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
+        raise PassError(f"kv-cache: input {layers[0].past_k.name!r} has shape {shape}; expected "
+                        "[batch, kv_heads, past_len, head_dim] with static kv_heads and head_dim",
+                        hint="re-export with `toolkit export`")
+    batch, kv_heads, head_dim = shape[0], shape[1], shape[3]
+    try:
+        scheme = kv_quant.scheme_for(options.scheme, head_dim, options.group, options.residual)
+    except ValueError as err:
+        raise PassError(f"kv-cache: {err}", hint="choose another --kv-group / --kv-residual") from None
+    pb = head_dim * scheme.bits // 8
+
+    def cache_shapes(prefix: str) -> dict[str, ir.Shape]:
+        n, g, r = f"{prefix}_quantized_length", f"{prefix}_key_groups", f"{prefix}_residual_length"
+        kparams = [batch, kv_heads, g, head_dim] if scheme.key_per_channel else \
+            [batch, kv_heads, n, head_dim // scheme.key_group]
+        return {"key_q": ir.Shape([batch, kv_heads, n, pb]), "key_scale": ir.Shape(kparams),
+                "key_zero": ir.Shape(kparams), "key_res": ir.Shape([batch, kv_heads, r, head_dim]),
+                "value_q": ir.Shape([batch, kv_heads, n, pb]),
+                "value_scale": ir.Shape([batch, kv_heads, n, head_dim // scheme.value_group]),
+                "value_zero": ir.Shape([batch, kv_heads, n, head_dim // scheme.value_group]),
+                "value_res": ir.Shape([batch, kv_heads, r, head_dim])}
+
+    dtypes = {"q": ir.DataType.UINT8, "scale": ir.DataType.FLOAT16, "zero": ir.DataType.FLOAT16,
+              "res": ir.DataType.FLOAT}
+    names = [n for n in kv_quant.CACHE_TENSORS if not (scheme.symmetric and n.endswith("_zero"))]
+    past_shapes, present_shapes = cache_shapes("past"), cache_shapes("present")
+    attrs = [ir.AttrInt64(k, v) for k, v in scheme.to_attributes().items()]
+
+    for layer in layers:
+        i = layer.index
+        new_in = {n: ir.val(f"past_key_values.{i}.{n}", dtypes[n.rsplit("_", 1)[1]], past_shapes[n]) for n in names}
+        k_new, v_new = layer.concat_k.inputs[1], layer.concat_v.inputs[1]
+        op_inputs = [layer.query, k_new, v_new, *(new_in.get(n) for n in kv_quant.CACHE_TENSORS), layer.bias]
+        while op_inputs[-1] is None:
+            op_inputs.pop()
+        pv = layer.remove[-1]
+        node = ir.Node(DOMAIN, kv_quant.OP_TYPE, op_inputs,
+                       [*attrs, ir.AttrFloat32("scale", float(layer.scale))],
+                       num_outputs=1 + len(kv_quant.CACHE_TENSORS), name=f"kv_cache/layer{i}/QuantKVAttention")
+        out = node.outputs[0]
+        out.name, out.dtype, out.shape = f"kv_cache.{i}.attention", layer.out.dtype, layer.out.shape
+        new_out = {}
+        for value, n in zip(node.outputs[1:], kv_quant.CACHE_TENSORS):
+            if n in new_in:
+                value.name = f"present.{i}.{n}"
+                value.dtype, value.shape = new_in[n].dtype, present_shapes[n]
+                new_out[n] = value
+            else:
+                value.name = ""  # symmetric: no zero point
+        graph.insert_before(pv, [node])
+        ir.convenience.replace_all_uses_with(layer.out, out)
+
+        # The shape of the old cache tensors, rebuilt: [B, Hkv, N + r (+ S), D].
+        for shape_node, which in layer.shape_users:
+            pre = f"kv_cache/layer{i}/{shape_node.name}"
+            shape_q = ir.Node("", "Shape", [new_in["key_q"]], [ir.AttrInt64("start", 2), ir.AttrInt64("end", 3)],
+                              name=f"{pre}/ShapeQ")
+            shape_r = ir.Node("", "Shape", [new_in["key_res"]], name=f"{pre}/ShapeRes")
+            nodes = [shape_q, shape_r]
+            res_dims = shape_r.outputs[0]
+            starts = [_int64(f"{pre}/c{j}", [v]) for j, v in enumerate((0, 2, 3, 2, 3, 4))]
+            head = ir.Node("", "Slice", [res_dims, starts[0], starts[1]], name=f"{pre}/Head")
+            r_len = ir.Node("", "Slice", [res_dims, starts[1], starts[2]], name=f"{pre}/ResLen")
+            tail = ir.Node("", "Slice", [res_dims, starts[4], starts[5]], name=f"{pre}/Tail")
+            length = ir.Node("", "Add", [shape_q.outputs[0], r_len.outputs[0]], name=f"{pre}/PastLen")
+            nodes += [head, r_len, tail, length]
+            total = length.outputs[0]
+            if which == "present":
+                s_len = ir.Node("", "Shape", [k_new], [ir.AttrInt64("start", 2), ir.AttrInt64("end", 3)],
+                                name=f"{pre}/NewLen")
+                total_node = ir.Node("", "Add", [total, s_len.outputs[0]], name=f"{pre}/TotalLen")
+                nodes += [s_len, total_node]
+                total = total_node.outputs[0]
+            full = ir.Node("", "Concat", [head.outputs[0], total, tail.outputs[0]], [ir.AttrInt64("axis", 0)],
+                           name=f"{pre}/Shape")
+            nodes.append(full)
+            start = shape_node.attributes.get_int("start", 0)
+            end = shape_node.attributes.get_int("end", 4)
+            sliced = ir.Node("", "Slice", [full.outputs[0], _int64(f"{pre}/start", [start]),
+                                            _int64(f"{pre}/end", [end])], name=f"{pre}/Slice")
+            nodes.append(sliced)
+            for c in (*starts, sliced.inputs[1], sliced.inputs[2]):
+                graph.register_initializer(c)
+            graph.insert_before(shape_node, nodes)
+            ir.convenience.replace_all_uses_with(shape_node.outputs[0], sliced.outputs[0])
+            graph.remove(shape_node, safe=True)
+
+        # Cache I/O: the new tensors take the old ones' places.
+        for old, kind in ((layer.past_k, "key"), (layer.past_v, "value")):
+            pos = list(graph.inputs).index(old)
+            graph.inputs.pop(pos)
+            for j, n in enumerate(n for n in names if n.startswith(kind)):
+                graph.inputs.insert(pos + j, new_in[n])
+            out_pos = [v.name for v in graph.outputs].index(f"present.{i}.{kind}")
+            graph.outputs.pop(out_pos)
+            for j, n in enumerate(n for n in names if n.startswith(kind)):
+                graph.outputs.insert(out_pos + j, new_out[n])
+
+        for dead in reversed(layer.remove):
+            graph.remove(dead, safe=True)
+
+    model.opset_imports.setdefault(DOMAIN, 1)
+    info = {"scheme": options.scheme, **scheme.to_attributes(), "kv_heads": kv_heads, "head_dim": head_dim,
+            "layers": len(layers), "bytes_per_token": scheme.bytes_per_token(kv_heads, head_dim) * len(layers),
+            "fp32_bytes_per_token": 2 * kv_heads * head_dim * 4 * len(layers)}
+    model.metadata_props["toolkit.kv_cache"] = options.scheme
+    model.metadata_props["toolkit.kv_quant"] = json.dumps(info, sort_keys=True)
+    model.metadata_props["toolkit.parity_profile"] = PROFILE[scheme.bits]
+    return PassResult(name=PASS.name, count=len(layers),
+                      details={"scheme": options.scheme, "bits": scheme.bits, "layers": len(layers),
+                               "scales": sorted({round(layer.scale, 6) for layer in layers})})
+
+
+PASS = GraphPass(
+    name="kv-cache",
+    description="Attention over a quantized KV cache (QuantKVAttention: int8 / int4 / KIVI 4- and 2-bit); "
+    "changes the cache I/O",
+    options_type=KVCacheOptions,
+    apply=apply,
+)

@@ -1,0 +1,475 @@
+"""``low-rank``: factor constant-weight MatMul(+Add) layers by truncated SVD.
+
+For ``y = x · W (+ b)`` with a constant ``W [K, N]`` (attention q/k/v/o, MLP
+up/gate/down, LM head) the pass computes ``W ~ U · V`` with ``U [K, r]``,
+``V [r, N]`` and writes ``com.toolkit::LowRankMatMul(x, U, V[, b])`` (or, with
+``use_op=false``, plain ``MatMul(MatMul(x, U), V)`` that runs anywhere).
+
+Rank per layer, exactly one of:
+
+* ``rank_ratio``: ``r = ceil(rank_ratio * min(K, N))``;
+* ``energy``: the smallest r keeping that share of the spectral energy
+  ``sum(s_i^2)``;
+* ``param_budget``: a global budget, the share of the eligible layers' weights
+  kept: singular values of all layers are taken greedily by energy gained per
+  parameter (``(s_i^2 / sum_j s_j^2) / (K + N)``) until the budget is spent.
+
+A layer is left dense (and the report says why) when ``r >= K N / (K + N)``: the
+factors would hold as many weights, and cost as many multiply-adds, as ``W``.
+
+Activation-aware SVD (``activation_aware=true``; Yuan et al. 2023, "ASVD:
+Activation-aware Singular Value Decomposition for Compressing Large Language
+Models", arXiv:2312.05821): the input channels are scaled by calibration
+statistics before the SVD, ``W' = diag(s) W`` with ``s_k = mean|x_k| ** alpha``,
+and the scale is folded back, ``U = diag(1/s) U'``. Truncating ``W'`` minimises the
+error where activations are large rather than uniformly over input channels.
+
+Calibration: the original graph is run by ONNX Runtime on calibration inputs with
+every candidate MatMul's activation input exposed as an extra output; per channel
+``mean|x|`` is kept, plus up to ``calibration_rows`` rows that measure each layer's
+relative reconstruction error ``||X W - X U V|| / ||X W||``. Decoder inputs are
+filled from ``calibration_data`` (an ``.npy`` of int64 token ids ``[B, S]``) or
+random tokens; other graphs get standard-normal float inputs.
+
+Report (``PassResult.details["layers"]``): per layer, rank, kept energy,
+reconstruction error on the calibration activations, weights and FLOPs saved, or
+the reason it was skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from passes.registry import GraphPass, PassOptions, PassResult
+from toolkit.errors import PassError
+
+DOMAIN = "com.toolkit"
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankOptions(PassOptions):
+    """Options of ``low-rank`` (exactly one of rank_ratio / energy / param_budget)."""
+
+    rank_ratio: float | None = dataclasses.field(
+        default=None, metadata={"help": "rank per layer as a share of min(K, N), in (0, 1]"})
+    energy: float | None = dataclasses.field(
+        default=None, metadata={"help": "kept spectral energy per layer, in (0, 1]"})
+    param_budget: float | None = dataclasses.field(
+        default=None, metadata={"help": "global share of the eligible layers' weights kept, in (0, 1]"})
+    activation_aware: bool = dataclasses.field(
+        default=False, metadata={"help": "scale input channels by calibration mean|x|**alpha before the SVD (ASVD)"})
+    alpha: float = dataclasses.field(default=0.5, metadata={"help": "ASVD exponent of the channel scale, in (0, 2]"})
+    calibration_data: str = dataclasses.field(
+        default="", metadata={"help": ".npy of int64 token ids [B, S] for calibration ('' = random tokens)"})
+    calibration_samples: int = dataclasses.field(
+        default=4, metadata={"help": "sequences of random calibration tokens (without calibration_data)"})
+    calibration_seq_len: int = dataclasses.field(
+        default=64, metadata={"help": "length of random calibration sequences"})
+    calibration_rows: int = dataclasses.field(
+        default=512, metadata={"help": "activation rows kept per layer to measure the reconstruction error"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of random calibration inputs"})
+    min_size: int = dataclasses.field(
+        default=4096, metadata={"help": "only weights with at least this many elements (K*N)"})
+    include: str = dataclasses.field(
+        default="", metadata={"help": "comma-separated substrings: only weights whose name contains one"})
+    use_op: bool = dataclasses.field(
+        default=True, metadata={"help": "emit com.toolkit::LowRankMatMul (false: MatMul->MatMul, standard ONNX)"})
+    force: bool = dataclasses.field(
+        default=False, metadata={"help": "factor even where it saves nothing (r >= KN/(K+N)); for testing"})
+
+    def validate(self) -> None:
+        chosen = [n for n in ("rank_ratio", "energy", "param_budget") if getattr(self, n) is not None]
+        if len(chosen) != 1:
+            raise PassError(
+                "low-rank needs exactly one of rank_ratio, energy, param_budget"
+                + (f" (got {', '.join(chosen)})" if chosen else " (got none)"),
+                hint="e.g. toolkit convert MODEL -o DIR --rank-ratio 0.5, or --energy 0.9, or --param-budget 0.6")
+        value = getattr(self, chosen[0])
+        if not (isinstance(value, (int, float)) and 0 < value <= 1):
+            raise PassError(f"low-rank option {chosen[0]} must be in (0, 1], got {value!r}",
+                            hint="1.0 keeps everything; 0.5 keeps half")
+        if not 0 < self.alpha <= 2:
+            raise PassError(f"low-rank option alpha must be in (0, 2], got {self.alpha!r}",
+                            hint="ASVD uses 0.5")
+        for name in ("calibration_samples", "calibration_seq_len", "calibration_rows"):
+            if getattr(self, name) < 1:
+                raise PassError(f"low-rank option {name} must be >= 1, got {getattr(self, name)!r}",
+                                hint=f"e.g. --pass-option low-rank.{name}=8")
+        if self.min_size < 1:
+            raise PassError(f"low-rank option min_size must be >= 1, got {self.min_size!r}", hint="e.g. 4096")
+
+
+@dataclasses.dataclass
+class _Layer:
+    matmul: ir.Node
+    add: ir.Node | None
+    bias: ir.Value | None
+    weight: np.ndarray  # [K, N] float64
+    name: str
+    chan_abs_mean: np.ndarray | None = None  # [K]
+    rows: np.ndarray | None = None            # [<= calibration_rows, K]
+    # SVD of the (scaled) weight
+    u: np.ndarray | None = None
+    s: np.ndarray | None = None
+    vt: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    rank: int = 0
+
+
+def _const_bias(add: ir.Node, produced: ir.Value, n: int) -> ir.Value | None:
+    other = add.inputs[1] if add.inputs[0] is produced else add.inputs[0]
+    if other is None or other.const_value is None:
+        return None
+    shape = tuple(other.const_value.shape)
+    return other if shape == (n,) else None
+
+
+def _constant_weight(w: ir.Value | None) -> np.ndarray | None:
+    """The weight's value: an initializer, or Transpose(perm=[1, 0]) of one (tied LM heads)."""
+    if w is None:
+        return None
+    if w.const_value is not None:
+        return w.const_value.numpy()
+    node = w.producer()
+    if node is None or node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+        return None
+    src = node.inputs[0]
+    if src is None or src.const_value is None or src.const_value.numpy().ndim != 2:
+        return None
+    perm = node.attributes.get("perm")
+    if perm is not None and list(perm.as_ints()) != [1, 0]:
+        return None
+    return src.const_value.numpy().T
+
+
+def _shared_weight(w: ir.Value) -> str | None:
+    """Name of the initializer behind ``w`` when something else also uses it."""
+    src = w
+    if w.const_value is None:  # Transpose of an initializer
+        src = w.producer().inputs[0]
+        if len(list(w.uses())) > 1:
+            return w.name
+    return src.name if len(list(src.uses())) > 1 else None
+
+
+def _candidates(graph: ir.Graph, options: LowRankOptions, explanations: list[str] | None) -> list[_Layer]:
+    include = [s for s in options.include.split(",") if s]
+    layers = []
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        label = f"node {node.name or '<unnamed>'} (MatMul)"
+        w = node.inputs[1]
+        array = _constant_weight(w)
+        if array is None:
+            if explanations is not None:
+                explanations.append(f"{label}: weight {w.name if w else None!r} is not a constant initializer "
+                                    "(or the Transpose of one)")
+            continue
+        if array.ndim != 2:
+            if explanations is not None:
+                explanations.append(f"{label}: weight {w.name!r} has rank {array.ndim}, expected [K, N]")
+            continue
+        if array.dtype not in (np.float32, np.float16, np.float64):
+            if explanations is not None:
+                explanations.append(f"{label}: weight {w.name!r} has dtype {array.dtype}, expected float")
+            continue
+        if array.size < options.min_size:
+            if explanations is not None:
+                explanations.append(f"{label}: weight {w.name!r} {list(array.shape)} has {array.size} elements "
+                                    f"< min_size={options.min_size}")
+            continue
+        shared = _shared_weight(w)
+        if shared and not options.force:
+            if explanations is not None:
+                explanations.append(f"{label}: weight {shared!r} has other uses (e.g. tied embeddings): the dense "
+                                    "matrix stays, so factors would add weights")
+            continue
+        if include and not any(s in (w.name or "") or s in (node.name or "") for s in include):
+            if explanations is not None:
+                explanations.append(f"{label}: weight {w.name!r} matches none of include={options.include!r}")
+            continue
+        out = node.outputs[0]
+        add = bias = None
+        uses = list(out.uses())
+        if len(uses) == 1 and not out.is_graph_output():
+            consumer = uses[0][0] if isinstance(uses[0], tuple) else uses[0].node
+            if consumer.op_type == "Add" and consumer.domain in ("", "ai.onnx"):
+                bias = _const_bias(consumer, out, array.shape[1])
+                add = consumer if bias is not None else None
+        layers.append(_Layer(node, add, bias, array.astype(np.float64), node.name or w.name or "?"))
+    return layers
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def _calibration_feeds(model_proto: Any, options: LowRankOptions) -> dict[str, np.ndarray]:
+    """Inputs for one calibration run of the original graph."""
+    from onnx import helper
+
+    rng = np.random.default_rng(options.seed)
+    inputs = {i.name: i for i in model_proto.graph.input}
+    init_names = {i.name for i in model_proto.graph.initializer}
+    tokens = None
+    if options.calibration_data:
+        try:
+            tokens = np.load(options.calibration_data).astype(np.int64)
+        except (OSError, ValueError) as err:
+            raise PassError(f"low-rank: cannot read calibration_data {options.calibration_data!r}: {err}",
+                            hint="pass an .npy file of int64 token ids [B, S]") from err
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+    batch = tokens.shape[0] if tokens is not None else options.calibration_samples
+    seq = tokens.shape[1] if tokens is not None else options.calibration_seq_len
+    if tokens is None and "input_ids" in inputs:
+        vocab = _vocab_size(model_proto)
+        tokens = rng.integers(0, vocab, size=(batch, seq), dtype=np.int64)
+    feeds = {}
+    for name, info in inputs.items():
+        if name in init_names:
+            continue
+        t = info.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        np_dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
+        if name == "input_ids":
+            feeds[name] = tokens
+        elif name == "attention_mask":
+            feeds[name] = np.ones((batch, seq), np_dtype)
+        elif name == "position_ids":
+            feeds[name] = np.broadcast_to(np.arange(seq, dtype=np_dtype), (batch, seq)).copy()
+        elif name.startswith("past_key_values"):
+            shape = [batch] + [d if d is not None else 0 for d in dims[1:]]
+            shape[2] = 0  # prefill: empty past
+            feeds[name] = np.zeros(shape, np_dtype)
+        elif np.issubdtype(np_dtype, np.floating):
+            shape = [d if d is not None else (batch if i == 0 else seq) for i, d in enumerate(dims)]
+            feeds[name] = rng.standard_normal(shape).astype(np_dtype)
+        else:
+            raise PassError(f"low-rank: cannot build a calibration value for graph input {name!r} ({np_dtype})",
+                            hint="the pass calibrates decoders (input_ids, attention_mask, position_ids, past) "
+                            "and graphs with float inputs")
+    return feeds
+
+
+def _vocab_size(model_proto: Any) -> int:
+    for out in model_proto.graph.output:
+        if out.name == "logits":
+            dims = out.type.tensor_type.shape.dim
+            if len(dims) == 3 and dims[2].HasField("dim_value"):
+                return int(dims[2].dim_value)
+    for init in model_proto.graph.initializer:  # the embedding: the largest 2-D initializer's rows
+        if "embed" in init.name and len(init.dims) == 2:
+            return int(init.dims[0])
+    raise PassError("low-rank: cannot tell the vocabulary size for random calibration tokens",
+                    hint="pass calibration_data=<.npy of token ids>")
+
+
+def _calibrate(model: ir.Model, layers: list[_Layer], options: LowRankOptions) -> None:
+    """Run the graph once with each layer's activation input exposed; keep per-channel stats."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    proto = ir.serde.serialize_model(model)
+    exposed = []
+    existing = {o.name for o in proto.graph.output}
+    for layer in layers:
+        name = layer.matmul.inputs[0].name
+        if name not in existing and name not in exposed:
+            exposed.append(name)
+    for name in exposed:
+        proto.graph.output.append(helper.make_tensor_value_info(name, 1, None))  # float32
+    feeds = _calibration_feeds(proto, options)
+    uses_ours = any(n.domain == DOMAIN for n in proto.graph.node)
+    if uses_ours:
+        from toolkit import ops
+
+        so = ops.session_options()
+    else:
+        so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        values = dict(zip(names, session.run(None, feeds)))
+    except Exception as err:  # ORT raises its own pybind exception types
+        raise PassError(f"low-rank: the calibration run of the original graph failed: {err}",
+                        hint="check calibration_data (token ids within the vocabulary) or use random tokens") from err
+    rng = np.random.default_rng(options.seed + 1)
+    for layer in layers:
+        x = np.asarray(values[layer.matmul.inputs[0].name], np.float64)
+        x = x.reshape(-1, x.shape[-1])
+        layer.chan_abs_mean = np.abs(x).mean(axis=0)
+        if x.shape[0] > options.calibration_rows:
+            x = x[np.sort(rng.choice(x.shape[0], options.calibration_rows, replace=False))]
+        layer.rows = x
+
+
+# ------------------------------------------------------------------ factorisation
+
+
+def _break_even(K: int, N: int) -> float:
+    return K * N / (K + N)
+
+
+def _choose_ranks(layers: list[_Layer], options: LowRankOptions) -> None:
+    if options.rank_ratio is not None:
+        for layer in layers:
+            K, N = layer.weight.shape
+            layer.rank = max(1, math.ceil(options.rank_ratio * min(K, N) - 1e-9))
+    elif options.energy is not None:
+        for layer in layers:
+            e = np.cumsum(layer.s ** 2)
+            e = e / e[-1] if e[-1] > 0 else np.ones_like(e)
+            layer.rank = int(min(len(e), np.searchsorted(e, options.energy - 1e-12) + 1))
+    else:
+        # Greedy over all singular values by relative energy per parameter.
+        total = sum(layer.weight.size for layer in layers)
+        budget = options.param_budget * total
+        gains = []
+        for li, layer in enumerate(layers):
+            K, N = layer.weight.shape
+            e = layer.s ** 2
+            e = e / e.sum() if e.sum() > 0 else e
+            gains.extend((float(g) / (K + N), li, K + N) for g in e)
+        gains.sort(key=lambda t: -t[0])
+        ranks = [0] * len(layers)
+        spent = 0.0
+        for _, li, cost in gains:
+            if spent + cost > budget:
+                continue
+            ranks[li] += 1
+            spent += cost
+        for layer, r in zip(layers, ranks):
+            layer.rank = max(1, r)
+
+
+def _svd(layer: _Layer, options: LowRankOptions) -> None:
+    W = layer.weight
+    if options.activation_aware:
+        s = np.power(np.maximum(layer.chan_abs_mean, 1e-12), options.alpha)
+        s = s / np.exp(np.mean(np.log(s)))  # geometric mean 1: only the shape matters
+    else:
+        s = np.ones(W.shape[0])
+    layer.scale = s
+    layer.u, layer.s, layer.vt = np.linalg.svd(s[:, None] * W, full_matrices=False)
+
+
+def _factors(layer: _Layer) -> tuple[np.ndarray, np.ndarray]:
+    r = layer.rank
+    root = np.sqrt(layer.s[:r])  # balanced split: both factors have comparable norms
+    U = (layer.u[:, :r] * root[None, :]) / layer.scale[:, None]
+    V = root[:, None] * layer.vt[:r]
+    return U, V
+
+
+def _rewrite(graph: ir.Graph, layer: _Layer, U: np.ndarray, V: np.ndarray, use_op: bool, dtype: np.dtype) -> None:
+    mm = layer.matmul
+    x = mm.inputs[0]
+    base = (mm.name or layer.name).replace("/", "_")
+    u_val = ir.val(f"{layer.name}.lowrank_U", const_value=ir.tensor(U.astype(dtype)))
+    v_val = ir.val(f"{layer.name}.lowrank_V", const_value=ir.tensor(V.astype(dtype)))
+    graph.register_initializer(u_val)
+    graph.register_initializer(v_val)
+    last = layer.add if layer.add is not None else mm
+    old_out = last.outputs[0]
+    if use_op:
+        inputs = [x, u_val, v_val] + ([layer.bias] if layer.bias is not None else [])
+        node = ir.Node(DOMAIN, "LowRankMatMul", inputs, num_outputs=1, name=f"{base}/LowRankMatMul")
+        new_nodes = [node]
+    else:
+        first = ir.Node("", "MatMul", [x, u_val], num_outputs=1, name=f"{base}/MatMul_U")
+        second = ir.Node("", "MatMul", [first.outputs[0], v_val], num_outputs=1, name=f"{base}/MatMul_V")
+        new_nodes = [first, second]
+        if layer.bias is not None:
+            new_nodes.append(ir.Node("", "Add", [second.outputs[0], layer.bias], num_outputs=1,
+                                     name=f"{base}/Add_bias"))
+    new_out = new_nodes[-1].outputs[0]
+    if old_out.dtype is not None:
+        new_out.dtype = old_out.dtype
+    if old_out.shape is not None:
+        new_out.shape = old_out.shape
+    old_nodes = [mm] + ([layer.add] if layer.add is not None else [])
+    ir.convenience.replace_nodes_and_values(graph, last, old_nodes, new_nodes, [old_out], [new_out])
+
+
+def apply(model: ir.Model, options: LowRankOptions, *, explain: bool = False) -> PassResult:
+    """Factor the eligible layers; count = layers replaced."""
+    graph = model.graph
+    explanations: list[str] = []
+    layers = _candidates(graph, options, explanations if explain else None)
+    if not layers:
+        return PassResult(name=PASS.name, count=0, explanations=explanations,
+                          details={"layers": [], "reason": "no MatMul with a constant 2-D float weight"})
+    _calibrate(model, layers, options)
+    for layer in layers:
+        _svd(layer, options)
+    _choose_ranks(layers, options)
+
+    report = []
+    count = 0
+    params_before = params_after = flops_before = flops_after = 0
+    for layer in layers:
+        K, N = layer.weight.shape
+        r = layer.rank
+        energy = layer.s ** 2
+        kept = float(energy[:r].sum() / energy.sum()) if energy.sum() > 0 else 1.0
+        entry: dict[str, Any] = {"layer": layer.name, "weight": layer.matmul.inputs[1].name, "K": K, "N": N, "rank": r,
+                                 "break_even_rank": _break_even(K, N), "kept_energy": kept,
+                                 "bias_fused": layer.bias is not None}
+        params_before += K * N
+        flops_before += 2 * K * N
+        if r >= _break_even(K, N) and not options.force:
+            reason = (f"rank {r} >= K*N/(K+N) = {_break_even(K, N):.1f}: the factors would not cut "
+                      f"weights or FLOPs; left dense")
+            entry.update(skipped=True, reason=reason)
+            params_after += K * N
+            flops_after += 2 * K * N
+            explanations.append(f"node {layer.matmul.name or '<unnamed>'} (MatMul): {reason}")
+            report.append(entry)
+            continue
+        U, V = _factors(layer)
+        X = layer.rows
+        ref = X @ layer.weight
+        approx = (X @ U) @ V
+        denom = float(np.linalg.norm(ref))
+        entry["reconstruction_error"] = float(np.linalg.norm(ref - approx) / denom) if denom > 0 else 0.0
+        entry["calibration_rows"] = int(X.shape[0])
+        dtype = _constant_weight(layer.matmul.inputs[1]).dtype
+        bytes_per = np.dtype(dtype).itemsize
+        entry["params_saved"] = K * N - r * (K + N)
+        entry["bytes_saved"] = entry["params_saved"] * bytes_per
+        entry["flops_saved_per_row"] = 2 * (K * N - r * (K + N))
+        entry["skipped"] = False
+        params_after += r * (K + N)
+        flops_after += 2 * r * (K + N)
+        _rewrite(graph, layer, U, V, options.use_op, dtype)
+        count += 1
+        report.append(entry)
+
+    if count and options.use_op:
+        model.opset_imports.setdefault(DOMAIN, 1)
+    summary = {"factored": count, "skipped": len(layers) - count, "params_before": params_before,
+               "params_after": params_after, "param_reduction": 1 - params_after / params_before,
+               "flops_per_row_before": flops_before, "flops_per_row_after": flops_after,
+               "activation_aware": options.activation_aware}
+    model.metadata_props["toolkit.low_rank"] = json.dumps(
+        {"options": dataclasses.asdict(options), **summary}, sort_keys=True)
+    return PassResult(name=PASS.name, count=count, explanations=explanations if explain else
+                      [e for e in explanations if "left dense" in e],
+                      details={"summary": summary, "layers": report})
+
+
+PASS = GraphPass(
+    name="low-rank",
+    description="Factor constant-weight MatMul(+Add) layers by truncated (activation-aware) SVD into "
+    "LowRankMatMul; rank by rank_ratio, energy or a global param_budget",
+    options_type=LowRankOptions,
+    apply=apply,
+)

@@ -1,0 +1,496 @@
+"""QuantKVAttention: the CPU kernel vs the NumPy reference of the same quantization.
+
+Each test runs several calls in a row (a prefill, then decode steps that fill and
+flush the residual window), feeding each side its own present cache back:
+- codes, float16 scales/zeros and the float32 residual must be bit-identical to the
+  reference (``toolkit/ops/kv_quant.py``): the quantization is deterministic
+  arithmetic (float32 min/max, one division, round-to-nearest-even);
+- outputs within 2e-5 absolute + 2e-5 relative: the reference accumulates in
+  float64, the kernel in float32 with a different summation order (online softmax
+  over slices); with |v| <= ~4 and T <= 3000 the float32 error is below 1e-5.
+Against full-precision attention the error must stay within the scheme's bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from toolkit import ops
+from toolkit.ops import kv_quant as kq
+
+OUT_ATOL = 2e-5
+OUT_RTOL = 2e-5
+
+SCHEMES = {
+    "int8": kq.KVScheme(8, False, 32, 32, 0, symmetric=True),
+    "int8-asym": kq.KVScheme(8, False, 32, 16, 0),
+    "int4-token": kq.KVScheme(4, False, 16, 16, 0),
+    "int4-res": kq.KVScheme(4, False, 32, 32, 8),
+    "kivi4": kq.KVScheme(4, True, 8, 16, 16),
+    "kivi2": kq.KVScheme(2, True, 8, 32, 8),
+    "kivi8": kq.KVScheme(8, True, 4, 8, 12),
+}
+
+
+def make_session(scheme, with_bias=True, threads=1, scale=0.0):
+    so = ops.session_options(threads)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    model = kq.single_op_model(scheme, with_bias=with_bias, scale=scale)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run_op(sess, q, k, v, cache, bias=None):
+    feeds = {"query": q, "key": k, "value": v, **{f"past_{n}": t for n, t in cache.items()}}
+    if bias is not None:
+        feeds["attn_bias"] = bias
+    names = [o.name for o in sess.get_outputs()]
+    outs = dict(zip(names, sess.run(None, feeds)))
+    present = {n[len("present_"):]: t for n, t in outs.items() if n.startswith("present_")}
+    return outs["output"], present
+
+
+def causal_bias(batch, s_len, past, pad=None):
+    """[B, 1, S, past + S] additive mask: causal, plus left padding (pad[b] positions)."""
+    t_len = past + s_len
+    pos = np.arange(t_len)[None, :]
+    qpos = (past + np.arange(s_len))[:, None]
+    allowed = np.broadcast_to(pos <= qpos, (batch, s_len, t_len)).copy()
+    if pad is not None:
+        for b, p in enumerate(pad):
+            allowed[b, :, :p] = False
+    return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)[:, None]
+
+
+def assert_cache_equal(got, ref, where):
+    assert set(got) == set(ref), where
+    for name in ref:
+        assert got[name].shape == ref[name].shape, f"{where}: {name} {got[name].shape} vs {ref[name].shape}"
+        assert got[name].dtype == ref[name].dtype, f"{where}: {name}"
+        np.testing.assert_array_equal(got[name], ref[name], err_msg=f"{where}: {name}")
+
+
+def drive(scheme, batch, hq, hkv, d, steps, threads=1, with_bias=True, pad=None, seed=0, scale=0.0):
+    """Prefill + decode with the op and the reference; returns per-step outputs of both."""
+    rng = np.random.default_rng(seed)
+    sess = make_session(scheme, with_bias=with_bias, threads=threads, scale=scale)
+    cache_op = kq.empty_cache(batch, hkv, d, scheme)
+    cache_ref = kq.empty_cache(batch, hkv, d, scheme)
+    past = 0
+    results = []
+    for i, s_len in enumerate(steps):
+        q = rng.standard_normal((batch, hq, s_len, d)).astype(np.float32)
+        # Keys with per-channel offsets (the outlier channels KIVI is built for).
+        k = (rng.standard_normal((batch, hkv, s_len, d)) + np.linspace(-3, 3, d)).astype(np.float32)
+        v = rng.standard_normal((batch, hkv, s_len, d)).astype(np.float32)
+        bias = causal_bias(batch, s_len, past, pad) if with_bias else None
+        out, cache_op = run_op(sess, q, k, v, cache_op, bias)
+        ref, cache_ref = kq.attention(q, k, v, cache_ref, scheme, bias, scale)
+        assert_cache_equal(cache_op, cache_ref, f"call {i}")
+        np.testing.assert_allclose(out, ref, rtol=OUT_RTOL, atol=OUT_ATOL, err_msg=f"call {i}")
+        results.append((q, k, v, bias, out))
+        past += s_len
+    return results, cache_op
+
+
+@pytest.mark.parametrize("path", ["simd", "scalar"])
+@pytest.mark.parametrize("name", list(SCHEMES))
+@pytest.mark.parametrize("batch,hq,hkv,d", [(1, 4, 2, 32), (2, 2, 2, 64), (1, 8, 1, 32)])
+def test_prefill_then_decode_matches_reference(name, batch, hq, hkv, d, path, monkeypatch):
+    # The CPU kernel has an AVX2 path and a portable one (TOOLKIT_KV_SCALAR=1 forces it).
+    if path == "scalar":
+        monkeypatch.setenv("TOOLKIT_KV_SCALAR", "1")
+    scheme = SCHEMES[name]
+    # 13-token prefill, then 1-token steps and a 5-token chunk: several windows fill and flush.
+    drive(scheme, batch, hq, hkv, d, steps=[13] + [1] * 20 + [5, 1, 1])
+
+
+@pytest.mark.parametrize("name", ["kivi4", "kivi2", "int8"])
+def test_causal_default_without_bias(name):
+    drive(SCHEMES[name], 1, 4, 2, 32, steps=[9, 1, 1, 7, 1], with_bias=False)
+
+
+@pytest.mark.parametrize("name", ["kivi4", "int4-res"])
+def test_left_padding_is_left_out_of_key_ranges(name):
+    # Batch rows with 0, 3 and 11 padding tokens; padded keys get huge values that
+    # would wreck a group's range if they were counted.
+    scheme = SCHEMES[name]
+    rng = np.random.default_rng(5)
+    batch, hq, hkv, d, pad = 3, 4, 2, 32, [0, 3, 11]
+    sess = make_session(scheme)
+    cache_op = kq.empty_cache(batch, hkv, d, scheme)
+    cache_ref = kq.empty_cache(batch, hkv, d, scheme)
+    past = 0
+    for s_len in [20, 1, 1, 1, 1, 8]:
+        q = rng.standard_normal((batch, hq, s_len, d)).astype(np.float32)
+        k = rng.standard_normal((batch, hkv, s_len, d)).astype(np.float32)
+        v = rng.standard_normal((batch, hkv, s_len, d)).astype(np.float32)
+        if past == 0:
+            for b, p in enumerate(pad):
+                k[b, :, :p] = 1e4
+        bias = causal_bias(batch, s_len, past, pad)
+        out, cache_op = run_op(sess, q, k, v, cache_op, bias)
+        ref, cache_ref = kq.attention(q, k, v, cache_ref, scheme, bias)
+        assert_cache_equal(cache_op, cache_ref, f"past {past}")
+        np.testing.assert_allclose(out, ref, rtol=OUT_RTOL, atol=OUT_ATOL)
+        past += s_len
+    if scheme.key_per_channel:
+        # Row 2's first key group (16 positions, 11 padded) kept a range of real keys.
+        scales = cache_op["key_scale"][2, :, 0].astype(np.float32)
+        assert scales.max() < 1.0, scales.max()
+
+
+def test_long_context_uses_slices_and_matches():
+    # T ~ 1100 at batch 1 and 1 KV head: the kernel splits positions into slices.
+    scheme = kq.KVScheme(4, True, 32, 32, 64)
+    drive(scheme, 1, 4, 1, 64, steps=[1030, 1, 1, 63, 1])
+
+
+def test_two_threads_are_bit_identical_to_one():
+    scheme = SCHEMES["kivi2"]
+    a, cache_a = drive(scheme, 2, 4, 2, 32, steps=[300, 1, 1, 1], threads=1, seed=3)
+    b, cache_b = drive(scheme, 2, 4, 2, 32, steps=[300, 1, 1, 1], threads=2, seed=3)
+    for (*_, out_a), (*_, out_b) in zip(a, b):
+        np.testing.assert_array_equal(out_a, out_b)
+    assert_cache_equal(cache_a, cache_b, "threads")
+
+
+def test_scale_attribute():
+    drive(SCHEMES["kivi4"], 1, 2, 2, 32, steps=[17, 1, 1], scale=0.05)
+
+
+def _fp_attention(q, k_all, v_all, bias):
+    rep = q.shape[1] // k_all.shape[1]
+    k_all, v_all = np.repeat(k_all, rep, 1).astype(np.float64), np.repeat(v_all, rep, 1).astype(np.float64)
+    s = np.einsum("bhsd,bhtd->bhst", q.astype(np.float64), k_all) / math.sqrt(q.shape[-1]) + bias
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhst,bhtd->bhsd", p / p.sum(-1, keepdims=True), v_all)
+
+
+# Bound on |out - fp_attention| for unit-normal q/v and offset keys, relative to the
+# value range: the PV error alone is at most half a quantization step of v; key
+# errors move the softmax weights, which costs about the same again.
+ERROR_BOUND_STEPS = 1.5
+
+
+@pytest.mark.parametrize("name", ["int8", "int4-token", "kivi4", "kivi2"])
+def test_error_vs_full_precision_within_scheme_bound(name):
+    scheme = SCHEMES[name]
+    d = 32
+    results, _ = drive(scheme, 1, 4, 2, d, steps=[40] + [1] * 30, seed=11)
+    ks = np.concatenate([r[1] for r in results], axis=2)
+    vs = np.concatenate([r[2] for r in results], axis=2)
+    past = 0
+    worst = 0.0
+    for q, k, v, bias, out in results:
+        s_len = q.shape[2]
+        t = past + s_len
+        ref = _fp_attention(q, ks[:, :, :t], vs[:, :, :t], bias.astype(np.float64))
+        worst = max(worst, float(np.abs(out - ref).max()))
+        past = t
+    g = scheme.value_group
+    vr = vs.reshape(*vs.shape[:-1], d // g, g)
+    step = float((vr.max(-1) - vr.min(-1)).max()) / ((1 << scheme.bits) - 1)
+    assert worst <= ERROR_BOUND_STEPS * step, (name, worst, step)
+    if name == "kivi2":
+        assert worst > 1e-3  # 2-bit must actually lose information (the test can fail)
+
+
+def _feeds(scheme, batch=1, hq=4, hkv=2, s_len=1, d=32, n=0, r=0):
+    cache = kq.empty_cache(batch, hkv, d, scheme)
+    rng = np.random.default_rng(0)
+    pb = d * scheme.bits // 8
+    cache["key_q"] = np.zeros((batch, hkv, n, pb), np.uint8)
+    cache["value_q"] = np.zeros((batch, hkv, n, pb), np.uint8)
+    kshape = (batch, hkv, n // scheme.key_group, d) if scheme.key_per_channel else \
+        (batch, hkv, n, d // scheme.key_group)
+    cache["key_scale"] = np.zeros(kshape, np.float16)
+    cache["value_scale"] = np.zeros((batch, hkv, n, d // scheme.value_group), np.float16)
+    if not scheme.symmetric:
+        cache["key_zero"] = cache["key_scale"].copy()
+        cache["value_zero"] = cache["value_scale"].copy()
+    cache["key_res"] = np.zeros((batch, hkv, r, d), np.float32)
+    cache["value_res"] = np.zeros((batch, hkv, r, d), np.float32)
+    feeds = {"query": rng.standard_normal((batch, hq, s_len, d)).astype(np.float32),
+             "key": rng.standard_normal((batch, hkv, s_len, d)).astype(np.float32),
+             "value": rng.standard_normal((batch, hkv, s_len, d)).astype(np.float32),
+             **{f"past_{k}": v for k, v in cache.items()}}
+    return feeds
+
+
+def _fail(sess, feeds, *fragments):
+    with pytest.raises(Exception) as err:
+        sess.run(None, feeds)
+    msg = str(err.value)
+    assert "QuantKVAttention" in msg
+    for f in fragments:
+        assert f in msg, msg
+
+
+def test_invalid_inputs_are_named():
+    scheme = SCHEMES["kivi4"]
+    sess = make_session(scheme, with_bias=True)
+    good = _feeds(scheme, n=16, r=3)
+    good["attn_bias"] = np.zeros((1, 1, 1, 20), np.float32)
+    sess.run(None, good)  # the baseline is valid
+
+    f = dict(good, past_key_q=np.zeros((1, 2, 16, 15), np.uint8))
+    _fail(sess, f, "'past_key_q'", "[1,2,16,15]", "[1,2,-1,16]")
+    f = _feeds(scheme, n=12, r=3)
+    f["attn_bias"] = np.zeros((1, 1, 1, 16), np.float32)
+    _fail(sess, f, "'past_key_q'", "multiple of key_group=8")
+    f = _feeds(scheme, n=16, r=16)
+    f["attn_bias"] = np.zeros((1, 1, 1, 33), np.float32)
+    _fail(sess, f, "'past_key_res'", "fewer than residual=16")
+    f = dict(good, attn_bias=np.zeros((1, 1, 1, 19), np.float32))
+    _fail(sess, f, "'attn_bias'", "[1,1,1,20]")
+    f = dict(good, key=np.zeros((1, 3, 1, 32), np.float32))
+    _fail(sess, f, "'key'", "kv_heads dividing")
+    f = dict(good, past_value_scale=np.zeros((1, 2, 16, 3), np.float16))
+    _fail(sess, f, "'past_value_scale'", "[1,2,16,2]")
+    f = dict(good, past_key_scale=np.zeros((1, 2, 16, 32), np.float16))
+    _fail(sess, f, "'past_key_scale'", "[1,2,2,32]")
+
+
+def test_invalid_attributes_are_rejected():
+    from onnx import helper
+
+    for attrs, fragment in [({"bits": 3}, "bits=3"),
+                            ({"key_per_channel": 1, "key_group": 32, "residual": 48}, "multiple"),
+                            ({"symmetric": 1, "bits": 4, "key_per_channel": 0}, "symmetric=1")]:
+        model = kq.single_op_model(SCHEMES["kivi4"])
+        node = model.graph.node[0]
+        for key, value in attrs.items():
+            for a in node.attribute:
+                if a.name == key:
+                    node.attribute.remove(a)
+                    break
+            node.attribute.append(helper.make_attribute(key, value))
+        so = ops.session_options(1)
+        with pytest.raises(Exception) as err:
+            ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+                None, _feeds(SCHEMES["kivi4"]))
+        assert fragment in str(err.value), str(err.value)
+
+
+def test_reference_pack_roundtrip_and_fp16_rounding():
+    rng = np.random.default_rng(0)
+    for bits in (2, 4, 8):
+        codes = rng.integers(0, 1 << bits, (3, 64), dtype=np.uint8)
+        assert np.array_equal(kq.unpack(kq.pack(codes, bits), bits), codes)
+    # Byte layout: channel 0 in the low bits.
+    assert kq.pack(np.array([[1, 2]], np.uint8), 4)[0, 0] == 0x21
+    assert kq.pack(np.array([[1, 2, 3, 0]], np.uint8), 2)[0, 0] == 0b00111001
+
+
+# ---------------------------------------------------------------- CUDA kernel
+#
+# The CUDA kernel (custom_ops/kv_attention/kv_attention.cu) against the same NumPy
+# reference and the same multi-step scenarios, with the same contract: codes,
+# scales, zeros and residuals bit-identical, outputs within OUT_ATOL/OUT_RTOL. Two
+# ways in: ONNX Runtime's CUDAExecutionProvider (needs onnxruntime-gpu), and the
+# library's C entry point toolkit_quant_kv_attention_cuda driven through torch
+# (a CUDA device without onnxruntime-gpu). Each skips with its reason.
+
+
+def _cuda_ep_runner(scheme, with_bias=True, scale=0.0):
+    """A ``run_op``-like callable on ONNX Runtime's CUDAExecutionProvider."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("CUDAExecutionProvider is not available (needs onnxruntime-gpu and a CUDA device)")
+    if not ops.has_cuda():
+        pytest.skip("libtoolkit_ops.so was built without CUDA kernels")
+    so = ops.session_options(1)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    model = kq.single_op_model(scheme, with_bias=with_bias, scale=scale)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider"])
+    assert "CUDAExecutionProvider" in sess.get_providers()
+    return lambda q, k, v, cache, bias: run_op(sess, q, k, v, cache, bias)
+
+
+def _cuda_ctypes_runner(scheme, with_bias=True, scale=0.0):
+    """A ``run_op``-like callable on toolkit_quant_kv_attention_cuda (device tensors from torch)."""
+    import ctypes
+
+    from test_softmax_topk import _cuda_torch
+
+    torch = _cuda_torch()
+    fn = ctypes.CDLL(str(ops.library_path())).toolkit_quant_kv_attention_cuda
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p]
+
+    def run(q, k, v, cache, bias):
+        b, hq, s_len, d = q.shape
+        hkv = k.shape[1]
+        n, r = cache["key_q"].shape[2], cache["key_res"].shape[2]
+        total = r + s_len
+        flush = total // scheme.residual * scheme.residual if scheme.residual else total
+        n2, r2 = n + flush, total - flush
+        pb = d * scheme.bits // 8
+        kshape = (b, hkv, n2 // scheme.key_group, d) if scheme.key_per_channel else \
+            (b, hkv, n2, d // scheme.key_group)
+        vshape = (b, hkv, n2, d // scheme.value_group)
+        if bias is not None:
+            assert with_bias
+        host = (q, k, v, cache["key_q"], cache["key_scale"], cache.get("key_zero"), cache["key_res"],
+                cache["value_q"], cache["value_scale"], cache.get("value_zero"), cache["value_res"], bias)
+        dev = [None if t is None else torch.from_numpy(np.ascontiguousarray(t)).cuda() for t in host]
+        outs = {"output": torch.empty(q.shape, dtype=torch.float32, device="cuda"),
+                "key_q": torch.empty((b, hkv, n2, pb), dtype=torch.uint8, device="cuda"),
+                "key_scale": torch.empty(kshape, dtype=torch.float16, device="cuda"),
+                "key_zero": torch.empty(kshape, dtype=torch.float16, device="cuda"),
+                "key_res": torch.empty((b, hkv, r2, d), dtype=torch.float32, device="cuda"),
+                "value_q": torch.empty((b, hkv, n2, pb), dtype=torch.uint8, device="cuda"),
+                "value_scale": torch.empty(vshape, dtype=torch.float16, device="cuda"),
+                "value_zero": torch.empty(vshape, dtype=torch.float16, device="cuda"),
+                "value_res": torch.empty((b, hkv, r2, d), dtype=torch.float32, device="cuda")}
+        if scheme.symmetric:
+            outs["key_zero"] = outs["value_zero"] = None
+        dims = (ctypes.c_int64 * 8)(b, hq, hkv, s_len, d, n, r, 0 if bias is None else bias.shape[0])
+        attrs = (ctypes.c_int64 * 6)(scheme.bits, int(scheme.key_per_channel), scheme.key_group,
+                                     scheme.value_group, scheme.residual, int(scheme.symmetric))
+        ins = (ctypes.c_void_p * 12)(*[t.data_ptr() if t is not None and t.numel() else None for t in dev])
+        outp = (ctypes.c_void_p * 9)(*[t.data_ptr() if t is not None and t.numel() else None
+                                       for t in outs.values()])
+        err = fn(dims, attrs, scale, ins, outp, torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        assert err == 0, f"cudaError {err}"
+        present = {n: t.cpu().numpy() for n, t in outs.items() if n != "output" and t is not None}
+        return outs["output"].cpu().numpy(), present
+
+    return run
+
+
+CUDA_RUNNERS = {"ort-cuda-ep": _cuda_ep_runner, "ctypes": _cuda_ctypes_runner}
+
+
+def _drive_cuda(runner, scheme, batch, hq, hkv, d, steps, with_bias=True, pad=None, pad_key=None, seed=0,
+                scale=0.0):
+    """``drive`` on a CUDA runner: same inputs, same checks per call; returns the last present cache."""
+    run = CUDA_RUNNERS[runner](scheme, with_bias=with_bias, scale=scale)
+    rng = np.random.default_rng(seed)
+    cache_op = kq.empty_cache(batch, hkv, d, scheme)
+    cache_ref = kq.empty_cache(batch, hkv, d, scheme)
+    past = 0
+    for i, s_len in enumerate(steps):
+        q = rng.standard_normal((batch, hq, s_len, d)).astype(np.float32)
+        k = (rng.standard_normal((batch, hkv, s_len, d)) + np.linspace(-3, 3, d)).astype(np.float32)
+        v = rng.standard_normal((batch, hkv, s_len, d)).astype(np.float32)
+        if pad_key is not None and past == 0:
+            for b, p in enumerate(pad):
+                k[b, :, :p] = pad_key
+        bias = causal_bias(batch, s_len, past, pad) if with_bias else None
+        out, cache_op = run(q, k, v, cache_op, bias)
+        ref, cache_ref = kq.attention(q, k, v, cache_ref, scheme, bias, scale)
+        assert_cache_equal(cache_op, cache_ref, f"call {i}")
+        np.testing.assert_allclose(out, ref, rtol=OUT_RTOL, atol=OUT_ATOL, err_msg=f"call {i}")
+        past += s_len
+    return cache_op
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("runner", list(CUDA_RUNNERS))
+@pytest.mark.parametrize("name", list(SCHEMES))
+@pytest.mark.parametrize("batch,hq,hkv,d", [(1, 4, 2, 32), (2, 2, 2, 64), (1, 8, 1, 32)])
+def test_cuda_prefill_then_decode_matches_reference(runner, name, batch, hq, hkv, d):
+    _drive_cuda(runner, SCHEMES[name], batch, hq, hkv, d, steps=[13] + [1] * 20 + [5, 1, 1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("runner", list(CUDA_RUNNERS))
+@pytest.mark.parametrize("name", ["kivi4", "kivi2", "int8"])
+def test_cuda_causal_default_without_bias(runner, name):
+    _drive_cuda(runner, SCHEMES[name], 1, 4, 2, 32, steps=[9, 1, 1, 7, 1], with_bias=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("runner", list(CUDA_RUNNERS))
+@pytest.mark.parametrize("name", ["kivi4", "int4-res"])
+def test_cuda_left_padding_is_left_out_of_key_ranges(runner, name):
+    scheme = SCHEMES[name]
+    cache = _drive_cuda(runner, scheme, 3, 4, 2, 32, steps=[20, 1, 1, 1, 1, 8], pad=[0, 3, 11], pad_key=1e4,
+                        seed=5)
+    if scheme.key_per_channel:
+        # Row 2's first key group (11 of its positions padded) kept a range of real keys.
+        assert cache["key_scale"][2, :, 0].astype(np.float32).max() < 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("runner", list(CUDA_RUNNERS))
+def test_cuda_long_context_uses_slices_and_matches(runner):
+    # T ~ 1100 at batch 1, 1 KV head: many key-position slices per block row, merged.
+    _drive_cuda(runner, kq.KVScheme(4, True, 32, 32, 64), 1, 4, 1, 64, steps=[1030, 1, 1, 63, 1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("runner", list(CUDA_RUNNERS))
+@pytest.mark.parametrize("d", [128, 256])
+def test_cuda_large_head_dim_and_gqa(runner, d):
+    # Head dims of real models (256 needs more than 48 KiB of shared memory per block).
+    _drive_cuda(runner, SCHEMES["kivi4"], 2, 8, 2, d, steps=[37, 1, 1, 1, 9], seed=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("runner", list(CUDA_RUNNERS))
+def test_cuda_scale_attribute(runner):
+    _drive_cuda(runner, SCHEMES["kivi4"], 1, 2, 2, 32, steps=[17, 1, 1], scale=0.05)
+
+
+# ---------------------------------------------------------------- property test
+
+
+
+@st.composite
+def _cases(draw):
+    bits = draw(st.sampled_from([8, 4, 2]))
+    d = draw(st.sampled_from([8, 16, 24, 32, 64]))
+    per_channel = draw(st.booleans())
+    symmetric = bits == 8 and not per_channel and draw(st.booleans())
+    divisors = [g for g in (4, 8, 16, 32) if d % g == 0 and g % (8 // bits) == 0]
+    value_group = draw(st.sampled_from(divisors))
+    if per_channel:
+        key_group = draw(st.sampled_from([2, 4, 8]))
+        residual = key_group * draw(st.integers(1, 3))
+    else:
+        key_group = draw(st.sampled_from(divisors))
+        residual = draw(st.sampled_from([0, 3, 8]))
+    scheme = kq.KVScheme(bits, per_channel, key_group, value_group, residual, symmetric)
+    hkv = draw(st.integers(1, 3))
+    rep = draw(st.integers(1, 4))
+    batch = draw(st.integers(1, 3))
+    steps = draw(st.lists(st.integers(1, 9), min_size=1, max_size=6))
+    scale_kind = draw(st.sampled_from(["unit", "large", "tiny", "constant"]))
+    with_bias = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31))
+    return scheme, batch, hkv * rep, hkv, d, steps, scale_kind, with_bias, seed
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_cases())
+def test_property_matches_reference(case):
+    """Random schemes, shapes and value ranges: exact cache, outputs within tolerance."""
+    scheme, batch, hq, hkv, d, steps, scale_kind, with_bias, seed = case
+    rng = np.random.default_rng(seed)
+    sess = make_session(scheme, with_bias=with_bias)
+    cache_op = kq.empty_cache(batch, hkv, d, scheme)
+    cache_ref = kq.empty_cache(batch, hkv, d, scheme)
+    mult = {"unit": 1.0, "large": 1e3, "tiny": 1e-4, "constant": 0.0}[scale_kind]
+    past = 0
+    for s_len in steps:
+        q = rng.standard_normal((batch, hq, s_len, d)).astype(np.float32)
+        k = (rng.standard_normal((batch, hkv, s_len, d)) * mult + 0.5).astype(np.float32)
+        v = (rng.standard_normal((batch, hkv, s_len, d)) * mult - 0.25).astype(np.float32)
+        if scale_kind == "large":
+            q *= np.float32(1e-3)  # keep scores finite and moderate
+        bias = causal_bias(batch, s_len, past) if with_bias else None
+        out, cache_op = run_op(sess, q, k, v, cache_op, bias)
+        ref, cache_ref = kq.attention(q, k, v, cache_ref, scheme, bias)
+        assert_cache_equal(cache_op, cache_ref, f"past {past}")
+        tol = OUT_ATOL * max(1.0, float(np.abs(v).max()))
+        np.testing.assert_allclose(out, ref, rtol=OUT_RTOL, atol=tol)
+        past += s_len

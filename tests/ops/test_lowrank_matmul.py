@@ -1,0 +1,175 @@
+"""LowRankMatMul: the CPU (and, where a GPU exists, CUDA) kernel vs the NumPy reference.
+
+Tolerances: float32 weights, |y - ref| <= 1e-5 * max|ref| + 1e-5 * |ref| against the
+float64 reference: the kernel rounds t = x·U to float32 and accumulates in float32
+(fused multiply-adds), an error of a few 1e-7 relative at these sizes, so 1e-5
+leaves a wide margin while still catching a wrong index or a dropped term (O(1)).
+float16 weights: the same 1e-5. The kernel widens each half to float32 exactly, and
+the reference multiplies the very same half values (cast to float64), so storing
+weights in half adds no kernel error; only the model's weights are rounded (that
+is a fidelity question, measured by the low-rank pass, not an op error).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from toolkit import ops
+from toolkit.ops import reference
+
+WEIGHT_TYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+TOL = 1e-5
+
+
+def session(weight_dtype=np.float32, with_bias=False, threads=1):
+    inputs = ["x", "U", "V"] + (["bias"] if with_bias else [])
+    node = helper.make_node("LowRankMatMul", inputs, ["y"], domain=ops.DOMAIN)
+    wt = WEIGHT_TYPES[weight_dtype]
+    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+                    helper.make_tensor_value_info("U", wt, None),
+                    helper.make_tensor_value_info("V", wt, None)]
+    if with_bias:
+        graph_inputs.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, None))
+    graph = helper.make_graph([node], "lowrank", graph_inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION)])
+    model.ir_version = 10
+    so = ops.session_options(threads)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def make(lead, K, r, N, weight_dtype, with_bias, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((*lead, K)).astype(np.float32)
+    U = (rng.standard_normal((K, r)) / np.sqrt(K)).astype(weight_dtype)
+    V = (rng.standard_normal((r, N)) / np.sqrt(r)).astype(weight_dtype)
+    bias = rng.standard_normal(N).astype(np.float32) if with_bias else None
+    feeds = {"x": x, "U": U, "V": V}
+    if with_bias:
+        feeds["bias"] = bias
+    return feeds, reference.lowrank_matmul(x, U, V, bias)
+
+
+def assert_close(y, ref):
+    assert y.shape == ref.shape and y.dtype == np.float32
+    np.testing.assert_allclose(y, ref, rtol=TOL, atol=TOL * float(np.abs(ref).max()))
+
+
+# (leading dims of x, K, r, N): M = 1 decode, odd sizes (tails of the 8-wide vectors
+# and the 6x16 tile), batch dims, the few-rows (slab) and many-rows (row-block)
+# paths on both sides of their threshold (M = 32), slabs of >1 task (K, r > 128).
+SHAPES = [
+    ((1,), 1, 1, 1), ((1,), 7, 3, 5), ((1,), 64, 16, 40), ((1,), 1000, 130, 997), ((1,), 4096, 256, 300),
+    ((3,), 33, 17, 129), ((2, 3), 100, 24, 70), ((31,), 300, 129, 257), ((32,), 300, 129, 257),
+    ((1, 1, 8), 517, 200, 1030), ((5, 13), 64, 48, 33), ((128,), 256, 64, 200), ((2, 50), 129, 9, 17),
+]
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("weight_dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("lead,K,r,N", SHAPES)
+def test_matches_reference(lead, K, r, N, weight_dtype, with_bias):
+    feeds, ref = make(lead, K, r, N, weight_dtype, with_bias, seed=K * 7 + r + N)
+    assert_close(session(weight_dtype, with_bias).run(None, feeds)[0], ref)
+
+
+@pytest.mark.parametrize("lead,K,r,N", [((1,), 1000, 130, 997), ((8,), 4096, 256, 300), ((64,), 300, 129, 257),
+                                        ((3, 7), 517, 200, 1030)])
+@pytest.mark.parametrize("weight_dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_two_threads_match_one_bit_for_bit(lead, K, r, N, weight_dtype):
+    """The blocking depends on the shapes only (lowrank_matmul_cpu.cc), never on the threads."""
+    feeds, ref = make(lead, K, r, N, weight_dtype, True, seed=3)
+    one = session(weight_dtype, True, threads=1).run(None, feeds)[0]
+    two = session(weight_dtype, True, threads=2).run(None, feeds)[0]
+    np.testing.assert_array_equal(one, two)
+    assert_close(two, ref)
+
+
+def test_rank_one_bias_only_structure():
+    """x = e_0, U = first column of ones: y = V[0] + bias exactly (no accumulation error)."""
+    K, N = 10, 12
+    x = np.zeros((1, K), np.float32)
+    x[0, 0] = 1.0
+    U = np.zeros((K, 1), np.float32)
+    U[0, 0] = 1.0
+    V = np.arange(N, dtype=np.float32)[None, :]
+    bias = np.full(N, 0.5, np.float32)
+    y = session(np.float32, True).run(None, {"x": x, "U": U, "V": V, "bias": bias})[0]
+    np.testing.assert_array_equal(y, (V + bias))
+
+
+def test_empty_rows_give_empty_output():
+    feeds = {"x": np.zeros((0, 8), np.float32), "U": np.ones((8, 2), np.float32), "V": np.ones((2, 3), np.float32)}
+    y = session().run(None, feeds)[0]
+    assert y.shape == (0, 3)
+
+
+@pytest.mark.parametrize("x_shape,u_shape,v_shape,b_shape,message", [
+    ((), (4, 2), (2, 3), None, r"input 'x' has shape \[\]; expected rank >= 1"),
+    ((2, 0), (0, 2), (2, 3), None, r"input 'x' has shape \[2,0\]; expected a non-empty last axis"),
+    ((2, 4), (4,), (2, 3), None, r"input 'U' has shape \[4\]; expected rank 2"),
+    ((2, 4), (5, 2), (2, 3), None, r"input 'U' has shape \[5,2\]; expected \[K, r\] with K = 4 .*got K = 5"),
+    ((2, 4), (4, 0), (0, 3), None, r"input 'U' has shape \[4,0\]; expected rank r >= 1"),
+    ((2, 4), (4, 2), (2, 3, 1), None, r"input 'V' has shape \[2,3,1\]; expected rank 2"),
+    ((2, 4), (4, 2), (3, 3), None, r"input 'V' has shape \[3,3\]; expected \[r, N\] with r = 2 .*got r = 3"),
+    ((2, 4), (4, 2), (2, 0), None, r"input 'V' has shape \[2,0\]; expected a non-empty output axis"),
+    ((2, 4), (4, 2), (2, 3), (4,), r"input 'bias' has shape \[4\]; expected \[N\] with N = 3"),
+    ((2, 4), (4, 2), (2, 3), (1, 3), r"input 'bias' has shape \[1,3\]; expected \[N\] with N = 3"),
+])
+def test_invalid_inputs_name_the_input(x_shape, u_shape, v_shape, b_shape, message):
+    feeds = {"x": np.zeros(x_shape, np.float32), "U": np.zeros(u_shape, np.float32),
+             "V": np.zeros(v_shape, np.float32)}
+    if b_shape is not None:
+        feeds["bias"] = np.zeros(b_shape, np.float32)
+    with pytest.raises(Exception, match="LowRankMatMul: " + message):
+        session(np.float32, b_shape is not None).run(None, feeds)
+
+
+def test_reference_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="U must be"):
+        reference.lowrank_matmul(np.zeros((1, 4)), np.zeros((5, 2)), np.zeros((2, 3)))
+
+
+# ------------------------------------------------------------------ CUDA
+
+
+def _cuda_torch():
+    try:
+        import torch
+    except ImportError:
+        pytest.skip("torch is not installed: no CUDA harness")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device available")
+    if not ops.has_cuda():
+        pytest.skip("libtoolkit_ops.so was built without CUDA kernels")
+    return torch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("weight_dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("lead,K,r,N", SHAPES)
+def test_cuda_kernel_matches_reference(lead, K, r, N, weight_dtype, with_bias):
+    torch = _cuda_torch()
+    lib = ctypes.CDLL(str(ops.library_path()))
+    fn = lib.toolkit_lowrank_matmul_cuda
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    feeds, ref = make(lead, K, r, N, weight_dtype, with_bias, seed=5)
+    M = int(np.prod(lead))
+    dev = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda() for k, v in feeds.items()}
+    y = torch.empty((M, N), dtype=torch.float32, device="cuda")
+    err = fn(dev["x"].data_ptr(), dev["U"].data_ptr(), dev["V"].data_ptr(),
+             dev["bias"].data_ptr() if with_bias else None, int(weight_dtype == np.float16), M, K, r, N,
+             y.data_ptr(), torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    assert err == 0, f"cudaError {err}"
+    assert_close(y.cpu().numpy().reshape(ref.shape), ref)

@@ -1,0 +1,157 @@
+"""The ``kv-cache`` pass on exported decoders: structure, exactness, quantized decode.
+
+Exactness: with a residual window longer than every sequence in the test nothing is
+ever quantized, so the rewritten model must reproduce the original ONNX model's
+logits (1e-4 absolute: float32 attention summed in another order). With a small
+window the cache is quantized after a few tokens: the logits must move (the test
+would catch a pass that silently kept full precision) but stay close (cosine >=
+0.99, same greedy token on >= 90% of rows; the op's exact numerics are tested
+against the NumPy reference in tests/ops/test_kv_attention.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from passes.pipeline import run_pipeline
+from toolkit import ops
+from toolkit.errors import PassError
+from toolkit.parity import OnnxDecoder
+
+FAMILIES = ["llama", "gpt2", "hf:gpt2", "hf:llama", "hf:qwen2", "hf:mistral", "hf:phi3"]
+
+
+def convert(path, scheme="kivi4", group=8, residual=16):
+    model = onnx.load(str(path))
+    out, report = run_pipeline(model, ["kv-cache", "cleanup"],
+                               {"kv-cache": {"scheme": scheme, "group": str(group), "residual": str(residual)}})
+    return out, report
+
+
+def decoder(model_or_path):
+    so = ops.session_options(1)
+    data = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
+    return OnnxDecoder(ort.InferenceSession(data, so, providers=["CPUExecutionProvider"]))
+
+
+def run_steps(dec, ids, mask, steps, seed=0):
+    """Left-padded prefill then greedy-free decode of random tokens; logits of every call."""
+    rng = np.random.default_rng(seed)
+    pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+    logits, past, _ = dec.step(ids, mask, pos, dec.empty_past(ids.shape[0]))
+    out = [logits[:, -1]]
+    for _ in range(steps):
+        nxt = rng.integers(3, 200, (ids.shape[0], 1)).astype(np.int64)
+        mask = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], 1)
+        pos = (np.cumsum(mask, -1) - 1)[:, -1:]
+        logits, past, _ = dec.step(nxt, mask, pos, past)
+        out.append(logits[:, -1])
+    return np.stack(out, 1), past
+
+
+def prompts(batch=3, length=11, seed=1):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 200, (batch, length)).astype(np.int64)
+    mask = np.ones_like(ids)
+    for b in range(batch):
+        mask[b, : 3 * b] = 0  # left padding: 0, 3, 6 tokens
+        ids[b, : 3 * b] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rewrite_is_exact_while_nothing_is_quantized(exported, family):
+    src, path = exported(family)
+    model, report = convert(path, "kivi4", group=32, residual=64)
+    assert report.counts["kv-cache"] == src.num_layers
+    onnx.checker.check_model(model)
+    ops_used = [n.op_type for n in model.graph.node]
+    assert ops_used.count("QuantKVAttention") == src.num_layers
+    assert "Softmax" not in ops_used
+    names = [i.name for i in model.graph.input]
+    assert "past_key_values.0.key" not in names and "past_key_values.0.key_q" in names
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["toolkit.kv_quant"])["layers"] == src.num_layers
+    assert meta["toolkit.parity_profile"] == "kv-int4"
+
+    ids, mask = prompts()
+    ref, _ = run_steps(decoder(path), ids, mask, steps=8)
+    got, past = run_steps(decoder(model), ids, mask, steps=8)
+    assert past["past_key_values.0.key_q"].shape[2] == 0  # 19 tokens < R = 64: all full precision
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "hf:gpt2", "hf:qwen2"])
+@pytest.mark.parametrize("scheme", ["int8", "kivi4", "kivi2"])
+def test_quantized_decode_moves_but_stays_close(exported, family, scheme):
+    _, path = exported(family)
+    model, _ = convert(path, scheme, group=8, residual=8)
+    ids, mask = prompts(length=20)
+    ref, _ = run_steps(decoder(path), ids, mask, steps=12)
+    got, past = run_steps(decoder(model), ids, mask, steps=12)
+    assert past["past_key_values.0.key_q"].shape[2] > 0  # the cache really is quantized
+    diff = float(np.abs(got - ref).max())
+    assert diff > 1e-5, diff
+    a, b = got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.min() >= (0.999 if scheme == "int8" else 0.99), cos.min()
+    assert np.mean(a.argmax(-1) == b.argmax(-1)) >= 0.9
+
+
+def test_symmetric_int8_has_no_zero_points(exported):
+    _, path = exported("llama")
+    model, _ = convert(path, "int8")
+    names = [i.name for i in model.graph.input] + [o.name for o in model.graph.output]
+    assert not any(n.endswith("_zero") for n in names)
+    assert "present.1.value_scale" in names
+
+
+def test_model_without_cache_inputs_is_left_alone():
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    _, report = run_pipeline(model, ["kv-cache"], {})
+    assert report.counts["kv-cache"] == 0
+    assert "past_key_values" in report["kv-cache"].explanations[0]
+
+
+def test_attention_probabilities_used_elsewhere_is_a_named_error(exported):
+    _, path = exported("llama")
+    model = onnx.load(str(path))
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    model.graph.output.append(onnx.helper.make_tensor_value_info(softmax.output[0], onnx.TensorProto.FLOAT, None))
+    with pytest.raises(PassError) as err:
+        run_pipeline(model, ["kv-cache"], {"kv-cache": {"scheme": "kivi4", "group": "8", "residual": "16"}})
+    msg = str(err.value)
+    assert "layer 0" in msg and "attention probabilities" in msg and softmax.output[0] in msg
+
+
+@pytest.mark.parametrize("options,fragment", [
+    ({"scheme": "int3"}, "unknown scheme"),
+    ({"scheme": "kivi2", "group": "32", "residual": "48"}, "multiple of group"),
+    ({"scheme": "kivi4", "group": "24"}, "group=24"),
+])
+def test_bad_options_are_explained(options, fragment):
+    from passes import get_pass
+
+    with pytest.raises(PassError) as err:
+        get_pass("kv-cache").make_options(options)
+    assert fragment in str(err.value)
+
+
+def test_channel_groups_are_capped_at_the_head_dim(exported):
+    _, path = exported("llama")  # head_dim 16 < group 32: one value group per head and token
+    model, _ = convert(path, "int4", group=32)
+    vi = {v.name: v for v in model.graph.input}["past_key_values.0.value_scale"]
+    assert vi.type.tensor_type.shape.dim[3].dim_value == 1
+    node = next(n for n in model.graph.node if n.op_type == "QuantKVAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["value_group"] == 16 and attrs["key_group"] == 16 and attrs["key_per_channel"] == 0

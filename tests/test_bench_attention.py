@@ -1,0 +1,107 @@
+"""``toolkit bench attention`` on a tiny configuration: JSON structure and the correctness guard.
+
+Not a timing test (3 runs): it checks that the harness runs every contender, that
+each output was compared with attention over its own cache and with float32
+attention, and that a wrong kernel is refused before anything is timed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from toolkit import ops
+from toolkit.bench import attention
+
+
+def _has_quant_kv_attention() -> bool:
+    """The op library is built by `make build`; without QuantKVAttention there is nothing to time."""
+    import onnxruntime as ort
+
+    from toolkit.ops import kv_quant
+
+    try:
+        so = ops.session_options(1)
+        ort.InferenceSession(kv_quant.single_op_model(kv_quant.scheme_for("int8", 32)).SerializeToString(), so,
+                             providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001  (OpLibraryError, or onnxruntime's own pybind types)
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _has_quant_kv_attention(), reason="op library without QuantKVAttention")
+
+TINY = attention.Shape(q_heads=4, kv_heads=2, head_dim=32)
+SCHEMES = ("int8", "int4", "kivi4", "kivi2")
+
+
+@pytest.fixture(scope="module")
+def result():
+    # L = 128: KIVI keeps 64 quantized tokens and 64 in the residual.
+    return attention.run(contexts=(128,), batches=(1,), threads=(1,), schemes=SCHEMES, warmup=1, runs=3,
+                         shape=TINY, point_seconds=0.1, min_runs=3, bandwidth_bytes=16 << 20)
+
+
+def test_json_structure(result):
+    import json
+
+    json.dumps(result)  # JSON-able
+    assert result["benchmark"] == "attention"
+    for key in ("host", "onnxruntime", "date", "bandwidth", "protocol", "targets", "summary", "gqa_quantized_kv"):
+        assert key in result, key
+    assert result["bandwidth"]["1"]["gbps"] > 0
+    (row,) = result["results"]
+    assert (row["context"], row["batch"], row["threads"], row["runs"]) == (128, 1, 1, 3)
+    names = set(row["contenders"])
+    assert {f"ours_{s}" for s in SCHEMES} | {"gqa_fp32", "unfused"} <= names
+    if result["gqa_quantized_kv"]["ok"]:
+        assert {"gqa_int8_per_channel", "gqa_int4_per_tensor"} <= names
+    for name, c in row["contenders"].items():
+        assert c["runs"] == 3 and c["median_us"] > 0 and c["p90_us"] >= c["min_us"], name
+        assert c["floor_us"] > 0 and c["over_floor"] > 0 and c["cache_bytes_read"] > 0, name
+    for s in SCHEMES:
+        speedup = row["speedup"][f"ours_{s}"]
+        assert set(speedup) == names - {f"ours_{x}" for x in SCHEMES}
+        assert speedup["gqa_fp32"] == pytest.approx(
+            row["contenders"]["gqa_fp32"]["median_us"] / row["contenders"][f"ours_{s}"]["median_us"])
+        assert "meets_floor_target" in row["targets"][s]
+    assert result["summary"]["int8"]["points"] == 1
+
+
+def test_outputs_were_checked(result):
+    (row,) = result["results"]
+    c = row["contenders"]
+    for name, entry in c.items():
+        err = entry["errors"]
+        assert err["vs_own_cache"] <= attention.EXACT_TOLERANCE, name
+        assert err["vs_fp32_l2"] <= entry["tolerance_vs_fp32_l2"], name
+    # float32 contenders agree with float32 attention; quantized ones carry their error.
+    assert c["gqa_fp32"]["errors"]["vs_fp32_l2"] < 1e-5
+    assert c["unfused"]["errors"]["vs_fp32_l2"] < 1e-5
+    assert c["ours_int8"]["errors"]["vs_fp32_max"] <= 2e-2
+    assert 0 < c["ours_int8"]["errors"]["vs_fp32_l2"] < c["ours_int4"]["errors"]["vs_fp32_l2"]
+    assert c["ours_kivi4"]["errors"]["vs_fp32_l2"] < c["ours_kivi2"]["errors"]["vs_fp32_l2"]
+
+
+def test_a_wrong_kernel_is_refused():
+    rng = np.random.default_rng(0)
+    data = attention._make_data(rng, 1, 128, TINY)
+    ref = attention.reference_attention(data["query"], attention._fp32_rows(data))
+    good = attention._gqa(0, None, data, 1, TINY)
+    wrong = attention.Contender(name="wrong", run=lambda: None, output=lambda: 1.01 * ref.astype(np.float32),
+                                cache_bytes=1, present_bytes_written=0, tolerance_key="fp32",
+                                exact_reference=lambda: ref)
+    attention.check_outputs({"gqa_fp32": good}, ref, "tiny")
+    with pytest.raises(AssertionError, match="wrong"):
+        attention.check_outputs({"wrong": wrong}, ref, "tiny")
+
+
+def test_cli_parses_attention():
+    import argparse
+
+    from toolkit.commands import bench
+
+    parser = argparse.ArgumentParser()
+    bench.register(parser)
+    args = parser.parse_args(["attention", "--context", "64,128", "--schemes", "int8,kivi2", "--gqa-quant", ""])
+    assert args.context == (64, 128) and args.schemes == ("int8", "kivi2") and args.gqa_quant == ()

@@ -1,0 +1,394 @@
+"""Quantized KV cache: the scheme, the cache layout and a NumPy reference.
+
+This module is THE place where the cache layout of ``com.toolkit::QuantKVAttention``
+is defined; the C++/CUDA kernels (``custom_ops/kv_attention/``), the graph pass
+(``passes/kv_cache.py``), the decoder driver and ``toolkit inspect`` all follow it.
+
+Schemes (KIVI, Liu et al. 2024, "A Tuning-Free Asymmetric 2bit Quantization for KV
+Cache"): keys are quantized **per channel** (one scale/zero per channel for a group
+of ``key_group`` consecutive tokens) and values **per token** (one scale/zero per
+token for a group of ``value_group`` consecutive channels). The ``residual`` most
+recent tokens stay in full precision; when the residual window holds ``residual``
+tokens it is quantized as one block (``residual / key_group`` key groups) and
+emptied. The int8 schemes quantize keys per token too (no residual needed).
+
+Per layer the cache is eight tensors (``past_key_values.{i}.<name>`` in,
+``present.{i}.<name>`` out), with N quantized tokens and r < R residual tokens:
+
+===============  =======  ==============================================  =============================
+name             dtype    shape                                           meaning
+===============  =======  ==============================================  =============================
+``key_q``        uint8    ``[B, Hkv, N, D * bits / 8]``                   packed key codes, token rows
+``key_scale``    float16  ``[B, Hkv, N / Gk, D]`` (per channel)           scale s of each group
+                          ``[B, Hkv, N, D / Gk]`` (per token)
+``key_zero``     float16  as ``key_scale`` (absent when symmetric)        zero point z (the group min)
+``key_res``      float32  ``[B, Hkv, r, D]``                              full-precision residual keys
+``value_q``      uint8    ``[B, Hkv, N, D * bits / 8]``                   packed value codes
+``value_scale``  float16  ``[B, Hkv, N, D / Gv]``                         per token, per channel group
+``value_zero``   float16  as ``value_scale`` (absent when symmetric)
+``value_res``    float32  ``[B, Hkv, r, D]``
+===============  =======  ==============================================  =============================
+
+Packing: within a token row, byte ``j`` holds channels ``j*P .. j*P+P-1`` (``P =
+8 / bits``), channel ``j*P + i`` in bits ``[i*bits, (i+1)*bits)`` (lowest first).
+
+Quantization of a group ``x`` (float32), asymmetric: ``s = fp16((max - min) /
+(2^bits - 1))``, ``z = fp16(min)``, ``code = clamp(rint((x - z) / s), 0, 2^bits - 1)``
+(``code = 0`` when ``s == 0``), dequantized ``s * code + z``. Symmetric (int8
+only): ``s = fp16(max|x| / 127)``, ``code = clamp(rint(x / s), -127, 127) + 128``,
+dequantized ``s * (code - 128)``. Scales in float16 follow KIVI; at head dim 128
+they keep int8 at 3.94x and 4-bit (G=32) at 6.4x smaller than float32.
+
+Padding: when keys are quantized per channel, positions whose attention bias (at
+the last query row) is <= ``MASKED_BIAS`` are left out of the group's min/max, so
+left-padding tokens do not widen the range of real tokens. Attention of the current
+call uses the full-precision keys/values of the residual and the new tokens; they
+are quantized for the *next* call (KIVI's prefill rule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+MASKED_BIAS = -1.0e8
+CACHE_TENSORS = ("key_q", "key_scale", "key_zero", "key_res", "value_q", "value_scale", "value_zero", "value_res")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVScheme:
+    """A quantized-cache scheme (the attributes of ``QuantKVAttention``).
+
+    Attributes:
+        bits: 8, 4 or 2.
+        key_per_channel: KIVI keys (per channel, groups of ``key_group`` tokens);
+            False: per token, groups of ``key_group`` channels.
+        key_group: Gk (tokens when per channel, channels when per token).
+        value_group: Gv, channels per value group.
+        residual: R, full-precision tokens kept before a block is quantized.
+        symmetric: int8 only, per-token keys only: no zero point.
+    """
+
+    bits: int
+    key_per_channel: bool
+    key_group: int
+    value_group: int
+    residual: int
+    symmetric: bool = False
+
+    @property
+    def per_byte(self) -> int:
+        return 8 // self.bits
+
+    def validate(self, head_dim: int) -> None:
+        """Raise ``ValueError`` naming the attribute and the fix."""
+        if self.bits not in (2, 4, 8):
+            raise ValueError(f"bits={self.bits}: use 8, 4 or 2")
+        if head_dim % self.per_byte:
+            raise ValueError(f"head dim {head_dim} is not a multiple of {self.per_byte} ({self.bits}-bit packing)")
+        if self.value_group <= 0 or head_dim % self.value_group:
+            raise ValueError(f"value_group={self.value_group} must divide the head dim {head_dim}")
+        if self.key_group <= 0:
+            raise ValueError(f"key_group={self.key_group} must be positive")
+        if self.key_per_channel:
+            if self.residual < self.key_group or self.residual % self.key_group:
+                raise ValueError(f"residual={self.residual} must be a positive multiple of key_group="
+                                 f"{self.key_group} when keys are quantized per channel")
+            if self.symmetric:
+                raise ValueError("symmetric quantization is only for per-token int8 keys")
+        else:
+            if head_dim % self.key_group:
+                raise ValueError(f"key_group={self.key_group} must divide the head dim {head_dim} (per-token keys)")
+            if self.residual < 0:
+                raise ValueError(f"residual={self.residual} must be >= 0")
+        if self.symmetric and self.bits != 8:
+            raise ValueError("symmetric quantization is int8 only")
+
+    def bytes_per_token(self, kv_heads: int, head_dim: int) -> float:
+        """Asymptotic cache bytes per token and layer (the residual window excluded)."""
+        codes = 2 * kv_heads * head_dim * self.bits / 8
+        params = 1 if self.symmetric else 2  # scale (+ zero), 2 bytes each
+        # Per channel: D params per Gk tokens; per token: D / Gk params per token.
+        key_params = kv_heads * head_dim / self.key_group * params * 2
+        value_params = kv_heads * head_dim / self.value_group * params * 2
+        return codes + key_params + value_params
+
+    def residual_bytes(self, kv_heads: int, head_dim: int) -> int:
+        """Most bytes the full-precision residual can hold per layer (keys and values)."""
+        return 2 * kv_heads * max(self.residual - 1, 0) * head_dim * 4
+
+    def to_attributes(self) -> dict[str, int]:
+        return {"bits": self.bits, "key_per_channel": int(self.key_per_channel), "key_group": self.key_group,
+                "value_group": self.value_group, "residual": self.residual, "symmetric": int(self.symmetric)}
+
+
+PRESETS = ("int8", "int8-asym", "int4", "kivi4", "kivi2")
+
+
+def scheme_for(name: str, head_dim: int, group: int = 32, residual: int = 128) -> KVScheme:
+    """The scheme of a ``--kv-cache`` name for a model with ``head_dim``.
+
+    ``int8``: symmetric per token (one scale per head and token). ``int8-asym``:
+    asymmetric per token. ``int4``: asymmetric per token in groups of ``group``
+    channels (no residual). ``kivi4`` / ``kivi2``: KIVI keys per channel in groups
+    of ``group`` tokens, values per token in groups of ``min(group, head_dim)``
+    channels, ``residual`` full-precision tokens.
+    """
+    g_ch = min(group, head_dim)
+    if name == "int8":
+        s = KVScheme(8, False, head_dim, head_dim, 0, symmetric=True)
+    elif name == "int8-asym":
+        s = KVScheme(8, False, head_dim, head_dim, 0)
+    elif name == "int4":
+        s = KVScheme(4, False, g_ch, g_ch, 0)
+    elif name in ("kivi4", "kivi2"):
+        s = KVScheme(4 if name == "kivi4" else 2, True, group, g_ch, residual)
+    else:
+        raise ValueError(f"unknown KV cache scheme {name!r}: use one of {', '.join(PRESETS)}")
+    s.validate(head_dim)
+    return s
+
+
+# ---------------------------------------------------------------- quantization
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float32).astype(np.float16)
+
+
+def quantize_groups(x: np.ndarray, bits: int, symmetric: bool, axis: int,
+                    valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Quantize ``x`` (float32) with one (scale, zero) per slice along ``axis``.
+
+    ``x`` has the group as its ``axis`` dimension; ``valid`` (broadcastable bool)
+    marks the elements that count for min/max. Returns integer codes (uint8, not
+    packed), scale and zero (float16, ``axis`` reduced to size 1; zero is None when
+    symmetric).
+    """
+    x = np.asarray(x, np.float32)
+    levels = (1 << bits) - 1
+    if symmetric:
+        a = np.abs(x) if valid is None else np.where(valid, np.abs(x), 0.0)
+        amax = a.max(axis=axis, keepdims=True).astype(np.float32)
+        s16 = _f16(amax / np.float32(127.0))
+        s = s16.astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(s > 0, np.rint(x / s), 0.0)
+        codes = (np.clip(q, -127, 127) + 128).astype(np.uint8)
+        return codes, s16, None
+    if valid is None:
+        mn, mx = x.min(axis=axis, keepdims=True), x.max(axis=axis, keepdims=True)
+    else:
+        mn = np.where(valid, x, np.inf).min(axis=axis, keepdims=True)
+        mx = np.where(valid, x, -np.inf).max(axis=axis, keepdims=True)
+        none = ~np.isfinite(mn)  # no valid element: an all-zero group
+        mn, mx = np.where(none, 0.0, mn), np.where(none, 0.0, mx)
+    s16 = _f16((mx.astype(np.float32) - mn.astype(np.float32)) / np.float32(levels))
+    z16 = _f16(mn)
+    s, z = s16.astype(np.float32), z16.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s > 0, np.rint((x - z) / s), 0.0)
+    codes = np.clip(q, 0, levels).astype(np.uint8)
+    return codes, s16, z16
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack codes ``[..., D]`` (uint8 < 2^bits) into ``[..., D * bits / 8]``."""
+    per = 8 // bits
+    c = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per).astype(np.uint8)
+    out = np.zeros(c.shape[:-1], np.uint8)
+    for i in range(per):
+        out |= (c[..., i] << (i * bits)).astype(np.uint8)
+    return out
+
+
+def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack`: ``[..., D * bits / 8]`` -> ``[..., D]`` codes."""
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [(packed >> (i * bits)) & mask for i in range(per)]
+    return np.stack(parts, axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per).astype(np.uint8)
+
+
+def quantize_keys(k: np.ndarray, scheme: KVScheme, valid: np.ndarray | None = None):
+    """Keys ``[B, H, n, D]`` -> (packed codes, scale, zero) in the cache layout."""
+    b, h, n, d = k.shape
+    if scheme.key_per_channel:
+        g = scheme.key_group
+        assert n % g == 0
+        xg = k.reshape(b, h, n // g, g, d)
+        vg = None if valid is None else valid.reshape(b, 1, n // g, g, 1)
+        codes, s, z = quantize_groups(xg, scheme.bits, False, axis=3, valid=vg)
+        codes = codes.reshape(b, h, n, d)
+        s, z = s.reshape(b, h, n // g, d), z.reshape(b, h, n // g, d)
+    else:
+        g = scheme.key_group
+        xg = k.reshape(b, h, n, d // g, g)
+        codes, s, z = quantize_groups(xg, scheme.bits, scheme.symmetric, axis=4)
+        codes = codes.reshape(b, h, n, d)
+        s = s.reshape(b, h, n, d // g)
+        z = None if z is None else z.reshape(b, h, n, d // g)
+    return pack(codes, scheme.bits), s, z
+
+
+def quantize_values(v: np.ndarray, scheme: KVScheme):
+    """Values ``[B, H, n, D]`` -> (packed codes, scale, zero), per token."""
+    b, h, n, d = v.shape
+    g = scheme.value_group
+    codes, s, z = quantize_groups(v.reshape(b, h, n, d // g, g), scheme.bits, scheme.symmetric, axis=4)
+    return (pack(codes.reshape(b, h, n, d), scheme.bits), s.reshape(b, h, n, d // g),
+            None if z is None else z.reshape(b, h, n, d // g))
+
+
+def dequantize_keys(q: np.ndarray, s: np.ndarray, z: np.ndarray | None, scheme: KVScheme) -> np.ndarray:
+    codes = unpack(q, scheme.bits).astype(np.float32)
+    if scheme.key_per_channel:
+        g = scheme.key_group
+        sf = np.repeat(s.astype(np.float32), g, axis=2)
+        zf = np.repeat(z.astype(np.float32), g, axis=2)
+    else:
+        g = scheme.key_group
+        sf = np.repeat(s.astype(np.float32), g, axis=3)
+        zf = None if z is None else np.repeat(z.astype(np.float32), g, axis=3)
+    if zf is None:
+        return sf * (codes - 128.0)
+    return sf * codes + zf
+
+
+def dequantize_values(q: np.ndarray, s: np.ndarray, z: np.ndarray | None, scheme: KVScheme) -> np.ndarray:
+    codes = unpack(q, scheme.bits).astype(np.float32)
+    g = scheme.value_group
+    sf = np.repeat(s.astype(np.float32), g, axis=3)
+    if z is None:
+        return sf * (codes - 128.0)
+    return sf * codes + np.repeat(z.astype(np.float32), g, axis=3)
+
+
+def empty_cache(batch: int, kv_heads: int, head_dim: int, scheme: KVScheme) -> dict[str, np.ndarray]:
+    """The cache of a sequence with no tokens yet (all lengths 0)."""
+    pb = head_dim * scheme.bits // 8
+    kshape = (batch, kv_heads, 0, head_dim) if scheme.key_per_channel else \
+        (batch, kv_heads, 0, head_dim // scheme.key_group)
+    vshape = (batch, kv_heads, 0, head_dim // scheme.value_group)
+    out = {
+        "key_q": np.zeros((batch, kv_heads, 0, pb), np.uint8),
+        "key_scale": np.zeros(kshape, np.float16),
+        "key_zero": np.zeros(kshape, np.float16),
+        "key_res": np.zeros((batch, kv_heads, 0, head_dim), np.float32),
+        "value_q": np.zeros((batch, kv_heads, 0, pb), np.uint8),
+        "value_scale": np.zeros(vshape, np.float16),
+        "value_zero": np.zeros(vshape, np.float16),
+        "value_res": np.zeros((batch, kv_heads, 0, head_dim), np.float32),
+    }
+    if scheme.symmetric:
+        del out["key_zero"], out["value_zero"]
+    return out
+
+
+def _cat(a: np.ndarray | None, b: np.ndarray | None, axis: int = 2) -> np.ndarray | None:
+    if a is None or b is None:
+        return None
+    return np.concatenate([a, b], axis=axis)
+
+
+def attention(query: np.ndarray, key: np.ndarray, value: np.ndarray, cache: dict[str, np.ndarray],
+              scheme: KVScheme, bias: np.ndarray | None = None, scale: float = 0.0
+              ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Reference of ``QuantKVAttention``: (output ``[B, Hq, S, D]``, present cache).
+
+    ``query [B, Hq, S, D]``, ``key``/``value`` ``[B, Hkv, S, D]`` (the new tokens,
+    RoPE applied), ``cache`` as :func:`empty_cache`, ``bias`` additive, shape
+    ``[B or 1, 1, S, T]`` with ``T = N + r + S``; None means causal (query ``s``
+    sees positions ``<= N + r + s``). ``scale`` 0 means ``1 / sqrt(D)``.
+    """
+    query, key, value = (np.asarray(t, np.float32) for t in (query, key, value))
+    b, hq, s_len, d = query.shape
+    hkv = key.shape[1]
+    rep = hq // hkv
+    n = cache["key_q"].shape[2]
+    r = cache["key_res"].shape[2]
+    t_len = n + r + s_len
+    if bias is None:
+        pos = np.arange(t_len)[None, :]
+        qpos = (n + r + np.arange(s_len))[:, None]
+        bias = np.where(pos <= qpos, 0.0, -np.inf).astype(np.float32)[None, None]
+    bias = np.broadcast_to(np.asarray(bias, np.float32), (b, 1, s_len, t_len))
+
+    k_deq = dequantize_keys(cache["key_q"], cache["key_scale"], cache.get("key_zero"), scheme)
+    v_deq = dequantize_values(cache["value_q"], cache["value_scale"], cache.get("value_zero"), scheme)
+    k_res = np.concatenate([cache["key_res"], key], axis=2)
+    v_res = np.concatenate([cache["value_res"], value], axis=2)
+    k_all = np.concatenate([k_deq, k_res], axis=2).astype(np.float64)
+    v_all = np.concatenate([v_deq, v_res], axis=2).astype(np.float64)
+    k_all = np.repeat(k_all, rep, axis=1)
+    v_all = np.repeat(v_all, rep, axis=1)
+    sc = scale or 1.0 / math.sqrt(d)
+    scores = np.einsum("bhsd,bhtd->bhst", query.astype(np.float64), k_all) * sc + bias.astype(np.float64)
+    m = scores.max(-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(scores - m)
+    den = p.sum(-1, keepdims=True)
+    p = np.where(den > 0, p / np.where(den > 0, den, 1.0), 0.0)
+    out = np.einsum("bhst,bhtd->bhsd", p, v_all).astype(np.float32)
+
+    # The present cache: flush whole residual blocks.
+    total_r = r + s_len
+    if scheme.residual > 0:
+        flush = (total_r // scheme.residual) * scheme.residual
+    else:
+        flush = total_r
+    present = dict(cache)
+    if flush:
+        kf, vf = k_res[:, :, :flush], v_res[:, :, :flush]
+        valid = None
+        if scheme.key_per_channel:
+            valid = bias[:, 0, -1, n: n + flush] > MASKED_BIAS  # [B, flush]
+            valid = valid[:, None, :]
+        kq, ks, kz = quantize_keys(kf, scheme, valid)
+        vq, vs, vz = quantize_values(vf, scheme)
+        present["key_q"] = _cat(cache["key_q"], kq)
+        present["key_scale"] = _cat(cache["key_scale"], ks)
+        present["value_q"] = _cat(cache["value_q"], vq)
+        present["value_scale"] = _cat(cache["value_scale"], vs)
+        if not scheme.symmetric:
+            present["key_zero"] = _cat(cache["key_zero"], kz)
+            present["value_zero"] = _cat(cache["value_zero"], vz)
+    present["key_res"] = np.ascontiguousarray(k_res[:, :, flush:])
+    present["value_res"] = np.ascontiguousarray(v_res[:, :, flush:])
+    return out, present
+
+
+# ---------------------------------------------------------------- one-node model
+
+OP_TYPE = "QuantKVAttention"
+OP_INPUTS = ("query", "key", "value", *(f"past_{n}" for n in CACHE_TENSORS), "attn_bias")
+OP_OUTPUTS = ("output", *(f"present_{n}" for n in CACHE_TENSORS))
+
+
+def single_op_model(scheme: KVScheme, with_bias: bool = True, scale: float = 0.0):
+    """An ONNX model holding one ``QuantKVAttention`` node; I/O named as in ``OP_INPUTS``/``OP_OUTPUTS``."""
+    from onnx import TensorProto, helper
+
+    from toolkit import ops
+
+    types = {"q": TensorProto.UINT8, "scale": TensorProto.FLOAT16, "zero": TensorProto.FLOAT16}
+
+    def ttype(name: str) -> int:
+        return types.get(name.rsplit("_", 1)[-1], TensorProto.FLOAT)
+
+    skip = {"past_key_zero", "past_value_zero", "present_key_zero", "present_value_zero"} if scheme.symmetric else set()
+    ins = [n if n not in skip and (n != "attn_bias" or with_bias) else "" for n in OP_INPUTS]
+    outs = [n if n not in skip else "" for n in OP_OUTPUTS]
+    while ins and not ins[-1]:
+        ins.pop()
+    node = helper.make_node(OP_TYPE, ins, outs, domain=ops.DOMAIN, scale=float(scale), **scheme.to_attributes())
+    graph = helper.make_graph(
+        [node], "quant_kv_attention",
+        [helper.make_tensor_value_info(n, ttype(n), None) for n in ins if n],
+        [helper.make_tensor_value_info(n, ttype(n), None) for n in outs if n])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION)])
+    model.ir_version = 10
+    return model
