@@ -51,29 +51,68 @@ OrtStatus* GuardStatus(const char* op, Body&& body) noexcept {
 
 enum class Provider { kCpu, kCuda };
 
-// Kernel state of one node; ORT deletes it through this base. Each op declares a
-// CPU and (with CUDA) a CUDA subclass implementing ComputeV2.
+// A provider's compute function: the node's attributes and the call's context.
 template <typename Attrs>
-struct KernelBase {
-  explicit KernelBase(const Attrs& a) : attrs(a) {}
-  virtual ~KernelBase() = default;
-  virtual OrtStatus* ComputeV2(OrtKernelContext* context) = 0;
+using ComputeFn = OrtStatus* (*)(const Attrs& attrs, OrtKernelContext* context);
+
+// Kernel state of one node: its checked attributes and the provider's compute
+// function. ORT deletes it through ~Kernel (CustomOpBase's KernelDestroy).
+template <typename Attrs>
+struct Kernel {
+  Kernel(const Attrs& a, ComputeFn<Attrs> fn) : attrs(a), compute(fn) {}
+  OrtStatus* ComputeV2(OrtKernelContext* context) { return compute(attrs, context); }
   Attrs attrs;
+  ComputeFn<Attrs> compute;
 };
 
-// Creates the provider's kernel for checked attributes (CreateKernelV2 of every op).
-template <typename CpuKernel, typename CudaKernel, typename Attrs>
-OrtStatus* NewKernel(const char* op, Provider provider, const Attrs& attrs, void** kernel) {
-  if (provider == Provider::kCpu) {
-    *kernel = new CpuKernel(attrs);
-    return nullptr;
+// The CUDA compute function of an op, or null in a build without CUDA.
+#ifdef TOOLKIT_WITH_CUDA
+#define TOOLKIT_CUDA_COMPUTE(fn) (fn)
+#else
+#define TOOLKIT_CUDA_COMPUTE(fn) nullptr
+#endif
+
+// What every operator shares: name, provider, the ORT API version it declares, and
+// kernel creation (read + check the attributes, pick the provider's compute
+// function). An op derives from it (CRTP) and adds its input/output types:
+//   struct Op : OpBase<Op, Attributes> { ... GetInputTypeCount() ... };
+template <typename Derived, typename Attrs>
+struct OpBase : Ort::CustomOpBase<Derived, Kernel<Attrs>, /*WithStatus=*/true> {
+  using ReadFn = OrtStatus* (*)(const OrtKernelInfo* info, Attrs* attrs);
+
+  OpBase(const char* name, Provider provider, ReadFn read, ComputeFn<Attrs> cpu, ComputeFn<Attrs> cuda)
+      : name_(name), provider_(provider), read_(read), cpu_(cpu), cuda_(cuda) {
+    // CustomOpBase stamps the header's ORT_API_VERSION; runtimes older than that
+    // would reject the op. Declare the version the library actually needs.
+    OrtCustomOp::version = TOOLKIT_ORT_API_VERSION;
   }
-  if constexpr (!std::is_void_v<CudaKernel>) {
-    *kernel = new CudaKernel(attrs);
-    return nullptr;
+
+  OrtStatus* CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return GuardStatus(name_, [&]() -> OrtStatus* {
+      Attrs attrs;
+      if (read_ != nullptr) {
+        if (OrtStatus* st = read_(info, &attrs)) return st;
+      }
+      ComputeFn<Attrs> fn = provider_ == Provider::kCuda ? cuda_ : cpu_;
+      if (fn == nullptr) {
+        return MakeStatus(ORT_NOT_IMPLEMENTED, std::string(name_) + ": library built without CUDA");
+      }
+      *kernel = new Kernel<Attrs>(attrs, fn);
+      return nullptr;
+    });
   }
-  return MakeStatus(ORT_NOT_IMPLEMENTED, std::string(op) + ": library built without CUDA");
-}
+
+  const char* GetName() const { return name_; }
+  const char* GetExecutionProviderType() const {
+    return provider_ == Provider::kCuda ? kCudaExecutionProvider : nullptr;
+  }
+
+ private:
+  const char* name_;
+  Provider provider_;
+  ReadFn read_;
+  ComputeFn<Attrs> cpu_, cuda_;
+};
 
 // Output `index` as float32 of `shape` when the node requests it, else null.
 float* OptionalFloatOutput(OrtKernelContext* context, size_t index, const std::vector<int64_t>& shape);

@@ -95,31 +95,16 @@ struct Io {
 // input, its shape and what was expected), allocates the outputs, fills `io`.
 OrtStatus* Prepare(OrtKernelContext* context, const Attributes& attrs, Io* io);
 
-using Kernel = KernelBase<Attributes>;
-
-struct CpuKernel final : Kernel {
-  using Kernel::Kernel;
-  OrtStatus* ComputeV2(OrtKernelContext* context) override;
-};
-
+// The provider kernels: compute functions (CPU in the _cpu.cc, CUDA in the _cuda.cc).
+OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context);
 #ifdef TOOLKIT_WITH_CUDA
-struct CudaKernel final : Kernel {
-  using Kernel::Kernel;
-  OrtStatus* ComputeV2(OrtKernelContext* context) override;
-};
+OrtStatus* ComputeCuda(const Attributes& attrs, OrtKernelContext* context);
 #endif
 
-struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
-  explicit Op(Provider provider) : provider_(provider) {
-    OrtCustomOp::version = TOOLKIT_ORT_API_VERSION;  // see softmax_topk::Op
-  }
+struct Op : OpBase<Op, Attributes> {
+  explicit Op(Provider provider)
+      : OpBase(kOpName, provider, &ReadAttributes, &ComputeCpu, TOOLKIT_CUDA_COMPUTE(&ComputeCuda)) {}
 
-  OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
-
-  const char* GetName() const { return kOpName; }
-  const char* GetExecutionProviderType() const {
-    return provider_ == Provider::kCuda ? kCudaExecutionProvider : nullptr;
-  }
   size_t GetInputTypeCount() const { return 12; }
   ONNXTensorElementDataType GetInputType(size_t index) const { return IoType(index == 11 ? 0 : index); }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
@@ -147,7 +132,6 @@ struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
         return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     }
   }
-  Provider provider_;
 };
 
 }  // namespace toolkit::kv_attention

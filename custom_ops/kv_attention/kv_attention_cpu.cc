@@ -197,18 +197,6 @@ OrtStatus* Prepare(OrtKernelContext* context, const Attributes& a, Io* io) {
   return nullptr;
 }
 
-OrtStatus* Op::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-  return GuardStatus(kOpName, [&]() -> OrtStatus* {
-    Attributes attrs;
-    if (OrtStatus* st = ReadAttributes(info, &attrs)) return st;
-#ifdef TOOLKIT_WITH_CUDA
-    return NewKernel<CpuKernel, CudaKernel>(kOpName, provider_, attrs, kernel);
-#else
-    return NewKernel<CpuKernel, void>(kOpName, provider_, attrs, kernel);
-#endif
-  });
-}
-
 // ---------------------------------------------------------------- CPU kernel
 
 namespace {
@@ -746,7 +734,7 @@ static bool ForceScalar() {
   return v != nullptr && v[0] == '1';
 }
 
-OrtStatus* CpuKernel::ComputeV2(OrtKernelContext* context) {
+OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context) {
   return GuardStatus(kOpName, [&]() -> OrtStatus* {
     Io io;
     if (OrtStatus* st = Prepare(context, attrs, &io)) return st;

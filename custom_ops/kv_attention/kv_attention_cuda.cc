@@ -8,7 +8,7 @@
 
 namespace toolkit::kv_attention {
 
-OrtStatus* CudaKernel::ComputeV2(OrtKernelContext* context) {
+OrtStatus* ComputeCuda(const Attributes& attrs, OrtKernelContext* context) {
   return GuardStatus(kOpName, [&]() -> OrtStatus* {
     Io io;
     if (OrtStatus* st = Prepare(context, attrs, &io)) return st;

@@ -26,7 +26,7 @@ namespace toolkit::lowrank_matmul {
 
 inline constexpr const char* kOpName = "LowRankMatMul";
 
-struct Attributes {};  // none; kept for KernelBase
+struct Attributes {};  // none (OpBase is generic over the attributes)
 
 // Shapes of one call, checked.
 struct Io {
@@ -48,32 +48,17 @@ OrtStatus* CheckShapes(const std::vector<int64_t>& x, const std::vector<int64_t>
 // Reads and checks the inputs and allocates the output (provider independent).
 OrtStatus* PrepareIo(OrtKernelContext* context, Io* io);
 
-using Kernel = KernelBase<Attributes>;
-
-struct CpuKernel final : Kernel {
-  using Kernel::Kernel;
-  OrtStatus* ComputeV2(OrtKernelContext* context) override;
-};
-
+// The provider kernels: compute functions (CPU in the _cpu.cc, CUDA in the _cuda.cc).
+OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context);
 #ifdef TOOLKIT_WITH_CUDA
-struct CudaKernel final : Kernel {
-  using Kernel::Kernel;
-  OrtStatus* ComputeV2(OrtKernelContext* context) override;
-};
+OrtStatus* ComputeCuda(const Attributes& attrs, OrtKernelContext* context);
 #endif
 
-struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
+struct Op : OpBase<Op, Attributes> {
   // `weight_dtype`: the element type of U and V (x, bias and y are float32).
-  Op(Provider provider, ONNXTensorElementDataType weight_dtype) : provider_(provider), dtype_(weight_dtype) {
-    OrtCustomOp::version = TOOLKIT_ORT_API_VERSION;  // see softmax_topk::Op
-  }
+  Op(Provider provider, ONNXTensorElementDataType weight_dtype)
+      : OpBase(kOpName, provider, nullptr, &ComputeCpu, TOOLKIT_CUDA_COMPUTE(&ComputeCuda)), dtype_(weight_dtype) {}
 
-  OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
-
-  const char* GetName() const { return kOpName; }
-  const char* GetExecutionProviderType() const {
-    return provider_ == Provider::kCuda ? kCudaExecutionProvider : nullptr;
-  }
   size_t GetInputTypeCount() const { return 4; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
     return index == 1 || index == 2 ? dtype_ : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
@@ -85,7 +70,6 @@ struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 
  private:
-  Provider provider_;
   ONNXTensorElementDataType dtype_;
 };
 

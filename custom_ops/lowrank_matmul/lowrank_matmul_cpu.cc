@@ -99,16 +99,6 @@ OrtStatus* PrepareIo(OrtKernelContext* context, Io* io) {
   return nullptr;
 }
 
-OrtStatus* Op::CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {
-  return GuardStatus(kOpName, [&]() -> OrtStatus* {
-#ifdef TOOLKIT_WITH_CUDA
-    return NewKernel<CpuKernel, CudaKernel>(kOpName, provider_, Attributes{}, kernel);
-#else
-    return NewKernel<CpuKernel, void>(kOpName, provider_, Attributes{}, kernel);
-#endif
-  });
-}
-
 // ------------------------------------------------------------------ numerics
 
 namespace {
@@ -423,7 +413,7 @@ OrtStatus* Run(Ort::KernelContext& ctx, const Io& io) {
 
 }  // namespace
 
-OrtStatus* CpuKernel::ComputeV2(OrtKernelContext* context) {
+OrtStatus* ComputeCpu(const Attributes& /*attrs*/, OrtKernelContext* context) {
   return GuardStatus(kOpName, [&]() -> OrtStatus* {
     Io io;
     if (OrtStatus* st = PrepareIo(context, &io)) return st;

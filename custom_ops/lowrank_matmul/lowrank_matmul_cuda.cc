@@ -8,7 +8,7 @@
 
 namespace toolkit::lowrank_matmul {
 
-OrtStatus* CudaKernel::ComputeV2(OrtKernelContext* context) {
+OrtStatus* ComputeCuda(const Attributes& /*attrs*/, OrtKernelContext* context) {
   return GuardStatus(kOpName, [&]() -> OrtStatus* {
     Io io;
     if (OrtStatus* st = PrepareIo(context, &io)) return st;

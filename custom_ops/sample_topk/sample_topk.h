@@ -41,31 +41,16 @@ OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs);
 // The seed of this call: input 1 when given (one int64 element), else the attribute.
 OrtStatus* ReadSeed(OrtKernelContext* context, const Attributes& attrs, int64_t* seed);
 
-using Kernel = KernelBase<Attributes>;
-
-struct CpuKernel final : Kernel {
-  using Kernel::Kernel;
-  OrtStatus* ComputeV2(OrtKernelContext* context) override;
-};
-
+// The provider kernels: compute functions (CPU in the _cpu.cc, CUDA in the _cuda.cc).
+OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context);
 #ifdef TOOLKIT_WITH_CUDA
-struct CudaKernel final : Kernel {
-  using Kernel::Kernel;
-  OrtStatus* ComputeV2(OrtKernelContext* context) override;
-};
+OrtStatus* ComputeCuda(const Attributes& attrs, OrtKernelContext* context);
 #endif
 
-struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
-  Op(Provider provider, ONNXTensorElementDataType dtype) : provider_(provider), dtype_(dtype) {
-    OrtCustomOp::version = TOOLKIT_ORT_API_VERSION;  // see softmax_topk::Op
-  }
+struct Op : OpBase<Op, Attributes> {
+  Op(Provider provider, ONNXTensorElementDataType dtype)
+      : OpBase(kOpName, provider, &ReadAttributes, &ComputeCpu, TOOLKIT_CUDA_COMPUTE(&ComputeCuda)), dtype_(dtype) {}
 
-  OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
-
-  const char* GetName() const { return kOpName; }
-  const char* GetExecutionProviderType() const {
-    return provider_ == Provider::kCuda ? kCudaExecutionProvider : nullptr;
-  }
   size_t GetInputTypeCount() const { return 2; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
     return index == 0 ? dtype_ : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
@@ -86,7 +71,6 @@ struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
   }
 
  private:
-  Provider provider_;
   ONNXTensorElementDataType dtype_;
 };
 

@@ -51,19 +51,7 @@ OrtStatus* ReadSeed(OrtKernelContext* context, const Attributes& attrs, int64_t*
   return nullptr;
 }
 
-OrtStatus* Op::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-  return GuardStatus(kOpName, [&]() -> OrtStatus* {
-    Attributes attrs;
-    if (OrtStatus* st = ReadAttributes(info, &attrs)) return st;
-#ifdef TOOLKIT_WITH_CUDA
-    return NewKernel<CpuKernel, CudaKernel>(kOpName, provider_, attrs, kernel);
-#else
-    return NewKernel<CpuKernel, void>(kOpName, provider_, attrs, kernel);
-#endif
-  });
-}
-
-OrtStatus* CpuKernel::ComputeV2(OrtKernelContext* context) {
+OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context) {
   return GuardStatus(kOpName, [&]() -> OrtStatus* {
     Ort::KernelContext ctx(context);
     Ort::ConstValue input = ctx.GetInput(0);

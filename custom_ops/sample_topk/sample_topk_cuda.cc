@@ -9,7 +9,7 @@
 
 namespace toolkit::sample_topk {
 
-OrtStatus* CudaKernel::ComputeV2(OrtKernelContext* context) {
+OrtStatus* ComputeCuda(const Attributes& attrs, OrtKernelContext* context) {
   return GuardStatus(kOpName, [&]() -> OrtStatus* {
     Ort::KernelContext ctx(context);
     Ort::ConstValue input = ctx.GetInput(0);

@@ -82,34 +82,17 @@ OrtStatus* PrepareIo(OrtKernelContext* context, const Attributes& attrs, Io* io)
 // SampleTopKTopP builds on it.
 OrtStatus* RunCpu(OrtKernelContext* context, const Io& io, const Attributes& attrs);
 
-using Kernel = KernelBase<Attributes>;
-
-struct CpuKernel final : Kernel {
-  using Kernel::Kernel;
-  OrtStatus* ComputeV2(OrtKernelContext* context) override;
-};
-
+// The provider kernels: compute functions (CPU in the _cpu.cc, CUDA in the _cuda.cc).
+OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context);
 #ifdef TOOLKIT_WITH_CUDA
-struct CudaKernel final : Kernel {
-  using Kernel::Kernel;
-  OrtStatus* ComputeV2(OrtKernelContext* context) override;
-};
+OrtStatus* ComputeCuda(const Attributes& attrs, OrtKernelContext* context);
 #endif
 
 // One OrtCustomOp per (provider, dtype); all share the name and the domain.
-struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
-  Op(Provider provider, ONNXTensorElementDataType dtype) : provider_(provider), dtype_(dtype) {
-    // CustomOpBase stamps the header's ORT_API_VERSION; runtimes older than that
-    // would reject the op. Declare the version the library actually needs.
-    OrtCustomOp::version = TOOLKIT_ORT_API_VERSION;
-  }
+struct Op : OpBase<Op, Attributes> {
+  Op(Provider provider, ONNXTensorElementDataType dtype)
+      : OpBase(kOpName, provider, &ReadAttributes, &ComputeCpu, TOOLKIT_CUDA_COMPUTE(&ComputeCuda)), dtype_(dtype) {}
 
-  OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
-
-  const char* GetName() const { return kOpName; }
-  const char* GetExecutionProviderType() const {
-    return provider_ == Provider::kCuda ? kCudaExecutionProvider : nullptr;
-  }
   size_t GetInputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetInputType(size_t) const { return dtype_; }
   size_t GetOutputTypeCount() const { return 3; }
@@ -123,7 +106,6 @@ struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
   }
 
  private:
-  Provider provider_;
   ONNXTensorElementDataType dtype_;
 };
 

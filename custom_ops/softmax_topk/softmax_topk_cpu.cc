@@ -81,18 +81,6 @@ OrtStatus* CheckInput(const std::vector<int64_t>& shape, const Attributes& attrs
   return nullptr;
 }
 
-OrtStatus* Op::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-  return GuardStatus(kOpName, [&]() -> OrtStatus* {
-    Attributes attrs;
-    if (OrtStatus* st = ReadAttributes(info, &attrs)) return st;
-#ifdef TOOLKIT_WITH_CUDA
-    return NewKernel<CpuKernel, CudaKernel>(kOpName, provider_, attrs, kernel);
-#else
-    return NewKernel<CpuKernel, void>(kOpName, provider_, attrs, kernel);
-#endif
-  });
-}
-
 // ------------------------------------------------------------------ numerics
 
 namespace {
@@ -668,7 +656,7 @@ OrtStatus* RunCpu(OrtKernelContext* context, const Io& io, const Attributes& att
                     io.log_norm, io.rows, io.V, attrs);
 }
 
-OrtStatus* CpuKernel::ComputeV2(OrtKernelContext* context) {
+OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context) {
   return GuardStatus(kOpName, [&]() -> OrtStatus* {
     Io io;
     if (OrtStatus* st = PrepareIo(context, attrs, &io)) return st;

@@ -9,7 +9,7 @@
 
 namespace toolkit::softmax_topk {
 
-OrtStatus* CudaKernel::ComputeV2(OrtKernelContext* context) {
+OrtStatus* ComputeCuda(const Attributes& attrs, OrtKernelContext* context) {
   return GuardStatus(kOpName, [&]() -> OrtStatus* {
     Io io;
     if (OrtStatus* st = PrepareIo(context, attrs, &io)) return st;

@@ -80,3 +80,24 @@ class CacheFlusher:
 
     def __call__(self) -> None:
         self.buf += 1.0
+
+
+def session_options(threads: int):
+    """Session options of every timed session: the op library, ``threads`` intra-op
+    threads, one inter-op thread, full graph optimisation, and **no spinning**.
+
+    Benchmarks interleave several sessions (ABAB); with ORT's default spin-wait, the
+    pool of the session that just ran keeps its threads spinning and steals the cores
+    of the next one, which made every 2-thread point on a 2-core machine several times
+    slower than 1 thread, for ORT's ops and ours alike.
+    """
+    import onnxruntime as ort
+
+    from toolkit import ops
+
+    so = ops.session_options(threads=threads)
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+

@@ -326,12 +326,9 @@ class Contender:
 def _session(blob: bytes, threads: int) -> Any:
     import onnxruntime as ort
 
-    from toolkit import ops
+    from toolkit.bench import session_options
 
-    so = ops.session_options(threads=threads)
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(blob, session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def _bind(session: Any, feeds: dict[str, np.ndarray], outputs: dict[str, Any], shared: dict[str, str] | None = None):
@@ -491,6 +488,7 @@ def measure_bandwidth(threads: int, nbytes: int = BANDWIDTH_BYTES, reps: int = 7
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     binding = session.io_binding()
     xv = ort.OrtValue.ortvalue_from_numpy(x)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.bench import host_info, interleaved
+from toolkit.bench import session_options as bench_session_options
 
 DEFAULT_SHAPES = ((4096, 4096), (4096, 11008))
 DEFAULT_RANKS = (512, 1024, 2048)
@@ -106,7 +107,6 @@ def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, rows=DEFAULT_ROWS, threads=D
     """
     import onnxruntime as ort
 
-    from toolkit import ops
 
     rng = np.random.default_rng(seed)
     results = []
@@ -124,9 +124,7 @@ def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, rows=DEFAULT_ROWS, threads=D
             # the first sets keeps the correctness check below meaningful.
             W = (U @ V).astype(np.float32) if s < dense_sets else None
             for name, blob in _contender_models(U, V, W, M).items():
-                so = ops.session_options(threads=nthreads)
-                so.inter_op_num_threads = 1
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                so = bench_session_options(nthreads)
                 sessions[name].append(ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"]))
             del U, V, W
         # Correctness guard on set 0: a fast wrong kernel must not produce a number.
