@@ -196,14 +196,14 @@ TOOLKIT_AVX2 void StreamAvx2(const float* A, int64_t lda, int64_t K, const W* B,
     for (; v + 2 <= nv; v += 2) {
       const __m256 b0 = Load8(b + 8 * v), b1 = Load8(b + 8 * v + 8);
       for (int i = 0; i < MR; ++i) {
-        _mm256_store_ps(acc[i] + 8 * v, _mm256_fmadd_ps(a[i], b0, _mm256_load_ps(acc[i] + 8 * v)));
-        _mm256_store_ps(acc[i] + 8 * v + 8, _mm256_fmadd_ps(a[i], b1, _mm256_load_ps(acc[i] + 8 * v + 8)));
+        _mm256_storeu_ps(acc[i] + 8 * v, _mm256_fmadd_ps(a[i], b0, _mm256_loadu_ps(acc[i] + 8 * v)));
+        _mm256_storeu_ps(acc[i] + 8 * v + 8, _mm256_fmadd_ps(a[i], b1, _mm256_loadu_ps(acc[i] + 8 * v + 8)));
       }
     }
     for (; v < nv; ++v) {
       const __m256 b0 = Load8(b + 8 * v);
       for (int i = 0; i < MR; ++i) {
-        _mm256_store_ps(acc[i] + 8 * v, _mm256_fmadd_ps(a[i], b0, _mm256_load_ps(acc[i] + 8 * v)));
+        _mm256_storeu_ps(acc[i] + 8 * v, _mm256_fmadd_ps(a[i], b0, _mm256_loadu_ps(acc[i] + 8 * v)));
       }
     }
   }
