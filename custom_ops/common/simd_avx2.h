@@ -46,8 +46,10 @@ TOOLKIT_AVX2 inline float HorizontalSum(__m256 v) {
 }
 
 inline bool AvxAvailable() {
-  static const bool ok =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
   return ok;
 }
 

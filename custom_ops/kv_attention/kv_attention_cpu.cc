@@ -302,15 +302,18 @@ struct Avx2Ops {
   }
   // Scores of a quantized key row: each 8-channel chunk is dequantized in a register
   // and used by four query rows before the next chunk is decoded.
-  template <int kBits>
-  TOOLKIT_AVX2 static inline void QuantScoresBits(const float* q, int64_t rows, const uint8_t* codes, int64_t D,
-                                                  const RowParams& p, float* out, int64_t stride) {
+  // out[r] = dot(q + r * D, row) for `rows` query rows, where load(d) gives channels
+  // d..d+7 of the key row (a float row, or codes dequantized in a register): four
+  // query rows share each loaded chunk.
+  template <typename Load>
+  TOOLKIT_AVX2 static inline void DotRowsWith(const float* q, int64_t rows, const Load& load, int64_t D, float* out,
+                                              int64_t stride) {
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       const float *q0 = q + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
       for (int64_t d = 0; d < D; d += 8) {
-        const __m256 k = Key8<kBits>(codes, p, d);
+        const __m256 k = load(d);
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), k, a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + d), k, a1);
         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + d), k, a2);
@@ -323,9 +326,24 @@ struct Avx2Ops {
     }
     for (; r < rows; ++r) {
       __m256 a = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), Key8<kBits>(codes, p, d), a);
+      for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), load(d), a);
       out[r * stride] = HorizontalSum(a);
     }
+  }
+  struct FloatRow {
+    const float* k;
+    TOOLKIT_AVX2 __m256 operator()(int64_t d) const { return _mm256_loadu_ps(k + d); }
+  };
+  template <int kBits>
+  struct CodeRow {  // a quantized key row, dequantized chunk by chunk
+    const uint8_t* codes;
+    const RowParams* p;
+    TOOLKIT_AVX2 __m256 operator()(int64_t d) const { return Key8<kBits>(codes, *p, d); }
+  };
+  template <int kBits>
+  TOOLKIT_AVX2 static inline void QuantScoresBits(const float* q, int64_t rows, const uint8_t* codes, int64_t D,
+                                                  const RowParams& p, float* out, int64_t stride) {
+    DotRowsWith(q, rows, CodeRow<kBits>{codes, &p}, D, out, stride);
   }
   TOOLKIT_AVX2 static inline void QuantScores(const float* q, int64_t rows, const uint8_t* codes, int bits,
                                               int64_t D, const RowParams& p, float* /*buf*/, float* out,
@@ -339,30 +357,9 @@ struct Avx2Ops {
     if (bits == 4) return DequantBits<4>(q, D, p, out);
     DequantBits<2>(q, D, p, out);
   }
-  TOOLKIT_AVX2 static inline void DotRows(const float* q, int64_t rows,
-                                                                         const float* k, int64_t D, float* out,
-                                                                         int64_t stride) {
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) {  // four rows share each load of k
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      const float *q0 = q + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
-      for (int64_t d = 0; d < D; d += 8) {
-        const __m256 kv = _mm256_loadu_ps(k + d);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), kv, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + d), kv, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + d), kv, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + d), kv, a3);
-      }
-      out[r * stride] = HorizontalSum(a0);
-      out[(r + 1) * stride] = HorizontalSum(a1);
-      out[(r + 2) * stride] = HorizontalSum(a2);
-      out[(r + 3) * stride] = HorizontalSum(a3);
-    }
-    for (; r < rows; ++r) {
-      __m256 a = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), _mm256_loadu_ps(k + d), a);
-      out[r * stride] = HorizontalSum(a);
-    }
+  TOOLKIT_AVX2 static inline void DotRows(const float* q, int64_t rows, const float* k, int64_t D, float* out,
+                                          int64_t stride) {
+    DotRowsWith(q, rows, FloatRow{k}, D, out, stride);
   }
   TOOLKIT_AVX2 static inline void AxpyRows(const float* p, int64_t stride,
                                                                           int64_t rows, const float* v, int64_t D,

@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "common/simd_avx2.h"
 #include "lowrank_matmul/lowrank_matmul.h"
 
 namespace toolkit::lowrank_matmul {
@@ -151,9 +152,6 @@ void GemmScalar(const float* A, int64_t lda, int64_t m, int64_t K, const W* B, i
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define TOOLKIT_HAVE_AVX2_PATH 1
-#include <immintrin.h>
-
-#define TOOLKIT_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 TOOLKIT_AVX2 inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
 TOOLKIT_AVX2 inline __m256 Load8(const uint16_t* p) {
@@ -263,13 +261,6 @@ TOOLKIT_AVX2 void GemmAvx2(const float* A, int64_t lda, int64_t m, int64_t K, co
   if (n8 < n1) GemmScalar<W>(A, lda, m, K, B, ldb, n8, n1, C, ldc);
 }
 
-bool CpuHasAvx2() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  return has;
-}
 #endif
 
 // C[0:m, n0:n1] = A[0:m, 0:K] · B[0:K, n0:n1] (row-major, leading dimensions lda/ldb/ldc).
@@ -277,7 +268,7 @@ template <typename W>
 void Gemm(const float* A, int64_t lda, int64_t m, int64_t K, const W* B, int64_t ldb, int64_t n0, int64_t n1,
           float* C, int64_t ldc) {
 #ifdef TOOLKIT_HAVE_AVX2_PATH
-  if (CpuHasAvx2()) return GemmAvx2<W>(A, lda, m, K, B, ldb, n0, n1, C, ldc);
+  if (AvxAvailable()) return GemmAvx2<W>(A, lda, m, K, B, ldb, n0, n1, C, ldc);
 #endif
   GemmScalar<W>(A, lda, m, K, B, ldb, n0, n1, C, ldc);
 }

@@ -445,24 +445,17 @@ TOOLKIT_AVX2 void ScanChunkF16Avx2(const uint16_t* row, int64_t begin, int64_t e
   if (FastScanAvx2<uint16_t>(row, begin, end, k, inv_t, out)) return;
   ScanChunkImpl<uint16_t>(row, begin, end, k, inv_t, out);
 }
-bool CpuHasAvx2() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  return has;
-}
 #endif
 
 void ScanChunkF32(const float* row, int64_t begin, int64_t end, int64_t k, float inv_t, Partial* out) {
 #ifdef TOOLKIT_HAVE_AVX2_PATH
-  if (CpuHasAvx2()) return ScanChunkF32Avx2(row, begin, end, k, inv_t, out);
+  if (AvxAvailable()) return ScanChunkF32Avx2(row, begin, end, k, inv_t, out);
 #endif
   ScanChunkImpl<float>(row, begin, end, k, inv_t, out);
 }
 void ScanChunkF16(const uint16_t* row, int64_t begin, int64_t end, int64_t k, float inv_t, Partial* out) {
 #ifdef TOOLKIT_HAVE_AVX2_PATH
-  if (CpuHasAvx2()) return ScanChunkF16Avx2(row, begin, end, k, inv_t, out);
+  if (AvxAvailable()) return ScanChunkF16Avx2(row, begin, end, k, inv_t, out);
 #endif
   ScanChunkImpl<uint16_t>(row, begin, end, k, inv_t, out);
 }
