@@ -85,10 +85,17 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
 
-    def on_term(signum, frame):  # SIGTERM behaves like Ctrl-C: unwind and remove the staging dir
+    # SIGINT and SIGTERM unwind (KeyboardInterrupt) and remove the staging dir. The
+    # flag survives a library that catches the interrupt and carries on (the torch
+    # exporter retries with another strategy after any exception): nothing is
+    # published after an interrupt, whatever caught it.
+    interrupted = []
+
+    def on_signal(signum, frame):
+        interrupted.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress:
@@ -143,11 +150,14 @@ def run(args: argparse.Namespace) -> int:
         from toolkit import bundle
 
         bundle.write(staging, optimized, report_dict, None if report is None else report.passed)
+        if interrupted:
+            raise KeyboardInterrupt
         publish(staging, out, overwrite=args.overwrite)
         console.print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
 
