@@ -248,6 +248,8 @@ def _calibration_feeds(model_proto: Any, options: LowRankOptions) -> dict[str, n
             shape = [batch] + [d if d is not None else 0 for d in dims[1:]]
             shape[2] = 0  # prefill: empty past
             feeds[name] = np.zeros(shape, np_dtype)
+        elif name == "sampling_seed":  # the sampled head's (sampling-head sample=true) draw does not matter here
+            feeds[name] = np.zeros([1], np_dtype)
         elif np.issubdtype(np_dtype, np.floating):
             shape = [d if d is not None else (batch if i == 0 else seq) for i, d in enumerate(dims)]
             feeds[name] = rng.standard_normal(shape).astype(np_dtype)

@@ -14,21 +14,33 @@ Softmax→TopK, LogSoftmax→TopK, TopK→Softmax, TopK→LogSoftmax. A function
 must bind every output of the function (ONNX Runtime rejects fewer), so the body
 has the two outputs our passes use; a node that also asks for the optional
 log-normaliser is refused with an explanation.
-``SampleTopKTopP`` has no portable body yet: the pass says so instead of
-producing a model that only runs with the library.
+``SampleTopKTopP`` body: Softmax→TopK, then the kernel's sampling rule written
+with CumSum / ArgMax masks and its SplitMix64 counter RNG in uint64 arithmetic:
+the same token for the same seed. ``LowRankMatMul``: MatMul→MatMul(→Add).
+``QuantKVAttention``: dequantize → attention → quantize the flushed residual, see
+:mod:`passes.portable_kv`.
+
+Bodies that depend on which optional inputs a node has (LowRankMatMul's bias, the
+KV scheme's zero points and attention bias) are function *overloads* (ONNX IR 10)
+named after that variant; ONNX Runtime resolves them. ``onnx.reference`` (1.23)
+ignores overloads, so it runs the non-overloaded bodies only (FusedSoftmaxTopK,
+SampleTopKTopP, LowRankMatMul without bias).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
+import numpy as np
 import onnx_ir as ir
+from onnx import FunctionProto
 
+from passes.function_builder import BOOL, DOUBLE, FLOAT, INT64, ONNX_OPSET, UINT64, FunctionBuilder
 from passes.registry import GraphPass, PassOptions, PassResult
 from toolkit.errors import PassError
 
 DOMAIN = "com.toolkit"
-ONNX_OPSET = 21
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,22 +101,155 @@ def _softmax_topk_function():
     return fn
 
 
-_BODIES = {"FusedSoftmaxTopK": _softmax_topk_function}
+def _splitmix64(b: FunctionBuilder, z: str) -> str:
+    """SplitMix64 on uint64 values (wrapping arithmetic), as sample_math.h."""
+    def shift_xor(v: str, bits: int) -> str:
+        return b.op("BitwiseXor", v, b.op("BitShift", v, b.const(bits, np.uint64), direction="RIGHT"))
+
+    z = b.op("Add", z, b.const(0x9E3779B97F4A7C15, np.uint64))
+    z = b.op("Mul", shift_xor(z, 30), b.const(0xBF58476D1CE4E5B9, np.uint64))
+    z = b.op("Mul", shift_xor(z, 27), b.const(0x94D049BB133111EB, np.uint64))
+    return shift_xor(z, 31)
+
+
+def _first_true(b: FunctionBuilder, mask: str, otherwise: str) -> str:
+    """Per row of ``mask [N, k]``: the index of its first true entry, else ``otherwise [N, 1]``."""
+    as_float = b.op("Cast", mask, to=FLOAT)
+    first = b.op("ArgMax", as_float, axis=1, keepdims=1)  # ties (all zero / all one): the first index
+    has_any = b.op("Cast", b.op("ReduceMax", as_float, b.const([1]), keepdims=1), to=BOOL)
+    return b.op("Where", has_any, first, otherwise)
+
+
+def _sample_topk_function() -> FunctionProto:
+    """SampleTopKTopP (sample_topk.h): softmax → top-k, then sample_math.h's draw, vectorised.
+
+    Each loop of ``SamplePosition`` stops at the first index where a condition
+    holds, so it becomes "first true entry" of a mask; its running sums are the
+    float64 ``CumSum`` of the candidates (sequential, the kernel's order), which
+    keeps the draw identical to the kernel's for a given seed.
+    """
+    b = FunctionBuilder()
+    one = b.const([1])
+    x = b.op("Cast", "logits", to=FLOAT)
+    probs = b.op("Softmax", b.op("Div", x, b.attr("temperature", "value_float")), axis=-1)
+    k1 = b.op("Unsqueeze", b.attr("k", "value_int"), b.const([0]))
+    values, indices = b.op("TopK", probs, k1, outputs=2, axis=-1)
+    rows_by_k = b.op("Concat", b.const([-1]), k1, axis=0)
+    values = b.reshape(values, rows_by_k)  # [N, k]
+    indices = b.reshape(indices, rows_by_k)
+    p = b.op("Cast", values, to=DOUBLE)
+    col = b.op("Range", b.const(0), b.attr("k", "value_int"), b.const(1))  # [k]
+    # m: the prefix with p >= min_p * p0 (and p > 0 after the first); a NaN p0 keeps none
+    p0 = b.op("Slice", p, b.const([0]), one, one)
+    floor_p = b.op("Mul", b.op("Cast", b.attr("min_p", "value_float"), to=DOUBLE), p0)
+    positive = b.op("Or", b.op("Equal", col, b.const(0)), b.op("Greater", p, b.const(0.0, np.float64)))
+    keep = b.op("And", b.op("GreaterOrEqual", p, floor_p), positive)
+    axis1 = b.const(1)  # CumSum takes a scalar axis
+    broken = b.op("CumSum", b.op("Cast", b.op("Not", keep), to=INT64), axis1)
+    m = b.op("ReduceSum", b.op("Cast", b.op("Equal", broken, b.const(0)), to=INT64), one, keepdims=1)  # [N, 1]
+    m_at_least_1 = b.op("Max", m, b.const(1))
+    mass_upto = b.op("CumSum", p, axis1)
+    kept = b.op("GatherElements", mass_upto, b.op("Sub", m_at_least_1, b.const(1)), axis=1)
+    # n: the shortest prefix (within m) whose mass reaches top_p * kept
+    target_mass = b.op("Mul", b.op("Cast", b.attr("top_p", "value_float"), to=DOUBLE), kept)
+    reached = b.op("And", b.op("GreaterOrEqual", mass_upto, target_mass), b.op("Less", col, m))
+    n = b.op("Add", _first_true(b, reached, b.op("Sub", m_at_least_1, b.const(1))), b.const(1))
+    mass = b.op("GatherElements", mass_upto, b.op("Sub", n, b.const(1)), axis=1)
+    # u: the counter-based uniform of (seed, row)
+    rows = b.op("Range", b.const(0), b.op("Squeeze", b.dim(p, 0, 1), b.const([0])), b.const(1))
+    row_ids = b.op("Unsqueeze", b.op("Cast", rows, to=UINT64), one)  # [N, 1]
+    seed_hash = _splitmix64(b, b.op("Cast", "seed", to=UINT64))
+    bits = _splitmix64(b, b.op("BitwiseXor", seed_hash, row_ids))
+    u = b.op("Mul", b.op("Cast", b.op("BitShift", bits, b.const(11, np.uint64), direction="RIGHT"), to=DOUBLE),
+             b.const(1.0 / 9007199254740992.0, np.float64))
+    # j: the first candidate (within n) whose running mass passes u * mass
+    passed = b.op("And", b.op("Greater", mass_upto, b.op("Mul", u, mass)), b.op("Less", col, n))
+    j = _first_true(b, passed, b.op("Sub", n, b.const(1)))
+    j = b.op("Where", b.op("Equal", m, b.const(0)), b.const([[0]]), j)
+    lead = b.dim("logits", 0, -1)
+    b.rename(b.reshape(b.op("GatherElements", indices, j, axis=1), lead), "token_ids")
+    b.rename(b.reshape(b.op("GatherElements", values, j, axis=1), lead), "token_probs")
+    return b.function(DOMAIN, "SampleTopKTopP", ["logits", "seed"], ["token_ids", "token_probs"],
+                      {"k": None, "temperature": 1.0, "top_p": 1.0, "min_p": 0.0, "seed": 0})
+
+
+def _lowrank_function(with_bias: bool) -> FunctionProto:
+    """LowRankMatMul (lowrank_matmul.h): ``(x · U) · V (+ bias)``, float16 weights widened."""
+    b = FunctionBuilder()
+    t = b.op("MatMul", "x", b.op("CastLike", "U", "x"))
+    y = b.op("MatMul", t, b.op("CastLike", "V", "x"))
+    if with_bias:
+        y = b.op("Add", y, "bias")
+    b.rename(y, "y")
+    return b.function(DOMAIN, "LowRankMatMul", ["x", "U", "V"] + (["bias"] if with_bias else []), ["y"],
+                      overload="bias" if with_bias else "")
+
+
+def _body_for(node: ir.Node, model: ir.Model) -> tuple[str, Callable[[], FunctionProto]] | None:
+    """(overload, body factory) for a toolkit node, or None when no body exists.
+
+    Most bodies read the node's attributes at run time (``ref_attr_name``), so one
+    function serves every node of the op. Where an op's optional inputs change the
+    computation, the node gets an *overload* (ONNX IR 10 function overloads, which
+    ONNX Runtime resolves) specialised for it.
+    """
+    present = [v is not None for v in node.inputs]
+    if node.op_type == "FusedSoftmaxTopK":
+        return "", _softmax_topk_function
+    if node.op_type == "SampleTopKTopP":
+        return "", _sample_topk_function
+    if node.op_type == "LowRankMatMul":
+        with_bias = len(present) > 3 and present[3]
+        return ("bias" if with_bias else ""), lambda: _lowrank_function(with_bias)
+    if node.op_type == "QuantKVAttention":
+        from passes.portable_kv import kv_attention_function, overload_name
+
+        return overload_name(node), lambda: kv_attention_function(node)
+    return None
+
+
+def _bind_default_seed(node: ir.Node, model: ir.Model) -> None:
+    """A SampleTopKTopP without the seed input gets its attribute as a constant input.
+
+    Same draw for the kernel (input 1 overrides the attribute with the same value);
+    the function body then always has its seed.
+    """
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        return
+    attr = node.attributes.get("seed")
+    seed = 0 if attr is None else attr.as_int()
+    value = ir.Value(name=f"{node.name or 'SampleTopKTopP'}/seed", type=ir.TensorType(ir.DataType.INT64),
+                     shape=ir.Shape([1]), const_value=ir.tensor(np.array([seed], np.int64)))
+    model.graph.register_initializer(value)
+    if len(node.inputs) > 1:
+        node.replace_input_with(1, value)
+    else:
+        node.resize_inputs(2)
+        node.replace_input_with(1, value)
+
+
+def _spell_out_defaults(node: ir.Node, function: ir.Function) -> None:
+    """Give the node every attribute the body reads, at the op's default where it has none.
+
+    The kernel sees the values it would have defaulted to anyway; runtimes that do not
+    apply function attribute defaults (onnx.reference) then find every value.
+    """
+    for name, attr in function.attributes.items():
+        if name not in node.attributes and attr.value is not None:
+            node.attributes[name] = ir.Attr(name, attr.type, attr.value)
 
 
 def apply(model: ir.Model, options: PortableOptions, *, explain: bool = False) -> PassResult:
     """Attach a function body for each toolkit op used; count = bodies attached."""
-    used = sorted({n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain == DOMAIN})
-    missing = [op for op in used if op not in _BODIES]
+    nodes = [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain == DOMAIN]
+    missing = sorted({n.op_type for n in nodes if _body_for(n, model) is None})
     if missing:
         raise PassError(
             f"portable: no standard-ONNX body for {', '.join(missing)}; the model would only run with the "
             "toolkit op library",
-            hint="drop --portable, or do not use the passes that insert these ops (e.g. sampling-head with "
-            "sample=true)",
+            hint="drop --portable, or do not use the passes that insert these ops",
         )
-    with_norm = [n for n in ir.traversal.RecursiveGraphIterator(model.graph)
-                 if n.domain == DOMAIN and n.op_type == "FusedSoftmaxTopK" and len(n.outputs) > 2]
+    with_norm = [n for n in nodes if n.op_type == "FusedSoftmaxTopK" and len(n.outputs) > 2]
     if with_norm:
         raise PassError(
             f"portable: node {with_norm[0].name!r} uses FusedSoftmaxTopK's optional log_normalizer output, "
@@ -112,15 +257,20 @@ def apply(model: ir.Model, options: PortableOptions, *, explain: bool = False) -
             hint="drop --portable for this model, or compute the normaliser with ReduceLogSumExp instead",
         )
     count = 0
-    for op in used:
-        key = (DOMAIN, op, "")
-        if key in model.functions:
-            continue
-        model.functions[key] = ir.serde.deserialize_function(_BODIES[op]())
-        count += 1
+    for node in nodes:
+        if node.op_type == "SampleTopKTopP":
+            _bind_default_seed(node, model)
+        overload, factory = _body_for(node, model)
+        node.overload = overload
+        key = (DOMAIN, node.op_type, overload)
+        if key not in model.functions:
+            model.functions[key] = ir.serde.deserialize_function(factory())
+            count += 1
+        _spell_out_defaults(node, model.functions[key])
     if count:
         model.opset_imports.setdefault("", ONNX_OPSET)
         model.opset_imports.setdefault(DOMAIN, 1)
+    used = sorted({n.op_type for n in nodes})
     return PassResult(name=PASS.name, count=count, details={"ops": used})
 
 

@@ -152,3 +152,24 @@ def test_convert_with_quantized_kv_cache(tmp_path):
 
     r = toolkit("generate", str(out), "--max-new-tokens", "40", "--prompt-ids", "5,6,7")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_portable_bundle_generates_the_same_tokens_without_the_library(tmp_path):
+    """--portable with a quantized cache and a sampled head: the manifest says portable, and
+    ONNX Runtime without the op library (the function bodies) draws the same tokens as the
+    bundle's kernels for the same seed."""
+    import onnxruntime as ort
+
+    from toolkit import bundle
+    from toolkit.generate import greedy
+
+    out = tmp_path / "portable"
+    r = toolkit("convert", "llama", "-o", str(out), "--kv-cache", "int8", "--sampling-head", "16", "--sample",
+                "--portable", "--batch-sizes", "1", "--decode-steps", "4", "--greedy", "2", "--greedy-tokens", "8")
+    assert r.returncode == 0, r.stdout + r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["portable"] is True
+    assert set(manifest["custom_ops"]) == {"com.toolkit::QuantKVAttention", "com.toolkit::SampleTopKTopP"}
+    plain = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    with_kernels = greedy(bundle.load(out, threads=1), [5, 6, 7], 24, seed=11).token_ids
+    assert greedy(plain, [5, 6, 7], 24, seed=11).token_ids == with_kernels

@@ -1,5 +1,9 @@
-"""portable: the standard-ONNX body of FusedSoftmaxTopK runs without the op library
-and gives what the fused kernel gives (ORT with the library prefers the kernel)."""
+"""portable: the standard-ONNX bodies of every toolkit op run without the op library
+and give what the fused kernels give (ORT with the library prefers the kernel).
+
+Each body is checked against the op's NumPy reference on ORT without the library,
+on ORT with it (the kernel) and, where the body has no overload, on onnx.reference.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from passes import run_pipeline
 from toolkit import ops
 from toolkit.errors import PassError
-from toolkit.ops.reference import softmax_topk
+from toolkit.ops.kv_quant import CACHE_TENSORS, PRESETS, attention, empty_cache, scheme_for, single_op_model
+from toolkit.ops.reference import lowrank_matmul, sample_topk_top_p, softmax_topk
 
 
 def _fused_model(op="FusedSoftmaxTopK", outputs=("v", "i"), **attrs):
@@ -55,11 +62,154 @@ def test_defaults_apply_when_attributes_are_omitted():
     np.testing.assert_allclose(values, ref_v, rtol=1e-6)
 
 
-def test_ops_without_a_body_are_refused():
-    with pytest.raises(PassError, match="no standard-ONNX body for SampleTopKTopP"):
-        run_pipeline(_fused_model("SampleTopKTopP", k=3), ["portable"])
+def test_log_normalizer_output_is_refused():
     with pytest.raises(PassError, match="log_normalizer"):
         run_pipeline(_fused_model(outputs=("v", "i", "n"), k=3), ["portable"])
+
+
+def _sample_model(with_seed=True, **attrs):
+    inputs = ["x", "seed"] if with_seed else ["x"]
+    node = helper.make_node("SampleTopKTopP", inputs, ["t", "p"], domain="com.toolkit", **attrs)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "v"])]
+        + ([helper.make_tensor_value_info("seed", TensorProto.INT64, [1])] if with_seed else []),
+        [helper.make_tensor_value_info("t", TensorProto.INT64, ["b"]),
+         helper.make_tensor_value_info("p", TensorProto.FLOAT, ["b"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.toolkit", 1)])
+    model.ir_version = 10
+    return model
+
+
+def _three_runtimes(model, feeds, reference=True):
+    """Outputs of ORT without the library (the body), ORT with it (the kernel), onnx.reference (the body)."""
+    blob = model.SerializeToString()
+    runs = [ort.InferenceSession(blob, providers=["CPUExecutionProvider"]).run(None, feeds),
+            ort.InferenceSession(blob, ops.session_options(1), providers=["CPUExecutionProvider"]).run(None, feeds)]
+    if reference:
+        runs.append(ReferenceEvaluator(model).run(None, feeds))
+    return runs
+
+
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(1, 64), top_p=st.sampled_from([1.0, 0.95, 0.5, 0.05]), min_p=st.sampled_from([0.0, 0.05, 0.3]),
+       temperature=st.sampled_from([0.5, 1.0, 1.7]), seed=st.integers(-2**62, 2**62), data_seed=st.integers(0, 2**31))
+def test_sampling_body_draws_the_kernels_token(k, top_p, min_p, temperature, seed, data_seed):
+    """Same seed, same token: the body reproduces the kernel's draw (sample_math.h) exactly."""
+    model, report = run_pipeline(_sample_model(k=k, top_p=top_p, min_p=min_p, temperature=temperature),
+                                 ["portable"])
+    assert report.counts["portable"] == 1
+    rng = np.random.default_rng(data_seed)
+    x = (3 * rng.standard_normal((8, 300))).astype(np.float32)
+    x[0, :5] = 4.0  # ties at the top
+    feeds = {"x": x, "seed": np.array([seed], np.int64)}
+    ref_ids, ref_p = sample_topk_top_p(x, k, temperature, top_p, min_p, seed)
+    for ids, probs in _three_runtimes(model, feeds):
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_allclose(probs, ref_p, rtol=2e-6, atol=1e-7)  # fp32 softmax, another summation order
+
+
+def test_sampling_body_without_seed_input_uses_the_attribute():
+    model, _ = run_pipeline(_sample_model(with_seed=False, k=20, seed=1234), ["portable"])
+    x = np.random.default_rng(5).standard_normal((6, 100)).astype(np.float32)
+    ref_ids, _ = sample_topk_top_p(x, 20, seed=1234)
+    for ids, _ in _three_runtimes(model, {"x": x}):
+        np.testing.assert_array_equal(ids, ref_ids)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("weight_type", [np.float32, np.float16])
+def test_lowrank_body(with_bias, weight_type):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 24)).astype(np.float32)
+    u = rng.standard_normal((24, 6)).astype(weight_type)
+    v = rng.standard_normal((6, 10)).astype(weight_type)
+    bias = rng.standard_normal(10).astype(np.float32)
+    inits = [numpy_helper.from_array(u, "U"), numpy_helper.from_array(v, "V")] + \
+        ([numpy_helper.from_array(bias, "b")] if with_bias else [])
+    node = helper.make_node("LowRankMatMul", ["x", "U", "V"] + (["b"] if with_bias else []), ["y"],
+                            domain="com.toolkit")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 24])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.toolkit", 1)])
+    model.ir_version = 10
+    out, _ = run_pipeline(model, ["portable"])
+    assert [f.overload for f in out.functions] == (["bias"] if with_bias else [""])
+    ref = lowrank_matmul(x, u, v, bias if with_bias else None)
+    # onnx.reference (1.23) does not resolve function overloads: the bias variant is ORT-only
+    for (y,) in _three_runtimes(out, {"x": x}, reference=not with_bias):
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)  # fp32 products, another summation order
+
+
+def _kv_feeds(q, k, v, cache, bias):
+    feeds = {"query": q, "key": k, "value": v, **{f"past_{n}": cache[n] for n in CACHE_TENSORS if n in cache}}
+    if bias is not None:
+        feeds["attn_bias"] = bias
+    return feeds
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_kv_attention_body_reproduces_the_cache_bit_for_bit(preset, with_bias):
+    """Decode through several residual flushes (and left padding with a bias): the body's
+    codes/scales/zeros/residual equal the reference's exactly, outputs within 2e-6."""
+    scheme = scheme_for(preset, 16, group=8, residual=8)
+    out, _ = run_pipeline(single_op_model(scheme, with_bias=with_bias), ["portable"])
+    overloads = [f.overload for f in out.functions]
+    assert len(overloads) == 1 and overloads[0].endswith("bias" if with_bias else "causal")
+    blob = out.SerializeToString()
+    body = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    kernel = ort.InferenceSession(blob, ops.session_options(1), providers=["CPUExecutionProvider"])
+    names = [o.name for o in body.get_outputs()]
+    rng = np.random.default_rng(7)
+    b, hq, hkv, d = 2, 4, 2, 16
+    ref_cache = empty_cache(b, hkv, d, scheme)
+    caches = [dict(ref_cache), dict(ref_cache)]
+    for s in (5, 1, 1, 1, 3, 9, 1):
+        q = rng.standard_normal((b, hq, s, d)).astype(np.float32)
+        k, v = (rng.standard_normal((b, hkv, s, d)).astype(np.float32) for _ in range(2))
+        bias = None
+        if with_bias:
+            n = ref_cache["key_q"].shape[2] + ref_cache["key_res"].shape[2]
+            visible = np.arange(n + s)[None] <= (n + np.arange(s))[:, None]
+            bias = np.repeat(np.where(visible, 0.0, -3.4e38).astype(np.float32)[None, None], b, 0)
+            bias[1, ..., :2] = -3.4e38  # two padding positions in row 1
+        ref_out, ref_cache = attention(q, k, v, ref_cache, scheme, bias)
+        for i, session in enumerate((body, kernel)):
+            got = dict(zip(names, session.run(None, _kv_feeds(q, k, v, caches[i], bias))))
+            np.testing.assert_allclose(got["output"], ref_out, rtol=0, atol=2e-6)  # fp32 vs the fp64 reference
+            caches[i] = {n: got[f"present_{n}"] for n in CACHE_TENSORS if n in ref_cache}
+            for n in caches[i]:
+                np.testing.assert_array_equal(caches[i][n], ref_cache[n], err_msg=f"present_{n} ({session is body})")
+
+
+def test_portable_decoder_with_every_op_runs_without_the_library(exported):
+    """llama with a KIVI cache, low-rank projections and a sampled head: the bodies decode
+    like the kernels (same sampled tokens, logits within 1e-4)."""
+    from toolkit.parity import OnnxDecoder
+
+    _, path = exported("llama")
+    model, report = run_pipeline(
+        onnx.load(str(path)), ["kv-cache", "low-rank", "sampling-head", "portable", "cleanup"],
+        {"kv-cache": {"scheme": "kivi4", "group": "8", "residual": "8"}, "low-rank": {"rank_ratio": "0.5"},
+         "sampling-head": {"k": "20", "sample": "true"}})
+    assert report.counts["portable"] >= 3
+    blob = model.SerializeToString()
+    decoders = [OnnxDecoder(ort.InferenceSession(blob, providers=["CPUExecutionProvider"])),
+                OnnxDecoder(ort.InferenceSession(blob, ops.session_options(1), providers=["CPUExecutionProvider"]))]
+    ids = np.random.default_rng(3).integers(3, 200, (2, 7)).astype(np.int64)
+    mask = np.ones_like(ids)
+    pos = np.arange(7)[None].repeat(2, 0)
+    pasts = [dec.empty_past(2) for dec in decoders]
+    for _ in range(12):  # past the residual window: blocks get quantized by both
+        outs = []
+        for i, dec in enumerate(decoders):
+            logits, pasts[i], heads = dec.step(ids, mask, pos, pasts[i])
+            outs.append((logits, heads))
+        np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=0, atol=1e-4)
+        np.testing.assert_array_equal(outs[0][1]["next_token"], outs[1][1]["next_token"])
+        ids = outs[0][1]["next_token"][:, None]
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+        pos = pos[:, -1:] + 1
 
 
 def test_portable_mixtral_runs_without_the_library(exported):

@@ -367,6 +367,11 @@ OP_INPUTS = ("query", "key", "value", *(f"past_{n}" for n in CACHE_TENSORS), "at
 OP_OUTPUTS = ("output", *(f"present_{n}" for n in CACHE_TENSORS))
 
 
+def _rank4(name: str) -> list[str]:
+    """Every tensor of the op is rank 4; its dimensions are left symbolic."""
+    return [f"{name}_{i}" for i in range(4)]
+
+
 def single_op_model(scheme: KVScheme, with_bias: bool = True, scale: float = 0.0):
     """An ONNX model holding one ``QuantKVAttention`` node; I/O named as in ``OP_INPUTS``/``OP_OUTPUTS``."""
     from onnx import TensorProto, helper
@@ -386,8 +391,8 @@ def single_op_model(scheme: KVScheme, with_bias: bool = True, scale: float = 0.0
     node = helper.make_node(OP_TYPE, ins, outs, domain=ops.DOMAIN, scale=float(scale), **scheme.to_attributes())
     graph = helper.make_graph(
         [node], "quant_kv_attention",
-        [helper.make_tensor_value_info(n, ttype(n), None) for n in ins if n],
-        [helper.make_tensor_value_info(n, ttype(n), None) for n in outs if n])
+        [helper.make_tensor_value_info(n, ttype(n), _rank4(n)) for n in ins if n],
+        [helper.make_tensor_value_info(n, ttype(n), _rank4(n)) for n in outs if n])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                     helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION)])
     model.ir_version = 10
