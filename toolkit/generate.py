@@ -1,19 +1,72 @@
-"""Greedy decoding with ONNX Runtime over the exported flat KV-cache I/O.
+"""Decoding with ONNX Runtime over the exported flat KV-cache I/O.
 
-Uses the model's sampling head when it has one: ``next_token`` (a seeded draw,
-SampleTopKTopP) or ``next_token_ids[:, 0]`` (greedy, FusedSoftmaxTopK) — the decode
-step then never reads ``[B, S, V]`` logits back — else the argmax of ``logits``.
-Each step feeds the ``present.*`` outputs back as ``past_key_values.*``.
+The loop (:func:`generate`) drives the session through **IOBinding**:
+
+* each step's ``present.*`` outputs stay ONNX Runtime values (``OrtValue``, on the
+  session's device: CUDA memory under the CUDA provider) and are bound as the next
+  step's ``past_key_values.*`` inputs: the cache never makes a round trip through
+  NumPy or the host. The exported models grow the cache with ``Concat``, so each
+  step's present is a fresh tensor; a fixed-capacity buffer updated in place (ORT
+  GroupQueryAttention's shared past/present) would need ops that write in place,
+  which the exported graphs do not have.
+* only what the host needs is copied out per step: the sampling head's candidates
+  (``next_token_ids/probs [B, k]``) or drawn token, else the last position's
+  logits.
+
+Token choice:
+
+* a ``SampleTopKTopP`` head (``--sampling-head K --sample``) draws in the graph with
+  the options fixed at conversion; the loop passes ``seed + call index`` as
+  ``sampling_seed``, so a run is reproducible;
+* a ``FusedSoftmaxTopK`` head (``--sampling-head K``) returns the top-k candidates
+  and their probabilities under the conversion temperature T0. Greedy takes the
+  first; sampling re-weights them to the requested temperature T (``p^(T0/T)`` is
+  proportional to ``softmax(x/T)`` on the same candidates, which stay the top k at
+  any T), keeps ``top_k <= K`` of them, and applies the op's own rule (min-p, then
+  top-p on the renormalised mass, then a draw with the counter-based uniform of
+  ``toolkit.ops.reference``): the same token SampleTopKTopP would draw;
+* a model without a head: the same rule on the last logits in NumPy.
+
+Reported: prefill time, per-step times, tokens/s, the KV cache's bytes at the end
+and the process's peak resident memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+from toolkit.errors import ToolkitError
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the host picks a token (greedy when ``do_sample`` is false)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: every candidate the head returns (the whole vocabulary without a head)
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def validate(self) -> None:
+        if not self.temperature > 0:
+            raise ToolkitError(f"--temperature must be > 0, got {self.temperature}", hint="e.g. --temperature 0.8")
+        if self.top_k < 0:
+            raise ToolkitError(f"--top-k must be >= 0, got {self.top_k}", hint="0 keeps every candidate")
+        if not 0 < self.top_p <= 1:
+            raise ToolkitError(f"--top-p must be in (0, 1], got {self.top_p}", hint="e.g. --top-p 0.9")
+        if not 0 <= self.min_p < 1:
+            raise ToolkitError(f"--min-p must be in [0, 1), got {self.min_p}", hint="e.g. --min-p 0.05")
+
+
+GREEDY = Sampling()
 
 
 @dataclasses.dataclass
@@ -21,6 +74,8 @@ class GenerationResult:
     token_ids: list[int]
     prefill_ms: float
     step_ms: list[float]
+    kv_cache_bytes: int = 0
+    peak_rss_mb: float = 0.0
 
     @property
     def median_step_ms(self) -> float:
@@ -32,7 +87,7 @@ class GenerationResult:
 
 
 def next_token(outs: dict[str, np.ndarray]) -> int:
-    """The token a decode step chose, from the head's output or the logits."""
+    """The greedy token of a step's outputs (batch row 0): the head's choice or the logits argmax."""
     if "next_token" in outs:
         return int(outs["next_token"][0])
     if "next_token_ids" in outs:
@@ -40,40 +95,178 @@ def next_token(outs: dict[str, np.ndarray]) -> int:
     return int(outs["logits"][0, -1].argmax())
 
 
-def greedy(session: Any, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None,
-           seed: int = 0) -> GenerationResult:
-    """Decode ``max_new_tokens`` tokens after ``prompt_ids`` (batch 1).
+class TokenChooser:
+    """Picks each step's token from the outputs the head (or the logits) gives."""
 
-    Greedy unless the model's head samples; then ``seed`` is the base of the
-    per-step seeds, so a run is reproducible.
+    def __init__(self, head: dict[str, Any] | None, sampling: Sampling) -> None:
+        sampling.validate()
+        self.head = head or {}
+        self.sampling = sampling
+        if self.head.get("sample") and sampling != GREEDY:
+            raise ToolkitError(
+                "this model's sampling head draws in the graph with the options fixed at conversion "
+                f"(k={self.head['k']}, temperature={self.head['temperature']}, top_p={self.head['top_p']}, "
+                f"min_p={self.head['min_p']}); --do-sample/--temperature/--top-k/--top-p/--min-p cannot change them",
+                hint="drop those flags (use --seed), or convert with `--sampling-head K` (no --sample) to choose "
+                "them at generation time",
+            )
+        if self.head and not self.head.get("sample") and sampling.top_k > self.head["k"]:
+            raise ToolkitError(
+                f"--top-k {sampling.top_k} is more than the {self.head['k']} candidates the model's head returns",
+                hint=f"use --top-k <= {self.head['k']}, or convert with a larger --sampling-head",
+            )
+
+    @property
+    def wanted_outputs(self) -> tuple[str, ...]:
+        if self.head.get("sample"):
+            return ("next_token", "next_token_prob")
+        if self.head:
+            return ("next_token_ids", "next_token_probs")
+        return ("logits",)
+
+    def choose(self, outs: dict[str, np.ndarray], seed: int) -> int:
+        if "next_token" in outs or not self.sampling.do_sample:
+            return next_token(outs)
+        from toolkit.ops.reference import sample_position, softmax_topk, uniform
+
+        s = self.sampling
+        if "next_token_ids" in outs:
+            ids = outs["next_token_ids"][0]
+            # probabilities under T0 -> weights under T (unnormalised: the rule only uses ratios)
+            weights = outs["next_token_probs"][0].astype(np.float64) ** (self.head.get("temperature", 1.0)
+                                                                         / s.temperature)
+        else:
+            logits = outs["logits"][0, -1:].astype(np.float32)
+            k = s.top_k or logits.shape[-1]
+            probs, idx, _ = softmax_topk(logits, k, s.temperature)
+            ids, weights = idx[0], probs[0].astype(np.float64)
+        if s.top_k:
+            ids, weights = ids[: s.top_k], weights[: s.top_k]
+        j = sample_position(weights, float(np.float32(s.top_p)), float(np.float32(s.min_p)), uniform(seed, 0))
+        return int(ids[j])
+
+
+def _numpy_dtype(ort_type: str) -> Any:
+    from toolkit.model_info import ORT_TYPE_TO_NUMPY
+
+    return ORT_TYPE_TO_NUMPY[ort_type]
+
+
+class BoundDecoder:
+    """One decoder session driven through IOBinding; the cache stays in ORT values."""
+
+    def __init__(self, session: Any, wanted: tuple[str, ...]) -> None:
+        self.session = session
+        self.inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name for o in session.get_outputs()}
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        missing = [n for n in ("input_ids", "attention_mask") if n not in self.inputs] + \
+            [n for n in (*wanted, *self.present_names) if n not in outputs]
+        if missing:
+            raise ToolkitError(
+                f"the model lacks {', '.join(missing)} (inputs: {', '.join(self.inputs)}; outputs: "
+                f"{', '.join(sorted(outputs))})",
+                hint="generate drives decoders exported by `toolkit export`/`convert` (flat KV-cache I/O)",
+            )
+        self.wanted = wanted
+        self.device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
+        self.calls = 0
+
+    def empty_past(self, batch: int) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        past = {}
+        for name in self.past_names:
+            meta = self.inputs[name]
+            dims = [d if isinstance(d, int) else 0 for d in meta.shape]
+            dims[0] = batch
+            past[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(dims, _numpy_dtype(meta.type)), self.device)
+        return past
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: dict[str, Any],
+             seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """One forward call; returns (the wanted outputs as arrays, the next past as ORT values)."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        if "position_ids" in self.inputs:
+            binding.bind_cpu_input("position_ids", pos)
+        if "sampling_seed" in self.inputs:
+            binding.bind_cpu_input("sampling_seed", np.array([seed], np.int64))
+        for name, value in past.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self.wanted:
+            binding.bind_output(name, "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        n = len(self.wanted)
+        outs = {name: values[i].numpy() for i, name in enumerate(self.wanted)}
+        new_past = dict(zip(self.past_names, values[n:]))
+        self.calls += 1
+        return outs, new_past
+
+
+def _bytes(value: Any) -> int:
+    from toolkit.model_info import ORT_TYPE_TO_NUMPY
+
+    return int(np.prod(value.shape())) * np.dtype(ORT_TYPE_TO_NUMPY[value.data_type()]).itemsize
+
+
+def head_options(session: Any) -> dict[str, Any] | None:
+    """The ``sampling-head`` options recorded in the model's metadata, or None."""
+    meta = session.get_modelmeta().custom_metadata_map
+    head = meta.get("toolkit.sampling_head")
+    return json.loads(head) if head else None
+
+
+def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = GREEDY,
+             eos_id: int | None = None, seed: int = 0,
+             on_token: Callable[[int], None] | None = None) -> GenerationResult:
+    """Decode up to ``max_new_tokens`` tokens after ``prompt_ids`` (batch 1).
+
+    ``seed`` is the base of the per-call seeds (call ``i`` uses ``seed + i``): the
+    sampled head's input, or the host's draw. ``on_token`` is called with each token
+    as soon as it is chosen (streaming).
     """
-    from toolkit.parity import OnnxDecoder
-
-    dec = OnnxDecoder(session)
-    dec.seed_base = seed
+    chooser = TokenChooser(head_options(session), sampling)
+    dec = BoundDecoder(session, chooser.wanted_outputs)
     ids = np.array([prompt_ids], dtype=np.int64)
     mask = np.ones_like(ids)
     pos = np.arange(ids.shape[1], dtype=np.int64)[None]
     past = dec.empty_past(1)
     out_ids: list[int] = []
     steps: list[float] = []
-    t0 = time.perf_counter()
+    prefill_ms = 0.0
     for step in range(max_new_tokens):
         start = time.perf_counter()
-        _, past, outs = dec.step(ids, mask, pos, past)
-        nxt = next_token(outs)
+        call_seed = seed + dec.calls
+        outs, past = dec.step(ids, mask, pos, past, call_seed)
+        nxt = chooser.choose(outs, call_seed)
         elapsed = (time.perf_counter() - start) * 1e3
         if step == 0:
-            prefill_ms = (time.perf_counter() - t0) * 1e3
+            prefill_ms = elapsed
         else:
             steps.append(elapsed)
         out_ids.append(nxt)
+        if on_token is not None:
+            on_token(nxt)
         if eos_id is not None and nxt == eos_id:
             break
         ids = np.array([[nxt]], dtype=np.int64)
         mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
         pos = pos[:, -1:] + 1
-    return GenerationResult(token_ids=out_ids, prefill_ms=prefill_ms, step_ms=steps)
+    return GenerationResult(token_ids=out_ids, prefill_ms=prefill_ms, step_ms=steps,
+                            kv_cache_bytes=sum(_bytes(v) for v in past.values()),
+                            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+
+
+def greedy(session: Any, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None,
+           seed: int = 0) -> GenerationResult:
+    """:func:`generate` with greedy choice (a sampled head still draws, from ``seed``)."""
+    return generate(session, prompt_ids, max_new_tokens, GREEDY, eos_id=eos_id, seed=seed)
 
 
 def load_bundle(path: str | Path) -> tuple[Path, Any]:

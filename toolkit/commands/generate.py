@@ -1,7 +1,10 @@
 """Generate with ONNX Runtime from a converted model directory.
 
-Greedy, or sampled when the model has a sampling head converted with
-sample=true (seeded: --seed); reports the prefill time and the median decode-step time.
+Greedy by default; --do-sample with --temperature/--top-k/--top-p/--min-p samples
+from the sampling head's candidates (or the logits); a head converted with --sample
+draws in the graph (seeded: --seed). The cache stays in ONNX Runtime values between
+steps (IOBinding). Streams the text, then reports prefill time, decode tokens/s,
+KV-cache bytes and peak memory.
 """
 
 from __future__ import annotations
@@ -15,15 +18,22 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0, help="base seed of a sampling head (sample=true)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--seed", type=int, default=0, help="base seed of the draws (call i uses seed + i)")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="candidates kept (0: all the head returns)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--eos-id", type=int, default=None, help="stop after this token")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (no streaming)")
 
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import sys
 
     from toolkit.errors import ToolkitError
-    from toolkit.generate import greedy, load_bundle
+    from toolkit.generate import Sampling, TokenChooser, generate, head_options, load_bundle
     from toolkit.parity import make_session
 
     onnx_path, tokenizer = load_bundle(args.model)
@@ -42,14 +52,35 @@ def run(args: argparse.Namespace) -> int:
         session = bundle.load(args.model, threads=args.threads)
     else:
         session = make_session(onnx_path, threads=args.threads)
-    result = greedy(session, prompt, args.max_new_tokens, seed=args.seed)
+    sampling = Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.min_p)
+    if not args.do_sample and sampling != Sampling(False):
+        raise ToolkitError("--temperature/--top-k/--top-p/--min-p only apply with --do-sample",
+                           hint="add --do-sample, or drop them for greedy decoding")
+    TokenChooser(head_options(session), sampling)  # refuse bad options before anything is printed
+    streamed: list[int] = []
+    shown = ""
+
+    def stream(token: int) -> None:
+        nonlocal shown
+        streamed.append(token)
+        text = tokenizer.decode(streamed) if tokenizer is not None else " ".join(map(str, streamed))
+        if text.startswith(shown):  # else a merge rewrote the tail: wait until the text extends again
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    if not args.json:
+        print(args.prompt if not args.prompt_ids else "", end="", flush=True)
+    result = generate(session, prompt, args.max_new_tokens, sampling, eos_id=args.eos_id, seed=args.seed,
+                      on_token=None if args.json else stream)
     text = tokenizer.decode(result.token_ids) if tokenizer is not None else None
+    stats = {"prefill_ms": result.prefill_ms, "median_step_ms": result.median_step_ms,
+             "tokens_per_second": result.tokens_per_second, "kv_cache_bytes": result.kv_cache_bytes,
+             "peak_rss_mb": result.peak_rss_mb}
     if args.json:
-        print(json.dumps({"prompt_ids": prompt, "token_ids": result.token_ids, "text": text,
-                          "prefill_ms": result.prefill_ms, "median_step_ms": result.median_step_ms,
-                          "tokens_per_second": result.tokens_per_second}, indent=2))
+        print(json.dumps({"prompt_ids": prompt, "token_ids": result.token_ids, "text": text, **stats}, indent=2))
     else:
-        print((args.prompt if not args.prompt_ids else "") + (text if text is not None else str(result.token_ids)))
         print(f"\n[{len(result.token_ids)} tokens, prefill {result.prefill_ms:.1f} ms, "
-              f"decode {result.median_step_ms:.2f} ms/step median, {result.tokens_per_second:.0f} tokens/s]")
+              f"decode {result.median_step_ms:.2f} ms/step median, {result.tokens_per_second:.0f} tokens/s, "
+              f"KV cache {result.kv_cache_bytes / 1024:.1f} KiB, peak RSS {result.peak_rss_mb:.0f} MiB]")
     return 0
