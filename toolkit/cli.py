@@ -15,7 +15,7 @@ import sys
 from toolkit import __version__
 from toolkit.errors import ToolkitError
 
-COMMANDS = ("export", "convert", "parity", "inspect", "list_passes", "generate", "bench")
+COMMANDS = ("export", "convert", "parity", "inspect", "list_passes", "generate", "bench", "package")
 
 
 def build_parser() -> argparse.ArgumentParser:
