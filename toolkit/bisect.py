@@ -9,6 +9,7 @@ pass introduced (the rewritten places to look at).
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,13 @@ def _label(node: Any) -> str:
 
 
 def bisect(src: Any, names: list[str] | None, options: dict[str, dict[str, Any]] | None, settings: Any,
-           profile: str | None = None, overrides: dict[str, float] | None = None) -> dict[str, Any]:
+           profile: str | None = None, overrides: dict[str, float] | None = None,
+           on_report: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+    """Apply ``names`` cumulatively, checking parity after each; see the module docstring.
+
+    ``on_report(pass_name, ParityReport)`` is called after each check (the CLI uses
+    it to render ``--html``: one report per step, compared side by side).
+    """
     from passes import run_pipeline
     from passes.pipeline import resolve_pass_names
     from toolkit import parity
@@ -34,6 +41,8 @@ def bisect(src: Any, names: list[str] | None, options: dict[str, dict[str, Any]]
             path = Path(tmp) / f"after-{i}-{name}.onnx"
             save_model(model, path)
             result = parity.check(src, path, settings, profile=profile, overrides=overrides)
+            if on_report is not None:
+                on_report(name, result)
             added = [_label(n) for n in model.graph.node if n.name not in before]
             steps.append({
                 "pass": name, "rewrites": report.counts.get(name, 0), "parity_passed": result.passed,

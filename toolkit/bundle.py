@@ -53,7 +53,8 @@ def write(staging: Path, model: Any, pipeline_report: dict[str, Any], parity_pas
         "portable": bool(info["custom_ops"]) and {f.name for f in model.functions} >= {
             op.split("::")[1] for op in info["custom_ops"]},
         "passes": pipeline_report.get("passes", []),
-        "parity": {"passed": parity_passed, "report": "parity.json" if parity_passed is not None else None},
+        "parity": {"passed": parity_passed, "report": "parity.json" if parity_passed is not None else None,
+                   "html": "parity.html" if parity_passed is not None else None},
         "op_library": None,
     }
     if uses_custom_ops(model):

@@ -128,6 +128,9 @@ class ParityReport:
     records: list[OutputRecord]
     perplexity: dict[str, float] | None = None
     perplexity_failures: list[str] = dataclasses.field(default_factory=list)
+    # The optimized model's ``toolkit.*`` metadata (KV scheme, low-rank options, ...):
+    # lets a saved report say which compression setting it measured (HTML comparisons).
+    model_metadata: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -154,6 +157,7 @@ class ParityReport:
             "records": [dict(dataclasses.asdict(r), passed=r.passed) for r in self.records],
             "perplexity": self.perplexity,
             "perplexity_failures": self.perplexity_failures,
+            "model_metadata": self.model_metadata,
         })
 
     def to_json(self) -> str:
@@ -560,7 +564,8 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
     for rec in records:
         apply_thresholds(rec, th)
     report = ParityReport(original=src.spec, optimized=str(onnx_path), profile=profile, thresholds=th,
-                          settings=dataclasses.asdict(settings), records=records)
+                          settings=dataclasses.asdict(settings), records=records,
+                          model_metadata={k: v for k, v in meta.items() if k.startswith("toolkit.")})
     has_logits = "logits" in dec.output_names
     quantized_cache = "toolkit.kv_quant" in meta
     greedy_prompts = settings.greedy_prompts if settings.greedy_prompts is not None else (32 if quantized_cache else 0)

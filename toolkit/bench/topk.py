@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.bench import CacheFlusher, host_info, interleaved
+from toolkit.bench import CacheFlusher, host_info, interleaved, session_options
 
 DEFAULT_VOCABS = (32000, 128256, 151936)
 DEFAULT_BATCHES = (1, 8, 64)
@@ -85,8 +85,6 @@ def run(vocabs=DEFAULT_VOCABS, batches=DEFAULT_BATCHES, ks=DEFAULT_KS, threads=D
     """Run the grid and return a JSON-able result."""
     import onnxruntime as ort
 
-    from toolkit import ops
-
     rng = np.random.default_rng(seed)
     flusher = CacheFlusher() if cold else None
     results = []
@@ -96,10 +94,7 @@ def run(vocabs=DEFAULT_VOCABS, batches=DEFAULT_BATCHES, ks=DEFAULT_KS, threads=D
         contenders = {}
         sessions = {}
         for name, blob in _models(vocab, batch, k).items():
-            so = ops.session_options(threads=nthreads)
-            so.inter_op_num_threads = 1
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            sessions[name] = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+            sessions[name] = ort.InferenceSession(blob, session_options(nthreads), providers=["CPUExecutionProvider"])
             contenders[name] = _bound_runner(sessions[name], x)
         contenders["numpy_max"] = lambda: x.max(axis=-1)
         # Correctness guard: a fast wrong kernel must not produce a number.

@@ -50,6 +50,17 @@ def add_parity_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
 
 
+def add_html_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("HTML report")
+    g.add_argument("--html", metavar="PATH",
+                   help="write the report as one self-contained HTML page with plots (error histograms, "
+                   "per-layer divergence, perplexity / greedy agreement)")
+    g.add_argument("--compare", nargs="+", metavar="REPORT.json", default=None,
+                   help="with --html, run no model: plot saved parity JSON reports (or bundle directories) "
+                   "side by side, perplexity increase and greedy agreement against each one's setting (from "
+                   "the model's metadata, else the file name); put it last on the command line")
+
+
 def parity_settings(args: argparse.Namespace):
     from toolkit.errors import ToolkitError
     from toolkit.parity import ParitySettings

@@ -3,7 +3,8 @@
 Writes a bundle: DIR/model.onnx (+ external data for large models),
 DIR/manifest.json (I/O, KV layout, op library hash and ORT API version, passes,
 parity verdict), DIR/libtoolkit_ops.so when the model uses our ops, DIR/passes.json
-(what each pass rewrote) and DIR/parity.json. Load it with toolkit.load(DIR). Nothing is published when any step fails
+(what each pass rewrote), DIR/parity.json and DIR/parity.html (the same report with
+plots, toolkit/report.py). Load it with toolkit.load(DIR). Nothing is published when any step fails
 (or parity fails, unless --keep-failed), so DIR is never half-written.
 """
 
@@ -134,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
                     progress=lambda done, total: progress.update(t, completed=done, total=total))
                 report.optimized = str(out / "model.onnx")  # where it will be, not the staging path
                 (staging / "parity.json").write_text(report.to_json())
+                from toolkit.report import render_html
+
+                parity.write_atomic(staging / "parity.html",
+                                    render_html(report, title=f"parity: {out.name} vs {src.spec}"))
         if args.explain:
             for r in report_dict["passes"]:
                 for line in r.get("explanations", []):
