@@ -30,7 +30,7 @@ SampleTopKTopP, LowRankMatMul without bias).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
