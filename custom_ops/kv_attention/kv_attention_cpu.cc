@@ -294,11 +294,24 @@ struct Avx2Ops {
       }
     }
   }
+  // Channels d..d+7 of a key row. Per channel: s and z are vectors over channels.
+  // Per token: s and z hold one value per 8-channel chunk (ChunkParams), so no
+  // division by the group size sits in the inner loop (an idiv per chunk cost more
+  // than the dot product itself).
   template <int kBits>
   TOOLKIT_AVX2 static inline __m256 Key8(const uint8_t* codes, const RowParams& p, int64_t d) {
     const __m256 c = Codes8<kBits>(codes, d);
-    if (p.G) return _mm256_fmadd_ps(_mm256_set1_ps(p.s[d / p.G]), c, _mm256_set1_ps(p.z[d / p.G]));
+    if (p.G) return _mm256_fmadd_ps(_mm256_broadcast_ss(p.s + (d >> 3)), c, _mm256_broadcast_ss(p.z + (d >> 3)));
     return _mm256_fmadd_ps(_mm256_loadu_ps(p.s + d), c, _mm256_loadu_ps(p.z + d));
+  }
+  // Per-group (scale, zero) expanded to one per 8-channel chunk (G is a multiple of 8 here).
+  static constexpr int64_t kMaxChunks = 512 / 8;
+  TOOLKIT_AVX2 static inline RowParams ChunkParams(const RowParams& p, int64_t D, float* s8, float* z8) {
+    const int64_t per_group = p.G / 8;
+    for (int64_t g = 0, c = 0; c < D / 8; ++g) {
+      for (const int64_t end = c + per_group; c < end; ++c) s8[c] = p.s[g], z8[c] = p.z[g];
+    }
+    return RowParams{s8, z8, 8};
   }
   // Scores of a quantized key row: each 8-channel chunk is dequantized in a register
   // and used by four query rows before the next chunk is decoded.
@@ -310,19 +323,33 @@ struct Avx2Ops {
                                               int64_t stride) {
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      // Two accumulators per query row (even / odd chunks): eight independent FMA
+      // chains, so the loop is bound by issue width, not by the FMA latency of four chains.
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
       const float *q0 = q + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
-      for (int64_t d = 0; d < D; d += 8) {
+      int64_t d = 0;
+      for (; d + 16 <= D; d += 16) {
+        const __m256 k = load(d), k2 = load(d + 8);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), k, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + d), k, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + d), k, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + d), k, a3);
+        b0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d + 8), k2, b0);
+        b1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + d + 8), k2, b1);
+        b2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + d + 8), k2, b2);
+        b3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + d + 8), k2, b3);
+      }
+      if (d < D) {  // D = 16 m + 8
         const __m256 k = load(d);
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), k, a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + d), k, a1);
         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + d), k, a2);
         a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + d), k, a3);
       }
-      out[r * stride] = HorizontalSum(a0);
-      out[(r + 1) * stride] = HorizontalSum(a1);
-      out[(r + 2) * stride] = HorizontalSum(a2);
-      out[(r + 3) * stride] = HorizontalSum(a3);
+      out[r * stride] = HorizontalSum(_mm256_add_ps(a0, b0));
+      out[(r + 1) * stride] = HorizontalSum(_mm256_add_ps(a1, b1));
+      out[(r + 2) * stride] = HorizontalSum(_mm256_add_ps(a2, b2));
+      out[(r + 3) * stride] = HorizontalSum(_mm256_add_ps(a3, b3));
     }
     for (; r < rows; ++r) {
       __m256 a = _mm256_setzero_ps();
@@ -343,7 +370,10 @@ struct Avx2Ops {
   template <int kBits>
   TOOLKIT_AVX2 static inline void QuantScoresBits(const float* q, int64_t rows, const uint8_t* codes, int64_t D,
                                                   const RowParams& p, float* out, int64_t stride) {
-    DotRowsWith(q, rows, CodeRow<kBits>{codes, &p}, D, out, stride);
+    if (!p.G) return DotRowsWith(q, rows, CodeRow<kBits>{codes, &p}, D, out, stride);
+    float s8[kMaxChunks], z8[kMaxChunks];
+    const RowParams chunks = ChunkParams(p, D, s8, z8);
+    DotRowsWith(q, rows, CodeRow<kBits>{codes, &chunks}, D, out, stride);
   }
   TOOLKIT_AVX2 static inline void QuantScores(const float* q, int64_t rows, const uint8_t* codes, int bits,
                                               int64_t D, const RowParams& p, float* /*buf*/, float* out,
@@ -743,7 +773,9 @@ OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context) {
     job.rows = (io.Hq / io.Hkv) * io.S;
 #ifdef TOOLKIT_KV_AVX2
     // The AVX2 row operations work on 8 channels at a time, one scale per 8.
-    job.avx2 = AvxAvailable() && !ForceScalar() && io.D % 8 == 0 && attrs.value_group % 8 == 0 &&
+    // (head dims beyond Avx2Ops::kMaxChunks * 8 = 512 take the portable path)
+    job.avx2 = AvxAvailable() && !ForceScalar() && io.D % 8 == 0 && io.D <= 8 * Avx2Ops::kMaxChunks &&
+               attrs.value_group % 8 == 0 &&
                (attrs.key_per_channel || attrs.key_group % 8 == 0);
 #endif
     if (heads > 0 && io.T > 0 && job.rows > 0) {
