@@ -91,3 +91,23 @@ def threshold_overrides(args: argparse.Namespace) -> dict[str, float]:
             raise ToolkitError(f"--threshold {item!r} is not NAME=NUMBER",
                                hint="write e.g. --threshold top1_min=0.99") from exc
     return out
+
+
+def add_pass_option_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pass-option", action="append", metavar="PASS.OPTION=VALUE", default=[],
+                        help="set a pass option, e.g. --pass-option sampling-head.temperature=0.8")
+
+
+def parse_pass_options(items: list[str]) -> dict[str, dict[str, str]]:
+    """``["kv-cache.scheme=int8", ...]`` -> ``{"kv-cache": {"scheme": "int8"}}``."""
+    from toolkit.errors import PassError
+
+    options: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        name, dot, option = key.partition(".")
+        if not sep or not dot:
+            raise PassError(f"--pass-option {item!r} is not PASS.OPTION=VALUE",
+                            hint="write e.g. --pass-option sampling-head.k=40")
+        options.setdefault(name, {})[option] = value
+    return options

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import argparse
 
-from toolkit.commands._common import add_model_args, add_parity_args, parity_settings, threshold_overrides
+from toolkit.commands._common import (
+    add_model_args,
+    add_parity_args,
+    add_pass_option_arg,
+    parity_settings,
+    parse_pass_options,
+    threshold_overrides,
+)
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -48,8 +55,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--portable", action="store_true",
                         help="attach standard-ONNX bodies to our ops: the model also runs without the op library "
                         "(ORT with the library still uses the fused kernels)")
-    parser.add_argument("--pass-option", action="append", metavar="PASS.OPTION=VALUE", default=[],
-                        help="set a pass option, e.g. --pass-option sampling-head.temperature=0.8")
+    add_pass_option_arg(parser)
     parser.add_argument("--explain", action="store_true", help="say why each pass did not match where it did not")
     parser.add_argument("--opset", type=int, default=21)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -174,14 +180,7 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
     from toolkit.errors import PassError
 
     names = None if args.passes is None else [p for p in args.passes.split(",") if p and p != "none"]
-    options: dict[str, dict[str, str]] = {}
-    for item in args.pass_option:
-        key, sep, value = item.partition("=")
-        name, dot, option = key.partition(".")
-        if not sep or not dot:
-            raise PassError(f"--pass-option {item!r} is not PASS.OPTION=VALUE",
-                            hint="write e.g. --pass-option sampling-head.k=40")
-        options.setdefault(name, {})[option] = value
+    options = parse_pass_options(args.pass_option)
     if args.sampling_head is not None:
         names = list(DEFAULT_PASSES) if names is None else names
         names.append("sampling-head")

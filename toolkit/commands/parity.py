@@ -17,7 +17,9 @@ from toolkit.commands._common import (
     add_html_args,
     add_model_args,
     add_parity_args,
+    add_pass_option_arg,
     parity_settings,
+    parse_pass_options,
     resolve_model,
     threshold_overrides,
 )
@@ -32,6 +34,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="export ORIGINAL, apply the passes one at a time, and name the first pass (and the "
                         "nodes it added) after which parity fails")
     parser.add_argument("--passes", default=None, help="with --bisect: passes to apply (default pipeline)")
+    add_pass_option_arg(parser)  # with --bisect
     add_model_args(parser)
     add_parity_args(parser)
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON ('-' for stdout)")
@@ -118,7 +121,8 @@ def _run_bisect(args: argparse.Namespace) -> int:
 
     names = None if args.passes is None else [p for p in args.passes.split(",") if p]
     step_reports: list[tuple[str, dict]] = []
-    result = bisect(resolve_model(args), names, None, parity_settings(args), profile=args.profile,
+    result = bisect(resolve_model(args), names, parse_pass_options(args.pass_option) or None, parity_settings(args),
+                    profile=args.profile,
                     overrides=threshold_overrides(args),
                     on_report=lambda name, report: step_reports.append((f"+{name}", report.to_dict())))
     for step in result["steps"]:
