@@ -39,6 +39,15 @@ PIPELINE_ORDER: tuple[str, ...] = (
     # body to the LowRankMatMul nodes it adds, and cleanup, which drops the dense
     # weights it leaves unused. Opt-in: it changes the numbers (lossy by design).
     "low-rank",
+    # low-rank-kv replaces each attention's key/value cache by a rank-r latent (and the
+    # Concat -> repeat_kv -> MatMul -> Softmax -> MatMul core around it). After low-rank:
+    # low-rank's calibration feeds past tensors in the [B, H, P, D] layout, which the
+    # latent [B, P, r] inputs no longer have, and low-rank-kv then calibrates its bases on
+    # the factored projections. After kv-cache, so that combining the two (not supported
+    # yet: quantizing the latent) stops with a clear error here instead of kv-cache
+    # silently finding no cache to quantize. Before portable and cleanup (it leaves the
+    # old cache's shape arithmetic dead). Opt-in: it changes the cache I/O and is lossy.
+    "low-rank-kv",
     # portable attaches a standard-ONNX body to every com.toolkit op present, so it
     # runs after every pass that inserts such ops. Opt-in (it grows the model).
     "portable",
@@ -50,7 +59,7 @@ PIPELINE_ORDER: tuple[str, ...] = (
 
 # Passes that run when the caller names none: those that keep the model's I/O.
 DEFAULT_PASSES: tuple[str, ...] = tuple(
-    p for p in PIPELINE_ORDER if p not in ("sampling-head", "kv-cache", "low-rank", "portable"))
+    p for p in PIPELINE_ORDER if p not in ("sampling-head", "kv-cache", "low-rank", "low-rank-kv", "portable"))
 
 
 @dataclasses.dataclass

@@ -29,6 +29,7 @@ _PASS_MODULES: dict[str, str] = {
     "kv-cache": "passes.kv_cache",
     "sampling-head": "passes.sampling_head",
     "low-rank": "passes.low_rank",
+    "low-rank-kv": "passes.low_rank_kv",
     "portable": "passes.portable",
     "cleanup": "passes.cleanup",
 }

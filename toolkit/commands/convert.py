@@ -52,6 +52,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-aware", action="store_true",
                         help="with --rank-ratio/--energy/--param-budget: activation-aware SVD (ASVD) from a "
                         "calibration run of the original model")
+    parser.add_argument("--kv-rank-ratio", type=float, metavar="R", default=None,
+                        help="run the low-rank-kv pass: cache a rank R * kv_heads * head_dim latent of the keys and "
+                        "values per layer instead of the full tensors (lossy; changes the cache I/O; more options "
+                        "via --pass-option low-rank-kv.OPTION=VALUE)")
     parser.add_argument("--portable", action="store_true",
                         help="attach standard-ONNX bodies to our ops: the model also runs without the op library "
                         "(ORT with the library still uses the fused kernels)")
@@ -202,6 +206,10 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
             raise PassError("--activation-aware needs --rank-ratio, --energy or --param-budget",
                             hint="e.g. toolkit convert MODEL -o DIR --rank-ratio 0.5 --activation-aware")
         options["low-rank"]["activation_aware"] = "true"
+    if getattr(args, "kv_rank_ratio", None) is not None:
+        names = list(DEFAULT_PASSES) if names is None else names
+        names.append("low-rank-kv")
+        options.setdefault("low-rank-kv", {})["rank_ratio"] = str(args.kv_rank_ratio)
     if args.portable:
         names = list(DEFAULT_PASSES) if names is None else names
         names.append("portable")

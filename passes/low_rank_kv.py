@@ -1,0 +1,544 @@
+"""``low-rank-kv``: cache a rank-r latent per token instead of the keys and values.
+
+Palu / xKV-style KV-cache compression. For each layer the pass finds a projection
+``A [kv_heads * head_dim, r]`` with orthonormal columns such that the cached rows
+``k = [k_0 | ... | k_{H-1}]`` (all KV heads of one token, flattened) are close to
+``(k · A) · A^T``. The cache stores the latent ``h = k · A`` ``[B, T, r]`` (one tensor
+per layer, shared by the heads of a group) and attention never rebuilds the keys or
+values:
+
+* keys -- the up-projection is folded into the query (it is linear and comes after
+  RoPE, so RoPE is no obstacle): ``q_h · K_h^T = (q_h · A_h) · h^T`` with ``A_h`` the
+  rows of ``A`` of KV head ``h // n_rep``; scores cost ``r`` instead of ``head_dim``
+  multiply-adds per cached token and query head;
+* values -- folded after the probability-weighted sum:
+  ``P_h · V_h = (P_h · h) · A_h^T``.
+
+Where ``A`` comes from (and why post-RoPE keys): Palu factors ``W_k`` and rebuilds
+``RoPE(h · B)`` for every cached position, which needs each cached token's position.
+Here the basis is the principal subspace of the *post-RoPE* keys (and of the values)
+measured on a calibration run of the graph (uncentred PCA, the Karhunen-Loeve
+basis: the best rank-r projection for those rows, ``||K - K A A^T||_F`` minimal).
+For the values ``h = x · (W_v A)`` is exactly a factorisation ``W_v ~ (W_v A) A^T``
+of the value projection (the calibration-optimal one, as in SVD-LLM's whitened
+SVD); for the keys it is a projection of ``RoPE(x W_k)``. The pass computes the
+latent from the exported key/value tensors (``k_new · A``), so it matches the
+attention only, not the projections: our models and Hugging Face GPT-2 / Llama /
+Qwen2 / Mistral / Phi-3 alike.
+
+Query-aware keys (``query_aware=true``): what attention needs of a key is ``q . k``, so
+the keys are whitened by the calibration queries' covariance before the PCA
+(``S = E[q q^T]^1/2`` per KV head, summed over its query heads): the latent is
+``h = k S U_r`` and the query side reads ``S^-1 U_r``, still exact at full rank.
+
+Groups (Palu's group-head low-rank, ``groups=G``): the KV heads are split into G
+contiguous groups, each with its own basis of rank ``r / G``; a query head then
+reads only its group's ``r / G`` latent columns. ``G = 1`` (default) is one joint
+basis per layer (most accurate at a given cache size); ``G = kv_heads`` is one basis
+per head (cheapest attention: ``r / kv_heads`` per head).
+
+Rank, exactly one of: ``rank_ratio`` (share of the group width ``(kv_heads / G) *
+head_dim``) or ``energy`` (smallest rank keeping that share of the calibration
+rows' energy, the largest over the layer's groups). Keys and values are chosen
+separately and can be switched off (``keys=false``: values-only latent cache).
+
+Model I/O: ``past_key_values.{i}.key`` ``[B, kv_heads, P, head_dim]`` becomes
+``past_key_values.{i}.key_latent`` ``[B, P, r_k]`` (``present.{i}.*`` likewise, same
+for value). ``toolkit.low_rank_kv`` in the metadata records the ranks and bytes per
+token. At full rank (``rank_ratio=1``) the rewrite is exact up to float32
+rounding (tested); below it, it is lossy by design.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from passes.kv_cache import _const_scalar, _match_layer, _NoMatch
+from passes.registry import GraphPass, PassOptions, PassResult
+from toolkit.errors import PassError
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankKVOptions(PassOptions):
+    """Options of ``low-rank-kv`` (exactly one of rank_ratio / energy)."""
+
+    rank_ratio: float | None = dataclasses.field(
+        default=None, metadata={"help": "latent rank as a share of (kv_heads / groups) * head_dim, in (0, 1]"})
+    energy: float | None = dataclasses.field(
+        default=None, metadata={"help": "kept share of the calibration keys'/values' energy, in (0, 1]"})
+    keys: bool = dataclasses.field(default=True, metadata={"help": "cache a key latent (false: keys stay full)"})
+    values: bool = dataclasses.field(default=True, metadata={"help": "cache a value latent (false: values stay full)"})
+    groups: int = dataclasses.field(
+        default=1, metadata={"help": "head groups with their own basis (1: one per layer; kv_heads: one per head)"})
+    query_aware: bool = dataclasses.field(
+        default=False, metadata={"help": "key basis minimising the error of the scores q.k (keys whitened by "
+                                          "the calibration queries' covariance) instead of the keys"})
+    calibration_data: str = dataclasses.field(
+        default="", metadata={"help": ".npy of int64 token ids [B, S] for calibration ('' = random tokens)"})
+    calibration_samples: int = dataclasses.field(
+        default=4, metadata={"help": "sequences of random calibration tokens (without calibration_data)"})
+    calibration_seq_len: int = dataclasses.field(
+        default=128, metadata={"help": "length of random calibration sequences"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of random calibration tokens"})
+
+    def validate(self) -> None:
+        chosen = [n for n in ("rank_ratio", "energy") if getattr(self, n) is not None]
+        if len(chosen) != 1:
+            raise PassError(
+                "low-rank-kv needs exactly one of rank_ratio, energy"
+                + (f" (got {', '.join(chosen)})" if chosen else " (got none)"),
+                hint="e.g. toolkit convert MODEL -o DIR --kv-rank-ratio 0.5, or "
+                     "--passes low-rank-kv --pass-option low-rank-kv.energy=0.99")
+        value = getattr(self, chosen[0])
+        if not (isinstance(value, (int, float)) and 0 < value <= 1):
+            raise PassError(f"low-rank-kv option {chosen[0]} must be in (0, 1], got {value!r}",
+                            hint="1.0 keeps the full rank (exact); 0.5 halves the cache")
+        if not (self.keys or self.values):
+            raise PassError("low-rank-kv with keys=false and values=false would change nothing",
+                            hint="leave keys or values at true (the default compresses both)")
+        if self.groups < 1:
+            raise PassError(f"low-rank-kv option groups must be >= 1, got {self.groups!r}",
+                            hint="1 (one basis per layer) or a divisor of the number of KV heads")
+        for name in ("calibration_samples", "calibration_seq_len"):
+            if getattr(self, name) < 1:
+                raise PassError(f"low-rank-kv option {name} must be >= 1, got {getattr(self, name)!r}",
+                                hint=f"e.g. --pass-option low-rank-kv.{name}=8")
+
+
+@dataclasses.dataclass
+class _Side:
+    """One of keys / values of one layer."""
+
+    kind: str                  # "key" | "value"
+    past: ir.Value
+    concat: ir.Node
+    rows: np.ndarray | None = None    # calibration rows [N, kv_heads * head_dim] (float64)
+    bases: list[np.ndarray] = dataclasses.field(default_factory=list)  # per group [gD, gD], columns by energy
+    spectra: list[np.ndarray] = dataclasses.field(default_factory=list)  # per group eigenvalues, descending
+    ups: list[np.ndarray] = dataclasses.field(default_factory=list)  # per group up-projection (default: bases)
+    rank: int = 0              # per group
+    kept_energy: float = 1.0
+
+
+@dataclasses.dataclass
+class _LayerRewrite:
+    index: int
+    match: Any                 # passes.kv_cache._Layer
+    key: _Side | None
+    value: _Side | None
+    q_heads: int = 0
+    q_cov: list[np.ndarray] | None = None  # per KV head: sum over its query heads of E[q q^T] [D, D]
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def _calibration_feeds(proto: Any, options: LowRankKVOptions) -> dict[str, np.ndarray]:
+    from onnx import helper
+
+    rng = np.random.default_rng(options.seed)
+    if options.calibration_data:
+        try:
+            tokens = np.load(options.calibration_data).astype(np.int64)
+        except (OSError, ValueError) as err:
+            raise PassError(f"low-rank-kv: cannot read calibration_data {options.calibration_data!r}: {err}",
+                            hint="pass an .npy file of int64 token ids [B, S]") from err
+        tokens = tokens[None] if tokens.ndim == 1 else tokens
+    else:
+        vocab = next((int(o.type.tensor_type.shape.dim[2].dim_value) for o in proto.graph.output
+                      if o.name == "logits" and len(o.type.tensor_type.shape.dim) == 3
+                      and o.type.tensor_type.shape.dim[2].HasField("dim_value")), None)
+        if vocab is None:
+            raise PassError("low-rank-kv: cannot tell the vocabulary size for random calibration tokens",
+                            hint="pass calibration_data=<.npy of token ids>")
+        tokens = rng.integers(0, vocab, (options.calibration_samples, options.calibration_seq_len), dtype=np.int64)
+    batch, seq = tokens.shape
+    init_names = {i.name for i in proto.graph.initializer}
+    feeds = {}
+    for info in proto.graph.input:
+        name = info.name
+        if name in init_names:
+            continue
+        t = info.type.tensor_type
+        np_dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
+        if name == "input_ids":
+            feeds[name] = tokens
+        elif name == "attention_mask":
+            feeds[name] = np.ones((batch, seq), np_dtype)
+        elif name == "position_ids":
+            feeds[name] = np.broadcast_to(np.arange(seq, dtype=np_dtype), (batch, seq)).copy()
+        elif name.startswith("past_key_values.") and len(dims) == 4:
+            feeds[name] = np.zeros([batch, dims[1], 0, dims[3]], np_dtype)
+        elif name == "sampling_seed":
+            feeds[name] = np.zeros([1], np_dtype)
+        else:
+            raise PassError(f"low-rank-kv: cannot build a calibration value for graph input {name!r}",
+                            hint="the pass calibrates decoders exported by `toolkit export` (input_ids, "
+                                 "attention_mask, position_ids, past_key_values.*)")
+    return feeds
+
+
+def _calibrate(model: ir.Model, layers: list[_LayerRewrite], options: LowRankKVOptions) -> None:
+    """Prefill the calibration tokens; keep each layer's new keys/values and its query head count."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    proto = ir.serde.serialize_model(model)
+    existing = {o.name for o in proto.graph.output}
+    wanted = []
+    for layer in layers:
+        for side in (layer.key, layer.value):
+            if side is not None:
+                wanted.append(side.concat.outputs[0].name)  # present.{i}.key/value
+        wanted.append(layer.match.query.name)
+    for name in wanted:
+        if name not in existing:
+            proto.graph.output.append(helper.make_tensor_value_info(name, 1, None))
+            existing.add(name)
+    feeds = _calibration_feeds(proto, options)
+    if any(n.domain == "com.toolkit" for n in proto.graph.node):
+        from toolkit import ops
+
+        so = ops.session_options(1)
+    else:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        values = dict(zip(wanted, session.run(wanted, feeds)))
+    except Exception as err:  # ORT raises its own pybind exception types
+        raise PassError(f"low-rank-kv: the calibration run of the graph failed: {err}",
+                        hint="check calibration_data (token ids within the vocabulary) or use random tokens") from err
+    for layer in layers:
+        q = values[layer.match.query.name]
+        if q.ndim != 4:
+            raise PassError(f"low-rank-kv: layer {layer.index}: query {layer.match.query.name!r} has rank {q.ndim}, "
+                            "expected [batch, heads, seq, head_dim]",
+                            hint="the pass rewrites the eager attention exported by `toolkit export`")
+        layer.q_heads = int(q.shape[1])
+        if options.query_aware and layer.key is not None:
+            q = np.asarray(q, np.float64).transpose(1, 0, 2, 3).reshape(q.shape[1], -1, q.shape[3])  # [Hq, N, D]
+            kv_heads = int(values[layer.key.concat.outputs[0].name].shape[1])
+            n_rep = max(1, q.shape[0] // kv_heads)
+            layer.q_cov = [sum(q[h].T @ q[h] for h in range(j * n_rep, (j + 1) * n_rep)) / q.shape[1]
+                           for j in range(kv_heads)]
+        for side in (layer.key, layer.value):
+            if side is not None:
+                kv = np.asarray(values[side.concat.outputs[0].name], np.float64)  # [B, H, S, D]
+                side.rows = kv.transpose(0, 2, 1, 3).reshape(-1, kv.shape[1] * kv.shape[3])
+
+
+# ------------------------------------------------------------------ bases and ranks
+
+
+def _sqrt_psd(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(C^1/2, C^-1/2) of a covariance, eigenvalues floored at 1e-6 of the largest."""
+    w, v = np.linalg.eigh(c)
+    w = np.maximum(w, max(float(w.max()), 1e-30) * 1e-6)
+    return (v * np.sqrt(w)) @ v.T, (v / np.sqrt(w)) @ v.T
+
+
+def _fit(side: _Side, groups: int, options: LowRankKVOptions, q_cov: list[np.ndarray] | None = None) -> None:
+    """Per group: PCA basis of the rows (of S k with S = (query covariance)^1/2 when ``q_cov``).
+
+    Whitened: the latent is ``h = k S U`` and the score side reads ``S^-1 U``, so
+    ``q . k_hat = (S q) . (U U^T S k)``: truncating U drops the directions that move the
+    scores least. Without ``q_cov``, S = I and the up-projection is the basis itself.
+    """
+    width = side.rows.shape[1] // groups
+    side.bases, side.spectra, side.ups = [], [], []
+    for g in range(groups):
+        x = side.rows[:, g * width:(g + 1) * width]
+        s = s_inv = None
+        if q_cov is not None:
+            per_group = len(q_cov) // groups
+            head_dim = width // per_group
+            s, s_inv = np.zeros((width, width)), np.zeros((width, width))
+            for jj in range(per_group):
+                a, b = _sqrt_psd(q_cov[g * per_group + jj])
+                sl = slice(jj * head_dim, (jj + 1) * head_dim)
+                s[sl, sl], s_inv[sl, sl] = a, b
+            x = x @ s
+        eigval, eigvec = np.linalg.eigh(x.T @ x)
+        order = np.argsort(eigval)[::-1]
+        side.spectra.append(np.maximum(eigval[order], 0.0))
+        u = eigvec[:, order]
+        side.bases.append(u if s is None else s @ u)
+        side.ups.append(u if s is None else s_inv @ u)
+    if options.rank_ratio is not None:
+        side.rank = max(1, math.ceil(options.rank_ratio * width - 1e-9))
+    else:
+        ranks = []
+        for sp in side.spectra:
+            e = np.cumsum(sp) / sp.sum() if sp.sum() > 0 else np.ones_like(sp)
+            ranks.append(int(min(len(e), np.searchsorted(e, options.energy - 1e-12) + 1)))
+        side.rank = max(ranks)
+    total = sum(float(sp.sum()) for sp in side.spectra)
+    kept = sum(float(sp[:side.rank].sum()) for sp in side.spectra)
+    side.kept_energy = kept / total if total > 0 else 1.0
+
+
+def _down(side: _Side, kv_heads: int, head_dim: int) -> np.ndarray:
+    """Block-diagonal ``[kv_heads * head_dim, G * r]``: flattened k/v rows -> latent."""
+    groups, r = len(side.bases), side.rank
+    width = kv_heads * head_dim // groups
+    a = np.zeros((kv_heads * head_dim, groups * r))
+    for g, basis in enumerate(side.bases):
+        a[g * width:(g + 1) * width, g * r:(g + 1) * r] = basis[:, :r]
+    return a
+
+
+def _per_head(side: _Side, kv_heads: int, head_dim: int, q_heads: int) -> np.ndarray:
+    """``[q_heads, head_dim, r]``: rows of the group basis that belong to query head h's KV head."""
+    groups, r = len(side.bases), side.rank
+    n_rep, per_group = q_heads // kv_heads, kv_heads // groups
+    out = np.zeros((q_heads, head_dim, r))
+    for h in range(q_heads):
+        j = h // n_rep
+        g, jj = divmod(j, per_group)
+        out[h] = side.ups[g][jj * head_dim:(jj + 1) * head_dim, :r]
+    return out
+
+
+# ------------------------------------------------------------------ rewrite
+
+
+class _Builder:
+    def __init__(self, graph: ir.Graph, prefix: str) -> None:
+        self.graph, self.prefix, self.nodes, self.n = graph, prefix, [], 0
+
+    def const(self, name: str, array: np.ndarray) -> ir.Value:
+        self.n += 1
+        value = ir.val(f"{self.prefix}/{name}_{self.n}", const_value=ir.tensor(array))
+        self.graph.register_initializer(value)
+        return value
+
+    def op(self, op_type: str, inputs: list[ir.Value], attrs: list | None = None, name: str = "") -> ir.Value:
+        self.n += 1
+        node = ir.Node("", op_type, inputs, attrs or [], num_outputs=1,
+                       name=f"{self.prefix}/{name or op_type}_{self.n}")
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def i64(self, name: str, values: list[int]) -> ir.Value:
+        return self.const(name, np.array(values, np.int64))
+
+
+def _latent_cache(b: _Builder, side: _Side, index: int, kv_heads: int,
+                  head_dim: int) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """New past input, present output and per-group view ``[B, G, T, r]`` of one side's latent."""
+    groups, r = len(side.bases), side.rank
+    new = side.concat.inputs[1]  # [B, H, S, D]
+    rows = b.op("Transpose", [new], [ir.AttrInt64s("perm", [0, 2, 1, 3])], f"{side.kind}_rows")
+    flat = b.op("Reshape", [rows, b.i64(f"{side.kind}_flat_shape", [0, 0, kv_heads * head_dim])])
+    down = b.const(f"{side.kind}_down", _down(side, kv_heads, head_dim).astype(np.float32))
+    latent_new = b.op("MatMul", [flat, down], name=f"{side.kind}_latent")
+    old = side.past.shape
+    batch, past_len = (old[0], old[2]) if old is not None and len(old) == 4 else ("batch_size", "past_sequence_length")
+    past = ir.val(f"past_key_values.{index}.{side.kind}_latent", ir.DataType.FLOAT,
+                  ir.Shape([batch, past_len, groups * r]))
+    present = b.op("Concat", [past, latent_new], [ir.AttrInt64("axis", 1)], f"{side.kind}_cache")
+    present.name = f"present.{index}.{side.kind}_latent"
+    present.dtype = ir.DataType.FLOAT
+    present.shape = ir.Shape([batch, "total_sequence_length", groups * r])
+    split = b.op("Reshape", [present, b.i64(f"{side.kind}_group_shape", [0, 0, groups, r])])
+    return past, present, split
+
+
+def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_dim: int) -> dict[str, Any]:
+    m = layer.match
+    i, hq = layer.index, layer.q_heads
+    groups = len((layer.key or layer.value).bases)
+    b = _Builder(graph, f"low_rank_kv/layer{i}")
+    new_io: dict[str, tuple[ir.Value, ir.Value]] = {}
+    remove: list[ir.Node] = []
+    qk = next(n for n in m.remove if n.op_type == "MatMul")
+    pv = m.remove[-1]
+
+    if layer.key is not None:
+        side = layer.key
+        r = side.rank
+        # Key side of the attention core: Transpose(K) [-> Mul(sqrt scale)] -> MatMul(q, .).
+        # An SDPA decomposition's constant scale of K^T is folded into the query-side basis.
+        core = m.remove[next(j for j, n in enumerate(m.remove) if n.op_type == "Transpose"):m.remove.index(qk) + 1]
+        key_scale = 1.0
+        for n in core:
+            if n.op_type == "Mul":
+                c = _const_scalar(n.inputs[1])
+                key_scale *= c if c is not None else _const_scalar(n.inputs[0])
+        past, present, split = _latent_cache(b, side, i, kv_heads, head_dim)
+        keys_t = b.op("Transpose", [split], [ir.AttrInt64s("perm", [0, 2, 3, 1])], "key_latent_t")  # [B,G,r,T]
+        up = b.const("key_up", (key_scale * _per_head(side, kv_heads, head_dim, hq)).astype(np.float32))
+        q_lat = b.op("MatMul", [m.query, up], name="query_latent")                   # [B, Hq, S, r]
+        q_grp = b.op("Reshape", [q_lat, b.i64("query_group_shape", [0, groups, -1, r])])
+        scores = b.op("MatMul", [q_grp, keys_t], name="scores")                     # [B, G, hpg*S, T]
+        scores = b.op("Reshape", [scores, b.i64("scores_shape", [0, hq, -1, 0])])    # [B, Hq, S, T]
+        scores.dtype, scores.shape = qk.outputs[0].dtype, qk.outputs[0].shape
+        graph.insert_before(qk, b.nodes)
+        b.nodes = []
+        ir.convenience.replace_all_uses_with(qk.outputs[0], scores)
+        remove += [side.concat, *_repeat_nodes(side.concat), *core]
+        new_io["key"] = (past, present)
+
+    if layer.value is not None:
+        side = layer.value
+        r = side.rank
+        past, present, split = _latent_cache(b, side, i, kv_heads, head_dim)
+        values = b.op("Transpose", [split], [ir.AttrInt64s("perm", [0, 2, 1, 3])], "value_latent_t")  # [B,G,T,r]
+        softmax = pv.inputs[0]
+        p_grp = b.op("Reshape", [softmax, b.i64("probs_group_shape", [0, groups, -1, 0])])  # [B,G,hpg*S,T]
+        mixed = b.op("MatMul", [p_grp, values], name="probs_latent")                       # [B,G,hpg*S,r]
+        mixed = b.op("Reshape", [mixed, b.i64("mixed_shape", [0, hq, -1, r])])             # [B,Hq,S,r]
+        up = b.const("value_up", _per_head(side, kv_heads, head_dim, hq).transpose(0, 2, 1).astype(np.float32))
+        out = b.op("MatMul", [mixed, up], name="value_up")                                 # [B,Hq,S,D]
+        out.dtype, out.shape = pv.outputs[0].dtype, pv.outputs[0].shape
+        graph.insert_before(pv, b.nodes)
+        b.nodes = []
+        ir.convenience.replace_all_uses_with(pv.outputs[0], out)
+        remove += [side.concat, *_repeat_nodes(side.concat), pv]
+        new_io["value"] = (past, present)
+
+    # Shape nodes that read a replaced cache tensor (exporters take batch / past length
+    # from them): rebuild [B, kv_heads, len, head_dim] from the past latent's [B, P, r]
+    # (+ the new tokens' S for a present tensor; the present latent itself is produced
+    # only where the attention was, possibly after the Shape node's consumers).
+    replaced = {}
+    for kind, (past, _) in new_io.items():
+        concat = (layer.key if kind == "key" else layer.value).concat
+        replaced[concat.inputs[0]] = (past, None)
+        replaced[concat.outputs[0]] = (past, concat.inputs[1])
+    for shape_node, _ in m.shape_users:
+        if shape_node.inputs[0] not in replaced:
+            continue
+        past, new = replaced[shape_node.inputs[0]]
+        dims = b.op("Shape", [past], name="latent_shape")
+        bdim = b.op("Slice", [dims, b.i64("s0", [0]), b.i64("s1", [1])])
+        tdim = b.op("Slice", [dims, b.i64("t1", [1]), b.i64("t2", [2])])
+        if new is not None:
+            s_len = b.op("Shape", [new], [ir.AttrInt64("start", 2), ir.AttrInt64("end", 3)], "new_len")
+            tdim = b.op("Add", [tdim, s_len], name="total_len")
+        full = b.op("Concat", [bdim, b.i64("heads", [kv_heads]), tdim, b.i64("hd", [head_dim])],
+                    [ir.AttrInt64("axis", 0)], "old_shape")
+        start = shape_node.attributes.get_int("start", 0)
+        end = shape_node.attributes.get_int("end", 4)
+        sliced = b.op("Slice", [full, b.i64("start", [start]), b.i64("end", [end])])
+        graph.insert_before(shape_node, b.nodes)
+        b.nodes = []
+        ir.convenience.replace_all_uses_with(shape_node.outputs[0], sliced)
+        remove.append(shape_node)
+
+    # Cache I/O: each latent takes its full tensor's place.
+    for kind, (past, present) in new_io.items():
+        pos = list(graph.inputs).index(m.past_k if kind == "key" else m.past_v)
+        graph.inputs.pop(pos)
+        graph.inputs.insert(pos, past)
+        pos = [v.name for v in graph.outputs].index(f"present.{i}.{kind}")
+        graph.outputs.pop(pos)
+        graph.outputs.insert(pos, present)
+    seen = set()
+    for dead in reversed(remove):
+        if id(dead) not in seen:
+            seen.add(id(dead))
+            graph.remove(dead, safe=True)
+    return {"layer": i, "q_heads": hq, "groups": groups}
+
+
+def _repeat_nodes(concat: ir.Node) -> list[ir.Node]:
+    """The repeat_kv chain (Unsqueeze -> Expand -> Reshape) after a cache Concat, if any."""
+    nodes, x = [], concat.outputs[0]
+    while True:
+        uses = [u.node for u in x.uses() if u.node.op_type != "Shape"]
+        expected = ("Unsqueeze", "Expand", "Reshape")
+        if len(nodes) == 3 or len(uses) != 1 or uses[0].op_type != expected[len(nodes)]:
+            return nodes
+        nodes.append(uses[0])
+        x = uses[0].outputs[0]
+
+
+def apply(model: ir.Model, options: LowRankKVOptions, *, explain: bool = False) -> PassResult:
+    """Rewrite every layer's attention onto latent caches; count = layers rewritten."""
+    del explain  # a mismatch is an error (all layers or none), with its reason
+    graph = model.graph
+    if "toolkit.kv_quant" in model.metadata_props or any(n.op_type == "QuantKVAttention" for n in graph):
+        raise PassError("low-rank-kv: the model already has a quantized KV cache (kv-cache pass); quantizing the "
+                        "latent cache is not implemented yet",
+                        hint="run either --kv-cache or --kv-rank-ratio, not both")
+    pasts = {int(mt.group(1)): v for v in graph.inputs if (mt := _PAST.match(v.name or ""))}
+    if not pasts:
+        latent = [v.name for v in graph.inputs if (v.name or "").endswith("_latent")]
+        why = ("the cache is already latent (low-rank-kv ran before)" if latent else
+               "the model has no past_key_values.{i}.key inputs (export it with `toolkit export`)")
+        return PassResult(name=PASS.name, count=0, explanations=[why])
+    inputs = {v.name: v for v in graph.inputs}
+    layers = []
+    for index in sorted(pasts):
+        past_v = inputs.get(f"past_key_values.{index}.value")
+        if past_v is None:
+            raise PassError(f"low-rank-kv: input past_key_values.{index}.value is missing",
+                            hint="the model must have a flat KV cache (`toolkit export`)")
+        try:
+            match = _match_layer(model, index, pasts[index], past_v)
+        except _NoMatch as err:
+            raise PassError(f"low-rank-kv: layer {index}: {err}",
+                            hint="the pass rewrites the eager attention exported by `toolkit export` (the pattern "
+                                 "kv-cache matches); run `toolkit inspect` and report the pattern") from None
+        layers.append(_LayerRewrite(index, match,
+                                    _Side("key", match.past_k, match.concat_k) if options.keys else None,
+                                    _Side("value", match.past_v, match.concat_v) if options.values else None))
+
+    shape = layers[0].match.past_k.shape
+    if shape is None or len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
+        raise PassError(f"low-rank-kv: input {layers[0].match.past_k.name!r} has shape {shape}; expected "
+                        "[batch, kv_heads, past_len, head_dim] with static kv_heads and head_dim",
+                        hint="re-export with `toolkit export`")
+    kv_heads, head_dim = shape[1], shape[3]
+    if kv_heads % options.groups:
+        raise PassError(f"low-rank-kv: groups={options.groups} does not divide kv_heads={kv_heads}",
+                        hint=f"use a divisor of {kv_heads} (1 = one basis per layer)")
+    _calibrate(model, layers, options)
+    report = []
+    for layer in layers:
+        if layer.q_heads % kv_heads:
+            raise PassError(f"low-rank-kv: layer {layer.index}: {layer.q_heads} query heads is not a multiple of "
+                            f"{kv_heads} KV heads", hint="report the model")
+        entry: dict[str, Any] = {"layer": layer.index}
+        for side in (layer.key, layer.value):
+            if side is not None:
+                _fit(side, options.groups, options, layer.q_cov if side.kind == "key" else None)
+                entry[f"{side.kind}_rank"] = side.rank * options.groups
+                entry[f"{side.kind}_kept_energy"] = side.kept_energy
+        entry.update(_rewrite_layer(graph, layer, kv_heads, head_dim))
+        report.append(entry)
+
+    full = kv_heads * head_dim
+    per_token = sum(e.get("key_rank", full) + e.get("value_rank", full) for e in report) * 4
+    fp32 = 2 * full * 4 * len(layers)
+    info = {"layers": report, "kv_heads": kv_heads, "head_dim": head_dim, "groups": options.groups,
+            "keys": options.keys, "values": options.values, "query_aware": options.query_aware,
+            "rank_ratio": options.rank_ratio, "energy": options.energy,
+            "bytes_per_token": per_token, "fp32_bytes_per_token": fp32, "reduction_vs_fp32": fp32 / per_token}
+    model.metadata_props["toolkit.low_rank_kv"] = json.dumps(info, sort_keys=True)
+    model.metadata_props["toolkit.kv_cache"] = "fp32-latent"
+    return PassResult(name=PASS.name, count=len(layers),
+                      details={"bytes_per_token": per_token, "fp32_bytes_per_token": fp32,
+                               "reduction_vs_fp32": fp32 / per_token, "layers": report})
+
+
+PASS = GraphPass(
+    name="low-rank-kv",
+    description="Cache a rank-r latent of the keys/values per token (Palu/xKV style, calibrated PCA basis; "
+    "up-projection folded into query and output); changes the cache I/O",
+    options_type=LowRankKVOptions,
+    apply=apply,
+)
