@@ -27,9 +27,9 @@ error where activations are large rather than uniformly over input channels.
 Calibration: the original graph is run by ONNX Runtime on calibration inputs with
 every candidate MatMul's activation input exposed as an extra output; per channel
 ``mean|x|`` is kept, plus up to ``calibration_rows`` rows that measure each layer's
-relative reconstruction error ``||X W - X U V|| / ||X W||``. Decoder inputs are
-filled from ``calibration_data`` (an ``.npy`` of int64 token ids ``[B, S]``) or
-random tokens; other graphs get standard-normal float inputs.
+relative reconstruction error ``||X W - X U V|| / ||X W||``. Inputs (decoders,
+BERT-style encoders, float graphs) come from ``calibration_data`` (an ``.npy`` of int64
+token ids ``[B, S]``) or random tokens, as :mod:`passes.calibration` describes.
 
 Report (``PassResult.details["layers"]``): per layer, rank, kept energy,
 reconstruction error on the calibration activations, weights and FLOPs saved, or
@@ -46,14 +46,16 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from passes.registry import GraphPass, PassOptions, PassResult
+from passes import calibration
+from passes.calibration import CalibrationOptions
+from passes.registry import GraphPass, PassResult
 from toolkit.errors import PassError
 
 DOMAIN = "com.toolkit"
 
 
 @dataclasses.dataclass(frozen=True)
-class LowRankOptions(PassOptions):
+class LowRankOptions(CalibrationOptions):
     """Options of ``low-rank`` (exactly one of rank_ratio / energy / param_budget)."""
 
     rank_ratio: float | None = dataclasses.field(
@@ -65,15 +67,8 @@ class LowRankOptions(PassOptions):
     activation_aware: bool = dataclasses.field(
         default=False, metadata={"help": "scale input channels by calibration mean|x|**alpha before the SVD (ASVD)"})
     alpha: float = dataclasses.field(default=0.5, metadata={"help": "ASVD exponent of the channel scale, in (0, 2]"})
-    calibration_data: str = dataclasses.field(
-        default="", metadata={"help": ".npy of int64 token ids [B, S] for calibration ('' = random tokens)"})
-    calibration_samples: int = dataclasses.field(
-        default=4, metadata={"help": "sequences of random calibration tokens (without calibration_data)"})
-    calibration_seq_len: int = dataclasses.field(
-        default=64, metadata={"help": "length of random calibration sequences"})
     calibration_rows: int = dataclasses.field(
         default=512, metadata={"help": "activation rows kept per layer to measure the reconstruction error"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed of random calibration inputs"})
     min_size: int = dataclasses.field(
         default=4096, metadata={"help": "only weights with at least this many elements (K*N)"})
     include: str = dataclasses.field(
@@ -97,10 +92,7 @@ class LowRankOptions(PassOptions):
         if not 0 < self.alpha <= 2:
             raise PassError(f"low-rank option alpha must be in (0, 2], got {self.alpha!r}",
                             hint="ASVD uses 0.5")
-        for name in ("calibration_samples", "calibration_seq_len", "calibration_rows"):
-            if getattr(self, name) < 1:
-                raise PassError(f"low-rank option {name} must be >= 1, got {getattr(self, name)!r}",
-                                hint=f"e.g. --pass-option low-rank.{name}=8")
+        self.validate_calibration("low-rank", extra=("calibration_rows",))
         if self.min_size < 1:
             raise PassError(f"low-rank option min_size must be >= 1, got {self.min_size!r}", hint="e.g. 4096")
 
@@ -210,99 +202,10 @@ def _candidates(graph: ir.Graph, options: LowRankOptions, explanations: list[str
 # ------------------------------------------------------------------ calibration
 
 
-def _calibration_feeds(model_proto: Any, options: LowRankOptions) -> dict[str, np.ndarray]:
-    """Inputs for one calibration run of the original graph."""
-    from onnx import helper
-
-    rng = np.random.default_rng(options.seed)
-    inputs = {i.name: i for i in model_proto.graph.input}
-    init_names = {i.name for i in model_proto.graph.initializer}
-    tokens = None
-    if options.calibration_data:
-        try:
-            tokens = np.load(options.calibration_data).astype(np.int64)
-        except (OSError, ValueError) as err:
-            raise PassError(f"low-rank: cannot read calibration_data {options.calibration_data!r}: {err}",
-                            hint="pass an .npy file of int64 token ids [B, S]") from err
-        if tokens.ndim == 1:
-            tokens = tokens[None]
-    batch = tokens.shape[0] if tokens is not None else options.calibration_samples
-    seq = tokens.shape[1] if tokens is not None else options.calibration_seq_len
-    if tokens is None and "input_ids" in inputs:
-        vocab = _vocab_size(model_proto)
-        tokens = rng.integers(0, vocab, size=(batch, seq), dtype=np.int64)
-    feeds = {}
-    for name, info in inputs.items():
-        if name in init_names:
-            continue
-        t = info.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-        np_dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
-        if name == "input_ids":
-            feeds[name] = tokens
-        elif name == "attention_mask":
-            feeds[name] = np.ones((batch, seq), np_dtype)
-        elif name == "position_ids":
-            feeds[name] = np.broadcast_to(np.arange(seq, dtype=np_dtype), (batch, seq)).copy()
-        elif name.startswith("past_key_values"):
-            shape = [batch] + [d if d is not None else 0 for d in dims[1:]]
-            shape[2] = 0  # prefill: empty past
-            feeds[name] = np.zeros(shape, np_dtype)
-        elif name == "sampling_seed":  # the sampled head's (sampling-head sample=true) draw does not matter here
-            feeds[name] = np.zeros([1], np_dtype)
-        elif np.issubdtype(np_dtype, np.floating):
-            shape = [d if d is not None else (batch if i == 0 else seq) for i, d in enumerate(dims)]
-            feeds[name] = rng.standard_normal(shape).astype(np_dtype)
-        else:
-            raise PassError(f"low-rank: cannot build a calibration value for graph input {name!r} ({np_dtype})",
-                            hint="the pass calibrates decoders (input_ids, attention_mask, position_ids, past) "
-                            "and graphs with float inputs")
-    return feeds
-
-
-def _vocab_size(model_proto: Any) -> int:
-    for out in model_proto.graph.output:
-        if out.name == "logits":
-            dims = out.type.tensor_type.shape.dim
-            if len(dims) == 3 and dims[2].HasField("dim_value"):
-                return int(dims[2].dim_value)
-    for init in model_proto.graph.initializer:  # the embedding: the largest 2-D initializer's rows
-        if "embed" in init.name and len(init.dims) == 2:
-            return int(init.dims[0])
-    raise PassError("low-rank: cannot tell the vocabulary size for random calibration tokens",
-                    hint="pass calibration_data=<.npy of token ids>")
-
-
 def _calibrate(model: ir.Model, layers: list[_Layer], options: LowRankOptions) -> None:
     """Run the graph once with each layer's activation input exposed; keep per-channel stats."""
-    import onnxruntime as ort
-    from onnx import helper
-
-    proto = ir.serde.serialize_model(model)
-    exposed = []
-    existing = {o.name for o in proto.graph.output}
-    for layer in layers:
-        name = layer.matmul.inputs[0].name
-        if name not in existing and name not in exposed:
-            exposed.append(name)
-    for name in exposed:
-        proto.graph.output.append(helper.make_tensor_value_info(name, 1, None))  # float32
-    feeds = _calibration_feeds(proto, options)
-    uses_ours = any(n.domain == DOMAIN for n in proto.graph.node)
-    if uses_ours:
-        from toolkit import ops
-
-        so = ops.session_options()
-    else:
-        so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        values = dict(zip(names, session.run(None, feeds)))
-    except Exception as err:  # ORT raises its own pybind exception types
-        raise PassError(f"low-rank: the calibration run of the original graph failed: {err}",
-                        hint="check calibration_data (token ids within the vocabulary) or use random tokens") from err
+    values = calibration.run_exposed(model, [layer.matmul.inputs[0].name for layer in layers], options,
+                                     "low-rank")
     rng = np.random.default_rng(options.seed + 1)
     for layer in layers:
         x = np.asarray(values[layer.matmul.inputs[0].name], np.float64)

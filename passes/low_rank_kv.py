@@ -60,15 +60,17 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from passes import calibration
+from passes.calibration import CalibrationOptions
 from passes.kv_cache import _const_scalar, _match_layer, _NoMatch
-from passes.registry import GraphPass, PassOptions, PassResult
+from passes.registry import GraphPass, PassResult
 from toolkit.errors import PassError
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
 
 
 @dataclasses.dataclass(frozen=True)
-class LowRankKVOptions(PassOptions):
+class LowRankKVOptions(CalibrationOptions):
     """Options of ``low-rank-kv`` (exactly one of rank_ratio / energy)."""
 
     rank_ratio: float | None = dataclasses.field(
@@ -82,13 +84,8 @@ class LowRankKVOptions(PassOptions):
     query_aware: bool = dataclasses.field(
         default=False, metadata={"help": "key basis minimising the error of the scores q.k (keys whitened by "
                                           "the calibration queries' covariance) instead of the keys"})
-    calibration_data: str = dataclasses.field(
-        default="", metadata={"help": ".npy of int64 token ids [B, S] for calibration ('' = random tokens)"})
-    calibration_samples: int = dataclasses.field(
-        default=4, metadata={"help": "sequences of random calibration tokens (without calibration_data)"})
     calibration_seq_len: int = dataclasses.field(
         default=128, metadata={"help": "length of random calibration sequences"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed of random calibration tokens"})
 
     def validate(self) -> None:
         chosen = [n for n in ("rank_ratio", "energy") if getattr(self, n) is not None]
@@ -108,10 +105,7 @@ class LowRankKVOptions(PassOptions):
         if self.groups < 1:
             raise PassError(f"low-rank-kv option groups must be >= 1, got {self.groups!r}",
                             hint="1 (one basis per layer) or a divisor of the number of KV heads")
-        for name in ("calibration_samples", "calibration_seq_len"):
-            if getattr(self, name) < 1:
-                raise PassError(f"low-rank-kv option {name} must be >= 1, got {getattr(self, name)!r}",
-                                hint=f"e.g. --pass-option low-rank-kv.{name}=8")
+        self.validate_calibration("low-rank-kv")
 
 
 @dataclasses.dataclass
@@ -142,84 +136,15 @@ class _LayerRewrite:
 # ------------------------------------------------------------------ calibration
 
 
-def _calibration_feeds(proto: Any, options: LowRankKVOptions) -> dict[str, np.ndarray]:
-    from onnx import helper
-
-    rng = np.random.default_rng(options.seed)
-    if options.calibration_data:
-        try:
-            tokens = np.load(options.calibration_data).astype(np.int64)
-        except (OSError, ValueError) as err:
-            raise PassError(f"low-rank-kv: cannot read calibration_data {options.calibration_data!r}: {err}",
-                            hint="pass an .npy file of int64 token ids [B, S]") from err
-        tokens = tokens[None] if tokens.ndim == 1 else tokens
-    else:
-        vocab = next((int(o.type.tensor_type.shape.dim[2].dim_value) for o in proto.graph.output
-                      if o.name == "logits" and len(o.type.tensor_type.shape.dim) == 3
-                      and o.type.tensor_type.shape.dim[2].HasField("dim_value")), None)
-        if vocab is None:
-            raise PassError("low-rank-kv: cannot tell the vocabulary size for random calibration tokens",
-                            hint="pass calibration_data=<.npy of token ids>")
-        tokens = rng.integers(0, vocab, (options.calibration_samples, options.calibration_seq_len), dtype=np.int64)
-    batch, seq = tokens.shape
-    init_names = {i.name for i in proto.graph.initializer}
-    feeds = {}
-    for info in proto.graph.input:
-        name = info.name
-        if name in init_names:
-            continue
-        t = info.type.tensor_type
-        np_dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
-        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
-        if name == "input_ids":
-            feeds[name] = tokens
-        elif name == "attention_mask":
-            feeds[name] = np.ones((batch, seq), np_dtype)
-        elif name == "position_ids":
-            feeds[name] = np.broadcast_to(np.arange(seq, dtype=np_dtype), (batch, seq)).copy()
-        elif name.startswith("past_key_values.") and len(dims) == 4:
-            feeds[name] = np.zeros([batch, dims[1], 0, dims[3]], np_dtype)
-        elif name == "sampling_seed":
-            feeds[name] = np.zeros([1], np_dtype)
-        else:
-            raise PassError(f"low-rank-kv: cannot build a calibration value for graph input {name!r}",
-                            hint="the pass calibrates decoders exported by `toolkit export` (input_ids, "
-                                 "attention_mask, position_ids, past_key_values.*)")
-    return feeds
-
-
 def _calibrate(model: ir.Model, layers: list[_LayerRewrite], options: LowRankKVOptions) -> None:
     """Prefill the calibration tokens; keep each layer's new keys/values and its query head count."""
-    import onnxruntime as ort
-    from onnx import helper
-
-    proto = ir.serde.serialize_model(model)
-    existing = {o.name for o in proto.graph.output}
     wanted = []
     for layer in layers:
         for side in (layer.key, layer.value):
             if side is not None:
                 wanted.append(side.concat.outputs[0].name)  # present.{i}.key/value
         wanted.append(layer.match.query.name)
-    for name in wanted:
-        if name not in existing:
-            proto.graph.output.append(helper.make_tensor_value_info(name, 1, None))
-            existing.add(name)
-    feeds = _calibration_feeds(proto, options)
-    if any(n.domain == "com.toolkit" for n in proto.graph.node):
-        from toolkit import ops
-
-        so = ops.session_options(1)
-    else:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        values = dict(zip(wanted, session.run(wanted, feeds)))
-    except Exception as err:  # ORT raises its own pybind exception types
-        raise PassError(f"low-rank-kv: the calibration run of the graph failed: {err}",
-                        hint="check calibration_data (token ids within the vocabulary) or use random tokens") from err
+    values = calibration.run_exposed(model, wanted, options, "low-rank-kv", threads=1)
     for layer in layers:
         q = values[layer.match.query.name]
         if q.ndim != 4:

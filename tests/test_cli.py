@@ -58,7 +58,7 @@ def test_convert_end_to_end_and_inspect(tmp_path):
     r = toolkit("convert", "llama", "-o", str(out), "--decode-steps", "2", "--batch-sizes", "1,2")
     assert r.returncode == 0, r.stderr
     # no custom op in the default pipeline's output for this model: no library in the bundle
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "parity.html", "parity.json", "passes.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["genai_config.json", "manifest.json", "model.onnx", "parity.html", "parity.json", "passes.json"]
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] is True
     # no staging directories left behind

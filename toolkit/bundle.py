@@ -6,7 +6,9 @@ operators of domain ``com.toolkit`` — the op library it was validated with
 (``libtoolkit_ops.so``). The manifest records what a host needs to check before
 running it: the op domain and version, the oldest ONNX Runtime C API the library
 needs, the library's SHA-256, the model's I/O and KV-cache layout, the passes
-applied and the parity verdict. :func:`load` opens a session after those checks.
+applied and the parity verdict. :func:`load` opens a session after those checks. When
+onnxruntime-genai can drive the model, the bundle also holds its `genai_config.json`
+(:mod:`toolkit.genai`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ def sha256(path: Path) -> str:
 
 
 def write(staging: Path, model: Any, pipeline_report: dict[str, Any], parity_passed: bool | None) -> dict[str, Any]:
-    """Write ``manifest.json`` (and copy the op library when needed) into ``staging``."""
+    """Write ``manifest.json`` (and copy the op library when needed) into ``staging``.
+
+    Also writes onnxruntime-genai's ``genai_config.json`` (and ``tokenizer_config.json``)
+    when genai can drive the model; ``manifest["genai"]`` says which, or why not
+    (:mod:`toolkit.genai`).
+    """
     from toolkit import __version__, ops
     from toolkit.model_info import describe
     from toolkit.parity import uses_custom_ops
@@ -69,6 +76,10 @@ def write(staging: Path, model: Any, pipeline_report: dict[str, Any], parity_pas
             "cuda_kernels": ops.has_cuda(),
             "providers": ["CPUExecutionProvider"] + (["CUDAExecutionProvider"] if ops.has_cuda() else []),
         }
+    # onnxruntime-genai's genai_config.json (+ tokenizer_config.json), or why it cannot drive the model
+    from toolkit import genai
+
+    manifest["genai"] = genai.write(staging, info, LIBRARY_NAME if manifest["op_library"] else None)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +55,53 @@ def _params(model_proto: Any) -> int:
     return int(sum(int(np.prod(i.dims)) for i in model_proto.graph.initializer))
 
 
+def factored_row(details: dict[str, Any], out: Any, base_params: int) -> dict[str, Any]:
+    """The low-rank pass's summary of one factored model (layers, reductions, mean error)."""
+    summary = details["summary"]
+    errors = [e["reconstruction_error"] for e in details["layers"] if not e["skipped"]]
+    return {"factored_layers": summary["factored"], "skipped_layers": summary["skipped"],
+            "eligible_param_reduction": summary["param_reduction"],
+            "model_param_reduction": 1 - _params(out) / base_params,
+            "mean_reconstruction_error": float(np.mean(errors)) if errors else 0.0}
+
+
+def budget_sweep(original: Any, calib_path: Path, budgets: Sequence[float], score: Callable[[Any], dict[str, float]],
+                 base_params: int, metric: str, *, higher_is_better: bool, describe: Callable[[dict], str],
+                 progress: Callable[[str], None] | None = None,
+                 extra_options: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[bool]]:
+    """Factor ``original`` at each global budget with plain and activation-aware SVD and score each.
+
+    Returns:
+        One row per (budget, method) (``score``'s values plus :func:`factored_row`) and,
+        per budget, whether ASVD beat plain SVD on ``metric``.
+    """
+    from passes import run_pipeline
+
+    results = []
+    for budget in budgets:
+        for aware in (False, True):
+            opts = {"param_budget": budget, "activation_aware": aware, "calibration_data": str(calib_path),
+                    **(extra_options or {})}
+            out, report = run_pipeline(original, ["low-rank", "cleanup"], {"low-rank": opts})
+            row = {"param_budget": budget, "method": "asvd" if aware else "svd", **score(out),
+                   **factored_row(report["low-rank"].details, out, base_params)}
+            results.append(row)
+            if progress:
+                progress(f"budget {budget} {row['method']}: {describe(row)}, eligible weights "
+                         f"-{100 * row['eligible_param_reduction']:.1f}%, model "
+                         f"-{100 * row['model_param_reduction']:.1f}%")
+    wins = []
+    for budget in budgets:
+        pair = {r["method"]: r[metric] for r in results if r["param_budget"] == budget}
+        wins.append(bool(pair["asvd"] > pair["svd"]) if higher_is_better else bool(pair["asvd"] < pair["svd"]))
+    return results, wins
+
+
 def run(model: str = "llama-stdlib", budgets=DEFAULT_BUDGETS, calib_tokens: int = 1024, calib_seq: int = 128,
         eval_tokens: int = 8192, window: int = 256, progress=None) -> dict[str, Any]:
     """Perplexity at each budget for plain and activation-aware SVD; JSON-able result."""
     import onnx
 
-    from passes import run_pipeline
     from toolkit import export, sources
 
     src = sources.resolve(model)
@@ -83,32 +125,13 @@ def run(model: str = "llama-stdlib", budgets=DEFAULT_BUDGETS, calib_tokens: int 
         base_params = _params(original)
         if progress:
             progress(f"original: perplexity {base_ppl:.3f}, {base_params} parameters")
-        for budget in budgets:
-            for aware in (False, True):
-                opts = {"param_budget": budget, "activation_aware": aware, "calibration_data": str(calib_path)}
-                out, report = run_pipeline(original, ["low-rank", "cleanup"], {"low-rank": opts})
-                summary = report["low-rank"].details["summary"]
-                ppl = _perplexity(out, eval_ids, window, past)
-                row = {
-                    "param_budget": budget, "method": "asvd" if aware else "svd",
-                    "perplexity": ppl, "perplexity_rel_increase": (ppl - base_ppl) / base_ppl,
-                    "factored_layers": summary["factored"], "skipped_layers": summary["skipped"],
-                    "eligible_param_reduction": summary["param_reduction"],
-                    "model_param_reduction": 1 - _params(out) / base_params,
-                    "mean_reconstruction_error": float(np.mean(
-                        [e["reconstruction_error"] for e in report["low-rank"].details["layers"]
-                         if not e["skipped"]] or [0.0])),
-                }
-                results.append(row)
-                if progress:
-                    progress(f"budget {budget} {row['method']}: perplexity {ppl:.3f} "
-                             f"({100 * row['perplexity_rel_increase']:+.1f}%), eligible weights "
-                             f"-{100 * row['eligible_param_reduction']:.1f}%, model "
-                             f"-{100 * row['model_param_reduction']:.1f}%")
-    aware_wins = []
-    for budget in budgets:
-        pair = {r["method"]: r["perplexity"] for r in results if r["param_budget"] == budget}
-        aware_wins.append(bool(pair["asvd"] < pair["svd"]))
+        results, aware_wins = budget_sweep(
+            original, calib_path, budgets, lambda out: {"perplexity": (ppl := _perplexity(out, eval_ids, window, past)),
+                                                        "perplexity_rel_increase": (ppl - base_ppl) / base_ppl},
+            base_params, "perplexity", higher_is_better=False,
+            describe=lambda row: f"perplexity {row['perplexity']:.3f} "
+                                 f"({100 * row['perplexity_rel_increase']:+.1f}%)",
+            progress=progress)
     return {
         "benchmark": "lowrank-fidelity",
         "model": model,

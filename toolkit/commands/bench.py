@@ -4,6 +4,8 @@
 single-read floor, interleaved in one process. `toolkit bench head`: greedy decode
 with the sampling head vs full logits on the same prompts. `toolkit bench lowrank`:
 LowRankMatMul vs ORT dense MatMul and MatMul->MatMul, weights rotated out of cache.
+`toolkit bench minilm`: the low-rank pass's sentence-embedding fidelity on the
+pretrained all-MiniLM-L6-v2 encoder.
 `toolkit bench attention`: QuantKVAttention vs ORT GroupQueryAttention (fp32 and its
 quantized caches) and the unfused exported subgraph, one decode step; with
 --model/--converted, decode tokens/s of a converted model vs the original.
@@ -47,6 +49,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     fid.add_argument("--budgets", type=lambda t: tuple(float(v) for v in t.split(",")),
                      default=(0.9, 0.8, 0.7, 0.6, 0.5, 0.4), help="global shares of the eligible weights kept")
     fid.add_argument("--json", metavar="PATH", help="write results as JSON ('-' for stdout)")
+    mini = sub.add_parser("minilm", help="sentence-embedding cosine and retrieval vs parameter reduction of the "
+                          "low-rank pass on the pretrained all-MiniLM-L6-v2 encoder (plain vs activation-aware SVD)")
+    mini.add_argument("--budgets", type=lambda t: tuple(float(v) for v in t.split(",")),
+                      default=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5), help="global shares of the eligible weights kept")
+    mini.add_argument("--threads", type=int, default=1, help="PyTorch and ONNX Runtime intra-op threads")
+    mini.add_argument("--json", metavar="PATH", help="write results as JSON ('-' for stdout)")
     at = sub.add_parser("attention", help="QuantKVAttention vs ONNX Runtime GroupQueryAttention (fp32/int8/int4) "
                         "and the unfused subgraph, one decode step; or, with --model/--converted, decode tokens/s")
     at.add_argument("--context", type=_ints, default=(1024, 4096, 16384), help="past lengths L")
@@ -102,6 +110,11 @@ def run(args: argparse.Namespace) -> int:
 
         result = lowrank_fidelity.run(args.model, args.budgets,
                                       progress=None if args.json == "-" else lambda line: print(line, flush=True))
+    elif args.bench == "minilm":
+        from toolkit.bench import lowrank_minilm
+
+        result = lowrank_minilm.run(args.budgets, threads=args.threads,
+                                    progress=None if args.json == "-" else lambda line: print(line, flush=True))
     elif args.bench == "attention":
         from toolkit.bench import attention
 

@@ -1,0 +1,158 @@
+"""Calibration runs shared by the passes that fit to activations (``low-rank``, ``low-rank-kv``).
+
+A pass that needs activations declares its options as a subclass of
+:class:`CalibrationOptions` (``calibration_data``, ``calibration_samples``,
+``calibration_seq_len``, ``seed``), builds inputs with :func:`feeds` and runs the
+graph with some intermediate values exposed as outputs with :func:`run_exposed`.
+
+Inputs are filled by name: ``input_ids`` from ``calibration_data`` (an ``.npy`` of
+int64 token ids ``[B, S]``, unpadded) or random tokens below the vocabulary size,
+``attention_mask`` with ones, ``position_ids`` with ``0..S-1``, ``token_type_ids``
+(BERT-style encoders) with zeros, ``past_key_values.*`` empty (a prefill),
+``sampling_seed`` (a sampled head) with zero, other float inputs with standard-normal
+values. Anything else is an error naming the input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from passes.registry import PassOptions
+from toolkit.errors import PassError
+
+DOMAIN = "com.toolkit"
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationOptions(PassOptions):
+    """Options of the calibration inputs; subclasses add their own and call :meth:`validate_calibration`."""
+
+    calibration_data: str = dataclasses.field(
+        default="", metadata={"help": ".npy of int64 token ids [B, S] for calibration ('' = random tokens)"})
+    calibration_samples: int = dataclasses.field(
+        default=4, metadata={"help": "sequences of random calibration tokens (without calibration_data)"})
+    calibration_seq_len: int = dataclasses.field(
+        default=64, metadata={"help": "length of random calibration sequences"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of random calibration inputs"})
+
+    def validate_calibration(self, pass_name: str, extra: tuple[str, ...] = ()) -> None:
+        """Positive counts (``calibration_samples``, ``calibration_seq_len`` and ``extra``)."""
+        for name in ("calibration_samples", "calibration_seq_len") + extra:
+            if getattr(self, name) < 1:
+                raise PassError(f"{pass_name} option {name} must be >= 1, got {getattr(self, name)!r}",
+                                hint=f"e.g. --pass-option {pass_name}.{name}=8")
+
+
+def vocab_size(proto: Any, pass_name: str) -> int:
+    """The vocabulary size: the last dim of a ``logits`` output, else the embedding's rows."""
+    for out in proto.graph.output:
+        if out.name == "logits":
+            dims = out.type.tensor_type.shape.dim
+            if len(dims) == 3 and dims[2].HasField("dim_value"):
+                return int(dims[2].dim_value)
+    for init in proto.graph.initializer:
+        if "embed" in init.name and len(init.dims) == 2:
+            return int(init.dims[0])
+    raise PassError(f"{pass_name}: cannot tell the vocabulary size for random calibration tokens",
+                    hint="pass calibration_data=<.npy of token ids>")
+
+
+def _tokens(proto: Any, options: CalibrationOptions, pass_name: str, rng: np.random.Generator) -> np.ndarray | None:
+    if options.calibration_data:
+        try:
+            tokens = np.load(options.calibration_data).astype(np.int64)
+        except (OSError, ValueError) as err:
+            raise PassError(f"{pass_name}: cannot read calibration_data {options.calibration_data!r}: {err}",
+                            hint="pass an .npy file of int64 token ids [B, S]") from err
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.size == 0:
+            raise PassError(f"{pass_name}: calibration_data {options.calibration_data!r} has shape "
+                            f"{list(tokens.shape)}, expected token ids [B, S]",
+                            hint="save a 2-D int64 array, e.g. np.save(path, ids[None])")
+        return tokens
+    if any(i.name == "input_ids" for i in proto.graph.input):
+        vocab = vocab_size(proto, pass_name)
+        return rng.integers(0, vocab, size=(options.calibration_samples, options.calibration_seq_len),
+                            dtype=np.int64)
+    return None
+
+
+def feeds(proto: Any, options: CalibrationOptions, pass_name: str) -> dict[str, np.ndarray]:
+    """Inputs of one calibration run of ``proto`` (a ``ModelProto``); see the module doc."""
+    from onnx import helper
+
+    rng = np.random.default_rng(options.seed)
+    tokens = _tokens(proto, options, pass_name, rng)
+    batch, seq = tokens.shape if tokens is not None else (options.calibration_samples, options.calibration_seq_len)
+    init_names = {i.name for i in proto.graph.initializer}
+    out: dict[str, np.ndarray] = {}
+    for info in proto.graph.input:
+        name = info.name
+        if name in init_names:
+            continue
+        t = info.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        np_dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
+        if name == "input_ids":
+            out[name] = tokens
+        elif name == "attention_mask":
+            out[name] = np.ones((batch, seq), np_dtype)
+        elif name == "position_ids":
+            out[name] = np.broadcast_to(np.arange(seq, dtype=np_dtype), (batch, seq)).copy()
+        elif name == "token_type_ids":  # BERT-style encoders: one segment per calibration sequence
+            out[name] = np.zeros((batch, seq), np_dtype)
+        elif name.startswith("past_key_values") and len(dims) >= 3:
+            shape = [batch] + [d if d is not None else 0 for d in dims[1:]]
+            shape[2] = 0  # prefill: empty past
+            out[name] = np.zeros(shape, np_dtype)
+        elif name == "sampling_seed":  # a sampled head's draw does not matter here
+            out[name] = np.zeros([1], np_dtype)
+        elif np.issubdtype(np_dtype, np.floating):
+            shape = [d if d is not None else (batch if i == 0 else seq) for i, d in enumerate(dims)]
+            out[name] = rng.standard_normal(shape).astype(np_dtype)
+        else:
+            raise PassError(f"{pass_name}: cannot build a calibration value for graph input {name!r} ({np_dtype})",
+                            hint="calibration fills decoders (input_ids, attention_mask, position_ids, past), "
+                            "encoders (input_ids, attention_mask, token_type_ids) and graphs with float inputs")
+    return out
+
+
+def run_exposed(model: ir.Model, names: list[str], options: CalibrationOptions, pass_name: str,
+                threads: int | None = None) -> dict[str, np.ndarray]:
+    """Run ``model`` (unchanged) on calibration inputs; return the float32 values ``names``.
+
+    The values are exposed as extra graph outputs of a serialized copy; graph
+    optimisations are off so every named value still exists. Custom ops of ours are
+    run with the op library.
+    """
+    import onnxruntime as ort
+    from onnx import helper
+
+    proto = ir.serde.serialize_model(model)
+    existing = {o.name for o in proto.graph.output}
+    for name in dict.fromkeys(names):
+        if name not in existing:
+            proto.graph.output.append(helper.make_tensor_value_info(name, 1, None))  # float32
+            existing.add(name)
+    inputs = feeds(proto, options, pass_name)
+    if any(n.domain == DOMAIN for n in proto.graph.node):
+        from toolkit import ops
+
+        so = ops.session_options(threads)
+    else:
+        so = ort.SessionOptions()
+        if threads is not None:
+            so.intra_op_num_threads = threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    wanted = list(dict.fromkeys(names))
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return dict(zip(wanted, session.run(wanted, inputs)))
+    except Exception as err:  # ORT raises its own pybind exception types
+        raise PassError(f"{pass_name}: the calibration run of the graph failed: {err}",
+                        hint="check calibration_data (token ids within the vocabulary) or use random tokens") from err
