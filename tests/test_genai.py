@@ -147,6 +147,14 @@ def test_quantized_kv_cache_gets_no_config_and_a_reason(convert):
     assert not (out / "genai_config.json").exists()
 
 
+def test_latent_kv_cache_gets_no_config_and_its_own_reason(convert):
+    out = convert("latent", "--kv-rank-ratio", "0.5")
+    record = bundle.read_manifest(out)["genai"]
+    assert record["config"] is None
+    assert "latent" in record["reason"] and "key_res" not in record["reason"]
+    assert not (out / "genai_config.json").exists()
+
+
 @pytest.mark.parametrize("spec, model_type", [
     ("llama", "llama"), ("gpt2", "decoder"), ("hf:gpt2", "decoder"), ("hf:llama", "llama"),
     ("hf:qwen2", "qwen2"), ("hf:mistral", "mistral"), ("hf:phi3", "phi3"), ("hf:mixtral", "decoder"),

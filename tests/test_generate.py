@@ -82,15 +82,17 @@ def _replay_logits(session, prompt, tokens):
 
 
 def test_iobinding_loop_matches_a_numpy_cache_loop_and_reports_the_cache(exported):
-    """Plain and KIVI-cache models: the bound loop picks the replayed argmax every step,
-    and its reported KV bytes are the final cache's."""
+    """Plain, KIVI-cache and low-rank latent-cache models: the bound loop picks the replayed
+    argmax every step, and its reported KV bytes are the final cache's."""
     from toolkit.generate import generate
 
     _, path = exported("llama")
     kv, _ = run_pipeline(onnx.load(str(path)), ["kv-cache"],
                          {"kv-cache": {"scheme": "kivi2", "group": "8", "residual": "8"}})
+    latent, _ = run_pipeline(onnx.load(str(path)), ["low-rank-kv"], {"low-rank-kv": {"rank_ratio": "0.5"}})
+    assert any(i.name.endswith("key_latent") for i in latent.graph.input)
     prompt = [5, 17, 42, 7, 9]
-    for model in (onnx.load(str(path)), kv):
+    for model in (onnx.load(str(path)), kv, latent):
         sess = _session(model)
         streamed = []
         result = generate(sess, prompt, 20, on_token=streamed.append)

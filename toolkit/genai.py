@@ -103,9 +103,12 @@ def unsupported_reason(info: dict[str, Any]) -> str | None:
                 f"(supported: {', '.join(sorted(MODEL_TYPES))})")
     inputs = {vi["name"]: vi for vi in info["inputs"]}
     outputs = {vi["name"]: vi for vi in info["outputs"]}
-    if "toolkit.kv_quant" in meta or any(
-            m and m.group(2) not in ("key", "value") for m in map(_PAST.match, inputs)):
-        kinds = sorted({m.group(2) for m in map(_PAST.match, inputs) if m})
+    kinds = sorted({m.group(2) for m in map(_PAST.match, inputs) if m})
+    if "toolkit.low_rank_kv" in meta or any(k.endswith("_latent") for k in kinds):
+        return (f"low-rank latent KV cache: per-layer cache tensors {kinds} of shape [batch, tokens, rank]; "
+                "onnxruntime-genai allocates and feeds [batch, kv_heads, tokens, head_size] key/value tensors, "
+                "so it cannot feed past_key_values.N.key_latent")
+    if "toolkit.kv_quant" in meta or any(k not in ("key", "value") for k in kinds):
         return (f"quantized KV cache ({meta.get('toolkit.kv_cache', 'quantized')}): per-layer cache tensors "
                 f"{kinds}; onnxruntime-genai's KV cache has templates only for one key and one value tensor "
                 "(+ its own GQA key_scale/value_scale) on one shared sequence axis, and none for the residual "
