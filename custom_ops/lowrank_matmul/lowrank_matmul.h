@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "common/common.h"
@@ -26,7 +27,27 @@ namespace toolkit::lowrank_matmul {
 
 inline constexpr const char* kOpName = "LowRankMatMul";
 
-struct Attributes {};  // none (OpBase is generic over the attributes)
+// A weight [rows, cols] repacked for the CPU kernel: panels of kPanel columns,
+// [ceil(cols / kPanel)][rows][kPanel], the last panel zero-padded. Reading one panel
+// is one contiguous stream, and a slice of kKC rows of it (16 KiB) stays in L1 while
+// the register tiles of several rows use it.
+inline constexpr int kPanel = 16;
+struct PackedWeight {
+  int64_t rows = 0, cols = 0;
+  std::vector<float> f32;      // float32 weights
+  std::vector<uint16_t> f16;   // float16 weights (kept as float16: widened on load)
+};
+
+// No ONNX attributes. On the CPU, a U or V that is a constant initializer is packed
+// once when the kernel is created (ORT's KernelInfoGetConstantInput_tensor) and kept
+// here (the packed copy costs the weight's size again); other weights are packed on
+// every call.
+struct Attributes {
+  std::shared_ptr<const PackedWeight> U, V;
+};
+
+// Kernel creation on the CPU: packs constant U / V.
+OrtStatus* ReadCpu(const OrtKernelInfo* info, Attributes* attrs);
 
 // Shapes of one call, checked.
 struct Io {
@@ -57,7 +78,9 @@ OrtStatus* ComputeCuda(const Attributes& attrs, OrtKernelContext* context);
 struct Op : OpBase<Op, Attributes> {
   // `weight_dtype`: the element type of U and V (x, bias and y are float32).
   Op(Provider provider, ONNXTensorElementDataType weight_dtype)
-      : OpBase(kOpName, provider, nullptr, &ComputeCpu, TOOLKIT_CUDA_COMPUTE(&ComputeCuda)), dtype_(weight_dtype) {}
+      : OpBase(kOpName, provider, provider == Provider::kCpu ? &ReadCpu : nullptr, &ComputeCpu,
+               TOOLKIT_CUDA_COMPUTE(&ComputeCuda)),
+        dtype_(weight_dtype) {}
 
   size_t GetInputTypeCount() const { return 4; }
   ONNXTensorElementDataType GetInputType(size_t index) const {

@@ -1,29 +1,29 @@
 // CPU kernel of LowRankMatMul, plus the provider-independent shape checks (this
 // file never needs nvcc).
 //
-// y = (x · U) · V + bias as two GEMMs that share one small intermediate t:
-//   * many rows (M >= kRowParallelMin): rows are cut into blocks of MB rows (a
-//     multiple of the 6-row register tile) sized so that t [MB, r] stays in L2;
-//     each task computes its block's t and immediately multiplies it by V, so t
-//     never leaves the core's cache. Tasks = row blocks over ORT's thread pool.
-//   * few rows (decode, M = 1..31): one block cannot feed several cores, so each
-//     GEMM is split over its reduction axis: task p multiplies rows [k0, k1) of
-//     the weight (one contiguous slab of memory, read front to back) into its own
-//     partial sum, and the partials are added in task order. t [M, r] and the
-//     partials are a few KiB to a few hundred KiB. Every core then streams a
-//     disjoint, contiguous slice of the weights: at M = 1 the kernel is bound by
-//     weight bandwidth, which is why factoring pays. (Splitting over columns
-//     instead cuts every weight row into short strided pieces: measured 2x slower.)
-// GEMM micro-kernels (AVX2+FMA+F16C, chosen at run time by cpuid; baseline x86-64
-// build otherwise): a 6x16 register tile for row-rich blocks, and for <= 8 rows a
-// streaming kernel that reads each weight row once, contiguously, into L1-resident
-// accumulators. float16 weights are widened with vcvtph2ps on load.
-//
-// Within a GEMM (or one reduction slab of it), every output element is one fused
-// multiply-add chain in ascending k starting at 0 (the register tile, the streaming
-// kernel and the scalar std::fma tail all compute exactly that); slabs are summed
-// in ascending order. Slabs and blocks depend on the shapes only, never on the
-// thread count, so results are bit-identical for any number of threads.
+// y = (x · U) · V + bias as two GEMMs, t = x · U [M, r] then y = t · V, each the
+// classic packed-panel scheme (as in BLIS / MLAS):
+//   * the weight is packed in panels of 16 columns, [panels][rows][16] (PackedWeight):
+//     once at kernel creation when it is a constant initializer, else every call.
+//     A panel is one contiguous stream of memory, so at M = 1 the kernel streams the
+//     weights front to back (bandwidth bound, which is why factoring pays) and no
+//     weight row is ever read with a large stride;
+//   * the reduction axis is cut into blocks of kKC = 256: a 256 x 16 slice of a panel
+//     (16 KiB) stays in L1 while up to 8 register tiles of rows use it; the
+//     activations are packed once per GEMM, tile-interleaved (up to 6 floats per k,
+//     read front to back by the broadcasts);
+//   * a 6 x 16 register tile (12 ymm accumulators, AVX2+FMA, F16C for float16
+//     weights) continues each output's chain across reduction blocks: it loads the
+//     partial sums, adds 256 more terms, stores them;
+//   * tasks are (block of 8 row tiles) x (group of panels), about kTargetTasks of them,
+//     run on ORT's thread pool: at M = 1 the panels (columns) are split over the
+//     threads, at large M the rows.
+// Every output element (and every element of t, rounded to float32) is one fused
+// multiply-add chain in ascending k starting at 0; the bias is added last. Blocks
+// and tasks depend on the shapes only, never on the thread count, so results are
+// bit-identical for any number of threads, and the packed-at-creation and
+// packed-per-call paths give the same bits. The portable path (no AVX2: scalar
+// std::fma) computes the same chains.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -104,15 +104,10 @@ OrtStatus* PrepareIo(OrtKernelContext* context, Io* io) {
 
 namespace {
 
-constexpr int kTileRows = 6;         // register tile: 6 rows x 16 columns = 12 ymm accumulators
-constexpr int kTileCols = 16;
-constexpr int kStreamRows = 8;       // the streaming kernel handles up to 8 rows at once
-constexpr int kStreamAccBytes = 16 * 1024;  // accumulators of one streaming pass: half of L1
-constexpr int64_t kRowParallelMin = 32;          // below: split columns instead of rows
-constexpr int64_t kBlockBytes = 256 * 1024;      // t of one row block: half the L2 of a core
-constexpr int64_t kMaxBlockRows = 96;
-constexpr int64_t kSlabTasks = 8;                // reduction slabs per GEMM at few rows
-constexpr int64_t kMinSlab = 128;                // ... of at least 128 weight rows
+constexpr int kMR = 6;                // register tile rows (6 x 16 = 12 ymm accumulators)
+constexpr int64_t kKC = 256;          // reduction block
+constexpr int64_t kTilesPerBlock = 8;  // register tiles per task block
+constexpr int64_t kTargetTasks = 16;  // tasks per GEMM when the shapes allow
 
 inline float HalfToFloat(uint16_t h) {
   // IEEE half -> float, exact (same as softmax_topk_cpu.cc).
@@ -136,15 +131,42 @@ inline float HalfToFloat(uint16_t h) {
 inline float Widen(float w) { return w; }
 inline float Widen(uint16_t w) { return HalfToFloat(w); }
 
-// C[i, j] = sum_k A[i, k] B[k, j] for i < m, n0 <= j < n1: one std::fma chain per
-// element. The portable path, and the column tail (< 8 columns) of the AVX2 path.
+inline int64_t Panels(int64_t cols) { return (cols + kPanel - 1) / kPanel; }
+
+// B [K, n] (row-major) -> panels [Panels(n)][K][kPanel], zero-padded. Reads B front to back.
 template <typename W>
-void GemmScalar(const float* A, int64_t lda, int64_t m, int64_t K, const W* B, int64_t ldb, int64_t n0, int64_t n1,
-                float* C, int64_t ldc) {
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = n0; j < n1; ++j) {
-      float acc = 0.0f;
-      for (int64_t k = 0; k < K; ++k) acc = std::fma(A[i * lda + k], Widen(B[k * ldb + j]), acc);
+void PackPanels(const W* B, int64_t K, int64_t n, W* out) {
+  const int64_t P = Panels(n);
+  for (int64_t k = 0; k < K; ++k) {
+    const W* src = B + k * n;
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t c0 = p * kPanel, w = std::min<int64_t>(kPanel, n - c0);
+      W* dst = out + (p * K + k) * kPanel;
+      std::memcpy(dst, src + c0, size_t(w) * sizeof(W));
+      if (w < kPanel) std::memset(dst + w, 0, size_t(kPanel - w) * sizeof(W));
+    }
+  }
+}
+
+template <typename W>
+std::vector<W>& Storage(PackedWeight& p);
+template <>
+std::vector<float>& Storage<float>(PackedWeight& p) { return p.f32; }
+template <>
+std::vector<uint16_t>& Storage<uint16_t>(PackedWeight& p) { return p.f16; }
+template <typename W>
+const W* PackedData(const PackedWeight& p) {
+  return Storage<W>(const_cast<PackedWeight&>(p)).data();
+}
+
+// C[0:rows, 0:16] (+)= A · B over kc reduction steps: A packed [kc][rows], B one
+// panel slice [kc][16]. `load` continues the chains stored in C.
+template <typename W>
+void MicroScalar(int rows, int64_t kc, const float* A, const W* B, float* C, int64_t ldc, bool load) {
+  for (int i = 0; i < rows; ++i) {
+    for (int j = 0; j < kPanel; ++j) {
+      float acc = load ? C[i * ldc + j] : 0.0f;
+      for (int64_t k = 0; k < kc; ++k) acc = std::fma(A[k * rows + i], Widen(B[k * kPanel + j]), acc);
       C[i * ldc + j] = acc;
     }
   }
@@ -158,259 +180,240 @@ TOOLKIT_AVX2 inline __m256 Load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// MR x 16 register tile over the whole reduction axis.
+// The accumulators are named variables, not arrays: GCC turned a zero-initialised
+// __m256 array into a memset and kept it on the stack, spilling every FMA.
+#define TK_ROW(i)                                                                                  \
+  __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps();                             \
+  if constexpr (MR > i) {                                                                          \
+    if (load) c##i##0 = _mm256_loadu_ps(C + i * ldc), c##i##1 = _mm256_loadu_ps(C + i * ldc + 8);  \
+  }
+#define TK_FMA(i)                                                                                  \
+  if constexpr (MR > i) {                                                                          \
+    const __m256 a = _mm256_broadcast_ss(A + k * MR + i);                                          \
+    c##i##0 = _mm256_fmadd_ps(a, b0, c##i##0);                                                     \
+    c##i##1 = _mm256_fmadd_ps(a, b1, c##i##1);                                                     \
+  }
+#define TK_STORE(i)                                                                                \
+  if constexpr (MR > i) {                                                                          \
+    _mm256_storeu_ps(C + i * ldc, c##i##0);                                                        \
+    _mm256_storeu_ps(C + i * ldc + 8, c##i##1);                                                    \
+  }
+
 template <int MR, typename W>
-TOOLKIT_AVX2 void TileAvx2(const float* A, int64_t lda, int64_t K, const W* B, int64_t ldb, float* C, int64_t ldc) {
-  __m256 c0[MR], c1[MR];
-  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const W* b = B + k * ldb;
-    const __m256 b0 = Load8(b), b1 = Load8(b + 8);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
-      c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
-      c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
-    }
+TOOLKIT_AVX2 void MicroAvx2(int64_t kc, const float* A, const W* B, float* C, int64_t ldc, bool load) {
+  TK_ROW(0) TK_ROW(1) TK_ROW(2) TK_ROW(3) TK_ROW(4) TK_ROW(5)
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = Load8(B + k * kPanel), b1 = Load8(B + k * kPanel + 8);
+    TK_FMA(0) TK_FMA(1) TK_FMA(2) TK_FMA(3) TK_FMA(4) TK_FMA(5)
   }
-  for (int i = 0; i < MR; ++i) {
-    _mm256_storeu_ps(C + i * ldc, c0[i]);
-    _mm256_storeu_ps(C + i * ldc + 8, c1[i]);
-  }
+  TK_STORE(0) TK_STORE(1) TK_STORE(2) TK_STORE(3) TK_STORE(4) TK_STORE(5)
 }
-
-// MR (<= 8) rows x up to 16 KiB / (4 MR) columns (a multiple of 8): each weight row
-// slice is read once, contiguously, and added into accumulators held in L1.
-template <int MR, typename W>
-TOOLKIT_AVX2 void StreamAvx2(const float* A, int64_t lda, int64_t K, const W* B, int64_t ldb, int64_t cols, float* C,
-                             int64_t ldc) {
-  alignas(32) float acc[MR][kStreamAccBytes / (4 * MR)];
-  for (int i = 0; i < MR; ++i) std::memset(acc[i], 0, sizeof(float) * size_t(cols));
-  const int nv = int(cols / 8);
-  for (int64_t k = 0; k < K; ++k) {
-    __m256 a[MR];
-    for (int i = 0; i < MR; ++i) a[i] = _mm256_broadcast_ss(A + i * lda + k);
-    const W* b = B + k * ldb;
-    int v = 0;
-    for (; v + 2 <= nv; v += 2) {
-      const __m256 b0 = Load8(b + 8 * v), b1 = Load8(b + 8 * v + 8);
-      for (int i = 0; i < MR; ++i) {
-        _mm256_storeu_ps(acc[i] + 8 * v, _mm256_fmadd_ps(a[i], b0, _mm256_loadu_ps(acc[i] + 8 * v)));
-        _mm256_storeu_ps(acc[i] + 8 * v + 8, _mm256_fmadd_ps(a[i], b1, _mm256_loadu_ps(acc[i] + 8 * v + 8)));
-      }
-    }
-    for (; v < nv; ++v) {
-      const __m256 b0 = Load8(b + 8 * v);
-      for (int i = 0; i < MR; ++i) {
-        _mm256_storeu_ps(acc[i] + 8 * v, _mm256_fmadd_ps(a[i], b0, _mm256_loadu_ps(acc[i] + 8 * v)));
-      }
-    }
-  }
-  for (int i = 0; i < MR; ++i) std::memcpy(C + i * ldc, acc[i], sizeof(float) * size_t(cols));
-}
+#undef TK_ROW
+#undef TK_FMA
+#undef TK_STORE
 
 template <typename W>
-TOOLKIT_AVX2 void Tile(int rows, const float* A, int64_t lda, int64_t K, const W* B, int64_t ldb, float* C,
-                       int64_t ldc) {
+TOOLKIT_AVX2 void Micro(int rows, int64_t kc, const float* A, const W* B, float* C, int64_t ldc, bool load) {
   switch (rows) {
-    case 1: return TileAvx2<1, W>(A, lda, K, B, ldb, C, ldc);
-    case 2: return TileAvx2<2, W>(A, lda, K, B, ldb, C, ldc);
-    case 3: return TileAvx2<3, W>(A, lda, K, B, ldb, C, ldc);
-    case 4: return TileAvx2<4, W>(A, lda, K, B, ldb, C, ldc);
-    case 5: return TileAvx2<5, W>(A, lda, K, B, ldb, C, ldc);
-    default: return TileAvx2<6, W>(A, lda, K, B, ldb, C, ldc);
+    case 1: return MicroAvx2<1, W>(kc, A, B, C, ldc, load);
+    case 2: return MicroAvx2<2, W>(kc, A, B, C, ldc, load);
+    case 3: return MicroAvx2<3, W>(kc, A, B, C, ldc, load);
+    case 4: return MicroAvx2<4, W>(kc, A, B, C, ldc, load);
+    case 5: return MicroAvx2<5, W>(kc, A, B, C, ldc, load);
+    default: return MicroAvx2<6, W>(kc, A, B, C, ldc, load);
   }
-}
-
-template <typename W>
-TOOLKIT_AVX2 void Stream(int rows, const float* A, int64_t lda, int64_t K, const W* B, int64_t ldb, int64_t cols,
-                         float* C, int64_t ldc) {
-  switch (rows) {
-    case 1: return StreamAvx2<1, W>(A, lda, K, B, ldb, cols, C, ldc);
-    case 2: return StreamAvx2<2, W>(A, lda, K, B, ldb, cols, C, ldc);
-    case 3: return StreamAvx2<3, W>(A, lda, K, B, ldb, cols, C, ldc);
-    case 4: return StreamAvx2<4, W>(A, lda, K, B, ldb, cols, C, ldc);
-    case 5: return StreamAvx2<5, W>(A, lda, K, B, ldb, cols, C, ldc);
-    case 6: return StreamAvx2<6, W>(A, lda, K, B, ldb, cols, C, ldc);
-    case 7: return StreamAvx2<7, W>(A, lda, K, B, ldb, cols, C, ldc);
-    default: return StreamAvx2<8, W>(A, lda, K, B, ldb, cols, C, ldc);
-  }
-}
-
-template <typename W>
-TOOLKIT_AVX2 void GemmAvx2(const float* A, int64_t lda, int64_t m, int64_t K, const W* B, int64_t ldb, int64_t n0,
-                           int64_t n1, float* C, int64_t ldc) {
-  const int64_t n8 = n0 + (n1 - n0) / 8 * 8;
-  int64_t c = n0;
-  if (m > kStreamRows) {
-    // Column panel outer, row tiles inner: the K x 16 weight panel is reused from L2.
-    for (; c + kTileCols <= n8; c += kTileCols) {
-      for (int64_t i = 0; i < m; i += kTileRows) {
-        Tile<W>(int(std::min<int64_t>(kTileRows, m - i)), A + i * lda, lda, K, B + c, ldb, C + i * ldc + c, ldc);
-      }
-    }
-  }
-  for (int64_t i = 0; i < m; i += kStreamRows) {
-    const int rows = int(std::min<int64_t>(kStreamRows, m - i));
-    // Widest pass whose accumulators stay in L1: whole weight rows at M = 1..4.
-    const int64_t width = std::max<int64_t>(8, kStreamAccBytes / (4 * rows) / 8 * 8);
-    for (int64_t cc = c; cc < n8; cc += width) {
-      const int64_t cols = std::min<int64_t>(width, n8 - cc);
-      Stream<W>(rows, A + i * lda, lda, K, B + cc, ldb, cols, C + i * ldc + cc, ldc);
-    }
-  }
-  if (n8 < n1) GemmScalar<W>(A, lda, m, K, B, ldb, n8, n1, C, ldc);
 }
 
 #endif
 
-// C[0:m, n0:n1] = A[0:m, 0:K] · B[0:K, n0:n1] (row-major, leading dimensions lda/ldb/ldc).
+// One GEMM C [M, n] = A [M, K] · B (+ bias), B packed in panels.
 template <typename W>
-void Gemm(const float* A, int64_t lda, int64_t m, int64_t K, const W* B, int64_t ldb, int64_t n0, int64_t n1,
-          float* C, int64_t ldc) {
-#ifdef TOOLKIT_HAVE_AVX2_PATH
-  if (AvxAvailable()) return GemmAvx2<W>(A, lda, m, K, B, ldb, n0, n1, C, ldc);
-#endif
-  GemmScalar<W>(A, lda, m, K, B, ldb, n0, n1, C, ldc);
-}
-
-inline void AddBias(const float* bias, int64_t m, int64_t n0, int64_t n1, float* C, int64_t ldc) {
-  if (!bias) return;
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = n0; j < n1; ++j) C[i * ldc + j] += bias[j];
-  }
-}
-
-template <typename W>
-struct Job {
-  const float* x;
-  const W* U;
-  const W* V;
-  const float* bias;
-  float* y;
-  int64_t M, K, r, N;
-  int64_t block_rows = 0;                // row-block mode
-  int64_t slab1 = 0, slab2 = 0;          // slab mode: rows of U / V per task
-  int64_t tasks1 = 0, tasks2 = 0;
-  std::vector<float> t;                  // slab mode: the whole [M, r] intermediate
-  std::vector<float> part1, part2;       // slab mode: partial sums [tasks, M, r] / [tasks, M, N]
+struct Gemm {
+  const float* A = nullptr;
+  int64_t lda = 0, M = 0, K = 0;
+  const W* B = nullptr;  // packed [Panels(n)][K][kPanel]
+  int64_t n = 0;
+  float* C = nullptr;
+  int64_t ldc = 0;
+  const float* bias = nullptr;
+  bool avx2 = false;
+  int64_t row_blocks = 0, groups = 0, group_panels = 0;
   std::atomic<bool> failed{false};
+
+  void Plan() {
+    row_blocks = (Tiles() + kTilesPerBlock - 1) / kTilesPerBlock;
+    const int64_t P = Panels(n);
+    groups = std::clamp<int64_t>((kTargetTasks + row_blocks - 1) / row_blocks, 1, P);
+    group_panels = (P + groups - 1) / groups;
+    groups = (P + group_panels - 1) / group_panels;
+  }
+  size_t Tasks() const { return size_t(row_blocks * groups); }
+
+  // A, tile-interleaved once for all tasks: register tile t (rows 6t..6t+5) is
+  // [K][rows] at apack + 6 t K, so a tile's k-block is contiguous.
+  std::vector<float> apack;
+  // Rows are cut into Tiles() register tiles of balanced height (8 rows: 4 + 4, not
+  // 6 + 2, whose 2-row tile has too few FMA chains to hide the latency).
+  int64_t Tiles() const { return (M + kMR - 1) / kMR; }
+  int64_t TileStart(int64_t t) const { return t * (M / Tiles()) + std::min(t, M % Tiles()); }
+  int64_t TileRows(int64_t t) const { return M / Tiles() + (t < M % Tiles() ? 1 : 0); }
+  void PackTile(size_t tile) {
+    const int64_t t = int64_t(tile), rows = TileRows(t), start = TileStart(t);
+    float* dst = apack.data() + start * K;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* src = A + (start + i) * lda;
+      for (int64_t k = 0; k < K; ++k) dst[k * rows + i] = src[k];
+    }
+  }
+
+  void RunTask(size_t task) {
+    const int64_t rb = int64_t(task) / groups, g = int64_t(task) % groups;
+    const int64_t t0 = rb * kTilesPerBlock, t1 = std::min(Tiles(), t0 + kTilesPerBlock);
+    const int64_t i0 = TileStart(t0), m = TileStart(t1 - 1) + TileRows(t1 - 1) - i0;
+    const int64_t p0 = g * group_panels, p1 = std::min(Panels(n), p0 + group_panels);
+    alignas(32) float edge[kMR * kPanel];
+    // One register tile of rows (decode): nothing reuses a panel slice, so each
+    // panel is streamed front to back in one pass instead of in kKC blocks.
+    const int64_t block = t1 - t0 == 1 ? K : kKC;
+    for (int64_t k0 = 0; k0 < K; k0 += block) {
+      const int64_t kc = std::min(block, K - k0);
+      const bool load = k0 > 0;
+      for (int64_t p = p0; p < p1; ++p) {
+        const W* b = B + (p * K + k0) * kPanel;
+        const int64_t c0 = p * kPanel, w = std::min<int64_t>(kPanel, n - c0);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int rows = int(TileRows(t));
+          const float* a = apack.data() + TileStart(t) * K + k0 * rows;
+          float* c = C + TileStart(t) * ldc + c0;
+          if (w == kPanel) {
+            Tile(rows, kc, a, b, c, ldc, load);
+          } else {  // the last, partial panel: through a 16-wide scratch tile
+            for (int r = 0; r < rows && load; ++r) std::memcpy(edge + r * kPanel, c + r * ldc, size_t(w) * 4);
+            Tile(rows, kc, a, b, edge, kPanel, load);
+            for (int r = 0; r < rows; ++r) std::memcpy(c + r * ldc, edge + r * kPanel, size_t(w) * 4);
+          }
+        }
+      }
+    }
+    if (bias) {
+      const int64_t c0 = p0 * kPanel, c1 = std::min(n, p1 * kPanel);
+      for (int64_t i = i0; i < i0 + m; ++i) {
+        for (int64_t j = c0; j < c1; ++j) C[i * ldc + j] += bias[j];
+      }
+    }
+  }
+
+  void Tile(int rows, int64_t kc, const float* a, const W* b, float* c, int64_t ldc_, bool load) const {
+#ifdef TOOLKIT_HAVE_AVX2_PATH
+    if (avx2) return Micro<W>(rows, kc, a, b, c, ldc_, load);
+#endif
+    MicroScalar<W>(rows, kc, a, b, c, ldc_, load);
+  }
 };
 
 template <typename W>
-void RunRowBlock(void* data, size_t task) {
-  auto* job = static_cast<Job<W>*>(data);
+void PackGemmTile(void* data, size_t tile) {
+  static_cast<Gemm<W>*>(data)->PackTile(tile);
+}
+
+template <typename W>
+void RunGemmTask(void* data, size_t task) {
+  auto* gemm = static_cast<Gemm<W>*>(data);
   try {
-    thread_local std::vector<float> t;
-    const int64_t i0 = int64_t(task) * job->block_rows;
-    const int64_t m = std::min(job->block_rows, job->M - i0);
-    t.resize(size_t(m * job->r));
-    Gemm<W>(job->x + i0 * job->K, job->K, m, job->K, job->U, job->r, 0, job->r, t.data(), job->r);
-    float* y = job->y + i0 * job->N;
-    Gemm<W>(t.data(), job->r, m, job->r, job->V, job->N, 0, job->N, y, job->N);
-    AddBias(job->bias, m, 0, job->N, y, job->N);
+    gemm->RunTask(task);
   } catch (...) {
-    job->failed = true;
+    gemm->failed = true;
   }
 }
 
+// The weight's panels: packed at kernel creation, or now into `own`.
 template <typename W>
-void RunFirstSlab(void* data, size_t task) {  // part1[p] = x[:, k0:k1] · U[k0:k1, :]
-  auto* job = static_cast<Job<W>*>(data);
-  const int64_t k0 = int64_t(task) * job->slab1, k1 = std::min(job->K, k0 + job->slab1);
-  float* out = job->tasks1 == 1 ? job->t.data() : job->part1.data() + int64_t(task) * job->M * job->r;
-  Gemm<W>(job->x + k0, job->K, job->M, k1 - k0, job->U + k0 * job->r, job->r, 0, job->r, out, job->r);
-}
-
-template <typename W>
-void RunSecondSlab(void* data, size_t task) {  // part2[p] = t[:, k0:k1] · V[k0:k1, :]
-  auto* job = static_cast<Job<W>*>(data);
-  const int64_t k0 = int64_t(task) * job->slab2, k1 = std::min(job->r, k0 + job->slab2);
-  float* out = job->tasks2 == 1 ? job->y : job->part2.data() + int64_t(task) * job->M * job->N;
-  Gemm<W>(job->t.data() + k0, job->r, job->M, k1 - k0, job->V + k0 * job->N, job->N, 0, job->N, out, job->N);
-}
-
-// out[i] = sum over p of parts[p][i] (ascending p), for i in one chunk of `total`.
-inline void SumParts(const float* parts, int64_t n_parts, int64_t total, int64_t i0, int64_t i1, float* out) {
-  for (int64_t i = i0; i < i1; ++i) out[i] = parts[i];
-  for (int64_t p = 1; p < n_parts; ++p) {
-    const float* src = parts + p * total;
-    for (int64_t i = i0; i < i1; ++i) out[i] += src[i];
+const W* PanelsOf(const std::shared_ptr<const PackedWeight>& packed, const W* raw, int64_t rows, int64_t cols,
+                  std::vector<W>& own) {
+  if (packed && packed->rows == rows && packed->cols == cols && !Storage<W>(const_cast<PackedWeight&>(*packed)).empty()) {
+    return PackedData<W>(*packed);
   }
-}
-
-constexpr int64_t kSumChunk = 4096;
-
-template <typename W>
-void RunSumFirst(void* data, size_t task) {
-  auto* job = static_cast<Job<W>*>(data);
-  const int64_t total = job->M * job->r, i0 = int64_t(task) * kSumChunk;
-  SumParts(job->part1.data(), job->tasks1, total, i0, std::min(total, i0 + kSumChunk), job->t.data());
+  own.resize(size_t(Panels(cols) * rows * kPanel));
+  PackPanels<W>(raw, rows, cols, own.data());
+  return own.data();
 }
 
 template <typename W>
-void RunSumSecond(void* data, size_t task) {  // y = sum of partials + bias, by row chunks
-  auto* job = static_cast<Job<W>*>(data);
-  const int64_t total = job->M * job->N, i0 = int64_t(task) * kSumChunk;
-  const int64_t i1 = std::min(total, i0 + kSumChunk);
-  if (job->tasks2 > 1) SumParts(job->part2.data(), job->tasks2, total, i0, i1, job->y);
-  if (job->bias) {
-    for (int64_t i = i0; i < i1; ++i) job->y[i] += job->bias[i % job->N];
+OrtStatus* Run(Ort::KernelContext& ctx, const Io& io, const Attributes& attrs) {
+  std::vector<W> own_u, own_v;
+  const W* U = PanelsOf<W>(attrs.U, static_cast<const W*>(io.U), io.K, io.r, own_u);
+  const W* V = PanelsOf<W>(attrs.V, static_cast<const W*>(io.V), io.r, io.N, own_v);
+  std::vector<float> t(size_t(io.M * io.r));
+  bool avx2 = false;
+#ifdef TOOLKIT_HAVE_AVX2_PATH
+  avx2 = AvxAvailable();
+#endif
+  Gemm<W> first;  // t = x · U
+  first.A = io.x, first.lda = io.K, first.M = io.M, first.K = io.K;
+  first.B = U, first.n = io.r, first.C = t.data(), first.ldc = io.r, first.avx2 = avx2;
+  first.Plan();
+  first.apack.resize(size_t(first.M * first.K));
+  ctx.ParallelFor(&PackGemmTile<W>, size_t(first.Tiles()), 0, &first);
+  ctx.ParallelFor(&RunGemmTask<W>, first.Tasks(), 0, &first);
+  Gemm<W> second;  // y = t · V + bias
+  second.A = t.data(), second.lda = io.r, second.M = io.M, second.K = io.r;
+  second.B = V, second.n = io.N, second.C = io.y, second.ldc = io.N, second.bias = io.bias, second.avx2 = avx2;
+  second.Plan();
+  if (!first.failed) {
+    second.apack.resize(size_t(second.M * second.K));
+    ctx.ParallelFor(&PackGemmTile<W>, size_t(second.Tiles()), 0, &second);
+    ctx.ParallelFor(&RunGemmTask<W>, second.Tasks(), 0, &second);
   }
-}
-
-// Rows of the weight per slab: kSlabTasks slabs, none shorter than kMinSlab rows.
-inline int64_t Slab(int64_t rows) {
-  return std::max<int64_t>(kMinSlab, (rows + kSlabTasks - 1) / kSlabTasks);
-}
-
-template <typename W>
-OrtStatus* Run(Ort::KernelContext& ctx, const Io& io) {
-  Job<W> job;
-  job.x = io.x;
-  job.U = static_cast<const W*>(io.U);
-  job.V = static_cast<const W*>(io.V);
-  job.bias = io.bias;
-  job.y = io.y;
-  job.M = io.M;
-  job.K = io.K;
-  job.r = io.r;
-  job.N = io.N;
-  if (io.M >= kRowParallelMin) {
-    // At least 4 blocks (threads), at most what keeps t in L2, whole register tiles.
-    int64_t rows = std::min<int64_t>(kMaxBlockRows, std::max<int64_t>(kTileRows, kBlockBytes / (4 * io.r)));
-    rows = std::min(rows, (io.M + 3) / 4);
-    job.block_rows = std::max<int64_t>(kTileRows, (rows + kTileRows - 1) / kTileRows * kTileRows);
-    const int64_t blocks = (io.M + job.block_rows - 1) / job.block_rows;
-    ctx.ParallelFor(&RunRowBlock<W>, size_t(blocks), 1, &job);
-  } else {
-    job.t.resize(size_t(io.M * io.r));
-    job.slab1 = Slab(io.K);
-    job.slab2 = Slab(io.r);
-    job.tasks1 = (io.K + job.slab1 - 1) / job.slab1;
-    job.tasks2 = (io.r + job.slab2 - 1) / job.slab2;
-    if (job.tasks1 > 1) job.part1.resize(size_t(job.tasks1 * io.M * io.r));
-    if (job.tasks2 > 1) job.part2.resize(size_t(job.tasks2 * io.M * io.N));
-    const auto chunks = [](int64_t total) { return size_t((total + kSumChunk - 1) / kSumChunk); };
-    ctx.ParallelFor(&RunFirstSlab<W>, size_t(job.tasks1), 1, &job);
-    if (job.tasks1 > 1) ctx.ParallelFor(&RunSumFirst<W>, chunks(io.M * io.r), 1, &job);
-    ctx.ParallelFor(&RunSecondSlab<W>, size_t(job.tasks2), 1, &job);
-    if (job.tasks2 > 1 || job.bias) ctx.ParallelFor(&RunSumSecond<W>, chunks(io.M * io.N), 1, &job);
-  }
-  if (job.failed) {
+  if (first.failed || second.failed) {
     return MakeStatus(ORT_RUNTIME_EXCEPTION, std::string(kOpName) + ": CPU kernel failed (out of memory?)");
   }
   return nullptr;
 }
 
+template <typename W>
+std::shared_ptr<const PackedWeight> PackConstant(const Ort::ConstValue& value, const std::vector<int64_t>& shape) {
+  auto packed = std::make_shared<PackedWeight>();
+  packed->rows = shape[0];
+  packed->cols = shape[1];
+  std::vector<W>& dst = Storage<W>(*packed);
+  dst.resize(size_t(Panels(shape[1]) * shape[0] * kPanel));
+  PackPanels<W>(static_cast<const W*>(value.GetTensorRawData()), shape[0], shape[1], dst.data());
+  return packed;
+}
+
 }  // namespace
 
-OrtStatus* ComputeCpu(const Attributes& /*attrs*/, OrtKernelContext* context) {
+OrtStatus* ReadCpu(const OrtKernelInfo* info, Attributes* attrs) {
+  const OrtApi& api = Ort::GetApi();
+  for (size_t index : {size_t(1), size_t(2)}) {
+    int is_constant = 0;
+    const OrtValue* value = nullptr;
+    if (OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, index, &is_constant, &value)) {
+      api.ReleaseStatus(st);  // not constant (or not known yet): packed per call
+      continue;
+    }
+    if (!is_constant || value == nullptr) continue;
+    Ort::ConstValue v{value};
+    const auto type_shape = v.GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> shape = type_shape.GetShape();
+    if (shape.size() != 2 || shape[0] < 1 || shape[1] < 1) continue;  // Compute reports the shape error
+    const auto type = type_shape.GetElementType();
+    std::shared_ptr<const PackedWeight> packed;
+    if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) packed = PackConstant<float>(v, shape);
+    else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) packed = PackConstant<uint16_t>(v, shape);
+    (index == 1 ? attrs->U : attrs->V) = packed;
+  }
+  return nullptr;
+}
+
+OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context) {
   return GuardStatus(kOpName, [&]() -> OrtStatus* {
     Io io;
     if (OrtStatus* st = PrepareIo(context, &io)) return st;
     if (io.M == 0) return nullptr;
     Ort::KernelContext ctx(context);
-    return io.fp16 ? Run<uint16_t>(ctx, io) : Run<float>(ctx, io);
+    return io.fp16 ? Run<uint16_t>(ctx, io, attrs) : Run<float>(ctx, io, attrs);
   });
 }
 

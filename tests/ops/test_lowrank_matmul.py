@@ -17,7 +17,7 @@ import ctypes
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from toolkit import ops
 from toolkit.ops import reference
@@ -26,17 +26,20 @@ WEIGHT_TYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 TOL = 1e-5
 
 
-def session(weight_dtype=np.float32, with_bias=False, threads=1):
+def session(weight_dtype=np.float32, with_bias=False, threads=1, constants=None):
+    """A one-node model; ``constants`` (name -> array) become initializers instead of inputs
+    (the kernel packs constant U / V once, at creation)."""
+    constants = constants or {}
     inputs = ["x", "U", "V"] + (["bias"] if with_bias else [])
     node = helper.make_node("LowRankMatMul", inputs, ["y"], domain=ops.DOMAIN)
     wt = WEIGHT_TYPES[weight_dtype]
-    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
-                    helper.make_tensor_value_info("U", wt, None),
-                    helper.make_tensor_value_info("V", wt, None)]
+    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
+    graph_inputs += [helper.make_tensor_value_info(n, wt, None) for n in ("U", "V") if n not in constants]
     if with_bias:
         graph_inputs.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, None))
     graph = helper.make_graph([node], "lowrank", graph_inputs,
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(a, n) for n, a in constants.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                     helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION)])
     model.ir_version = 10
@@ -90,6 +93,22 @@ def test_two_threads_match_one_bit_for_bit(lead, K, r, N, weight_dtype):
     two = session(weight_dtype, True, threads=2).run(None, feeds)[0]
     np.testing.assert_array_equal(one, two)
     assert_close(two, ref)
+
+
+@pytest.mark.parametrize("lead,K,r,N", [((1,), 1000, 130, 997), ((7,), 300, 129, 257), ((64,), 517, 200, 1030),
+                                        ((2, 3), 33, 17, 40)])
+@pytest.mark.parametrize("weight_dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("which", ["U", "V", "UV"])
+def test_constant_weights_packed_at_creation_give_the_same_bits(lead, K, r, N, weight_dtype, which):
+    """Constant U / V are packed once when the kernel is created; weights fed as inputs are
+    packed every call. Both feed the same FMA chains: identical outputs, and the reference."""
+    feeds, ref = make(lead, K, r, N, weight_dtype, True, seed=11)
+    constants = {n: feeds[n] for n in which}
+    fed = session(weight_dtype, True).run(None, feeds)[0]
+    packed = session(weight_dtype, True, threads=2, constants=constants).run(
+        None, {n: a for n, a in feeds.items() if n not in constants})[0]
+    np.testing.assert_array_equal(packed, fed)
+    assert_close(packed, ref)
 
 
 def test_rank_one_bias_only_structure():
