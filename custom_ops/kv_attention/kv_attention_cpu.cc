@@ -229,6 +229,16 @@ struct ScalarOps {
       out[r * stride] = acc;
     }
   }
+  // out[r] = dot(q + r * D, codes as floats) (no scale or zero: the caller folds them).
+  static inline void CodeDots(const float* q, int64_t rows, const uint8_t* codes, int bits, int64_t D, float* out,
+                              int64_t stride) {
+    const int per = 8 / bits, mask = (1 << bits) - 1;
+    for (int64_t r = 0; r < rows; ++r) {
+      float acc = 0.0f;
+      for (int64_t d = 0; d < D; ++d) acc += q[r * D + d] * float((codes[d / per] >> ((d % per) * bits)) & mask);
+      out[r * stride] = acc;
+    }
+  }
   // out[r] = dot(q + r * D, dequantized row) with the row dequantized on the fly.
   static inline void QuantScores(const float* q, int64_t rows, const uint8_t* codes, int bits, int64_t D,
                                  const RowParams& p, float* buf, float* out, int64_t stride) {
@@ -368,6 +378,17 @@ struct Avx2Ops {
     TOOLKIT_AVX2 __m256 operator()(int64_t d) const { return Key8<kBits>(codes, *p, d); }
   };
   template <int kBits>
+  struct Codes {  // a row of codes as floats, 8 channels at a time
+    const uint8_t* codes;
+    TOOLKIT_AVX2 __m256 operator()(int64_t d) const { return Codes8<kBits>(codes, d); }
+  };
+  TOOLKIT_AVX2 static inline void CodeDots(const float* q, int64_t rows, const uint8_t* codes, int bits, int64_t D,
+                                           float* out, int64_t stride) {
+    if (bits == 8) return DotRowsWith(q, rows, Codes<8>{codes}, D, out, stride);
+    if (bits == 4) return DotRowsWith(q, rows, Codes<4>{codes}, D, out, stride);
+    DotRowsWith(q, rows, Codes<2>{codes}, D, out, stride);
+  }
+  template <int kBits>
   TOOLKIT_AVX2 static inline void QuantScoresBits(const float* q, int64_t rows, const uint8_t* codes, int64_t D,
                                                   const RowParams& p, float* out, int64_t stride) {
     if (!p.G) return DotRowsWith(q, rows, CodeRow<kBits>{codes, &p}, D, out, stride);
@@ -472,6 +493,7 @@ struct Job {
   int64_t slice_len = 0;
   int64_t rows = 0;  // query rows per (batch, kv head): rep * S
   bool avx2 = false;
+  bool codes_copied = false;  // the attention pass copied the past codes into the present
   // partials[(bh * slices + slice) * rows + row] -> {max, sum, acc[D]}
   std::vector<float> partials;
   std::atomic<bool> failed{false};
@@ -509,18 +531,37 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
   std::vector<float> kv(static_cast<size_t>(D)), sc(static_cast<size_t>(D)), zc(sc), vsc(sc), vzc(sc);
   int64_t loaded_group = -1;
   // Scores of position t for the nr query rows q (written with stride len).
+  // Keys: the scale and zero are folded into the query side where they are shared,
+  // so the hot loop is dot(query, codes) with no dequantization:
+  //   per channel (KIVI, one (s, z) vector per group of key_group tokens):
+  //     q.k = (q * s).codes + q.z, with q * s and q.z formed once per group;
+  //   per token, one group per row (int8): q.k = s (q.codes) + z sum(q);
+  //   per token, several groups: dequantized in registers chunk by chunk.
+  std::vector<float> qs, qz, qsum;
   auto key_scores = [&](int64_t t, const float* q, int64_t nr, float* out, int64_t stride) {
     if (t >= io.N) return Ops::DotRows(q, nr, FpRow(io, io.key_res, io.key, b, h, t), D, out, stride);
+    const uint8_t* codes = io.key_q + (bh * io.N + t) * io.row_bytes;
     if (a.key_per_channel) {
       const int64_t g = t / a.key_group;
       if (g != loaded_group) {
         const uint16_t* s16 = io.key_scale + (bh * groups + g) * D;
         const uint16_t* z16 = io.key_zero + (bh * groups + g) * D;
         for (int64_t d = 0; d < D; ++d) sc[size_t(d)] = HalfToFloat(s16[d]), zc[size_t(d)] = HalfToFloat(z16[d]);
+        qs.resize(size_t(nr * D));
+        qz.resize(size_t(nr));
+        for (int64_t r = 0; r < nr; ++r) {
+          for (int64_t d = 0; d < D; ++d) qs[size_t(r * D + d)] = q[r * D + d] * sc[size_t(d)];
+        }
+        Ops::DotRows(q, nr, zc.data(), D, qz.data(), 1);
         loaded_group = g;
       }
-      Ops::QuantScores(q, nr, io.key_q + (bh * io.N + t) * io.row_bytes, bits, D, RowParams{sc.data(), zc.data(), 0},
-                       kv.data(), out, stride);
+      Ops::CodeDots(qs.data(), nr, codes, bits, D, out, stride);
+      for (int64_t r = 0; r < nr; ++r) out[r * stride] += qz[size_t(r)];
+    } else if (io.key_params_per_token == 1) {
+      const float s = HalfToFloat(io.key_scale[bh * io.N + t]);
+      const float z = io.key_zero ? HalfToFloat(io.key_zero[bh * io.N + t]) : -128.0f * s;
+      Ops::CodeDots(q, nr, codes, bits, D, out, stride);
+      for (int64_t r = 0; r < nr; ++r) out[r * stride] = s * out[r * stride] + z * qsum[size_t(r)];
     } else {
       const int64_t ng = io.key_params_per_token;
       const uint16_t* s16 = io.key_scale + (bh * io.N + t) * ng;
@@ -528,8 +569,7 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
         sc[size_t(g)] = HalfToFloat(s16[g]);
         zc[size_t(g)] = io.key_zero ? HalfToFloat(io.key_zero[(bh * io.N + t) * ng + g]) : -128.0f * sc[size_t(g)];
       }
-      Ops::QuantScores(q, nr, io.key_q + (bh * io.N + t) * io.row_bytes, bits, D,
-                       RowParams{sc.data(), zc.data(), a.key_group}, kv.data(), out, stride);
+      Ops::QuantScores(q, nr, codes, bits, D, RowParams{sc.data(), zc.data(), a.key_group}, kv.data(), out, stride);
     }
   };
   auto value_row = [&](int64_t t, float* dst) {
@@ -547,12 +587,21 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
                  RowParams{vsc.data(), vzc.data(), a.value_group}, dst);
   };
 
+  // Past code rows [ta, tb) of this head (quantized positions only) into the present.
+  const int64_t N2 = io.N + io.F;
+  auto copy_codes = [&](const uint8_t* past, uint8_t* present, int64_t ta, int64_t tb) {
+    tb = std::min(tb, io.N);
+    if (ta < tb) {
+      std::memcpy(present + (bh * N2 + ta) * io.row_bytes, past + (bh * io.N + ta) * io.row_bytes,
+                  size_t((tb - ta) * io.row_bytes));
+    }
+  };
   // Query rows of this KV head, pre-scaled: row j*S + s is head h*rep + j, query s.
   constexpr int64_t kRowBlock = 64;
+  constexpr int64_t kTokenBlock = 32;
   std::vector<float> q(static_cast<size_t>(std::min(rows, kRowBlock) * D));
   std::vector<float> score(static_cast<size_t>(std::min(rows, kRowBlock) * len));
   std::vector<float> acc(q.size());
-  constexpr int64_t kTokenBlock = 32;
   std::vector<float> vblk(static_cast<size_t>(kTokenBlock * D));
   float* part = job->partials.data() + size_t((bh * job->slices + slice) * rows) * size_t(D + 2);
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
@@ -562,10 +611,19 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       const float* src = io.query + (((b * io.Hq + h * rep + j) * S + s) * D);
       for (int64_t d = 0; d < D; ++d) q[size_t(rr * D + d)] = src[d] * io.scale;
     }
-    // Pass 1: scores [nr, len] (+ bias).
+    qsum.assign(size_t(nr), 0.0f);
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      for (int64_t d = 0; d < D; ++d) qsum[size_t(rr)] += q[size_t(rr * D + d)];
+    }
+    // Pass 1: scores [nr, len] (+ bias). The first row block also copies the slice's
+    // past key codes into the present cache, kTokenBlock rows at a time right after
+    // scoring them (still in L1), instead of re-reading the whole cache from memory
+    // in WritePresent.
     loaded_group = -1;
-    for (int64_t t = t0; t < t1; ++t) {
-      key_scores(t, q.data(), nr, score.data() + (t - t0), len);
+    for (int64_t tb = t0; tb < t1; tb += kTokenBlock) {
+      const int64_t te = std::min(t1, tb + kTokenBlock);
+      for (int64_t t = tb; t < te; ++t) key_scores(t, q.data(), nr, score.data() + (t - t0), len);
+      if (r0 == 0) copy_codes(io.key_q, io.p_key_q, tb, te);
     }
     for (int64_t rr = 0; rr < nr; ++rr) {
       const int64_t s = (r0 + rr) % S;
@@ -596,6 +654,7 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
     for (int64_t tb = t0; tb < t1; tb += kTokenBlock) {
       const int64_t nt = std::min(kTokenBlock, t1 - tb);
       for (int64_t i = 0; i < nt; ++i) value_row(tb + i, vblk.data() + i * D);
+      if (r0 == 0) copy_codes(io.value_q, io.p_value_q, tb, tb + nt);
       Ops::AccumulateBlock(score.data() + (tb - t0), len, nr, vblk.data(), nt, D, acc.data());
     }
     for (int64_t rr = 0; rr < nr; ++rr) {
@@ -664,9 +723,12 @@ void WritePresent(void* data, size_t index) {
     auto copy = [](auto* dst, const auto* src, int64_t n) {
       if (n > 0) std::memcpy(dst, src, size_t(n) * sizeof(*src));
     };
-    // Quantized parts: the past rows, then F new rows.
-    copy(io.p_key_q + bh * N2 * rb, io.key_q + bh * N * rb, N * rb);
-    copy(io.p_value_q + bh * N2 * rb, io.value_q + bh * N * rb, N * rb);
+    // Quantized parts: the past rows (codes already copied by the attention pass
+    // when it ran), then F new rows.
+    if (!job->codes_copied) {
+      copy(io.p_key_q + bh * N2 * rb, io.key_q + bh * N * rb, N * rb);
+      copy(io.p_value_q + bh * N2 * rb, io.value_q + bh * N * rb, N * rb);
+    }
     const int64_t kp_past = a.key_per_channel ? N / a.key_group * D : N * io.key_params_per_token;
     const int64_t kp_new = a.key_per_channel ? F / a.key_group * D : F * io.key_params_per_token;
     copy(io.p_key_scale + bh * (kp_past + kp_new), io.key_scale + bh * kp_past, kp_past);
@@ -785,6 +847,7 @@ OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context) {
       job.slice_len = (io.T + job.slices - 1) / job.slices;
       job.slices = (io.T + job.slice_len - 1) / job.slice_len;
       job.partials.resize(size_t(heads * job.slices * job.rows * (io.D + 2)));
+      job.codes_copied = true;
       ctx.ParallelFor(&AttendSlice, size_t(heads * job.slices), 0, &job);
       if (!job.failed) ctx.ParallelFor(&MergeSlices, size_t(heads), 0, &job);
     }

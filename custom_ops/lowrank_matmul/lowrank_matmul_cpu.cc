@@ -250,9 +250,10 @@ struct Gemm {
   }
   size_t Tasks() const { return size_t(row_blocks * groups); }
 
-  // A, tile-interleaved once for all tasks: register tile t (rows 6t..6t+5) is
-  // [K][rows] at apack + 6 t K, so a tile's k-block is contiguous.
-  std::vector<float> apack;
+  // A, tile-interleaved once for all tasks: register tile t (rows TileStart(t) ..
+  // + TileRows(t)) is [K][rows] at apack + TileStart(t) K, so a tile's k-block is
+  // contiguous. [M, K], filled by PackTile.
+  float* apack = nullptr;
   // Rows are cut into Tiles() register tiles of balanced height (8 rows: 4 + 4, not
   // 6 + 2, whose 2-row tile has too few FMA chains to hide the latency).
   int64_t Tiles() const { return (M + kMR - 1) / kMR; }
@@ -260,7 +261,7 @@ struct Gemm {
   int64_t TileRows(int64_t t) const { return M / Tiles() + (t < M % Tiles() ? 1 : 0); }
   void PackTile(size_t tile) {
     const int64_t t = int64_t(tile), rows = TileRows(t), start = TileStart(t);
-    float* dst = apack.data() + start * K;
+    float* dst = apack + start * K;
     for (int64_t i = 0; i < rows; ++i) {
       const float* src = A + (start + i) * lda;
       for (int64_t k = 0; k < K; ++k) dst[k * rows + i] = src[k];
@@ -284,7 +285,7 @@ struct Gemm {
         const int64_t c0 = p * kPanel, w = std::min<int64_t>(kPanel, n - c0);
         for (int64_t t = t0; t < t1; ++t) {
           const int rows = int(TileRows(t));
-          const float* a = apack.data() + TileStart(t) * K + k0 * rows;
+          const float* a = apack + TileStart(t) * K + k0 * rows;
           float* c = C + TileStart(t) * ldc + c0;
           if (w == kPanel) {
             Tile(rows, kc, a, b, c, ldc, load);
@@ -339,29 +340,40 @@ const W* PanelsOf(const std::shared_ptr<const PackedWeight>& packed, const W* ra
   return own.data();
 }
 
+// Per-call buffers (t and the packed activations), kept by the calling thread across
+// calls: fresh multi-MiB allocations every call cost page faults and zeroing.
+struct Scratch {
+  std::vector<float> t, a1, a2;
+};
+inline float* Grow(std::vector<float>& v, int64_t n) {
+  if (v.size() < size_t(n)) v.resize(size_t(n));
+  return v.data();
+}
+
 template <typename W>
 OrtStatus* Run(Ort::KernelContext& ctx, const Io& io, const Attributes& attrs) {
+  thread_local Scratch scratch;
   std::vector<W> own_u, own_v;
   const W* U = PanelsOf<W>(attrs.U, static_cast<const W*>(io.U), io.K, io.r, own_u);
   const W* V = PanelsOf<W>(attrs.V, static_cast<const W*>(io.V), io.r, io.N, own_v);
-  std::vector<float> t(size_t(io.M * io.r));
+  float* t = Grow(scratch.t, io.M * io.r);
   bool avx2 = false;
 #ifdef TOOLKIT_HAVE_AVX2_PATH
   avx2 = AvxAvailable();
 #endif
   Gemm<W> first;  // t = x · U
   first.A = io.x, first.lda = io.K, first.M = io.M, first.K = io.K;
-  first.B = U, first.n = io.r, first.C = t.data(), first.ldc = io.r, first.avx2 = avx2;
+  first.B = U, first.n = io.r, first.C = t, first.ldc = io.r, first.avx2 = avx2;
+  first.apack = Grow(scratch.a1, io.M * io.K);
   first.Plan();
-  first.apack.resize(size_t(first.M * first.K));
   ctx.ParallelFor(&PackGemmTile<W>, size_t(first.Tiles()), 0, &first);
   ctx.ParallelFor(&RunGemmTask<W>, first.Tasks(), 0, &first);
   Gemm<W> second;  // y = t · V + bias
-  second.A = t.data(), second.lda = io.r, second.M = io.M, second.K = io.r;
+  second.A = t, second.lda = io.r, second.M = io.M, second.K = io.r;
   second.B = V, second.n = io.N, second.C = io.y, second.ldc = io.N, second.bias = io.bias, second.avx2 = avx2;
+  second.apack = Grow(scratch.a2, io.M * io.r);
   second.Plan();
   if (!first.failed) {
-    second.apack.resize(size_t(second.M * second.K));
     ctx.ParallelFor(&PackGemmTile<W>, size_t(second.Tiles()), 0, &second);
     ctx.ParallelFor(&RunGemmTask<W>, second.Tasks(), 0, &second);
   }
