@@ -22,6 +22,7 @@ using KvOp = toolkit::kv_attention::Op;
 using LowRankOp = toolkit::lowrank_matmul::Op;
 constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr auto kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+constexpr auto kI8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
 
 const OrtCustomOp* const kOps[] = {
     new Op(Provider::kCpu, kF32),  // FusedSoftmaxTopK, CPU, float32
@@ -31,6 +32,7 @@ const OrtCustomOp* const kOps[] = {
     new KvOp(Provider::kCpu),  // QuantKVAttention, CPU, float32 (uint8/float16 cache)
     new LowRankOp(Provider::kCpu, kF32),  // LowRankMatMul, CPU, float32 weights
     new LowRankOp(Provider::kCpu, kF16),  // LowRankMatMul, CPU, float16 weights
+    new LowRankOp(Provider::kCpu, kI8),   // LowRankMatMul, CPU, int8 weights + column scales
 #ifdef TOOLKIT_WITH_CUDA
     new Op(Provider::kCuda, kF32),  // FusedSoftmaxTopK, CUDA, float32
     new Op(Provider::kCuda, kF16),  // FusedSoftmaxTopK, CUDA, float16

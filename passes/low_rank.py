@@ -75,6 +75,9 @@ class LowRankOptions(CalibrationOptions):
         default="", metadata={"help": "comma-separated substrings: only weights whose name contains one"})
     use_op: bool = dataclasses.field(
         default=True, metadata={"help": "emit com.toolkit::LowRankMatMul (false: MatMul->MatMul, standard ONNX)"})
+    int8_weights: bool = dataclasses.field(
+        default=False, metadata={"help": "store U and V as int8 with a float32 scale per column (4x smaller "
+                                          "factors; standard ONNX form: DequantizeLinear->MatMul)"})
     force: bool = dataclasses.field(
         default=False, metadata={"help": "factor even where it saves nothing (r >= KN/(K+N)); for testing"})
 
@@ -274,24 +277,42 @@ def _factors(layer: _Layer) -> tuple[np.ndarray, np.ndarray]:
     return U, V
 
 
-def _rewrite(graph: ir.Graph, layer: _Layer, U: np.ndarray, V: np.ndarray, use_op: bool, dtype: np.dtype) -> None:
+def _rewrite(graph: ir.Graph, layer: _Layer, U: np.ndarray, V: np.ndarray, use_op: bool, dtype: np.dtype,
+             int8: bool = False) -> None:
+    from toolkit.ops.reference import quantize_columns
+
     mm = layer.matmul
     x = mm.inputs[0]
     base = (mm.name or layer.name).replace("/", "_")
-    u_val = ir.val(f"{layer.name}.lowrank_U", const_value=ir.tensor(U.astype(dtype)))
-    v_val = ir.val(f"{layer.name}.lowrank_V", const_value=ir.tensor(V.astype(dtype)))
-    graph.register_initializer(u_val)
-    graph.register_initializer(v_val)
+
+    def initializer(name: str, array: np.ndarray) -> ir.Value:
+        value = ir.val(f"{layer.name}.{name}", const_value=ir.tensor(array))
+        graph.register_initializer(value)
+        return value
+
+    scales: list[ir.Value] = []
+    if int8:
+        (uq, us), (vq, vs) = quantize_columns(U), quantize_columns(V)
+        u_val, v_val = initializer("lowrank_U", uq), initializer("lowrank_V", vq)
+        scales = [initializer("lowrank_U_scale", us), initializer("lowrank_V_scale", vs)]
+    else:
+        u_val, v_val = initializer("lowrank_U", U.astype(dtype)), initializer("lowrank_V", V.astype(dtype))
     last = layer.add if layer.add is not None else mm
     old_out = last.outputs[0]
+    new_nodes: list[ir.Node] = []
     if use_op:
-        inputs = [x, u_val, v_val] + ([layer.bias] if layer.bias is not None else [])
-        node = ir.Node(DOMAIN, "LowRankMatMul", inputs, num_outputs=1, name=f"{base}/LowRankMatMul")
-        new_nodes = [node]
+        inputs = [x, u_val, v_val] + ([layer.bias] if layer.bias is not None else [None] if int8 else []) + scales
+        new_nodes.append(ir.Node(DOMAIN, "LowRankMatMul", inputs, num_outputs=1, name=f"{base}/LowRankMatMul"))
     else:
+        if int8:  # standard ONNX: per-column DequantizeLinear of the codes
+            deq = [ir.Node("", "DequantizeLinear", [w, s], attributes=[ir.AttrInt64("axis", 1)], num_outputs=1,
+                           name=f"{base}/Dequantize_{n}") for w, s, n in ((u_val, scales[0], "U"),
+                                                                           (v_val, scales[1], "V"))]
+            new_nodes += deq
+            u_val, v_val = deq[0].outputs[0], deq[1].outputs[0]
         first = ir.Node("", "MatMul", [x, u_val], num_outputs=1, name=f"{base}/MatMul_U")
         second = ir.Node("", "MatMul", [first.outputs[0], v_val], num_outputs=1, name=f"{base}/MatMul_V")
-        new_nodes = [first, second]
+        new_nodes += [first, second]
         if layer.bias is not None:
             new_nodes.append(ir.Node("", "Add", [second.outputs[0], layer.bias], num_outputs=1,
                                      name=f"{base}/Add_bias"))
@@ -349,12 +370,19 @@ def apply(model: ir.Model, options: LowRankOptions, *, explain: bool = False) ->
         dtype = _constant_weight(layer.matmul.inputs[1]).dtype
         bytes_per = np.dtype(dtype).itemsize
         entry["params_saved"] = K * N - r * (K + N)
-        entry["bytes_saved"] = entry["params_saved"] * bytes_per
+        factor_bytes = r * (K + N) + 4 * (r + N) if options.int8_weights else r * (K + N) * bytes_per
+        entry["bytes_saved"] = K * N * bytes_per - factor_bytes
         entry["flops_saved_per_row"] = 2 * (K * N - r * (K + N))
         entry["skipped"] = False
         params_after += r * (K + N)
         flops_after += 2 * r * (K + N)
-        _rewrite(graph, layer, U, V, options.use_op, dtype)
+        if options.int8_weights:  # the error the calibration rows see after quantizing the factors
+            from toolkit.ops.reference import quantize_columns
+
+            (uq, us), (vq, vs) = quantize_columns(U), quantize_columns(V)
+            approx = (X @ (uq * us.astype(np.float64))) @ (vq * vs.astype(np.float64))
+            entry["reconstruction_error_int8"] = float(np.linalg.norm(ref - approx) / denom) if denom > 0 else 0.0
+        _rewrite(graph, layer, U, V, options.use_op, dtype, options.int8_weights)
         count += 1
         report.append(entry)
 

@@ -173,16 +173,25 @@ def _sample_topk_function() -> FunctionProto:
                       {"k": None, "temperature": 1.0, "top_p": 1.0, "min_p": 0.0, "seed": 0})
 
 
-def _lowrank_function(with_bias: bool) -> FunctionProto:
-    """LowRankMatMul (lowrank_matmul.h): ``(x · U) · V (+ bias)``, float16 weights widened."""
+def _lowrank_overload(with_bias: bool, int8: bool) -> str:
+    return "_".join((["int8"] if int8 else []) + (["bias"] if with_bias else []))
+
+
+def _lowrank_function(with_bias: bool, int8: bool = False) -> FunctionProto:
+    """LowRankMatMul (lowrank_matmul.h): ``(x · U) · V (+ bias)``, float16 weights widened,
+    int8 weights dequantized per column (DequantizeLinear, axis 1)."""
     b = FunctionBuilder()
-    t = b.op("MatMul", "x", b.op("CastLike", "U", "x"))
-    y = b.op("MatMul", t, b.op("CastLike", "V", "x"))
+    if int8:
+        u = b.op("DequantizeLinear", "U", "U_scale", axis=1)
+        v = b.op("DequantizeLinear", "V", "V_scale", axis=1)
+    else:
+        u, v = b.op("CastLike", "U", "x"), b.op("CastLike", "V", "x")
+    y = b.op("MatMul", b.op("MatMul", "x", u), v)
     if with_bias:
         y = b.op("Add", y, "bias")
     b.rename(y, "y")
-    return b.function(DOMAIN, "LowRankMatMul", ["x", "U", "V"] + (["bias"] if with_bias else []), ["y"],
-                      overload="bias" if with_bias else "")
+    inputs = ["x", "U", "V"] + (["bias"] if with_bias else []) + (["U_scale", "V_scale"] if int8 else [])
+    return b.function(DOMAIN, "LowRankMatMul", inputs, ["y"], overload=_lowrank_overload(with_bias, int8))
 
 
 def _body_for(node: ir.Node, model: ir.Model) -> tuple[str, Callable[[], FunctionProto]] | None:
@@ -200,7 +209,8 @@ def _body_for(node: ir.Node, model: ir.Model) -> tuple[str, Callable[[], Functio
         return "", _sample_topk_function
     if node.op_type == "LowRankMatMul":
         with_bias = len(present) > 3 and present[3]
-        return ("bias" if with_bias else ""), lambda: _lowrank_function(with_bias)
+        int8 = len(present) > 4 and present[4]
+        return _lowrank_overload(with_bias, int8), lambda: _lowrank_function(with_bias, int8)
     if node.op_type == "QuantKVAttention":
         from passes.portable_kv import kv_attention_function, overload_name
 
@@ -226,6 +236,30 @@ def _bind_default_seed(node: ir.Node, model: ir.Model) -> None:
     else:
         node.resize_inputs(2)
         node.replace_input_with(1, value)
+
+
+def _bind_zero_bias(node: ir.Node, model: ir.Model) -> None:
+    """An int8 LowRankMatMul without bias gets a zero bias (input 3).
+
+    Its scales come after the optional bias, and ONNX Runtime's function inlining
+    does not bind formal inputs after an empty one correctly (measured: wrong outputs,
+    no error); y + 0 is y, so a zero bias changes nothing but lets every int8 node
+    use the one ``int8_bias`` body.
+    """
+    if len(node.inputs) < 6 or node.inputs[4] is None or node.inputs[3] is not None:
+        return
+    scale = node.inputs[5]
+    n = scale.shape[0] if scale is not None and scale.shape is not None and len(scale.shape) == 1 else None
+    if n is None and scale is not None and scale.const_value is not None:
+        n = scale.const_value.shape[0]
+    if not isinstance(n, int):
+        raise PassError(f"portable: node {node.name!r} (LowRankMatMul, int8) has no bias and V_scale has no "
+                        "static length, so no zero bias can stand in for it",
+                        hint="give V_scale a static shape [N] (it is a constant in models from the low-rank pass)")
+    value = ir.Value(name=f"{node.name or 'LowRankMatMul'}/zero_bias", type=ir.TensorType(ir.DataType.FLOAT),
+                     shape=ir.Shape([n]), const_value=ir.tensor(np.zeros(n, np.float32)))
+    model.graph.register_initializer(value)
+    node.replace_input_with(3, value)
 
 
 def _spell_out_defaults(node: ir.Node, function: ir.Function) -> None:
@@ -260,6 +294,8 @@ def apply(model: ir.Model, options: PortableOptions, *, explain: bool = False) -
     for node in nodes:
         if node.op_type == "SampleTopKTopP":
             _bind_default_seed(node, model)
+        if node.op_type == "LowRankMatMul":
+            _bind_zero_bias(node, model)
         overload, factory = _body_for(node, model)
         node.overload = overload
         key = (DOMAIN, node.op_type, overload)

@@ -90,6 +90,32 @@ OrtStatus* PrepareIo(OrtKernelContext* context, Io* io) {
     return st;
   }
   io->fp16 = u_info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  io->int8 = u_info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+  // Column scales: required with int8 weights, meaningless (so rejected) otherwise.
+  const char* names[2] = {"U_scale", "V_scale"};
+  const int64_t lengths[2] = {io->r, io->N};
+  const float* scales[2] = {nullptr, nullptr};
+  for (size_t i = 0; i < 2; ++i) {
+    Ort::ConstValue sv{nullptr};
+    if (ctx.GetInputCount() > 4 + i) sv = ctx.GetInput(4 + i);
+    if (!io->int8) {
+      if (sv) {
+        return MakeStatus(ORT_INVALID_ARGUMENT, std::string(kOpName) + ": input '" + names[i] +
+                                                    "' is only for int8 weights; U and V here are floating point "
+                                                    "(drop the input, or quantize U and V to int8)");
+      }
+      continue;
+    }
+    const std::vector<int64_t> shape = sv ? sv.GetTensorTypeAndShapeInfo().GetShape() : std::vector<int64_t>{};
+    if (!sv || shape != std::vector<int64_t>{lengths[i]}) {
+      return InvalidInputStatus(kOpName, names[i], shape,
+                                "[" + std::to_string(lengths[i]) + "]: one float32 scale per column of " +
+                                    (i == 0 ? "U" : "V") + " (required with int8 weights)");
+    }
+    scales[i] = sv.GetTensorData<float>();
+  }
+  io->u_scale = scales[0];
+  io->v_scale = scales[1];
   io->x = x.GetTensorData<float>();
   io->U = U.GetTensorRawData();
   io->V = V.GetTensorRawData();
@@ -108,6 +134,7 @@ constexpr int kMR = 6;                // register tile rows (6 x 16 = 12 ymm acc
 constexpr int64_t kKC = 256;          // reduction block
 constexpr int64_t kTilesPerBlock = 8;  // register tiles per task block
 constexpr int64_t kTargetTasks = 16;  // tasks per GEMM when the shapes allow
+constexpr int kWide = 4;              // panels per pass of the one-row kernel (MicroWide1)
 
 inline float HalfToFloat(uint16_t h) {
   // IEEE half -> float, exact (same as softmax_topk_cpu.cc).
@@ -130,6 +157,7 @@ inline float HalfToFloat(uint16_t h) {
 
 inline float Widen(float w) { return w; }
 inline float Widen(uint16_t w) { return HalfToFloat(w); }
+inline float Widen(int8_t w) { return float(w); }
 
 inline int64_t Panels(int64_t cols) { return (cols + kPanel - 1) / kPanel; }
 
@@ -154,6 +182,8 @@ template <>
 std::vector<float>& Storage<float>(PackedWeight& p) { return p.f32; }
 template <>
 std::vector<uint16_t>& Storage<uint16_t>(PackedWeight& p) { return p.f16; }
+template <>
+std::vector<int8_t>& Storage<int8_t>(PackedWeight& p) { return p.i8; }
 template <typename W>
 const W* PackedData(const PackedWeight& p) {
   return Storage<W>(const_cast<PackedWeight&>(p)).data();
@@ -178,6 +208,9 @@ void MicroScalar(int rows, int64_t kc, const float* A, const W* B, float* C, int
 TOOLKIT_AVX2 inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
 TOOLKIT_AVX2 inline __m256 Load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+TOOLKIT_AVX2 inline __m256 Load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
 // The accumulators are named variables, not arrays: GCC turned a zero-initialised
@@ -213,6 +246,32 @@ TOOLKIT_AVX2 void MicroAvx2(int64_t kc, const float* A, const W* B, float* C, in
 #undef TK_FMA
 #undef TK_STORE
 
+// One row, kWide panels at once (16 kWide columns): at M = 1 a single panel gives
+// only two FMA chains, so the loop waits on FMA latency (measured: int8 weights
+// streamed at ~10 GB/s); four panels give eight independent chains. Each output is
+// still the same single chain in ascending k, so results do not change.
+template <typename W>
+TOOLKIT_AVX2 void MicroWide1(int64_t kc, const float* A, const W* B, int64_t panel_stride, float* C, bool load) {
+  __m256 c[2 * kWide];
+  for (int j = 0; j < 2 * kWide; ++j) c[j] = load ? _mm256_loadu_ps(C + 8 * j) : _mm256_setzero_ps();
+  const W* b0 = B;
+  const W* b1 = B + panel_stride;
+  const W* b2 = B + 2 * panel_stride;
+  const W* b3 = B + 3 * panel_stride;
+  __m256 c00 = c[0], c01 = c[1], c10 = c[2], c11 = c[3], c20 = c[4], c21 = c[5], c30 = c[6], c31 = c[7];
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 a = _mm256_broadcast_ss(A + k);
+    const int64_t o = k * kPanel;
+    c00 = _mm256_fmadd_ps(a, Load8(b0 + o), c00), c01 = _mm256_fmadd_ps(a, Load8(b0 + o + 8), c01);
+    c10 = _mm256_fmadd_ps(a, Load8(b1 + o), c10), c11 = _mm256_fmadd_ps(a, Load8(b1 + o + 8), c11);
+    c20 = _mm256_fmadd_ps(a, Load8(b2 + o), c20), c21 = _mm256_fmadd_ps(a, Load8(b2 + o + 8), c21);
+    c30 = _mm256_fmadd_ps(a, Load8(b3 + o), c30), c31 = _mm256_fmadd_ps(a, Load8(b3 + o + 8), c31);
+  }
+  _mm256_storeu_ps(C, c00), _mm256_storeu_ps(C + 8, c01), _mm256_storeu_ps(C + 16, c10);
+  _mm256_storeu_ps(C + 24, c11), _mm256_storeu_ps(C + 32, c20), _mm256_storeu_ps(C + 40, c21);
+  _mm256_storeu_ps(C + 48, c30), _mm256_storeu_ps(C + 56, c31);
+}
+
 template <typename W>
 TOOLKIT_AVX2 void Micro(int rows, int64_t kc, const float* A, const W* B, float* C, int64_t ldc, bool load) {
   switch (rows) {
@@ -237,6 +296,7 @@ struct Gemm {
   float* C = nullptr;
   int64_t ldc = 0;
   const float* bias = nullptr;
+  const float* scale = nullptr;  // int8 weights: per-column scale, applied after the chain
   bool avx2 = false;
   int64_t row_blocks = 0, groups = 0, group_panels = 0;
   std::atomic<bool> failed{false};
@@ -246,6 +306,7 @@ struct Gemm {
     const int64_t P = Panels(n);
     groups = std::clamp<int64_t>((kTargetTasks + row_blocks - 1) / row_blocks, 1, P);
     group_panels = (P + groups - 1) / groups;
+    if (M == 1) group_panels = (group_panels + kWide - 1) / kWide * kWide;  // whole MicroWide1 passes
     groups = (P + group_panels - 1) / group_panels;
   }
   size_t Tasks() const { return size_t(row_blocks * groups); }
@@ -280,7 +341,15 @@ struct Gemm {
     for (int64_t k0 = 0; k0 < K; k0 += block) {
       const int64_t kc = std::min(block, K - k0);
       const bool load = k0 > 0;
-      for (int64_t p = p0; p < p1; ++p) {
+      int64_t p = p0;
+#ifdef TOOLKIT_HAVE_AVX2_PATH
+      if (avx2 && m == 1) {  // one row: kWide full panels per pass (more FMA chains in flight)
+        for (; p + kWide <= p1 && (p + kWide) * kPanel <= n; p += kWide) {
+          MicroWide1<W>(kc, apack + k0, B + (p * K + k0) * kPanel, K * kPanel, C + i0 * ldc + p * kPanel, load);
+        }
+      }
+#endif
+      for (; p < p1; ++p) {
         const W* b = B + (p * K + k0) * kPanel;
         const int64_t c0 = p * kPanel, w = std::min<int64_t>(kPanel, n - c0);
         for (int64_t t = t0; t < t1; ++t) {
@@ -297,8 +366,13 @@ struct Gemm {
         }
       }
     }
+    const int64_t c0 = p0 * kPanel, c1 = std::min(n, p1 * kPanel);
+    if (scale) {
+      for (int64_t i = i0; i < i0 + m; ++i) {
+        for (int64_t j = c0; j < c1; ++j) C[i * ldc + j] *= scale[j];
+      }
+    }
     if (bias) {
-      const int64_t c0 = p0 * kPanel, c1 = std::min(n, p1 * kPanel);
       for (int64_t i = i0; i < i0 + m; ++i) {
         for (int64_t j = c0; j < c1; ++j) C[i * ldc + j] += bias[j];
       }
@@ -363,7 +437,7 @@ OrtStatus* Run(Ort::KernelContext& ctx, const Io& io, const Attributes& attrs) {
 #endif
   Gemm<W> first;  // t = x · U
   first.A = io.x, first.lda = io.K, first.M = io.M, first.K = io.K;
-  first.B = U, first.n = io.r, first.C = t, first.ldc = io.r, first.avx2 = avx2;
+  first.B = U, first.n = io.r, first.C = t, first.ldc = io.r, first.scale = io.u_scale, first.avx2 = avx2;
   first.apack = Grow(scratch.a1, io.M * io.K);
   first.Plan();
   ctx.ParallelFor(&PackGemmTile<W>, size_t(first.Tiles()), 0, &first);
@@ -371,6 +445,7 @@ OrtStatus* Run(Ort::KernelContext& ctx, const Io& io, const Attributes& attrs) {
   Gemm<W> second;  // y = t · V + bias
   second.A = t, second.lda = io.r, second.M = io.M, second.K = io.r;
   second.B = V, second.n = io.N, second.C = io.y, second.ldc = io.N, second.bias = io.bias, second.avx2 = avx2;
+  second.scale = io.v_scale;
   second.apack = Grow(scratch.a2, io.M * io.r);
   second.Plan();
   if (!first.failed) {
@@ -414,6 +489,7 @@ OrtStatus* ReadCpu(const OrtKernelInfo* info, Attributes* attrs) {
     std::shared_ptr<const PackedWeight> packed;
     if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) packed = PackConstant<float>(v, shape);
     else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) packed = PackConstant<uint16_t>(v, shape);
+    else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) packed = PackConstant<int8_t>(v, shape);
     (index == 1 ? attrs->U : attrs->V) = packed;
   }
   return nullptr;
@@ -425,6 +501,7 @@ OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context) {
     if (OrtStatus* st = PrepareIo(context, &io)) return st;
     if (io.M == 0) return nullptr;
     Ort::KernelContext ctx(context);
+    if (io.int8) return Run<int8_t>(ctx, io, attrs);
     return io.fp16 ? Run<uint16_t>(ctx, io, attrs) : Run<float>(ctx, io, attrs);
   });
 }

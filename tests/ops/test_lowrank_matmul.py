@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from toolkit import ops
 from toolkit.ops import reference
 
-WEIGHT_TYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+WEIGHT_TYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.int8: TensorProto.INT8}
 TOL = 1e-5
 
 
@@ -30,13 +30,17 @@ def session(weight_dtype=np.float32, with_bias=False, threads=1, constants=None)
     """A one-node model; ``constants`` (name -> array) become initializers instead of inputs
     (the kernel packs constant U / V once, at creation)."""
     constants = constants or {}
-    inputs = ["x", "U", "V"] + (["bias"] if with_bias else [])
+    int8 = weight_dtype == np.int8  # int8 U / V come with their column scales (inputs 4, 5)
+    inputs = ["x", "U", "V"] + (["bias"] if with_bias else [""] if int8 else []) + (
+        ["U_scale", "V_scale"] if int8 else [])
     node = helper.make_node("LowRankMatMul", inputs, ["y"], domain=ops.DOMAIN)
     wt = WEIGHT_TYPES[weight_dtype]
     graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
     graph_inputs += [helper.make_tensor_value_info(n, wt, None) for n in ("U", "V") if n not in constants]
     if with_bias:
         graph_inputs.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, None))
+    if int8:
+        graph_inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("U_scale", "V_scale")]
     graph = helper.make_graph([node], "lowrank", graph_inputs,
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               initializer=[numpy_helper.from_array(a, n) for n, a in constants.items()])
@@ -109,6 +113,69 @@ def test_constant_weights_packed_at_creation_give_the_same_bits(lead, K, r, N, w
         None, {n: a for n, a in feeds.items() if n not in constants})[0]
     np.testing.assert_array_equal(packed, fed)
     assert_close(packed, ref)
+
+
+def make_int8(lead, K, r, N, with_bias, seed):
+    feeds, _ = make(lead, K, r, N, np.float32, with_bias, seed)
+    feeds["U"], feeds["U_scale"] = reference.quantize_columns(feeds["U"])
+    feeds["V"], feeds["V_scale"] = reference.quantize_columns(feeds["V"])
+    ref = reference.lowrank_matmul(feeds["x"], feeds["U"], feeds["V"], feeds.get("bias"),
+                                   feeds["U_scale"], feeds["V_scale"])
+    return feeds, ref
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("lead,K,r,N", SHAPES)
+def test_int8_weights_match_reference(lead, K, r, N, with_bias):
+    feeds, ref = make_int8(lead, K, r, N, with_bias, seed=K + 5 * r + N)
+    assert_close(session(np.int8, with_bias).run(None, feeds)[0], ref)
+
+
+@pytest.mark.parametrize("lead,K,r,N", [((1,), 1000, 130, 997), ((64,), 517, 200, 1030)])
+def test_int8_weights_threads_and_packing_give_the_same_bits(lead, K, r, N):
+    feeds, ref = make_int8(lead, K, r, N, True, seed=5)
+    fed = session(np.int8, True).run(None, feeds)[0]
+    constants = {n: feeds[n] for n in ("U", "V")}
+    packed = session(np.int8, True, threads=2, constants=constants).run(
+        None, {n: a for n, a in feeds.items() if n not in constants})[0]
+    np.testing.assert_array_equal(packed, fed)
+    assert_close(fed, ref)
+
+
+def test_int8_weights_approximate_the_float_layer():
+    """Quantizing U and V per column costs about 1% relative error (127 levels), no more."""
+    feeds, ref = make((4,), 512, 64, 256, np.float32, False, seed=2)
+    q, _ = make_int8((4,), 512, 64, 256, False, seed=2)
+    y = session(np.int8, False).run(None, q)[0]
+    rel = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+    assert 1e-4 < rel < 0.02, rel
+
+
+def test_column_scales_are_checked():
+    feeds, _ = make_int8((2,), 8, 4, 6, False, seed=0)
+    bad = dict(feeds, V_scale=np.ones(5, np.float32))
+    with pytest.raises(Exception, match=r"LowRankMatMul: input 'V_scale' has shape \[5\]; expected \[6\]"):
+        session(np.int8, False).run(None, bad)
+    # scales with float weights are rejected, not ignored
+    f, _ = make((2,), 8, 4, 6, np.float32, False, seed=0)
+    node = helper.make_node("LowRankMatMul", ["x", "U", "V", "", "s"], ["y"], domain=ops.DOMAIN)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                                            for n in ("x", "U", "V", "s")],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION)])
+    model.ir_version = 10
+    sess = ort.InferenceSession(model.SerializeToString(), ops.session_options(1), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="input 'U_scale' is only for int8 weights"):
+        sess.run(None, dict(f, s=np.ones(4, np.float32)))
+
+
+def test_quantize_columns_bounds():
+    w = np.random.default_rng(0).standard_normal((50, 7))
+    w[:, 3] = 0.0
+    q, scale = reference.quantize_columns(w)
+    assert q.dtype == np.int8 and np.abs(q).max() == 127 and scale[3] == 1.0 and not q[:, 3].any()
+    assert np.abs(q * scale.astype(np.float64) - w).max() <= scale.max() / 2 + 1e-12
 
 
 def test_rank_one_bias_only_structure():

@@ -180,6 +180,31 @@ def test_full_rank_forced_matches_original(use_op):
     np.testing.assert_allclose(run(out, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("use_op", ["true", "false"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_factors_op_and_standard_form_agree_and_match_the_report(use_op, bias):
+    """int8 U / V (per-column scales): the op and DequantizeLinear->MatMul compute the same
+    layer (float32 rounding apart); the error vs the dense layer is what the report says."""
+    model = linear_graph(bias=bias, K=96, N=80)
+    x = np.random.default_rng(4).standard_normal((2, 8, 96)).astype(np.float32)
+    out, report = lowrank(model, rank_ratio=0.5, int8_weights="true", use_op=use_op, calibration_samples=2)
+    entry = report["low-rank"].details["layers"][0]
+    assert {i.name.rsplit(".", 1)[-1]: i.data_type for i in out.graph.initializer if "lowrank" in i.name} == {
+        "lowrank_U": TensorProto.INT8, "lowrank_V": TensorProto.INT8,
+        "lowrank_U_scale": TensorProto.FLOAT, "lowrank_V_scale": TensorProto.FLOAT}
+    assert ("LowRankMatMul" in ops_of(out)) == (use_op == "true")
+    assert entry["bytes_saved"] == 96 * 80 * 4 - (entry["rank"] * (96 + 80) + 4 * (entry["rank"] + 80))
+    float_out, _ = lowrank(model, rank_ratio=0.5, use_op=use_op, calibration_samples=2)
+    ref, got, fp = run(model, {"x": x})[0], run(out, {"x": x})[0], run(float_out, {"x": x})[0]
+    rel = np.linalg.norm(ref - got) / np.linalg.norm(ref)
+    assert 0.5 * entry["reconstruction_error_int8"] < rel < 2.0 * entry["reconstruction_error_int8"]
+    # quantizing the factors adds little to the truncation error
+    assert np.linalg.norm(got - fp) / np.linalg.norm(ref) < 0.02
+    if use_op == "true":
+        std, _ = lowrank(model, rank_ratio=0.5, int8_weights="true", use_op="false", calibration_samples=2)
+        np.testing.assert_allclose(got, run(std, {"x": x})[0], rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 def test_truncated_error_matches_the_report():
     """The reported reconstruction error is what ORT computes on the calibration-like input."""
     model = linear_graph(bias=False, K=96, N=80)

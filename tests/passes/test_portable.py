@@ -140,6 +140,41 @@ def test_lowrank_body(with_bias, weight_type):
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)  # fp32 products, another summation order
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_lowrank_int8_body(with_bias):
+    from toolkit.ops.reference import quantize_columns
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 24)).astype(np.float32)
+    (u, us), (v, vs) = quantize_columns(rng.standard_normal((24, 6))), quantize_columns(rng.standard_normal((6, 10)))
+    bias = rng.standard_normal(10).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for n, a in (("U", u), ("V", v), ("us", us), ("vs", vs))] + \
+        ([numpy_helper.from_array(bias, "b")] if with_bias else [])
+    node = helper.make_node("LowRankMatMul", ["x", "U", "V", "b" if with_bias else "", "us", "vs"], ["y"],
+                            domain="com.toolkit")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 24])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.toolkit", 1)])
+    model.ir_version = 10
+    out, _ = run_pipeline(model, ["portable"])
+    # without a bias the node gets a zero one: one body (int8_bias) serves both
+    assert [f.overload for f in out.functions] == ["int8_bias"]
+    ref = lowrank_matmul(x, u, v, bias if with_bias else None, us, vs)
+    blob = out.SerializeToString()
+    # ORT's default optimisations turn DequantizeLinear(int8, per column) -> MatMul into
+    # MatMulNBits at accuracy level 4, which also quantizes the activations to int8:
+    # the body's own semantics are checked at level 1 (float32 compute) ...
+    exact = ort.SessionOptions()
+    exact.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    body = ort.InferenceSession(blob, exact, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    kernel = ort.InferenceSession(blob, ops.session_options(1), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    for y in (body, kernel):
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # ... and the default (int8 activations) stays within about 1% of it
+    default = ort.InferenceSession(blob, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.linalg.norm(default - ref) / np.linalg.norm(ref) < 0.02
+
+
 def _kv_feeds(q, k, v, cache, bias):
     feeds = {"query": q, "key": k, "value": v, **{f"past_{n}": cache[n] for n in CACHE_TENSORS if n in cache}}
     if bias is not None:

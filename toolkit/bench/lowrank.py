@@ -69,6 +69,27 @@ def _contender_models(U: np.ndarray, V: np.ndarray, W: np.ndarray | None, M: int
     return models
 
 
+def _int8_models(U: np.ndarray, V: np.ndarray, M: int) -> dict[str, bytes]:
+    """int8 factors (per-column scales): our op, and ONNX Runtime's own int8-weight path
+    (DequantizeLinear -> MatMul, which its optimizer turns into MatMulNBits)."""
+    from onnx import helper
+
+    from toolkit.ops import DOMAIN
+    from toolkit.ops.reference import quantize_columns
+
+    (uq, us), (vq, vs) = quantize_columns(U), quantize_columns(V)
+    w = {"U": uq, "V": vq, "us": us, "vs": vs}
+    K, N = U.shape[0], V.shape[1]
+    return {
+        "ours_int8": _model([helper.make_node("LowRankMatMul", ["x", "U", "V", "", "us", "vs"], ["y"],
+                                              domain=DOMAIN)], w, M, K, N),
+        "ort_int8_two_matmul": _model([helper.make_node("DequantizeLinear", ["U", "us"], ["u"], axis=1),
+                                       helper.make_node("DequantizeLinear", ["V", "vs"], ["v"], axis=1),
+                                       helper.make_node("MatMul", ["x", "u"], ["t"]),
+                                       helper.make_node("MatMul", ["t", "v"], ["y"])], w, M, K, N),
+    }
+
+
 def _bound(session: Any, x: np.ndarray, N: int) -> tuple[Any, Any]:
     import onnxruntime as ort
 
@@ -93,7 +114,7 @@ def _rotating_runner(sessions: list, bindings: list) -> Any:
 
 def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, rows=DEFAULT_ROWS, threads=DEFAULT_THREADS,
         warmup: int = 30, runs: int = 300, warmup_big: int = 5, runs_big: int = 30,
-        rotate_bytes: int = 96 << 20, seed: int = 0, progress=None) -> dict[str, Any]:
+        rotate_bytes: int = 96 << 20, seed: int = 0, int8: bool = False, progress=None) -> dict[str, Any]:
     """Run the grid and return a JSON-able result.
 
     Args:
@@ -104,6 +125,7 @@ def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, rows=DEFAULT_ROWS, threads=D
         warmup, runs: rounds for points with M < BIG_ROWS.
         warmup_big, runs_big: rounds for M >= BIG_ROWS (each call is 10-500 ms on 2 cores).
         rotate_bytes: minimum bytes of weight sets each contender cycles through.
+        int8: also time int8 factors: ours vs ORT's DequantizeLinear->MatMul (MatMulNBits).
     """
     import onnxruntime as ort
 
@@ -117,13 +139,26 @@ def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, rows=DEFAULT_ROWS, threads=D
         dense_sets = max(2, math.ceil(rotate_bytes / dense_bytes))
         x = rng.standard_normal((M, K)).astype(np.float32)
         sessions: dict[str, list] = {"ours": [], "ort_two_matmul": [], "ort_dense": []}
-        for s in range(sets):
+        sets8 = max(2, math.ceil(rotate_bytes / (r * (K + N) + 4 * (r + N)))) if int8 else 0
+        if int8:
+            sessions.update(ours_int8=[], ort_int8_two_matmul=[])
+        for s in range(max(sets, sets8)):
+            if s >= sets:  # more int8 sets only (their weights are 4x smaller)
+                U = (rng.standard_normal((K, r)) / math.sqrt(K)).astype(np.float32)
+                V = (rng.standard_normal((r, N)) / math.sqrt(r)).astype(np.float32)
+                for name, blob in _int8_models(U, V, M).items():
+                    sessions[name].append(ort.InferenceSession(blob, bench_session_options(nthreads),
+                                                               providers=["CPUExecutionProvider"]))
+                continue
             U = (rng.standard_normal((K, r)) / math.sqrt(K)).astype(np.float32)
             V = (rng.standard_normal((r, N)) / math.sqrt(r)).astype(np.float32)
             # The dense contender needs fewer sets (its weights are bigger); W = U V of
             # the first sets keeps the correctness check below meaningful.
             W = (U @ V).astype(np.float32) if s < dense_sets else None
-            for name, blob in _contender_models(U, V, W, M).items():
+            models = _contender_models(U, V, W, M)
+            if int8 and s < sets8:
+                models.update(_int8_models(U, V, M))
+            for name, blob in models.items():
                 so = bench_session_options(nthreads)
                 sessions[name].append(ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"]))
             del U, V, W
@@ -135,6 +170,13 @@ def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, rows=DEFAULT_ROWS, threads=D
         if not (np.allclose(got, ref, rtol=1e-4, atol=1e-4 * scale) and np.allclose(got, dense, rtol=1e-3,
                                                                                         atol=1e-3 * scale)):
             raise AssertionError(f"LowRankMatMul disagrees with ORT at K={K} N={N} r={r} M={M}")
+        if int8:  # int8 factors: within the quantization error of the float ones (ORT's MatMulNBits
+            # at its default accuracy level also quantizes x, hence the looser bound there)
+            for name, bound in (("ours_int8", 0.02), ("ort_int8_two_matmul", 0.05)):
+                y8 = sessions[name][0].run(None, {"x": x})[0]
+                rel = float(np.linalg.norm(y8 - ref) / np.linalg.norm(ref))
+                if not rel < bound:
+                    raise AssertionError(f"{name} is {rel:.3g} away from the float factors at K={K} N={N} r={r}")
         contenders = {}
         bindings = {}
         for name, sess in sessions.items():
@@ -155,6 +197,10 @@ def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, rows=DEFAULT_ROWS, threads=D
             "speedup_vs_ort_two_matmul": t["ort_two_matmul"].median_us / ours,
             "ours_weight_gbps": factored_bytes / (ours * 1e3),
         }
+        if int8:
+            row["weight_sets"]["int8"] = sets8
+            row["int8_speedup_vs_ort_int8_two_matmul"] = t["ort_int8_two_matmul"].median_us / t["ours_int8"].median_us
+            row["int8_speedup_vs_ort_dense"] = t["ort_dense"].median_us / t["ours_int8"].median_us
         if r * 4 == min(K, N):
             checks = {"not_slower_than_two_matmul": bool(row["speedup_vs_ort_two_matmul"] >= TARGET_VS_TWO_MATMUL)}
             if M == 1:

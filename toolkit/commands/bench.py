@@ -42,6 +42,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     lr.add_argument("--runs", type=int, default=300)
     lr.add_argument("--warmup-big", type=int, default=5, help="warm-ups at M >= 128 (each call is 10-500 ms)")
     lr.add_argument("--runs-big", type=int, default=30, help="timed runs at M >= 128")
+    lr.add_argument("--int8", action="store_true",
+                    help="also int8 factors: ours vs ORT's DequantizeLinear->MatMul (MatMulNBits), same run")
     lr.add_argument("--json", metavar="PATH", help="write results as JSON ('-' for stdout)")
     fid = sub.add_parser("lowrank-fidelity", help="perplexity vs parameter reduction of the low-rank pass "
                          "(plain vs activation-aware SVD)")
@@ -101,10 +103,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"[{i}/{n}] {row['K']}x{row['N']} r={row['r']} M={row['M']} t={row['threads']}: ours "
                   f"{row['ours']['median_us']:.0f} us, ORT dense {row['ort_dense']['median_us']:.0f} us "
                   f"({row['speedup_vs_ort_dense']:.2f}x), ORT MatMul->MatMul "
-                  f"{row['ort_two_matmul']['median_us']:.0f} us ({row['speedup_vs_ort_two_matmul']:.2f}x)", flush=True)
+                  f"{row['ort_two_matmul']['median_us']:.0f} us ({row['speedup_vs_ort_two_matmul']:.2f}x)"
+                  + (f"; int8: ours {row['ours_int8']['median_us']:.0f} us, ORT DQ->MatMul "
+                     f"{row['ort_int8_two_matmul']['median_us']:.0f} us "
+                     f"({row['int8_speedup_vs_ort_int8_two_matmul']:.2f}x), vs dense "
+                     f"{row['int8_speedup_vs_ort_dense']:.2f}x" if "ours_int8" in row else ""), flush=True)
 
         result = lowrank.run(args.shapes, args.ranks, args.rows, args.threads, args.warmup, args.runs,
-                             args.warmup_big, args.runs_big, progress=None if args.json == "-" else show_lowrank)
+                             args.warmup_big, args.runs_big, int8=args.int8,
+                             progress=None if args.json == "-" else show_lowrank)
     elif args.bench == "lowrank-fidelity":
         from toolkit.bench import lowrank_fidelity
 

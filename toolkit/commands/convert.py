@@ -52,6 +52,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-aware", action="store_true",
                         help="with --rank-ratio/--energy/--param-budget: activation-aware SVD (ASVD) from a "
                         "calibration run of the original model")
+    parser.add_argument("--int8-factors", action="store_true",
+                        help="with --rank-ratio/--energy/--param-budget: store the low-rank factors as int8 with a "
+                        "float32 scale per column (4x smaller factors)")
     parser.add_argument("--kv-rank-ratio", type=float, metavar="R", default=None,
                         help="run the low-rank-kv pass: cache a rank R * kv_heads * head_dim latent of the keys and "
                         "values per layer instead of the full tensors (lossy; changes the cache I/O; more options "
@@ -206,6 +209,11 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
             raise PassError("--activation-aware needs --rank-ratio, --energy or --param-budget",
                             hint="e.g. toolkit convert MODEL -o DIR --rank-ratio 0.5 --activation-aware")
         options["low-rank"]["activation_aware"] = "true"
+    if getattr(args, "int8_factors", False):
+        if "low-rank" not in options:
+            raise PassError("--int8-factors needs --rank-ratio, --energy or --param-budget",
+                            hint="e.g. toolkit convert MODEL -o DIR --rank-ratio 0.5 --int8-factors")
+        options["low-rank"]["int8_weights"] = "true"
     if getattr(args, "kv_rank_ratio", None) is not None:
         names = list(DEFAULT_PASSES) if names is None else names
         names.append("low-rank-kv")

@@ -170,22 +170,47 @@ def sample_topk_top_p(
     return ids.reshape(lead), probs.reshape(lead)
 
 
+def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output column: ``w[:, j] ~ scale[j] * q[:, j]``, ``q`` in [-127, 127].
+
+    The layout of LowRankMatMul's int8 weights (``lowrank_matmul.h``). A zero column
+    gets scale 1 (its codes are 0).
+
+    Args:
+        w: float ``[rows, cols]``.
+
+    Returns:
+        ``(q int8 [rows, cols], scale float32 [cols])``.
+    """
+    w = np.asarray(w, np.float64)
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
+    amax = np.abs(w).max(axis=0)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale.astype(np.float64)), -127, 127).astype(np.int8)
+    return q, scale
+
+
 def lowrank_matmul(
     x: np.ndarray,
     U: np.ndarray,
     V: np.ndarray,
     bias: np.ndarray | None = None,
+    u_scale: np.ndarray | None = None,
+    v_scale: np.ndarray | None = None,
 ) -> np.ndarray:
     """Reference of ``com.toolkit::LowRankMatMul``: ``(x @ U) @ V + bias`` in float64.
 
     Contract in ``custom_ops/lowrank_matmul/lowrank_matmul.h``. float16 weights are
-    widened exactly, so the reference sees the very values the kernel multiplies.
+    widened exactly, so the reference sees the very values the kernel multiplies;
+    int8 weights are codes times their column scale (``quantize_columns``).
 
     Args:
         x: float32 array ``[..., K]``.
-        U: float32 or float16 ``[K, r]``.
+        U: float32, float16 or int8 ``[K, r]``.
         V: same dtype as ``U``, ``[r, N]``.
         bias: optional float32 ``[N]``.
+        u_scale, v_scale: float32 ``[r]`` / ``[N]``, exactly when ``U`` / ``V`` are int8.
 
     Returns:
         float32 array ``[..., N]``.
@@ -197,7 +222,17 @@ def lowrank_matmul(
         raise ValueError(f"U must be [K={x.shape[-1]}, r>=1], got shape {U.shape}")
     if V.ndim != 2 or V.shape[0] != U.shape[1] or V.shape[1] < 1:
         raise ValueError(f"V must be [r={U.shape[1]}, N>=1], got shape {V.shape}")
-    y = (x.astype(np.float64) @ U.astype(np.float64)) @ V.astype(np.float64)
+    int8 = U.dtype == np.int8
+    if int8 != (u_scale is not None) or int8 != (v_scale is not None) or (V.dtype == np.int8) != int8:
+        raise ValueError("u_scale and v_scale go with int8 U and V, and only with them")
+    Uf, Vf = U.astype(np.float64), V.astype(np.float64)
+    if int8:
+        u_scale, v_scale = np.asarray(u_scale), np.asarray(v_scale)
+        if u_scale.shape != (U.shape[1],) or v_scale.shape != (V.shape[1],):
+            raise ValueError(f"u_scale must be [{U.shape[1]}] and v_scale [{V.shape[1]}], "
+                             f"got {u_scale.shape} and {v_scale.shape}")
+        Uf, Vf = Uf * u_scale.astype(np.float64), Vf * v_scale.astype(np.float64)
+    y = (x.astype(np.float64) @ Uf) @ Vf
     if bias is not None:
         bias = np.asarray(bias)
         if bias.shape != (V.shape[1],):
