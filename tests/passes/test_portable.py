@@ -116,6 +116,17 @@ def test_sampling_body_without_seed_input_uses_the_attribute():
         np.testing.assert_array_equal(ids, ref_ids)
 
 
+def _lowrank_model(inputs, weights):
+    """x [2, 3, 24] -> LowRankMatMul(inputs) -> y [2, 3, 10], weights as initializers."""
+    node = helper.make_node("LowRankMatMul", inputs, ["y"], domain="com.toolkit")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 24])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 10])],
+                              [numpy_helper.from_array(a, n) for n, a in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.toolkit", 1)])
+    model.ir_version = 10
+    return model
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("weight_type", [np.float32, np.float16])
 def test_lowrank_body(with_bias, weight_type):
@@ -124,15 +135,8 @@ def test_lowrank_body(with_bias, weight_type):
     u = rng.standard_normal((24, 6)).astype(weight_type)
     v = rng.standard_normal((6, 10)).astype(weight_type)
     bias = rng.standard_normal(10).astype(np.float32)
-    inits = [numpy_helper.from_array(u, "U"), numpy_helper.from_array(v, "V")] + \
-        ([numpy_helper.from_array(bias, "b")] if with_bias else [])
-    node = helper.make_node("LowRankMatMul", ["x", "U", "V"] + (["b"] if with_bias else []), ["y"],
-                            domain="com.toolkit")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 24])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.toolkit", 1)])
-    model.ir_version = 10
-    out, _ = run_pipeline(model, ["portable"])
+    weights = {"U": u, "V": v, **({"b": bias} if with_bias else {})}
+    out, _ = run_pipeline(_lowrank_model(["x", "U", "V"] + (["b"] if with_bias else []), weights), ["portable"])
     assert [f.overload for f in out.functions] == (["bias"] if with_bias else [""])
     ref = lowrank_matmul(x, u, v, bias if with_bias else None)
     # onnx.reference (1.23) does not resolve function overloads: the bias variant is ORT-only
@@ -148,15 +152,9 @@ def test_lowrank_int8_body(with_bias):
     x = rng.standard_normal((2, 3, 24)).astype(np.float32)
     (u, us), (v, vs) = quantize_columns(rng.standard_normal((24, 6))), quantize_columns(rng.standard_normal((6, 10)))
     bias = rng.standard_normal(10).astype(np.float32)
-    inits = [numpy_helper.from_array(a, n) for n, a in (("U", u), ("V", v), ("us", us), ("vs", vs))] + \
-        ([numpy_helper.from_array(bias, "b")] if with_bias else [])
-    node = helper.make_node("LowRankMatMul", ["x", "U", "V", "b" if with_bias else "", "us", "vs"], ["y"],
-                            domain="com.toolkit")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 24])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.toolkit", 1)])
-    model.ir_version = 10
-    out, _ = run_pipeline(model, ["portable"])
+    weights = {"U": u, "V": v, "us": us, "vs": vs, **({"b": bias} if with_bias else {})}
+    out, _ = run_pipeline(_lowrank_model(["x", "U", "V", "b" if with_bias else "", "us", "vs"], weights),
+                          ["portable"])
     # without a bias the node gets a zero one: one body (int8_bias) serves both
     assert [f.overload for f in out.functions] == ["int8_bias"]
     ref = lowrank_matmul(x, u, v, bias if with_bias else None, us, vs)
