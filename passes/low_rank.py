@@ -24,6 +24,13 @@ statistics before the SVD, ``W' = diag(s) W`` with ``s_k = mean|x_k| ** alpha``,
 and the scale is folded back, ``U = diag(1/s) U'``. Truncating ``W'`` minimises the
 error where activations are large rather than uniformly over input channels.
 
+Whitened SVD (``whiten=true``; the data whitening of SVD-LLM, Wang et al. 2024,
+arXiv:2403.07378): with the calibration Gram matrix ``X^T X = L L^T`` (Cholesky,
+a small ridge for rank-deficient data), ``||X W - X W'|| = ||L^T (W - W')||``, so
+truncating the SVD of ``L^T W`` and folding back ``U = L^-T U'`` gives the factors
+with the smallest output error on the calibration activations, and its singular
+values rank every layer's directions by that error (``param_budget``).
+
 Calibration: the original graph is run by ONNX Runtime on calibration inputs with
 every candidate MatMul's activation input exposed as an extra output; per channel
 ``mean|x|`` is kept, plus up to ``calibration_rows`` rows that measure each layer's
@@ -67,6 +74,9 @@ class LowRankOptions(CalibrationOptions):
     activation_aware: bool = dataclasses.field(
         default=False, metadata={"help": "scale input channels by calibration mean|x|**alpha before the SVD (ASVD)"})
     alpha: float = dataclasses.field(default=0.5, metadata={"help": "ASVD exponent of the channel scale, in (0, 2]"})
+    whiten: bool = dataclasses.field(
+        default=False, metadata={"help": "SVD of L^T W, L L^T the calibration Gram X^T X (SVD-LLM whitening): "
+                                          "the smallest output error on the calibration activations"})
     calibration_rows: int = dataclasses.field(
         default=512, metadata={"help": "activation rows kept per layer to measure the reconstruction error"})
     min_size: int = dataclasses.field(
@@ -92,6 +102,10 @@ class LowRankOptions(CalibrationOptions):
         if not (isinstance(value, (int, float)) and 0 < value <= 1):
             raise PassError(f"low-rank option {chosen[0]} must be in (0, 1], got {value!r}",
                             hint="1.0 keeps everything; 0.5 keeps half")
+        if self.whiten and self.activation_aware:
+            raise PassError("low-rank options whiten and activation_aware are two ways to weight the SVD by the "
+                            "activations; choose one",
+                            hint="--pass-option low-rank.whiten=true (whitening) or --activation-aware (ASVD)")
         if not 0 < self.alpha <= 2:
             raise PassError(f"low-rank option alpha must be in (0, 2], got {self.alpha!r}",
                             hint="ASVD uses 0.5")
@@ -114,6 +128,8 @@ class _Layer:
     s: np.ndarray | None = None
     vt: np.ndarray | None = None
     scale: np.ndarray | None = None
+    gram: np.ndarray | None = None            # X^T X / rows over all calibration rows (whiten)
+    unwhiten: np.ndarray | None = None        # L^-T: U = L^-T U' (whiten)
     rank: int = 0
 
 
@@ -214,6 +230,8 @@ def _calibrate(model: ir.Model, layers: list[_Layer], options: LowRankOptions) -
         x = np.asarray(values[layer.matmul.inputs[0].name], np.float64)
         x = x.reshape(-1, x.shape[-1])
         layer.chan_abs_mean = np.abs(x).mean(axis=0)
+        if options.whiten:
+            layer.gram = (x.T @ x) / x.shape[0]
         if x.shape[0] > options.calibration_rows:
             x = x[np.sort(rng.choice(x.shape[0], options.calibration_rows, replace=False))]
         layer.rows = x
@@ -260,6 +278,14 @@ def _choose_ranks(layers: list[_Layer], options: LowRankOptions) -> None:
 
 def _svd(layer: _Layer, options: LowRankOptions) -> None:
     W = layer.weight
+    if options.whiten:
+        g = layer.gram
+        ridge = 1e-6 * max(float(np.trace(g)) / g.shape[0], 1e-30)  # rank-deficient calibration data
+        L = np.linalg.cholesky(g + ridge * np.eye(g.shape[0]))
+        layer.scale = np.ones(W.shape[0])
+        layer.unwhiten = np.linalg.inv(L.T)
+        layer.u, layer.s, layer.vt = np.linalg.svd(L.T @ W, full_matrices=False)
+        return
     if options.activation_aware:
         s = np.power(np.maximum(layer.chan_abs_mean, 1e-12), options.alpha)
         s = s / np.exp(np.mean(np.log(s)))  # geometric mean 1: only the shape matters
@@ -273,6 +299,8 @@ def _factors(layer: _Layer) -> tuple[np.ndarray, np.ndarray]:
     r = layer.rank
     root = np.sqrt(layer.s[:r])  # balanced split: both factors have comparable norms
     U = (layer.u[:, :r] * root[None, :]) / layer.scale[:, None]
+    if layer.unwhiten is not None:
+        U = layer.unwhiten @ U
     V = root[:, None] * layer.vt[:r]
     return U, V
 
@@ -391,7 +419,7 @@ def apply(model: ir.Model, options: LowRankOptions, *, explain: bool = False) ->
     summary = {"factored": count, "skipped": len(layers) - count, "params_before": params_before,
                "params_after": params_after, "param_reduction": 1 - params_after / params_before,
                "flops_per_row_before": flops_before, "flops_per_row_after": flops_after,
-               "activation_aware": options.activation_aware}
+               "activation_aware": options.activation_aware, "whiten": options.whiten}
     model.metadata_props["toolkit.low_rank"] = json.dumps(
         {"options": dataclasses.asdict(options), **summary}, sort_keys=True)
     return PassResult(name=PASS.name, count=count, explanations=explanations if explain else

@@ -335,9 +335,11 @@ struct Gemm {
     const int64_t i0 = TileStart(t0), m = TileStart(t1 - 1) + TileRows(t1 - 1) - i0;
     const int64_t p0 = g * group_panels, p1 = std::min(Panels(n), p0 + group_panels);
     alignas(32) float edge[kMR * kPanel];
-    // One register tile of rows (decode): nothing reuses a panel slice, so each
-    // panel is streamed front to back in one pass instead of in kKC blocks.
-    const int64_t block = t1 - t0 == 1 ? K : kKC;
+    // One or two register tiles of rows (decode, small batches): a panel slice is
+    // reused at most twice, so each panel is streamed front to back in one pass (the
+    // second tile reads it from L2) instead of restarting the hardware prefetch
+    // every kKC rows.
+    const int64_t block = t1 - t0 <= 2 ? K : kKC;
     for (int64_t k0 = 0; k0 < K; k0 += block) {
       const int64_t kc = std::min(block, K - k0);
       const bool load = k0 > 0;

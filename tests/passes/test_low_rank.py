@@ -124,6 +124,7 @@ def test_small_and_non_constant_weights_are_explained():
     ({}, "exactly one of"), ({"rank_ratio": 0.5, "energy": 0.9}, "exactly one of"),
     ({"rank_ratio": 0.0}, r"rank_ratio must be in \(0, 1\]"), ({"energy": 1.5}, r"energy must be in \(0, 1\]"),
     ({"param_budget": 0.5, "alpha": 0.0}, "alpha"),
+    ({"param_budget": 0.5, "whiten": True, "activation_aware": True}, "choose one"),
 ])
 def test_invalid_options(opts, message):
     with pytest.raises(PassError, match=message):
@@ -241,6 +242,31 @@ def test_activation_aware_beats_plain_on_skewed_activations():
     assert errors["true"] < 0.7 * errors["false"], errors
 
 
+def test_whitening_minimises_the_calibration_error():
+    """Correlated, channel-skewed activations; every calibration row is kept (rows <= 512),
+    so the reported errors are over the very data the Gram matrix is built from: whitening
+    is the optimum there (Eckart-Young on L^T W), below plain SVD and ASVD at every rank."""
+    K, N = 64, 48
+    rng = np.random.default_rng(3)
+    mix = (rng.standard_normal((K, K)) * np.exp(rng.uniform(-2, 2, K))).astype(np.float32)  # correlated channels
+    W = rng.standard_normal((K, N)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "mix"], ["xs"]), helper.make_node("MatMul", ["xs", "W"], ["y"], name="p")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32, N])],
+        initializer=[numpy_helper.from_array(mix, "mix"), numpy_helper.from_array(W, "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    for ratio in (0.25, 0.5):
+        errors = {}
+        for name, opts in (("svd", {}), ("asvd", {"activation_aware": "true"}), ("whiten", {"whiten": "true"})):
+            _, report = lowrank(model, rank_ratio=ratio, include="W", min_size=1, **opts)
+            (entry,) = [e for e in report["low-rank"].details["layers"] if e["weight"] == "W"]
+            assert entry["calibration_rows"] == 128
+            errors[name] = entry["reconstruction_error"]
+        assert errors["whiten"] < errors["svd"] and errors["whiten"] <= errors["asvd"] + 1e-9, errors
+
+
 def test_full_rank_on_exported_llama_matches_to_1e4(exported):
     _src, path = exported("llama")
     model = onnx.load(str(path))
@@ -292,3 +318,9 @@ def test_convert_flags_select_the_pass():
         convert._pass_selection(parser.parse_args(["llama", "-o", "out", "--activation-aware"]))
     with pytest.raises(SystemExit):  # mutually exclusive
         parser.parse_args(["llama", "-o", "out", "--energy", "0.9", "--rank-ratio", "0.5"])
+    _, options = convert._pass_selection(parser.parse_args(["llama", "-o", "out", "--param-budget", "0.6",
+                                                            "--whiten", "--int8-factors"]))
+    assert options["low-rank"] == {"param_budget": "0.6", "whiten": "true", "int8_weights": "true"}
+    for flag in ("--whiten", "--int8-factors"):
+        with pytest.raises(PassError, match=f"{flag} needs"):
+            convert._pass_selection(parser.parse_args(["llama", "-o", "out", flag]))

@@ -65,35 +65,40 @@ def factored_row(details: dict[str, Any], out: Any, base_params: int) -> dict[st
             "mean_reconstruction_error": float(np.mean(errors)) if errors else 0.0}
 
 
+METHODS = {"svd": {}, "asvd": {"activation_aware": True}, "whiten": {"whiten": True}}
+
+
 def budget_sweep(original: Any, calib_path: Path, budgets: Sequence[float], score: Callable[[Any], dict[str, float]],
                  base_params: int, metric: str, *, higher_is_better: bool, describe: Callable[[dict], str],
-                 progress: Callable[[str], None] | None = None,
-                 extra_options: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[bool]]:
-    """Factor ``original`` at each global budget with plain and activation-aware SVD and score each.
+                 progress: Callable[[str], None] | None = None, methods: Sequence[str] = tuple(METHODS),
+                 extra_options: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, list[bool]]]:
+    """Factor ``original`` at each global budget with each method (plain SVD, ASVD,
+    whitened SVD) and score each.
 
     Returns:
         One row per (budget, method) (``score``'s values plus :func:`factored_row`) and,
-        per budget, whether ASVD beat plain SVD on ``metric``.
+        per activation-aware method, whether it beat plain SVD on ``metric`` at each budget.
     """
     from passes import run_pipeline
 
     results = []
     for budget in budgets:
-        for aware in (False, True):
-            opts = {"param_budget": budget, "activation_aware": aware, "calibration_data": str(calib_path),
+        for method in methods:
+            opts = {"param_budget": budget, "calibration_data": str(calib_path), **METHODS[method],
                     **(extra_options or {})}
             out, report = run_pipeline(original, ["low-rank", "cleanup"], {"low-rank": opts})
-            row = {"param_budget": budget, "method": "asvd" if aware else "svd", **score(out),
+            row = {"param_budget": budget, "method": method, **score(out),
                    **factored_row(report["low-rank"].details, out, base_params)}
             results.append(row)
             if progress:
-                progress(f"budget {budget} {row['method']}: {describe(row)}, eligible weights "
+                progress(f"budget {budget} {method}: {describe(row)}, eligible weights "
                          f"-{100 * row['eligible_param_reduction']:.1f}%, model "
                          f"-{100 * row['model_param_reduction']:.1f}%")
-    wins = []
+    wins: dict[str, list[bool]] = {m: [] for m in methods if m != "svd"}
     for budget in budgets:
         pair = {r["method"]: r[metric] for r in results if r["param_budget"] == budget}
-        wins.append(bool(pair["asvd"] > pair["svd"]) if higher_is_better else bool(pair["asvd"] < pair["svd"]))
+        for m in wins:
+            wins[m].append(bool(pair[m] > pair["svd"]) if higher_is_better else bool(pair[m] < pair["svd"]))
     return results, wins
 
 
@@ -143,7 +148,10 @@ def run(model: str = "llama-stdlib", budgets=DEFAULT_BUDGETS, calib_tokens: int 
             "ranks": "global param_budget over the eligible MatMuls (greedy by relative energy per parameter); "
                      "the tied LM head is skipped (the embedding keeps the dense matrix)",
             "asvd": "W' = diag(mean|x|**0.5) W (geometric-mean normalised), U = diag(1/s) U'",
+            "whiten": "W' = L^T W with L L^T = X^T X / n over the calibration activations (+1e-6 ridge), U = L^-T U'",
         },
-        "asvd_beats_svd_at_every_budget": all(aware_wins),
+        "asvd_beats_svd_at_every_budget": all(aware_wins["asvd"]),
+        "whiten_beats_svd_at_every_budget": all(aware_wins["whiten"]),
+        "beats_svd_at": {m: [b for b, w in zip(budgets, wins) if w] for m, wins in aware_wins.items()},
         "results": results,
     }

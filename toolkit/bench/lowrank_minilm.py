@@ -376,7 +376,7 @@ def fidelity(embeddings: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 
 def factor(model_proto: Any, calibration_path: Path, *, param_budget: float | None = None,
            rank_ratio: float | None = None, activation_aware: bool = False, force: bool = False,
-           use_op: bool = True) -> tuple[Any, dict[str, Any]]:
+           use_op: bool = True, whiten: bool = False) -> tuple[Any, dict[str, Any]]:
     """Apply ``low-rank`` (+ ``cleanup``) to the exported encoder.
 
     Returns:
@@ -385,7 +385,7 @@ def factor(model_proto: Any, calibration_path: Path, *, param_budget: float | No
     from passes import run_pipeline
 
     options: dict[str, Any] = {"activation_aware": activation_aware, "calibration_data": str(calibration_path),
-                               "use_op": use_op, "force": force}
+                               "use_op": use_op, "force": force, "whiten": whiten}
     if param_budget is not None:
         options["param_budget"] = param_budget
     if rank_ratio is not None:
@@ -451,10 +451,12 @@ def run(budgets: Sequence[float] = DEFAULT_BUDGETS, threads: int = 1, calib_seq:
                      "parameter); a layer whose rank reaches K*N/(K+N) stays dense, so budget 1.0 is not "
                      "lossless; full_rank is rank_ratio=1.0 with force=true",
             "asvd": "W' = diag(mean|x|**0.5) W (geometric-mean normalised), U = diag(1/s) U'",
+            "whiten": "W' = L^T W with L L^T = X^T X / n over the calibration activations (+1e-6 ridge), U = L^-T U'",
             "threads": threads,
         },
         "full_rank": full_rank,
-        "asvd_beats_svd_at_every_budget": all(aware_wins),
-        "asvd_beats_svd_at": [b for b, w in zip(budgets, aware_wins) if w],
+        "asvd_beats_svd_at_every_budget": all(aware_wins["asvd"]),
+        "whiten_beats_svd_at_every_budget": all(aware_wins["whiten"]),
+        "beats_svd_at": {m: [b for b, w in zip(budgets, wins) if w] for m, wins in aware_wins.items()},
         "results": results,
     }

@@ -52,6 +52,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-aware", action="store_true",
                         help="with --rank-ratio/--energy/--param-budget: activation-aware SVD (ASVD) from a "
                         "calibration run of the original model")
+    parser.add_argument("--whiten", action="store_true",
+                        help="with --rank-ratio/--energy/--param-budget: whitened SVD (factors with the smallest "
+                        "output error on the calibration activations; SVD-LLM style)")
     parser.add_argument("--int8-factors", action="store_true",
                         help="with --rank-ratio/--energy/--param-budget: store the low-rank factors as int8 with a "
                         "float32 scale per column (4x smaller factors)")
@@ -209,6 +212,11 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
             raise PassError("--activation-aware needs --rank-ratio, --energy or --param-budget",
                             hint="e.g. toolkit convert MODEL -o DIR --rank-ratio 0.5 --activation-aware")
         options["low-rank"]["activation_aware"] = "true"
+    if getattr(args, "whiten", False):
+        if "low-rank" not in options:
+            raise PassError("--whiten needs --rank-ratio, --energy or --param-budget",
+                            hint="e.g. toolkit convert MODEL -o DIR --param-budget 0.6 --whiten")
+        options["low-rank"]["whiten"] = "true"
     if getattr(args, "int8_factors", False):
         if "low-rank" not in options:
             raise PassError("--int8-factors needs --rank-ratio, --energy or --param-budget",
