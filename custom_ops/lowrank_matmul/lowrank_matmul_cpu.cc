@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -272,6 +273,34 @@ TOOLKIT_AVX2 void MicroWide1(int64_t kc, const float* A, const W* B, int64_t pan
   _mm256_storeu_ps(C + 48, c30), _mm256_storeu_ps(C + 56, c31);
 }
 
+// Two rows (A packed [kc][2]), two panels at once: eight chains instead of four.
+template <typename W>
+TOOLKIT_AVX2 void MicroWide2(int64_t kc, const float* A, const W* B, int64_t panel_stride, float* C, int64_t ldc,
+                             bool load) {
+  const W* b0 = B;
+  const W* b1 = B + panel_stride;
+  float* r0 = C;
+  float* r1 = C + ldc;
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00;
+  if (load) {
+    c00 = _mm256_loadu_ps(r0), c01 = _mm256_loadu_ps(r0 + 8), c02 = _mm256_loadu_ps(r0 + 16);
+    c03 = _mm256_loadu_ps(r0 + 24), c10 = _mm256_loadu_ps(r1), c11 = _mm256_loadu_ps(r1 + 8);
+    c12 = _mm256_loadu_ps(r1 + 16), c13 = _mm256_loadu_ps(r1 + 24);
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const int64_t o = k * kPanel;
+    const __m256 w0 = Load8(b0 + o), w1 = Load8(b0 + o + 8), w2 = Load8(b1 + o), w3 = Load8(b1 + o + 8);
+    const __m256 a0 = _mm256_broadcast_ss(A + 2 * k), a1 = _mm256_broadcast_ss(A + 2 * k + 1);
+    c00 = _mm256_fmadd_ps(a0, w0, c00), c01 = _mm256_fmadd_ps(a0, w1, c01);
+    c02 = _mm256_fmadd_ps(a0, w2, c02), c03 = _mm256_fmadd_ps(a0, w3, c03);
+    c10 = _mm256_fmadd_ps(a1, w0, c10), c11 = _mm256_fmadd_ps(a1, w1, c11);
+    c12 = _mm256_fmadd_ps(a1, w2, c12), c13 = _mm256_fmadd_ps(a1, w3, c13);
+  }
+  _mm256_storeu_ps(r0, c00), _mm256_storeu_ps(r0 + 8, c01), _mm256_storeu_ps(r0 + 16, c02);
+  _mm256_storeu_ps(r0 + 24, c03), _mm256_storeu_ps(r1, c10), _mm256_storeu_ps(r1 + 8, c11);
+  _mm256_storeu_ps(r1 + 16, c12), _mm256_storeu_ps(r1 + 24, c13);
+}
+
 template <typename W>
 TOOLKIT_AVX2 void Micro(int rows, int64_t kc, const float* A, const W* B, float* C, int64_t ldc, bool load) {
   switch (rows) {
@@ -306,7 +335,7 @@ struct Gemm {
     const int64_t P = Panels(n);
     groups = std::clamp<int64_t>((kTargetTasks + row_blocks - 1) / row_blocks, 1, P);
     group_panels = (P + groups - 1) / groups;
-    if (M == 1) group_panels = (group_panels + kWide - 1) / kWide * kWide;  // whole MicroWide1 passes
+    if (M <= 2) group_panels = (group_panels + kWide - 1) / kWide * kWide;  // whole MicroWide1/2 passes
     groups = (P + group_panels - 1) / group_panels;
   }
   size_t Tasks() const { return size_t(row_blocks * groups); }
@@ -348,6 +377,11 @@ struct Gemm {
       if (avx2 && m == 1) {  // one row: kWide full panels per pass (more FMA chains in flight)
         for (; p + kWide <= p1 && (p + kWide) * kPanel <= n; p += kWide) {
           MicroWide1<W>(kc, apack + k0, B + (p * K + k0) * kPanel, K * kPanel, C + i0 * ldc + p * kPanel, load);
+        }
+      } else if (avx2 && m == 2) {  // two rows: two full panels per pass
+        for (; p + 2 <= p1 && (p + 2) * kPanel <= n; p += 2) {
+          MicroWide2<W>(kc, apack + 2 * k0, B + (p * K + k0) * kPanel, K * kPanel, C + i0 * ldc + p * kPanel, ldc,
+                        load);
         }
       }
 #endif
@@ -435,7 +469,9 @@ OrtStatus* Run(Ort::KernelContext& ctx, const Io& io, const Attributes& attrs) {
   float* t = Grow(scratch.t, io.M * io.r);
   bool avx2 = false;
 #ifdef TOOLKIT_HAVE_AVX2_PATH
-  avx2 = AvxAvailable();
+  // TOOLKIT_LOWRANK_SCALAR=1 forces the portable path (tests compare the two bit for bit).
+  const char* force_scalar = std::getenv("TOOLKIT_LOWRANK_SCALAR");
+  avx2 = AvxAvailable() && !(force_scalar != nullptr && force_scalar[0] == '1');
 #endif
   Gemm<W> first;  // t = x · U
   first.A = io.x, first.lda = io.K, first.M = io.M, first.K = io.K;

@@ -76,6 +76,7 @@ SHAPES = [
     ((1,), 1, 1, 1), ((1,), 7, 3, 5), ((1,), 64, 16, 40), ((1,), 1000, 130, 997), ((1,), 4096, 256, 300),
     ((3,), 33, 17, 129), ((2, 3), 100, 24, 70), ((31,), 300, 129, 257), ((32,), 300, 129, 257),
     ((1, 1, 8), 517, 200, 1030), ((5, 13), 64, 48, 33), ((128,), 256, 64, 200), ((2, 50), 129, 9, 17),
+    ((2,), 517, 200, 1030),  # two rows: the two-panel kernel (MicroWide2) and a partial last panel
 ]
 
 
@@ -88,7 +89,7 @@ def test_matches_reference(lead, K, r, N, weight_dtype, with_bias):
 
 
 @pytest.mark.parametrize("lead,K,r,N", [((1,), 1000, 130, 997), ((8,), 4096, 256, 300), ((64,), 300, 129, 257),
-                                        ((3, 7), 517, 200, 1030)])
+                                        ((3, 7), 517, 200, 1030), ((2,), 1000, 130, 997)])
 @pytest.mark.parametrize("weight_dtype", [np.float32, np.float16], ids=["f32", "f16"])
 def test_two_threads_match_one_bit_for_bit(lead, K, r, N, weight_dtype):
     """The blocking depends on the shapes only (lowrank_matmul_cpu.cc), never on the threads."""
@@ -131,7 +132,7 @@ def test_int8_weights_match_reference(lead, K, r, N, with_bias):
     assert_close(session(np.int8, with_bias).run(None, feeds)[0], ref)
 
 
-@pytest.mark.parametrize("lead,K,r,N", [((1,), 1000, 130, 997), ((64,), 517, 200, 1030)])
+@pytest.mark.parametrize("lead,K,r,N", [((1,), 1000, 130, 997), ((2,), 517, 200, 1030), ((64,), 517, 200, 1030)])
 def test_int8_weights_threads_and_packing_give_the_same_bits(lead, K, r, N):
     feeds, ref = make_int8(lead, K, r, N, True, seed=5)
     fed = session(np.int8, True).run(None, feeds)[0]
@@ -176,6 +177,23 @@ def test_quantize_columns_bounds():
     q, scale = reference.quantize_columns(w)
     assert q.dtype == np.int8 and np.abs(q).max() == 127 and scale[3] == 1.0 and not q[:, 3].any()
     assert np.abs(q * scale.astype(np.float64) - w).max() <= scale.max() / 2 + 1e-12
+
+
+@pytest.mark.parametrize("lead,K,r,N", [((1,), 1000, 130, 997), ((2,), 517, 200, 1030), ((8,), 300, 129, 257),
+                                        ((64,), 517, 40, 70)])
+@pytest.mark.parametrize("weight_dtype", [np.float32, np.float16, np.int8], ids=["f32", "f16", "i8"])
+def test_avx2_and_portable_paths_give_the_same_bits(lead, K, r, N, weight_dtype, monkeypatch):
+    """Both paths compute each output as one FMA chain in ascending k (std::fma in the
+    portable one): equal bits, so the portable path is checked on every machine."""
+    if weight_dtype == np.int8:
+        feeds, _ = make_int8(lead, K, r, N, True, seed=8)
+    else:
+        feeds, _ = make(lead, K, r, N, weight_dtype, True, seed=8)
+    sess = session(weight_dtype, True, threads=2)
+    fast = sess.run(None, feeds)[0]
+    monkeypatch.setenv("TOOLKIT_LOWRANK_SCALAR", "1")
+    portable = sess.run(None, feeds)[0]
+    np.testing.assert_array_equal(portable, fast)
 
 
 def test_rank_one_bias_only_structure():
