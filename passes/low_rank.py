@@ -306,9 +306,8 @@ def _factors(layer: _Layer) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rewrite(graph: ir.Graph, layer: _Layer, U: np.ndarray, V: np.ndarray, use_op: bool, dtype: np.dtype,
-             int8: bool = False) -> None:
-    from toolkit.ops.reference import quantize_columns
-
+             int8: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+    """Replace the layer by its factors; ``int8``: the factors' ``quantize_columns`` (codes, scale) pairs."""
     mm = layer.matmul
     x = mm.inputs[0]
     base = (mm.name or layer.name).replace("/", "_")
@@ -320,7 +319,7 @@ def _rewrite(graph: ir.Graph, layer: _Layer, U: np.ndarray, V: np.ndarray, use_o
 
     scales: list[ir.Value] = []
     if int8:
-        (uq, us), (vq, vs) = quantize_columns(U), quantize_columns(V)
+        (uq, us), (vq, vs) = int8
         u_val, v_val = initializer("lowrank_U", uq), initializer("lowrank_V", vq)
         scales = [initializer("lowrank_U_scale", us), initializer("lowrank_V_scale", vs)]
     else:
@@ -404,13 +403,15 @@ def apply(model: ir.Model, options: LowRankOptions, *, explain: bool = False) ->
         entry["skipped"] = False
         params_after += r * (K + N)
         flops_after += 2 * r * (K + N)
+        int8 = None
         if options.int8_weights:  # the error the calibration rows see after quantizing the factors
             from toolkit.ops.reference import quantize_columns
 
-            (uq, us), (vq, vs) = quantize_columns(U), quantize_columns(V)
+            int8 = (quantize_columns(U), quantize_columns(V))
+            (uq, us), (vq, vs) = int8
             approx = (X @ (uq * us.astype(np.float64))) @ (vq * vs.astype(np.float64))
             entry["reconstruction_error_int8"] = float(np.linalg.norm(ref - approx) / denom) if denom > 0 else 0.0
-        _rewrite(graph, layer, U, V, options.use_op, dtype, options.int8_weights)
+        _rewrite(graph, layer, U, V, options.use_op, dtype, int8)
         count += 1
         report.append(entry)
 

@@ -203,12 +203,13 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Dequantization parameters of one token row: per-channel vectors (KIVI keys, one
-// float per channel) or per-group scalars (G channels share one scale/zero).
+// Dequantization parameters of one token row, per-token groups: G channels share
+// one scale/zero (values, and keys quantized per token; per-channel keys fold their
+// scales into the query instead, see key_scores).
 struct RowParams {
   const float* s;
   const float* z;
-  int64_t G;  // 0: per channel
+  int64_t G;
 };
 
 // Portable row operations; the AVX2 set below has the same interface.
@@ -217,8 +218,7 @@ struct ScalarOps {
     const int per = 8 / bits, mask = (1 << bits) - 1;
     for (int64_t d = 0; d < D; ++d) {
       const float c = float((q[d / per] >> ((d % per) * bits)) & mask);
-      const int64_t i = p.G ? d / p.G : d;
-      out[d] = p.s[i] * c + p.z[i];
+      out[d] = p.s[d / p.G] * c + p.z[d / p.G];
     }
   }
   // out[r] = dot(q + r * D, k) for `rows` query rows.
@@ -290,29 +290,20 @@ struct Avx2Ops {
   }
   template <int kBits>
   TOOLKIT_AVX2 static inline void DequantBits(const uint8_t* q, int64_t D, const RowParams& p, float* out) {
-    if (p.G) {  // one (scale, zero) per group of G channels
-      for (int64_t g = 0, d = 0; d < D; ++g) {
-        const __m256 s = _mm256_set1_ps(p.s[g]), z = _mm256_set1_ps(p.z[g]);
-        for (const int64_t end = d + p.G; d < end; d += 8) {
-          _mm256_storeu_ps(out + d, _mm256_fmadd_ps(s, Codes8<kBits>(q, d), z));
-        }
-      }
-    } else {  // per channel
-      for (int64_t d = 0; d < D; d += 8) {
-        _mm256_storeu_ps(out + d,
-                         _mm256_fmadd_ps(_mm256_loadu_ps(p.s + d), Codes8<kBits>(q, d), _mm256_loadu_ps(p.z + d)));
+    for (int64_t g = 0, d = 0; d < D; ++g) {  // one (scale, zero) per group of G channels
+      const __m256 s = _mm256_set1_ps(p.s[g]), z = _mm256_set1_ps(p.z[g]);
+      for (const int64_t end = d + p.G; d < end; d += 8) {
+        _mm256_storeu_ps(out + d, _mm256_fmadd_ps(s, Codes8<kBits>(q, d), z));
       }
     }
   }
-  // Channels d..d+7 of a key row. Per channel: s and z are vectors over channels.
-  // Per token: s and z hold one value per 8-channel chunk (ChunkParams), so no
-  // division by the group size sits in the inner loop (an idiv per chunk cost more
-  // than the dot product itself).
+  // Channels d..d+7 of a key row quantized per token: s and z hold one value per
+  // 8-channel chunk (ChunkParams), so no division by the group size sits in the inner
+  // loop (an idiv per chunk cost more than the dot product itself).
   template <int kBits>
   TOOLKIT_AVX2 static inline __m256 Key8(const uint8_t* codes, const RowParams& p, int64_t d) {
-    const __m256 c = Codes8<kBits>(codes, d);
-    if (p.G) return _mm256_fmadd_ps(_mm256_broadcast_ss(p.s + (d >> 3)), c, _mm256_broadcast_ss(p.z + (d >> 3)));
-    return _mm256_fmadd_ps(_mm256_loadu_ps(p.s + d), c, _mm256_loadu_ps(p.z + d));
+    return _mm256_fmadd_ps(_mm256_broadcast_ss(p.s + (d >> 3)), Codes8<kBits>(codes, d),
+                           _mm256_broadcast_ss(p.z + (d >> 3)));
   }
   // Per-group (scale, zero) expanded to one per 8-channel chunk (G is a multiple of 8 here).
   static constexpr int64_t kMaxChunks = 512 / 8;
@@ -391,7 +382,6 @@ struct Avx2Ops {
   template <int kBits>
   TOOLKIT_AVX2 static inline void QuantScoresBits(const float* q, int64_t rows, const uint8_t* codes, int64_t D,
                                                   const RowParams& p, float* out, int64_t stride) {
-    if (!p.G) return DotRowsWith(q, rows, CodeRow<kBits>{codes, &p}, D, out, stride);
     float s8[kMaxChunks], z8[kMaxChunks];
     const RowParams chunks = ChunkParams(p, D, s8, z8);
     DotRowsWith(q, rows, CodeRow<kBits>{codes, &chunks}, D, out, stride);
@@ -611,9 +601,11 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       const float* src = io.query + (((b * io.Hq + h * rep + j) * S + s) * D);
       for (int64_t d = 0; d < D; ++d) q[size_t(rr * D + d)] = src[d] * io.scale;
     }
-    qsum.assign(size_t(nr), 0.0f);
-    for (int64_t rr = 0; rr < nr; ++rr) {
-      for (int64_t d = 0; d < D; ++d) qsum[size_t(rr)] += q[size_t(rr * D + d)];
+    if (!a.key_per_channel && io.key_params_per_token == 1) {  // int8 keys: z * sum(q)
+      qsum.assign(size_t(nr), 0.0f);
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        for (int64_t d = 0; d < D; ++d) qsum[size_t(rr)] += q[size_t(rr * D + d)];
+      }
     }
     // Pass 1: scores [nr, len] (+ bias). The first row block also copies the slice's
     // past key codes into the present cache, kTokenBlock rows at a time right after

@@ -1,5 +1,5 @@
 // LowRankMatMul (domain com.toolkit, since_version 1): a factored linear layer
-// y = (x · U) · V (+ bias) in one kernel, the rank-r intermediate x·U kept in cache.
+// y = (x · U) · V (+ bias) in one kernel (the rank-r intermediate x·U never leaves it).
 //
 //   input  0 x        float32, shape [..., K], rank >= 1
 //   input  1 U        float32 | float16 | int8, shape [K, r], r >= 1 (a constant weight)

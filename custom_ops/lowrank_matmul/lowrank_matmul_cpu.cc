@@ -31,6 +31,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/simd_avx2.h"
@@ -177,17 +178,12 @@ void PackPanels(const W* B, int64_t K, int64_t n, W* out) {
   }
 }
 
-template <typename W>
-std::vector<W>& Storage(PackedWeight& p);
-template <>
-std::vector<float>& Storage<float>(PackedWeight& p) { return p.f32; }
-template <>
-std::vector<uint16_t>& Storage<uint16_t>(PackedWeight& p) { return p.f16; }
-template <>
-std::vector<int8_t>& Storage<int8_t>(PackedWeight& p) { return p.i8; }
-template <typename W>
-const W* PackedData(const PackedWeight& p) {
-  return Storage<W>(const_cast<PackedWeight&>(p)).data();
+// The panels of element type W in a PackedWeight (const or not).
+template <typename W, typename P>
+auto& Storage(P& p) {
+  if constexpr (std::is_same_v<W, float>) return p.f32;
+  else if constexpr (std::is_same_v<W, uint16_t>) return p.f16;
+  else return p.i8;
 }
 
 // C[0:rows, 0:16] (+)= A · B over kc reduction steps: A packed [kc][rows], B one
@@ -253,13 +249,17 @@ TOOLKIT_AVX2 void MicroAvx2(int64_t kc, const float* A, const W* B, float* C, in
 // still the same single chain in ascending k, so results do not change.
 template <typename W>
 TOOLKIT_AVX2 void MicroWide1(int64_t kc, const float* A, const W* B, int64_t panel_stride, float* C, bool load) {
-  __m256 c[2 * kWide];
-  for (int j = 0; j < 2 * kWide; ++j) c[j] = load ? _mm256_loadu_ps(C + 8 * j) : _mm256_setzero_ps();
+  static_assert(kWide == 4, "MicroWide1 is written out for four panels");
   const W* b0 = B;
   const W* b1 = B + panel_stride;
   const W* b2 = B + 2 * panel_stride;
   const W* b3 = B + 3 * panel_stride;
-  __m256 c00 = c[0], c01 = c[1], c10 = c[2], c11 = c[3], c20 = c[4], c21 = c[5], c30 = c[6], c31 = c[7];
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+  if (load) {
+    c00 = _mm256_loadu_ps(C), c01 = _mm256_loadu_ps(C + 8), c10 = _mm256_loadu_ps(C + 16);
+    c11 = _mm256_loadu_ps(C + 24), c20 = _mm256_loadu_ps(C + 32), c21 = _mm256_loadu_ps(C + 40);
+    c30 = _mm256_loadu_ps(C + 48), c31 = _mm256_loadu_ps(C + 56);
+  }
   for (int64_t k = 0; k < kc; ++k) {
     const __m256 a = _mm256_broadcast_ss(A + k);
     const int64_t o = k * kPanel;
@@ -442,8 +442,8 @@ void RunGemmTask(void* data, size_t task) {
 template <typename W>
 const W* PanelsOf(const std::shared_ptr<const PackedWeight>& packed, const W* raw, int64_t rows, int64_t cols,
                   std::vector<W>& own) {
-  if (packed && packed->rows == rows && packed->cols == cols && !Storage<W>(const_cast<PackedWeight&>(*packed)).empty()) {
-    return PackedData<W>(*packed);
+  if (packed && packed->rows == rows && packed->cols == cols && !Storage<W>(*packed).empty()) {
+    return Storage<W>(*packed).data();
   }
   own.resize(size_t(Panels(cols) * rows * kPanel));
   PackPanels<W>(raw, rows, cols, own.data());

@@ -143,25 +143,21 @@ def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, rows=DEFAULT_ROWS, threads=D
         if int8:
             sessions.update(ours_int8=[], ort_int8_two_matmul=[])
         for s in range(max(sets, sets8)):
-            if s >= sets:  # more int8 sets only (their weights are 4x smaller)
-                U = (rng.standard_normal((K, r)) / math.sqrt(K)).astype(np.float32)
-                V = (rng.standard_normal((r, N)) / math.sqrt(r)).astype(np.float32)
-                for name, blob in _int8_models(U, V, M).items():
-                    sessions[name].append(ort.InferenceSession(blob, bench_session_options(nthreads),
-                                                               providers=["CPUExecutionProvider"]))
-                continue
             U = (rng.standard_normal((K, r)) / math.sqrt(K)).astype(np.float32)
             V = (rng.standard_normal((r, N)) / math.sqrt(r)).astype(np.float32)
-            # The dense contender needs fewer sets (its weights are bigger); W = U V of
-            # the first sets keeps the correctness check below meaningful.
-            W = (U @ V).astype(np.float32) if s < dense_sets else None
-            models = _contender_models(U, V, W, M)
-            if int8 and s < sets8:
+            models = {}
+            if s < sets:
+                # The dense contender needs fewer sets (its weights are bigger); W = U V of
+                # the first sets keeps the correctness check below meaningful.
+                W = (U @ V).astype(np.float32) if s < dense_sets else None
+                models.update(_contender_models(U, V, W, M))
+                del W
+            if s < sets8:  # int8 weights are 4x smaller: more sets
                 models.update(_int8_models(U, V, M))
             for name, blob in models.items():
-                so = bench_session_options(nthreads)
-                sessions[name].append(ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"]))
-            del U, V, W
+                sessions[name].append(ort.InferenceSession(blob, bench_session_options(nthreads),
+                                                           providers=["CPUExecutionProvider"]))
+            del U, V, models
         # Correctness guard on set 0: a fast wrong kernel must not produce a number.
         got = sessions["ours"][0].run(None, {"x": x})[0]
         ref = sessions["ort_two_matmul"][0].run(None, {"x": x})[0]
