@@ -31,6 +31,28 @@ TOOLKIT_AVX2 inline __m256 Exp8(__m256 t) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
+// 2^u for u in [-125, 0], 8 lanes, about 2.5e-7 relative error: u = n + r with n the
+// nearest integer (the 1.5 * 2^23 shifter rounds it; its low mantissa bits hold n),
+// 2^r for |r| <= 1/2 by a degree-5 minimax polynomial (relative-error fit, 7.5e-8
+// before float rounding), and 2^n added straight into the exponent field, so the
+// whole thing is 5 FMAs and 6 cheap adds/shifts: half the multiplier-port work of
+// Exp8. The caller clamps u (or knows it is in range); below -125 the exponent add
+// would wrap.
+TOOLKIT_AVX2 inline __m256 Exp2Poly5(__m256 u) {
+  const __m256 shifter = _mm256_set1_ps(12582912.0f);
+  const __m256 z = _mm256_add_ps(u, shifter);
+  const __m256 r = _mm256_sub_ps(u, _mm256_sub_ps(z, shifter));
+  __m256 p = _mm256_set1_ps(0x1.5c08e4p-10f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.3d0c54p-7f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.c6b6e4p-5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.ebf918p-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.62e428p-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.000002p+0f));
+  // (bits(z) << 23) == n << 23: the shifter's own bits shift out of the word.
+  const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(z), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+
 TOOLKIT_AVX2 inline float HorizontalMax(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));

@@ -8,8 +8,9 @@
 //     softmax", arXiv:1805.02867), with a vectorisable polynomial exp;
 //   * a top-k selection on the raw logits (exp is monotone, so the top-k of the
 //     logits is the top-k of the probabilities): candidates above the current k-th
-//     key are appended to a buffer that is cut back to k with nth_element when full;
-//     a whole block is rejected at once when its max is not above that key.
+//     key are appended to a buffer that is cut back to k with nth_element once k
+//     more have piled up (the AVX2 path seeds that key from the first block's group
+//     maxima); a whole block is rejected at once when its max is not above that key.
 // Rows are spread over ORT's intra-op thread pool; when there are fewer rows than
 // kTargetTasks, each long row is split into chunks whose partial (max, sum, top-k)
 // are merged afterwards. The chunking depends only on the shape, never on the
@@ -18,7 +19,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -91,8 +94,12 @@ constexpr int kLanes = 16;      // independent accumulators, so -O3 vectorises
 // candidates are admitted before a threshold exists) and adds k candidates to the
 // merge. Measured at V=128256, k=50, batch 1, 1 thread: 15 chunks of 8K took
 // 313 us, 4 chunks of 32K 140 us. Four chunks still feed 2-4 threads at batch 1.
+// With the cheaper exp a 128K row is ~45 us of work, and waking a second pool
+// thread costs about as much as it saves: chunks of 16K gave no gain at 2 threads
+// (spinning or not) over 1 thread at V = 128256, so a row is split only into chunks
+// of at least 64K logits (V = 262144, batch 1: 115 us on 2 threads vs 215 us on 1).
 constexpr int64_t kTargetTasks = 4;
-constexpr int64_t kMinChunk = 16384;
+constexpr int64_t kMinChunk = 131072;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 inline uint32_t Bits(float f) {
@@ -311,7 +318,8 @@ __attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t b
 // x86-64 (no -march flags). It handles rows of finite values and -inf (the normal
 // case) with explicit 8-wide intrinsics, three sweeps per L1-resident block:
 //   1. max of the block, and a flag for NaN / +inf;
-//   2. sum of exp((x - m) / T) against the running max m (online normaliser);
+//   2. sum of exp((x - m) / T) = 2^u against the running max m (online normaliser;
+//      Exp2Poly5, with the next block prefetched meanwhile);
 //   3. top-k candidates: a vector compare against the current k-th value and a
 //      bit-scan of the mask, skipped entirely when the block max cannot enter.
 // A chunk holding a NaN or +inf is rescanned by the exact scalar path above, which
@@ -319,34 +327,113 @@ __attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t b
 #if defined(__x86_64__) && defined(__GNUC__)
 #define TOOLKIT_HAVE_AVX2_PATH 1
 
+// Sum over x[0..n8) of 2^((x - m) * log2e_t), in float (n8 <= 1024 terms of at most
+// 1 each; the caller accumulates blocks in double). kClamp clamps u at -125.
+template <bool kClamp>
+TOOLKIT_AVX2 inline __m256 ExpTerm8(const float* p, __m256 vm, __m256 va) {
+  __m256 u = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(p), vm), va);
+  if constexpr (kClamp) u = _mm256_max_ps(u, _mm256_set1_ps(-125.0f));
+  return Exp2Poly5(u);
+}
+// `next` is prefetched one cache line per 16 terms: the next block's first read
+// then finds it in L1 instead of waiting on L2/L3 (on its own, that read sweep is
+// memory bound while this one is compute bound, so they overlap this way).
+template <bool kClamp>
+TOOLKIT_AVX2 inline float BlockExpSum(const float* x, int n8, float m, float log2e_t, const char* next) {
+  const __m256 vm = _mm256_set1_ps(m), va = _mm256_set1_ps(log2e_t);
+  // Two independent accumulators hide the add latency.
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+  int i = 0;
+  for (; i + 16 <= n8; i += 16) {
+    _mm_prefetch(next + 4 * i, _MM_HINT_T0);
+    s0 = _mm256_add_ps(s0, ExpTerm8<kClamp>(x + i, vm, va));
+    s1 = _mm256_add_ps(s1, ExpTerm8<kClamp>(x + i + 8, vm, va));
+  }
+  for (; i < n8; i += 8) s0 = _mm256_add_ps(s0, ExpTerm8<kClamp>(x + i, vm, va));
+  return HorizontalSum(_mm256_add_ps(s0, s1));
+}
+
+// Appends Compose(key, base + t) for every x[t] (t < n) that compares kCmp against
+// thr to out, returning the count. Four vectors are tested per branch: late in a row
+// most 32-logit groups hold no candidate, and the branch on each 8-lane mask was the
+// scan's cost (mispredicted whenever one did).
+template <int kCmp>
+TOOLKIT_AVX2 size_t AppendCandidates(const float* x, int n, float thr, int64_t base, uint64_t* out) {
+  const __m256 vthr = _mm256_set1_ps(thr);
+  size_t count = 0;
+  auto append = [&](int t) { out[count++] = Compose(OrderKey(x[t]), base + t); };
+  int i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256 c0 = _mm256_cmp_ps(_mm256_loadu_ps(x + i), vthr, kCmp);
+    const __m256 c1 = _mm256_cmp_ps(_mm256_loadu_ps(x + i + 8), vthr, kCmp);
+    const __m256 c2 = _mm256_cmp_ps(_mm256_loadu_ps(x + i + 16), vthr, kCmp);
+    const __m256 c3 = _mm256_cmp_ps(_mm256_loadu_ps(x + i + 24), vthr, kCmp);
+    if (_mm256_testz_ps(_mm256_or_ps(_mm256_or_ps(c0, c1), _mm256_or_ps(c2, c3)), _mm256_castsi256_ps(
+                            _mm256_set1_epi32(-1)))) {
+      continue;
+    }
+    uint32_t mask = uint32_t(_mm256_movemask_ps(c0)) | uint32_t(_mm256_movemask_ps(c1)) << 8 |
+                    uint32_t(_mm256_movemask_ps(c2)) << 16 | uint32_t(_mm256_movemask_ps(c3)) << 24;
+    while (mask) {
+      append(i + __builtin_ctz(mask));
+      mask &= mask - 1;
+    }
+  }
+  for (; i + 8 <= n; i += 8) {
+    unsigned mask = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), vthr, kCmp)));
+    while (mask) {
+      append(i + __builtin_ctz(mask));
+      mask &= mask - 1;
+    }
+  }
+  for (; i < n; ++i) {
+    if (kCmp == _CMP_GT_OQ ? x[i] > thr : x[i] >= thr) append(i);
+  }
+  return count;
+}
+
+// A lower bound of the k-th largest of x[0..n), n a multiple of 64, k <= n / 8: the
+// k-th largest of 8-logit group maxima (k distinct logits, one per group, are at
+// least that large). Groups are lanes of 8 consecutive vectors, so the maxima are
+// vertical max operations. Seeds a chunk's threshold from its first block without
+// selecting over the whole block.
+TOOLKIT_AVX2 inline float GroupMaxLowerBound(const float* x, int n, size_t k, float* scratch) {
+  int groups = 0;
+  for (int i = 0; i < n; i += 64) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    for (int j = 1; j < 8; ++j) v = _mm256_max_ps(v, _mm256_loadu_ps(x + i + 8 * j));
+    _mm256_storeu_ps(scratch + groups, v);
+    groups += 8;
+  }
+  std::nth_element(scratch, scratch + (k - 1), scratch + groups, std::greater<float>());
+  return scratch[k - 1];
+}
+
 // Returns false when the chunk holds a NaN or +inf (the caller then uses the exact path).
 template <typename T>
 TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t k, float inv_t, Partial* out) {
   constexpr int kFastBlock = 1024;
   const int64_t len = end - begin;
   const size_t keep = size_t(std::min<int64_t>(k, len));
-  const size_t cap = size_t(std::min<int64_t>(len, k + std::max<int64_t>(k, 128)));
+  // The threshold (the k-th best so far) is refreshed once `refresh` candidates have
+  // piled up above it: an nth_element over 2k entries. For k = 1 this keeps the exact
+  // running max; a stale threshold lets whole blocks through the max test, and every
+  // admitted logit is a mispredicted branch (V = 128256, batch 1: 16% of the time was
+  // the candidate scan with a refill every 128 candidates). keep/4 and keep/2 were
+  // measured within 2% of keep at k = 50.
+  const size_t refresh = std::max<size_t>(1, keep);
   std::vector<uint64_t>& cand = out->cand;
-  cand.resize(cap);
+  cand.resize(keep + refresh + kFastBlock);  // one whole block always fits
   size_t n_cand = 0;
-  bool have_threshold = false;  // until the buffer first fills, every value is a candidate
+  bool have_threshold = false;  // until k candidates exist, every value is one
   float threshold = -kInf;
 
   float m = -kInf;
   double sum = 0.0;
-  const __m256 vinv_t = _mm256_set1_ps(inv_t);
   const __m256 vinf = _mm256_set1_ps(kInf);
   alignas(64) float converted[kFastBlock];
 
-  auto push = [&](float v, int64_t index) {
-    cand[n_cand++] = Compose(OrderKey(v), index);
-    if (n_cand == cap && cap > keep) {
-      std::nth_element(cand.begin(), cand.begin() + (keep - 1), cand.begin() + n_cand);
-      n_cand = keep;
-      threshold = KeyToFloat(KeyOf(cand[keep - 1]));
-      have_threshold = true;
-    }
-  };
+  alignas(32) float group_max[kFastBlock / 8];
 
   for (int64_t b = begin; b < end; b += kFastBlock) {
     const int n = int(std::min<int64_t>(kFastBlock, end - b));
@@ -364,22 +451,28 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
       x = converted;
     }
 
-    // 1. block max and NaN / +inf detection.
+    // 1. block max and min, and NaN / +inf detection (this sweep is bound by the
+    //    first read of the block, so the min comes for free).
     __m256 vmax0 = _mm256_set1_ps(-kInf), vmax1 = vmax0;
+    __m256 vmin0 = vinf, vmin1 = vinf;
     __m256 vbad = _mm256_setzero_ps();
     int i = 0;
     for (; i + 16 <= n8; i += 16) {
       const __m256 a = _mm256_loadu_ps(x + i), c = _mm256_loadu_ps(x + i + 8);
       vmax0 = _mm256_max_ps(vmax0, a);
       vmax1 = _mm256_max_ps(vmax1, c);
+      vmin0 = _mm256_min_ps(vmin0, a);
+      vmin1 = _mm256_min_ps(vmin1, c);
       vbad = _mm256_or_ps(vbad, _mm256_or_ps(_mm256_cmp_ps(a, vinf, _CMP_NLT_UQ), _mm256_cmp_ps(c, vinf, _CMP_NLT_UQ)));
     }
     for (; i < n8; i += 8) {
       const __m256 a = _mm256_loadu_ps(x + i);
       vmax0 = _mm256_max_ps(vmax0, a);
+      vmin0 = _mm256_min_ps(vmin0, a);
       vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(a, vinf, _CMP_NLT_UQ));  // NaN or +inf
     }
     float block_max = HorizontalMax(_mm256_max_ps(vmax0, vmax1));
+    const float block_min = -HorizontalMax(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_min_ps(vmin0, vmin1)));
     bool bad = _mm256_movemask_ps(vbad) != 0;
     for (int t = n8; t < n; ++t) {
       bad |= !(x[t] < kInf);
@@ -393,42 +486,40 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
       m = block_max;
     }
     if (m != -kInf) {
-      const __m256 vm = _mm256_set1_ps(m);
-      // Two independent accumulators: enough to hide the add latency, few enough that
-      // the polynomial constants stay in registers (four spilled them to the stack).
-      __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-      i = 0;
-      for (; i + 16 <= n8; i += 16) {
-        s0 = _mm256_add_ps(s0, Exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm), vinv_t)));
-        s1 = _mm256_add_ps(s1, Exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vm), vinv_t)));
-      }
-      for (; i < n8; i += 8) {
-        s0 = _mm256_add_ps(s0, Exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm), vinv_t)));
-      }
-      float block_sum = HorizontalSum(_mm256_add_ps(s0, s1));
+      // exp((x - m) / T) = 2^u with u = (x - m) * (log2(e) / T) <= 0. x - m is formed
+      // first: folding m into one FMA (x * a - m * a) would round m * a, a relative
+      // error common to every term, i.e. a bias of the whole normaliser.
+      // The clamp at u = -125 (Exp2Poly5's range) is only needed when the block's
+      // smallest logit gets there (or is -inf); normal logit spreads never do.
+      const float log2e_t = 1.44269504088896341f * inv_t;
+      const float u_min = (block_min - m) * log2e_t;
+      // The next block's bytes (fp16 rows: half as many, so half the lines are
+      // fetched twice, which is harmless).
+      const char* next = reinterpret_cast<const char*>(row + std::min<int64_t>(b + kFastBlock, end - 1));
+      float block_sum = u_min >= -125.0f ? BlockExpSum<false>(x, n8, m, log2e_t, next)
+                                         : BlockExpSum<true>(x, n8, m, log2e_t, next);
       for (int t = n8; t < n; ++t) block_sum += ExpNonPositive((x[t] - m) * inv_t);
       sum += double(block_sum);
     }
 
     // 3. top-k candidates (strictly above the k-th value: equal later indices lose ties).
     if (!have_threshold) {
-      for (int t = 0; t < n; ++t) {
-        if (!have_threshold || x[t] > threshold) push(x[t], b + t);
+      if (n == kFastBlock && n_cand == 0 && keep <= size_t(kFastBlock / 8)) {
+        // First block: admit only logits >= a lower bound of its k-th largest (at
+        // least k of them), instead of selecting over all 1024.
+        const float bound = GroupMaxLowerBound(x, n, keep, group_max);
+        n_cand += AppendCandidates<_CMP_GE_OQ>(x, n, bound, b, cand.data() + n_cand);
+      } else {
+        for (int t = 0; t < n; ++t) cand[n_cand++] = Compose(OrderKey(x[t]), b + t);
       }
-      continue;
+    } else if (block_max > threshold) {
+      n_cand += AppendCandidates<_CMP_GT_OQ>(x, n, threshold, b, cand.data() + n_cand);
     }
-    if (!(block_max > threshold)) continue;
-    for (i = 0; i < n8; i += 8) {
-      unsigned mask = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(threshold),
-                                                                _CMP_GT_OQ)));
-      while (mask) {
-        const int j = __builtin_ctz(mask);
-        mask &= mask - 1;
-        if (x[i + j] > threshold) push(x[i + j], b + i + j);  // threshold may rise mid-mask
-      }
-    }
-    for (int t = n8; t < n; ++t) {
-      if (x[t] > threshold) push(x[t], b + t);
+    if (have_threshold ? n_cand >= keep + refresh : n_cand >= keep) {
+      std::nth_element(cand.begin(), cand.begin() + (keep - 1), cand.begin() + n_cand);
+      n_cand = keep;
+      threshold = KeyToFloat(KeyOf(cand[keep - 1]));
+      have_threshold = true;
     }
   }
   FinishPartial(keep, n_cand, m, sum, /*nan=*/false, out);
@@ -541,6 +632,9 @@ struct Job {
   float inv_t;
   int64_t chunks_per_row, chunk_len;
   std::vector<Partial> parts;  // rows * chunks_per_row, only when chunks_per_row > 1
+  // Chunks of each row still running; the chunk that brings it to zero merges the
+  // row, so a split row costs one thread-pool dispatch, not two.
+  std::unique_ptr<std::atomic<int64_t>[]> pending;
   std::atomic<bool> failed{false};
 };
 
@@ -568,19 +662,12 @@ void RunChunk(void* data, size_t task) {
     const int64_t begin = c * job->chunk_len;
     const int64_t end = std::min(job->V, begin + job->chunk_len);
     ScanChunk(job->x + r * job->V, begin, end, job->attrs.k, job->inv_t, &job->parts[task]);
-  } catch (...) {
-    job->failed = true;
-  }
-}
-
-template <typename T>
-void RunMerge(void* data, size_t r) {
-  auto* job = static_cast<Job<T>*>(data);
-  try {
-    thread_local std::vector<uint64_t> scratch;
-    FinishRow(job->x + int64_t(r) * job->V, &job->parts[r * job->chunks_per_row], job->chunks_per_row, job->attrs,
-              job->values + int64_t(r) * job->attrs.k, job->indices + int64_t(r) * job->attrs.k,
-              job->log_norm ? job->log_norm + r : nullptr, &scratch);
+    if (job->pending[r].fetch_sub(1, std::memory_order_acq_rel) == 1 && !job->failed) {
+      thread_local std::vector<uint64_t> scratch;
+      FinishRow(job->x + r * job->V, &job->parts[size_t(r * job->chunks_per_row)], job->chunks_per_row, job->attrs,
+                job->values + r * job->attrs.k, job->indices + r * job->attrs.k,
+                job->log_norm ? job->log_norm + r : nullptr, &scratch);
+    }
   } catch (...) {
     job->failed = true;
   }
@@ -610,8 +697,9 @@ OrtStatus* Run(Ort::KernelContext& ctx, const T* x, T* values, int64_t* indices,
     ctx.ParallelFor(&RunWholeRow<T>, size_t(rows), 0, &job);
   } else {
     job.parts.resize(size_t(rows * job.chunks_per_row));
+    job.pending.reset(new std::atomic<int64_t>[size_t(rows)]);
+    for (int64_t r = 0; r < rows; ++r) job.pending[r].store(job.chunks_per_row, std::memory_order_relaxed);
     ctx.ParallelFor(&RunChunk<T>, job.parts.size(), 0, &job);
-    if (!job.failed) ctx.ParallelFor(&RunMerge<T>, size_t(rows), 0, &job);
   }
   if (job.failed) {
     return MakeStatus(ORT_RUNTIME_EXCEPTION, std::string(kOpName) + ": CPU kernel failed (out of memory?)");
