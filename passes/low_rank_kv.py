@@ -44,7 +44,10 @@ separately and can be switched off (``keys=false``: values-only latent cache).
 
 Model I/O: ``past_key_values.{i}.key`` ``[B, kv_heads, P, head_dim]`` becomes
 ``past_key_values.{i}.key_latent`` ``[B, P, r_k]`` (``present.{i}.*`` likewise, same
-for value). ``toolkit.low_rank_kv`` in the metadata records the ranks and bytes per
+for value). With ``latent_bits=8`` (Palu's latent quantization, here int8 per token
+and head group, symmetric absmax) each becomes two tensors, ``{kind}_latent_q`` int8
+``[B, P, r]`` and ``{kind}_latent_scale`` float32 ``[B, P, G]``: 4x fewer cache bytes
+again, quantized once when a token is cached and dequantized for the attention. ``toolkit.low_rank_kv`` in the metadata records the ranks and bytes per
 token. At full rank (``rank_ratio=1``) the rewrite is exact up to float32
 rounding (tested); below it, it is lossy by design.
 """
@@ -86,6 +89,9 @@ class LowRankKVOptions(CalibrationOptions):
                                           "the calibration queries' covariance) instead of the keys"})
     calibration_seq_len: int = dataclasses.field(
         default=128, metadata={"help": "length of random calibration sequences"})
+    latent_bits: int = dataclasses.field(
+        default=32, metadata={"help": "32: float32 latent cache; 8: int8 codes with a float32 scale per token and "
+                                      "head group (symmetric, absmax), quantized once when the token is cached"})
 
     def validate(self) -> None:
         chosen = [n for n in ("rank_ratio", "energy") if getattr(self, n) is not None]
@@ -102,6 +108,9 @@ class LowRankKVOptions(CalibrationOptions):
         if not (self.keys or self.values):
             raise PassError("low-rank-kv with keys=false and values=false would change nothing",
                             hint="leave keys or values at true (the default compresses both)")
+        if self.latent_bits not in (8, 32):
+            raise PassError(f"low-rank-kv option latent_bits must be 8 or 32, got {self.latent_bits!r}",
+                            hint="32 keeps the float32 latent; 8 stores int8 codes + a scale per token and group")
         if self.groups < 1:
             raise PassError(f"low-rank-kv option groups must be >= 1, got {self.groups!r}",
                             hint="1 (one basis per layer) or a divisor of the number of KV heads")
@@ -260,9 +269,16 @@ class _Builder:
         return self.const(name, np.array(values, np.int64))
 
 
-def _latent_cache(b: _Builder, side: _Side, index: int, kv_heads: int,
-                  head_dim: int) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """New past input, present output and per-group view ``[B, G, T, r]`` of one side's latent."""
+def _latent_cache(b: _Builder, side: _Side, index: int, kv_heads: int, head_dim: int,
+                  bits: int) -> tuple[list[ir.Value], list[ir.Value], ir.Value]:
+    """New past inputs, present outputs and per-group view ``[B, T, G, r]`` of one side's latent.
+
+    float32 (bits=32): one tensor ``{kind}_latent`` ``[B, T, G*r]``. int8 (bits=8):
+    ``{kind}_latent_q`` int8 ``[B, T, G*r]`` and ``{kind}_latent_scale`` float32
+    ``[B, T, G]``: each new token's latent is quantized once, per head group, with
+    scale = max|h| / 127 and codes = round(h / scale) (half to even, as ONNX Round),
+    and the whole cache is dequantized (codes * scale) for the attention.
+    """
     groups, r = len(side.bases), side.rank
     new = side.concat.inputs[1]  # [B, H, S, D]
     rows = b.op("Transpose", [new], [ir.AttrInt64s("perm", [0, 2, 1, 3])], f"{side.kind}_rows")
@@ -271,22 +287,44 @@ def _latent_cache(b: _Builder, side: _Side, index: int, kv_heads: int,
     latent_new = b.op("MatMul", [flat, down], name=f"{side.kind}_latent")
     old = side.past.shape
     batch, past_len = (old[0], old[2]) if old is not None and len(old) == 4 else ("batch_size", "past_sequence_length")
-    past = ir.val(f"past_key_values.{index}.{side.kind}_latent", ir.DataType.FLOAT,
-                  ir.Shape([batch, past_len, groups * r]))
-    present = b.op("Concat", [past, latent_new], [ir.AttrInt64("axis", 1)], f"{side.kind}_cache")
-    present.name = f"present.{index}.{side.kind}_latent"
-    present.dtype = ir.DataType.FLOAT
-    present.shape = ir.Shape([batch, "total_sequence_length", groups * r])
-    split = b.op("Reshape", [present, b.i64(f"{side.kind}_group_shape", [0, 0, groups, r])])
-    return past, present, split
+
+    def cache(suffix: str, dtype: ir.DataType, width: int, fresh: ir.Value) -> tuple[ir.Value, ir.Value]:
+        past = ir.val(f"past_key_values.{index}.{side.kind}_{suffix}", dtype, ir.Shape([batch, past_len, width]))
+        present = b.op("Concat", [past, fresh], [ir.AttrInt64("axis", 1)], f"{side.kind}_{suffix}_cache")
+        present.name = f"present.{index}.{side.kind}_{suffix}"
+        present.dtype = dtype
+        present.shape = ir.Shape([batch, "total_sequence_length", width])
+        return past, present
+
+    group_shape = b.i64(f"{side.kind}_group_shape", [0, 0, groups, r])
+    if bits == 32:
+        past, present = cache("latent", ir.DataType.FLOAT, groups * r, latent_new)
+        return [past], [present], b.op("Reshape", [present, group_shape])
+    grouped = b.op("Reshape", [latent_new, group_shape])                                     # [B, S, G, r]
+    amax = b.op("ReduceMax", [b.op("Abs", [grouped]), b.i64("last_axis", [3])], [ir.AttrInt64("keepdims", 1)])
+    # An all-zero group gets the smallest normal scale (codes 0) instead of a 0/0.
+    scale = b.op("Max", [b.op("Div", [amax, b.const("qmax", np.array(127.0, np.float32))]),
+                         b.const("tiny", np.array(np.finfo(np.float32).tiny, np.float32))], name="latent_scale")
+    codes = b.op("Round", [b.op("Div", [grouped, scale])])
+    codes = b.op("Clip", [codes, b.const("lo", np.array(-127.0, np.float32)),
+                          b.const("hi", np.array(127.0, np.float32))])
+    codes = b.op("Cast", [codes], [ir.AttrInt64("to", ir.DataType.INT8)], "latent_codes")
+    flat_codes = b.op("Reshape", [codes, b.i64(f"{side.kind}_codes_shape", [0, 0, groups * r])])
+    flat_scale = b.op("Reshape", [scale, b.i64(f"{side.kind}_scale_shape", [0, 0, groups])])
+    past_q, present_q = cache("latent_q", ir.DataType.INT8, groups * r, flat_codes)
+    past_s, present_s = cache("latent_scale", ir.DataType.FLOAT, groups, flat_scale)
+    all_codes = b.op("Cast", [b.op("Reshape", [present_q, group_shape])], [ir.AttrInt64("to", ir.DataType.FLOAT)])
+    all_scale = b.op("Unsqueeze", [present_s, b.i64("scale_axis", [3])])                     # [B, T, G, 1]
+    return [past_q, past_s], [present_q, present_s], b.op("Mul", [all_codes, all_scale], name="latent_dequant")
 
 
-def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_dim: int) -> dict[str, Any]:
+def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_dim: int,
+                   bits: int = 32) -> dict[str, Any]:
     m = layer.match
     i, hq = layer.index, layer.q_heads
     groups = len((layer.key or layer.value).bases)
     b = _Builder(graph, f"low_rank_kv/layer{i}")
-    new_io: dict[str, tuple[ir.Value, ir.Value]] = {}
+    new_io: dict[str, tuple[list[ir.Value], list[ir.Value]]] = {}
     remove: list[ir.Node] = []
     qk = next(n for n in m.remove if n.op_type == "MatMul")
     pv = m.remove[-1]
@@ -302,7 +340,7 @@ def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_di
             if n.op_type == "Mul":
                 c = _const_scalar(n.inputs[1])
                 key_scale *= c if c is not None else _const_scalar(n.inputs[0])
-        past, present, split = _latent_cache(b, side, i, kv_heads, head_dim)
+        pasts, presents, split = _latent_cache(b, side, i, kv_heads, head_dim, bits)
         keys_t = b.op("Transpose", [split], [ir.AttrInt64s("perm", [0, 2, 3, 1])], "key_latent_t")  # [B,G,r,T]
         up = b.const("key_up", (key_scale * _per_head(side, kv_heads, head_dim, hq)).astype(np.float32))
         q_lat = b.op("MatMul", [m.query, up], name="query_latent")                   # [B, Hq, S, r]
@@ -314,12 +352,12 @@ def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_di
         b.nodes = []
         ir.convenience.replace_all_uses_with(qk.outputs[0], scores)
         remove += [side.concat, *_repeat_nodes(side.concat), *core]
-        new_io["key"] = (past, present)
+        new_io["key"] = (pasts, presents)
 
     if layer.value is not None:
         side = layer.value
         r = side.rank
-        past, present, split = _latent_cache(b, side, i, kv_heads, head_dim)
+        pasts, presents, split = _latent_cache(b, side, i, kv_heads, head_dim, bits)
         values = b.op("Transpose", [split], [ir.AttrInt64s("perm", [0, 2, 1, 3])], "value_latent_t")  # [B,G,T,r]
         softmax = pv.inputs[0]
         p_grp = b.op("Reshape", [softmax, b.i64("probs_group_shape", [0, groups, -1, 0])])  # [B,G,hpg*S,T]
@@ -332,17 +370,17 @@ def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_di
         b.nodes = []
         ir.convenience.replace_all_uses_with(pv.outputs[0], out)
         remove += [side.concat, *_repeat_nodes(side.concat), pv]
-        new_io["value"] = (past, present)
+        new_io["value"] = (pasts, presents)
 
     # Shape nodes that read a replaced cache tensor (exporters take batch / past length
     # from them): rebuild [B, kv_heads, len, head_dim] from the past latent's [B, P, r]
     # (+ the new tokens' S for a present tensor; the present latent itself is produced
     # only where the attention was, possibly after the Shape node's consumers).
     replaced = {}
-    for kind, (past, _) in new_io.items():
+    for kind, (pasts, _) in new_io.items():
         concat = (layer.key if kind == "key" else layer.value).concat
-        replaced[concat.inputs[0]] = (past, None)
-        replaced[concat.outputs[0]] = (past, concat.inputs[1])
+        replaced[concat.inputs[0]] = (pasts[0], None)
+        replaced[concat.outputs[0]] = (pasts[0], concat.inputs[1])
     for shape_node, _ in m.shape_users:
         if shape_node.inputs[0] not in replaced:
             continue
@@ -364,13 +402,15 @@ def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_di
         remove.append(shape_node)
 
     # Cache I/O: each latent takes its full tensor's place.
-    for kind, (past, present) in new_io.items():
+    for kind, (pasts, presents) in new_io.items():
         pos = list(graph.inputs).index(m.past_k if kind == "key" else m.past_v)
         graph.inputs.pop(pos)
-        graph.inputs.insert(pos, past)
+        for j, past in enumerate(pasts):
+            graph.inputs.insert(pos + j, past)
         pos = [v.name for v in graph.outputs].index(f"present.{i}.{kind}")
         graph.outputs.pop(pos)
-        graph.outputs.insert(pos, present)
+        for j, present in enumerate(presents):
+            graph.outputs.insert(pos + j, present)
     seen = set()
     for dead in reversed(remove):
         if id(dead) not in seen:
@@ -396,12 +436,13 @@ def apply(model: ir.Model, options: LowRankKVOptions, *, explain: bool = False) 
     del explain  # a mismatch is an error (all layers or none), with its reason
     graph = model.graph
     if "toolkit.kv_quant" in model.metadata_props or any(n.op_type == "QuantKVAttention" for n in graph):
-        raise PassError("low-rank-kv: the model already has a quantized KV cache (kv-cache pass); quantizing the "
-                        "latent cache is not implemented yet",
-                        hint="run either --kv-cache or --kv-rank-ratio, not both")
+        raise PassError("low-rank-kv: the model already has a quantized KV cache (kv-cache pass), which replaced "
+                        "the attention this pass rewrites",
+                        hint="run either --kv-cache or --kv-rank-ratio; to quantize the latent cache use "
+                             "--kv-rank-ratio R --kv-latent-bits 8 (low-rank-kv.latent_bits=8)")
     pasts = {int(mt.group(1)): v for v in graph.inputs if (mt := _PAST.match(v.name or ""))}
     if not pasts:
-        latent = [v.name for v in graph.inputs if (v.name or "").endswith("_latent")]
+        latent = [v.name for v in graph.inputs if "_latent" in (v.name or "")]
         why = ("the cache is already latent (low-rank-kv ran before)" if latent else
                "the model has no past_key_values.{i}.key inputs (export it with `toolkit export`)")
         return PassResult(name=PASS.name, count=0, explanations=[why])
@@ -443,18 +484,25 @@ def apply(model: ir.Model, options: LowRankKVOptions, *, explain: bool = False) 
                 _fit(side, options.groups, options, layer.q_cov if side.kind == "key" else None)
                 entry[f"{side.kind}_rank"] = side.rank * options.groups
                 entry[f"{side.kind}_kept_energy"] = side.kept_energy
-        entry.update(_rewrite_layer(graph, layer, kv_heads, head_dim))
+        entry.update(_rewrite_layer(graph, layer, kv_heads, head_dim, options.latent_bits))
         report.append(entry)
 
     full = kv_heads * head_dim
-    per_token = sum(e.get("key_rank", full) + e.get("value_rank", full) for e in report) * 4
+
+    def side_bytes(rank: int | None) -> int:
+        if rank is None:
+            return 4 * full  # that side stays a float32 [kv_heads, head_dim] row
+        # int8: one byte per latent value, plus a float32 scale per head group
+        return 4 * rank if options.latent_bits == 32 else rank + 4 * options.groups
+
+    per_token = sum(side_bytes(e.get("key_rank")) + side_bytes(e.get("value_rank")) for e in report)
     fp32 = 2 * full * 4 * len(layers)
     info = {"layers": report, "kv_heads": kv_heads, "head_dim": head_dim, "groups": options.groups,
             "keys": options.keys, "values": options.values, "query_aware": options.query_aware,
-            "rank_ratio": options.rank_ratio, "energy": options.energy,
+            "rank_ratio": options.rank_ratio, "energy": options.energy, "latent_bits": options.latent_bits,
             "bytes_per_token": per_token, "fp32_bytes_per_token": fp32, "reduction_vs_fp32": fp32 / per_token}
     model.metadata_props["toolkit.low_rank_kv"] = json.dumps(info, sort_keys=True)
-    model.metadata_props["toolkit.kv_cache"] = "fp32-latent"
+    model.metadata_props["toolkit.kv_cache"] = "fp32-latent" if options.latent_bits == 32 else "int8-latent"
     return PassResult(name=PASS.name, count=len(layers),
                       details={"bytes_per_token": per_token, "fp32_bytes_per_token": fp32,
                                "reduction_vs_fp32": fp32 / per_token, "layers": report})

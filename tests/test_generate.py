@@ -82,7 +82,7 @@ def _replay_logits(session, prompt, tokens):
 
 
 def test_iobinding_loop_matches_a_numpy_cache_loop_and_reports_the_cache(exported):
-    """Plain, KIVI-cache and low-rank latent-cache models: the bound loop picks the replayed
+    """Plain, KIVI-cache and low-rank latent-cache (float32 and int8) models: the bound loop picks the replayed
     argmax every step, and its reported KV bytes are the final cache's."""
     from toolkit.generate import generate
 
@@ -91,8 +91,11 @@ def test_iobinding_loop_matches_a_numpy_cache_loop_and_reports_the_cache(exporte
                          {"kv-cache": {"scheme": "kivi2", "group": "8", "residual": "8"}})
     latent, _ = run_pipeline(onnx.load(str(path)), ["low-rank-kv"], {"low-rank-kv": {"rank_ratio": "0.5"}})
     assert any(i.name.endswith("key_latent") for i in latent.graph.input)
+    latent8, _ = run_pipeline(onnx.load(str(path)), ["low-rank-kv"],
+                              {"low-rank-kv": {"rank_ratio": "0.5", "latent_bits": "8"}})
+    assert any(i.name.endswith("key_latent_q") for i in latent8.graph.input)
     prompt = [5, 17, 42, 7, 9]
-    for model in (onnx.load(str(path)), kv, latent):
+    for model in (onnx.load(str(path)), kv, latent, latent8):
         sess = _session(model)
         streamed = []
         result = generate(sess, prompt, 20, on_token=streamed.append)

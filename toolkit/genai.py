@@ -104,7 +104,7 @@ def unsupported_reason(info: dict[str, Any]) -> str | None:
     inputs = {vi["name"]: vi for vi in info["inputs"]}
     outputs = {vi["name"]: vi for vi in info["outputs"]}
     kinds = sorted({m.group(2) for m in map(_PAST.match, inputs) if m})
-    if "toolkit.low_rank_kv" in meta or any(k.endswith("_latent") for k in kinds):
+    if "toolkit.low_rank_kv" in meta or any("_latent" in k for k in kinds):
         return (f"low-rank latent KV cache: per-layer cache tensors {kinds} of shape [batch, tokens, rank]; "
                 "onnxruntime-genai allocates and feeds [batch, kv_heads, tokens, head_size] key/value tensors, "
                 "so it cannot feed past_key_values.N.key_latent")

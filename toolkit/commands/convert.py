@@ -62,6 +62,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="run the low-rank-kv pass: cache a rank R * kv_heads * head_dim latent of the keys and "
                         "values per layer instead of the full tensors (lossy; changes the cache I/O; more options "
                         "via --pass-option low-rank-kv.OPTION=VALUE)")
+    parser.add_argument("--kv-latent-bits", type=int, choices=(8, 32), default=None,
+                        help="with --kv-rank-ratio: 8 stores the latent cache as int8 codes with a float32 scale per "
+                        "token and head group (4x smaller again); 32 (default) keeps it float32")
     parser.add_argument("--portable", action="store_true",
                         help="attach standard-ONNX bodies to our ops: the model also runs without the op library "
                         "(ORT with the library still uses the fused kernels)")
@@ -226,6 +229,11 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
         names = list(DEFAULT_PASSES) if names is None else names
         names.append("low-rank-kv")
         options.setdefault("low-rank-kv", {})["rank_ratio"] = str(args.kv_rank_ratio)
+    if getattr(args, "kv_latent_bits", None) is not None:
+        if "low-rank-kv" not in options:
+            raise PassError("--kv-latent-bits needs --kv-rank-ratio (it sets how the latent cache is stored)",
+                            hint="e.g. toolkit convert MODEL -o DIR --kv-rank-ratio 0.5 --kv-latent-bits 8")
+        options["low-rank-kv"]["latent_bits"] = str(args.kv_latent_bits)
     if args.portable:
         names = list(DEFAULT_PASSES) if names is None else names
         names.append("portable")
