@@ -110,3 +110,33 @@ def test_dynamic_axes_have_runtime_names(exported):
     assert dims["past_key_values.0.key"][0] == "batch_size"
     assert dims["past_key_values.0.key"][2] == "past_sequence_length"
     assert dims["logits"][:2] == ["batch_size", "sequence_length"]
+
+
+def test_source_config_dispatch_matches_resolve(tmp_path):
+    """resolve_config (the config-only dispatch genai and resolve share) names each kind of
+    MODEL argument, and the model resolve() then builds has that config."""
+    import models
+    from toolkit import sources
+    from toolkit.errors import ModelNotFoundError
+
+    preset = sources.resolve_config("llama", "tiny", {"num_layers": 3})
+    assert preset.kind == "toolkit-preset" and preset.fields["num_layers"] == 3
+    assert sources.resolve("llama", overrides={"num_layers": 3}).num_layers == 3
+    ref = sources.resolve_config("llama-stdlib")
+    assert ref.kind == "toolkit-reference" and ref.directory == models.CHECKPOINT_ROOT / "llama-stdlib"
+    hf = sources.resolve_config("hf:qwen2", overrides={"num_hidden_layers": 3})
+    assert hf.kind == "hf-random" and hf.hf_config.num_hidden_layers == 3
+    models.save_checkpoint(models.build("gpt2"), tmp_path / "ckpt")
+    ckpt = sources.resolve_config(str(tmp_path / "ckpt"))
+    assert ckpt.kind == "toolkit-checkpoint" and ckpt.family == "gpt2"
+    assert sources.resolve(str(tmp_path / "ckpt")).family == "gpt2"
+    with pytest.raises(ModelNotFoundError, match="takes no config overrides"):
+        sources.resolve_config("llama-stdlib", overrides={"num_layers": 1})
+    with pytest.raises(ModelNotFoundError, match="unknown preset 'huge'"):
+        sources.resolve_config("gpt2", "huge")
+    with pytest.raises(ModelNotFoundError, match="unknown Hugging Face architecture"):
+        sources.resolve_config("hf:nope")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match="neither 'model_type'"):
+        sources.resolve_config(str(tmp_path / "bad"))

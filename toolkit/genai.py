@@ -45,7 +45,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import InvalidModelError
+from toolkit.errors import InvalidModelError, ModelNotFoundError
 
 GENAI_CONFIG = "genai_config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -136,8 +136,9 @@ def unsupported_reason(info: dict[str, Any]) -> str | None:
 def source_config(meta: dict[str, str]) -> dict[str, Any]:
     """Model hyper-parameters and special token ids from the source the model records.
 
-    Reads the configuration only (no weights): a toolkit preset plus overrides, a
-    toolkit checkpoint's or Hugging Face directory's ``config.json`` (and
+    Reads the configuration only (no weights), through the same dispatch that loads
+    the model (:func:`toolkit.sources.resolve_config`): a toolkit preset plus
+    overrides, a toolkit checkpoint's or Hugging Face directory's ``config.json`` (and
     ``generation_config.json``), or the tiny ``hf:<arch>`` config.
 
     Args:
@@ -151,47 +152,24 @@ def source_config(meta: dict[str, str]) -> dict[str, Any]:
     Raises:
         InvalidModelError: the metadata names a source that no longer resolves.
     """
+    from toolkit.sources import resolve_config
+
     spec = meta.get("toolkit.source") or ""
-    family = meta.get("toolkit.family") or ""
     overrides = json.loads(meta.get("toolkit.config_overrides") or "{}")
-    if spec.startswith("hf:"):
-        import transformers
-
-        from toolkit.sources import HF_TINY_CONFIGS
-
-        arch = spec[3:]
-        config = transformers.AutoConfig.for_model(arch, **{**HF_TINY_CONFIGS.get(arch, {}), **overrides})
-        return _from_hf_config(config)
-    path = Path(spec)
-    if path.is_dir() and (path / "config.json").is_file():
-        raw = json.loads((path / "config.json").read_text())
-        if "family" in raw:
-            out = _from_toolkit_fields(raw["family"], raw)
-        else:
-            import transformers
-
-            out = _from_hf_config(transformers.AutoConfig.from_pretrained(str(path), local_files_only=True))
-            generation = path / "generation_config.json"
-            if generation.is_file():
-                gen = json.loads(generation.read_text())
-                out.update({k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                            if gen.get(k) is not None})
-        out["source_dir"] = str(path)
-        return out
-    import models
-
-    if spec in models.REFERENCES:
-        directory = models.CHECKPOINT_ROOT / models.REFERENCES[spec]
-        raw = json.loads((directory / "config.json").read_text())
-        return {**_from_toolkit_fields(raw["family"], raw), "source_dir": str(directory)}
-    if family in models.PRESETS:
-        preset = meta.get("toolkit.preset") or "tiny"
-        if preset not in models.PRESETS[family]:
-            raise InvalidModelError(f"model metadata names preset {preset!r}, unknown for family {family!r}",
-                                    hint="convert the model again with this toolkit version")
-        return _from_toolkit_fields(family, {**models.PRESETS[family][preset], **overrides})
-    raise InvalidModelError(f"cannot find the source {spec!r} recorded in the model's metadata",
-                            hint="run `toolkit convert` where the source model is available")
+    try:
+        config = resolve_config(spec, meta.get("toolkit.preset") or "tiny", overrides)
+    except ModelNotFoundError as exc:
+        raise InvalidModelError(f"cannot find the source {spec!r} recorded in the model's metadata: {exc}",
+                                hint="run `toolkit convert` where the source model is available") from None
+    if config.hf_config is not None:
+        out = _from_hf_config(config.hf_config)
+        out.update({k: config.generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                    if config.generation.get(k) is not None})
+    else:
+        out = _from_toolkit_fields(config.family, config.fields)
+    if config.directory is not None:
+        out["source_dir"] = str(config.directory)
+    return out
 
 
 def _from_toolkit_fields(family: str, fields: dict[str, Any]) -> dict[str, Any]:

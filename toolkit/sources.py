@@ -122,6 +122,82 @@ def parse_config_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """What a MODEL argument names, read without loading any weights.
+
+    Attributes:
+        spec: The MODEL argument.
+        kind: ``hf-random`` (``hf:<arch>``), ``hf-directory``, ``toolkit-checkpoint``
+            (a directory written by ``models.save_checkpoint``), ``toolkit-reference``
+            (``llama-stdlib``) or ``toolkit-preset`` (a family name plus a preset).
+        hf_config: The transformers config (``hf-*`` kinds).
+        family: The toolkit model family (``toolkit-*`` kinds).
+        fields: The toolkit config fields (``toolkit-*`` kinds; a checkpoint's
+            ``config.json`` as written, so it may hold extra keys such as ``family``).
+        directory: Where the config and tokenizer files live (directories, references).
+        generation: A Hugging Face directory's ``generation_config.json``, if any.
+    """
+
+    spec: str
+    kind: str
+    hf_config: Any = None
+    family: str | None = None
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    directory: Path | None = None
+    generation: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def resolve_config(spec: str, preset: str = "tiny", overrides: dict[str, Any] | None = None) -> SourceConfig:
+    """Resolve a MODEL argument to its configuration (the dispatch of :func:`resolve`).
+
+    Raises:
+        ModelNotFoundError: unknown name, architecture, preset or directory, naming the
+            known choices.
+    """
+    overrides = _parse_overrides(overrides)
+    path = Path(spec)
+    if spec.startswith("hf:"):
+        return SourceConfig(spec, "hf-random", hf_config=_hf_tiny_config(spec[3:], overrides))
+    if path.exists():
+        return _directory_config(spec, path)
+    if "/" in spec or spec.startswith("."):
+        raise ModelNotFoundError(
+            f"model path {spec!r} does not exist",
+            hint="pass an existing model directory (with config.json), a toolkit model name "
+            f"({', '.join(_toolkit_names())}) or hf:<arch> ({', '.join('hf:' + a for a in HF_TINY_CONFIGS)})",
+        )
+    import models
+
+    names = models.list_models()
+    if spec not in names:
+        raise ModelNotFoundError(
+            f"unknown model {spec!r}",
+            hint=f"use one of the built-in models ({', '.join(names)}), hf:<arch> "
+            f"({', '.join('hf:' + a for a in HF_TINY_CONFIGS)}), or a local model directory",
+        )
+    if spec in models.REFERENCES:
+        if overrides:
+            raise ModelNotFoundError(
+                f"reference model {spec!r} is a trained checkpoint and takes no config overrides "
+                f"(got {', '.join(sorted(overrides))})",
+                hint="build a random model instead: toolkit convert llama --preset small --config ...",
+            )
+        directory = models.CHECKPOINT_ROOT / models.REFERENCES[spec]
+        try:
+            raw = json.loads((directory / models.CONFIG_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelNotFoundError(f"reference model {spec!r}: cannot read {directory / models.CONFIG_FILE}: {exc}",
+                                     hint="the checkpoint ships with the repository; restore models/checkpoints/"
+                                          "(git checkout -- models/checkpoints)") from exc
+        return SourceConfig(spec, "toolkit-reference", family=raw["family"], fields=raw, directory=directory)
+    presets = models.PRESETS[spec]
+    if preset not in presets:
+        raise ModelNotFoundError(f"unknown preset {preset!r} for model {spec!r}",
+                                 hint=f"known presets: {', '.join(presets)}")
+    return SourceConfig(spec, "toolkit-preset", family=spec, fields={**presets[preset], **overrides})
+
+
 def resolve(spec: str, preset: str = "tiny", overrides: dict[str, Any] | None = None,
             seed: int = 0) -> SourceModel:
     """Resolve a MODEL argument (see module docstring) into a :class:`SourceModel`.
@@ -131,21 +207,17 @@ def resolve(spec: str, preset: str = "tiny", overrides: dict[str, Any] | None = 
             known choices.
     """
     overrides = _parse_overrides(overrides)
-    path = Path(spec)
-    if spec.startswith("hf:"):
-        src = _hf_random(spec, spec[3:], overrides, seed)
+    config = resolve_config(spec, preset, overrides)
+    if config.kind == "hf-random":
+        src = _hf_random(spec, config.hf_config, seed)
         src.seed, src.overrides = seed, overrides
         return src
-    if path.exists():
-        return _from_directory(spec, path)
-    if "/" in spec or spec.startswith("."):
-        raise ModelNotFoundError(
-            f"model path {spec!r} does not exist",
-            hint="pass an existing model directory (with config.json), a toolkit model name "
-            f"({', '.join(_toolkit_names())}) or hf:<arch> ({', '.join('hf:' + a for a in HF_TINY_CONFIGS)})",
-        )
-    src = _toolkit_model(spec, preset, overrides, seed)
-    if spec != "llama-stdlib":
+    if config.kind == "toolkit-checkpoint":
+        return _load_toolkit_checkpoint(spec, config.directory)
+    if config.kind == "hf-directory":
+        return _load_hf_directory(spec, config)
+    src = _toolkit_model(spec, config, seed)
+    if config.kind == "toolkit-preset":
         src.preset, src.seed, src.overrides = preset, seed, overrides
     return src
 
@@ -156,22 +228,15 @@ def _toolkit_names() -> list[str]:
     return models.list_models()
 
 
-def _toolkit_model(spec: str, preset: str, overrides: dict[str, Any], seed: int) -> SourceModel:
+def _toolkit_model(spec: str, config: SourceConfig, seed: int) -> SourceModel:
     import models
 
-    names = models.list_models()
-    if spec not in names:
-        raise ModelNotFoundError(
-            f"unknown model {spec!r}",
-            hint=f"use one of the built-in models ({', '.join(names)}), hf:<arch> "
-            f"({', '.join('hf:' + a for a in HF_TINY_CONFIGS)}), or a local model directory",
-        )
     tokenizer = heldout = None
-    if spec == "llama-stdlib":
+    if config.kind == "toolkit-reference":
         module, tokenizer = models.load_reference(spec)
         heldout = models.reference_heldout_text(spec)
     else:
-        module = models.build(spec, preset=preset, seed=seed, **overrides)
+        module = models.build_from_config(models.config_from_dict(config.family, config.fields), seed=seed)
     return _wrap_toolkit_module(spec, module, tokenizer, heldout)
 
 
@@ -189,7 +254,7 @@ def _wrap_toolkit_module(spec: str, module: Any, tokenizer: Any = None,
     )
 
 
-def _from_directory(spec: str, path: Path) -> SourceModel:
+def _directory_config(spec: str, path: Path) -> SourceConfig:
     config_file = path / "config.json"
     if not path.is_dir() or not config_file.is_file():
         raise ModelNotFoundError(
@@ -198,43 +263,59 @@ def _from_directory(spec: str, path: Path) -> SourceModel:
             "checkpoint directory written by models.save_checkpoint",
         )
     try:
-        config = json.loads(config_file.read_text())
+        raw = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelNotFoundError(f"cannot read {config_file}: {exc}",
                                  hint="check the file is valid JSON") from exc
-    if "family" in config:
-        import models
-
-        module = models.load_checkpoint(path)
-        tokenizer = None
-        if (path / "tokenizer.json").is_file():
-            import tokenizers
-
-            tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-        heldout = (path / "heldout.txt").read_text() if (path / "heldout.txt").is_file() else None
-        return _wrap_toolkit_module(spec, module, tokenizer, heldout)
-    if "model_type" in config:
+    if "family" in raw:
+        return SourceConfig(spec, "toolkit-checkpoint", family=raw["family"], fields=raw, directory=path)
+    if "model_type" in raw:
         import transformers
 
         try:
             hf_config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-            module = transformers.AutoModelForCausalLM.from_pretrained(
-                str(path), dtype="float32", local_files_only=True, **_hf_impl_kwargs(hf_config))
         except Exception as exc:  # transformers raises many types; report them uniformly
             raise ModelNotFoundError(
-                f"transformers could not load {spec!r}: {exc}",
-                hint="check the directory holds config.json and safetensors/bin weights of a causal LM",
+                f"transformers could not read the config of {spec!r}: {exc}",
+                hint="check config.json is a Hugging Face causal LM config",
             ) from exc
-        tokenizer = None
-        if (path / "tokenizer.json").is_file():
-            import tokenizers
-
-            tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-        return _wrap_hf_module(spec, module.eval(), tokenizer)
+        generation_file = path / "generation_config.json"
+        generation = json.loads(generation_file.read_text()) if generation_file.is_file() else {}
+        return SourceConfig(spec, "hf-directory", hf_config=hf_config, directory=path, generation=generation)
     raise ModelNotFoundError(
         f"{config_file} has neither 'model_type' (Hugging Face) nor 'family' (toolkit checkpoint)",
         hint="point at a Hugging Face causal LM directory or a toolkit checkpoint",
     )
+
+
+def _directory_tokenizer(path: Path) -> Any:
+    if not (path / "tokenizer.json").is_file():
+        return None
+    import tokenizers
+
+    return tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+
+
+def _load_toolkit_checkpoint(spec: str, path: Path) -> SourceModel:
+    import models
+
+    module = models.load_checkpoint(path)
+    heldout = (path / "heldout.txt").read_text() if (path / "heldout.txt").is_file() else None
+    return _wrap_toolkit_module(spec, module, _directory_tokenizer(path), heldout)
+
+
+def _load_hf_directory(spec: str, config: SourceConfig) -> SourceModel:
+    import transformers
+
+    try:
+        module = transformers.AutoModelForCausalLM.from_pretrained(
+            str(config.directory), dtype="float32", local_files_only=True, **_hf_impl_kwargs(config.hf_config))
+    except Exception as exc:  # transformers raises many types; report them uniformly
+        raise ModelNotFoundError(
+            f"transformers could not load {spec!r}: {exc}",
+            hint="check the directory holds config.json and safetensors/bin weights of a causal LM",
+        ) from exc
+    return _wrap_hf_module(spec, module.eval(), _directory_tokenizer(config.directory))
 
 
 def _hf_impl_kwargs(config: Any) -> dict[str, str]:
@@ -251,8 +332,7 @@ def _hf_impl_kwargs(config: Any) -> dict[str, str]:
     return kwargs
 
 
-def _hf_random(spec: str, arch: str, overrides: dict[str, Any], seed: int) -> SourceModel:
-    import torch
+def _hf_tiny_config(arch: str, overrides: dict[str, Any]) -> Any:
     import transformers
 
     if arch not in HF_TINY_CONFIGS:
@@ -260,12 +340,17 @@ def _hf_random(spec: str, arch: str, overrides: dict[str, Any], seed: int) -> So
             f"unknown Hugging Face architecture {arch!r}",
             hint=f"use one of {', '.join('hf:' + a for a in HF_TINY_CONFIGS)}, or a local model directory",
         )
-    kwargs = {**HF_TINY_CONFIGS[arch], **overrides}
     try:
-        config = transformers.AutoConfig.for_model(arch, **kwargs)
+        return transformers.AutoConfig.for_model(arch, **{**HF_TINY_CONFIGS[arch], **overrides})
     except Exception as exc:
         raise ModelNotFoundError(f"invalid config for hf:{arch}: {exc}",
                                  hint="check the --config field names against the transformers config class") from exc
+
+
+def _hf_random(spec: str, config: Any, seed: int) -> SourceModel:
+    import torch
+    import transformers
+
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     module = transformers.AutoModelForCausalLM.from_config(config, **_hf_impl_kwargs(config))
