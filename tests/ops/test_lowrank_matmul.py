@@ -77,6 +77,7 @@ SHAPES = [
     ((3,), 33, 17, 129), ((2, 3), 100, 24, 70), ((31,), 300, 129, 257), ((32,), 300, 129, 257),
     ((1, 1, 8), 517, 200, 1030), ((5, 13), 64, 48, 33), ((128,), 256, 64, 200), ((2, 50), 129, 9, 17),
     ((2,), 517, 200, 1030),  # two rows: the two-panel kernel (MicroWide2) and a partial last panel
+    ((200,), 300, 40, 70),  # 34 register tiles: two row blocks of up to 32 tiles, a partial k-block
 ]
 
 
@@ -89,7 +90,7 @@ def test_matches_reference(lead, K, r, N, weight_dtype, with_bias):
 
 
 @pytest.mark.parametrize("lead,K,r,N", [((1,), 1000, 130, 997), ((8,), 4096, 256, 300), ((64,), 300, 129, 257),
-                                        ((3, 7), 517, 200, 1030), ((2,), 1000, 130, 997)])
+                                        ((3, 7), 517, 200, 1030), ((2,), 1000, 130, 997), ((200,), 300, 40, 70)])
 @pytest.mark.parametrize("weight_dtype", [np.float32, np.float16], ids=["f32", "f16"])
 def test_two_threads_match_one_bit_for_bit(lead, K, r, N, weight_dtype):
     """The blocking depends on the shapes only (lowrank_matmul_cpu.cc), never on the threads."""
