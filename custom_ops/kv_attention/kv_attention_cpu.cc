@@ -258,6 +258,26 @@ struct ScalarOps {
                                      int64_t D, float* acc) {
     for (int64_t t = 0; t < nt; ++t) AxpyRows(p + t, stride, rows, v + t * D, D, acc);
   }
+  // acc[r * D + d] += sum_t w[(r * ng + d / G) * nt + t] * code_t[d] over nt code rows
+  // (row t at codes + t * row_bytes): value rows with their scale folded into w.
+  static inline void AccumulateCodes(const float* w, int64_t rows, int64_t ng, int64_t G, const uint8_t* codes,
+                                     int64_t row_bytes, int bits, int64_t nt, int64_t D, float* acc) {
+    const int per = 8 / bits, mask = (1 << bits) - 1;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t t = 0; t < nt; ++t) {
+        const uint8_t* q = codes + t * row_bytes;
+        for (int64_t d = 0; d < D; ++d) {
+          acc[r * D + d] += w[(r * ng + d / G) * nt + t] * float((q[d / per] >> ((d % per) * bits)) & mask);
+        }
+      }
+    }
+  }
+  // max(-inf, x[0..n)), NaNs skipped.
+  static inline float RowMax(const float* x, int64_t n) {
+    float m = kNegInf;
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+    return m;
+  }
   // x = exp(x - m) in place; returns the sum.
   static inline float ExpShift(float* x, int64_t n, float m) {
     float sum = 0.0f;
@@ -460,6 +480,74 @@ struct Avx2Ops {
       }
     }
   }
+  // PV straight from the codes (G and D multiples of 16): 4 query rows x 16 channels of
+  // accumulators over the nt rows, each 8-code chunk widened in a register, the
+  // row's scale already in the weights w [rows][ng][nt]; no dequantized copy.
+  template <int kBits>
+  TOOLKIT_AVX2 static inline void AccumulateCodesBits(const float* w, int64_t rows, int64_t ng, int64_t G,
+                                                      const uint8_t* codes, int64_t row_bytes, int64_t nt,
+                                                      int64_t D, float* acc) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      for (int64_t d = 0; d < D; d += 16) {
+        const int64_t g = d / G;
+        const float *w0 = w + (r * ng + g) * nt, *w1 = w0 + ng * nt, *w2 = w1 + ng * nt, *w3 = w2 + ng * nt;
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+               a31 = a00;
+        for (int64_t t = 0; t < nt; ++t) {
+          const uint8_t* q = codes + t * row_bytes;
+          const __m256 v0 = Codes8<kBits>(q, d), v1 = Codes8<kBits>(q, d + 8);
+          const __m256 x0 = _mm256_broadcast_ss(w0 + t), x1 = _mm256_broadcast_ss(w1 + t);
+          const __m256 x2 = _mm256_broadcast_ss(w2 + t), x3 = _mm256_broadcast_ss(w3 + t);
+          a00 = _mm256_fmadd_ps(x0, v0, a00), a01 = _mm256_fmadd_ps(x0, v1, a01);
+          a10 = _mm256_fmadd_ps(x1, v0, a10), a11 = _mm256_fmadd_ps(x1, v1, a11);
+          a20 = _mm256_fmadd_ps(x2, v0, a20), a21 = _mm256_fmadd_ps(x2, v1, a21);
+          a30 = _mm256_fmadd_ps(x3, v0, a30), a31 = _mm256_fmadd_ps(x3, v1, a31);
+        }
+        float* o = acc + r * D + d;
+        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), a00));
+        _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), a01));
+        _mm256_storeu_ps(o + D, _mm256_add_ps(_mm256_loadu_ps(o + D), a10));
+        _mm256_storeu_ps(o + D + 8, _mm256_add_ps(_mm256_loadu_ps(o + D + 8), a11));
+        _mm256_storeu_ps(o + 2 * D, _mm256_add_ps(_mm256_loadu_ps(o + 2 * D), a20));
+        _mm256_storeu_ps(o + 2 * D + 8, _mm256_add_ps(_mm256_loadu_ps(o + 2 * D + 8), a21));
+        _mm256_storeu_ps(o + 3 * D, _mm256_add_ps(_mm256_loadu_ps(o + 3 * D), a30));
+        _mm256_storeu_ps(o + 3 * D + 8, _mm256_add_ps(_mm256_loadu_ps(o + 3 * D + 8), a31));
+      }
+    }
+    for (; r < rows; ++r) {
+      for (int64_t d = 0; d < D; d += 8) {
+        const float* wr = w + (r * ng + d / G) * nt;
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t t = 0; t < nt; ++t) {
+          a = _mm256_fmadd_ps(_mm256_broadcast_ss(wr + t), Codes8<kBits>(codes + t * row_bytes, d), a);
+        }
+        float* o = acc + r * D + d;
+        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), a));
+      }
+    }
+  }
+  TOOLKIT_AVX2 static inline void AccumulateCodes(const float* w, int64_t rows, int64_t ng, int64_t G,
+                                                  const uint8_t* codes, int64_t row_bytes, int bits, int64_t nt,
+                                                  int64_t D, float* acc) {
+    if (bits == 8) return AccumulateCodesBits<8>(w, rows, ng, G, codes, row_bytes, nt, D, acc);
+    if (bits == 4) return AccumulateCodesBits<4>(w, rows, ng, G, codes, row_bytes, nt, D, acc);
+    AccumulateCodesBits<2>(w, rows, ng, G, codes, row_bytes, nt, D, acc);
+  }
+  // Same as ScalarOps::RowMax: maxps returns its second operand (the running max)
+  // when the first is NaN, as std::max(m, NaN) keeps m.
+  TOOLKIT_AVX2 static inline float RowMax(const float* x, int64_t n) {
+    __m256 m0 = _mm256_set1_ps(kNegInf), m1 = m0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      m0 = _mm256_max_ps(_mm256_loadu_ps(x + i), m0);
+      m1 = _mm256_max_ps(_mm256_loadu_ps(x + i + 8), m1);
+    }
+    for (; i + 8 <= n; i += 8) m0 = _mm256_max_ps(_mm256_loadu_ps(x + i), m0);
+    float m = HorizontalMax(_mm256_max_ps(m0, m1));
+    for (; i < n; ++i) m = std::max(m, x[i]);
+    return m;
+  }
   TOOLKIT_AVX2 static inline float ExpShift(float* x, int64_t n, float m) {
     const __m256 mv = _mm256_set1_ps(m);
     __m256 acc = _mm256_setzero_ps();
@@ -548,10 +636,9 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       Ops::CodeDots(qs.data(), nr, codes, bits, D, out, stride);
       for (int64_t r = 0; r < nr; ++r) out[r * stride] += qz[size_t(r)];
     } else if (io.key_params_per_token == 1) {
-      const float s = HalfToFloat(io.key_scale[bh * io.N + t]);
-      const float z = io.key_zero ? HalfToFloat(io.key_zero[bh * io.N + t]) : -128.0f * s;
+      // Raw code dots; the caller applies s (q.codes) + z sum(q) to the whole token
+      // block at once (a vector loop over tokens instead of a strided store per row).
       Ops::CodeDots(q, nr, codes, bits, D, out, stride);
-      for (int64_t r = 0; r < nr; ++r) out[r * stride] = s * out[r * stride] + z * qsum[size_t(r)];
     } else {
       const int64_t ng = io.key_params_per_token;
       const uint16_t* s16 = io.key_scale + (bh * io.N + t) * ng;
@@ -593,6 +680,14 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
   std::vector<float> score(static_cast<size_t>(std::min(rows, kRowBlock) * len));
   std::vector<float> acc(q.size());
   std::vector<float> vblk(static_cast<size_t>(kTokenBlock * D));
+  std::vector<float> ks(static_cast<size_t>(kTokenBlock)), kz(ks);  // int8 keys: per-token s, z of a block
+  // Value blocks read as codes (see pass 2): per-(row, group) scales and zeros of a
+  // block, the scale-folded weights [rows][groups][tokens] and the zero sums.
+  const int64_t ng = io.value_params;
+  const bool fold_values = ng > 0 && a.value_group % 16 == 0 && D % 16 == 0;
+  std::vector<float> bs(static_cast<size_t>(kTokenBlock * ng)), bz(bs.size());
+  std::vector<float> wq(static_cast<size_t>(std::min(rows, kRowBlock) * ng * kTokenBlock));
+  std::vector<float> zsum(static_cast<size_t>(std::min(rows, kRowBlock) * ng));
   float* part = job->partials.data() + size_t((bh * job->slices + slice) * rows) * size_t(D + 2);
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
     const int64_t nr = std::min(kRowBlock, rows - r0);
@@ -615,6 +710,19 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
     for (int64_t tb = t0; tb < t1; tb += kTokenBlock) {
       const int64_t te = std::min(t1, tb + kTokenBlock);
       for (int64_t t = tb; t < te; ++t) key_scores(t, q.data(), nr, score.data() + (t - t0), len);
+      const int64_t tq = std::min(te, io.N);  // quantized positions of the block
+      if (!a.key_per_channel && io.key_params_per_token == 1 && tb < tq) {
+        for (int64_t t = tb; t < tq; ++t) {
+          const float sk = HalfToFloat(io.key_scale[bh * io.N + t]);
+          ks[size_t(t - tb)] = sk;
+          kz[size_t(t - tb)] = io.key_zero ? HalfToFloat(io.key_zero[bh * io.N + t]) : -128.0f * sk;
+        }
+        for (int64_t rr = 0; rr < nr; ++rr) {
+          float* sr = score.data() + rr * len + (tb - t0);
+          const float qs_r = qsum[size_t(rr)];
+          for (int64_t i = 0; i < tq - tb; ++i) sr[i] = ks[size_t(i)] * sr[i] + kz[size_t(i)] * qs_r;
+        }
+      }
       if (r0 == 0) copy_codes(io.key_q, io.p_key_q, tb, te);
     }
     for (int64_t rr = 0; rr < nr; ++rr) {
@@ -630,8 +738,7 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
     // Softmax numerators against the slice max.
     for (int64_t rr = 0; rr < nr; ++rr) {
       float* sr = score.data() + rr * len;
-      float m = kNegInf;
-      for (int64_t i = 0; i < len; ++i) m = std::max(m, sr[i]);
+      const float m = Ops::RowMax(sr, len);
       float* dst = part + (r0 + rr) * (D + 2);
       dst[0] = m;
       if (!(m > kNegInf)) {  // every position of the slice masked (or NaN scores)
@@ -641,16 +748,49 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       }
       dst[1] = Ops::ExpShift(sr, len, m);
     }
-    // Pass 2: probability-weighted values, kTokenBlock dequantized rows at a time.
+    // Pass 2: probability-weighted values, kTokenBlock rows at a time. A block of
+    // quantized rows is read as codes: with v = s c + z per (row, group),
+    //   sum_t p_t v_t = sum_t (p_t s_t) c_t + sum_t p_t z_t,
+    // so the scales go into the weights and the zeros into one sum per group; other
+    // blocks (the residual / new rows, or group sizes that are not multiples of 16)
+    // are dequantized rows.
     std::fill(acc.begin(), acc.begin() + nr * D, 0.0f);
+    std::fill(zsum.begin(), zsum.begin() + nr * ng, 0.0f);
     for (int64_t tb = t0; tb < t1; tb += kTokenBlock) {
       const int64_t nt = std::min(kTokenBlock, t1 - tb);
-      for (int64_t i = 0; i < nt; ++i) value_row(tb + i, vblk.data() + i * D);
+      if (fold_values && tb + nt <= io.N) {
+        for (int64_t i = 0; i < nt; ++i) {
+          const int64_t at = (bh * io.N + tb + i) * ng;
+          for (int64_t g = 0; g < ng; ++g) {
+            const float sv = HalfToFloat(io.value_scale[at + g]);
+            bs[size_t(i * ng + g)] = sv;
+            bz[size_t(i * ng + g)] = io.value_zero ? HalfToFloat(io.value_zero[at + g]) : -128.0f * sv;
+          }
+        }
+        for (int64_t rr = 0; rr < nr; ++rr) {
+          const float* pr = score.data() + rr * len + (tb - t0);
+          for (int64_t g = 0; g < ng; ++g) {
+            float* wg = wq.data() + (rr * ng + g) * nt;
+            float zs = 0.0f;
+            for (int64_t i = 0; i < nt; ++i) {
+              wg[i] = pr[i] * bs[size_t(i * ng + g)];
+              zs += pr[i] * bz[size_t(i * ng + g)];
+            }
+            zsum[size_t(rr * ng + g)] += zs;
+          }
+        }
+        Ops::AccumulateCodes(wq.data(), nr, ng, a.value_group, io.value_q + (bh * io.N + tb) * io.row_bytes,
+                             io.row_bytes, bits, nt, D, acc.data());
+      } else {
+        for (int64_t i = 0; i < nt; ++i) value_row(tb + i, vblk.data() + i * D);
+        Ops::AccumulateBlock(score.data() + (tb - t0), len, nr, vblk.data(), nt, D, acc.data());
+      }
       if (r0 == 0) copy_codes(io.value_q, io.p_value_q, tb, tb + nt);
-      Ops::AccumulateBlock(score.data() + (tb - t0), len, nr, vblk.data(), nt, D, acc.data());
     }
     for (int64_t rr = 0; rr < nr; ++rr) {
-      std::memcpy(part + (r0 + rr) * (D + 2) + 2, acc.data() + rr * D, size_t(D) * sizeof(float));
+      float* dst = part + (r0 + rr) * (D + 2) + 2;
+      const float* src = acc.data() + rr * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] + zsum[size_t(rr * ng + d / a.value_group)];
     }
   }
 }
