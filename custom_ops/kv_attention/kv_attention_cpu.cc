@@ -435,54 +435,86 @@ struct Avx2Ops {
       }
     }
   }
-  // Register-blocked PV: 4 query rows x 16 channels of accumulators stay in
-  // registers over the nt tokens of the block (one store per block, not per token).
+  // Rows of a value block, two 8-channel chunks at a time: float rows [nt][D] (the
+  // second chunk zero past D), or code rows widened in registers.
+  struct FloatRows {
+    const float* v;
+    int64_t D;
+    bool two;
+    TOOLKIT_AVX2 void operator()(int64_t t, int64_t d, __m256* v0, __m256* v1) const {
+      *v0 = _mm256_loadu_ps(v + t * D + d);
+      *v1 = two ? _mm256_loadu_ps(v + t * D + d + 8) : _mm256_setzero_ps();
+    }
+  };
+  template <int kBits>
+  struct CodeRows {
+    const uint8_t* codes;
+    int64_t row_bytes;
+    TOOLKIT_AVX2 void operator()(int64_t t, int64_t d, __m256* v0, __m256* v1) const {
+      const uint8_t* q = codes + t * row_bytes;
+      *v0 = Codes8<kBits>(q, d);
+      *v1 = Codes8<kBits>(q, d + 8);
+    }
+  };
+  // Register-blocked PV: o[i * D + 0..16) += sum_t w[i][t] * row_t[d..d+16) for 4 query
+  // rows, the 8 accumulators kept in registers over the nt rows (one store per block,
+  // not per token); `two` = false stores only the first 8 channels.
+  template <typename Rows>
+  TOOLKIT_AVX2 static inline void Tile4x16(const float* w0, const float* w1, const float* w2, const float* w3,
+                                           int64_t nt, const Rows& rows, int64_t d, float* o, int64_t D, bool two) {
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+    for (int64_t t = 0; t < nt; ++t) {
+      __m256 v0, v1;
+      rows(t, d, &v0, &v1);
+      const __m256 x0 = _mm256_broadcast_ss(w0 + t), x1 = _mm256_broadcast_ss(w1 + t);
+      const __m256 x2 = _mm256_broadcast_ss(w2 + t), x3 = _mm256_broadcast_ss(w3 + t);
+      a00 = _mm256_fmadd_ps(x0, v0, a00), a01 = _mm256_fmadd_ps(x0, v1, a01);
+      a10 = _mm256_fmadd_ps(x1, v0, a10), a11 = _mm256_fmadd_ps(x1, v1, a11);
+      a20 = _mm256_fmadd_ps(x2, v0, a20), a21 = _mm256_fmadd_ps(x2, v1, a21);
+      a30 = _mm256_fmadd_ps(x3, v0, a30), a31 = _mm256_fmadd_ps(x3, v1, a31);
+    }
+    const __m256 first[4] = {a00, a10, a20, a30}, second[4] = {a01, a11, a21, a31};
+    for (int i = 0; i < 4; ++i) {
+      float* oi = o + i * D;
+      _mm256_storeu_ps(oi, _mm256_add_ps(_mm256_loadu_ps(oi), first[i]));
+      if (two) _mm256_storeu_ps(oi + 8, _mm256_add_ps(_mm256_loadu_ps(oi + 8), second[i]));
+    }
+  }
+  // One query row: o[0..D) += sum_t w[t] * row_t over the nt rows, 8 channels at a time.
+  template <typename Row8>
+  TOOLKIT_AVX2 static inline void Row1(const float* w, int64_t nt, const Row8& row8, int64_t d, float* o) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t t = 0; t < nt; ++t) a = _mm256_fmadd_ps(_mm256_broadcast_ss(w + t), row8(t, d), a);
+    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), a));
+  }
   TOOLKIT_AVX2 static inline void AccumulateBlock(const float* p, int64_t stride, int64_t rows, const float* v,
                                                   int64_t nt, int64_t D, float* acc) {
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
-      const float *p0 = p + r * stride, *p1 = p0 + stride, *p2 = p1 + stride, *p3 = p2 + stride;
+      const float* p0 = p + r * stride;
       for (int64_t d = 0; d < D; d += 16) {
         const bool two = d + 16 <= D;
-        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
-               a31 = a00;
-        for (int64_t t = 0; t < nt; ++t) {
-          const float* vt = v + t * D + d;
-          const __m256 v0 = _mm256_loadu_ps(vt);
-          const __m256 v1 = two ? _mm256_loadu_ps(vt + 8) : _mm256_setzero_ps();
-          const __m256 w0 = _mm256_broadcast_ss(p0 + t), w1 = _mm256_broadcast_ss(p1 + t);
-          const __m256 w2 = _mm256_broadcast_ss(p2 + t), w3 = _mm256_broadcast_ss(p3 + t);
-          a00 = _mm256_fmadd_ps(w0, v0, a00), a01 = _mm256_fmadd_ps(w0, v1, a01);
-          a10 = _mm256_fmadd_ps(w1, v0, a10), a11 = _mm256_fmadd_ps(w1, v1, a11);
-          a20 = _mm256_fmadd_ps(w2, v0, a20), a21 = _mm256_fmadd_ps(w2, v1, a21);
-          a30 = _mm256_fmadd_ps(w3, v0, a30), a31 = _mm256_fmadd_ps(w3, v1, a31);
-        }
-        float* o = acc + r * D + d;
-        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), a00));
-        _mm256_storeu_ps(o + D, _mm256_add_ps(_mm256_loadu_ps(o + D), a10));
-        _mm256_storeu_ps(o + 2 * D, _mm256_add_ps(_mm256_loadu_ps(o + 2 * D), a20));
-        _mm256_storeu_ps(o + 3 * D, _mm256_add_ps(_mm256_loadu_ps(o + 3 * D), a30));
-        if (two) {
-          _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), a01));
-          _mm256_storeu_ps(o + D + 8, _mm256_add_ps(_mm256_loadu_ps(o + D + 8), a11));
-          _mm256_storeu_ps(o + 2 * D + 8, _mm256_add_ps(_mm256_loadu_ps(o + 2 * D + 8), a21));
-          _mm256_storeu_ps(o + 3 * D + 8, _mm256_add_ps(_mm256_loadu_ps(o + 3 * D + 8), a31));
-        }
+        Tile4x16(p0, p0 + stride, p0 + 2 * stride, p0 + 3 * stride, nt, FloatRows{v, D, two}, d, acc + r * D + d, D,
+                 two);
       }
     }
     for (; r < rows; ++r) {
-      for (int64_t d = 0; d < D; d += 8) {
-        __m256 a = _mm256_setzero_ps();
-        for (int64_t t = 0; t < nt; ++t) a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + r * stride + t),
-                                                             _mm256_loadu_ps(v + t * D + d), a);
-        float* o = acc + r * D + d;
-        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), a));
-      }
+      for (int64_t d = 0; d < D; d += 8) Row1(p + r * stride, nt, FloatRow8{v, D}, d, acc + r * D + d);
     }
   }
-  // PV straight from the codes (G and D multiples of 16): 4 query rows x 16 channels of
-  // accumulators over the nt rows, each 8-code chunk widened in a register, the
-  // row's scale already in the weights w [rows][ng][nt]; no dequantized copy.
+  struct FloatRow8 {
+    const float* v;
+    int64_t D;
+    TOOLKIT_AVX2 __m256 operator()(int64_t t, int64_t d) const { return _mm256_loadu_ps(v + t * D + d); }
+  };
+  template <int kBits>
+  struct CodeRow8 {
+    const uint8_t* codes;
+    int64_t row_bytes;
+    TOOLKIT_AVX2 __m256 operator()(int64_t t, int64_t d) const { return Codes8<kBits>(codes + t * row_bytes, d); }
+  };
+  // PV straight from the codes (G and D multiples of 16): the row's scale is already in
+  // the weights w [rows][ng][nt]; no dequantized copy.
   template <int kBits>
   TOOLKIT_AVX2 static inline void AccumulateCodesBits(const float* w, int64_t rows, int64_t ng, int64_t G,
                                                       const uint8_t* codes, int64_t row_bytes, int64_t nt,
@@ -490,40 +522,14 @@ struct Avx2Ops {
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
       for (int64_t d = 0; d < D; d += 16) {
-        const int64_t g = d / G;
-        const float *w0 = w + (r * ng + g) * nt, *w1 = w0 + ng * nt, *w2 = w1 + ng * nt, *w3 = w2 + ng * nt;
-        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
-               a31 = a00;
-        for (int64_t t = 0; t < nt; ++t) {
-          const uint8_t* q = codes + t * row_bytes;
-          const __m256 v0 = Codes8<kBits>(q, d), v1 = Codes8<kBits>(q, d + 8);
-          const __m256 x0 = _mm256_broadcast_ss(w0 + t), x1 = _mm256_broadcast_ss(w1 + t);
-          const __m256 x2 = _mm256_broadcast_ss(w2 + t), x3 = _mm256_broadcast_ss(w3 + t);
-          a00 = _mm256_fmadd_ps(x0, v0, a00), a01 = _mm256_fmadd_ps(x0, v1, a01);
-          a10 = _mm256_fmadd_ps(x1, v0, a10), a11 = _mm256_fmadd_ps(x1, v1, a11);
-          a20 = _mm256_fmadd_ps(x2, v0, a20), a21 = _mm256_fmadd_ps(x2, v1, a21);
-          a30 = _mm256_fmadd_ps(x3, v0, a30), a31 = _mm256_fmadd_ps(x3, v1, a31);
-        }
-        float* o = acc + r * D + d;
-        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), a00));
-        _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), a01));
-        _mm256_storeu_ps(o + D, _mm256_add_ps(_mm256_loadu_ps(o + D), a10));
-        _mm256_storeu_ps(o + D + 8, _mm256_add_ps(_mm256_loadu_ps(o + D + 8), a11));
-        _mm256_storeu_ps(o + 2 * D, _mm256_add_ps(_mm256_loadu_ps(o + 2 * D), a20));
-        _mm256_storeu_ps(o + 2 * D + 8, _mm256_add_ps(_mm256_loadu_ps(o + 2 * D + 8), a21));
-        _mm256_storeu_ps(o + 3 * D, _mm256_add_ps(_mm256_loadu_ps(o + 3 * D), a30));
-        _mm256_storeu_ps(o + 3 * D + 8, _mm256_add_ps(_mm256_loadu_ps(o + 3 * D + 8), a31));
+        const float* w0 = w + (r * ng + d / G) * nt;
+        Tile4x16(w0, w0 + ng * nt, w0 + 2 * ng * nt, w0 + 3 * ng * nt, nt, CodeRows<kBits>{codes, row_bytes}, d,
+                 acc + r * D + d, D, true);
       }
     }
     for (; r < rows; ++r) {
       for (int64_t d = 0; d < D; d += 8) {
-        const float* wr = w + (r * ng + d / G) * nt;
-        __m256 a = _mm256_setzero_ps();
-        for (int64_t t = 0; t < nt; ++t) {
-          a = _mm256_fmadd_ps(_mm256_broadcast_ss(wr + t), Codes8<kBits>(codes + t * row_bytes, d), a);
-        }
-        float* o = acc + r * D + d;
-        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), a));
+        Row1(w + (r * ng + d / G) * nt, nt, CodeRow8<kBits>{codes, row_bytes}, d, acc + r * D + d);
       }
     }
   }
