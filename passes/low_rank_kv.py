@@ -47,7 +47,8 @@ Model I/O: ``past_key_values.{i}.key`` ``[B, kv_heads, P, head_dim]`` becomes
 for value). With ``latent_bits=8`` (Palu's latent quantization, here int8 per token
 and head group, symmetric absmax) each becomes two tensors, ``{kind}_latent_q`` int8
 ``[B, P, r]`` and ``{kind}_latent_scale`` float32 ``[B, P, G]``: 4x fewer cache bytes
-again, quantized once when a token is cached and dequantized for the attention. ``toolkit.low_rank_kv`` in the metadata records the ranks and bytes per
+again, quantized once when a token is cached and dequantized for the attention.
+``toolkit.low_rank_kv`` in the metadata records the ranks and bytes per
 token. At full rank (``rank_ratio=1``) the rewrite is exact up to float32
 rounding (tested); below it, it is lossy by design.
 """

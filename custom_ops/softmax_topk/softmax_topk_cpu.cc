@@ -96,8 +96,9 @@ constexpr int kLanes = 16;      // independent accumulators, so -O3 vectorises
 // 313 us, 4 chunks of 32K 140 us. Four chunks still feed 2-4 threads at batch 1.
 // With the cheaper exp a 128K row is ~45 us of work, and waking a second pool
 // thread costs about as much as it saves: chunks of 16K gave no gain at 2 threads
-// (spinning or not) over 1 thread at V = 128256, so a row is split only into chunks
-// of at least 64K logits (V = 262144, batch 1: 115 us on 2 threads vs 215 us on 1).
+// (spinning or not) over 1 thread at V = 128256, nor did chunks of 64K at V = 151936
+// (no spinning), so a row is split only from V = 2 kMinChunk = 262144 on (batch 1:
+// 115 us on 2 threads vs 215 us on 1).
 constexpr int64_t kTargetTasks = 4;
 constexpr int64_t kMinChunk = 131072;
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -317,7 +318,7 @@ __attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t b
 // AVX2+FMA+F16C path, chosen at run time by cpuid; the default build stays baseline
 // x86-64 (no -march flags). It handles rows of finite values and -inf (the normal
 // case) with explicit 8-wide intrinsics, three sweeps per L1-resident block:
-//   1. max of the block, and a flag for NaN / +inf;
+//   1. max and min of the block, and a flag for NaN / +inf;
 //   2. sum of exp((x - m) / T) = 2^u against the running max m (online normaliser;
 //      Exp2Poly5, with the next block prefetched meanwhile);
 //   3. top-k candidates: a vector compare against the current k-th value and a
@@ -327,15 +328,17 @@ __attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t b
 #if defined(__x86_64__) && defined(__GNUC__)
 #define TOOLKIT_HAVE_AVX2_PATH 1
 
-// Sum over x[0..n8) of 2^((x - m) * log2e_t), in float (n8 <= 1024 terms of at most
-// 1 each; the caller accumulates blocks in double). kClamp clamps u at -125.
+// 2^((x - m) * log2e_t) for 8 logits; kClamp clamps the exponent at -125 (Exp2Poly5's
+// range), needed only when the block holds logits that far below the max.
 template <bool kClamp>
 TOOLKIT_AVX2 inline __m256 ExpTerm8(const float* p, __m256 vm, __m256 va) {
   __m256 u = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(p), vm), va);
   if constexpr (kClamp) u = _mm256_max_ps(u, _mm256_set1_ps(-125.0f));
   return Exp2Poly5(u);
 }
-// `next` is prefetched one cache line per 16 terms: the next block's first read
+// Sum over x[0..n8) of ExpTerm8, in float (n8 <= 1024 terms of at most 1 each; the
+// caller accumulates blocks in double). `next` is prefetched one cache line per 16
+// terms: the next block's first read
 // then finds it in L1 instead of waiting on L2/L3 (on its own, that read sweep is
 // memory bound while this one is compute bound, so they overlap this way).
 template <bool kClamp>
