@@ -171,6 +171,49 @@ def build_from_config(config: LlamaConfig | GPT2Config, seed: int = 0) -> nn.Mod
     return model.eval()
 
 
+def registry_config(name: str, preset: str = "tiny",
+                    overrides: dict[str, Any] | None = None) -> tuple[str, dict[str, Any], Path | None]:
+    """Resolve a registry name to its configuration without building the model.
+
+    Args:
+        name: one of :func:`list_models`.
+        preset: size preset of a family name (ignored for a reference).
+        overrides: config fields replacing the preset's values (none for a reference).
+
+    Returns:
+        ``(family, fields, directory)``: for a family name, the preset's fields with
+        the overrides and ``directory`` None; for a reference, its checkpoint's
+        ``config.json`` as written (it holds ``family`` too) and its directory.
+
+    Raises:
+        ModelNotFoundError: unknown name or preset, overrides for a reference, or a
+            reference whose config cannot be read.
+    """
+    overrides = dict(overrides or {})
+    if name in REFERENCES:
+        if overrides:
+            raise _not_found(
+                f"reference model {name!r} is a trained checkpoint and takes no config overrides "
+                f"(got {', '.join(sorted(overrides))})",
+                "build a random model instead: build('llama', preset='small', ...)",
+            )
+        directory = _reference_dir(name)
+        try:
+            fields = json.loads((directory / CONFIG_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise _not_found(f"reference model {name!r}: cannot read {directory / CONFIG_FILE}: {exc}",
+                             "re-create it with: python -m models.train_reference --out " + str(directory)) from exc
+        return fields["family"], fields, directory
+    if name not in FAMILIES:
+        raise _not_found(f"unknown model {name!r}", f"known models: {', '.join(list_models())}")
+    presets = PRESETS[name]
+    if preset not in presets:
+        raise _not_found(
+            f"unknown preset {preset!r} for model {name!r}", f"known presets: {', '.join(presets)}"
+        )
+    return name, {**presets[preset], **overrides}, None
+
+
 def build(name: str, preset: str = "tiny", seed: int = 0, **overrides: Any) -> nn.Module:
     """Build a model by registry name.
 
@@ -191,23 +234,10 @@ def build(name: str, preset: str = "tiny", seed: int = 0, **overrides: Any) -> n
     Raises:
         ModelNotFoundError: unknown name, preset or override field.
     """
-    if name in REFERENCES:
-        if overrides:
-            raise _not_found(
-                f"reference model {name!r} is a trained checkpoint and takes no config overrides "
-                f"(got {', '.join(sorted(overrides))})",
-                "build a random model instead: build('llama', preset='small', ...)",
-            )
+    family, fields, directory = registry_config(name, preset, overrides)
+    if directory is not None:
         return load_reference(name)[0]
-    if name not in FAMILIES:
-        raise _not_found(f"unknown model {name!r}", f"known models: {', '.join(list_models())}")
-    presets = PRESETS[name]
-    if preset not in presets:
-        raise _not_found(
-            f"unknown preset {preset!r} for model {name!r}", f"known presets: {', '.join(presets)}"
-        )
-    config = config_from_dict(name, {**presets[preset], **overrides})
-    return build_from_config(config, seed=seed)
+    return build_from_config(config_from_dict(family, fields), seed=seed)
 
 
 def save_checkpoint(model: nn.Module, directory: str | Path, dtype: torch.dtype | None = None) -> Path:

@@ -170,32 +170,15 @@ def resolve_config(spec: str, preset: str = "tiny", overrides: dict[str, Any] | 
     import models
 
     names = models.list_models()
-    if spec not in names:
+    if spec not in names:  # (models.registry_config checks too; this hint covers every MODEL form)
         raise ModelNotFoundError(
             f"unknown model {spec!r}",
             hint=f"use one of the built-in models ({', '.join(names)}), hf:<arch> "
             f"({', '.join('hf:' + a for a in HF_TINY_CONFIGS)}), or a local model directory",
         )
-    if spec in models.REFERENCES:
-        if overrides:
-            raise ModelNotFoundError(
-                f"reference model {spec!r} is a trained checkpoint and takes no config overrides "
-                f"(got {', '.join(sorted(overrides))})",
-                hint="build a random model instead: toolkit convert llama --preset small --config ...",
-            )
-        directory = models.CHECKPOINT_ROOT / models.REFERENCES[spec]
-        try:
-            raw = json.loads((directory / models.CONFIG_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelNotFoundError(f"reference model {spec!r}: cannot read {directory / models.CONFIG_FILE}: {exc}",
-                                     hint="the checkpoint ships with the repository; restore models/checkpoints/"
-                                          "(git checkout -- models/checkpoints)") from exc
-        return SourceConfig(spec, "toolkit-reference", family=raw["family"], fields=raw, directory=directory)
-    presets = models.PRESETS[spec]
-    if preset not in presets:
-        raise ModelNotFoundError(f"unknown preset {preset!r} for model {spec!r}",
-                                 hint=f"known presets: {', '.join(presets)}")
-    return SourceConfig(spec, "toolkit-preset", family=spec, fields={**presets[preset], **overrides})
+    family, fields, directory = models.registry_config(spec, preset, overrides)
+    kind = "toolkit-reference" if directory is not None else "toolkit-preset"
+    return SourceConfig(spec, kind, family=family, fields=fields, directory=directory)
 
 
 def resolve(spec: str, preset: str = "tiny", overrides: dict[str, Any] | None = None,

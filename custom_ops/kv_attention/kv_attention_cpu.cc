@@ -212,6 +212,13 @@ struct RowParams {
   int64_t G;
 };
 
+// Scale and zero of parameter slot i of a float16 scale / zero pair; a symmetric cache
+// has no zero tensor (its unsigned codes are offset by 128, so z = -128 s).
+inline void ScaleZeroAt(const uint16_t* scale, const uint16_t* zero, int64_t i, float* s, float* z) {
+  *s = HalfToFloat(scale[i]);
+  *z = zero ? HalfToFloat(zero[i]) : -128.0f * *s;
+}
+
 // Portable row operations; the AVX2 set below has the same interface.
 struct ScalarOps {
   static inline void Dequant(const uint8_t* q, int bits, int64_t D, const RowParams& p, float* out) {
@@ -647,10 +654,8 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       Ops::CodeDots(q, nr, codes, bits, D, out, stride);
     } else {
       const int64_t ng = io.key_params_per_token;
-      const uint16_t* s16 = io.key_scale + (bh * io.N + t) * ng;
       for (int64_t g = 0; g < ng; ++g) {
-        sc[size_t(g)] = HalfToFloat(s16[g]);
-        zc[size_t(g)] = io.key_zero ? HalfToFloat(io.key_zero[(bh * io.N + t) * ng + g]) : -128.0f * sc[size_t(g)];
+        ScaleZeroAt(io.key_scale, io.key_zero, (bh * io.N + t) * ng + g, &sc[size_t(g)], &zc[size_t(g)]);
       }
       Ops::QuantScores(q, nr, codes, bits, D, RowParams{sc.data(), zc.data(), a.key_group}, kv.data(), out, stride);
     }
@@ -661,10 +666,8 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       return;
     }
     const int64_t ng = io.value_params;
-    const uint16_t* s16 = io.value_scale + (bh * io.N + t) * ng;
     for (int64_t g = 0; g < ng; ++g) {
-      vsc[size_t(g)] = HalfToFloat(s16[g]);
-      vzc[size_t(g)] = io.value_zero ? HalfToFloat(io.value_zero[(bh * io.N + t) * ng + g]) : -128.0f * vsc[size_t(g)];
+      ScaleZeroAt(io.value_scale, io.value_zero, (bh * io.N + t) * ng + g, &vsc[size_t(g)], &vzc[size_t(g)]);
     }
     Ops::Dequant(io.value_q + (bh * io.N + t) * io.row_bytes, bits, D,
                  RowParams{vsc.data(), vzc.data(), a.value_group}, dst);
@@ -719,9 +722,7 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       const int64_t tq = std::min(te, io.N);  // quantized positions of the block
       if (!a.key_per_channel && io.key_params_per_token == 1 && tb < tq) {
         for (int64_t t = tb; t < tq; ++t) {
-          const float sk = HalfToFloat(io.key_scale[bh * io.N + t]);
-          ks[size_t(t - tb)] = sk;
-          kz[size_t(t - tb)] = io.key_zero ? HalfToFloat(io.key_zero[bh * io.N + t]) : -128.0f * sk;
+          ScaleZeroAt(io.key_scale, io.key_zero, bh * io.N + t, &ks[size_t(t - tb)], &kz[size_t(t - tb)]);
         }
         for (int64_t rr = 0; rr < nr; ++rr) {
           float* sr = score.data() + rr * len + (tb - t0);
@@ -765,13 +766,8 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
     for (int64_t tb = t0; tb < t1; tb += kTokenBlock) {
       const int64_t nt = std::min(kTokenBlock, t1 - tb);
       if (fold_values && tb + nt <= io.N) {
-        for (int64_t i = 0; i < nt; ++i) {
-          const int64_t at = (bh * io.N + tb + i) * ng;
-          for (int64_t g = 0; g < ng; ++g) {
-            const float sv = HalfToFloat(io.value_scale[at + g]);
-            bs[size_t(i * ng + g)] = sv;
-            bz[size_t(i * ng + g)] = io.value_zero ? HalfToFloat(io.value_zero[at + g]) : -128.0f * sv;
-          }
+        for (int64_t j = 0; j < nt * ng; ++j) {  // the block's rows are consecutive slots
+          ScaleZeroAt(io.value_scale, io.value_zero, (bh * io.N + tb) * ng + j, &bs[size_t(j)], &bz[size_t(j)]);
         }
         for (int64_t rr = 0; rr < nr; ++rr) {
           const float* pr = score.data() + rr * len + (tb - t0);

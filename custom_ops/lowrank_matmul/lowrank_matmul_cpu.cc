@@ -12,7 +12,8 @@
 //     (16 KiB) stays in L1 while up to 32 register tiles of rows (192 rows) use it,
 //     so up to M = 192 each weight is read from memory once per call (with blocks of
 //     8 tiles, M = 128 read it three times and ran at 0.82-0.94x of MLAS; now
-//     1.01-1.03x), and the next panel's slice is prefetched meanwhile; the
+//     1.02-1.05x at r = d/4, toolkit/bench/results/lowrank_cpu.json), and the next
+//     panel's slice is prefetched meanwhile; the
 //     activations are packed once per GEMM, tile-interleaved (up to 6 floats per k,
 //     read front to back by the broadcasts);
 //   * a 6 x 16 register tile (12 ymm accumulators, AVX2+FMA, F16C for float16
@@ -394,11 +395,10 @@ struct Gemm {
         // The next panel's slice (kc x 16 weights, 256 KiB away) is prefetched a few
         // lines per register tile while this one is in use: the hardware prefetcher
         // does not follow that jump, and with many tiles per block the slice is read
-        // once from memory per block of rows.
+        // once from memory per block of rows. Not for one or two tiles: those stream
+        // each panel whole, which the hardware prefetcher follows.
         const char* next = reinterpret_cast<const char*>(b + K * kPanel);
-        // (Not for one or two tiles: those stream each panel whole, which the hardware
-        // prefetcher follows.)
-        const int64_t next_lines = p + 1 < p1 && block == kKC ? int64_t(kc * kPanel * sizeof(W)) / 64 : 0;
+        const int64_t next_lines = p + 1 < p1 && t1 - t0 > 2 ? int64_t(kc * kPanel * sizeof(W)) / 64 : 0;
         const int64_t per_tile = (next_lines + (t1 - t0) - 1) / (t1 - t0);
         for (int64_t t = t0; t < t1; ++t) {
           for (int64_t l = (t - t0) * per_tile, le = std::min(next_lines, l + per_tile); l < le; ++l) {
