@@ -53,7 +53,7 @@ def test_json_structure(result):
     (row,) = result["results"]
     assert (row["context"], row["batch"], row["threads"], row["runs"]) == (128, 1, 1, 3)
     names = set(row["contenders"])
-    assert {f"ours_{s}" for s in SCHEMES} | {"gqa_fp32", "unfused"} <= names
+    assert {f"ours_{s}" for s in SCHEMES} | {"ours_int8_growing", "gqa_fp32", "unfused"} <= names
     if result["gqa_quantized_kv"]["ok"]:
         assert {"gqa_int8_per_channel", "gqa_int4_per_tensor"} <= names
     for name, c in row["contenders"].items():
@@ -61,7 +61,7 @@ def test_json_structure(result):
         assert c["floor_us"] > 0 and c["over_floor"] > 0 and c["cache_bytes_read"] > 0, name
     for s in SCHEMES:
         speedup = row["speedup"][f"ours_{s}"]
-        assert set(speedup) == names - {f"ours_{x}" for x in SCHEMES}
+        assert set(speedup) == {n for n in names if not n.startswith("ours_")}
         assert speedup["gqa_fp32"] == pytest.approx(
             row["contenders"]["gqa_fp32"]["median_us"] / row["contenders"][f"ours_{s}"]["median_us"])
         assert "meets_floor_target" in row["targets"][s]
@@ -81,6 +81,19 @@ def test_outputs_were_checked(result):
     assert c["ours_int8"]["errors"]["vs_fp32_max"] <= 2e-2
     assert 0 < c["ours_int8"]["errors"]["vs_fp32_l2"] < c["ours_int4"]["errors"]["vs_fp32_l2"]
     assert c["ours_kivi4"]["errors"]["vs_fp32_l2"] < c["ours_kivi2"]["errors"]["vs_fp32_l2"]
+
+
+def test_in_place_and_growing_cache_agree(result):
+    """The in-place contender appends one token; the growing one writes a whole new present."""
+    (row,) = result["results"]
+    c = row["contenders"]
+    assert c["ours_int8"]["errors"] == c["ours_int8_growing"]["errors"]  # bit-identical outputs
+    assert c["ours_int8"]["cache_bytes_read"] == c["ours_int8_growing"]["cache_bytes_read"]
+    # One token of int8 K and V per KV head: 2 * (32 code bytes + one float16 scale) * 2 heads.
+    assert c["ours_int8"]["present_bytes_written"] == 2 * (32 + 2) * 2
+    assert c["ours_int8_growing"]["present_bytes_written"] == c["ours_int8"]["cache_bytes_read"] + 2 * (32 + 2) * 2
+    # KIVI's token lands in the float32 residual (64 + 1 < 128): two float32 rows per KV head.
+    assert c["ours_kivi4"]["present_bytes_written"] == 2 * 32 * 4 * 2
 
 
 def test_a_wrong_kernel_is_refused():
@@ -103,5 +116,7 @@ def test_cli_parses_attention():
 
     parser = argparse.ArgumentParser()
     bench.register(parser)
-    args = parser.parse_args(["attention", "--context", "64,128", "--schemes", "int8,kivi2", "--gqa-quant", ""])
+    args = parser.parse_args(["attention", "--context", "64,128", "--schemes", "int8,kivi2", "--gqa-quant", "",
+                              "--growing", ""])
     assert args.context == (64, 128) and args.schemes == ("int8", "kivi2") and args.gqa_quant == ()
+    assert args.growing == ()

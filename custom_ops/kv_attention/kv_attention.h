@@ -19,14 +19,29 @@
 //   input 10 past_value_res float32 [B, Hkv, r, D]
 //   input 11 attn_bias     float32 [B|1, 1, S, T], T = N + r + S (optional; absent:
 //                          causal, query s sees positions <= N + r + s)
+//   input 12 cache_lengths int64 [2] = (N, r), host memory (optional; see below)
 //   output 0 output        float32 [B, Hq, S, D]
 //   outputs 1..8           present_* with the layout of inputs 3..10
+//   output 9 present_cache_lengths int64 [2] = (N', r') (optional)
 //   attrs  bits (8|4|2), key_per_channel (0|1), key_group, value_group, residual,
 //          symmetric (0|1), scale (float, 0 = 1/sqrt(D))
 //
 // Query head h reads KV head h / (Hq / Hkv) (GQA as in Hugging Face repeat_kv).
 // After the attention, r + S residual tokens are in hand; floor((r + S) / R) * R of
 // them (all when R = 0) are quantized and appended to the quantized part.
+//
+// Two cache modes:
+// - growing (no cache_lengths): N and r are the token dimensions of the past
+//   tensors and every present tensor is a new, longer tensor (a copy of the past
+//   plus the appended tokens), as an exported model's Concat would give.
+// - fixed capacity (cache_lengths given): the token dimensions are capacities
+//   (C quantized slots, Rc residual slots; C a multiple of key_group for per-channel
+//   keys), N <= C and r <= Rc are read from cache_lengths, and each present tensor
+//   has the shape of its past tensor. When the host binds a present output to the
+//   same buffer as its past input (ONNX Runtime IOBinding, as for
+//   GroupQueryAttention's past_present_share_buffer), only the appended tokens are
+//   written: a decode step reads the cache once and writes one token. Otherwise
+//   the past tensor is copied first. Slots past the valid lengths are never read.
 #pragma once
 
 #include <cstdint>
@@ -59,6 +74,10 @@ struct Io {
   int64_t B = 0, Hq = 0, Hkv = 0, S = 0, D = 0;
   int64_t N = 0;    // quantized tokens in the past
   int64_t r = 0;    // residual tokens in the past
+  // Token strides of the cache tensors: growing cache Nc = N, Rc = r, N2c = N + F,
+  // R2c = r + S - F; fixed capacity Nc = N2c = C, Rc = R2c = residual slots.
+  bool capacity = false;
+  int64_t Nc = 0, Rc = 0, N2c = 0, R2c = 0;
   int64_t T = 0;    // N + r + S
   int64_t F = 0;    // tokens quantized by this call
   int64_t row_bytes = 0;  // D * bits / 8
@@ -89,6 +108,7 @@ struct Io {
   uint16_t* p_value_scale = nullptr;
   uint16_t* p_value_zero = nullptr;
   float* p_value_res = nullptr;
+  int64_t* p_lengths = nullptr;  // present_cache_lengths (host memory), when requested
 };
 
 // Checks every input against the attributes and the other inputs (errors name the
@@ -105,16 +125,20 @@ struct Op : OpBase<Op, Attributes> {
   explicit Op(Provider provider)
       : OpBase(kOpName, provider, &ReadAttributes, &ComputeCpu, TOOLKIT_CUDA_COMPUTE(&ComputeCuda)) {}
 
-  size_t GetInputTypeCount() const { return 12; }
+  size_t GetInputTypeCount() const { return 13; }
   ONNXTensorElementDataType GetInputType(size_t index) const { return IoType(index == 11 ? 0 : index); }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return (index == 5 || index == 9 || index == 11) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    return (index == 5 || index == 9 || index >= 11) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
-  size_t GetOutputTypeCount() const { return 9; }
-  // Output i >= 1 mirrors input i + 2.
-  ONNXTensorElementDataType GetOutputType(size_t index) const { return IoType(index == 0 ? 0 : index + 2); }
+  // The lengths are read on the host by every provider.
+  OrtMemType GetInputMemoryType(size_t index) const { return index == 12 ? OrtMemTypeCPUInput : OrtMemTypeDefault; }
+  size_t GetOutputTypeCount() const { return 10; }
+  // Outputs 1..8 mirror inputs 3..10; output 9 (the lengths) mirrors input 12.
+  ONNXTensorElementDataType GetOutputType(size_t index) const {
+    return IoType(index == 0 ? 0 : index == 9 ? 12 : index + 2);
+  }
   OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
-    return (index == 3 || index == 7) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    return (index == 3 || index == 7 || index == 9) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
 
  private:
@@ -128,6 +152,8 @@ struct Op : OpBase<Op, Attributes> {
       case 8:
       case 9:
         return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+      case 12:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
       default:
         return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     }

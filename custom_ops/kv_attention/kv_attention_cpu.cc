@@ -98,18 +98,21 @@ OrtStatus* Prepare(OrtKernelContext* context, const Attributes& a, Io* io) {
   }
   const int64_t row_bytes = D / per;
   const auto kq = shape_of(3);
+  const bool capacity = bool(ctx.GetInput(12));
   if (kq.size() != 4 || kq[0] != B || kq[1] != Hkv || kq[3] != row_bytes) {
     return InvalidInputStatus(kOpName, "past_key_q", kq,
-                              Dims({B, Hkv, -1, row_bytes}) + " ([batch, kv_heads, quantized_tokens, head_dim*" +
+                              Dims({B, Hkv, -1, row_bytes}) + " ([batch, kv_heads, " +
+                                  (capacity ? "capacity" : "quantized_tokens") + ", head_dim*" +
                                   std::to_string(a.bits) + "/8])");
   }
-  const int64_t N = kq[2];
-  if (a.key_per_channel && N % a.key_group != 0) {
+  const int64_t Nc = kq[2];  // token dimension: the length (growing) or the capacity
+  if (a.key_per_channel && Nc % a.key_group != 0) {
     return InvalidInputStatus(kOpName, "past_key_q", kq,
-                              "a quantized length that is a multiple of key_group=" + std::to_string(a.key_group));
+                              std::string("a ") + (capacity ? "capacity" : "quantized length") +
+                                  " that is a multiple of key_group=" + std::to_string(a.key_group));
   }
-  const std::vector<int64_t> kscale = a.key_per_channel ? std::vector<int64_t>{B, Hkv, N / a.key_group, D}
-                                                        : std::vector<int64_t>{B, Hkv, N, D / a.key_group};
+  const std::vector<int64_t> kscale = a.key_per_channel ? std::vector<int64_t>{B, Hkv, Nc / a.key_group, D}
+                                                        : std::vector<int64_t>{B, Hkv, Nc, D / a.key_group};
   if (OrtStatus* st = CheckShape("past_key_scale", shape_of(4), kscale, "one float16 per key group")) return st;
   const bool has_kz = bool(ctx.GetInput(5)), has_vz = bool(ctx.GetInput(9));
   if (has_kz == bool(a.symmetric) || has_vz == bool(a.symmetric)) {
@@ -122,21 +125,47 @@ OrtStatus* Prepare(OrtKernelContext* context, const Attributes& a, Io* io) {
   }
   const auto kr = shape_of(6);
   if (kr.size() != 4 || kr[0] != B || kr[1] != Hkv || kr[3] != D) {
-    return InvalidInputStatus(kOpName, "past_key_res", kr, Dims({B, Hkv, -1, D}) + " ([batch, kv_heads, r, head_dim])");
-  }
-  const int64_t r = kr[2];
-  if ((a.residual == 0 && r != 0) || (a.residual > 0 && r >= a.residual)) {
     return InvalidInputStatus(kOpName, "past_key_res", kr,
-                              "fewer than residual=" + std::to_string(a.residual) +
-                                  " tokens (a full window is quantized by the call that fills it)");
+                              Dims({B, Hkv, -1, D}) + " ([batch, kv_heads, " + (capacity ? "slots" : "r") +
+                                  ", head_dim])");
   }
+  const int64_t Rc = kr[2];
   if (OrtStatus* st = CheckShape("past_value_q", shape_of(7), kq, "the shape of past_key_q")) return st;
-  const std::vector<int64_t> vscale{B, Hkv, N, D / a.value_group};
+  const std::vector<int64_t> vscale{B, Hkv, Nc, D / a.value_group};
   if (OrtStatus* st = CheckShape("past_value_scale", shape_of(8), vscale, "one float16 per value group")) return st;
   if (has_vz) {
     if (OrtStatus* st = CheckShape("past_value_zero", shape_of(9), vscale, "the shape of past_value_scale")) return st;
   }
   if (OrtStatus* st = CheckShape("past_value_res", shape_of(10), kr, "the shape of past_key_res")) return st;
+
+  int64_t N = Nc, r = Rc;
+  if (capacity) {
+    const auto ls = shape_of(12);
+    if (ls != std::vector<int64_t>{2}) {
+      return InvalidInputStatus(kOpName, "cache_lengths", ls, "[2] (quantized tokens N, residual tokens r)");
+    }
+    const int64_t* len = ctx.GetInput(12).GetTensorData<int64_t>();
+    N = len[0], r = len[1];
+    const std::string got = "cache_lengths = (" + std::to_string(N) + ", " + std::to_string(r) + ")";
+    if (N < 0 || N > Nc || (a.key_per_channel && N % a.key_group != 0)) {
+      return MakeStatus(ORT_INVALID_ARGUMENT,
+                        std::string(kOpName) + ": input " + got + ": N must be in [0, " + std::to_string(Nc) +
+                            "] (the capacity of past_key_q " + ShapeToString(kq) + ")" +
+                            (a.key_per_channel ? " and a multiple of key_group=" + std::to_string(a.key_group)
+                                               : std::string()));
+    }
+    if (r < 0 || r > Rc) {
+      return MakeStatus(ORT_INVALID_ARGUMENT, std::string(kOpName) + ": input " + got + ": r must be in [0, " +
+                                                  std::to_string(Rc) + "] (the slots of past_key_res " +
+                                                  ShapeToString(kr) + ")");
+    }
+  }
+  if ((a.residual == 0 && r != 0) || (a.residual > 0 && r >= a.residual)) {
+    return InvalidInputStatus(kOpName, capacity ? "cache_lengths" : "past_key_res",
+                              capacity ? std::vector<int64_t>{N, r} : kr,
+                              "fewer than residual=" + std::to_string(a.residual) +
+                                  " residual tokens (a full window is quantized by the call that fills it)");
+  }
 
   const int64_t T = N + r + S;
   io->bias_batch = 0;
@@ -153,6 +182,19 @@ OrtStatus* Prepare(OrtKernelContext* context, const Attributes& a, Io* io) {
 
   io->B = B, io->Hq = Hq, io->Hkv = Hkv, io->S = S, io->D = D, io->N = N, io->r = r, io->T = T;
   io->F = a.residual > 0 ? (r + S) / a.residual * a.residual : r + S;
+  const int64_t N2 = N + io->F, r2 = r + S - io->F;
+  io->capacity = capacity;
+  io->Nc = Nc, io->Rc = Rc;
+  io->N2c = capacity ? Nc : N2;
+  io->R2c = capacity ? Rc : r2;
+  if (capacity && (N2 > Nc || r2 > Rc)) {
+    return MakeStatus(ORT_INVALID_ARGUMENT,
+                      std::string(kOpName) + ": the cache is full: " + std::to_string(S) + " new tokens after " +
+                          std::to_string(N) + " quantized + " + std::to_string(r) + " residual need " +
+                          std::to_string(N2) + " quantized slots (past_key_q " + ShapeToString(kq) + " has " +
+                          std::to_string(Nc) + ") and " + std::to_string(r2) + " residual slots (past_key_res " +
+                          ShapeToString(kr) + " has " + std::to_string(Rc) + "); allocate a larger cache");
+  }
   io->row_bytes = row_bytes;
   io->key_params_per_token = a.key_per_channel ? 0 : D / a.key_group;
   io->value_params = D / a.value_group;
@@ -170,11 +212,11 @@ OrtStatus* Prepare(OrtKernelContext* context, const Attributes& a, Io* io) {
   io->value_zero = has_vz ? reinterpret_cast<const uint16_t*>(ctx.GetInput(9).GetTensorRawData()) : nullptr;
   io->value_res = ctx.GetInput(10).GetTensorData<float>();
 
-  const int64_t N2 = N + io->F, r2 = r + S - io->F;
+  const int64_t P = io->N2c, PR = io->R2c;  // token dimensions of the present tensors
   io->out = ctx.GetOutput(0, qs).GetTensorMutableData<float>();
-  io->p_key_q = ctx.GetOutput(1, {B, Hkv, N2, row_bytes}).GetTensorMutableData<uint8_t>();
-  const std::vector<int64_t> kscale2 = a.key_per_channel ? std::vector<int64_t>{B, Hkv, N2 / a.key_group, D}
-                                                         : std::vector<int64_t>{B, Hkv, N2, D / a.key_group};
+  io->p_key_q = ctx.GetOutput(1, {B, Hkv, P, row_bytes}).GetTensorMutableData<uint8_t>();
+  const std::vector<int64_t> kscale2 = a.key_per_channel ? std::vector<int64_t>{B, Hkv, P / a.key_group, D}
+                                                         : std::vector<int64_t>{B, Hkv, P, D / a.key_group};
   io->p_key_scale = reinterpret_cast<uint16_t*>(ctx.GetOutput(2, kscale2).GetTensorMutableRawData());
   io->p_key_zero = nullptr;
   io->p_value_zero = nullptr;
@@ -186,14 +228,25 @@ OrtStatus* Prepare(OrtKernelContext* context, const Attributes& a, Io* io) {
     }
     io->p_key_zero = reinterpret_cast<uint16_t*>(ctx.GetOutput(3, kscale2).GetTensorMutableRawData());
   }
-  io->p_key_res = ctx.GetOutput(4, {B, Hkv, r2, D}).GetTensorMutableData<float>();
-  io->p_value_q = ctx.GetOutput(5, {B, Hkv, N2, row_bytes}).GetTensorMutableData<uint8_t>();
-  const std::vector<int64_t> vscale2{B, Hkv, N2, D / a.value_group};
+  io->p_key_res = ctx.GetOutput(4, {B, Hkv, PR, D}).GetTensorMutableData<float>();
+  io->p_value_q = ctx.GetOutput(5, {B, Hkv, P, row_bytes}).GetTensorMutableData<uint8_t>();
+  const std::vector<int64_t> vscale2{B, Hkv, P, D / a.value_group};
   io->p_value_scale = reinterpret_cast<uint16_t*>(ctx.GetOutput(6, vscale2).GetTensorMutableRawData());
   if (!a.symmetric) {
     io->p_value_zero = reinterpret_cast<uint16_t*>(ctx.GetOutput(7, vscale2).GetTensorMutableRawData());
   }
-  io->p_value_res = ctx.GetOutput(8, {B, Hkv, r2, D}).GetTensorMutableData<float>();
+  io->p_value_res = ctx.GetOutput(8, {B, Hkv, PR, D}).GetTensorMutableData<float>();
+  io->p_lengths = nullptr;
+  if (ctx.GetOutputCount() > 9) {
+    if (Ort::UnownedValue lengths = ctx.GetOutput(9, {2})) {
+      if (!capacity) {
+        return MakeStatus(ORT_INVALID_ARGUMENT, std::string(kOpName) +
+                                                    ": output 'present_cache_lengths' needs the input "
+                                                    "'cache_lengths' (fixed-capacity cache)");
+      }
+      io->p_lengths = lengths.GetTensorMutableData<int64_t>();
+    }
+  }
   return nullptr;
 }
 
@@ -599,7 +652,7 @@ inline float BiasAt(const Io& io, int64_t b, int64_t s, int64_t t) {
 // Full-precision row of position t >= N (residual, then the new tokens).
 inline const float* FpRow(const Io& io, const float* res, const float* fresh, int64_t b, int64_t h, int64_t t) {
   const int64_t i = t - io.N;
-  if (i < io.r) return res + ((b * io.Hkv + h) * io.r + i) * io.D;
+  if (i < io.r) return res + ((b * io.Hkv + h) * io.Rc + i) * io.D;
   return fresh + ((b * io.Hkv + h) * io.S + (i - io.r)) * io.D;
 }
 
@@ -617,7 +670,7 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
   const int64_t b = bh / io.Hkv, h = bh % io.Hkv;
   const int64_t t0 = slice * job->slice_len, t1 = std::min(io.T, t0 + job->slice_len), len = t1 - t0;
   const int bits = int(a.bits);
-  const int64_t groups = io.N / a.key_group;  // per-channel key groups
+  const int64_t groups = io.Nc / a.key_group;  // per-channel key group slots
 
   std::vector<float> kv(static_cast<size_t>(D)), sc(static_cast<size_t>(D)), zc(sc), vsc(sc), vzc(sc);
   int64_t loaded_group = -1;
@@ -631,7 +684,7 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
   std::vector<float> qs, qz, qsum;
   auto key_scores = [&](int64_t t, const float* q, int64_t nr, float* out, int64_t stride) {
     if (t >= io.N) return Ops::DotRows(q, nr, FpRow(io, io.key_res, io.key, b, h, t), D, out, stride);
-    const uint8_t* codes = io.key_q + (bh * io.N + t) * io.row_bytes;
+    const uint8_t* codes = io.key_q + (bh * io.Nc + t) * io.row_bytes;
     if (a.key_per_channel) {
       const int64_t g = t / a.key_group;
       if (g != loaded_group) {
@@ -655,7 +708,7 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
     } else {
       const int64_t ng = io.key_params_per_token;
       for (int64_t g = 0; g < ng; ++g) {
-        ScaleZeroAt(io.key_scale, io.key_zero, (bh * io.N + t) * ng + g, &sc[size_t(g)], &zc[size_t(g)]);
+        ScaleZeroAt(io.key_scale, io.key_zero, (bh * io.Nc + t) * ng + g, &sc[size_t(g)], &zc[size_t(g)]);
       }
       Ops::QuantScores(q, nr, codes, bits, D, RowParams{sc.data(), zc.data(), a.key_group}, kv.data(), out, stride);
     }
@@ -667,18 +720,18 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
     }
     const int64_t ng = io.value_params;
     for (int64_t g = 0; g < ng; ++g) {
-      ScaleZeroAt(io.value_scale, io.value_zero, (bh * io.N + t) * ng + g, &vsc[size_t(g)], &vzc[size_t(g)]);
+      ScaleZeroAt(io.value_scale, io.value_zero, (bh * io.Nc + t) * ng + g, &vsc[size_t(g)], &vzc[size_t(g)]);
     }
-    Ops::Dequant(io.value_q + (bh * io.N + t) * io.row_bytes, bits, D,
+    Ops::Dequant(io.value_q + (bh * io.Nc + t) * io.row_bytes, bits, D,
                  RowParams{vsc.data(), vzc.data(), a.value_group}, dst);
   };
 
-  // Past code rows [ta, tb) of this head (quantized positions only) into the present.
-  const int64_t N2 = io.N + io.F;
+  // Past code rows [ta, tb) of this head (quantized positions only) into the present
+  // (a growing cache; a fixed-capacity one is copied, if at all, by WritePresent).
   auto copy_codes = [&](const uint8_t* past, uint8_t* present, int64_t ta, int64_t tb) {
     tb = std::min(tb, io.N);
-    if (ta < tb) {
-      std::memcpy(present + (bh * N2 + ta) * io.row_bytes, past + (bh * io.N + ta) * io.row_bytes,
+    if (job->codes_copied && ta < tb) {
+      std::memcpy(present + (bh * io.N2c + ta) * io.row_bytes, past + (bh * io.Nc + ta) * io.row_bytes,
                   size_t((tb - ta) * io.row_bytes));
     }
   };
@@ -722,7 +775,7 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       const int64_t tq = std::min(te, io.N);  // quantized positions of the block
       if (!a.key_per_channel && io.key_params_per_token == 1 && tb < tq) {
         for (int64_t t = tb; t < tq; ++t) {
-          ScaleZeroAt(io.key_scale, io.key_zero, bh * io.N + t, &ks[size_t(t - tb)], &kz[size_t(t - tb)]);
+          ScaleZeroAt(io.key_scale, io.key_zero, bh * io.Nc + t, &ks[size_t(t - tb)], &kz[size_t(t - tb)]);
         }
         for (int64_t rr = 0; rr < nr; ++rr) {
           float* sr = score.data() + rr * len + (tb - t0);
@@ -767,7 +820,7 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       const int64_t nt = std::min(kTokenBlock, t1 - tb);
       if (fold_values && tb + nt <= io.N) {
         for (int64_t j = 0; j < nt * ng; ++j) {  // the block's rows are consecutive slots
-          ScaleZeroAt(io.value_scale, io.value_zero, (bh * io.N + tb) * ng + j, &bs[size_t(j)], &bz[size_t(j)]);
+          ScaleZeroAt(io.value_scale, io.value_zero, (bh * io.Nc + tb) * ng + j, &bs[size_t(j)], &bz[size_t(j)]);
         }
         for (int64_t rr = 0; rr < nr; ++rr) {
           const float* pr = score.data() + rr * len + (tb - t0);
@@ -781,7 +834,7 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
             zsum[size_t(rr * ng + g)] += zs;
           }
         }
-        Ops::AccumulateCodes(wq.data(), nr, ng, a.value_group, io.value_q + (bh * io.N + tb) * io.row_bytes,
+        Ops::AccumulateCodes(wq.data(), nr, ng, a.value_group, io.value_q + (bh * io.Nc + tb) * io.row_bytes,
                              io.row_bytes, bits, nt, D, acc.data());
       } else {
         for (int64_t i = 0; i < nt; ++i) value_row(tb + i, vblk.data() + i * D);
@@ -844,32 +897,43 @@ void MergeSlices(void* data, size_t index) {
 
 // ---------------------------------------------------------------- present cache
 
-// Copies the past cache into the present one and quantizes the F flushed tokens;
-// one (batch, kv head) per call.
+// Copies the past cache into the present one (unless they share a buffer) and
+// quantizes the F flushed tokens; one (batch, kv head) per call.
 void WritePresent(void* data, size_t index) {
   Job* job = static_cast<Job*>(data);
   try {
     const Io& io = *job->io;
     const Attributes& a = *job->a;
     const int64_t bh = int64_t(index), b = bh / io.Hkv, h = bh % io.Hkv, D = io.D;
-    const int64_t N = io.N, F = io.F, N2 = N + F, r2 = io.r + io.S - F, rb = io.row_bytes;
+    const int64_t N = io.N, F = io.F, r2 = io.r + io.S - F, rb = io.row_bytes;
+    // Token strides: past Nc / Rc, present P / PR (equal for a fixed capacity).
+    const int64_t Nc = io.Nc, P = io.N2c, PR = io.R2c;
     const int bits = int(a.bits), per = 8 / bits;
     auto copy = [](auto* dst, const auto* src, int64_t n) {
-      if (n > 0) std::memcpy(dst, src, size_t(n) * sizeof(*src));
+      if (n > 0 && static_cast<const void*>(dst) != static_cast<const void*>(src)) {
+        std::memcpy(dst, src, size_t(n) * sizeof(*src));
+      }
     };
-    // Quantized parts: the past rows (codes already copied by the attention pass
-    // when it ran), then F new rows.
+    // The past: a growing cache copies its N rows (the codes were already copied by
+    // the attention pass); a fixed-capacity one copies whole tensors, and nothing at
+    // all where the present is bound to the past's buffer (copy skips dst == src).
+    const int64_t rows = io.capacity ? Nc : N;
     if (!job->codes_copied) {
-      copy(io.p_key_q + bh * N2 * rb, io.key_q + bh * N * rb, N * rb);
-      copy(io.p_value_q + bh * N2 * rb, io.value_q + bh * N * rb, N * rb);
+      copy(io.p_key_q + bh * P * rb, io.key_q + bh * Nc * rb, rows * rb);
+      copy(io.p_value_q + bh * P * rb, io.value_q + bh * Nc * rb, rows * rb);
     }
-    const int64_t kp_past = a.key_per_channel ? N / a.key_group * D : N * io.key_params_per_token;
-    const int64_t kp_new = a.key_per_channel ? F / a.key_group * D : F * io.key_params_per_token;
-    copy(io.p_key_scale + bh * (kp_past + kp_new), io.key_scale + bh * kp_past, kp_past);
-    if (io.p_key_zero) copy(io.p_key_zero + bh * (kp_past + kp_new), io.key_zero + bh * kp_past, kp_past);
+    auto key_params = [&](int64_t tokens) {
+      return a.key_per_channel ? tokens / a.key_group * D : tokens * io.key_params_per_token;
+    };
+    copy(io.p_key_scale + bh * key_params(P), io.key_scale + bh * key_params(Nc), key_params(rows));
+    if (io.p_key_zero) copy(io.p_key_zero + bh * key_params(P), io.key_zero + bh * key_params(Nc), key_params(rows));
     const int64_t vp = io.value_params;
-    copy(io.p_value_scale + bh * N2 * vp, io.value_scale + bh * N * vp, N * vp);
-    if (io.p_value_zero) copy(io.p_value_zero + bh * N2 * vp, io.value_zero + bh * N * vp, N * vp);
+    copy(io.p_value_scale + bh * P * vp, io.value_scale + bh * Nc * vp, rows * vp);
+    if (io.p_value_zero) copy(io.p_value_zero + bh * P * vp, io.value_zero + bh * Nc * vp, rows * vp);
+    if (io.capacity) {
+      copy(io.p_key_res + bh * PR * D, io.key_res + bh * io.Rc * D, io.Rc * D);
+      copy(io.p_value_res + bh * PR * D, io.value_res + bh * io.Rc * D, io.Rc * D);
+    }
 
     auto fp_key = [&](int64_t i) { return FpRow(io, io.key_res, io.key, b, h, N + i); };
     auto fp_value = [&](int64_t i) { return FpRow(io, io.value_res, io.value, b, h, N + i); };
@@ -903,18 +967,18 @@ void WritePresent(void* data, size_t index) {
     };
     for (int64_t i = 0; i < F; ++i) {
       // z_out is only written when asymmetric, where the zero outputs exist.
-      per_token(fp_value(i), a.value_group, io.p_value_scale + (bh * N2 + N + i) * vp,
-                io.p_value_zero ? io.p_value_zero + (bh * N2 + N + i) * vp : nullptr,
-                io.p_value_q + (bh * N2 + N + i) * rb);
+      per_token(fp_value(i), a.value_group, io.p_value_scale + (bh * P + N + i) * vp,
+                io.p_value_zero ? io.p_value_zero + (bh * P + N + i) * vp : nullptr,
+                io.p_value_q + (bh * P + N + i) * rb);
       if (!a.key_per_channel) {
         const int64_t kp = io.key_params_per_token;
-        per_token(fp_key(i), a.key_group, io.p_key_scale + (bh * N2 + N + i) * kp,
-                  io.p_key_zero ? io.p_key_zero + (bh * N2 + N + i) * kp : nullptr,
-                  io.p_key_q + (bh * N2 + N + i) * rb);
+        per_token(fp_key(i), a.key_group, io.p_key_scale + (bh * P + N + i) * kp,
+                  io.p_key_zero ? io.p_key_zero + (bh * P + N + i) * kp : nullptr,
+                  io.p_key_q + (bh * P + N + i) * rb);
       }
     }
     if (a.key_per_channel) {
-      const int64_t G = a.key_group, groups2 = N2 / G;
+      const int64_t G = a.key_group, groups2 = P / G;
       std::vector<uint8_t> block(size_t(G * D));
       for (int64_t g0 = 0; g0 < F; g0 += G) {
         const int64_t gi = (N + g0) / G;
@@ -935,15 +999,18 @@ void WritePresent(void* data, size_t index) {
         }
         for (int64_t i = 0; i < G; ++i) {
           std::memcpy(codes.data(), block.data() + i * D, size_t(D));
-          pack_row(io.p_key_q + (bh * N2 + N + g0 + i) * rb);
+          pack_row(io.p_key_q + (bh * P + N + g0 + i) * rb);
         }
       }
     }
-    // The residual that stays in full precision.
+    // The residual that stays in full precision. Sharing a buffer, rows that stay
+    // where they are (no flush) are their own source and are skipped; after a flush
+    // (F >= R > r) every kept row is a new token.
     for (int64_t i = 0; i < r2; ++i) {
-      std::memcpy(io.p_key_res + (bh * r2 + i) * D, fp_key(F + i), size_t(D) * sizeof(float));
-      std::memcpy(io.p_value_res + (bh * r2 + i) * D, fp_value(F + i), size_t(D) * sizeof(float));
+      copy(io.p_key_res + (bh * PR + i) * D, fp_key(F + i), D);
+      copy(io.p_value_res + (bh * PR + i) * D, fp_value(F + i), D);
     }
+
   } catch (...) {
     job->failed = true;
   }
@@ -981,11 +1048,12 @@ OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context) {
       job.slice_len = (io.T + job.slices - 1) / job.slices;
       job.slices = (io.T + job.slice_len - 1) / job.slice_len;
       job.partials.resize(size_t(heads * job.slices * job.rows * (io.D + 2)));
-      job.codes_copied = true;
+      job.codes_copied = !io.capacity;
       ctx.ParallelFor(&AttendSlice, size_t(heads * job.slices), 0, &job);
       if (!job.failed) ctx.ParallelFor(&MergeSlices, size_t(heads), 0, &job);
     }
     if (!job.failed && heads > 0) ctx.ParallelFor(&WritePresent, size_t(heads), 0, &job);
+    if (io.p_lengths) io.p_lengths[0] = io.N + io.F, io.p_lengths[1] = io.r + io.S - io.F;
     if (job.failed) {
       return MakeStatus(ORT_RUNTIME_EXCEPTION, std::string(kOpName) + ": CPU kernel failed (out of memory?)");
     }

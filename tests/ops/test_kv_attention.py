@@ -75,6 +75,14 @@ def assert_cache_equal(got, ref, where):
         np.testing.assert_array_equal(got[name], ref[name], err_msg=f"{where}: {name}")
 
 
+def step_inputs(rng, batch, hq, hkv, s_len, d):
+    """Queries, keys, values of one call; keys with per-channel offsets (the outlier channels KIVI is built for)."""
+    q = rng.standard_normal((batch, hq, s_len, d)).astype(np.float32)
+    k = (rng.standard_normal((batch, hkv, s_len, d)) + np.linspace(-3, 3, d)).astype(np.float32)
+    v = rng.standard_normal((batch, hkv, s_len, d)).astype(np.float32)
+    return q, k, v
+
+
 def drive(scheme, batch, hq, hkv, d, steps, threads=1, with_bias=True, pad=None, seed=0, scale=0.0):
     """Prefill + decode with the op and the reference; returns per-step outputs of both."""
     rng = np.random.default_rng(seed)
@@ -84,10 +92,7 @@ def drive(scheme, batch, hq, hkv, d, steps, threads=1, with_bias=True, pad=None,
     past = 0
     results = []
     for i, s_len in enumerate(steps):
-        q = rng.standard_normal((batch, hq, s_len, d)).astype(np.float32)
-        # Keys with per-channel offsets (the outlier channels KIVI is built for).
-        k = (rng.standard_normal((batch, hkv, s_len, d)) + np.linspace(-3, 3, d)).astype(np.float32)
-        v = rng.standard_normal((batch, hkv, s_len, d)).astype(np.float32)
+        q, k, v = step_inputs(rng, batch, hq, hkv, s_len, d)
         bias = causal_bias(batch, s_len, past, pad) if with_bias else None
         out, cache_op = run_op(sess, q, k, v, cache_op, bias)
         ref, cache_ref = kq.attention(q, k, v, cache_ref, scheme, bias, scale)
@@ -288,6 +293,174 @@ def test_reference_pack_roundtrip_and_fp16_rounding():
     assert kq.pack(np.array([[1, 2, 3, 0]], np.uint8), 2)[0, 0] == 0b00111001
 
 
+# ---------------------------------------------------------------- fixed-capacity cache
+#
+# With the input cache_lengths the cache tensors keep a fixed token dimension and the
+# present outputs have the shape of the past inputs. Contract: the present tensors
+# equal kq.attention_capacity bit for bit (valid part = the growing reference's
+# present, unused slots = the past's), and the output is bit-identical to the
+# growing cache's (the same arithmetic, only the strides differ). Unused slots are
+# filled with garbage codes/scales to show they are never read.
+
+GARBAGE = 0x7B  # uint8 code 123; float16 0x7B7B = 61280; float32 0x7B7B7B7B ~ 1.3e36
+
+
+def _garbage_capacity(cache, scheme, capacity, slots):
+    cap, lengths = kq.to_capacity(cache, scheme, capacity, slots)
+    for name, t in cap.items():
+        n = cache[name].shape[2]
+        t.view(np.uint8)[:, :, n:] = GARBAGE
+    return cap, lengths
+
+
+def drive_capacity(scheme, batch, hq, hkv, d, steps, capacity, slots=None, threads=1, with_bias=True, seed=0):
+    rng = np.random.default_rng(seed)
+    sess = ort.InferenceSession(kq.single_op_model(scheme, with_bias=with_bias, capacity=True).SerializeToString(),
+                                ops.session_options(threads), providers=["CPUExecutionProvider"])
+    grow = make_session(scheme, with_bias=with_bias, threads=threads)
+    cache, lengths = _garbage_capacity(kq.empty_cache(batch, hkv, d, scheme), scheme, capacity, slots)
+    cache_grow = kq.empty_cache(batch, hkv, d, scheme)
+    past = 0
+    for i, s_len in enumerate(steps):
+        q, k, v = step_inputs(rng, batch, hq, hkv, s_len, d)
+        bias = causal_bias(batch, s_len, past, None) if with_bias else None
+        feeds = {"query": q, "key": k, "value": v, "cache_lengths": lengths,
+                 **{f"past_{n}": t for n, t in cache.items()}}
+        if bias is not None:
+            feeds["attn_bias"] = bias
+        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        ref, ref_cache, ref_lengths = kq.attention_capacity(q, k, v, cache, lengths, scheme, bias)
+        present = {n[len("present_"):]: t for n, t in outs.items()
+                   if n.startswith("present_") and n != "present_cache_lengths"}
+        assert_cache_equal(present, ref_cache, f"call {i}")
+        np.testing.assert_array_equal(outs["present_cache_lengths"], ref_lengths)
+        out_grow, cache_grow = run_op(grow, q, k, v, cache_grow, bias)
+        np.testing.assert_array_equal(outs["output"], out_grow, err_msg=f"call {i}")
+        np.testing.assert_allclose(outs["output"], ref, rtol=OUT_RTOL, atol=OUT_ATOL, err_msg=f"call {i}")
+        cache, lengths = present, outs["present_cache_lengths"]
+        past += s_len
+    return cache, lengths
+
+
+@pytest.mark.parametrize("path", ["simd", "scalar"])
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_fixed_capacity_matches_reference_and_growing_cache(name, path, monkeypatch):
+    if path == "scalar":
+        monkeypatch.setenv("TOOLKIT_KV_SCALAR", "1")
+    scheme = SCHEMES[name]
+    # 13 + 20 + 7 = 40 tokens into 48 quantized slots: windows fill and flush in place.
+    drive_capacity(scheme, 2, 4, 2, 32, steps=[13] + [1] * 20 + [5, 1, 1], capacity=48)
+
+
+def test_fixed_capacity_long_context_two_threads():
+    # ~1100 positions at batch 1: sliced over two threads, into a 1152-slot cache.
+    drive_capacity(kq.KVScheme(4, True, 32, 32, 64), 1, 4, 1, 64, steps=[1030, 1, 63, 1], capacity=1152,
+                   threads=2)
+
+
+@pytest.mark.parametrize("name", ["int8", "kivi4"])
+def test_fixed_capacity_causal_default_and_extra_residual_slots(name):
+    scheme = SCHEMES[name]
+    drive_capacity(scheme, 1, 4, 2, 32, steps=[9, 1, 1, 7, 1], capacity=32, slots=scheme.residual + 5,
+                   with_bias=False)
+
+
+@pytest.mark.parametrize("name", ["int8", "kivi2", "int4-res"])
+def test_fixed_capacity_in_place_with_iobinding(name):
+    """Present outputs bound to the past inputs' buffers: the op appends in place.
+
+    The cache lives in one set of OrtValues for the whole run; after every step the
+    buffers hold exactly what the reference's present cache holds.
+    """
+    scheme = SCHEMES[name]
+    batch, hq, hkv, d, capacity = 2, 4, 2, 32, 64
+    rng = np.random.default_rng(7)
+    sess = ort.InferenceSession(kq.single_op_model(scheme, with_bias=True, capacity=True).SerializeToString(),
+                                ops.session_options(1), providers=["CPUExecutionProvider"])
+    cache, lengths = _garbage_capacity(kq.empty_cache(batch, hkv, d, scheme), scheme, capacity, None)
+    ref_cache, ref_lengths = {n: t.copy() for n, t in cache.items()}, lengths.copy()
+    values = {n: ort.OrtValue.ortvalue_from_numpy(t) for n, t in cache.items()}
+    pointers = {n: v.data_ptr() for n, v in values.items()}
+    binding = sess.io_binding()
+    for n, v in values.items():
+        binding.bind_ortvalue_input(f"past_{n}", v)
+        binding.bind_ortvalue_output(f"present_{n}", v)
+    len_value = ort.OrtValue.ortvalue_from_numpy(np.zeros(2, np.int64))
+    binding.bind_ortvalue_output("present_cache_lengths", len_value)
+    past = 0
+    for i, s_len in enumerate([11] + [1] * 40):
+        q = rng.standard_normal((batch, hq, s_len, d)).astype(np.float32)
+        k = rng.standard_normal((batch, hkv, s_len, d)).astype(np.float32)
+        v = rng.standard_normal((batch, hkv, s_len, d)).astype(np.float32)
+        bias = causal_bias(batch, s_len, past, None)
+        for n, t in {"query": q, "key": k, "value": v, "attn_bias": bias, "cache_lengths": lengths}.items():
+            binding.bind_cpu_input(n, t)
+        out_value = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, hq, s_len, d), np.float32))
+        binding.bind_ortvalue_output("output", out_value)
+        sess.run_with_iobinding(binding)
+        out = out_value.numpy()
+        ref, ref_cache, ref_lengths = kq.attention_capacity(q, k, v, ref_cache, ref_lengths, scheme, bias)
+        assert {n: v.data_ptr() for n, v in values.items()} == pointers  # still the same buffers
+        assert_cache_equal({n: v.numpy() for n, v in values.items()}, ref_cache, f"step {i}")
+        lengths = len_value.numpy().copy()
+        np.testing.assert_array_equal(lengths, ref_lengths)
+        np.testing.assert_allclose(out, ref, rtol=OUT_RTOL, atol=OUT_ATOL, err_msg=f"step {i}")
+        past += s_len
+    assert lengths.sum() == past
+
+
+def test_fixed_capacity_errors_are_named():
+    scheme = SCHEMES["kivi4"]  # key_group 8, residual 16
+    sess = ort.InferenceSession(kq.single_op_model(scheme, with_bias=False, capacity=True).SerializeToString(),
+                                ops.session_options(1), providers=["CPUExecutionProvider"])
+    cache, _ = kq.to_capacity(kq.empty_cache(1, 2, 32, scheme), scheme, 16)
+    rng = np.random.default_rng(0)
+
+    def feeds(lengths, s_len=1, **over):
+        f = {"query": rng.standard_normal((1, 4, s_len, 32)).astype(np.float32),
+             "key": rng.standard_normal((1, 2, s_len, 32)).astype(np.float32),
+             "value": rng.standard_normal((1, 2, s_len, 32)).astype(np.float32),
+             "cache_lengths": np.array(lengths, np.int64), **{f"past_{n}": t for n, t in cache.items()}}
+        return {**f, **over}
+
+    sess.run(None, feeds([8, 3]))  # valid baseline
+    _fail(sess, feeds([16, 15]), "cache is full", "32 quantized slots", "allocate a larger cache")
+    _fail(sess, feeds([0, 0], s_len=40), "cache is full")
+    _fail(sess, feeds([24, 0]), "cache_lengths = (24, 0)", "N must be in [0, 16]")
+    _fail(sess, feeds([4, 0]), "multiple of key_group=8")
+    _fail(sess, feeds([8, 16]), "r must be in [0, 15]")
+    with pytest.raises(Exception, match="cache_lengths"):  # the model declares [2]; ONNX Runtime checks it
+        sess.run(None, feeds([8, 3], cache_lengths=np.zeros(3, np.int64)))
+    _fail(sess, feeds([8, 0], past_key_q=np.zeros((1, 2, 12, 16), np.uint8)), "'past_key_q'",
+          "capacity that is a multiple of key_group=8")
+
+
+def test_present_lengths_output_needs_the_lengths_input():
+    from onnx import helper
+
+    scheme = SCHEMES["int8"]
+    model = kq.single_op_model(scheme, with_bias=False)
+    node = model.graph.node[0]
+    node.output.extend([""] * (9 - len(node.output)) + [kq.LENGTHS_OUTPUT])
+    model.graph.output.append(helper.make_tensor_value_info(kq.LENGTHS_OUTPUT, 7, [2]))
+    sess = ort.InferenceSession(model.SerializeToString(), ops.session_options(1),
+                                providers=["CPUExecutionProvider"])
+    _fail(sess, _feeds(scheme), "'present_cache_lengths'", "needs the input 'cache_lengths'")
+
+
+def test_capacity_reference_roundtrip():
+    scheme = SCHEMES["kivi4"]
+    rng = np.random.default_rng(1)
+    k = rng.standard_normal((1, 2, 21, 32)).astype(np.float32)
+    _, cache = kq.attention(k[:, :, :, :], k, k, kq.empty_cache(1, 2, 32, scheme), scheme)
+    cap, lengths = kq.to_capacity(cache, scheme, 32)
+    assert cap["key_scale"].shape[2] == 4 and cap["key_q"].shape[2] == 32 and cap["key_res"].shape[2] == 15
+    assert list(lengths) == [16, 5]
+    assert_cache_equal(kq.from_capacity(cap, lengths, scheme), cache, "roundtrip")
+    with pytest.raises(ValueError, match="does not fit"):
+        kq.to_capacity(cache, scheme, 8)
+
+
 # ---------------------------------------------------------------- CUDA kernel
 #
 # The CUDA kernel (custom_ops/kv_attention/kv_attention.cu) against the same NumPy
@@ -378,9 +551,7 @@ def _drive_cuda(runner, scheme, batch, hq, hkv, d, steps, with_bias=True, pad=No
     cache_ref = kq.empty_cache(batch, hkv, d, scheme)
     past = 0
     for i, s_len in enumerate(steps):
-        q = rng.standard_normal((batch, hq, s_len, d)).astype(np.float32)
-        k = (rng.standard_normal((batch, hkv, s_len, d)) + np.linspace(-3, 3, d)).astype(np.float32)
-        v = rng.standard_normal((batch, hkv, s_len, d)).astype(np.float32)
+        q, k, v = step_inputs(rng, batch, hq, hkv, s_len, d)
         if pad_key is not None and past == 0:
             for b, p in enumerate(pad):
                 k[b, :, :p] = pad_key

@@ -12,9 +12,13 @@ process, all with IOBinding (inputs bound once, outputs preallocated):
   for KIVI ``L - 64`` tokens are quantized and 64 sit in the full-precision
   residual (half a window: what a decoder sees on average). ``attn_bias`` is
   absent (the op's causal default; at S = 1 the token sees every position), which
-  is how ``passes/kv_cache.py`` emits it for unpadded batches. The op returns a
-  *new* present cache each call (a copy of the quantized past plus the appended
-  token): that write is inside its time.
+  is how ``passes/kv_cache.py`` emits it for unpadded batches. The cache is the
+  op's fixed-capacity mode (input ``cache_lengths``) with each present output bound
+  to its past input's OrtValue, as GQA below: the call writes the new token in
+  place.
+* ``ours_<scheme>_growing`` (``int8`` by default): the same op with the growing
+  cache, which returns a *new* present cache each call (a copy of the quantized
+  past plus the appended token): that write is inside its time.
 * ``gqa_fp32``: ``com.microsoft::GroupQueryAttention`` on the CPU EP, float32 cache
   of ``L + 1`` slots with ``past_present_share_buffer`` (present bound to the same
   OrtValue as past; ``seqlens_k = L``, ``total_sequence_length = L + 1``): it writes
@@ -60,6 +64,7 @@ DEFAULT_CONTEXTS = (1024, 4096, 16384)
 DEFAULT_BATCHES = (1, 8)
 DEFAULT_THREADS = (1, 2)
 DEFAULT_SCHEMES = ("int8", "int4", "kivi4", "kivi2")
+DEFAULT_GROWING = ("int8",)  # schemes also timed with the growing cache (a copied present)
 DEFAULT_GQA_QUANT = ("per_channel", "per_tensor")
 KIVI_RESIDUAL_TOKENS = 64  # residual tokens in the past of the KIVI schemes (window 128)
 GROUP = 32                 # channel group (int4) and key token group (KIVI)
@@ -361,27 +366,50 @@ def _memo(data: dict[str, Any], key: str, make: Callable[[], Any]) -> Any:
     return memo[key]
 
 
-def _ours(name: str, data: dict[str, Any], threads: int, shape: Shape) -> Contender:
+def _ours(name: str, data: dict[str, Any], threads: int, shape: Shape, in_place: bool = True) -> Contender:
+    """QuantKVAttention over the quantized past.
+
+    ``in_place``: the fixed-capacity cache (input ``cache_lengths``) with every
+    present output bound to its past input's OrtValue, as GQA runs: the call appends
+    the new token in place (the same slot every call, as the lengths fed are the same).
+    Otherwise the growing cache: a new present (past copy + token) every call.
+    """
     from toolkit.ops import kv_quant as kq
 
     scheme = kq.scheme_for(name, shape.head_dim, group=GROUP, residual=RESIDUAL)
     cache = _memo(data, name, lambda: _our_cache(data["keys"], data["values"], scheme))
-    session = _session(kq.single_op_model(scheme, with_bias=False).SerializeToString(), threads)
+    session = _session(kq.single_op_model(scheme, with_bias=False, capacity=in_place).SerializeToString(), threads)
     past = data["keys"].shape[2] - 1
-    feeds = {"query": data["query"], "key": data["keys"][:, :, past:], "value": data["values"][:, :, past:],
-             **{f"past_{n}": t for n, t in cache.items()}}
-    # One plain run gives the output shapes (the present grows by the new token).
-    names = [o.name for o in session.get_outputs()]
-    first = dict(zip(names, session.run(None, feeds)))
-    _check_present(cache, first, scheme, name)
-    outs = {n: np.empty_like(a) for n, a in first.items()}
-    binding, values = _bind(session, feeds, outs)
+    feeds = {"query": data["query"], "key": data["keys"][:, :, past:], "value": data["values"][:, :, past:]}
+    if not in_place:
+        feeds.update({f"past_{n}": t for n, t in cache.items()})
+        # One plain run gives the output shapes (the present grows by the new token).
+        names = [o.name for o in session.get_outputs()]
+        first = dict(zip(names, session.run(None, feeds)))
+        _check_present(cache, first, scheme, name)
+        outs = {n: np.empty_like(a) for n, a in first.items()}
+        binding, values = _bind(session, feeds, outs)
+        written = sum(a.nbytes for n, a in first.items() if n != "output")
+    else:
+        n = cache["key_q"].shape[2]
+        capacity = -(-(n + RESIDUAL) // GROUP) * GROUP  # room for a flush, a multiple of the key group
+        cap, lengths = kq.to_capacity(cache, scheme, capacity)
+        feeds.update({f"past_{n}": t for n, t in cap.items()}, cache_lengths=lengths)
+        names = [o.name for o in session.get_outputs()]
+        first = dict(zip(names, session.run(None, feeds)))  # not bound: the past stays as it is
+        present = kq.from_capacity({n[len("present_"):]: t for n, t in first.items()
+                                    if n.startswith("present_") and n != "present_cache_lengths"},
+                                   first["present_cache_lengths"], scheme)
+        _check_present(cache, {f"present_{n}": t for n, t in present.items()}, scheme, name)
+        outs = {"output": np.empty_like(first["output"]), "present_cache_lengths": np.zeros(2, np.int64)}
+        binding, values = _bind(session, feeds, outs, shared={f"present_{n}": f"past_{n}" for n in cap})
+        # Bytes of the appended token (codes, scales, zeros or residual rows).
+        written = sum(t.nbytes for t in present.values()) - sum(t.nbytes for t in cache.values())
     out_value = values["output"]
     return Contender(
-        name=f"ours_{name}", run=lambda: session.run_with_iobinding(binding),
+        name=f"ours_{name}" if in_place else f"ours_{name}_growing", run=lambda: session.run_with_iobinding(binding),
         output=lambda: out_value.numpy(), cache_bytes=sum(t.nbytes for t in cache.values()),
-        present_bytes_written=sum(a.nbytes for n, a in first.items() if n != "output"),
-        tolerance_key=name, keep=[binding, values, session],
+        present_bytes_written=written, tolerance_key=name, keep=[binding, values, session],
         exact_reference=lambda: _memo(data, f"ref_{name}",
                                       lambda: reference_attention(data["query"], _our_rows(data, cache, scheme))))
 
@@ -611,7 +639,8 @@ def _targets(row: dict[str, Any], schemes: tuple[str, ...]) -> dict[str, Any]:
 def run(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, threads=DEFAULT_THREADS, schemes=DEFAULT_SCHEMES,
         warmup: int = 30, runs: int = 300, shape: Shape = Shape(), gqa_quant=DEFAULT_GQA_QUANT,
         point_seconds: float = 30.0, min_runs: int = 20, unfused_max_bytes: int = 3 << 30, seed: int = 0,
-        bandwidth_bytes: int = BANDWIDTH_BYTES, max_point_seconds: float = 90.0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        bandwidth_bytes: int = BANDWIDTH_BYTES, max_point_seconds: float = 90.0, progress: Callable[[str], None] | None = None,
+        growing: tuple[str, ...] = DEFAULT_GROWING) -> dict[str, Any]:
     """Run the grid and return a JSON-able result.
 
     Args:
@@ -619,6 +648,7 @@ def run(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, threads=DEFAULT_THRE
             ``clamp(point_seconds / round time, min_runs, runs)``); smaller points get
             ``warmup`` / ``runs`` exactly.
         max_point_seconds: cap on any point's timed runs (``runs_capped_by_time`` in its row).
+        growing: schemes also timed with the op's growing cache (``ours_<scheme>_growing``).
         unfused_max_bytes: leave the unfused graph out where its intermediates
             (present plus repeated K/V, float32) would exceed this.
     """
@@ -648,6 +678,9 @@ def run(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, threads=DEFAULT_THRE
             contenders: dict[str, Contender] = {}
             for s in schemes:
                 c = _ours(s, data, nthreads, shape)
+                contenders[c.name] = c
+            for s in growing:
+                c = _ours(s, data, nthreads, shape, in_place=False)
                 contenders[c.name] = c
             for c in [_gqa(0, None, data, nthreads, shape)] + [
                     _gqa(bits, mode, data, nthreads, shape) for bits in (8, 4) for mode in gqa_quant]:
@@ -691,8 +724,9 @@ def run(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, threads=DEFAULT_THRE
             "pinning": "none (OS scheduling; intra-op threads as stated, inter-op 1)",
             "statistic": "median and p90 of per-call wall time, includes the ORT Run() overhead",
             "decode": "S=1; ours: attn_bias absent (causal default); KIVI past = L-64 quantized + 64 residual",
-            "present": "ours writes a new present cache every call (copy of the quantized past + the new "
-                       "token); GQA shares past/present buffers and writes the new token in place",
+            "present": "ours_<scheme> and GQA share past/present buffers (present outputs bound to the past "
+                       "inputs' OrtValues) and write the new token in place; ours_<scheme>_growing writes a new "
+                       "present cache every call (copy of the quantized past + the new token)",
             "gqa_scales": "static, calibrated on the whole past: max|x|/127 (int8) or /7 (int4)",
             "floor": "cache bytes read once / read bandwidth measured in this run with the same thread count "
                      f"over {bandwidth_bytes >> 20} MiB",

@@ -63,6 +63,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     at.add_argument("--batch", type=_ints, default=(1, 8))
     at.add_argument("--threads", type=_ints, default=(1, 2))
     at.add_argument("--schemes", type=lambda t: tuple(t.split(",")), default=("int8", "int4", "kivi4", "kivi2"))
+    at.add_argument("--growing", type=lambda t: tuple(v for v in t.split(",") if v), default=("int8",),
+                    help="schemes also timed with the growing cache, a new present every call ('' for none)")
     at.add_argument("--gqa-quant", type=lambda t: tuple(v for v in t.split(",") if v),
                     default=("per_channel", "per_tensor"), help="ORT GQA quantized-cache modes ('' for none)")
     at.add_argument("--warmup", type=int, default=30)
@@ -138,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             result = attention.run(args.context, args.batch, args.threads, args.schemes, args.warmup, args.runs,
                                    gqa_quant=args.gqa_quant, point_seconds=args.point_seconds,
-                                   max_point_seconds=args.max_point_seconds, progress=say)
+                                   max_point_seconds=args.max_point_seconds, progress=say, growing=args.growing)
     elif args.bench == "head":
         from toolkit.bench import decode_head
 

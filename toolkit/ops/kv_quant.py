@@ -360,39 +360,109 @@ def attention(query: np.ndarray, key: np.ndarray, value: np.ndarray, cache: dict
     return out, present
 
 
+# ---------------------------------------------------------------- fixed-capacity cache
+#
+# The op's second cache mode (input ``cache_lengths``): every cache tensor keeps a
+# fixed token dimension (``capacity`` quantized slots, ``residual_slots`` residual
+# slots), the valid lengths (N, r) travel as an int64 [2] tensor, and the present
+# tensors have the shape of the past ones, so a host can bind each present output to
+# its past input's buffer. Slots past the valid lengths are never read.
+
+
+def _token_slots(name: str, tokens: int, scheme: KVScheme) -> int:
+    """Length along axis 2 of cache tensor ``name`` holding ``tokens`` quantized tokens."""
+    if name in ("key_scale", "key_zero") and scheme.key_per_channel:
+        return tokens // scheme.key_group
+    return tokens
+
+
+def to_capacity(cache: dict[str, np.ndarray], scheme: KVScheme, capacity: int,
+                residual_slots: int | None = None, fill: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A growing-layout cache in fixed-capacity tensors (``fill`` in the unused slots) and its lengths."""
+    n, r = cache["key_q"].shape[2], cache["key_res"].shape[2]
+    slots = max(scheme.residual - 1, 0) if residual_slots is None else residual_slots
+    if n > capacity or r > slots:
+        raise ValueError(f"cache of {n} quantized + {r} residual tokens does not fit {capacity} + {slots} slots")
+    if scheme.key_per_channel and capacity % scheme.key_group:
+        raise ValueError(f"capacity {capacity} must be a multiple of key_group={scheme.key_group}")
+    out = {}
+    for name, t in cache.items():
+        size = slots if name.endswith("_res") else _token_slots(name, capacity, scheme)
+        full = np.full(t.shape[:2] + (size,) + t.shape[3:], fill, t.dtype)
+        full[:, :, :t.shape[2]] = t
+        out[name] = full
+    return out, np.array([n, r], np.int64)
+
+
+def from_capacity(cache: dict[str, np.ndarray], lengths: np.ndarray, scheme: KVScheme) -> dict[str, np.ndarray]:
+    """The valid part of a fixed-capacity cache, in the growing layout."""
+    n, r = (int(v) for v in lengths)
+    return {name: np.ascontiguousarray(t[:, :, :(r if name.endswith("_res") else _token_slots(name, n, scheme))])
+            for name, t in cache.items()}
+
+
+def attention_capacity(query: np.ndarray, key: np.ndarray, value: np.ndarray, cache: dict[str, np.ndarray],
+                       lengths: np.ndarray, scheme: KVScheme, bias: np.ndarray | None = None, scale: float = 0.0
+                       ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Reference of the fixed-capacity mode: (output, present tensors, present lengths).
+
+    The present tensors are the past ones with the valid part replaced by
+    :func:`attention`'s present cache; unused slots keep their past contents.
+    """
+    out, grown = attention(query, key, value, from_capacity(cache, lengths, scheme), scheme, bias, scale)
+    present = {name: t.copy() for name, t in cache.items()}
+    n2, r2 = grown["key_q"].shape[2], grown["key_res"].shape[2]
+    for name, t in grown.items():
+        if t.shape[2] > present[name].shape[2]:
+            raise ValueError(f"cache full: {name} needs {t.shape[2]} slots, has {present[name].shape[2]}")
+        present[name][:, :, :t.shape[2]] = t
+    return out, present, np.array([n2, r2], np.int64)
+
+
 # ---------------------------------------------------------------- one-node model
 
 OP_TYPE = "QuantKVAttention"
 OP_INPUTS = ("query", "key", "value", *(f"past_{n}" for n in CACHE_TENSORS), "attn_bias")
 OP_OUTPUTS = ("output", *(f"present_{n}" for n in CACHE_TENSORS))
+# The fixed-capacity mode's extra input (index 12) and output (index 9).
+LENGTHS_INPUT, LENGTHS_OUTPUT = "cache_lengths", "present_cache_lengths"
 
 
-def _rank4(name: str) -> list[str]:
-    """Every tensor of the op is rank 4; its dimensions are left symbolic."""
+def _dims(name: str) -> list[int | str]:
+    """The lengths are [2]; every other tensor of the op is rank 4 with symbolic dimensions."""
+    if name.endswith("cache_lengths"):
+        return [2]
     return [f"{name}_{i}" for i in range(4)]
 
 
-def single_op_model(scheme: KVScheme, with_bias: bool = True, scale: float = 0.0):
-    """An ONNX model holding one ``QuantKVAttention`` node; I/O named as in ``OP_INPUTS``/``OP_OUTPUTS``."""
+def single_op_model(scheme: KVScheme, with_bias: bool = True, scale: float = 0.0, capacity: bool = False):
+    """An ONNX model holding one ``QuantKVAttention`` node; I/O named as in ``OP_INPUTS``/``OP_OUTPUTS``.
+
+    ``capacity``: the fixed-capacity cache mode (``cache_lengths`` in,
+    ``present_cache_lengths`` out); otherwise the growing cache.
+    """
     from onnx import TensorProto, helper
 
     from toolkit import ops
 
-    types = {"q": TensorProto.UINT8, "scale": TensorProto.FLOAT16, "zero": TensorProto.FLOAT16}
+    types = {"q": TensorProto.UINT8, "scale": TensorProto.FLOAT16, "zero": TensorProto.FLOAT16,
+             "lengths": TensorProto.INT64}
 
     def ttype(name: str) -> int:
         return types.get(name.rsplit("_", 1)[-1], TensorProto.FLOAT)
 
     skip = {"past_key_zero", "past_value_zero", "present_key_zero", "present_value_zero"} if scheme.symmetric else set()
-    ins = [n if n not in skip and (n != "attn_bias" or with_bias) else "" for n in OP_INPUTS]
-    outs = [n if n not in skip else "" for n in OP_OUTPUTS]
-    while ins and not ins[-1]:
-        ins.pop()
+    extra_in, extra_out = ((LENGTHS_INPUT,), (LENGTHS_OUTPUT,)) if capacity else ((), ())
+    ins = [n if n not in skip and (n != "attn_bias" or with_bias) else "" for n in OP_INPUTS + extra_in]
+    outs = [n if n not in skip else "" for n in OP_OUTPUTS + extra_out]
+    for names in (ins, outs):
+        while names and not names[-1]:
+            names.pop()
     node = helper.make_node(OP_TYPE, ins, outs, domain=ops.DOMAIN, scale=float(scale), **scheme.to_attributes())
     graph = helper.make_graph(
         [node], "quant_kv_attention",
-        [helper.make_tensor_value_info(n, ttype(n), _rank4(n)) for n in ins if n],
-        [helper.make_tensor_value_info(n, ttype(n), _rank4(n)) for n in outs if n])
+        [helper.make_tensor_value_info(n, ttype(n), _dims(n)) for n in ins if n],
+        [helper.make_tensor_value_info(n, ttype(n), _dims(n)) for n in outs if n])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                     helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION)])
     model.ir_version = 10
