@@ -299,6 +299,11 @@ struct ScalarOps {
       out[r * stride] = acc;
     }
   }
+  // CodeDots for nt consecutive code rows (row t at codes + t * row_bytes, scores at out + t).
+  static inline void CodeDotsBlock(const float* q, int64_t rows, const uint8_t* codes, int64_t row_bytes,
+                                   int64_t nt, int bits, int64_t D, float* out, int64_t stride) {
+    for (int64_t t = 0; t < nt; ++t) CodeDots(q, rows, codes + t * row_bytes, bits, D, out + t, stride);
+  }
   // out[r] = dot(q + r * D, dequantized row) with the row dequantized on the fly.
   static inline void QuantScores(const float* q, int64_t rows, const uint8_t* codes, int bits, int64_t D,
                                  const RowParams& p, float* buf, float* out, int64_t stride) {
@@ -318,7 +323,7 @@ struct ScalarOps {
                                      int64_t D, float* acc) {
     for (int64_t t = 0; t < nt; ++t) AxpyRows(p + t, stride, rows, v + t * D, D, acc);
   }
-  // acc[r * D + d] += sum_t w[(r * ng + d / G) * nt + t] * code_t[d] over nt code rows
+  // acc[r * D + d] += sum_t w[(r * nt + t) * ng + d / G] * code_t[d] over nt code rows
   // (row t at codes + t * row_bytes): value rows with their scale folded into w.
   static inline void AccumulateCodes(const float* w, int64_t rows, int64_t ng, int64_t G, const uint8_t* codes,
                                      int64_t row_bytes, int bits, int64_t nt, int64_t D, float* acc) {
@@ -327,9 +332,27 @@ struct ScalarOps {
       for (int64_t t = 0; t < nt; ++t) {
         const uint8_t* q = codes + t * row_bytes;
         for (int64_t d = 0; d < D; ++d) {
-          acc[r * D + d] += w[(r * ng + d / G) * nt + t] * float((q[d / per] >> ((d % per) * bits)) & mask);
+          acc[r * D + d] += w[(r * nt + t) * ng + d / G] * float((q[d / per] >> ((d % per) * bits)) & mask);
         }
       }
+    }
+  }
+  // n float16 scales (and zeros; none: symmetric, z = -128 s) of consecutive slots as floats.
+  static inline void LoadScales(const uint16_t* s16, const uint16_t* z16, int64_t n, float* s, float* z) {
+    for (int64_t i = 0; i < n; ++i) ScaleZeroAt(s16, z16, i, &s[i], &z[i]);
+  }
+  // One query row's probabilities p[0..nt) against a block of nt value rows with ng
+  // (scale, zero) groups each, s / z [nt][ng]: w[t * ng + g] = p[t] s[t][g] and
+  // zsum[g] += sum_t p[t] z[t][g].
+  static inline void FoldWeights(const float* p, int64_t nt, int64_t ng, const float* s, const float* z, float* w,
+                                 float* zsum) {
+    for (int64_t g = 0; g < ng; ++g) {
+      float zs = 0.0f;
+      for (int64_t t = 0; t < nt; ++t) {
+        w[t * ng + g] = p[t] * s[t * ng + g];
+        zs += p[t] * z[t * ng + g];
+      }
+      zsum[g] += zs;
     }
   }
   // max(-inf, x[0..n)), NaNs skipped.
@@ -459,6 +482,61 @@ struct Avx2Ops {
     if (bits == 4) return DotRowsWith(q, rows, Codes<4>{codes}, D, out, stride);
     DotRowsWith(q, rows, Codes<2>{codes}, D, out, stride);
   }
+  // [sum(a), sum(b), ..., sum(h)] of eight vectors.
+  TOOLKIT_AVX2 static inline __m256 Sum8(__m256 a, __m256 b, __m256 c, __m256 d, __m256 e, __m256 f, __m256 g,
+                                         __m256 h) {
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // per 128-bit half
+    const __m256 efgh = _mm256_hadd_ps(_mm256_hadd_ps(e, f), _mm256_hadd_ps(g, h));
+    return _mm256_add_ps(_mm256_permute2f128_ps(abcd, efgh, 0x20), _mm256_permute2f128_ps(abcd, efgh, 0x31));
+  }
+  // Scores of nt consecutive code rows for `rows` query rows: four query rows and two
+  // code rows at a time, so each loaded query chunk serves two tokens (eight
+  // accumulator chains; 6 loads per 8 FMAs instead of 10) and the eight sums are
+  // reduced together.
+  template <int kBits>
+  TOOLKIT_AVX2 static inline void CodeDotsBlockBits(const float* q, int64_t rows, const uint8_t* codes,
+                                                    int64_t row_bytes, int64_t nt, int64_t D, float* out,
+                                                    int64_t stride) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      const float *q0 = q + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
+      float* o = out + r * stride;
+      int64_t t = 0;
+      for (; t + 2 <= nt; t += 2) {
+        const uint8_t *c0 = codes + t * row_bytes, *c1 = c0 + row_bytes;
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+               a31 = a00;
+        for (int64_t d = 0; d < D; d += 8) {
+          const __m256 k0 = Codes8<kBits>(c0, d), k1 = Codes8<kBits>(c1, d);
+          const __m256 x0 = _mm256_loadu_ps(q0 + d), x1 = _mm256_loadu_ps(q1 + d);
+          a00 = _mm256_fmadd_ps(x0, k0, a00), a01 = _mm256_fmadd_ps(x0, k1, a01);
+          a10 = _mm256_fmadd_ps(x1, k0, a10), a11 = _mm256_fmadd_ps(x1, k1, a11);
+          const __m256 x2 = _mm256_loadu_ps(q2 + d), x3 = _mm256_loadu_ps(q3 + d);
+          a20 = _mm256_fmadd_ps(x2, k0, a20), a21 = _mm256_fmadd_ps(x2, k1, a21);
+          a30 = _mm256_fmadd_ps(x3, k0, a30), a31 = _mm256_fmadd_ps(x3, k1, a31);
+        }
+        const __m256 sums = Sum8(a00, a01, a10, a11, a20, a21, a30, a31);
+        const __m128 lo = _mm256_castps256_ps128(sums), hi = _mm256_extractf128_ps(sums, 1);
+        _mm_storel_pi(reinterpret_cast<__m64*>(o + t), lo);
+        _mm_storeh_pi(reinterpret_cast<__m64*>(o + stride + t), lo);
+        _mm_storel_pi(reinterpret_cast<__m64*>(o + 2 * stride + t), hi);
+        _mm_storeh_pi(reinterpret_cast<__m64*>(o + 3 * stride + t), hi);
+      }
+      if (t < nt) DotRowsWith(q0, 4, Codes<kBits>{codes + t * row_bytes}, D, o + t, stride);
+    }
+    if (r < rows) {
+      for (int64_t t = 0; t < nt; ++t) {
+        DotRowsWith(q + r * D, rows - r, Codes<kBits>{codes + t * row_bytes}, D, out + r * stride + t, stride);
+      }
+    }
+  }
+  TOOLKIT_AVX2 static inline void CodeDotsBlock(const float* q, int64_t rows, const uint8_t* codes,
+                                                int64_t row_bytes, int64_t nt, int bits, int64_t D, float* out,
+                                                int64_t stride) {
+    if (bits == 8) return CodeDotsBlockBits<8>(q, rows, codes, row_bytes, nt, D, out, stride);
+    if (bits == 4) return CodeDotsBlockBits<4>(q, rows, codes, row_bytes, nt, D, out, stride);
+    CodeDotsBlockBits<2>(q, rows, codes, row_bytes, nt, D, out, stride);
+  }
   template <int kBits>
   TOOLKIT_AVX2 static inline void QuantScoresBits(const float* q, int64_t rows, const uint8_t* codes, int64_t D,
                                                   const RowParams& p, float* out, int64_t stride) {
@@ -521,13 +599,14 @@ struct Avx2Ops {
   // not per token); `two` = false stores only the first 8 channels.
   template <typename Rows>
   TOOLKIT_AVX2 static inline void Tile4x16(const float* w0, const float* w1, const float* w2, const float* w3,
-                                           int64_t nt, const Rows& rows, int64_t d, float* o, int64_t D, bool two) {
+                                           int64_t ws, int64_t nt, const Rows& rows, int64_t d, float* o, int64_t D,
+                                           bool two) {
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
     for (int64_t t = 0; t < nt; ++t) {
       __m256 v0, v1;
       rows(t, d, &v0, &v1);
-      const __m256 x0 = _mm256_broadcast_ss(w0 + t), x1 = _mm256_broadcast_ss(w1 + t);
-      const __m256 x2 = _mm256_broadcast_ss(w2 + t), x3 = _mm256_broadcast_ss(w3 + t);
+      const __m256 x0 = _mm256_broadcast_ss(w0 + t * ws), x1 = _mm256_broadcast_ss(w1 + t * ws);
+      const __m256 x2 = _mm256_broadcast_ss(w2 + t * ws), x3 = _mm256_broadcast_ss(w3 + t * ws);
       a00 = _mm256_fmadd_ps(x0, v0, a00), a01 = _mm256_fmadd_ps(x0, v1, a01);
       a10 = _mm256_fmadd_ps(x1, v0, a10), a11 = _mm256_fmadd_ps(x1, v1, a11);
       a20 = _mm256_fmadd_ps(x2, v0, a20), a21 = _mm256_fmadd_ps(x2, v1, a21);
@@ -540,11 +619,11 @@ struct Avx2Ops {
       if (two) _mm256_storeu_ps(oi + 8, _mm256_add_ps(_mm256_loadu_ps(oi + 8), second[i]));
     }
   }
-  // One query row: o[0..D) += sum_t w[t] * row_t over the nt rows, 8 channels at a time.
+  // One query row: o[0..D) += sum_t w[t * ws] * row_t over the nt rows, 8 channels at a time.
   template <typename Row8>
-  TOOLKIT_AVX2 static inline void Row1(const float* w, int64_t nt, const Row8& row8, int64_t d, float* o) {
+  TOOLKIT_AVX2 static inline void Row1(const float* w, int64_t ws, int64_t nt, const Row8& row8, int64_t d, float* o) {
     __m256 a = _mm256_setzero_ps();
-    for (int64_t t = 0; t < nt; ++t) a = _mm256_fmadd_ps(_mm256_broadcast_ss(w + t), row8(t, d), a);
+    for (int64_t t = 0; t < nt; ++t) a = _mm256_fmadd_ps(_mm256_broadcast_ss(w + t * ws), row8(t, d), a);
     _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), a));
   }
   TOOLKIT_AVX2 static inline void AccumulateBlock(const float* p, int64_t stride, int64_t rows, const float* v,
@@ -554,12 +633,12 @@ struct Avx2Ops {
       const float* p0 = p + r * stride;
       for (int64_t d = 0; d < D; d += 16) {
         const bool two = d + 16 <= D;
-        Tile4x16(p0, p0 + stride, p0 + 2 * stride, p0 + 3 * stride, nt, FloatRows{v, D, two}, d, acc + r * D + d, D,
-                 two);
+        Tile4x16(p0, p0 + stride, p0 + 2 * stride, p0 + 3 * stride, 1, nt, FloatRows{v, D, two}, d,
+                 acc + r * D + d, D, two);
       }
     }
     for (; r < rows; ++r) {
-      for (int64_t d = 0; d < D; d += 8) Row1(p + r * stride, nt, FloatRow8{v, D}, d, acc + r * D + d);
+      for (int64_t d = 0; d < D; d += 8) Row1(p + r * stride, 1, nt, FloatRow8{v, D}, d, acc + r * D + d);
     }
   }
   struct FloatRow8 {
@@ -580,17 +659,79 @@ struct Avx2Ops {
                                                       const uint8_t* codes, int64_t row_bytes, int64_t nt,
                                                       int64_t D, float* acc) {
     int64_t r = 0;
+    const int64_t rs = nt * ng;  // weights of one query row, [nt][ng]
     for (; r + 4 <= rows; r += 4) {
       for (int64_t d = 0; d < D; d += 16) {
-        const float* w0 = w + (r * ng + d / G) * nt;
-        Tile4x16(w0, w0 + ng * nt, w0 + 2 * ng * nt, w0 + 3 * ng * nt, nt, CodeRows<kBits>{codes, row_bytes}, d,
+        const float* w0 = w + r * rs + d / G;
+        Tile4x16(w0, w0 + rs, w0 + 2 * rs, w0 + 3 * rs, ng, nt, CodeRows<kBits>{codes, row_bytes}, d,
                  acc + r * D + d, D, true);
       }
     }
     for (; r < rows; ++r) {
       for (int64_t d = 0; d < D; d += 8) {
-        Row1(w + (r * ng + d / G) * nt, nt, CodeRow8<kBits>{codes, row_bytes}, d, acc + r * D + d);
+        Row1(w + r * rs + d / G, ng, nt, CodeRow8<kBits>{codes, row_bytes}, d, acc + r * D + d);
       }
+    }
+  }
+  TOOLKIT_AVX2 static inline void LoadScales(const uint16_t* s16, const uint16_t* z16, int64_t n, float* s,
+                                             float* z) {
+    int64_t i = 0;
+    const __m256 m128 = _mm256_set1_ps(-128.0f);
+    for (; i + 8 <= n; i += 8) {
+      const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + i)));
+      _mm256_storeu_ps(s + i, sv);
+      _mm256_storeu_ps(z + i, z16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z16 + i)))
+                                  : _mm256_mul_ps(m128, sv));
+    }
+    for (; i < n; ++i) ScaleZeroAt(s16, z16, i, &s[i], &z[i]);
+  }
+  // ScalarOps::FoldWeights, 8 weights at a time where ng divides 8 (lane l: token
+  // t + l / ng, group l % ng) or 8 divides ng.
+  TOOLKIT_AVX2 static inline void FoldWeights(const float* p, int64_t nt, int64_t ng, const float* s, const float* z,
+                                              float* w, float* zsum) {
+    const int64_t n = nt * ng;
+    if (ng % 8 == 0) {
+      for (int64_t c = 0; c < ng; c += 8) {
+        __m256 za = _mm256_setzero_ps();
+        for (int64_t t = 0; t < nt; ++t) {
+          const __m256 pv = _mm256_broadcast_ss(p + t);
+          _mm256_storeu_ps(w + t * ng + c, _mm256_mul_ps(pv, _mm256_loadu_ps(s + t * ng + c)));
+          za = _mm256_fmadd_ps(pv, _mm256_loadu_ps(z + t * ng + c), za);
+        }
+        _mm256_storeu_ps(zsum + c, _mm256_add_ps(_mm256_loadu_ps(zsum + c), za));
+      }
+      return;
+    }
+    if (8 % ng != 0) return ScalarOps::FoldWeights(p, nt, ng, s, z, w, zsum);
+    const int per = int(8 / ng);  // tokens per vector
+    const __m256i lane_token = ng == 1 ? _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)
+                               : ng == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)
+                               : ng == 4 ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)
+                                         : _mm256_setzero_si256();
+    __m256 za = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const float* pt = p + j / ng;  // the vector's `per` tokens, all < nt
+      __m256 raw;
+      if (per == 8) {
+        raw = _mm256_loadu_ps(pt);
+      } else if (per == 4) {
+        raw = _mm256_castps128_ps256(_mm_loadu_ps(pt));
+      } else if (per == 2) {
+        raw = _mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pt))));
+      } else {
+        raw = _mm256_broadcast_ss(pt);
+      }
+      const __m256 pv = _mm256_permutevar8x32_ps(raw, lane_token);
+      _mm256_storeu_ps(w + j, _mm256_mul_ps(pv, _mm256_loadu_ps(s + j)));
+      za = _mm256_fmadd_ps(pv, _mm256_loadu_ps(z + j), za);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, za);
+    for (int l = 0; l < 8; ++l) zsum[l % ng] += lanes[l];
+    for (; j < n; ++j) {
+      w[j] = p[j / ng] * s[j];
+      zsum[j % ng] += p[j / ng] * z[j];
     }
   }
   TOOLKIT_AVX2 static inline void AccumulateCodes(const float* w, int64_t rows, int64_t ng, int64_t G,
@@ -682,35 +823,49 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
   //   per token, one group per row (int8): q.k = s (q.codes) + z sum(q);
   //   per token, several groups: dequantized in registers chunk by chunk.
   std::vector<float> qs, qz, qsum;
-  auto key_scores = [&](int64_t t, const float* q, int64_t nr, float* out, int64_t stride) {
-    if (t >= io.N) return Ops::DotRows(q, nr, FpRow(io, io.key_res, io.key, b, h, t), D, out, stride);
-    const uint8_t* codes = io.key_q + (bh * io.Nc + t) * io.row_bytes;
+  // Scores of positions [ta, tb) (one token block) for the nr query rows q, written
+  // at out[r * stride + t - ta].
+  auto key_scores = [&](int64_t ta, int64_t tb, const float* q, int64_t nr, float* out, int64_t stride) {
+    int64_t t = ta;
+    const int64_t tq = std::min(tb, io.N);  // quantized positions end here
+    auto codes = [&](int64_t pos) { return io.key_q + (bh * io.Nc + pos) * io.row_bytes; };
     if (a.key_per_channel) {
-      const int64_t g = t / a.key_group;
-      if (g != loaded_group) {
-        const uint16_t* s16 = io.key_scale + (bh * groups + g) * D;
-        const uint16_t* z16 = io.key_zero + (bh * groups + g) * D;
-        for (int64_t d = 0; d < D; ++d) sc[size_t(d)] = HalfToFloat(s16[d]), zc[size_t(d)] = HalfToFloat(z16[d]);
-        qs.resize(size_t(nr * D));
-        qz.resize(size_t(nr));
-        for (int64_t r = 0; r < nr; ++r) {
-          for (int64_t d = 0; d < D; ++d) qs[size_t(r * D + d)] = q[r * D + d] * sc[size_t(d)];
+      while (t < tq) {
+        const int64_t g = t / a.key_group, tg = std::min(tq, (g + 1) * a.key_group);
+        if (g != loaded_group) {
+          const int64_t slot = (bh * groups + g) * D;
+          Ops::LoadScales(io.key_scale + slot, io.key_zero + slot, D, sc.data(), zc.data());
+          qs.resize(size_t(nr * D));
+          qz.resize(size_t(nr));
+          for (int64_t r = 0; r < nr; ++r) {
+            for (int64_t d = 0; d < D; ++d) qs[size_t(r * D + d)] = q[r * D + d] * sc[size_t(d)];
+          }
+          Ops::DotRows(q, nr, zc.data(), D, qz.data(), 1);
+          loaded_group = g;
         }
-        Ops::DotRows(q, nr, zc.data(), D, qz.data(), 1);
-        loaded_group = g;
+        Ops::CodeDotsBlock(qs.data(), nr, codes(t), io.row_bytes, tg - t, bits, D, out + (t - ta), stride);
+        for (int64_t r = 0; r < nr; ++r) {
+          for (int64_t i = t; i < tg; ++i) out[r * stride + (i - ta)] += qz[size_t(r)];
+        }
+        t = tg;
       }
-      Ops::CodeDots(qs.data(), nr, codes, bits, D, out, stride);
-      for (int64_t r = 0; r < nr; ++r) out[r * stride] += qz[size_t(r)];
     } else if (io.key_params_per_token == 1) {
       // Raw code dots; the caller applies s (q.codes) + z sum(q) to the whole token
       // block at once (a vector loop over tokens instead of a strided store per row).
-      Ops::CodeDots(q, nr, codes, bits, D, out, stride);
+      if (t < tq) Ops::CodeDotsBlock(q, nr, codes(t), io.row_bytes, tq - t, bits, D, out, stride);
+      t = std::max(t, tq);
     } else {
       const int64_t ng = io.key_params_per_token;
-      for (int64_t g = 0; g < ng; ++g) {
-        ScaleZeroAt(io.key_scale, io.key_zero, (bh * io.Nc + t) * ng + g, &sc[size_t(g)], &zc[size_t(g)]);
+      for (; t < tq; ++t) {
+        for (int64_t g = 0; g < ng; ++g) {
+          ScaleZeroAt(io.key_scale, io.key_zero, (bh * io.Nc + t) * ng + g, &sc[size_t(g)], &zc[size_t(g)]);
+        }
+        Ops::QuantScores(q, nr, codes(t), bits, D, RowParams{sc.data(), zc.data(), a.key_group}, kv.data(),
+                         out + (t - ta), stride);
       }
-      Ops::QuantScores(q, nr, codes, bits, D, RowParams{sc.data(), zc.data(), a.key_group}, kv.data(), out, stride);
+    }
+    for (; t < tb; ++t) {
+      Ops::DotRows(q, nr, FpRow(io, io.key_res, io.key, b, h, t), D, out + (t - ta), stride);
     }
   };
   auto value_row = [&](int64_t t, float* dst) {
@@ -744,7 +899,7 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
   std::vector<float> vblk(static_cast<size_t>(kTokenBlock * D));
   std::vector<float> ks(static_cast<size_t>(kTokenBlock)), kz(ks);  // int8 keys: per-token s, z of a block
   // Value blocks read as codes (see pass 2): per-(row, group) scales and zeros of a
-  // block, the scale-folded weights [rows][groups][tokens] and the zero sums.
+  // block, the scale-folded weights [rows][tokens][groups] and the zero sums.
   const int64_t ng = io.value_params;
   const bool fold_values = ng > 0 && a.value_group % 16 == 0 && D % 16 == 0;
   std::vector<float> bs(static_cast<size_t>(kTokenBlock * ng)), bz(bs.size());
@@ -771,12 +926,12 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
     loaded_group = -1;
     for (int64_t tb = t0; tb < t1; tb += kTokenBlock) {
       const int64_t te = std::min(t1, tb + kTokenBlock);
-      for (int64_t t = tb; t < te; ++t) key_scores(t, q.data(), nr, score.data() + (t - t0), len);
+      key_scores(tb, te, q.data(), nr, score.data() + (tb - t0), len);
       const int64_t tq = std::min(te, io.N);  // quantized positions of the block
       if (!a.key_per_channel && io.key_params_per_token == 1 && tb < tq) {
-        for (int64_t t = tb; t < tq; ++t) {
-          ScaleZeroAt(io.key_scale, io.key_zero, bh * io.Nc + t, &ks[size_t(t - tb)], &kz[size_t(t - tb)]);
-        }
+        const int64_t slot = bh * io.Nc + tb;
+        Ops::LoadScales(io.key_scale + slot, io.key_zero ? io.key_zero + slot : nullptr, tq - tb, ks.data(),
+                        kz.data());
         for (int64_t rr = 0; rr < nr; ++rr) {
           float* sr = score.data() + rr * len + (tb - t0);
           const float qs_r = qsum[size_t(rr)];
@@ -819,20 +974,12 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
     for (int64_t tb = t0; tb < t1; tb += kTokenBlock) {
       const int64_t nt = std::min(kTokenBlock, t1 - tb);
       if (fold_values && tb + nt <= io.N) {
-        for (int64_t j = 0; j < nt * ng; ++j) {  // the block's rows are consecutive slots
-          ScaleZeroAt(io.value_scale, io.value_zero, (bh * io.Nc + tb) * ng + j, &bs[size_t(j)], &bz[size_t(j)]);
-        }
+        const int64_t slot = (bh * io.Nc + tb) * ng;  // the block's rows are consecutive slots
+        Ops::LoadScales(io.value_scale + slot, io.value_zero ? io.value_zero + slot : nullptr, nt * ng, bs.data(),
+                        bz.data());
         for (int64_t rr = 0; rr < nr; ++rr) {
-          const float* pr = score.data() + rr * len + (tb - t0);
-          for (int64_t g = 0; g < ng; ++g) {
-            float* wg = wq.data() + (rr * ng + g) * nt;
-            float zs = 0.0f;
-            for (int64_t i = 0; i < nt; ++i) {
-              wg[i] = pr[i] * bs[size_t(i * ng + g)];
-              zs += pr[i] * bz[size_t(i * ng + g)];
-            }
-            zsum[size_t(rr * ng + g)] += zs;
-          }
+          Ops::FoldWeights(score.data() + rr * len + (tb - t0), nt, ng, bs.data(), bz.data(),
+                           wq.data() + rr * nt * ng, zsum.data() + rr * ng);
         }
         Ops::AccumulateCodes(wq.data(), nr, ng, a.value_group, io.value_q + (bh * io.Nc + tb) * io.row_bytes,
                              io.row_bytes, bits, nt, D, acc.data());
