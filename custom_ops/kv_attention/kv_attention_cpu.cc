@@ -304,6 +304,15 @@ struct ScalarOps {
                                    int64_t nt, int bits, int64_t D, float* out, int64_t stride) {
     for (int64_t t = 0; t < nt; ++t) CodeDots(q, rows, codes + t * row_bytes, bits, D, out + t, stride);
   }
+  // QuantScores for nt consecutive key rows quantized per token; s / z [nt][D/G].
+  static inline void QuantScoresBlock(const float* q, int64_t rows, const uint8_t* codes, int64_t row_bytes,
+                                      int64_t nt, int bits, int64_t D, const float* s, const float* z, int64_t G,
+                                      float* buf, float* /*z8*/, float* out, int64_t stride) {
+    for (int64_t t = 0; t < nt; ++t) {
+      QuantScores(q, rows, codes + t * row_bytes, bits, D, RowParams{s + t * (D / G), z + t * (D / G), G}, buf,
+                  out + t, stride);
+    }
+  }
   // out[r] = dot(q + r * D, dequantized row) with the row dequantized on the fly.
   static inline void QuantScores(const float* q, int64_t rows, const uint8_t* codes, int bits, int64_t D,
                                  const RowParams& p, float* buf, float* out, int64_t stride) {
@@ -489,25 +498,51 @@ struct Avx2Ops {
     const __m256 efgh = _mm256_hadd_ps(_mm256_hadd_ps(e, f), _mm256_hadd_ps(g, h));
     return _mm256_add_ps(_mm256_permute2f128_ps(abcd, efgh, 0x20), _mm256_permute2f128_ps(abcd, efgh, 0x31));
   }
-  // Scores of nt consecutive code rows for `rows` query rows: four query rows and two
-  // code rows at a time, so each loaded query chunk serves two tokens (eight
+  // Key rows of a token block for the two-token dot products: row(t, d) gives channels
+  // d..d+7 of token t as floats. Codes (scale and zero folded elsewhere), or codes with
+  // per-token groups dequantized in a register from [nt][D/8] chunk scales / zeros.
+  template <int kBits>
+  struct CodeRowAt {
+    const uint8_t* codes;
+    int64_t row_bytes;
+    TOOLKIT_AVX2 __m256 operator()(int64_t t, int64_t d) const { return Codes8<kBits>(codes + t * row_bytes, d); }
+  };
+  template <int kBits>
+  struct AffineRowAt {
+    const uint8_t* codes;
+    int64_t row_bytes;
+    const float* s8;  // [nt][chunks]
+    const float* z8;
+    int64_t chunks;
+    TOOLKIT_AVX2 __m256 operator()(int64_t t, int64_t d) const {
+      const int64_t c = t * chunks + (d >> 3);
+      return _mm256_fmadd_ps(_mm256_broadcast_ss(s8 + c), Codes8<kBits>(codes + t * row_bytes, d),
+                             _mm256_broadcast_ss(z8 + c));
+    }
+  };
+  template <typename RowAt>
+  struct OneRow {  // token t of a RowAt, as DotRowsWith's load(d)
+    const RowAt& rows;
+    int64_t t;
+    TOOLKIT_AVX2 __m256 operator()(int64_t d) const { return rows(t, d); }
+  };
+  // Scores of nt consecutive key rows for `rows` query rows: four query rows and two
+  // key rows at a time, so each loaded query chunk serves two tokens (eight
   // accumulator chains; 6 loads per 8 FMAs instead of 10) and the eight sums are
   // reduced together.
-  template <int kBits>
-  TOOLKIT_AVX2 static inline void CodeDotsBlockBits(const float* q, int64_t rows, const uint8_t* codes,
-                                                    int64_t row_bytes, int64_t nt, int64_t D, float* out,
-                                                    int64_t stride) {
+  template <typename RowAt>
+  TOOLKIT_AVX2 static inline void DotsBlock(const float* q, int64_t rows, const RowAt& key, int64_t nt, int64_t D,
+                                            float* out, int64_t stride) {
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
       const float *q0 = q + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
       float* o = out + r * stride;
       int64_t t = 0;
       for (; t + 2 <= nt; t += 2) {
-        const uint8_t *c0 = codes + t * row_bytes, *c1 = c0 + row_bytes;
         __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
                a31 = a00;
         for (int64_t d = 0; d < D; d += 8) {
-          const __m256 k0 = Codes8<kBits>(c0, d), k1 = Codes8<kBits>(c1, d);
+          const __m256 k0 = key(t, d), k1 = key(t + 1, d);
           const __m256 x0 = _mm256_loadu_ps(q0 + d), x1 = _mm256_loadu_ps(q1 + d);
           a00 = _mm256_fmadd_ps(x0, k0, a00), a01 = _mm256_fmadd_ps(x0, k1, a01);
           a10 = _mm256_fmadd_ps(x1, k0, a10), a11 = _mm256_fmadd_ps(x1, k1, a11);
@@ -522,20 +557,31 @@ struct Avx2Ops {
         _mm_storel_pi(reinterpret_cast<__m64*>(o + 2 * stride + t), hi);
         _mm_storeh_pi(reinterpret_cast<__m64*>(o + 3 * stride + t), hi);
       }
-      if (t < nt) DotRowsWith(q0, 4, Codes<kBits>{codes + t * row_bytes}, D, o + t, stride);
+      if (t < nt) DotRowsWith(q0, 4, OneRow<RowAt>{key, t}, D, o + t, stride);
     }
     if (r < rows) {
-      for (int64_t t = 0; t < nt; ++t) {
-        DotRowsWith(q + r * D, rows - r, Codes<kBits>{codes + t * row_bytes}, D, out + r * stride + t, stride);
-      }
+      for (int64_t t = 0; t < nt; ++t) DotRowsWith(q + r * D, rows - r, OneRow<RowAt>{key, t}, D, out + r * stride + t, stride);
     }
   }
   TOOLKIT_AVX2 static inline void CodeDotsBlock(const float* q, int64_t rows, const uint8_t* codes,
                                                 int64_t row_bytes, int64_t nt, int bits, int64_t D, float* out,
                                                 int64_t stride) {
-    if (bits == 8) return CodeDotsBlockBits<8>(q, rows, codes, row_bytes, nt, D, out, stride);
-    if (bits == 4) return CodeDotsBlockBits<4>(q, rows, codes, row_bytes, nt, D, out, stride);
-    CodeDotsBlockBits<2>(q, rows, codes, row_bytes, nt, D, out, stride);
+    if (bits == 8) return DotsBlock(q, rows, CodeRowAt<8>{codes, row_bytes}, nt, D, out, stride);
+    if (bits == 4) return DotsBlock(q, rows, CodeRowAt<4>{codes, row_bytes}, nt, D, out, stride);
+    DotsBlock(q, rows, CodeRowAt<2>{codes, row_bytes}, nt, D, out, stride);
+  }
+  // Scores of nt key rows quantized per token in groups of G channels; s / z [nt][D/G].
+  TOOLKIT_AVX2 static inline void QuantScoresBlock(const float* q, int64_t rows, const uint8_t* codes,
+                                                   int64_t row_bytes, int64_t nt, int bits, int64_t D,
+                                                   const float* s, const float* z, int64_t G, float* s8, float* z8,
+                                                   float* out, int64_t stride) {
+    const int64_t chunks = D / 8, ng = D / G;
+    for (int64_t t = 0; t < nt; ++t) {
+      for (int64_t c = 0; c < chunks; ++c) s8[t * chunks + c] = s[t * ng + c * 8 / G], z8[t * chunks + c] = z[t * ng + c * 8 / G];
+    }
+    if (bits == 8) return DotsBlock(q, rows, AffineRowAt<8>{codes, row_bytes, s8, z8, chunks}, nt, D, out, stride);
+    if (bits == 4) return DotsBlock(q, rows, AffineRowAt<4>{codes, row_bytes, s8, z8, chunks}, nt, D, out, stride);
+    DotsBlock(q, rows, AffineRowAt<2>{codes, row_bytes, s8, z8, chunks}, nt, D, out, stride);
   }
   template <int kBits>
   TOOLKIT_AVX2 static inline void QuantScoresBits(const float* q, int64_t rows, const uint8_t* codes, int64_t D,
@@ -728,7 +774,7 @@ struct Avx2Ops {
     }
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, za);
-    for (int l = 0; l < 8; ++l) zsum[l % ng] += lanes[l];
+    for (int l = 0; l < 8; ++l) zsum[l & (ng - 1)] += lanes[l];  // ng is 1, 2 or 4: no division
     for (; j < n; ++j) {
       w[j] = p[j / ng] * s[j];
       zsum[j % ng] += p[j / ng] * z[j];
@@ -823,6 +869,10 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
   //   per token, one group per row (int8): q.k = s (q.codes) + z sum(q);
   //   per token, several groups: dequantized in registers chunk by chunk.
   std::vector<float> qs, qz, qsum;
+  constexpr int64_t kTokenBlock = 32;  // key / value rows handled together
+  // Per-token key groups: a block's scales / zeros, and their per-chunk expansion (s8, z8).
+  std::vector<float> kbs(static_cast<size_t>(kTokenBlock * io.key_params_per_token)), kbz(kbs.size());
+  std::vector<float> kblk(static_cast<size_t>(2 * kTokenBlock * std::max<int64_t>(D / 8, 1) + D));
   // Scores of positions [ta, tb) (one token block) for the nr query rows q, written
   // at out[r * stride + t - ta].
   auto key_scores = [&](int64_t ta, int64_t tb, const float* q, int64_t nr, float* out, int64_t stride) {
@@ -854,15 +904,13 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       // block at once (a vector loop over tokens instead of a strided store per row).
       if (t < tq) Ops::CodeDotsBlock(q, nr, codes(t), io.row_bytes, tq - t, bits, D, out, stride);
       t = std::max(t, tq);
-    } else {
-      const int64_t ng = io.key_params_per_token;
-      for (; t < tq; ++t) {
-        for (int64_t g = 0; g < ng; ++g) {
-          ScaleZeroAt(io.key_scale, io.key_zero, (bh * io.Nc + t) * ng + g, &sc[size_t(g)], &zc[size_t(g)]);
-        }
-        Ops::QuantScores(q, nr, codes(t), bits, D, RowParams{sc.data(), zc.data(), a.key_group}, kv.data(),
-                         out + (t - ta), stride);
-      }
+    } else if (t < tq) {  // per token, several groups: the block's scales, then dequantized in registers
+      const int64_t ng = io.key_params_per_token, slot = (bh * io.Nc + t) * ng;
+      Ops::LoadScales(io.key_scale + slot, io.key_zero ? io.key_zero + slot : nullptr, (tq - t) * ng, kbs.data(),
+                      kbz.data());
+      Ops::QuantScoresBlock(q, nr, codes(t), io.row_bytes, tq - t, bits, D, kbs.data(), kbz.data(), a.key_group,
+                            kblk.data(), kblk.data() + kTokenBlock * (D / 8), out, stride);
+      t = tq;
     }
     for (; t < tb; ++t) {
       Ops::DotRows(q, nr, FpRow(io, io.key_res, io.key, b, h, t), D, out + (t - ta), stride);
@@ -892,7 +940,6 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
   };
   // Query rows of this KV head, pre-scaled: row j*S + s is head h*rep + j, query s.
   constexpr int64_t kRowBlock = 64;
-  constexpr int64_t kTokenBlock = 32;
   std::vector<float> q(static_cast<size_t>(std::min(rows, kRowBlock) * D));
   std::vector<float> score(static_cast<size_t>(std::min(rows, kRowBlock) * len));
   std::vector<float> acc(q.size());
