@@ -51,6 +51,9 @@ class KVCacheOptions(PassOptions):
         default=32, metadata={"help": "group size G: tokens per key group (KIVI), channels per value group"})
     residual: int = dataclasses.field(
         default=128, metadata={"help": "full-precision residual window R of the KIVI schemes (multiple of G)"})
+    capacity: int = dataclasses.field(
+        default=0, metadata={"help": "fixed cache capacity in tokens (0: the cache grows every step); the "
+                                     "cache tensors keep their shape and a host can update them in place"})
 
     def validate(self) -> None:
         if self.scheme not in kv_quant.PRESETS:
@@ -62,6 +65,11 @@ class KVCacheOptions(PassOptions):
         if self.scheme.startswith("kivi") and (self.residual < self.group or self.residual % self.group):
             raise PassError(f"kv-cache: residual={self.residual} must be a positive multiple of group={self.group}",
                             hint="e.g. --kv-group 32 --kv-residual 128")
+        if self.capacity < 0 or (self.capacity and self.scheme.startswith("kivi") and self.capacity % self.group):
+            raise PassError(f"kv-cache: capacity={self.capacity} must be 0 (growing cache) or a positive number of "
+                            "tokens" + (f", a multiple of group={self.group} for KIVI"
+                                        if self.scheme.startswith("kivi") else ""),
+                            hint="e.g. --kv-capacity 4096")
 
 
 @dataclasses.dataclass
@@ -261,6 +269,9 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
 
     def cache_shapes(prefix: str) -> dict[str, ir.Shape]:
         n, g, r = f"{prefix}_quantized_length", f"{prefix}_key_groups", f"{prefix}_residual_length"
+        if options.capacity:  # static: the capacity and the residual slots
+            n, r = options.capacity, max(scheme.residual - 1, 0)
+            g = n // scheme.key_group if scheme.key_per_channel else g
         kparams = [batch, kv_heads, g, head_dim] if scheme.key_per_channel else \
             [batch, kv_heads, n, head_dim // scheme.key_group]
         return {"key_q": ir.Shape([batch, kv_heads, n, pb]), "key_scale": ir.Shape(kparams),
@@ -276,21 +287,34 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
     past_shapes, present_shapes = cache_shapes("past"), cache_shapes("present")
     attrs = [ir.AttrInt64(k, v) for k, v in scheme.to_attributes().items()]
 
+    # Fixed capacity: one lengths tensor (N, r) for every layer, in and out; named as a
+    # cache tensor so decoders pass it along with the others.
+    lengths_in = lengths_out = None
+    if options.capacity:
+        lengths_in = ir.val(kv_quant.MODEL_LENGTHS_INPUT, ir.DataType.INT64, ir.Shape([2]))
+        graph.inputs.append(lengths_in)
     for layer in layers:
         i = layer.index
         new_in = {n: ir.val(f"past_key_values.{i}.{n}", dtypes[n.rsplit("_", 1)[1]], past_shapes[n]) for n in names}
         k_new, v_new = layer.concat_k.inputs[1], layer.concat_v.inputs[1]
-        op_inputs = [layer.query, k_new, v_new, *(new_in.get(n) for n in kv_quant.CACHE_TENSORS), layer.bias]
+        op_inputs = [layer.query, k_new, v_new, *(new_in.get(n) for n in kv_quant.CACHE_TENSORS), layer.bias,
+                     lengths_in]
         while op_inputs[-1] is None:
             op_inputs.pop()
         pv = layer.remove[-1]
+        with_lengths = lengths_in is not None and lengths_out is None  # the first layer reports them
         node = ir.Node(DOMAIN, kv_quant.OP_TYPE, op_inputs,
                        [*attrs, ir.AttrFloat32("scale", float(layer.scale))],
-                       num_outputs=1 + len(kv_quant.CACHE_TENSORS), name=f"kv_cache/layer{i}/QuantKVAttention")
+                       num_outputs=1 + len(kv_quant.CACHE_TENSORS) + int(with_lengths),
+                       name=f"kv_cache/layer{i}/QuantKVAttention")
+        if with_lengths:
+            lengths_out = node.outputs[-1]
+            lengths_out.name, lengths_out.dtype, lengths_out.shape = kv_quant.MODEL_LENGTHS_OUTPUT, ir.DataType.INT64, ir.Shape([2])
+            graph.outputs.append(lengths_out)
         out = node.outputs[0]
         out.name, out.dtype, out.shape = f"kv_cache.{i}.attention", layer.out.dtype, layer.out.shape
         new_out = {}
-        for value, n in zip(node.outputs[1:], kv_quant.CACHE_TENSORS):
+        for value, n in zip(node.outputs[1:1 + len(kv_quant.CACHE_TENSORS)], kv_quant.CACHE_TENSORS):
             if n in new_in:
                 value.name = f"present.{i}.{n}"
                 value.dtype, value.shape = new_in[n].dtype, present_shapes[n]
@@ -300,20 +324,25 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
         graph.insert_before(pv, [node])
         ir.convenience.replace_all_uses_with(layer.out, out)
 
-        # The shape of the old cache tensors, rebuilt: [B, Hkv, N + r (+ S), D].
+        # The shape of the old cache tensors, rebuilt: [B, Hkv, N + r (+ S), D]; N and r
+        # are the tensors' lengths, or the lengths input with a fixed capacity.
         for shape_node, which in layer.shape_users:
             pre = f"kv_cache/layer{i}/{shape_node.name}"
-            shape_q = ir.Node("", "Shape", [new_in["key_q"]], [ir.AttrInt64("start", 2), ir.AttrInt64("end", 3)],
-                              name=f"{pre}/ShapeQ")
             shape_r = ir.Node("", "Shape", [new_in["key_res"]], name=f"{pre}/ShapeRes")
-            nodes = [shape_q, shape_r]
             res_dims = shape_r.outputs[0]
             starts = [_int64(f"{pre}/c{j}", [v]) for j, v in enumerate((0, 2, 3, 2, 3, 4))]
             head = ir.Node("", "Slice", [res_dims, starts[0], starts[1]], name=f"{pre}/Head")
-            r_len = ir.Node("", "Slice", [res_dims, starts[1], starts[2]], name=f"{pre}/ResLen")
             tail = ir.Node("", "Slice", [res_dims, starts[4], starts[5]], name=f"{pre}/Tail")
-            length = ir.Node("", "Add", [shape_q.outputs[0], r_len.outputs[0]], name=f"{pre}/PastLen")
-            nodes += [head, r_len, tail, length]
+            nodes = [shape_r, head, tail]
+            if lengths_in is not None:
+                length = ir.Node("", "ReduceSum", [lengths_in], [ir.AttrInt64("keepdims", 1)], name=f"{pre}/PastLen")
+                nodes.append(length)
+            else:
+                shape_q = ir.Node("", "Shape", [new_in["key_q"]], [ir.AttrInt64("start", 2), ir.AttrInt64("end", 3)],
+                                  name=f"{pre}/ShapeQ")
+                r_len = ir.Node("", "Slice", [res_dims, starts[1], starts[2]], name=f"{pre}/ResLen")
+                length = ir.Node("", "Add", [shape_q.outputs[0], r_len.outputs[0]], name=f"{pre}/PastLen")
+                nodes += [shape_q, r_len, length]
             total = length.outputs[0]
             if which == "present":
                 s_len = ir.Node("", "Shape", [k_new], [ir.AttrInt64("start", 2), ir.AttrInt64("end", 3)],
@@ -351,6 +380,7 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
 
     model.opset_imports.setdefault(DOMAIN, 1)
     info = {"scheme": options.scheme, **scheme.to_attributes(), "kv_heads": kv_heads, "head_dim": head_dim,
+            "capacity": options.capacity, "residual_slots": max(scheme.residual - 1, 0) if options.capacity else 0,
             "layers": len(layers), "bytes_per_token": scheme.bytes_per_token(kv_heads, head_dim) * len(layers),
             "fp32_bytes_per_token": 2 * kv_heads * head_dim * 4 * len(layers)}
     model.metadata_props["toolkit.kv_cache"] = options.scheme

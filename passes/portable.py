@@ -214,6 +214,12 @@ def _body_for(node: ir.Node, model: ir.Model) -> tuple[str, Callable[[], Functio
     if node.op_type == "QuantKVAttention":
         from passes.portable_kv import kv_attention_function, overload_name
 
+        if len(present) > 12 and present[12]:
+            raise PassError(
+                f"portable: node {node.name!r} uses QuantKVAttention's fixed-capacity cache (input "
+                f"{node.inputs[12].name!r}), which appends in place; standard ONNX ops cannot",
+                hint="convert without --kv-capacity (the growing cache) for a portable model")
+
         return overload_name(node), lambda: kv_attention_function(node)
     return None
 

@@ -120,3 +120,20 @@ def test_cli_parses_attention():
                               "--growing", ""])
     assert args.context == (64, 128) and args.schemes == ("int8", "kivi2") and args.gqa_quant == ()
     assert args.growing == ()
+
+
+def test_end_to_end_drives_a_fixed_capacity_cache_in_place(exported, tmp_path):
+    """`toolkit bench attention --model --converted`: both models decode the same greedy tokens."""
+    import onnx
+
+    from passes.pipeline import run_pipeline
+
+    _, path = exported("llama")
+    model, _ = run_pipeline(onnx.load(str(path)), ["kv-cache"],
+                            {"kv-cache": {"scheme": "int8", "capacity": "64"}})
+    converted = tmp_path / "int8_capacity.onnx"
+    onnx.save(model, str(converted))
+    result = attention.run_end_to_end(str(path), str(converted), context=24, steps=4)
+    assert "appended in place: True" in result["driver"]
+    assert result["greedy_agreement"] == 1.0  # int8 keeps the greedy token on this tiny model
+    assert result["tokens_per_s"]["converted"] > 0 and result["speedup"] > 0

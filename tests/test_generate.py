@@ -82,20 +82,23 @@ def _replay_logits(session, prompt, tokens):
 
 
 def test_iobinding_loop_matches_a_numpy_cache_loop_and_reports_the_cache(exported):
-    """Plain, KIVI-cache and low-rank latent-cache (float32 and int8) models: the bound loop picks the replayed
-    argmax every step, and its reported KV bytes are the final cache's."""
+    """Plain, KIVI-cache (growing and fixed-capacity, in place) and low-rank latent-cache (float32 and int8)
+    models: the bound loop picks the replayed argmax every step, and its reported KV bytes are the final cache's."""
     from toolkit.generate import generate
 
     _, path = exported("llama")
     kv, _ = run_pipeline(onnx.load(str(path)), ["kv-cache"],
                          {"kv-cache": {"scheme": "kivi2", "group": "8", "residual": "8"}})
+    # A fixed-capacity cache: the loop binds present to past and the op appends in place.
+    kv_cap, _ = run_pipeline(onnx.load(str(path)), ["kv-cache"],
+                             {"kv-cache": {"scheme": "kivi2", "group": "8", "residual": "8", "capacity": "32"}})
     latent, _ = run_pipeline(onnx.load(str(path)), ["low-rank-kv"], {"low-rank-kv": {"rank_ratio": "0.5"}})
     assert any(i.name.endswith("key_latent") for i in latent.graph.input)
     latent8, _ = run_pipeline(onnx.load(str(path)), ["low-rank-kv"],
                               {"low-rank-kv": {"rank_ratio": "0.5", "latent_bits": "8"}})
     assert any(i.name.endswith("key_latent_q") for i in latent8.graph.input)
     prompt = [5, 17, 42, 7, 9]
-    for model in (onnx.load(str(path)), kv, latent, latent8):
+    for model in (onnx.load(str(path)), kv, kv_cap, latent, latent8):
         sess = _session(model)
         streamed = []
         result = generate(sess, prompt, 20, on_token=streamed.append)

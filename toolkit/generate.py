@@ -6,9 +6,12 @@ The loop (:func:`generate`) drives the session through **IOBinding**:
   session's device: CUDA memory under the CUDA provider) and are bound as the next
   step's ``past_key_values.*`` inputs: the cache never makes a round trip through
   NumPy or the host. The exported models grow the cache with ``Concat``, so each
-  step's present is a fresh tensor; a fixed-capacity buffer updated in place (ORT
-  GroupQueryAttention's shared past/present) would need ops that write in place,
-  which the exported graphs do not have.
+  step's present is a fresh tensor. A model converted with a fixed-capacity
+  quantized cache (``toolkit convert --kv-cache S --kv-capacity N``) is driven like
+  ONNX Runtime GroupQueryAttention's shared past/present: each ``present.*`` output
+  is bound to its ``past_key_values.*`` input's buffer and the QuantKVAttention ops
+  append the new tokens in place; ``present.lengths`` (quantized and residual token
+  counts) is fed back as ``past_key_values.lengths``.
 * only what the host needs is copied out per step: the sampling head's candidates
   (``next_token_ids/probs [B, k]``) or drawn token, else the last position's
   logits.
@@ -44,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.errors import ToolkitError
+from toolkit.ops import kv_quant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +176,9 @@ class BoundDecoder:
             )
         self.wanted = wanted
         self.device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
+        # A fixed-capacity quantized cache (kv-cache pass, --kv-capacity): each present
+        # output is bound to its past input's buffer, so a step writes only the new tokens.
+        self.in_place = kv_quant.MODEL_LENGTHS_INPUT in self.inputs
         self.calls = 0
 
     def empty_past(self, batch: int) -> dict[str, Any]:
@@ -181,7 +188,8 @@ class BoundDecoder:
         for name in self.past_names:
             meta = self.inputs[name]
             dims = [d if isinstance(d, int) else 0 for d in meta.shape]
-            dims[0] = batch
+            if len(dims) > 1:  # batch first; a fixed-capacity cache's lengths ([2]) start at zero
+                dims[0] = batch
             past[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(dims, _numpy_dtype(meta.type)), self.device)
         return past
 
@@ -199,13 +207,18 @@ class BoundDecoder:
             binding.bind_ortvalue_input(name, value)
         for name in self.wanted:
             binding.bind_output(name, "cpu")
-        for name in self.present_names:
-            binding.bind_output(name, self.device)
+        for past_name, name in zip(self.past_names, self.present_names):
+            if self.in_place and past_name != kv_quant.MODEL_LENGTHS_INPUT:
+                binding.bind_ortvalue_output(name, past[past_name])  # the op appends in place
+            else:
+                binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()
         n = len(self.wanted)
         outs = {name: values[i].numpy() for i, name in enumerate(self.wanted)}
         new_past = dict(zip(self.past_names, values[n:]))
+        if self.in_place:  # the same buffers again (the values above are views that do not own them)
+            new_past.update({k: v for k, v in past.items() if k != kv_quant.MODEL_LENGTHS_INPUT})
         self.calls += 1
         return outs, new_past
 

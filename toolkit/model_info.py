@@ -90,6 +90,7 @@ def describe(path: str | Path, model: Any) -> dict[str, Any]:
         kv["fp32_bytes_per_token"] = 2 * info["kv_heads"] * info["head_dim"] * 4 * n_layers
         kv["reduction_vs_fp32"] = kv["fp32_bytes_per_token"] / kv["bytes_per_token"]
         kv["residual_bytes_max"] = scheme.residual_bytes(info["kv_heads"], info["head_dim"]) * n_layers
+        kv["capacity"] = info.get("capacity", 0)  # 0: a growing cache
     if "toolkit.low_rank_kv" in meta:
         # Latent cache (passes/low_rank_kv.py): [batch, seq, rank] tensors; the pass
         # records the bytes per token it keeps and what float32 keys/values would take.

@@ -419,8 +419,10 @@ class OnnxDecoder:
                     dims.append(d)
                 else:
                     dims.append(-1)
-            # By the export convention dim 0 is batch and the first other dynamic dim is the past length.
-            dims[0] = batch
+            # By the export convention dim 0 is batch and the first other dynamic dim is the past length
+            # (a fixed-capacity cache's lengths, [2], start at zero).
+            if len(dims) > 1:
+                dims[0] = batch
             dims = [0 if d == -1 else d for d in dims]
             past[name] = np.zeros(dims, dtype=ORT_TYPE_TO_NUMPY[meta.type])
         return past

@@ -26,10 +26,11 @@ from toolkit.parity import OnnxDecoder
 FAMILIES = ["llama", "gpt2", "hf:gpt2", "hf:llama", "hf:qwen2", "hf:mistral", "hf:phi3"]
 
 
-def convert(path, scheme="kivi4", group=8, residual=16):
+def convert(path, scheme="kivi4", group=8, residual=16, capacity=0):
     model = onnx.load(str(path))
     out, report = run_pipeline(model, ["kv-cache", "cleanup"],
-                               {"kv-cache": {"scheme": scheme, "group": str(group), "residual": str(residual)}})
+                               {"kv-cache": {"scheme": scheme, "group": str(group), "residual": str(residual),
+                                             "capacity": str(capacity)}})
     return out, report
 
 
@@ -134,7 +135,46 @@ def test_attention_probabilities_used_elsewhere_is_a_named_error(exported):
     assert "layer 0" in msg and "attention probabilities" in msg and softmax.output[0] in msg
 
 
+@pytest.mark.parametrize("family", ["llama", "hf:gpt2", "hf:qwen2", "hf:phi3"])
+@pytest.mark.parametrize("scheme", ["int8", "kivi2"])
+def test_fixed_capacity_model_matches_the_growing_cache_bit_for_bit(exported, family, scheme):
+    """--kv-capacity: static cache shapes and a lengths tensor; the same logits, exactly.
+
+    The op computes the same arithmetic in both cache modes, so the converted models
+    must agree to the bit over a left-padded prefill and decode steps that quantize.
+    """
+    _, path = exported(family)
+    grow, _ = convert(path, scheme, group=8, residual=8)
+    cap, _ = convert(path, scheme, group=8, residual=8, capacity=48)
+    inputs = {i.name: i for i in cap.graph.input}
+    dims = [d.dim_value or d.dim_param for d in inputs["past_key_values.0.key_q"].type.tensor_type.shape.dim]
+    assert dims[2] == 48
+    assert [d.dim_value for d in inputs["past_key_values.lengths"].type.tensor_type.shape.dim] == [2]
+    assert "present.lengths" in [o.name for o in cap.graph.output]
+    meta = json.loads({p.key: p.value for p in cap.metadata_props}["toolkit.kv_quant"])
+    assert meta["capacity"] == 48 and meta["residual_slots"] == (7 if scheme == "kivi2" else 0)
+
+    ids, mask = prompts(length=20)
+    ref, past_grow = run_steps(decoder(grow), ids, mask, steps=12)
+    got, past_cap = run_steps(decoder(cap), ids, mask, steps=12)
+    np.testing.assert_array_equal(got, ref)
+    n, r = (int(v) for v in past_cap["past_key_values.lengths"])
+    assert (n, r) == (past_grow["past_key_values.0.key_q"].shape[2], past_grow["past_key_values.0.key_res"].shape[2])
+    assert n + r == 32 and n > 0  # 20 + 12 tokens, quantized
+    np.testing.assert_array_equal(past_cap["past_key_values.1.value_q"][:, :, :n], past_grow["past_key_values.1.value_q"])
+
+
+def test_fixed_capacity_overflow_is_a_named_error(exported):
+    _, path = exported("llama")
+    cap, _ = convert(path, "int8", capacity=16)
+    ids, mask = prompts(length=20)
+    with pytest.raises(Exception, match="cache is full.*allocate a larger cache"):
+        run_steps(decoder(cap), ids, mask, steps=0)
+
+
 @pytest.mark.parametrize("options,fragment", [
+    ({"scheme": "kivi4", "group": "8", "residual": "16", "capacity": "20"}, "multiple of group=8"),
+    ({"scheme": "int8", "capacity": "-1"}, "capacity=-1"),
     ({"scheme": "int3"}, "unknown scheme"),
     ({"scheme": "kivi2", "group": "32", "residual": "48"}, "multiple of group"),
     ({"scheme": "kivi4", "group": "24"}, "group=24"),

@@ -215,6 +215,15 @@ def test_kv_attention_body_reproduces_the_cache_bit_for_bit(preset, with_bias):
                 np.testing.assert_array_equal(caches[i][n], ref_cache[n], err_msg=f"present_{n} ({session is body})")
 
 
+def test_fixed_capacity_kv_cache_is_refused(exported):
+    _, path = exported("llama")
+    model, _ = run_pipeline(onnx.load(str(path)), ["kv-cache"],
+                            {"kv-cache": {"scheme": "int8", "capacity": "64"}})
+    with pytest.raises(PassError, match="fixed-capacity cache") as err:
+        run_pipeline(model, ["portable"])
+    assert "without --kv-capacity" in err.value.hint
+
+
 def test_portable_decoder_with_every_op_runs_without_the_library(exported):
     """llama with a KIVI cache, low-rank projections and a sampled head: the bodies decode
     like the kernels (same sampled tokens, logits within 1e-4)."""

@@ -829,19 +829,21 @@ def run_end_to_end(model: str, converted: str, context: int = 2048, steps: int =
                    seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Decode tokens/s of a model converted to the quantized cache vs the unconverted one.
 
-    Both are driven by ``toolkit.parity.OnnxDecoder``: one prefill of ``context``
-    random tokens, then ``steps`` greedy decode steps, each timed; the two models
-    alternate step by step (ABAB) so both see the same machine state.
+    Both are driven as ``toolkit generate`` drives them (``toolkit.generate.BoundDecoder``:
+    IOBinding, the cache kept in ORT values; a fixed-capacity quantized cache bound
+    present-to-past and appended in place): one prefill of ``context`` random tokens,
+    then ``steps`` greedy decode steps, each timed; the two models alternate step by
+    step (ABAB) so both see the same machine state.
     """
     import onnxruntime as ort
 
-    from toolkit.generate import next_token
-    from toolkit.parity import OnnxDecoder, make_session
+    from toolkit.generate import BoundDecoder, next_token
+    from toolkit.parity import make_session
 
     say = progress or (lambda _msg: None)
     rng = np.random.default_rng(seed)
-    decoders = {"original": OnnxDecoder(make_session(model, threads=threads)),
-                "converted": OnnxDecoder(make_session(converted, threads=threads))}
+    decoders = {"original": BoundDecoder(make_session(model, threads=threads), ("logits",)),
+                "converted": BoundDecoder(make_session(converted, threads=threads), ("logits",))}
     vocab = _vocab_size(decoders["original"])
     prompt = rng.integers(0, vocab, (1, context), dtype=np.int64)
     state = {}
@@ -850,7 +852,7 @@ def run_end_to_end(model: str, converted: str, context: int = 2048, steps: int =
         mask = np.ones_like(prompt)
         pos = np.arange(context, dtype=np.int64)[None]
         t0 = time.perf_counter()
-        _, past, outs = dec.step(prompt, mask, pos, dec.empty_past(1))
+        outs, past = dec.step(prompt, mask, pos, dec.empty_past(1), 0)
         prefill_ms[name] = (time.perf_counter() - t0) * 1e3
         state[name] = (past, mask, pos, next_token(outs))
         say(f"{name}: prefill of {context} tokens {prefill_ms[name]:.0f} ms")
@@ -863,7 +865,7 @@ def run_end_to_end(model: str, converted: str, context: int = 2048, steps: int =
             mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
             pos = pos[:, -1:] + 1
             t0 = time.perf_counter()
-            _, past, outs = dec.step(np.array([[tok]], np.int64), mask, pos, past)
+            outs, past = dec.step(np.array([[tok]], np.int64), mask, pos, past, 0)
             step_ms[name].append((time.perf_counter() - t0) * 1e3)
             tokens[name] = next_token(outs)
             state[name] = (past, mask, pos, tokens[name])
@@ -874,6 +876,8 @@ def run_end_to_end(model: str, converted: str, context: int = 2048, steps: int =
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": host_info(), "onnxruntime": ort.__version__, "threads": threads,
         "model": str(model), "converted": str(converted), "context": context, "decode_steps": steps,
+        "driver": "toolkit.generate.BoundDecoder (IOBinding; fixed-capacity cache appended in place: "
+                  f"{decoders['converted'].in_place})",
         "prefill_ms": prefill_ms,
         "step_ms": {n: {"median": med[n], "p90": float(np.percentile(v, 90))} for n, v in step_ms.items()},
         "tokens_per_s": {n: 1e3 / med[n] for n in med},

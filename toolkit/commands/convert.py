@@ -41,6 +41,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-group", type=int, default=32, metavar="G", help="KV quantization group size (32)")
     parser.add_argument("--kv-residual", type=int, default=128, metavar="R",
                         help="full-precision residual window of the KIVI schemes (128)")
+    parser.add_argument("--kv-capacity", type=int, default=0, metavar="TOKENS",
+                        help="fixed-capacity quantized cache of TOKENS quantized slots (plus R-1 residual "
+                        "slots): the cache tensors keep their shape, the lengths travel as "
+                        "past_key_values.lengths, and a host that binds each present output to its past "
+                        "input's buffer (as `toolkit generate` does) appends in place; 0 (default): the "
+                        "cache grows every step")
     low_rank = parser.add_mutually_exclusive_group()
     low_rank.add_argument("--rank-ratio", type=float, metavar="R", default=None,
                           help="run the low-rank pass: factor constant-weight MatMuls by truncated SVD, rank "
@@ -204,7 +210,8 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
         names = list(DEFAULT_PASSES) if names is None else names
         names.append("kv-cache")
         options.setdefault("kv-cache", {}).update(
-            scheme=args.kv_cache, group=str(args.kv_group), residual=str(args.kv_residual))
+            scheme=args.kv_cache, group=str(args.kv_group), residual=str(args.kv_residual),
+            capacity=str(args.kv_capacity))
     for flag, option in (("rank_ratio", "rank_ratio"), ("energy", "energy"), ("param_budget", "param_budget")):
         if getattr(args, flag, None) is not None:
             names = list(DEFAULT_PASSES) if names is None else names

@@ -32,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
     if "reduction_vs_fp32" in kv:
         c.print(f"  {kv['reduction_vs_fp32']:.2f}x smaller than float32 ({kv['fp32_bytes_per_token']:,} bytes per "
                 f"token); plus at most {kv['residual_bytes_max']:,} bytes of full-precision residual window")
+    if kv.get("capacity"):
+        c.print(f"  fixed capacity: {kv['capacity']:,} quantized tokens per sequence, updated in place "
+                f"({int(kv['capacity'] * kv['bytes_per_token']):,} bytes + the residual window allocated per sequence)")
     c.print(f"custom ops: {', '.join(info['custom_ops']) or 'none'}")
     io = Table(title="inputs / outputs")
     for col in ("kind", "name", "dtype", "shape"):

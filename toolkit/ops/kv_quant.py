@@ -424,8 +424,11 @@ def attention_capacity(query: np.ndarray, key: np.ndarray, value: np.ndarray, ca
 OP_TYPE = "QuantKVAttention"
 OP_INPUTS = ("query", "key", "value", *(f"past_{n}" for n in CACHE_TENSORS), "attn_bias")
 OP_OUTPUTS = ("output", *(f"present_{n}" for n in CACHE_TENSORS))
-# The fixed-capacity mode's extra input (index 12) and output (index 9).
+# The fixed-capacity mode's extra input (index 12) and output (index 9), and their names
+# in a converted model (one pair for all layers, named as cache tensors so decoders feed
+# each step's present.lengths back as the next past_key_values.lengths).
 LENGTHS_INPUT, LENGTHS_OUTPUT = "cache_lengths", "present_cache_lengths"
+MODEL_LENGTHS_INPUT, MODEL_LENGTHS_OUTPUT = "past_key_values.lengths", "present.lengths"
 
 
 def _dims(name: str) -> list[int | str]:
