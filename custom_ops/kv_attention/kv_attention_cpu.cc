@@ -387,17 +387,18 @@ struct Avx2Ops {
     if constexpr (kBits == 8) {
       return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + d))));
     } else if constexpr (kBits == 4) {
-      uint32_t w;
-      std::memcpy(&w, q + d / 2, 4);
+      // The chunk's 4 bytes broadcast straight from memory (one load, no scalar move).
+      const __m256i w = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(q + d / 2)));
       const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w)), sh),
-                                                 _mm256_set1_epi32(15)));
+      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(w, sh), _mm256_set1_epi32(15)));
     } else {
-      uint16_t w;
-      std::memcpy(&w, q + d / 4, 2);
-      const __m256i sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w)), sh),
-                                                 _mm256_set1_epi32(3)));
+      // 2 bytes per chunk: the 4-byte word of its 16-channel pair (inside the row:
+      // D is a multiple of 8), shifted by 16 more for the odd chunk.
+      const __m256i w =
+          _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(q + (d >> 4) * 4)));
+      const __m256i sh = _mm256_add_epi32(_mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14),
+                                          _mm256_set1_epi32(int((d & 8) << 1)));
+      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(w, sh), _mm256_set1_epi32(3)));
     }
   }
   template <int kBits>
@@ -575,9 +576,13 @@ struct Avx2Ops {
                                                    int64_t row_bytes, int64_t nt, int bits, int64_t D,
                                                    const float* s, const float* z, int64_t G, float* s8, float* z8,
                                                    float* out, int64_t stride) {
-    const int64_t chunks = D / 8, ng = D / G;
-    for (int64_t t = 0; t < nt; ++t) {
-      for (int64_t c = 0; c < chunks; ++c) s8[t * chunks + c] = s[t * ng + c * 8 / G], z8[t * chunks + c] = z[t * ng + c * 8 / G];
+    const int64_t chunks = D / 8, ng = D / G, per_group = G / 8;
+    for (int64_t t = 0; t < nt; ++t) {  // no division per chunk (an idiv costs more than the chunk's FMAs)
+      float *st = s8 + t * chunks, *zt = z8 + t * chunks;
+      for (int64_t g = 0; g < ng; ++g) {
+        const float sg = s[t * ng + g], zg = z[t * ng + g];
+        for (int64_t i = 0; i < per_group; ++i) st[g * per_group + i] = sg, zt[g * per_group + i] = zg;
+      }
     }
     if (bits == 8) return DotsBlock(q, rows, AffineRowAt<8>{codes, row_bytes, s8, z8, chunks}, nt, D, out, stride);
     if (bits == 4) return DotsBlock(q, rows, AffineRowAt<4>{codes, row_bytes, s8, z8, chunks}, nt, D, out, stride);
@@ -756,8 +761,8 @@ struct Avx2Ops {
                                          : _mm256_setzero_si256();
     __m256 za = _mm256_setzero_ps();
     int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      const float* pt = p + j / ng;  // the vector's `per` tokens, all < nt
+    const float* pt = p;  // the vector's `per` tokens, all < nt (advanced, not divided: no idiv)
+    for (; j + 8 <= n; j += 8, pt += per) {
       __m256 raw;
       if (per == 8) {
         raw = _mm256_loadu_ps(pt);
@@ -1231,7 +1236,9 @@ OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context) {
 #ifdef TOOLKIT_KV_AVX2
     // The AVX2 row operations work on 8 channels at a time, one scale per 8.
     // (head dims beyond Avx2Ops::kMaxChunks * 8 = 512 take the portable path)
-    job.avx2 = AvxAvailable() && !ForceScalar() && io.D % 8 == 0 && io.D <= 8 * Avx2Ops::kMaxChunks &&
+    // 2-bit rows are read 4 bytes (16 channels) at a time: D a multiple of 16 there.
+    job.avx2 = AvxAvailable() && !ForceScalar() && io.D % (attrs.bits == 2 ? 16 : 8) == 0 &&
+               io.D <= 8 * Avx2Ops::kMaxChunks &&
                attrs.value_group % 8 == 0 &&
                (attrs.key_per_channel || attrs.key_group % 8 == 0);
 #endif

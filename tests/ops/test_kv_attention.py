@@ -150,6 +150,14 @@ def test_left_padding_is_left_out_of_key_ranges(name):
         assert scales.max() < 1.0, scales.max()
 
 
+@pytest.mark.parametrize("scheme", [kq.KVScheme(2, True, 8, 8, 8), kq.KVScheme(4, False, 8, 8, 0),
+                                    kq.KVScheme(8, False, 8, 8, 0)], ids=["kivi2", "int4-token", "int8-asym"])
+def test_head_dim_not_a_multiple_of_16(scheme):
+    # D = 24: 2-bit rows take the portable path (the AVX2 one reads 16 channels at a
+    # time), 4- and 8-bit rows the AVX2 one with a lone last 8-channel chunk.
+    drive(scheme, 1, 4, 2, 24, steps=[13] + [1] * 12)
+
+
 def test_long_context_uses_slices_and_matches():
     # T ~ 1100 at batch 1 and 1 KV head: the kernel splits positions into slices.
     scheme = kq.KVScheme(4, True, 32, 32, 64)

@@ -39,6 +39,15 @@ only): ``s = fp16(max|x| / 127)``, ``code = clamp(rint(x / s), -127, 127) + 128`
 dequantized ``s * (code - 128)``. Scales in float16 follow KIVI; at head dim 128
 they keep int8 at 3.94x and 4-bit (G=32) at 6.4x smaller than float32.
 
+Fixed capacity (op input ``cache_lengths``, ``toolkit convert --kv-capacity C``): the
+token dimensions above become capacities (``C`` quantized slots, a multiple of Gk for
+per-channel keys; ``R - 1`` residual slots), the valid ``(N, r)`` travel as an int64
+``[2]`` tensor (``past_key_values.lengths`` / ``present.lengths`` in a converted
+model), and every present tensor has the shape of its past tensor, so a host can bind
+each present output to its past input's buffer (IOBinding) and the op appends the new
+tokens in place. Slots past the valid lengths are never read (:func:`to_capacity`,
+:func:`from_capacity`, :func:`attention_capacity`).
+
 Padding: when keys are quantized per channel, positions whose attention bias (at
 the last query row) is <= ``MASKED_BIAS`` are left out of the group's min/max, so
 left-padding tokens do not widen the range of real tokens. Attention of the current
