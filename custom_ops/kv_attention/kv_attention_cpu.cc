@@ -777,9 +777,20 @@ struct Avx2Ops {
       _mm256_storeu_ps(w + j, _mm256_mul_ps(pv, _mm256_loadu_ps(s + j)));
       za = _mm256_fmadd_ps(pv, _mm256_loadu_ps(z + j), za);
     }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, za);
-    for (int l = 0; l < 8; ++l) zsum[l & (ng - 1)] += lanes[l];  // ng is 1, 2 or 4: no division
+    // Lane l holds group l % ng (ng = 1, 2 or 4): fold the lanes in registers (a store
+    // and eight dependent scalar adds through memory cost more than the fold itself).
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(za), _mm256_extractf128_ps(za, 1));
+    if (ng == 4) {
+      _mm_storeu_ps(zsum, _mm_add_ps(_mm_loadu_ps(zsum), h));
+    } else {
+      const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));  // [g0 + g2, g1 + g3]
+      if (ng == 2) {
+        zsum[0] += _mm_cvtss_f32(h2);
+        zsum[1] += _mm_cvtss_f32(_mm_shuffle_ps(h2, h2, 1));
+      } else {
+        zsum[0] += _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+      }
+    }
     for (; j < n; ++j) {
       w[j] = p[j / ng] * s[j];
       zsum[j % ng] += p[j / ng] * z[j];
