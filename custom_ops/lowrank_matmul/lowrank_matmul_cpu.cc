@@ -38,6 +38,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/half.h"
 #include "common/simd_avx2.h"
 #include "lowrank_matmul/lowrank_matmul.h"
 
@@ -141,25 +142,6 @@ constexpr int64_t kKC = 256;          // reduction block
 constexpr int64_t kTilesPerBlock = 32;  // register tiles per task block
 constexpr int64_t kTargetTasks = 16;  // tasks per GEMM when the shapes allow
 constexpr int kWide = 4;              // panels per pass of the one-row kernel (MicroWide1)
-
-inline float HalfToFloat(uint16_t h) {
-  // IEEE half -> float, exact (same as softmax_topk_cpu.cc).
-  const uint32_t em = h & 0x7fffu;
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  const uint32_t e = em << 13;
-  auto from_bits = [](uint32_t u) {
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-  };
-  const float normal = from_bits(e + (112u << 23));
-  const float sub = from_bits(e + (113u << 23)) - 0x1p-14f;
-  const float special = from_bits(e | 0x7f800000u);
-  const float f = em < 0x400u ? sub : (em >= 0x7c00u ? special : normal);
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  return from_bits(bits | sign);
-}
 
 inline float Widen(float w) { return w; }
 inline float Widen(uint16_t w) { return HalfToFloat(w); }

@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "common/half.h"
 #include "common/simd_avx2.h"
 #include "softmax_topk/softmax_topk.h"
 
@@ -103,43 +104,8 @@ constexpr int64_t kTargetTasks = 4;
 constexpr int64_t kMinChunk = 131072;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-inline uint32_t Bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-inline float FromBits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-// IEEE half -> float, exact and branch-free (vectorises; no denormal arithmetic).
-inline float HalfToFloat(uint16_t h) {
-  const uint32_t em = h & 0x7fffu;
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  const uint32_t e = em << 13;
-  const float normal = FromBits(e + (112u << 23));           // rebias exponent 15 -> 127
-  const float sub = FromBits(e + (113u << 23)) - 0x1p-14f;   // subnormal: m * 2^-24, exact
-  const float special = FromBits(e | 0x7f800000u);           // inf / NaN keep the payload
-  const float f = em < 0x400u ? sub : (em >= 0x7c00u ? special : normal);
-  return FromBits(Bits(f) | sign);
-}
-
-// float -> IEEE half, round to nearest even.
-inline uint16_t FloatToHalf(float f) {
-  uint32_t x = Bits(f);
-  const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
-  x &= 0x7fffffffu;
-  if (x > 0x7f800000u) return sign | 0x7e00u;               // NaN
-  if (x >= 0x477ff000u) return sign | 0x7c00u;              // >= 65520 rounds to inf
-  if (x < 0x38800000u) {                                     // half subnormal or zero
-    return sign | uint16_t(std::nearbyint(FromBits(x) * 0x1p24f));
-  }
-  x += 0xfffu + ((x >> 13) & 1u);
-  x -= 112u << 23;
-  return sign | uint16_t(x >> 13);
-}
+inline uint32_t Bits(float f) { return FloatBits(f); }
+inline float FromBits(uint32_t u) { return BitsFloat(u); }
 
 template <typename T>
 inline float ToFloat(T v);
