@@ -542,6 +542,7 @@ struct Avx2Ops {
       for (; t + 2 <= nt; t += 2) {
         __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
                a31 = a00;
+#pragma GCC unroll 4
         for (int64_t d = 0; d < D; d += 8) {
           const __m256 k0 = key(t, d), k1 = key(t + 1, d);
           const __m256 x0 = _mm256_loadu_ps(q0 + d), x1 = _mm256_loadu_ps(q1 + d);
@@ -653,6 +654,7 @@ struct Avx2Ops {
                                            int64_t ws, int64_t nt, const Rows& rows, int64_t d, float* o, int64_t D,
                                            bool two) {
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+#pragma GCC unroll 4
     for (int64_t t = 0; t < nt; ++t) {
       __m256 v0, v1;
       rows(t, d, &v0, &v1);
