@@ -110,6 +110,27 @@ def test_iobinding_loop_matches_a_numpy_cache_loop_and_reports_the_cache(exporte
         assert result.peak_rss_mb > 0
 
 
+def test_fixed_capacity_cache_too_small_is_a_named_error(exported):
+    from toolkit.errors import ToolkitError
+    from toolkit.generate import generate
+
+    _, path = exported("llama")
+    model, _ = run_pipeline(onnx.load(str(path)), ["kv-cache"],
+                            {"kv-cache": {"scheme": "int8", "capacity": "16"}})
+    sess = _session(model)
+    assert len(generate(sess, [5, 17, 42], 14).token_ids) == 14  # 3 + 14 - 1 = 16 tokens: fits
+    with pytest.raises(ToolkitError, match="holds 16 tokens.*need 17") as err:
+        generate(sess, [5, 17, 42], 15)
+    assert "--kv-capacity" in err.value.hint
+    # KIVI fills the quantized slots a window (R = 16) at a time: 40 slots take 32, plus 15 residual.
+    kivi, _ = run_pipeline(onnx.load(str(path)), ["kv-cache"],
+                           {"kv-cache": {"scheme": "kivi2", "group": "8", "residual": "16", "capacity": "40"}})
+    sess = _session(kivi)
+    assert len(generate(sess, [5, 17, 42], 45).token_ids) == 45  # 47 tokens fit
+    with pytest.raises(ToolkitError, match="holds 47 tokens"):
+        generate(sess, [5, 17, 42], 46)
+
+
 def _session(model):
     import onnxruntime as ort
 

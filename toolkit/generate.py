@@ -181,6 +181,21 @@ class BoundDecoder:
         self.in_place = kv_quant.MODEL_LENGTHS_INPUT in self.inputs
         self.calls = 0
 
+    def capacity(self) -> int | None:
+        """Tokens a fixed-capacity cache holds, or None (it grows).
+
+        C quantized slots filled R tokens at a time (R - 1 residual slots, R = 0 for
+        none) plus the residual: floor(C / R) * R + R - 1.
+        """
+        if not self.in_place:
+            return None
+        dims = [self.inputs.get(f"past_key_values.0.{n}") for n in ("key_q", "key_res")]
+        if any(d is None or not isinstance(d.shape[2], int) for d in dims):
+            return None
+        slots, res_slots = dims[0].shape[2], dims[1].shape[2]
+        window = res_slots + 1 if res_slots else 1
+        return slots // window * window + res_slots
+
     def empty_past(self, batch: int) -> dict[str, Any]:
         import onnxruntime as ort
 
@@ -247,6 +262,13 @@ def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling:
     """
     chooser = TokenChooser(head_options(session), sampling)
     dec = BoundDecoder(session, chooser.wanted_outputs)
+    capacity = dec.capacity()
+    needed = len(prompt_ids) + max_new_tokens - 1  # the last token is never fed back
+    if capacity is not None and needed > capacity:
+        raise ToolkitError(
+            f"the model's fixed-capacity KV cache holds {capacity} tokens; a {len(prompt_ids)}-token prompt "
+            f"and {max_new_tokens} new tokens need {needed}",
+            hint="shorten the prompt or --max-new-tokens, or reconvert with a larger --kv-capacity")
     ids = np.array([prompt_ids], dtype=np.int64)
     mask = np.ones_like(ids)
     pos = np.arange(ids.shape[1], dtype=np.int64)[None]

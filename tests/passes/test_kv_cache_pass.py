@@ -172,6 +172,22 @@ def test_fixed_capacity_overflow_is_a_named_error(exported):
         run_steps(decoder(cap), ids, mask, steps=0)
 
 
+def test_convert_flags_for_the_fixed_capacity_cache():
+    import argparse
+
+    from toolkit.commands import convert as convert_cmd
+
+    parser = argparse.ArgumentParser()
+    convert_cmd.register(parser)
+    args = parser.parse_args(["llama", "-o", "x", "--kv-cache", "kivi2", "--kv-capacity", "4096"])
+    assert convert_cmd._pass_selection(args)[1]["kv-cache"]["capacity"] == "4096"
+    with pytest.raises(PassError, match="--kv-capacity needs --kv-cache"):
+        convert_cmd._pass_selection(parser.parse_args(["llama", "-o", "x", "--kv-capacity", "4096"]))
+    with pytest.raises(PassError, match="cannot be combined with --portable"):
+        convert_cmd._pass_selection(parser.parse_args(["llama", "-o", "x", "--kv-cache", "int8", "--kv-capacity",
+                                                       "64", "--portable"]))
+
+
 @pytest.mark.parametrize("options,fragment", [
     ({"scheme": "kivi4", "group": "8", "residual": "16", "capacity": "20"}, "multiple of group=8"),
     ({"scheme": "int8", "capacity": "-1"}, "capacity=-1"),

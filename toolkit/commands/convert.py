@@ -206,6 +206,13 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
         options.setdefault("sampling-head", {})["k"] = str(args.sampling_head)
         if args.sample:
             options["sampling-head"]["sample"] = "true"
+    if getattr(args, "kv_capacity", 0) and not getattr(args, "kv_cache", None):
+        raise PassError("--kv-capacity needs --kv-cache (it sizes the quantized cache)",
+                        hint="e.g. toolkit convert MODEL -o DIR --kv-cache int8 --kv-capacity 4096")
+    if getattr(args, "kv_capacity", 0) and args.portable:
+        raise PassError("--kv-capacity cannot be combined with --portable: the fixed-capacity cache is "
+                        "appended in place, which standard ONNX ops cannot do",
+                        hint="drop --kv-capacity (growing cache) for a portable model")
     if getattr(args, "kv_cache", None):
         names = list(DEFAULT_PASSES) if names is None else names
         names.append("kv-cache")
