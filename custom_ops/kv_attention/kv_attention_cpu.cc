@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -845,6 +846,10 @@ struct Job {
   bool codes_copied = false;  // the attention pass copied the past codes into the present
   // partials[(bh * slices + slice) * rows + row] -> {max, sum, acc[D]}
   std::vector<float> partials;
+  // Slices of each (batch, kv head) still running: the last one to finish merges the
+  // head's partials and writes its present cache, so a call costs one thread-pool
+  // dispatch instead of three.
+  std::unique_ptr<std::atomic<int64_t>[]> pending;
   std::atomic<bool> failed{false};
 };
 
@@ -1067,15 +1072,30 @@ void AttendSliceScalar(Job* job, size_t index) { AttendSliceImpl<ScalarOps>(job,
 TOOLKIT_AVX2 void AttendSliceAvx2(Job* job, size_t index) { AttendSliceImpl<Avx2Ops>(job, index); }
 #endif
 
+void MergeSlices(void* data, size_t index);
+void WritePresent(void* data, size_t index);
+
 void AttendSlice(void* data, size_t index) {
   Job* job = static_cast<Job*>(data);
   try {
 #ifdef TOOLKIT_KV_AVX2
-    if (job->avx2) return AttendSliceAvx2(job, index);
-#endif
+    if (job->avx2) {
+      AttendSliceAvx2(job, index);
+    } else {
+      AttendSliceScalar(job, index);
+    }
+#else
     AttendSliceScalar(job, index);
+#endif
   } catch (...) {
     job->failed = true;
+  }
+  // acq_rel: the last slice of the head sees every other slice's partials. The merge
+  // reads the slices in order, whichever thread runs it (bit-identical results).
+  const size_t bh = index / size_t(job->slices);
+  if (job->pending[bh].fetch_sub(1, std::memory_order_acq_rel) == 1 && !job->failed) {
+    MergeSlices(data, bh);
+    WritePresent(data, bh);
   }
 }
 
@@ -1263,10 +1283,12 @@ OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context) {
       job.slices = (io.T + job.slice_len - 1) / job.slice_len;
       job.partials.resize(size_t(heads * job.slices * job.rows * (io.D + 2)));
       job.codes_copied = !io.capacity;
-      ctx.ParallelFor(&AttendSlice, size_t(heads * job.slices), 0, &job);
-      if (!job.failed) ctx.ParallelFor(&MergeSlices, size_t(heads), 0, &job);
+      job.pending.reset(new std::atomic<int64_t>[size_t(heads)]);
+      for (int64_t i = 0; i < heads; ++i) job.pending[size_t(i)].store(job.slices, std::memory_order_relaxed);
+      ctx.ParallelFor(&AttendSlice, size_t(heads * job.slices), 0, &job);  // also merges and writes
+    } else if (heads > 0) {
+      ctx.ParallelFor(&WritePresent, size_t(heads), 0, &job);  // nothing to attend to
     }
-    if (!job.failed && heads > 0) ctx.ParallelFor(&WritePresent, size_t(heads), 0, &job);
     if (io.p_lengths) io.p_lengths[0] = io.N + io.F, io.p_lengths[1] = io.r + io.S - io.F;
     if (job.failed) {
       return MakeStatus(ORT_RUNTIME_EXCEPTION, std::string(kOpName) + ": CPU kernel failed (out of memory?)");
