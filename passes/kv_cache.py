@@ -270,7 +270,7 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
     def cache_shapes(prefix: str) -> dict[str, ir.Shape]:
         n, g, r = f"{prefix}_quantized_length", f"{prefix}_key_groups", f"{prefix}_residual_length"
         if options.capacity:  # static: the capacity and the residual slots
-            n, r = options.capacity, max(scheme.residual - 1, 0)
+            n, r = options.capacity, scheme.residual_slots
             g = n // scheme.key_group if scheme.key_per_channel else g
         kparams = [batch, kv_heads, g, head_dim] if scheme.key_per_channel else \
             [batch, kv_heads, n, head_dim // scheme.key_group]
@@ -380,7 +380,7 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
 
     model.opset_imports.setdefault(DOMAIN, 1)
     info = {"scheme": options.scheme, **scheme.to_attributes(), "kv_heads": kv_heads, "head_dim": head_dim,
-            "capacity": options.capacity, "residual_slots": max(scheme.residual - 1, 0) if options.capacity else 0,
+            "capacity": options.capacity, "residual_slots": scheme.residual_slots if options.capacity else 0,
             "layers": len(layers), "bytes_per_token": scheme.bytes_per_token(kv_heads, head_dim) * len(layers),
             "fp32_bytes_per_token": 2 * kv_heads * head_dim * 4 * len(layers)}
     model.metadata_props["toolkit.kv_cache"] = options.scheme

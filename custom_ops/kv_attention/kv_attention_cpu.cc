@@ -1,12 +1,13 @@
 // QuantKVAttention: attribute/shape checks shared by all providers, and the CPU kernel.
 //
-// CPU plan. Work items are (batch, KV head, slice of key positions): each item
-// dequantizes every key/value row of its slice once into a D-float row buffer and
-// uses it for all Hq/Hkv query heads of the group and all S queries (GQA reuse),
-// keeping flash-decoding partials (running max, sum, weighted V) per query row; a
-// second parallel pass merges the slices. Long contexts at batch 1 thus use every
-// thread. The hot loops (row dequantization, dot, axpy) are compiled for AVX2+FMA
-// and for the baseline ISA, picked at load time (target_clones).
+// CPU plan. Work items are (batch, KV head, slice of key positions): each item reads
+// every key/value row of its slice once, as codes (scales folded into the query or
+// the probabilities, see AttendSliceImpl), and uses it for all Hq/Hkv query heads of
+// the group and all S queries (GQA reuse), keeping flash-decoding partials (running
+// max, sum, weighted V) per query row; the head's last slice to finish merges them
+// and writes the present cache. Long contexts at batch 1 thus use every thread. The
+// hot loops are compiled for AVX2+FMA+F16C (Avx2Ops) and for the baseline ISA
+// (ScalarOps); the AVX2 set is picked at run time when the CPU has it.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -411,23 +412,9 @@ struct Avx2Ops {
       }
     }
   }
-  // Channels d..d+7 of a key row quantized per token: s and z hold one value per
-  // 8-channel chunk (ChunkParams), so no division by the group size sits in the inner
-  // loop (an idiv per chunk cost more than the dot product itself).
-  template <int kBits>
-  TOOLKIT_AVX2 static inline __m256 Key8(const uint8_t* codes, const RowParams& p, int64_t d) {
-    return _mm256_fmadd_ps(_mm256_broadcast_ss(p.s + (d >> 3)), Codes8<kBits>(codes, d),
-                           _mm256_broadcast_ss(p.z + (d >> 3)));
-  }
-  // Per-group (scale, zero) expanded to one per 8-channel chunk (G is a multiple of 8 here).
+  // The largest head dim (in 8-channel chunks) the AVX2 path takes; larger ones run
+  // the portable path (see ComputeCpu).
   static constexpr int64_t kMaxChunks = 512 / 8;
-  TOOLKIT_AVX2 static inline RowParams ChunkParams(const RowParams& p, int64_t D, float* s8, float* z8) {
-    const int64_t per_group = p.G / 8;
-    for (int64_t g = 0, c = 0; c < D / 8; ++g) {
-      for (const int64_t end = c + per_group; c < end; ++c) s8[c] = p.s[g], z8[c] = p.z[g];
-    }
-    return RowParams{s8, z8, 8};
-  }
   // Scores of a quantized key row: each 8-channel chunk is dequantized in a register
   // and used by four query rows before the next chunk is decoded.
   // out[r] = dot(q + r * D, row) for `rows` query rows, where load(d) gives channels
@@ -476,23 +463,6 @@ struct Avx2Ops {
     const float* k;
     TOOLKIT_AVX2 __m256 operator()(int64_t d) const { return _mm256_loadu_ps(k + d); }
   };
-  template <int kBits>
-  struct CodeRow {  // a quantized key row, dequantized chunk by chunk
-    const uint8_t* codes;
-    const RowParams* p;
-    TOOLKIT_AVX2 __m256 operator()(int64_t d) const { return Key8<kBits>(codes, *p, d); }
-  };
-  template <int kBits>
-  struct Codes {  // a row of codes as floats, 8 channels at a time
-    const uint8_t* codes;
-    TOOLKIT_AVX2 __m256 operator()(int64_t d) const { return Codes8<kBits>(codes, d); }
-  };
-  TOOLKIT_AVX2 static inline void CodeDots(const float* q, int64_t rows, const uint8_t* codes, int bits, int64_t D,
-                                           float* out, int64_t stride) {
-    if (bits == 8) return DotRowsWith(q, rows, Codes<8>{codes}, D, out, stride);
-    if (bits == 4) return DotRowsWith(q, rows, Codes<4>{codes}, D, out, stride);
-    DotRowsWith(q, rows, Codes<2>{codes}, D, out, stride);
-  }
   // [sum(a), sum(b), ..., sum(h)] of eight vectors.
   TOOLKIT_AVX2 static inline __m256 Sum8(__m256 a, __m256 b, __m256 c, __m256 d, __m256 e, __m256 f, __m256 g,
                                          __m256 h) {
@@ -501,14 +471,9 @@ struct Avx2Ops {
     return _mm256_add_ps(_mm256_permute2f128_ps(abcd, efgh, 0x20), _mm256_permute2f128_ps(abcd, efgh, 0x31));
   }
   // Key rows of a token block for the two-token dot products: row(t, d) gives channels
-  // d..d+7 of token t as floats. Codes (scale and zero folded elsewhere), or codes with
-  // per-token groups dequantized in a register from [nt][D/8] chunk scales / zeros.
-  template <int kBits>
-  struct CodeRowAt {
-    const uint8_t* codes;
-    int64_t row_bytes;
-    TOOLKIT_AVX2 __m256 operator()(int64_t t, int64_t d) const { return Codes8<kBits>(codes + t * row_bytes, d); }
-  };
+  // d..d+7 of token t as floats. Codes (CodeRow8: scale and zero folded elsewhere), or
+  // codes with per-token groups dequantized in a register from [nt][D/8] chunk scales /
+  // zeros (no division by the group size in the inner loop).
   template <int kBits>
   struct AffineRowAt {
     const uint8_t* codes;
@@ -569,9 +534,9 @@ struct Avx2Ops {
   TOOLKIT_AVX2 static inline void CodeDotsBlock(const float* q, int64_t rows, const uint8_t* codes,
                                                 int64_t row_bytes, int64_t nt, int bits, int64_t D, float* out,
                                                 int64_t stride) {
-    if (bits == 8) return DotsBlock(q, rows, CodeRowAt<8>{codes, row_bytes}, nt, D, out, stride);
-    if (bits == 4) return DotsBlock(q, rows, CodeRowAt<4>{codes, row_bytes}, nt, D, out, stride);
-    DotsBlock(q, rows, CodeRowAt<2>{codes, row_bytes}, nt, D, out, stride);
+    if (bits == 8) return DotsBlock(q, rows, CodeRow8<8>{codes, row_bytes}, nt, D, out, stride);
+    if (bits == 4) return DotsBlock(q, rows, CodeRow8<4>{codes, row_bytes}, nt, D, out, stride);
+    DotsBlock(q, rows, CodeRow8<2>{codes, row_bytes}, nt, D, out, stride);
   }
   // Scores of nt key rows quantized per token in groups of G channels; s / z [nt][D/G].
   TOOLKIT_AVX2 static inline void QuantScoresBlock(const float* q, int64_t rows, const uint8_t* codes,
@@ -589,20 +554,6 @@ struct Avx2Ops {
     if (bits == 8) return DotsBlock(q, rows, AffineRowAt<8>{codes, row_bytes, s8, z8, chunks}, nt, D, out, stride);
     if (bits == 4) return DotsBlock(q, rows, AffineRowAt<4>{codes, row_bytes, s8, z8, chunks}, nt, D, out, stride);
     DotsBlock(q, rows, AffineRowAt<2>{codes, row_bytes, s8, z8, chunks}, nt, D, out, stride);
-  }
-  template <int kBits>
-  TOOLKIT_AVX2 static inline void QuantScoresBits(const float* q, int64_t rows, const uint8_t* codes, int64_t D,
-                                                  const RowParams& p, float* out, int64_t stride) {
-    float s8[kMaxChunks], z8[kMaxChunks];
-    const RowParams chunks = ChunkParams(p, D, s8, z8);
-    DotRowsWith(q, rows, CodeRow<kBits>{codes, &chunks}, D, out, stride);
-  }
-  TOOLKIT_AVX2 static inline void QuantScores(const float* q, int64_t rows, const uint8_t* codes, int bits,
-                                              int64_t D, const RowParams& p, float* /*buf*/, float* out,
-                                              int64_t stride) {
-    if (bits == 8) return QuantScoresBits<8>(q, rows, codes, D, p, out, stride);
-    if (bits == 4) return QuantScoresBits<4>(q, rows, codes, D, p, out, stride);
-    QuantScoresBits<2>(q, rows, codes, D, p, out, stride);
   }
   TOOLKIT_AVX2 static inline void Dequant(const uint8_t* q, int bits, int64_t D, const RowParams& p, float* out) {
     if (bits == 8) return DequantBits<8>(q, D, p, out);
@@ -707,7 +658,7 @@ struct Avx2Ops {
     TOOLKIT_AVX2 __m256 operator()(int64_t t, int64_t d) const { return Codes8<kBits>(codes + t * row_bytes, d); }
   };
   // PV straight from the codes (G and D multiples of 16): the row's scale is already in
-  // the weights w [rows][ng][nt]; no dequantized copy.
+  // the weights w [rows][nt][ng]; no dequantized copy.
   template <int kBits>
   TOOLKIT_AVX2 static inline void AccumulateCodesBits(const float* w, int64_t rows, int64_t ng, int64_t G,
                                                       const uint8_t* codes, int64_t row_bytes, int64_t nt,
@@ -882,7 +833,7 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
   const int bits = int(a.bits);
   const int64_t groups = io.Nc / a.key_group;  // per-channel key group slots
 
-  std::vector<float> kv(static_cast<size_t>(D)), sc(static_cast<size_t>(D)), zc(sc), vsc(sc), vzc(sc);
+  std::vector<float> sc(static_cast<size_t>(D)), zc(sc), vsc(sc), vzc(sc);
   int64_t loaded_group = -1;
   // Scores of position t for the nr query rows q (written with stride len).
   // Keys: the scale and zero are folded into the query side where they are shared,

@@ -381,22 +381,22 @@ def _ours(name: str, data: dict[str, Any], threads: int, shape: Shape, in_place:
     session = _session(kq.single_op_model(scheme, with_bias=False, capacity=in_place).SerializeToString(), threads)
     past = data["keys"].shape[2] - 1
     feeds = {"query": data["query"], "key": data["keys"][:, :, past:], "value": data["values"][:, :, past:]}
-    if not in_place:
+    if in_place:
+        quantized = cache["key_q"].shape[2]
+        capacity = -(-(quantized + RESIDUAL) // GROUP) * GROUP  # room for a flush, a multiple of the key group
+        cap, lengths = kq.to_capacity(cache, scheme, capacity)
+        feeds.update({f"past_{n}": t for n, t in cap.items()}, cache_lengths=lengths)
+    else:
         feeds.update({f"past_{n}": t for n, t in cache.items()})
-        # One plain run gives the output shapes (the present grows by the new token).
-        names = [o.name for o in session.get_outputs()]
-        first = dict(zip(names, session.run(None, feeds)))
+    # One plain (unbound) run: the output shapes, and the present to check; the past stays as it is.
+    names = [o.name for o in session.get_outputs()]
+    first = dict(zip(names, session.run(None, feeds)))
+    if not in_place:
         _check_present(cache, first, scheme, name)
         outs = {n: np.empty_like(a) for n, a in first.items()}
         binding, values = _bind(session, feeds, outs)
         written = sum(a.nbytes for n, a in first.items() if n != "output")
     else:
-        n = cache["key_q"].shape[2]
-        capacity = -(-(n + RESIDUAL) // GROUP) * GROUP  # room for a flush, a multiple of the key group
-        cap, lengths = kq.to_capacity(cache, scheme, capacity)
-        feeds.update({f"past_{n}": t for n, t in cap.items()}, cache_lengths=lengths)
-        names = [o.name for o in session.get_outputs()]
-        first = dict(zip(names, session.run(None, feeds)))  # not bound: the past stays as it is
         present = kq.from_capacity({n[len("present_"):]: t for n, t in first.items()
                                     if n.startswith("present_") and n != "present_cache_lengths"},
                                    first["present_cache_lengths"], scheme)

@@ -124,9 +124,14 @@ class KVScheme:
         value_params = kv_heads * head_dim / self.value_group * params * 2
         return codes + key_params + value_params
 
+    @property
+    def residual_slots(self) -> int:
+        """Most tokens the full-precision residual holds between calls (R - 1; a full window is flushed)."""
+        return max(self.residual - 1, 0)
+
     def residual_bytes(self, kv_heads: int, head_dim: int) -> int:
         """Most bytes the full-precision residual can hold per layer (keys and values)."""
-        return 2 * kv_heads * max(self.residual - 1, 0) * head_dim * 4
+        return 2 * kv_heads * self.residual_slots * head_dim * 4
 
     def to_attributes(self) -> dict[str, int]:
         return {"bits": self.bits, "key_per_channel": int(self.key_per_channel), "key_group": self.key_group,
@@ -389,7 +394,7 @@ def to_capacity(cache: dict[str, np.ndarray], scheme: KVScheme, capacity: int,
                 residual_slots: int | None = None, fill: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """A growing-layout cache in fixed-capacity tensors (``fill`` in the unused slots) and its lengths."""
     n, r = cache["key_q"].shape[2], cache["key_res"].shape[2]
-    slots = max(scheme.residual - 1, 0) if residual_slots is None else residual_slots
+    slots = scheme.residual_slots if residual_slots is None else residual_slots
     if n > capacity or r > slots:
         raise ValueError(f"cache of {n} quantized + {r} residual tokens does not fit {capacity} + {slots} slots")
     if scheme.key_per_channel and capacity % scheme.key_group:
