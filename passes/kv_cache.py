@@ -51,6 +51,9 @@ class KVCacheOptions(PassOptions):
         default=32, metadata={"help": "group size G: tokens per key group (KIVI), channels per value group"})
     residual: int = dataclasses.field(
         default=128, metadata={"help": "full-precision residual window R of the KIVI schemes (multiple of G)"})
+    quantize_query: bool = dataclasses.field(
+        default=False, metadata={"help": "round the query to int8 per row (QuantKVAttention quantize_query=1): "
+                                         "integer QK dot products for int8 keys on CPU; not on CUDA or --portable"})
     capacity: int = dataclasses.field(
         default=0, metadata={"help": "fixed cache capacity in tokens (0: the cache grows every step); the "
                                      "cache tensors keep their shape and a host can update them in place"})
@@ -262,7 +265,8 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
                         hint="re-export with `toolkit export`")
     batch, kv_heads, head_dim = shape[0], shape[1], shape[3]
     try:
-        scheme = kv_quant.scheme_for(options.scheme, head_dim, options.group, options.residual)
+        scheme = kv_quant.scheme_for(options.scheme, head_dim, options.group, options.residual,
+                                     quantize_query=options.quantize_query)
     except ValueError as err:
         raise PassError(f"kv-cache: {err}", hint="choose another --kv-group / --kv-residual") from None
     pb = head_dim * scheme.bits // 8

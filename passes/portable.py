@@ -219,6 +219,11 @@ def _body_for(node: ir.Node, model: ir.Model) -> tuple[str, Callable[[], Functio
                 f"portable: node {node.name!r} uses QuantKVAttention's fixed-capacity cache (input "
                 f"{node.inputs[12].name!r}), which appends in place; standard ONNX ops cannot",
                 hint="convert without --kv-capacity (the growing cache) for a portable model")
+        if node.attributes.get_int("quantize_query", 0):
+            raise PassError(
+                f"portable: node {node.name!r} has QuantKVAttention attribute quantize_query=1 (int8 query), "
+                "which the portable function does not implement",
+                hint="convert without --kv-quantize-query for a portable model")
 
         return overload_name(node), lambda: kv_attention_function(node)
     return None

@@ -32,7 +32,7 @@ def _has_quant_kv_attention() -> bool:
 pytestmark = pytest.mark.skipif(not _has_quant_kv_attention(), reason="op library without QuantKVAttention")
 
 TINY = attention.Shape(q_heads=4, kv_heads=2, head_dim=32)
-SCHEMES = ("int8", "int4", "kivi4", "kivi2")
+SCHEMES = ("int8", "int8-q8", "int4", "kivi4", "kivi2")
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,11 @@ def test_outputs_were_checked(result):
     assert c["ours_int8"]["errors"]["vs_fp32_max"] <= 2e-2
     assert 0 < c["ours_int8"]["errors"]["vs_fp32_l2"] < c["ours_int4"]["errors"]["vs_fp32_l2"]
     assert c["ours_kivi4"]["errors"]["vs_fp32_l2"] < c["ours_kivi2"]["errors"]["vs_fp32_l2"]
+    # The int8 query: checked against attention with the rounded query, it differs from
+    # the float-query int8 (the rounding is applied) but carries int8's error.
+    assert c["ours_int8-q8"]["errors"] != c["ours_int8"]["errors"]
+    assert c["ours_int8-q8"]["errors"]["vs_fp32_l2"] <= 2 * c["ours_int8"]["errors"]["vs_fp32_l2"]
+    assert row["targets"]["int8-q8"]["vs"].startswith("gqa_int8") or not result["gqa_quantized_kv"]["ok"]
 
 
 def test_in_place_and_growing_cache_agree(result):

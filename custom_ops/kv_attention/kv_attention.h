@@ -24,7 +24,13 @@
 //   outputs 1..8           present_* with the layout of inputs 3..10
 //   output 9 present_cache_lengths int64 [2] = (N', r') (optional)
 //   attrs  bits (8|4|2), key_per_channel (0|1), key_group, value_group, residual,
-//          symmetric (0|1), scale (float, 0 = 1/sqrt(D))
+//          symmetric (0|1), scale (float, 0 = 1/sqrt(D)), quantize_query (0|1)
+//
+// quantize_query=1 rounds each scaled query row to int8 before attention (one scale
+// per row: q' = c a / 127, c = round(q 127 / a) in [-127, 127], a = max |q|; the rule
+// is toolkit/ops/kv_quant.py: quantize_query). The CPU kernel then scores int8
+// per-token keys with integer dot products (8-bit multiply-adds instead of float
+// FMAs); other schemes use the rounded query in their float dot products.
 //
 // Query head h reads KV head h / (Hq / Hkv) (GQA as in Hugging Face repeat_kv).
 // After the attention, r + S residual tokens are in hand; floor((r + S) / R) * R of
@@ -63,6 +69,7 @@ struct Attributes {
   int64_t value_group = 32;
   int64_t residual = 128;
   int64_t symmetric = 0;
+  int64_t quantize_query = 0;
   float scale = 0.0f;
 };
 

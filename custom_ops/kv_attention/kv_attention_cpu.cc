@@ -43,7 +43,8 @@ OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs) {
                          {"key_group", &attrs->key_group},
                          {"value_group", &attrs->value_group},
                          {"residual", &attrs->residual},
-                         {"symmetric", &attrs->symmetric}}) {
+                         {"symmetric", &attrs->symmetric},
+                         {"quantize_query", &attrs->quantize_query}}) {
     if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, v)) api.ReleaseStatus(st);
   }
   if (OrtStatus* st = api.KernelInfoGetAttribute_float(info, "scale", &attrs->scale)) api.ReleaseStatus(st);
@@ -66,6 +67,10 @@ OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs) {
   if (attrs->symmetric && (attrs->bits != 8 || attrs->key_per_channel)) {
     return MakeStatus(ORT_INVALID_ARGUMENT,
                       op + ": symmetric=1 is only supported for bits=8 with per-token keys (key_per_channel=0)");
+  }
+  if (attrs->quantize_query != 0 && attrs->quantize_query != 1) {
+    return MakeStatus(ORT_INVALID_ARGUMENT, op + ": attribute quantize_query=" +
+                                                std::to_string(attrs->quantize_query) + "; expected 0 or 1");
   }
   if (!(attrs->scale >= 0.0f) || !std::isfinite(attrs->scale)) {
     return MakeStatus(ORT_INVALID_ARGUMENT, op + ": attribute scale must be finite and >= 0 (0 = 1/sqrt(D))");
@@ -274,8 +279,34 @@ inline void ScaleZeroAt(const uint16_t* scale, const uint16_t* zero, int64_t i, 
   *z = zero ? HalfToFloat(zero[i]) : -128.0f * *s;
 }
 
+// The int8 query rows of a row block (quantize_query=1): codes c (row r at c + r * D),
+// their sums and the per-row scales (q' = scale * c).
+struct QueryInt8 {
+  const int8_t* c;
+  const int32_t* sum;
+  const float* scale;
+};
+
+// q'.codes of one query row and one 8-bit code row: the exact integer sum_d c_d code_d
+// times the row scale. Every path computes this same integer, so the scalar and
+// AVX2 kernels agree bit for bit.
+inline float IntDotValue(const QueryInt8& q, int64_t r, int32_t dot) { return q.scale[r] * float(dot); }
+
 // Portable row operations; the AVX2 set below has the same interface.
 struct ScalarOps {
+  // out[r * stride + t] = q'_r . code row t for nt 8-bit code rows (int8 query).
+  static inline void IntDotsBlock(const QueryInt8& q, int64_t rows, const uint8_t* codes, int64_t row_bytes,
+                                  int64_t nt, int64_t D, float* out, int64_t stride) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int8_t* x = q.c + r * D;
+      for (int64_t t = 0; t < nt; ++t) {
+        const uint8_t* c = codes + t * row_bytes;
+        int32_t dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += int32_t(x[d]) * int32_t(c[d]);
+        out[r * stride + t] = IntDotValue(q, r, dot);
+      }
+    }
+  }
   static inline void Dequant(const uint8_t* q, int bits, int64_t D, const RowParams& p, float* out) {
     const int per = 8 / bits, mask = (1 << bits) - 1;
     for (int64_t d = 0; d < D; ++d) {
@@ -529,6 +560,100 @@ struct Avx2Ops {
     }
     if (r < rows) {
       for (int64_t t = 0; t < nt; ++t) DotRowsWith(q + r * D, rows - r, OneRow<RowAt>{key, t}, D, out + r * stride + t, stride);
+    }
+  }
+  // [sum(a), sum(b), ..., sum(h)] of eight int32 vectors.
+  TOOLKIT_AVX2 static inline __m256i Sum8i(__m256i a, __m256i b, __m256i c, __m256i d, __m256i e, __m256i f,
+                                           __m256i g, __m256i h) {
+    const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    const __m256i efgh = _mm256_hadd_epi32(_mm256_hadd_epi32(e, f), _mm256_hadd_epi32(g, h));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(abcd, efgh, 0x20), _mm256_permute2x128_si256(abcd, efgh, 0x31));
+  }
+  // sum_d x_d (c_d - 128) over 32 channels, into 8 int32 lanes: the codes are made
+  // signed (k = c - 128) and the sign moved onto the query, so the unsigned operand
+  // of the 8-bit multiply-add is |k| <= 128 and the signed one |x| <= 127 (a pair of
+  // products stays below 2^15: no saturation).
+  TOOLKIT_AVX2 static inline __m256i Int8Dot32(__m256i x, __m256i k, __m256i k_abs, __m256i acc) {
+    const __m256i p16 = _mm256_maddubs_epi16(k_abs, _mm256_sign_epi8(x, k));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+  }
+  struct KeyCodes {  // 32 codes of token t from channel d, made signed (c - 128)
+    const uint8_t* codes;
+    int64_t row_bytes;
+    TOOLKIT_AVX2 __m256i operator()(int64_t t, int64_t d) const {
+      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + t * row_bytes + d));
+      return _mm256_xor_si256(c, _mm256_set1_epi8(char(0x80)));
+    }
+  };
+  struct QueryCodes {  // 32 query codes of row r from channel d
+    const int8_t* c;
+    int64_t D;
+    TOOLKIT_AVX2 __m256i operator()(int64_t r, int64_t d) const {
+      return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * D + d));
+    }
+  };
+  // One (query row, token) pair of IntDotsBlock.
+  TOOLKIT_AVX2 static inline void IntDotOne(const QueryInt8& q, const KeyCodes& key, const QueryCodes& qrow,
+                                            int64_t r, int64_t t, int64_t D, float* out, int64_t stride) {
+    __m256i a = _mm256_setzero_si256();
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m256i k = key(t, d);
+      a = Int8Dot32(qrow(r, d), k, _mm256_abs_epi8(k), a);
+    }
+    const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    const __m128i h2 = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+    const int32_t dot = _mm_cvtsi128_si32(_mm_add_epi32(h2, _mm_shuffle_epi32(h2, 0xb1)));
+    out[r * stride + t] = IntDotValue(q, r, dot + 128 * q.sum[r]);
+  }
+  // ScalarOps::IntDotsBlock with 8-bit multiply-adds (32 channels per instruction
+  // instead of 8 per FMA): four query rows and two code rows at a time, as DotsBlock.
+  // sum_d x_d c_d = sum_d x_d (c_d - 128) + 128 sum_d x_d, the same exact integer.
+  TOOLKIT_AVX2 static inline void IntDotsBlock(const QueryInt8& q, int64_t rows, const uint8_t* codes,
+                                               int64_t row_bytes, int64_t nt, int64_t D, float* out,
+                                               int64_t stride) {
+    if (D % 32 != 0) return ScalarOps::IntDotsBlock(q, rows, codes, row_bytes, nt, D, out, stride);
+    const KeyCodes key{codes, row_bytes};
+    const QueryCodes qrow{q.c, D};
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      // Lanes of Sum8i: (row r, t), (r, t + 1), (r + 1, t), ..., (r + 3, t + 1).
+      const __m256i bias = _mm256_setr_epi32(128 * q.sum[r], 128 * q.sum[r], 128 * q.sum[r + 1],
+                                             128 * q.sum[r + 1], 128 * q.sum[r + 2], 128 * q.sum[r + 2],
+                                             128 * q.sum[r + 3], 128 * q.sum[r + 3]);
+      const __m256 scale = _mm256_setr_ps(q.scale[r], q.scale[r], q.scale[r + 1], q.scale[r + 1], q.scale[r + 2],
+                                          q.scale[r + 2], q.scale[r + 3], q.scale[r + 3]);
+      float* o = out + r * stride;
+      int64_t t = 0;
+      for (; t + 2 <= nt; t += 2) {
+        __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+                a31 = a00;
+#pragma GCC unroll 4
+        for (int64_t d = 0; d < D; d += 32) {
+          const __m256i k0 = key(t, d), k1 = key(t + 1, d);
+          const __m256i b0 = _mm256_abs_epi8(k0), b1 = _mm256_abs_epi8(k1);
+          __m256i x = qrow(r, d);
+          a00 = Int8Dot32(x, k0, b0, a00), a01 = Int8Dot32(x, k1, b1, a01);
+          x = qrow(r + 1, d);
+          a10 = Int8Dot32(x, k0, b0, a10), a11 = Int8Dot32(x, k1, b1, a11);
+          x = qrow(r + 2, d);
+          a20 = Int8Dot32(x, k0, b0, a20), a21 = Int8Dot32(x, k1, b1, a21);
+          x = qrow(r + 3, d);
+          a30 = Int8Dot32(x, k0, b0, a30), a31 = Int8Dot32(x, k1, b1, a31);
+        }
+        const __m256i dots = _mm256_add_epi32(Sum8i(a00, a01, a10, a11, a20, a21, a30, a31), bias);
+        const __m256 sums = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(dots));
+        const __m128 lo = _mm256_castps256_ps128(sums), hi = _mm256_extractf128_ps(sums, 1);
+        _mm_storel_pi(reinterpret_cast<__m64*>(o + t), lo);
+        _mm_storeh_pi(reinterpret_cast<__m64*>(o + stride + t), lo);
+        _mm_storel_pi(reinterpret_cast<__m64*>(o + 2 * stride + t), hi);
+        _mm_storeh_pi(reinterpret_cast<__m64*>(o + 3 * stride + t), hi);
+      }
+      if (t < nt) {
+        for (int64_t j = 0; j < 4; ++j) IntDotOne(q, key, qrow, r + j, t, D, out, stride);
+      }
+    }
+    for (; r < rows; ++r) {
+      for (int64_t t = 0; t < nt; ++t) IntDotOne(q, key, qrow, r, t, D, out, stride);
     }
   }
   TOOLKIT_AVX2 static inline void CodeDotsBlock(const float* q, int64_t rows, const uint8_t* codes,
@@ -817,6 +942,35 @@ inline const float* FpRow(const Io& io, const float* res, const float* fresh, in
   return fresh + ((b * io.Hkv + h) * io.S + (i - io.r)) * io.D;
 }
 
+// quantize_query=1: rounds a scaled query row to int8 in place (toolkit/ops/kv_quant.py:
+// quantize_query): a = max |q|, c = round(q 127 / a) in [-127, 127], q' = c (a / 127).
+// Writes the codes and the scale a / 127, returns sum(c). A row of zeros stays zero; a
+// row holding inf or NaN gets scale NaN (its scores are NaN, as without rounding).
+inline int32_t QuantizeQueryRow(float* q, int64_t D, int8_t* codes, float* scale) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t d = 0; d < D; ++d) {
+    const float m = std::fabs(q[d]);
+    finite = finite && m <= std::numeric_limits<float>::max();
+    amax = std::max(amax, m);
+  }
+  int32_t sum = 0;
+  if (!finite || amax == 0.0f) {
+    *scale = finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+    for (int64_t d = 0; d < D; ++d) q[d] = *scale, codes[d] = 0;
+    return 0;
+  }
+  const float inv = 127.0f / amax;
+  *scale = amax / 127.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float c = std::min(127.0f, std::max(-127.0f, std::nearbyint(q[d] * inv)));
+    codes[d] = int8_t(c);
+    sum += int32_t(c);
+    q[d] = c * *scale;
+  }
+  return sum;
+}
+
 // One (batch, KV head, slice of positions) work item, two passes over the slice:
 // scores for every query row of the group (each key row dequantized once), then
 // exp against the slice max, then the probability-weighted values (each value row
@@ -843,6 +997,7 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
   //   per token, one group per row (int8): q.k = s (q.codes) + z sum(q);
   //   per token, several groups: dequantized in registers chunk by chunk.
   std::vector<float> qs, qz, qsum;
+  const QueryInt8* qint = nullptr;  // the row block's int8 query, when the integer path applies
   constexpr int64_t kTokenBlock = 32;  // key / value rows handled together
   // Per-token key groups: a block's scales / zeros, and their per-chunk expansion (s8, z8).
   std::vector<float> kbs(static_cast<size_t>(kTokenBlock * io.key_params_per_token)), kbz(kbs.size());
@@ -876,7 +1031,12 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
     } else if (io.key_params_per_token == 1) {
       // Raw code dots; the caller applies s (q.codes) + z sum(q) to the whole token
       // block at once (a vector loop over tokens instead of a strided store per row).
-      if (t < tq) Ops::CodeDotsBlock(q, nr, codes(t), io.row_bytes, tq - t, bits, D, out, stride);
+      // An int8 query scores 8-bit codes with integer dot products.
+      if (t < tq && qint) {
+        Ops::IntDotsBlock(*qint, nr, codes(t), io.row_bytes, tq - t, D, out, stride);
+      } else if (t < tq) {
+        Ops::CodeDotsBlock(q, nr, codes(t), io.row_bytes, tq - t, bits, D, out, stride);
+      }
       t = std::max(t, tq);
     } else if (t < tq) {  // per token, several groups: the block's scales, then dequantized in registers
       const int64_t ng = io.key_params_per_token, slot = (bh * io.Nc + t) * ng;
@@ -917,6 +1077,11 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
   std::vector<float> q(static_cast<size_t>(std::min(rows, kRowBlock) * D));
   std::vector<float> score(static_cast<size_t>(std::min(rows, kRowBlock) * len));
   std::vector<float> acc(q.size());
+  // quantize_query=1: the block's query codes, their sums and scales.
+  std::vector<int8_t> qcode(a.quantize_query ? q.size() : 0);
+  std::vector<int32_t> qcsum(a.quantize_query ? size_t(std::min(rows, kRowBlock)) : 0);
+  std::vector<float> qscale(qcsum.size());
+  const QueryInt8 query_int8{qcode.data(), qcsum.data(), qscale.data()};
   std::vector<float> vblk(static_cast<size_t>(kTokenBlock * D));
   std::vector<float> ks(static_cast<size_t>(kTokenBlock)), kz(ks);  // int8 keys: per-token s, z of a block
   // Value blocks read as codes (see pass 2): per-(row, group) scales and zeros of a
@@ -933,6 +1098,14 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       const int64_t j = (r0 + rr) / S, s = (r0 + rr) % S;
       const float* src = io.query + (((b * io.Hq + h * rep + j) * S + s) * D);
       for (int64_t d = 0; d < D; ++d) q[size_t(rr * D + d)] = src[d] * io.scale;
+    }
+    if (a.quantize_query) {
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        qcsum[size_t(rr)] = QuantizeQueryRow(q.data() + rr * D, D, qcode.data() + rr * D, &qscale[size_t(rr)]);
+      }
+      // Integer dot products for 8-bit keys with one (scale, zero) per token; other
+      // schemes use the rounded query (now in q) in their float dot products.
+      qint = bits == 8 && !a.key_per_channel && io.key_params_per_token == 1 ? &query_int8 : nullptr;
     }
     if (!a.key_per_channel && io.key_params_per_token == 1) {  // int8 keys: z * sum(q)
       qsum.assign(size_t(nr), 0.0f);

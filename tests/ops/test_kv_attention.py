@@ -35,6 +35,11 @@ SCHEMES = {
     "kivi4": kq.KVScheme(4, True, 8, 16, 16),
     "kivi2": kq.KVScheme(2, True, 8, 32, 8),
     "kivi8": kq.KVScheme(8, True, 4, 8, 12),
+    # int8 query (quantize_query=1): integer dot products for the int8 per-token keys,
+    # the rounded query in float dot products for the others.
+    "int8-q8": kq.KVScheme(8, False, 32, 32, 0, symmetric=True, quantize_query=True),
+    "int8-asym-q8": kq.KVScheme(8, False, 32, 16, 0, quantize_query=True),
+    "kivi4-q8": kq.KVScheme(4, True, 8, 16, 16, quantize_query=True),
 }
 
 
@@ -151,7 +156,9 @@ def test_left_padding_is_left_out_of_key_ranges(name):
 
 
 @pytest.mark.parametrize("scheme", [kq.KVScheme(2, True, 8, 8, 8), kq.KVScheme(4, False, 8, 8, 0),
-                                    kq.KVScheme(8, False, 8, 8, 0)], ids=["kivi2", "int4-token", "int8-asym"])
+                                    kq.KVScheme(8, False, 8, 8, 0),
+                                    kq.KVScheme(8, False, 24, 8, 0, symmetric=True, quantize_query=True)],
+                         ids=["kivi2", "int4-token", "int8-asym", "int8-q8"])
 def test_head_dim_not_a_multiple_of_16(scheme):
     # D = 24: 2-bit rows take the portable path (the AVX2 one reads 16 channels at a
     # time), 4- and 8-bit rows the AVX2 one with a lone last 8-channel chunk.
@@ -175,6 +182,47 @@ def test_two_threads_are_bit_identical_to_one():
 
 def test_scale_attribute():
     drive(SCHEMES["kivi4"], 1, 2, 2, 32, steps=[17, 1, 1], scale=0.05)
+
+
+@pytest.mark.parametrize("path", ["simd", "scalar"])
+@pytest.mark.parametrize("name", ["int8-q8", "int8-asym-q8"])
+def test_int8_query_head_dim_128(name, path, monkeypatch):
+    # Head dim 128 (the AVX2 integer path: 32 channels per multiply-add), 4 query rows
+    # per KV head plus a lone one (rep 5), odd token counts: every branch of the 4x2
+    # block and its remainders, against the reference.
+    if path == "scalar":
+        monkeypatch.setenv("TOOLKIT_KV_SCALAR", "1")
+    drive(SCHEMES[name], 1, 10, 2, 128, steps=[37, 1, 1, 3], seed=5)
+
+
+def test_int8_query_rounding_is_applied():
+    # The op with quantize_query=1 matches the reference that rounds the query and is
+    # farther than the output tolerance from the one that does not (the rounding is
+    # really there), while staying within a query quantization step of it.
+    scheme = SCHEMES["int8-q8"]
+    plain = kq.KVScheme(8, False, 32, 32, 0, symmetric=True)
+    results, _ = drive(scheme, 1, 4, 2, 64, steps=[50, 1, 1], seed=7)
+    cache = kq.empty_cache(1, 2, 64, plain)
+    worst = 0.0
+    for q, k, v, bias, out in results:
+        ref, cache = kq.attention(q, k, v, cache, plain, bias)
+        worst = max(worst, float(np.abs(out - ref).max()))
+    assert worst > 10 * OUT_ATOL, worst
+    assert worst < 0.05, worst
+
+
+def test_int8_query_reference_rounding_rule():
+    q = np.array([[0.5, -1.0, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, np.inf, 0.0, 2.0]], np.float32)
+    rounded, codes, scales = kq.quantize_query(q)
+    np.testing.assert_array_equal(codes[0], [64, -127, 32, 0])  # 63.5 -> 64 (half to even), 31.75 -> 32
+    np.testing.assert_allclose(scales[0], 1.0 / 127, rtol=1e-7)
+    np.testing.assert_array_equal(rounded[0], codes[0].astype(np.float32) * np.float32(1.0 / 127))
+    np.testing.assert_array_equal(rounded[1], 0.0)
+    assert scales[1] == 0.0 and np.isnan(scales[2]) and np.isnan(rounded[2]).all()
+    x = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
+    r, c, s = kq.quantize_query(x)
+    assert np.abs(c).max() == 127
+    assert (np.abs(r - x) <= s[:, None] / 2 * (1 + 1e-6)).all()
 
 
 def _fp_attention(q, k_all, v_all, bias):
@@ -638,7 +686,8 @@ def _cases(draw):
     else:
         key_group = draw(st.sampled_from(divisors))
         residual = draw(st.sampled_from([0, 3, 8]))
-    scheme = kq.KVScheme(bits, per_channel, key_group, value_group, residual, symmetric)
+    scheme = kq.KVScheme(bits, per_channel, key_group, value_group, residual, symmetric,
+                         quantize_query=draw(st.booleans()))
     hkv = draw(st.integers(1, 3))
     rep = draw(st.integers(1, 4))
     batch = draw(st.integers(1, 3))

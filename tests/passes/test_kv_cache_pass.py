@@ -26,11 +26,11 @@ from toolkit.parity import OnnxDecoder
 FAMILIES = ["llama", "gpt2", "hf:gpt2", "hf:llama", "hf:qwen2", "hf:mistral", "hf:phi3"]
 
 
-def convert(path, scheme="kivi4", group=8, residual=16, capacity=0):
+def convert(path, scheme="kivi4", group=8, residual=16, capacity=0, quantize_query=False):
     model = onnx.load(str(path))
     out, report = run_pipeline(model, ["kv-cache", "cleanup"],
                                {"kv-cache": {"scheme": scheme, "group": str(group), "residual": str(residual),
-                                             "capacity": str(capacity)}})
+                                             "capacity": str(capacity), "quantize_query": str(quantize_query)}})
     return out, report
 
 
@@ -164,6 +164,37 @@ def test_fixed_capacity_model_matches_the_growing_cache_bit_for_bit(exported, fa
     np.testing.assert_array_equal(past_cap["past_key_values.1.value_q"][:, :, :n], past_grow["past_key_values.1.value_q"])
 
 
+@pytest.mark.parametrize("family", ["llama", "hf:qwen2"])
+def test_int8_query_moves_the_logits_but_stays_close(exported, family):
+    """--kv-quantize-query: every attention node rounds its query to int8 (the op's
+    numerics are tested in tests/ops); the logits differ from the float-query int8
+    model (the option really is applied) but stay as close to the original."""
+    _, path = exported(family)
+    plain, _ = convert(path, "int8")
+    q8, _ = convert(path, "int8", quantize_query=True)
+    nodes = [n for n in q8.graph.node if n.op_type == "QuantKVAttention"]
+    assert nodes and all(onnx.helper.get_attribute_value(a) == 1
+                         for n in nodes for a in n.attribute if a.name == "quantize_query")
+    assert all(any(a.name == "quantize_query" for a in n.attribute) for n in nodes)
+    assert not any(a.name == "quantize_query" for n in plain.graph.node for a in n.attribute)
+    ids, mask = prompts(length=20)
+    ref, _ = run_steps(decoder(path), ids, mask, steps=12)
+    base, _ = run_steps(decoder(plain), ids, mask, steps=12)
+    got, _ = run_steps(decoder(q8), ids, mask, steps=12)
+    assert float(np.abs(got - base).max()) > 1e-5
+    a, b = got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.min() >= 0.999, cos.min()
+    assert np.mean(a.argmax(-1) == b.argmax(-1)) >= 0.9
+
+
+def test_portable_refuses_the_int8_query(exported):
+    _, path = exported("llama")
+    q8, _ = convert(path, "int8", quantize_query=True)
+    with pytest.raises(PassError, match="quantize_query=1"):
+        run_pipeline(q8, ["portable"], {})
+
+
 def test_fixed_capacity_overflow_is_a_named_error(exported):
     _, path = exported("llama")
     cap, _ = convert(path, "int8", capacity=16)
@@ -186,6 +217,24 @@ def test_convert_flags_for_the_fixed_capacity_cache():
     with pytest.raises(PassError, match="cannot be combined with --portable"):
         convert_cmd._pass_selection(parser.parse_args(["llama", "-o", "x", "--kv-cache", "int8", "--kv-capacity",
                                                        "64", "--portable"]))
+
+
+def test_convert_flags_for_the_int8_query():
+    import argparse
+
+    from toolkit.commands import convert as convert_cmd
+
+    parser = argparse.ArgumentParser()
+    convert_cmd.register(parser)
+    args = parser.parse_args(["llama", "-o", "x", "--kv-cache", "int8", "--kv-quantize-query"])
+    assert convert_cmd._pass_selection(args)[1]["kv-cache"]["quantize_query"] == "True"
+    assert convert_cmd._pass_selection(parser.parse_args(["llama", "-o", "x", "--kv-cache", "int8"]))[1][
+        "kv-cache"]["quantize_query"] == "False"
+    with pytest.raises(PassError, match="--kv-quantize-query needs --kv-cache"):
+        convert_cmd._pass_selection(parser.parse_args(["llama", "-o", "x", "--kv-quantize-query"]))
+    with pytest.raises(PassError, match="--kv-quantize-query cannot be combined with --portable"):
+        convert_cmd._pass_selection(parser.parse_args(["llama", "-o", "x", "--kv-cache", "int8",
+                                                       "--kv-quantize-query", "--portable"]))
 
 
 @pytest.mark.parametrize("options,fragment", [

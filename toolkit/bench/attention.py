@@ -63,7 +63,8 @@ from toolkit.bench import host_info, interleaved
 DEFAULT_CONTEXTS = (1024, 4096, 16384)
 DEFAULT_BATCHES = (1, 8)
 DEFAULT_THREADS = (1, 2)
-DEFAULT_SCHEMES = ("int8", "int4", "kivi4", "kivi2")
+# int8-q8: int8 with the query rounded to int8 (quantize_query=1, integer QK dot products).
+DEFAULT_SCHEMES = ("int8", "int8-q8", "int4", "kivi4", "kivi2")
 DEFAULT_GROWING = ("int8",)  # schemes also timed with the growing cache (a copied present)
 DEFAULT_GQA_QUANT = ("per_channel", "per_tensor")
 KIVI_RESIDUAL_TOKENS = 64  # residual tokens in the past of the KIVI schemes (window 128)
@@ -409,9 +410,28 @@ def _ours(name: str, data: dict[str, Any], threads: int, shape: Shape, in_place:
     return Contender(
         name=f"ours_{name}" if in_place else f"ours_{name}_growing", run=lambda: session.run_with_iobinding(binding),
         output=lambda: out_value.numpy(), cache_bytes=sum(t.nbytes for t in cache.values()),
-        present_bytes_written=written, tolerance_key=name, keep=[binding, values, session],
+        present_bytes_written=written, tolerance_key=_base_scheme(name), keep=[binding, values, session],
         exact_reference=lambda: _memo(data, f"ref_{name}",
-                                      lambda: reference_attention(data["query"], _our_rows(data, cache, scheme))))
+                                      lambda: reference_attention(_query_seen(data["query"], scheme),
+                                                                  _our_rows(data, cache, scheme))))
+
+
+def _base_scheme(name: str) -> str:
+    """The preset of a bench scheme name (``int8-q8`` -> ``int8``)."""
+    from toolkit.ops import kv_quant as kq
+
+    return name.removesuffix(kq.QUERY_INT8_SUFFIX)
+
+
+def _query_seen(query: np.ndarray, scheme: Any) -> np.ndarray:
+    """The query the op attends with, unscaled (rounded to int8 per row under quantize_query)."""
+    from toolkit.ops import kv_quant as kq
+
+    if not scheme.quantize_query:
+        return query
+    d = query.shape[-1]
+    sc = np.float32(1) / np.sqrt(np.float32(d))
+    return kq.quantize_query(query * sc)[0].astype(np.float64) * math.sqrt(d)
 
 
 def _check_present(cache: dict[str, np.ndarray], outs: dict[str, np.ndarray], scheme: Any, name: str) -> None:
@@ -613,7 +633,8 @@ def _row(point: dict[str, Any], timings: dict[str, Any], contenders: dict[str, C
 
 
 def _same_width(scheme: str) -> str | None:
-    return {"int8": "gqa_int8", "int4": "gqa_int4", "kivi4": "gqa_int4", "kivi2": "gqa_int4"}.get(scheme)
+    return {"int8": "gqa_int8", "int4": "gqa_int4", "kivi4": "gqa_int4",
+            "kivi2": "gqa_int4"}.get(_base_scheme(scheme))
 
 
 def _targets(row: dict[str, Any], schemes: tuple[str, ...]) -> dict[str, Any]:

@@ -41,6 +41,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-group", type=int, default=32, metavar="G", help="KV quantization group size (32)")
     parser.add_argument("--kv-residual", type=int, default=128, metavar="R",
                         help="full-precision residual window of the KIVI schemes (128)")
+    parser.add_argument("--kv-quantize-query", action="store_true",
+                        help="with --kv-cache: round each attention query row to int8 (one scale per row), so the "
+                        "CPU kernel scores int8 keys with integer dot products; changes the numerics (check with "
+                        "the conversion's parity report); CPU only, not with --portable")
     parser.add_argument("--kv-capacity", type=int, default=0, metavar="TOKENS",
                         help="fixed-capacity quantized cache of TOKENS quantized slots (plus R-1 residual "
                         "slots): the cache tensors keep their shape, the lengths travel as "
@@ -209,6 +213,13 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
     if getattr(args, "kv_capacity", 0) and not getattr(args, "kv_cache", None):
         raise PassError("--kv-capacity needs --kv-cache (it sizes the quantized cache)",
                         hint="e.g. toolkit convert MODEL -o DIR --kv-cache int8 --kv-capacity 4096")
+    if getattr(args, "kv_quantize_query", False) and not getattr(args, "kv_cache", None):
+        raise PassError("--kv-quantize-query needs --kv-cache (it is an option of the quantized cache attention)",
+                        hint="e.g. toolkit convert MODEL -o DIR --kv-cache int8 --kv-quantize-query")
+    if getattr(args, "kv_quantize_query", False) and args.portable:
+        raise PassError("--kv-quantize-query cannot be combined with --portable: the portable attention "
+                        "function keeps the float query",
+                        hint="drop --kv-quantize-query for a portable model")
     if getattr(args, "kv_capacity", 0) and args.portable:
         raise PassError("--kv-capacity cannot be combined with --portable: the fixed-capacity cache is "
                         "appended in place, which standard ONNX ops cannot do",
@@ -218,7 +229,7 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
         names.append("kv-cache")
         options.setdefault("kv-cache", {}).update(
             scheme=args.kv_cache, group=str(args.kv_group), residual=str(args.kv_residual),
-            capacity=str(args.kv_capacity))
+            capacity=str(args.kv_capacity), quantize_query=str(bool(getattr(args, "kv_quantize_query", False))))
     for flag, option in (("rank_ratio", "rank_ratio"), ("energy", "energy"), ("param_budget", "param_budget")):
         if getattr(args, flag, None) is not None:
             names = list(DEFAULT_PASSES) if names is None else names

@@ -78,6 +78,9 @@ class KVScheme:
         value_group: Gv, channels per value group.
         residual: R, full-precision tokens kept before a block is quantized.
         symmetric: int8 only, per-token keys only: no zero point.
+        quantize_query: round each scaled query row to int8 (:func:`quantize_query`)
+            before attention; the CPU kernel then scores int8 per-token keys with
+            integer dot products. Changes the numerics (see the README's KV section).
     """
 
     bits: int
@@ -86,6 +89,7 @@ class KVScheme:
     value_group: int
     residual: int
     symmetric: bool = False
+    quantize_query: bool = False
 
     @property
     def per_byte(self) -> int:
@@ -134,22 +138,32 @@ class KVScheme:
         return 2 * kv_heads * self.residual_slots * head_dim * 4
 
     def to_attributes(self) -> dict[str, int]:
-        return {"bits": self.bits, "key_per_channel": int(self.key_per_channel), "key_group": self.key_group,
-                "value_group": self.value_group, "residual": self.residual, "symmetric": int(self.symmetric)}
+        attrs = {"bits": self.bits, "key_per_channel": int(self.key_per_channel), "key_group": self.key_group,
+                 "value_group": self.value_group, "residual": self.residual, "symmetric": int(self.symmetric)}
+        if self.quantize_query:  # left out when off: models converted before it stay byte-identical
+            attrs["quantize_query"] = 1
+        return attrs
 
 
 PRESETS = ("int8", "int8-asym", "int4", "kivi4", "kivi2")
 
 
-def scheme_for(name: str, head_dim: int, group: int = 32, residual: int = 128) -> KVScheme:
+QUERY_INT8_SUFFIX = "-q8"  # a preset name + this suffix: the same scheme with quantize_query
+
+
+def scheme_for(name: str, head_dim: int, group: int = 32, residual: int = 128,
+               quantize_query: bool = False) -> KVScheme:
     """The scheme of a ``--kv-cache`` name for a model with ``head_dim``.
 
     ``int8``: symmetric per token (one scale per head and token). ``int8-asym``:
     asymmetric per token. ``int4``: asymmetric per token in groups of ``group``
     channels (no residual). ``kivi4`` / ``kivi2``: KIVI keys per channel in groups
     of ``group`` tokens, values per token in groups of ``min(group, head_dim)``
-    channels, ``residual`` full-precision tokens.
+    channels, ``residual`` full-precision tokens. ``quantize_query`` (or the name
+    suffix ``-q8``, e.g. ``int8-q8``): the query is rounded to int8 per row.
     """
+    if name.endswith(QUERY_INT8_SUFFIX):
+        name, quantize_query = name.removesuffix(QUERY_INT8_SUFFIX), True
     g_ch = min(group, head_dim)
     if name == "int8":
         s = KVScheme(8, False, head_dim, head_dim, 0, symmetric=True)
@@ -161,6 +175,8 @@ def scheme_for(name: str, head_dim: int, group: int = 32, residual: int = 128) -
         s = KVScheme(4 if name == "kivi4" else 2, True, group, g_ch, residual)
     else:
         raise ValueError(f"unknown KV cache scheme {name!r}: use one of {', '.join(PRESETS)}")
+    if quantize_query:
+        s = dataclasses.replace(s, quantize_query=True)
     s.validate(head_dim)
     return s
 
@@ -307,6 +323,27 @@ def _cat(a: np.ndarray | None, b: np.ndarray | None, axis: int = 2) -> np.ndarra
     return np.concatenate([a, b], axis=axis)
 
 
+def quantize_query(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The int8 query of ``quantize_query=1``: (rounded query, codes, scales), float32.
+
+    Per row (last axis) of the already scaled query ``q``: ``a = max |q|``, codes
+    ``c = round(q * (127 / a))`` (half to even) in [-127, 127], scale ``a / 127``,
+    rounded query ``c * scale``; all in float32, in this order (the kernel's
+    arithmetic). A row of zeros stays zero; a row holding inf or NaN becomes NaN.
+    """
+    q = np.asarray(q, np.float32)
+    amax = np.abs(q).max(axis=-1, keepdims=True)
+    finite = np.isfinite(amax)
+    ok = finite & (amax > 0)
+    safe = np.where(ok, amax, np.float32(1))
+    codes = np.clip(np.rint(q * (np.float32(127) / safe)), -127, 127).astype(np.float32)
+    codes = np.where(ok, codes, np.float32(0))
+    scales = np.where(ok, safe / np.float32(127), np.where(finite, np.float32(0), np.float32(np.nan)))
+    scales = scales.astype(np.float32)
+    rounded = np.where(ok, codes * scales, np.broadcast_to(scales, q.shape)).astype(np.float32)
+    return rounded, codes.astype(np.int8), scales[..., 0]
+
+
 def attention(query: np.ndarray, key: np.ndarray, value: np.ndarray, cache: dict[str, np.ndarray],
               scheme: KVScheme, bias: np.ndarray | None = None, scale: float = 0.0
               ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -339,7 +376,11 @@ def attention(query: np.ndarray, key: np.ndarray, value: np.ndarray, cache: dict
     k_all = np.repeat(k_all, rep, axis=1)
     v_all = np.repeat(v_all, rep, axis=1)
     sc = scale or 1.0 / math.sqrt(d)
-    scores = np.einsum("bhsd,bhtd->bhst", query.astype(np.float64), k_all) * sc + bias.astype(np.float64)
+    q64 = query.astype(np.float64)
+    if scheme.quantize_query:  # scaled in float32 as the kernel does, then rounded
+        sc32 = np.float32(scale) if scale else np.float32(1) / np.sqrt(np.float32(d))
+        q64, sc = quantize_query(query * sc32)[0].astype(np.float64), 1.0
+    scores = np.einsum("bhsd,bhtd->bhst", q64, k_all) * sc + bias.astype(np.float64)
     m = scores.max(-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(scores - m)
