@@ -307,6 +307,28 @@ struct ScalarOps {
       }
     }
   }
+  // 4-bit keys quantized per token in groups of G channels (G, D multiples of 32), int8
+  // query in nibble order (PermuteForNibbles): out[r * stride + t] = scale_r *
+  // sum_g s[t][g] (integer dot of group g); the zero terms are the caller's.
+  static inline void IntDotsBlock4(const QueryInt8& q, int64_t rows, const uint8_t* codes, int64_t row_bytes,
+                                   int64_t nt, int64_t D, int64_t G, const float* s, float* out, int64_t stride) {
+    const int64_t ng = D / G;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int8_t* x = q.c + r * D;
+      for (int64_t t = 0; t < nt; ++t) {
+        const uint8_t* c = codes + t * row_bytes;
+        float acc = 0.0f;
+        for (int64_t d0 = 0; d0 < D; d0 += 32) {  // one 32-channel chunk: 16 bytes
+          int32_t dot = 0;
+          for (int64_t i = 0; i < 16; ++i) {
+            dot += int32_t(x[d0 + i]) * int32_t(c[d0 / 2 + i] & 15) + int32_t(x[d0 + 16 + i]) * int32_t(c[d0 / 2 + i] >> 4);
+          }
+          acc += s[t * ng + d0 / G] * float(dot);
+        }
+        out[r * stride + t] = q.scale[r] * acc;
+      }
+    }
+  }
   static inline void Dequant(const uint8_t* q, int bits, int64_t D, const RowParams& p, float* out) {
     const int per = 8 / bits, mask = (1 << bits) - 1;
     for (int64_t d = 0; d < D; ++d) {
@@ -377,6 +399,12 @@ struct ScalarOps {
           acc[r * D + d] += w[(r * nt + t) * ng + d / G] * float((q[d / per] >> ((d % per) * bits)) & mask);
         }
       }
+    }
+  }
+  // out[c * rows + r] = in[r * cols + c].
+  static inline void Transpose(const float* in, int64_t rows, int64_t cols, float* out) {
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t r = 0; r < rows; ++r) out[c * rows + r] = in[r * cols + c];
     }
   }
   // n float16 scales (and zeros; none: symmetric, z = -128 s) of consecutive slots as floats.
@@ -494,6 +522,21 @@ struct Avx2Ops {
     const float* k;
     TOOLKIT_AVX2 __m256 operator()(int64_t d) const { return _mm256_loadu_ps(k + d); }
   };
+  // The 4 query rows x 2 tokens tile of the two-token dot products: sums in lanes
+  // (row 0, t), (0, t + 1), (1, t), ..., (3, t + 1), stored to o[i * stride + 0..2).
+  TOOLKIT_AVX2 static inline void Store4x2(__m256 sums, float* o, int64_t stride) {
+    const __m128 lo = _mm256_castps256_ps128(sums), hi = _mm256_extractf128_ps(sums, 1);
+    _mm_storel_pi(reinterpret_cast<__m64*>(o), lo);
+    _mm_storeh_pi(reinterpret_cast<__m64*>(o + stride), lo);
+    _mm_storel_pi(reinterpret_cast<__m64*>(o + 2 * stride), hi);
+    _mm_storeh_pi(reinterpret_cast<__m64*>(o + 3 * stride), hi);
+  }
+  // A per-row value of 4 rows in the tile's lane order: [v0, v0, v1, v1, v2, v2, v3, v3].
+  template <typename T>
+  TOOLKIT_AVX2 static inline __m256 PerPair(const T* v) {
+    return _mm256_setr_ps(float(v[0]), float(v[0]), float(v[1]), float(v[1]), float(v[2]), float(v[2]), float(v[3]),
+                          float(v[3]));
+  }
   // [sum(a), sum(b), ..., sum(h)] of eight vectors.
   TOOLKIT_AVX2 static inline __m256 Sum8(__m256 a, __m256 b, __m256 c, __m256 d, __m256 e, __m256 f, __m256 g,
                                          __m256 h) {
@@ -550,11 +593,7 @@ struct Avx2Ops {
           a30 = _mm256_fmadd_ps(x3, k0, a30), a31 = _mm256_fmadd_ps(x3, k1, a31);
         }
         const __m256 sums = Sum8(a00, a01, a10, a11, a20, a21, a30, a31);
-        const __m128 lo = _mm256_castps256_ps128(sums), hi = _mm256_extractf128_ps(sums, 1);
-        _mm_storel_pi(reinterpret_cast<__m64*>(o + t), lo);
-        _mm_storeh_pi(reinterpret_cast<__m64*>(o + stride + t), lo);
-        _mm_storel_pi(reinterpret_cast<__m64*>(o + 2 * stride + t), hi);
-        _mm_storeh_pi(reinterpret_cast<__m64*>(o + 3 * stride + t), hi);
+        Store4x2(sums, o + t, stride);
       }
       if (t < nt) DotRowsWith(q0, 4, OneRow<RowAt>{key, t}, D, o + t, stride);
     }
@@ -605,6 +644,68 @@ struct Avx2Ops {
     const int32_t dot = _mm_cvtsi128_si32(_mm_add_epi32(h2, _mm_shuffle_epi32(h2, 0xb1)));
     out[r * stride + t] = IntDotValue(q, r, dot + 128 * q.sum[r]);
   }
+  struct Nibbles32 {  // channels d..d+31 of 4-bit token t as bytes: [even channels | odd channels]
+    const uint8_t* codes;
+    int64_t row_bytes;
+    TOOLKIT_AVX2 __m256i operator()(int64_t t, int64_t d) const {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + t * row_bytes + d / 2));
+      const __m128i m = _mm_set1_epi8(15);
+      return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+    }
+  };
+  // sum over 32 channels of x * code (codes 0..15 as the unsigned operand: no sign
+  // trick needed), as 8 int32 lanes converted to float.
+  TOOLKIT_AVX2 static inline __m256 Nibble32Dot(__m256i x, __m256i c) {
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, x), _mm256_set1_epi16(1)));
+  }
+  // ScalarOps::IntDotsBlock4 with 8-bit multiply-adds, four query rows and two tokens
+  // at a time; each 32-channel chunk's integer sums are scaled by its group's scale.
+  TOOLKIT_AVX2 static inline void IntDotsBlock4(const QueryInt8& q, int64_t rows, const uint8_t* codes,
+                                                int64_t row_bytes, int64_t nt, int64_t D, int64_t G, const float* s,
+                                                float* out, int64_t stride) {
+    const Nibbles32 key{codes, row_bytes};
+    const QueryCodes qrow{q.c, D};
+    const int64_t ng = D / G;
+    auto one = [&](int64_t r, int64_t t) TOOLKIT_AVX2 {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 32) {
+        a = _mm256_fmadd_ps(_mm256_broadcast_ss(s + t * ng + d / G), Nibble32Dot(qrow(r, d), key(t, d)), a);
+      }
+      out[r * stride + t] = q.scale[r] * HorizontalSum(a);
+    };
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      const __m256 scale = PerPair(q.scale + r);
+      float* o = out + r * stride;
+      int64_t t = 0;
+      for (; t + 2 <= nt; t += 2) {
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+               a31 = a00;
+        const float *s0 = s + t * ng, *s1 = s0 + ng;
+#pragma GCC unroll 4
+        for (int64_t d = 0; d < D; d += 32) {
+          const __m256i k0 = key(t, d), k1 = key(t + 1, d);
+          const __m256 g0 = _mm256_broadcast_ss(s0 + d / G), g1 = _mm256_broadcast_ss(s1 + d / G);
+          __m256i x = qrow(r, d);
+          a00 = _mm256_fmadd_ps(g0, Nibble32Dot(x, k0), a00), a01 = _mm256_fmadd_ps(g1, Nibble32Dot(x, k1), a01);
+          x = qrow(r + 1, d);
+          a10 = _mm256_fmadd_ps(g0, Nibble32Dot(x, k0), a10), a11 = _mm256_fmadd_ps(g1, Nibble32Dot(x, k1), a11);
+          x = qrow(r + 2, d);
+          a20 = _mm256_fmadd_ps(g0, Nibble32Dot(x, k0), a20), a21 = _mm256_fmadd_ps(g1, Nibble32Dot(x, k1), a21);
+          x = qrow(r + 3, d);
+          a30 = _mm256_fmadd_ps(g0, Nibble32Dot(x, k0), a30), a31 = _mm256_fmadd_ps(g1, Nibble32Dot(x, k1), a31);
+        }
+        const __m256 sums = _mm256_mul_ps(scale, Sum8(a00, a01, a10, a11, a20, a21, a30, a31));
+        Store4x2(sums, o + t, stride);
+      }
+      if (t < nt) {
+        for (int64_t j = 0; j < 4; ++j) one(r + j, t);
+      }
+    }
+    for (; r < rows; ++r) {
+      for (int64_t t = 0; t < nt; ++t) one(r, t);
+    }
+  }
   // ScalarOps::IntDotsBlock with 8-bit multiply-adds (32 channels per instruction
   // instead of 8 per FMA): four query rows and two code rows at a time, as DotsBlock.
   // sum_d x_d c_d = sum_d x_d (c_d - 128) + 128 sum_d x_d, the same exact integer.
@@ -617,11 +718,8 @@ struct Avx2Ops {
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
       // Lanes of Sum8i: (row r, t), (r, t + 1), (r + 1, t), ..., (r + 3, t + 1).
-      const __m256i bias = _mm256_setr_epi32(128 * q.sum[r], 128 * q.sum[r], 128 * q.sum[r + 1],
-                                             128 * q.sum[r + 1], 128 * q.sum[r + 2], 128 * q.sum[r + 2],
-                                             128 * q.sum[r + 3], 128 * q.sum[r + 3]);
-      const __m256 scale = _mm256_setr_ps(q.scale[r], q.scale[r], q.scale[r + 1], q.scale[r + 1], q.scale[r + 2],
-                                          q.scale[r + 2], q.scale[r + 3], q.scale[r + 3]);
+      const __m256i bias = _mm256_slli_epi32(_mm256_cvtps_epi32(PerPair(q.sum + r)), 7);  // 128 sum, exact
+      const __m256 scale = PerPair(q.scale + r);
       float* o = out + r * stride;
       int64_t t = 0;
       for (; t + 2 <= nt; t += 2) {
@@ -642,11 +740,7 @@ struct Avx2Ops {
         }
         const __m256i dots = _mm256_add_epi32(Sum8i(a00, a01, a10, a11, a20, a21, a30, a31), bias);
         const __m256 sums = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(dots));
-        const __m128 lo = _mm256_castps256_ps128(sums), hi = _mm256_extractf128_ps(sums, 1);
-        _mm_storel_pi(reinterpret_cast<__m64*>(o + t), lo);
-        _mm_storeh_pi(reinterpret_cast<__m64*>(o + stride + t), lo);
-        _mm_storel_pi(reinterpret_cast<__m64*>(o + 2 * stride + t), hi);
-        _mm_storeh_pi(reinterpret_cast<__m64*>(o + 3 * stride + t), hi);
+        Store4x2(sums, o + t, stride);
       }
       if (t < nt) {
         for (int64_t j = 0; j < 4; ++j) IntDotOne(q, key, qrow, r + j, t, D, out, stride);
@@ -882,6 +976,23 @@ struct Avx2Ops {
     if (bits == 4) return AccumulateCodesBits<4>(w, rows, ng, G, codes, row_bytes, nt, D, acc);
     AccumulateCodesBits<2>(w, rows, ng, G, codes, row_bytes, nt, D, acc);
   }
+  // ScalarOps::Transpose; 4 columns (four key groups) by 4x4 register transposes.
+  TOOLKIT_AVX2 static inline void Transpose(const float* in, int64_t rows, int64_t cols, float* out) {
+    if (cols != 4) return ScalarOps::Transpose(in, rows, cols, out);
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      __m128 a = _mm_loadu_ps(in + r * 4), b = _mm_loadu_ps(in + r * 4 + 4), c = _mm_loadu_ps(in + r * 4 + 8),
+             d = _mm_loadu_ps(in + r * 4 + 12);
+      _MM_TRANSPOSE4_PS(a, b, c, d);
+      _mm_storeu_ps(out + r, a);
+      _mm_storeu_ps(out + rows + r, b);
+      _mm_storeu_ps(out + 2 * rows + r, c);
+      _mm_storeu_ps(out + 3 * rows + r, d);
+    }
+    for (; r < rows; ++r) {
+      for (int64_t c = 0; c < 4; ++c) out[c * rows + r] = in[r * 4 + c];
+    }
+  }
   // Same as ScalarOps::RowMax: maxps returns its second operand (the running max)
   // when the first is NaN, as std::max(m, NaN) keeps m.
   TOOLKIT_AVX2 static inline float RowMax(const float* x, int64_t n) {
@@ -971,6 +1082,17 @@ inline int32_t QuantizeQueryRow(float* q, int64_t D, int8_t* codes, float* scale
   return sum;
 }
 
+// The int8 query codes of one row in the order 4-bit key chunks unpack to: per 32
+// channels, the 16 even channels (low nibbles) then the 16 odd ones (high nibbles).
+inline void PermuteForNibbles(const int8_t* codes, int64_t D, int8_t* out) {
+  for (int64_t d0 = 0; d0 < D; d0 += 32) {
+    for (int64_t i = 0; i < 16; ++i) {
+      out[d0 + i] = codes[d0 + 2 * i];
+      out[d0 + 16 + i] = codes[d0 + 2 * i + 1];
+    }
+  }
+}
+
 // One (batch, KV head, slice of positions) work item, two passes over the slice:
 // scores for every query row of the group (each key row dequantized once), then
 // exp against the slice max, then the probability-weighted values (each value row
@@ -998,9 +1120,12 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
   //   per token, several groups: dequantized in registers chunk by chunk.
   std::vector<float> qs, qz, qsum;
   const QueryInt8* qint = nullptr;  // the row block's int8 query, when the integer path applies
+  const QueryInt8* qint4 = nullptr;  // the same in nibble order, for 4-bit per-token key groups
+  std::vector<float> qgsum;          // [rows][D / key_group]: sums of the rounded query per key group
   constexpr int64_t kTokenBlock = 32;  // key / value rows handled together
   // Per-token key groups: a block's scales / zeros, and their per-chunk expansion (s8, z8).
   std::vector<float> kbs(static_cast<size_t>(kTokenBlock * io.key_params_per_token)), kbz(kbs.size());
+  std::vector<float> kzt(a.quantize_query ? kbs.size() : 0);  // the int8 query's block of key zeros, [group][token]
   std::vector<float> kblk(static_cast<size_t>(2 * kTokenBlock * std::max<int64_t>(D / 8, 1) + D));
   // Scores of positions [ta, tb) (one token block) for the nr query rows q, written
   // at out[r * stride + t - ta].
@@ -1042,8 +1167,13 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       const int64_t ng = io.key_params_per_token, slot = (bh * io.Nc + t) * ng;
       Ops::LoadScales(io.key_scale + slot, io.key_zero ? io.key_zero + slot : nullptr, (tq - t) * ng, kbs.data(),
                       kbz.data());
-      Ops::QuantScoresBlock(q, nr, codes(t), io.row_bytes, tq - t, bits, D, kbs.data(), kbz.data(), a.key_group,
-                            kblk.data(), kblk.data() + kTokenBlock * (D / 8), out, stride);
+      if (qint4) {  // integer group dots
+        // (the zero terms are added by the caller, from kbz)
+        Ops::IntDotsBlock4(*qint4, nr, codes(t), io.row_bytes, tq - t, D, a.key_group, kbs.data(), out, stride);
+      } else {
+        Ops::QuantScoresBlock(q, nr, codes(t), io.row_bytes, tq - t, bits, D, kbs.data(), kbz.data(), a.key_group,
+                              kblk.data(), kblk.data() + kTokenBlock * (D / 8), out, stride);
+      }
       t = tq;
     }
     for (; t < tb; ++t) {
@@ -1082,6 +1212,11 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
   std::vector<int32_t> qcsum(a.quantize_query ? size_t(std::min(rows, kRowBlock)) : 0);
   std::vector<float> qscale(qcsum.size());
   const QueryInt8 query_int8{qcode.data(), qcsum.data(), qscale.data()};
+  // 4-bit keys per token in groups that are whole 32-channel chunks: integer dots too.
+  const bool int4_path = a.quantize_query && bits == 4 && !a.key_per_channel && a.key_group % 32 == 0 &&
+                         D % 32 == 0;
+  std::vector<int8_t> qperm(int4_path ? q.size() : 0);
+  const QueryInt8 query_int4{qperm.data(), qcsum.data(), qscale.data()};
   std::vector<float> vblk(static_cast<size_t>(kTokenBlock * D));
   std::vector<float> ks(static_cast<size_t>(kTokenBlock)), kz(ks);  // int8 keys: per-token s, z of a block
   // Value blocks read as codes (see pass 2): per-(row, group) scales and zeros of a
@@ -1106,6 +1241,19 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       // Integer dot products for 8-bit keys with one (scale, zero) per token; other
       // schemes use the rounded query (now in q) in their float dot products.
       qint = bits == 8 && !a.key_per_channel && io.key_params_per_token == 1 ? &query_int8 : nullptr;
+      if (int4_path) {
+        const int64_t ng = io.key_params_per_token;
+        qgsum.assign(size_t(nr * ng), 0.0f);
+        for (int64_t rr = 0; rr < nr; ++rr) {
+          PermuteForNibbles(qcode.data() + rr * D, D, qperm.data() + rr * D);
+          for (int64_t g = 0; g < ng; ++g) {
+            int32_t sum = 0;
+            for (int64_t d = g * a.key_group; d < (g + 1) * a.key_group; ++d) sum += qcode[size_t(rr * D + d)];
+            qgsum[size_t(rr * ng + g)] = qscale[size_t(rr)] * float(sum);
+          }
+        }
+        qint4 = &query_int4;
+      }
     }
     if (!a.key_per_channel && io.key_params_per_token == 1) {  // int8 keys: z * sum(q)
       qsum.assign(size_t(nr), 0.0f);
@@ -1130,6 +1278,18 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
           float* sr = score.data() + rr * len + (tb - t0);
           const float qs_r = qsum[size_t(rr)];
           for (int64_t i = 0; i < tq - tb; ++i) sr[i] = ks[size_t(i)] * sr[i] + kz[size_t(i)] * qs_r;
+        }
+      }
+      if (qint4 && tb < tq) {  // int4 keys, int8 query: + sum_g z[t][g] sum(q' over group g)
+        const int64_t nt = tq - tb, ng = io.key_params_per_token;
+        Ops::Transpose(kbz.data(), nt, ng, kzt.data());  // group-major: the loop below runs along tokens
+        for (int64_t rr = 0; rr < nr; ++rr) {
+          float* sr = score.data() + rr * len + (tb - t0);
+          for (int64_t g = 0; g < ng; ++g) {
+            const float qg = qgsum[size_t(rr * ng + g)];
+            const float* z = kzt.data() + g * nt;
+            for (int64_t i = 0; i < nt; ++i) sr[i] += qg * z[i];
+          }
         }
       }
       if (r0 == 0) copy_codes(io.key_q, io.p_key_q, tb, te);

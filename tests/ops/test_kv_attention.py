@@ -35,10 +35,13 @@ SCHEMES = {
     "kivi4": kq.KVScheme(4, True, 8, 16, 16),
     "kivi2": kq.KVScheme(2, True, 8, 32, 8),
     "kivi8": kq.KVScheme(8, True, 4, 8, 12),
-    # int8 query (quantize_query=1): integer dot products for the int8 per-token keys,
-    # the rounded query in float dot products for the others.
+    # int8 query (quantize_query=1): integer dot products for per-token int8 keys and
+    # for int4 keys in groups of 32k channels, the rounded query in float dot products
+    # for the others (kivi4-q8).
     "int8-q8": kq.KVScheme(8, False, 32, 32, 0, symmetric=True, quantize_query=True),
     "int8-asym-q8": kq.KVScheme(8, False, 32, 16, 0, quantize_query=True),
+    "int4-q8": kq.KVScheme(4, False, 32, 16, 0, quantize_query=True),
+    "int4-res-q8": kq.KVScheme(4, False, 32, 32, 8, quantize_query=True),
     "kivi4-q8": kq.KVScheme(4, True, 8, 16, 16, quantize_query=True),
 }
 
@@ -185,14 +188,16 @@ def test_scale_attribute():
 
 
 @pytest.mark.parametrize("path", ["simd", "scalar"])
-@pytest.mark.parametrize("name", ["int8-q8", "int8-asym-q8"])
+@pytest.mark.parametrize("name", ["int8-q8", "int8-asym-q8", "int4-q8", "int4-res-q8", "int4-g64-q8"])
 def test_int8_query_head_dim_128(name, path, monkeypatch):
     # Head dim 128 (the AVX2 integer path: 32 channels per multiply-add), 4 query rows
     # per KV head plus a lone one (rep 5), odd token counts: every branch of the 4x2
-    # block and its remainders, against the reference.
+    # block and its remainders, against the reference; int4 key groups of 32 and 64
+    # channels (two chunks per group scale).
     if path == "scalar":
         monkeypatch.setenv("TOOLKIT_KV_SCALAR", "1")
-    drive(SCHEMES[name], 1, 10, 2, 128, steps=[37, 1, 1, 3], seed=5)
+    scheme = SCHEMES.get(name) or kq.KVScheme(4, False, 64, 32, 0, quantize_query=True)
+    drive(scheme, 1, 10, 2, 128, steps=[37, 1, 1, 3], seed=5)
 
 
 def test_int8_query_rounding_is_applied():
