@@ -322,6 +322,36 @@ TOOLKIT_AVX2 inline float BlockExpSum(const float* x, int n8, float m, float log
   return HorizontalSum(_mm256_add_ps(s0, s1));
 }
 
+// One sweep for blocks after the first: the block max and the sum of
+// 2^((x - m) * log2e_t) against the running max m of the blocks before (the max is
+// then updated and the total rescaled once, in double). u is clamped below at -125
+// (Exp2Poly5's range); u > 0 (a new max) is exact up to u ~ 127, and the caller
+// redoes the block in two sweeps when the max jumps by more than 100 / log2e_t. A NaN
+// or +inf logit makes the sum NaN (the clamp keeps a NaN u: maxps returns its second
+// operand), which sends the caller to the checking path.
+TOOLKIT_AVX2 inline float BlockMaxExpSum(const float* x, int n8, float m, float log2e_t, const char* next,
+                                         float* block_max) {
+  const __m256 vm = _mm256_set1_ps(m), va = _mm256_set1_ps(log2e_t), lo = _mm256_set1_ps(-125.0f);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, m0 = _mm256_set1_ps(-kInf), m1 = m0;
+  auto term = [&](__m256 v) TOOLKIT_AVX2 { return Exp2Poly5(_mm256_max_ps(lo, _mm256_mul_ps(_mm256_sub_ps(v, vm), va))); };
+  int i = 0;
+  for (; i + 16 <= n8; i += 16) {
+    _mm_prefetch(next + 4 * i, _MM_HINT_T0);
+    const __m256 a = _mm256_loadu_ps(x + i), c = _mm256_loadu_ps(x + i + 8);
+    m0 = _mm256_max_ps(a, m0);
+    m1 = _mm256_max_ps(c, m1);
+    s0 = _mm256_add_ps(s0, term(a));
+    s1 = _mm256_add_ps(s1, term(c));
+  }
+  for (; i < n8; i += 8) {
+    const __m256 a = _mm256_loadu_ps(x + i);
+    m0 = _mm256_max_ps(a, m0);
+    s0 = _mm256_add_ps(s0, term(a));
+  }
+  *block_max = HorizontalMax(_mm256_max_ps(m0, m1));
+  return HorizontalSum(_mm256_add_ps(s0, s1));
+}
+
 // Appends Compose(key, base + t) for every x[t] (t < n) that compares kCmp against
 // thr to out, returning the count. Four vectors are tested per branch: late in a row
 // most 32-logit groups hold no candidate, and the branch on each 8-lane mask was the
@@ -404,6 +434,28 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
 
   alignas(32) float group_max[kFastBlock / 8];
 
+  // 3. top-k candidates of a block (strictly above the k-th value: equal later indices lose ties).
+  auto select = [&](const float* x, int n, int64_t b, float block_max) TOOLKIT_AVX2 {
+    if (!have_threshold) {
+      if (n == kFastBlock && n_cand == 0 && keep <= size_t(kFastBlock / 8)) {
+        // First block: admit only logits >= a lower bound of its k-th largest (at
+        // least k of them), instead of selecting over all 1024.
+        const float bound = GroupMaxLowerBound(x, n, keep, group_max);
+        n_cand += AppendCandidates<_CMP_GE_OQ>(x, n, bound, b, cand.data() + n_cand);
+      } else {
+        for (int t = 0; t < n; ++t) cand[n_cand++] = Compose(OrderKey(x[t]), b + t);
+      }
+    } else if (block_max > threshold) {
+      n_cand += AppendCandidates<_CMP_GT_OQ>(x, n, threshold, b, cand.data() + n_cand);
+    }
+    if (have_threshold ? n_cand >= keep + refresh : n_cand >= keep) {
+      std::nth_element(cand.begin(), cand.begin() + (keep - 1), cand.begin() + n_cand);
+      n_cand = keep;
+      threshold = KeyToFloat(KeyOf(cand[keep - 1]));
+      have_threshold = true;
+    }
+  };
+
   for (int64_t b = begin; b < end; b += kFastBlock) {
     const int n = int(std::min<int64_t>(kFastBlock, end - b));
     const int n8 = n & ~7;
@@ -418,6 +470,27 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
       }
       for (; i < n; ++i) converted[i] = ToFloat<T>(row[b + i]);
       x = converted;
+    }
+
+    const float log2e_t = 1.44269504088896341f * inv_t;
+    // The next block's bytes (fp16 rows: half as many, so half the lines are fetched
+    // twice, which is harmless).
+    const char* next = reinterpret_cast<const char*>(row + std::min<int64_t>(b + kFastBlock, end - 1));
+    // 1+2 in one sweep once a running max exists (whole 8-lane blocks): the usual case.
+    if (m != -kInf && n8 == n) {
+      float block_max;
+      const float block_sum = BlockMaxExpSum(x, n, m, log2e_t, next, &block_max);
+      if (std::isfinite(block_sum) && !((block_max - m) * log2e_t > 100.0f)) {
+        if (block_max > m) {
+          sum = Rescale(sum + double(block_sum), m, block_max, double(inv_t));
+          m = block_max;
+        } else {
+          sum += double(block_sum);
+        }
+        select(x, n, b, block_max);
+        continue;
+      }
+      // NaN / +inf (the checking sweep below returns false) or a max that jumps too far.
     }
 
     // 1. block max and min, and NaN / +inf detection (this sweep is bound by the
@@ -460,36 +533,14 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
       // error common to every term, i.e. a bias of the whole normaliser.
       // The clamp at u = -125 (Exp2Poly5's range) is only needed when the block's
       // smallest logit gets there (or is -inf); normal logit spreads never do.
-      const float log2e_t = 1.44269504088896341f * inv_t;
       const float u_min = (block_min - m) * log2e_t;
-      // The next block's bytes (fp16 rows: half as many, so half the lines are
-      // fetched twice, which is harmless).
-      const char* next = reinterpret_cast<const char*>(row + std::min<int64_t>(b + kFastBlock, end - 1));
       float block_sum = u_min >= -125.0f ? BlockExpSum<false>(x, n8, m, log2e_t, next)
                                          : BlockExpSum<true>(x, n8, m, log2e_t, next);
       for (int t = n8; t < n; ++t) block_sum += ExpNonPositive((x[t] - m) * inv_t);
       sum += double(block_sum);
     }
 
-    // 3. top-k candidates (strictly above the k-th value: equal later indices lose ties).
-    if (!have_threshold) {
-      if (n == kFastBlock && n_cand == 0 && keep <= size_t(kFastBlock / 8)) {
-        // First block: admit only logits >= a lower bound of its k-th largest (at
-        // least k of them), instead of selecting over all 1024.
-        const float bound = GroupMaxLowerBound(x, n, keep, group_max);
-        n_cand += AppendCandidates<_CMP_GE_OQ>(x, n, bound, b, cand.data() + n_cand);
-      } else {
-        for (int t = 0; t < n; ++t) cand[n_cand++] = Compose(OrderKey(x[t]), b + t);
-      }
-    } else if (block_max > threshold) {
-      n_cand += AppendCandidates<_CMP_GT_OQ>(x, n, threshold, b, cand.data() + n_cand);
-    }
-    if (have_threshold ? n_cand >= keep + refresh : n_cand >= keep) {
-      std::nth_element(cand.begin(), cand.begin() + (keep - 1), cand.begin() + n_cand);
-      n_cand = keep;
-      threshold = KeyToFloat(KeyOf(cand[keep - 1]));
-      have_threshold = true;
-    }
+    select(x, n, b, block_max);
   }
   FinishPartial(keep, n_cand, m, sum, /*nan=*/false, out);
   return true;

@@ -63,8 +63,8 @@ from toolkit.bench import host_info, interleaved
 DEFAULT_CONTEXTS = (1024, 4096, 16384)
 DEFAULT_BATCHES = (1, 8)
 DEFAULT_THREADS = (1, 2)
-# int8-q8: int8 with the query rounded to int8 (quantize_query=1, integer QK dot products).
-DEFAULT_SCHEMES = ("int8", "int8-q8", "int4", "kivi4", "kivi2")
+# <scheme>-q8: the query rounded to int8 (quantize_query=1, integer QK dot products).
+DEFAULT_SCHEMES = ("int8", "int8-q8", "int4", "int4-q8", "kivi4", "kivi2")
 DEFAULT_GROWING = ("int8",)  # schemes also timed with the growing cache (a copied present)
 DEFAULT_GQA_QUANT = ("per_channel", "per_tensor")
 KIVI_RESIDUAL_TOKENS = 64  # residual tokens in the past of the KIVI schemes (window 128)

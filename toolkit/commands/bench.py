@@ -62,7 +62,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     at.add_argument("--context", type=_ints, default=(1024, 4096, 16384), help="past lengths L")
     at.add_argument("--batch", type=_ints, default=(1, 8))
     at.add_argument("--threads", type=_ints, default=(1, 2))
-    at.add_argument("--schemes", type=lambda t: tuple(t.split(",")), default=("int8", "int8-q8", "int4", "kivi4", "kivi2"),
+    at.add_argument("--schemes", type=lambda t: tuple(t.split(",")), default=("int8", "int8-q8", "int4", "int4-q8", "kivi4", "kivi2"),
                     help="cache schemes (kv-cache presets; a -q8 suffix rounds the query to int8, e.g. int8-q8)")
     at.add_argument("--growing", type=lambda t: tuple(v for v in t.split(",") if v), default=("int8",),
                     help="schemes also timed with the growing cache, a new present every call ('' for none)")
