@@ -325,10 +325,13 @@ TOOLKIT_AVX2 inline float BlockExpSum(const float* x, int n8, float m, float log
 // One sweep for blocks after the first: the block max and the sum of
 // 2^((x - m) * log2e_t) against the running max m of the blocks before (the max is
 // then updated and the total rescaled once, in double). u is clamped below at -125
-// (Exp2Poly5's range); u > 0 (a new max) is exact up to u ~ 127, and the caller
-// redoes the block in two sweeps when the max jumps by more than 100 / log2e_t. A NaN
-// or +inf logit makes the sum NaN (the clamp keeps a NaN u: maxps returns its second
-// operand), which sends the caller to the checking path.
+// (Exp2Poly5's range). A new max gives u > 0, whose float rounding (|u| 2^-24) turns
+// into a relative error of the term that dominates the sum, so the caller keeps the
+// result only when the max rose by at most kMaxMergedJump in u (error <= 2e-7) and
+// otherwise redoes the block against its own max. A NaN or +inf logit makes the sum
+// NaN (the clamp keeps a NaN u: maxps returns its second operand), which sends the
+// caller to the checking path.
+constexpr float kMaxMergedJump = 4.0f;
 TOOLKIT_AVX2 inline float BlockMaxExpSum(const float* x, int n8, float m, float log2e_t, const char* next,
                                          float* block_max) {
   const __m256 vm = _mm256_set1_ps(m), va = _mm256_set1_ps(log2e_t), lo = _mm256_set1_ps(-125.0f);
@@ -480,7 +483,7 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
     if (m != -kInf && n8 == n) {
       float block_max;
       const float block_sum = BlockMaxExpSum(x, n, m, log2e_t, next, &block_max);
-      if (std::isfinite(block_sum) && !((block_max - m) * log2e_t > 100.0f)) {
+      if (std::isfinite(block_sum) && !((block_max - m) * log2e_t > kMaxMergedJump)) {
         if (block_max > m) {
           sum = Rescale(sum + double(block_sum), m, block_max, double(inv_t));
           m = block_max;
@@ -490,7 +493,8 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
         select(x, n, b, block_max);
         continue;
       }
-      // NaN / +inf (the checking sweep below returns false) or a max that jumps too far.
+      // NaN / +inf (the checking sweep below returns false) or a max that jumps too far:
+      // the two sweeps below, against the block's own max.
     }
 
     // 1. block max and min, and NaN / +inf detection (this sweep is bound by the
