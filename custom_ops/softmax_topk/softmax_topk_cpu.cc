@@ -94,16 +94,16 @@ constexpr int kLanes = 16;      // independent accumulators, so -O3 vectorises
 // Few, long chunks: every chunk pays a warm-up of its top-k buffer (its first
 // candidates are admitted before a threshold exists, and it starts with the two-sweep
 // path) and adds k candidates to the merge. Measured at V=128256, k=50, batch 1, 1
-// thread: 15 chunks of 8K took 313 us, 4 chunks of 32K 140 us. A row of at least
-// 2 kMinChunk = 120000 logits is split (up to kTargetTasks chunks over the batch):
-// at batch 1 on 2 threads (pool spinning off) two chunks took 48.8 vs 65.7 us at
-// V = 128256, k = 1, 56.5 vs 77.3 us at k = 50 and 47.3 vs 68.9 us at V = 151936; on
-// 1 thread they cost +2% (k = 1) to +9% (V = 151936, k = 50). The chunking depends
-// on the shape only, so every thread count gives the same result. (Before the
-// one-sweep blocks, chunks of 16K at V = 128256 and of 64K at V = 151936 gave no gain
-// on 2 threads.)
+// thread: 15 chunks of 8K took 313 us, 4 chunks of 32K 140 us. Whether a split pays
+// at batch 1 depends on how the pool wakes its threads, which the op cannot see: two
+// chunks at V = 128256 / 151936 on 2 threads took 49 / 47 us instead of 66 / 69 us
+// with ORT's default spin-wait, but 152 / 123 us instead of 69 / 62 us with spinning
+// off (toolkit bench topk's sessions), where waking a pool thread costs more than a
+// row's second half. So a row is split only from V = 2 kMinChunk = 262144 on (batch
+// 1, spinning off: 115 us on 2 threads vs 215 us on 1). The chunking depends on the
+// shape only, so every thread count gives the same result.
 constexpr int64_t kTargetTasks = 4;
-constexpr int64_t kMinChunk = 60000;
+constexpr int64_t kMinChunk = 131072;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 inline uint32_t Bits(float f) { return FloatBits(f); }
