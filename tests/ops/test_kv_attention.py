@@ -328,7 +328,8 @@ def test_invalid_attributes_are_rejected():
 
     for attrs, fragment in [({"bits": 3}, "bits=3"),
                             ({"key_per_channel": 1, "key_group": 32, "residual": 48}, "multiple"),
-                            ({"symmetric": 1, "bits": 4, "key_per_channel": 0}, "symmetric=1")]:
+                            ({"symmetric": 1, "bits": 4, "key_per_channel": 0}, "symmetric=1"),
+                            ({"quantize_query": 2}, "quantize_query=2")]:
         model = kq.single_op_model(SCHEMES["kivi4"])
         node = model.graph.node[0]
         for key, value in attrs.items():
@@ -626,8 +627,12 @@ def _drive_cuda(runner, scheme, batch, hq, hkv, d, steps, with_bias=True, pad=No
 
 
 @pytest.mark.gpu
+# The CUDA kernel keeps the float query (quantize_query=1 is refused, see below).
+CUDA_SCHEMES = [n for n, s in SCHEMES.items() if not s.quantize_query]
+
+
 @pytest.mark.parametrize("runner", list(CUDA_RUNNERS))
-@pytest.mark.parametrize("name", list(SCHEMES))
+@pytest.mark.parametrize("name", CUDA_SCHEMES)
 @pytest.mark.parametrize("batch,hq,hkv,d", [(1, 4, 2, 32), (2, 2, 2, 64), (1, 8, 1, 32)])
 def test_cuda_prefill_then_decode_matches_reference(runner, name, batch, hq, hkv, d):
     _drive_cuda(runner, SCHEMES[name], batch, hq, hkv, d, steps=[13] + [1] * 20 + [5, 1, 1])
@@ -668,6 +673,13 @@ def test_cuda_large_head_dim_and_gqa(runner, d):
 
 
 @pytest.mark.gpu
+def test_cuda_refuses_the_int8_query():
+    run = _cuda_ep_runner(SCHEMES["int8-q8"], with_bias=False)
+    q, k, v = step_inputs(np.random.default_rng(0), 1, 4, 2, 3, 32)
+    with pytest.raises(Exception, match="quantize_query=1.*CPU kernel only"):
+        run(q, k, v, kq.empty_cache(1, 2, 32, SCHEMES["int8-q8"]), None)
+
+
 @pytest.mark.parametrize("runner", list(CUDA_RUNNERS))
 def test_cuda_scale_attribute(runner):
     _drive_cuda(runner, SCHEMES["kivi4"], 1, 2, 2, 32, steps=[17, 1, 1], scale=0.05)
