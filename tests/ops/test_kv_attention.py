@@ -626,11 +626,11 @@ def _drive_cuda(runner, scheme, batch, hq, hkv, d, steps, with_bias=True, pad=No
     return cache_op
 
 
-@pytest.mark.gpu
 # The CUDA kernel keeps the float query (quantize_query=1 is refused, see below).
 CUDA_SCHEMES = [n for n, s in SCHEMES.items() if not s.quantize_query]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("runner", list(CUDA_RUNNERS))
 @pytest.mark.parametrize("name", CUDA_SCHEMES)
 @pytest.mark.parametrize("batch,hq,hkv,d", [(1, 4, 2, 32), (2, 2, 2, 64), (1, 8, 1, 32)])
@@ -680,6 +680,7 @@ def test_cuda_refuses_the_int8_query():
         run(q, k, v, kq.empty_cache(1, 2, 32, SCHEMES["int8-q8"]), None)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("runner", list(CUDA_RUNNERS))
 def test_cuda_scale_attribute(runner):
     _drive_cuda(runner, SCHEMES["kivi4"], 1, 2, 2, 32, steps=[17, 1, 1], scale=0.05)
