@@ -1258,6 +1258,10 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
     if (!a.key_per_channel && io.key_params_per_token == 1) {  // int8 keys: z * sum(q)
       qsum.assign(size_t(nr), 0.0f);
       for (int64_t rr = 0; rr < nr; ++rr) {
+        if (a.quantize_query) {  // the rounded row's sum, from its integer codes
+          qsum[size_t(rr)] = qscale[size_t(rr)] * float(qcsum[size_t(rr)]);
+          continue;
+        }
         for (int64_t d = 0; d < D; ++d) qsum[size_t(rr)] += q[size_t(rr * D + d)];
       }
     }
@@ -1346,7 +1350,10 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
     for (int64_t rr = 0; rr < nr; ++rr) {
       float* dst = part + (r0 + rr) * (D + 2) + 2;
       const float* src = acc.data() + rr * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] + zsum[size_t(rr * ng + d / a.value_group)];
+      for (int64_t g = 0, d = 0; g < ng; ++g) {  // (a loop per value group: no division per channel)
+        const float z = zsum[size_t(rr * ng + g)];
+        for (const int64_t end = d + a.value_group; d < end; ++d) dst[d] = src[d] + z;
+      }
     }
   }
 }
