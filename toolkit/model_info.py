@@ -82,7 +82,7 @@ def describe(path: str | Path, model: Any) -> dict[str, Any]:
 
         info = json.loads(meta["toolkit.kv_quant"])
         scheme = KVScheme(info["bits"], bool(info["key_per_channel"]), info["key_group"], info["value_group"],
-                          info["residual"], bool(info["symmetric"]))
+                          info["residual"], bool(info["symmetric"]), bool(info.get("quantize_query", 0)))
         n_layers = info["layers"]
         kv["scheme"] = info["scheme"]
         kv["attributes"] = scheme.to_attributes()
@@ -91,6 +91,7 @@ def describe(path: str | Path, model: Any) -> dict[str, Any]:
         kv["reduction_vs_fp32"] = kv["fp32_bytes_per_token"] / kv["bytes_per_token"]
         kv["residual_bytes_max"] = scheme.residual_bytes(info["kv_heads"], info["head_dim"]) * n_layers
         kv["capacity"] = info.get("capacity", 0)  # 0: a growing cache
+        kv["quantize_query"] = scheme.quantize_query
     if "toolkit.low_rank_kv" in meta:
         # Latent cache (passes/low_rank_kv.py): [batch, seq, rank] tensors; the pass
         # records the bytes per token it keeps and what float32 keys/values would take.

@@ -177,6 +177,10 @@ def test_int8_query_moves_the_logits_but_stays_close(exported, family):
                          for n in nodes for a in n.attribute if a.name == "quantize_query")
     assert all(any(a.name == "quantize_query" for a in n.attribute) for n in nodes)
     assert not any(a.name == "quantize_query" for n in plain.graph.node for a in n.attribute)
+    from toolkit.model_info import describe
+
+    assert describe("q8.onnx", q8)["kv_cache"]["quantize_query"] is True  # what `toolkit inspect` shows
+    assert describe("plain.onnx", plain)["kv_cache"]["quantize_query"] is False
     ids, mask = prompts(length=20)
     ref, _ = run_steps(decoder(path), ids, mask, steps=12)
     base, _ = run_steps(decoder(plain), ids, mask, steps=12)
