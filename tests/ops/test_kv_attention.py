@@ -37,12 +37,13 @@ SCHEMES = {
     "kivi8": kq.KVScheme(8, True, 4, 8, 12),
     # int8 query (quantize_query=1): integer dot products for per-token int8 keys and
     # for int4 keys in groups of 32k channels, the rounded query in float dot products
-    # for the others (kivi4-q8).
+    # for the others (the KIVI schemes).
     "int8-q8": kq.KVScheme(8, False, 32, 32, 0, symmetric=True, quantize_query=True),
     "int8-asym-q8": kq.KVScheme(8, False, 32, 16, 0, quantize_query=True),
     "int4-q8": kq.KVScheme(4, False, 32, 16, 0, quantize_query=True),
     "int4-res-q8": kq.KVScheme(4, False, 32, 32, 8, quantize_query=True),
     "kivi4-q8": kq.KVScheme(4, True, 8, 16, 16, quantize_query=True),
+    "kivi2-q8": kq.KVScheme(2, True, 8, 32, 8, quantize_query=True),
 }
 
 
@@ -160,8 +161,9 @@ def test_left_padding_is_left_out_of_key_ranges(name):
 
 @pytest.mark.parametrize("scheme", [kq.KVScheme(2, True, 8, 8, 8), kq.KVScheme(4, False, 8, 8, 0),
                                     kq.KVScheme(8, False, 8, 8, 0),
-                                    kq.KVScheme(8, False, 24, 8, 0, symmetric=True, quantize_query=True)],
-                         ids=["kivi2", "int4-token", "int8-asym", "int8-q8"])
+                                    kq.KVScheme(8, False, 24, 8, 0, symmetric=True, quantize_query=True),
+                                    kq.KVScheme(2, True, 8, 8, 8, quantize_query=True)],
+                         ids=["kivi2", "int4-token", "int8-asym", "int8-q8", "kivi2-q8"])
 def test_head_dim_not_a_multiple_of_16(scheme):
     # D = 24: 2-bit rows take the portable path (the AVX2 one reads 16 channels at a
     # time), 4- and 8-bit rows the AVX2 one with a lone last 8-channel chunk.
@@ -188,7 +190,8 @@ def test_scale_attribute():
 
 
 @pytest.mark.parametrize("path", ["simd", "scalar"])
-@pytest.mark.parametrize("name", ["int8-q8", "int8-asym-q8", "int4-q8", "int4-res-q8", "int4-g64-q8"])
+@pytest.mark.parametrize("name", ["int8-q8", "int8-asym-q8", "int4-q8", "int4-res-q8", "int4-g64-q8", "kivi4-q8",
+                                  "kivi2-q8"])
 def test_int8_query_head_dim_128(name, path, monkeypatch):
     # Head dim 128 (the AVX2 integer path: 32 channels per multiply-add), 4 query rows
     # per KV head plus a lone one (rep 5), odd token counts: every branch of the 4x2
