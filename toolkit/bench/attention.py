@@ -7,8 +7,10 @@ process, all with IOBinding (inputs bound once, outputs preallocated):
 * ``ours_<scheme>``: ``com.toolkit::QuantKVAttention`` (``custom_ops/kv_attention``)
   with the schemes of ``toolkit.ops.kv_quant.scheme_for``: ``int8`` (symmetric, per
   token), ``int4`` (per token, groups of 32 channels), ``kivi4`` / ``kivi2`` (KIVI:
-  keys per channel in groups of 32 tokens, values per token, residual window 128).
-  The past is random keys/values of length ``L`` quantized by the NumPy reference;
+  keys per channel in groups of 32 tokens, values per token, residual window 128);
+  a ``-q8`` suffix (``int8-q8``, ``int4-q8``) adds the int8 query
+  (``quantize_query=1``: integer QK dot products), checked against attention with
+  the rounded query. The past is random keys/values of length ``L`` quantized by the NumPy reference;
   for KIVI ``L - 64`` tokens are quantized and 64 sit in the full-precision
   residual (half a window: what a decoder sees on average). ``attn_bias`` is
   absent (the op's causal default; at S = 1 the token sees every position), which
