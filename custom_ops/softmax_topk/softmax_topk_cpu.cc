@@ -334,27 +334,64 @@ TOOLKIT_AVX2 inline float BlockExpSum(const float* x, int n8, float m, float log
 // NaN (the clamp keeps a NaN u: maxps returns its second operand), which sends the
 // caller to the checking path.
 constexpr float kMaxMergedJump = 4.0f;
+//
+// kFlags: also marks each 16-logit group holding a logit above `thr` (bit i of
+// *flags for x[16 i .. 16 i + 16), n8 <= 1024), so the candidate scan visits only
+// those groups instead of the whole block (at k = 50 most blocks late in a row hold
+// one candidate or none).
+template <bool kFlags>
 TOOLKIT_AVX2 inline float BlockMaxExpSum(const float* x, int n8, float m, float log2e_t, const char* next,
-                                         float* block_max) {
+                                         float thr, float* block_max, uint64_t* flags) {
   const __m256 vm = _mm256_set1_ps(m), va = _mm256_set1_ps(log2e_t), lo = _mm256_set1_ps(-125.0f);
+  const __m256 vthr = _mm256_set1_ps(thr);
   __m256 s0 = _mm256_setzero_ps(), s1 = s0, m0 = _mm256_set1_ps(-kInf), m1 = m0;
   auto term = [&](__m256 v) TOOLKIT_AVX2 { return Exp2Poly5(_mm256_max_ps(lo, _mm256_mul_ps(_mm256_sub_ps(v, vm), va))); };
+  uint64_t f = 0;
   int i = 0;
   for (; i + 16 <= n8; i += 16) {
     _mm_prefetch(next + 4 * i, _MM_HINT_T0);
     const __m256 a = _mm256_loadu_ps(x + i), c = _mm256_loadu_ps(x + i + 8);
-    m0 = _mm256_max_ps(a, m0);
-    m1 = _mm256_max_ps(c, m1);
+    if constexpr (kFlags) {
+      const __m256 ac = _mm256_max_ps(a, c);
+      m0 = _mm256_max_ps(ac, m0);
+      f |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(ac, vthr, _CMP_GT_OQ)) != 0) << (i >> 4);
+    } else {
+      m0 = _mm256_max_ps(a, m0);
+      m1 = _mm256_max_ps(c, m1);
+    }
     s0 = _mm256_add_ps(s0, term(a));
     s1 = _mm256_add_ps(s1, term(c));
   }
   for (; i < n8; i += 8) {
     const __m256 a = _mm256_loadu_ps(x + i);
     m0 = _mm256_max_ps(a, m0);
+    if constexpr (kFlags) f |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(a, vthr, _CMP_GT_OQ)) != 0) << (i >> 4);
     s0 = _mm256_add_ps(s0, term(a));
   }
   *block_max = HorizontalMax(_mm256_max_ps(m0, m1));
+  if constexpr (kFlags) *flags = f;
   return HorizontalSum(_mm256_add_ps(s0, s1));
+}
+
+// Candidates of the 16-logit groups marked in `flags` (BlockMaxExpSum<true>): as
+// AppendCandidates<_CMP_GT_OQ>, group by group.
+TOOLKIT_AVX2 inline size_t AppendFlaggedCandidates(const float* x, int n, uint64_t flags, float thr, int64_t base,
+                                                   uint64_t* out) {
+  const __m256 vthr = _mm256_set1_ps(thr);
+  size_t count = 0;
+  while (flags) {
+    const int g = __builtin_ctzll(flags) * 16;
+    flags &= flags - 1;
+    for (int i = g; i < std::min(n, g + 16); i += 8) {
+      unsigned mask = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), vthr, _CMP_GT_OQ)));
+      while (mask) {
+        const int t = i + __builtin_ctz(mask);
+        out[count++] = Compose(OrderKey(x[t]), base + t);
+        mask &= mask - 1;
+      }
+    }
+  }
+  return count;
 }
 
 // Appends Compose(key, base + t) for every x[t] (t < n) that compares kCmp against
@@ -440,8 +477,10 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
   alignas(32) float group_max[kFastBlock / 8];
 
   // 3. top-k candidates of a block (strictly above the k-th value: equal later indices lose ties).
-  auto select = [&](const float* x, int n, int64_t b, float block_max) TOOLKIT_AVX2 {
-    if (!have_threshold) {
+  auto select = [&](const float* x, int n, int64_t b, float block_max, const uint64_t* flags) TOOLKIT_AVX2 {
+    if (flags && have_threshold) {  // the groups the sweep marked against this same threshold
+      n_cand += AppendFlaggedCandidates(x, n, *flags, threshold, b, cand.data() + n_cand);
+    } else if (!have_threshold) {
       if (n == kFastBlock && n_cand == 0 && keep <= size_t(kFastBlock / 8)) {
         // First block: admit only logits >= a lower bound of its k-th largest (at
         // least k of them), instead of selecting over all 1024.
@@ -483,8 +522,13 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
     const char* next = reinterpret_cast<const char*>(row + std::min<int64_t>(b + kFastBlock, end - 1));
     // 1+2 in one sweep once a running max exists (whole 8-lane blocks): the usual case.
     if (m != -kInf && n8 == n) {
+      // Group flags pay where the threshold is the k-th value for k > 1; at k = 1 a
+      // block rarely beats the running max and the plain scan of it is as cheap.
       float block_max;
-      const float block_sum = BlockMaxExpSum(x, n, m, log2e_t, next, &block_max);
+      uint64_t flags = 0;
+      const bool with_flags = keep > 1 && have_threshold;
+      const float block_sum = with_flags ? BlockMaxExpSum<true>(x, n, m, log2e_t, next, threshold, &block_max, &flags)
+                                         : BlockMaxExpSum<false>(x, n, m, log2e_t, next, 0.0f, &block_max, nullptr);
       if (std::isfinite(block_sum) && !((block_max - m) * log2e_t > kMaxMergedJump)) {
         if (block_max > m) {
           sum = Rescale(sum + double(block_sum), m, block_max, double(inv_t));
@@ -492,7 +536,7 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
         } else {
           sum += double(block_sum);
         }
-        select(x, n, b, block_max);
+        select(x, n, b, block_max, with_flags ? &flags : nullptr);
         continue;
       }
       // NaN / +inf (the checking sweep below returns false) or a max that jumps too far:
@@ -546,7 +590,7 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
       sum += double(block_sum);
     }
 
-    select(x, n, b, block_max);
+    select(x, n, b, block_max, nullptr);
   }
   FinishPartial(keep, n_cand, m, sum, /*nan=*/false, out);
   return true;
