@@ -1119,13 +1119,29 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
   //   per token, one group per row (int8): q.k = s (q.codes) + z sum(q);
   //   per token, several groups: dequantized in registers chunk by chunk.
   std::vector<float> qs, qz, qsum;
-  const QueryInt8* qint = nullptr;  // the row block's int8 query, when the integer path applies
-  const QueryInt8* qint4 = nullptr;  // the same in nibble order, for 4-bit per-token key groups
-  std::vector<float> qgsum;          // [rows][D / key_group]: sums of the rounded query per key group
   constexpr int64_t kTokenBlock = 32;  // key / value rows handled together
+  constexpr int64_t kRowBlock = 64;    // query rows handled together
+  const int64_t block_rows = std::min(rows, kRowBlock);
   // Per-token key groups: a block's scales / zeros, and their per-chunk expansion (s8, z8).
   std::vector<float> kbs(static_cast<size_t>(kTokenBlock * io.key_params_per_token)), kbz(kbs.size());
-  std::vector<float> kzt(a.quantize_query ? kbs.size() : 0);  // the int8 query's block of key zeros, [group][token]
+  // quantize_query=1: the row block's query codes, their sums and scales. Integer dot
+  // products score 8-bit keys with one (scale, zero) per token (qint) and 4-bit keys
+  // per token in groups of whole 32-channel chunks (qint4: the codes in nibble order,
+  // the rounded query's sum per key group, a block of key zeros transposed); other
+  // schemes use the rounded query (written back into q) in their float dot products.
+  std::vector<int8_t> qcode(a.quantize_query ? size_t(block_rows * D) : 0);
+  std::vector<int32_t> qcsum(a.quantize_query ? size_t(block_rows) : 0);
+  std::vector<float> qscale(qcsum.size());
+  const QueryInt8 query_int8{qcode.data(), qcsum.data(), qscale.data()};
+  const bool int4_path = a.quantize_query && bits == 4 && !a.key_per_channel && a.key_group % 32 == 0 &&
+                         D % 32 == 0;
+  std::vector<int8_t> qperm(int4_path ? qcode.size() : 0);
+  const QueryInt8 query_int4{qperm.data(), qcsum.data(), qscale.data()};
+  std::vector<float> qgsum(int4_path ? size_t(block_rows * io.key_params_per_token) : 0);  // [rows][groups]
+  std::vector<float> kzt(int4_path ? kbs.size() : 0);                                      // [group][token]
+  const QueryInt8* const qint =
+      a.quantize_query && bits == 8 && !a.key_per_channel && io.key_params_per_token == 1 ? &query_int8 : nullptr;
+  const QueryInt8* const qint4 = int4_path ? &query_int4 : nullptr;
   std::vector<float> kblk(static_cast<size_t>(2 * kTokenBlock * std::max<int64_t>(D / 8, 1) + D));
   // Scores of positions [ta, tb) (one token block) for the nr query rows q, written
   // at out[r * stride + t - ta].
@@ -1203,20 +1219,9 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
     }
   };
   // Query rows of this KV head, pre-scaled: row j*S + s is head h*rep + j, query s.
-  constexpr int64_t kRowBlock = 64;
-  std::vector<float> q(static_cast<size_t>(std::min(rows, kRowBlock) * D));
-  std::vector<float> score(static_cast<size_t>(std::min(rows, kRowBlock) * len));
+  std::vector<float> q(static_cast<size_t>(block_rows * D));
+  std::vector<float> score(static_cast<size_t>(block_rows * len));
   std::vector<float> acc(q.size());
-  // quantize_query=1: the block's query codes, their sums and scales.
-  std::vector<int8_t> qcode(a.quantize_query ? q.size() : 0);
-  std::vector<int32_t> qcsum(a.quantize_query ? size_t(std::min(rows, kRowBlock)) : 0);
-  std::vector<float> qscale(qcsum.size());
-  const QueryInt8 query_int8{qcode.data(), qcsum.data(), qscale.data()};
-  // 4-bit keys per token in groups that are whole 32-channel chunks: integer dots too.
-  const bool int4_path = a.quantize_query && bits == 4 && !a.key_per_channel && a.key_group % 32 == 0 &&
-                         D % 32 == 0;
-  std::vector<int8_t> qperm(int4_path ? q.size() : 0);
-  const QueryInt8 query_int4{qperm.data(), qcsum.data(), qscale.data()};
   std::vector<float> vblk(static_cast<size_t>(kTokenBlock * D));
   std::vector<float> ks(static_cast<size_t>(kTokenBlock)), kz(ks);  // int8 keys: per-token s, z of a block
   // Value blocks read as codes (see pass 2): per-(row, group) scales and zeros of a
@@ -1224,8 +1229,8 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
   const int64_t ng = io.value_params;
   const bool fold_values = ng > 0 && a.value_group % 16 == 0 && D % 16 == 0;
   std::vector<float> bs(static_cast<size_t>(kTokenBlock * ng)), bz(bs.size());
-  std::vector<float> wq(static_cast<size_t>(std::min(rows, kRowBlock) * ng * kTokenBlock));
-  std::vector<float> zsum(static_cast<size_t>(std::min(rows, kRowBlock) * ng));
+  std::vector<float> wq(static_cast<size_t>(block_rows * ng * kTokenBlock));
+  std::vector<float> zsum(static_cast<size_t>(block_rows * ng));
   float* part = job->partials.data() + size_t((bh * job->slices + slice) * rows) * size_t(D + 2);
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
     const int64_t nr = std::min(kRowBlock, rows - r0);
@@ -1238,12 +1243,8 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       for (int64_t rr = 0; rr < nr; ++rr) {
         qcsum[size_t(rr)] = QuantizeQueryRow(q.data() + rr * D, D, qcode.data() + rr * D, &qscale[size_t(rr)]);
       }
-      // Integer dot products for 8-bit keys with one (scale, zero) per token; other
-      // schemes use the rounded query (now in q) in their float dot products.
-      qint = bits == 8 && !a.key_per_channel && io.key_params_per_token == 1 ? &query_int8 : nullptr;
-      if (int4_path) {
+      if (qint4) {
         const int64_t ng = io.key_params_per_token;
-        qgsum.assign(size_t(nr * ng), 0.0f);
         for (int64_t rr = 0; rr < nr; ++rr) {
           PermuteForNibbles(qcode.data() + rr * D, D, qperm.data() + rr * D);
           for (int64_t g = 0; g < ng; ++g) {
@@ -1252,7 +1253,6 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
             qgsum[size_t(rr * ng + g)] = qscale[size_t(rr)] * float(sum);
           }
         }
-        qint4 = &query_int4;
       }
     }
     if (!a.key_per_channel && io.key_params_per_token == 1) {  // int8 keys: z * sum(q)
