@@ -373,33 +373,12 @@ TOOLKIT_AVX2 inline float BlockMaxExpSum(const float* x, int n8, float m, float 
   return HorizontalSum(_mm256_add_ps(s0, s1));
 }
 
-// Candidates of the 16-logit groups marked in `flags` (BlockMaxExpSum<true>): as
-// AppendCandidates<_CMP_GT_OQ>, group by group.
-TOOLKIT_AVX2 inline size_t AppendFlaggedCandidates(const float* x, int n, uint64_t flags, float thr, int64_t base,
-                                                   uint64_t* out) {
-  const __m256 vthr = _mm256_set1_ps(thr);
-  size_t count = 0;
-  while (flags) {
-    const int g = __builtin_ctzll(flags) * 16;
-    flags &= flags - 1;
-    for (int i = g; i < std::min(n, g + 16); i += 8) {
-      unsigned mask = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), vthr, _CMP_GT_OQ)));
-      while (mask) {
-        const int t = i + __builtin_ctz(mask);
-        out[count++] = Compose(OrderKey(x[t]), base + t);
-        mask &= mask - 1;
-      }
-    }
-  }
-  return count;
-}
-
 // Appends Compose(key, base + t) for every x[t] (t < n) that compares kCmp against
 // thr to out, returning the count. Four vectors are tested per branch: late in a row
 // most 32-logit groups hold no candidate, and the branch on each 8-lane mask was the
 // scan's cost (mispredicted whenever one did).
 template <int kCmp>
-TOOLKIT_AVX2 size_t AppendCandidates(const float* x, int n, float thr, int64_t base, uint64_t* out) {
+TOOLKIT_AVX2 inline size_t AppendCandidates(const float* x, int n, float thr, int64_t base, uint64_t* out) {
   const __m256 vthr = _mm256_set1_ps(thr);
   size_t count = 0;
   auto append = [&](int t) { out[count++] = Compose(OrderKey(x[t]), base + t); };
@@ -429,6 +408,19 @@ TOOLKIT_AVX2 size_t AppendCandidates(const float* x, int n, float thr, int64_t b
   }
   for (; i < n; ++i) {
     if (kCmp == _CMP_GT_OQ ? x[i] > thr : x[i] >= thr) append(i);
+  }
+  return count;
+}
+
+// Candidates of the 16-logit groups marked in `flags` (BlockMaxExpSum<true>):
+// AppendCandidates<_CMP_GT_OQ> group by group.
+TOOLKIT_AVX2 inline size_t AppendFlaggedCandidates(const float* x, int n, uint64_t flags, float thr, int64_t base,
+                                                   uint64_t* out) {
+  size_t count = 0;
+  while (flags) {
+    const int g = __builtin_ctzll(flags) * 16;
+    flags &= flags - 1;
+    count += AppendCandidates<_CMP_GT_OQ>(x + g, std::min(n - g, 16), thr, base + g, out + count);
   }
   return count;
 }
