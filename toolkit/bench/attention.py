@@ -431,9 +431,7 @@ def _query_seen(query: np.ndarray, scheme: Any) -> np.ndarray:
 
     if not scheme.quantize_query:
         return query
-    d = query.shape[-1]
-    sc = np.float32(1) / np.sqrt(np.float32(d))
-    return kq.quantize_query(query * sc)[0].astype(np.float64) * math.sqrt(d)
+    return kq.quantize_query(kq.scaled_query(query))[0].astype(np.float64) * math.sqrt(query.shape[-1])
 
 
 def _check_present(cache: dict[str, np.ndarray], outs: dict[str, np.ndarray], scheme: Any, name: str) -> None:

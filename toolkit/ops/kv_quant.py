@@ -344,6 +344,13 @@ def quantize_query(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rounded, codes.astype(np.int8), scales[..., 0]
 
 
+def scaled_query(query: np.ndarray, scale: float = 0.0) -> np.ndarray:
+    """``query * scale`` in float32 as the kernel forms it (``scale`` 0: ``1 / sqrt(D)`` in float32)."""
+    d = query.shape[-1]
+    sc32 = np.float32(scale) if scale else np.float32(1) / np.sqrt(np.float32(d))
+    return np.asarray(query, np.float32) * sc32
+
+
 def attention(query: np.ndarray, key: np.ndarray, value: np.ndarray, cache: dict[str, np.ndarray],
               scheme: KVScheme, bias: np.ndarray | None = None, scale: float = 0.0
               ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -378,8 +385,7 @@ def attention(query: np.ndarray, key: np.ndarray, value: np.ndarray, cache: dict
     sc = scale or 1.0 / math.sqrt(d)
     q64 = query.astype(np.float64)
     if scheme.quantize_query:  # scaled in float32 as the kernel does, then rounded
-        sc32 = np.float32(scale) if scale else np.float32(1) / np.sqrt(np.float32(d))
-        q64, sc = quantize_query(query * sc32)[0].astype(np.float64), 1.0
+        q64, sc = quantize_query(scaled_query(query, scale))[0].astype(np.float64), 1.0
     scores = np.einsum("bhsd,bhtd->bhst", q64, k_all) * sc + bias.astype(np.float64)
     m = scores.max(-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
