@@ -293,7 +293,39 @@ struct QueryInt8 {
 inline float IntDotValue(const QueryInt8& q, int64_t r, int32_t dot) { return q.scale[r] * float(dot); }
 
 // Portable row operations; the AVX2 set below has the same interface.
+// quantize_query=1: rounds a scaled query row to int8 in place (toolkit/ops/kv_quant.py:
+// quantize_query): a = max |q|, c = round(q 127 / a) in [-127, 127], q' = c (a / 127).
+// Writes the codes and the scale a / 127, returns sum(c). A row of zeros stays zero; a
+// row holding inf or NaN gets scale NaN (its scores are NaN, as without rounding).
+inline int32_t QuantizeQueryRow(float* q, int64_t D, int8_t* codes, float* scale) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t d = 0; d < D; ++d) {
+    const float m = std::fabs(q[d]);
+    finite = finite && m <= std::numeric_limits<float>::max();
+    amax = std::max(amax, m);
+  }
+  int32_t sum = 0;
+  if (!finite || amax == 0.0f) {
+    *scale = finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+    for (int64_t d = 0; d < D; ++d) q[d] = *scale, codes[d] = 0;
+    return 0;
+  }
+  const float inv = 127.0f / amax;
+  *scale = amax / 127.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float c = std::min(127.0f, std::max(-127.0f, std::nearbyint(q[d] * inv)));
+    codes[d] = int8_t(c);
+    sum += int32_t(c);
+    q[d] = c * *scale;
+  }
+  return sum;
+}
+
 struct ScalarOps {
+  static inline int32_t QuantizeQuery(float* q, int64_t D, int8_t* codes, float* scale) {
+    return QuantizeQueryRow(q, D, codes, scale);
+  }
   // out[r * stride + t] = q'_r . code row t for nt 8-bit code rows (int8 query).
   static inline void IntDotsBlock(const QueryInt8& q, int64_t rows, const uint8_t* codes, int64_t row_bytes,
                                   int64_t nt, int64_t D, float* out, int64_t stride) {
@@ -442,6 +474,38 @@ struct ScalarOps {
 #if defined(__x86_64__) && defined(__GNUC__)
 #define TOOLKIT_KV_AVX2 1
 struct Avx2Ops {
+  // QuantizeQueryRow, 8 channels at a time (the same float32 products and
+  // round-half-to-even: bit-identical codes and rounded rows).
+  TOOLKIT_AVX2 static inline int32_t QuantizeQuery(float* q, int64_t D, int8_t* codes, float* scale) {
+    if (D % 8 != 0) return QuantizeQueryRow(q, D, codes, scale);
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 big = _mm256_set1_ps(std::numeric_limits<float>::max());
+    __m256 amax = _mm256_setzero_ps(), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 m = _mm256_and_ps(_mm256_loadu_ps(q + d), abs_mask);
+      ok = _mm256_and_ps(ok, _mm256_cmp_ps(m, big, _CMP_LE_OQ));  // false for inf and NaN
+      amax = _mm256_max_ps(amax, m);
+    }
+    if (_mm256_movemask_ps(ok) != 0xff || HorizontalMax(amax) == 0.0f) return QuantizeQueryRow(q, D, codes, scale);
+    const float a = HorizontalMax(amax);
+    const __m256 inv = _mm256_set1_ps(127.0f / a), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    *scale = a / 127.0f;
+    const __m256 sv = _mm256_set1_ps(*scale);
+    __m256i sum = _mm256_setzero_si256();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(q + d), inv),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256 c = _mm256_min_ps(hi, _mm256_max_ps(lo, r));
+      const __m256i ci = _mm256_cvtps_epi32(c);
+      sum = _mm256_add_epi32(sum, ci);
+      const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(ci), _mm256_extracti128_si256(ci, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + d), _mm_packs_epi16(w, w));
+      _mm256_storeu_ps(q + d, _mm256_mul_ps(c, sv));
+    }
+    const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    const __m128i h2 = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+    return _mm_cvtsi128_si32(_mm_add_epi32(h2, _mm_shuffle_epi32(h2, 0xb1)));
+  }
   // 8 codes starting at channel d as floats (d a multiple of 8).
   template <int kBits>
   TOOLKIT_AVX2 static inline __m256 Codes8(const uint8_t* q, int64_t d) {
@@ -1023,6 +1087,60 @@ struct Avx2Ops {
 };
 #endif
 
+// Scratch buffers of the attention work items, kept per thread: an ORT pool thread
+// runs many work items, and after its first one a work item allocates and clears
+// nothing. Buffers are handed out in the same order every time (the i-th Take
+// reuses the i-th buffer, grown when too small) and their contents are unspecified:
+// every buffer is written before it is read. Sanitizer and debug builds fill them
+// with NaN bytes on every Take, so a read before a write fails the op tests there.
+template <typename T>
+struct Buf {
+  T* p = nullptr;
+  size_t n = 0;
+  T* data() const { return p; }
+  T* begin() const { return p; }
+  T* end() const { return p + n; }
+  size_t size() const { return n; }
+  T& operator[](size_t i) const { return p[i]; }
+};
+
+class Scratch {
+ public:
+  // The calling thread's scratch, rewound for a new work item. Buffers above
+  // kKeepBytes (long prefills) are released at the next rewind instead of kept.
+  static Scratch& ForThisThread() {
+    thread_local Scratch scratch;
+    for (Chunk& c : scratch.chunks_) {
+      if (c.bytes > kKeepBytes) c = Chunk{};
+    }
+    scratch.next_ = 0;
+    return scratch;
+  }
+  template <typename T>
+  Buf<T> Take(size_t n) {
+    const size_t bytes = std::max<size_t>(n * sizeof(T), 1);
+    if (next_ == chunks_.size()) chunks_.emplace_back();
+    Chunk& c = chunks_[next_++];
+    if (c.bytes < bytes) {
+      c.mem.reset(new char[bytes]);  // (new char[] is aligned for any scalar type)
+      c.bytes = bytes;
+    }
+#if defined(__SANITIZE_ADDRESS__) || !defined(NDEBUG)
+    std::memset(c.mem.get(), 0xff, bytes);  // NaN floats, -1 integers
+#endif
+    return Buf<T>{reinterpret_cast<T*>(c.mem.get()), n};
+  }
+
+ private:
+  static constexpr size_t kKeepBytes = size_t(1) << 22;
+  struct Chunk {
+    std::unique_ptr<char[]> mem;
+    size_t bytes = 0;
+  };
+  std::vector<Chunk> chunks_;
+  size_t next_ = 0;
+};
+
 struct Job {
   const Io* io;
   const Attributes* a;
@@ -1053,35 +1171,6 @@ inline const float* FpRow(const Io& io, const float* res, const float* fresh, in
   return fresh + ((b * io.Hkv + h) * io.S + (i - io.r)) * io.D;
 }
 
-// quantize_query=1: rounds a scaled query row to int8 in place (toolkit/ops/kv_quant.py:
-// quantize_query): a = max |q|, c = round(q 127 / a) in [-127, 127], q' = c (a / 127).
-// Writes the codes and the scale a / 127, returns sum(c). A row of zeros stays zero; a
-// row holding inf or NaN gets scale NaN (its scores are NaN, as without rounding).
-inline int32_t QuantizeQueryRow(float* q, int64_t D, int8_t* codes, float* scale) {
-  float amax = 0.0f;
-  bool finite = true;
-  for (int64_t d = 0; d < D; ++d) {
-    const float m = std::fabs(q[d]);
-    finite = finite && m <= std::numeric_limits<float>::max();
-    amax = std::max(amax, m);
-  }
-  int32_t sum = 0;
-  if (!finite || amax == 0.0f) {
-    *scale = finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
-    for (int64_t d = 0; d < D; ++d) q[d] = *scale, codes[d] = 0;
-    return 0;
-  }
-  const float inv = 127.0f / amax;
-  *scale = amax / 127.0f;
-  for (int64_t d = 0; d < D; ++d) {
-    const float c = std::min(127.0f, std::max(-127.0f, std::nearbyint(q[d] * inv)));
-    codes[d] = int8_t(c);
-    sum += int32_t(c);
-    q[d] = c * *scale;
-  }
-  return sum;
-}
-
 // The int8 query codes of one row in the order 4-bit key chunks unpack to: per 32
 // channels, the 16 even channels (low nibbles) then the 16 odd ones (high nibbles).
 inline void PermuteForNibbles(const int8_t* codes, int64_t D, int8_t* out) {
@@ -1109,7 +1198,9 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
   const int bits = int(a.bits);
   const int64_t groups = io.Nc / a.key_group;  // per-channel key group slots
 
-  std::vector<float> sc(static_cast<size_t>(D)), zc(sc), vsc(sc), vzc(sc);
+  Scratch& scratch = Scratch::ForThisThread();  // (every buffer below is written before it is read)
+  const auto sc = scratch.Take<float>(size_t(D)), zc = scratch.Take<float>(size_t(D)),
+             vsc = scratch.Take<float>(size_t(D)), vzc = scratch.Take<float>(size_t(D));
   int64_t loaded_group = -1;
   // Scores of position t for the nr query rows q (written with stride len).
   // Keys: the scale and zero are folded into the query side where they are shared,
@@ -1118,31 +1209,35 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
   //     q.k = (q * s).codes + q.z, with q * s and q.z formed once per group;
   //   per token, one group per row (int8): q.k = s (q.codes) + z sum(q);
   //   per token, several groups: dequantized in registers chunk by chunk.
-  std::vector<float> qs, qz, qsum;
   constexpr int64_t kTokenBlock = 32;  // key / value rows handled together
   constexpr int64_t kRowBlock = 64;    // query rows handled together
   const int64_t block_rows = std::min(rows, kRowBlock);
+  const auto qs = scratch.Take<float>(a.key_per_channel ? size_t(block_rows * D) : 0);
+  const auto qz = scratch.Take<float>(a.key_per_channel ? size_t(block_rows) : 0);
+  const auto qsum = scratch.Take<float>(size_t(block_rows));
   // Per-token key groups: a block's scales / zeros, and their per-chunk expansion (s8, z8).
-  std::vector<float> kbs(static_cast<size_t>(kTokenBlock * io.key_params_per_token)), kbz(kbs.size());
+  const auto kbs = scratch.Take<float>(size_t(kTokenBlock * io.key_params_per_token)),
+             kbz = scratch.Take<float>(kbs.size());
   // quantize_query=1: the row block's query codes, their sums and scales. Integer dot
   // products score 8-bit keys with one (scale, zero) per token (qint) and 4-bit keys
   // per token in groups of whole 32-channel chunks (qint4: the codes in nibble order,
   // the rounded query's sum per key group, a block of key zeros transposed); other
   // schemes use the rounded query (written back into q) in their float dot products.
-  std::vector<int8_t> qcode(a.quantize_query ? size_t(block_rows * D) : 0);
-  std::vector<int32_t> qcsum(a.quantize_query ? size_t(block_rows) : 0);
-  std::vector<float> qscale(qcsum.size());
+  const auto qcode = scratch.Take<int8_t>(a.quantize_query ? size_t(block_rows * D) : 0);
+  const auto qcsum = scratch.Take<int32_t>(a.quantize_query ? size_t(block_rows) : 0);
+  const auto qscale = scratch.Take<float>(qcsum.size());
   const QueryInt8 query_int8{qcode.data(), qcsum.data(), qscale.data()};
+  // (one group per row, G = D, takes the per-token branch of key_scores like int8 keys)
   const bool int4_path = a.quantize_query && bits == 4 && !a.key_per_channel && a.key_group % 32 == 0 &&
-                         D % 32 == 0;
-  std::vector<int8_t> qperm(int4_path ? qcode.size() : 0);
+                         D % 32 == 0 && io.key_params_per_token > 1;
+  const auto qperm = scratch.Take<int8_t>(int4_path ? qcode.size() : 0);
   const QueryInt8 query_int4{qperm.data(), qcsum.data(), qscale.data()};
-  std::vector<float> qgsum(int4_path ? size_t(block_rows * io.key_params_per_token) : 0);  // [rows][groups]
-  std::vector<float> kzt(int4_path ? kbs.size() : 0);                                      // [group][token]
+  const auto qgsum = scratch.Take<float>(int4_path ? size_t(block_rows * io.key_params_per_token) : 0);  // [rows][groups]
+  const auto kzt = scratch.Take<float>(int4_path ? kbs.size() : 0);                                      // [group][token]
   const QueryInt8* const qint =
       a.quantize_query && bits == 8 && !a.key_per_channel && io.key_params_per_token == 1 ? &query_int8 : nullptr;
   const QueryInt8* const qint4 = int4_path ? &query_int4 : nullptr;
-  std::vector<float> kblk(static_cast<size_t>(2 * kTokenBlock * std::max<int64_t>(D / 8, 1) + D));
+  const auto kblk = scratch.Take<float>(size_t(2 * kTokenBlock * std::max<int64_t>(D / 8, 1) + D));
   // Scores of positions [ta, tb) (one token block) for the nr query rows q, written
   // at out[r * stride + t - ta].
   auto key_scores = [&](int64_t ta, int64_t tb, const float* q, int64_t nr, float* out, int64_t stride) {
@@ -1155,8 +1250,6 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
         if (g != loaded_group) {
           const int64_t slot = (bh * groups + g) * D;
           Ops::LoadScales(io.key_scale + slot, io.key_zero + slot, D, sc.data(), zc.data());
-          qs.resize(size_t(nr * D));
-          qz.resize(size_t(nr));
           for (int64_t r = 0; r < nr; ++r) {
             for (int64_t d = 0; d < D; ++d) qs[size_t(r * D + d)] = q[r * D + d] * sc[size_t(d)];
           }
@@ -1219,18 +1312,18 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
     }
   };
   // Query rows of this KV head, pre-scaled: row j*S + s is head h*rep + j, query s.
-  std::vector<float> q(static_cast<size_t>(block_rows * D));
-  std::vector<float> score(static_cast<size_t>(block_rows * len));
-  std::vector<float> acc(q.size());
-  std::vector<float> vblk(static_cast<size_t>(kTokenBlock * D));
-  std::vector<float> ks(static_cast<size_t>(kTokenBlock)), kz(ks);  // int8 keys: per-token s, z of a block
+  const auto q = scratch.Take<float>(size_t(block_rows * D));
+  const auto score = scratch.Take<float>(size_t(block_rows * len));
+  const auto acc = scratch.Take<float>(q.size());
+  const auto vblk = scratch.Take<float>(size_t(kTokenBlock * D));
+  const auto ks = scratch.Take<float>(size_t(kTokenBlock)), kz = scratch.Take<float>(size_t(kTokenBlock));  // int8 keys: per-token s, z of a block
   // Value blocks read as codes (see pass 2): per-(row, group) scales and zeros of a
   // block, the scale-folded weights [rows][tokens][groups] and the zero sums.
   const int64_t ng = io.value_params;
   const bool fold_values = ng > 0 && a.value_group % 16 == 0 && D % 16 == 0;
-  std::vector<float> bs(static_cast<size_t>(kTokenBlock * ng)), bz(bs.size());
-  std::vector<float> wq(static_cast<size_t>(block_rows * ng * kTokenBlock));
-  std::vector<float> zsum(static_cast<size_t>(block_rows * ng));
+  const auto bs = scratch.Take<float>(size_t(kTokenBlock * ng)), bz = scratch.Take<float>(bs.size());
+  const auto wq = scratch.Take<float>(size_t(block_rows * ng * kTokenBlock));
+  const auto zsum = scratch.Take<float>(size_t(block_rows * ng));
   float* part = job->partials.data() + size_t((bh * job->slices + slice) * rows) * size_t(D + 2);
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
     const int64_t nr = std::min(kRowBlock, rows - r0);
@@ -1241,7 +1334,7 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
     }
     if (a.quantize_query) {
       for (int64_t rr = 0; rr < nr; ++rr) {
-        qcsum[size_t(rr)] = QuantizeQueryRow(q.data() + rr * D, D, qcode.data() + rr * D, &qscale[size_t(rr)]);
+        qcsum[size_t(rr)] = Ops::QuantizeQuery(q.data() + rr * D, D, qcode.data() + rr * D, &qscale[size_t(rr)]);
       }
       if (qint4) {
         const int64_t ng = io.key_params_per_token;
@@ -1256,7 +1349,7 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       }
     }
     if (!a.key_per_channel && io.key_params_per_token == 1) {  // int8 keys: z * sum(q)
-      qsum.assign(size_t(nr), 0.0f);
+      std::fill(qsum.begin(), qsum.begin() + nr, 0.0f);
       for (int64_t rr = 0; rr < nr; ++rr) {
         if (a.quantize_query) {  // the rounded row's sum, from its integer codes
           qsum[size_t(rr)] = qscale[size_t(rr)] * float(qcsum[size_t(rr)]);
@@ -1422,6 +1515,57 @@ void MergeSlices(void* data, size_t index) {
 
 // Copies the past cache into the present one (unless they share a buffer) and
 // quantizes the F flushed tokens; one (batch, kv head) per call.
+#ifdef TOOLKIT_KV_AVX2
+// One per-token group of WritePresent, 8 channels at a time: the same float32
+// operations as the scalar path (the range, AsymmetricParams, IEEE division and
+// round-half-to-even of SymmetricCode / AsymmetricCode), so the same codes, scale
+// and zero. G is a multiple of 8; zero is null when symmetric.
+TOOLKIT_AVX2 void QuantizeGroupAvx2(const float* x, int64_t G, bool symmetric, int bits, uint16_t* scale,
+                                    uint16_t* zero, uint8_t* codes) {
+  float s = 0.0f, z = 0.0f;
+  if (symmetric) {
+    // max(m, amax) keeps amax where |x| is NaN, as std::max(amax, |x|) does.
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 amax = _mm256_setzero_ps();
+    for (int64_t i = 0; i < G; i += 8) amax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask), amax);
+    *scale = FloatToHalf(HorizontalMax(amax) / 127.0f);
+    s = HalfToFloat(*scale);
+  } else {
+    // Lanes start at x[0]: a NaN there stays (min(x, NaN) returns the NaN operand),
+    // a NaN elsewhere is skipped, as std::min / std::max from x[0] do.
+    __m256 mn = _mm256_set1_ps(x[0]), mx = mn;
+    for (int64_t i = 0; i < G; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + i);
+      mn = _mm256_min_ps(v, mn), mx = _mm256_max_ps(v, mx);
+    }
+    alignas(32) float lo[8], hi[8];
+    _mm256_store_ps(lo, mn), _mm256_store_ps(hi, mx);
+    float a = lo[0], b = hi[0];
+    for (int l = 1; l < 8; ++l) a = std::min(a, lo[l]), b = std::max(b, hi[l]);
+    AsymmetricParams(a, b, bits, scale, zero);
+    s = HalfToFloat(*scale), z = HalfToFloat(*zero);
+  }
+  if (!(s > 0.0f)) {  // the scalar rules' all-zero group
+    std::memset(codes, symmetric ? 128 : 0, size_t(G));
+    return;
+  }
+  const __m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps(z);
+  const __m256 lo = _mm256_set1_ps(symmetric ? -127.0f : 0.0f);
+  const __m256 hi = _mm256_set1_ps(symmetric ? 127.0f : float((1 << bits) - 1));
+  const __m256i offset = _mm256_set1_epi32(symmetric ? 128 : 0);
+  for (int64_t i = 0; i < G; i += 8) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    if (!symmetric) v = _mm256_sub_ps(v, zv);
+    const __m256 r = _mm256_round_ps(_mm256_div_ps(v, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // NaN -> the lower bound, as the scalar clamps do (q >= lo is false for NaN).
+    const __m256 c = _mm256_blendv_ps(lo, _mm256_min_ps(r, hi), _mm256_cmp_ps(r, lo, _CMP_GE_OQ));
+    const __m256i ci = _mm256_add_epi32(_mm256_cvtps_epi32(c), offset);
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(ci), _mm256_extracti128_si256(ci, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(w, w));
+  }
+}
+#endif
+
 void WritePresent(void* data, size_t index) {
   Job* job = static_cast<Job*>(data);
   try {
@@ -1472,6 +1616,13 @@ void WritePresent(void* data, size_t index) {
     auto per_token = [&](const float* x, int64_t G, uint16_t* s_out, uint16_t* z_out, uint8_t* q_out) {
       for (int64_t g = 0; g < D / G; ++g) {
         const float* xg = x + g * G;
+#ifdef TOOLKIT_KV_AVX2
+        if (job->avx2 && G % 8 == 0) {  // (G % 8 == 0 whenever the AVX2 path is taken)
+          QuantizeGroupAvx2(xg, G, a.symmetric, bits, &s_out[g], a.symmetric ? nullptr : &z_out[g],
+                            codes.data() + g * G);
+          continue;
+        }
+#endif
         if (a.symmetric) {
           float amax = 0.0f;
           for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::fabs(xg[i]));
