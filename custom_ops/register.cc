@@ -40,6 +40,7 @@ const OrtCustomOp* const kOps[] = {
     new SampleOp(Provider::kCuda, kF16),  // SampleTopKTopP, CUDA, float16
     new LowRankOp(Provider::kCuda, kF32),  // LowRankMatMul, CUDA, float32 weights
     new LowRankOp(Provider::kCuda, kF16),  // LowRankMatMul, CUDA, float16 weights
+    new LowRankOp(Provider::kCuda, kI8),   // LowRankMatMul, CUDA, int8 weights + column scales
     new KvOp(Provider::kCuda),  // QuantKVAttention, CUDA, float32
 #endif
 };

@@ -17,8 +17,9 @@
 // float32) is a fused multiply-add chain over the reduction axis in ascending
 // order, starting at 0, then (int8) multiplied by its column's scale; the bias is
 // added last. The CPU result therefore does not depend on the thread count, the
-// row blocking or the SIMD path (AVX2 or scalar std::fma). The CUDA provider has
-// float32 and float16 kernels only: int8 nodes run on the CPU.
+// row blocking or the SIMD path (AVX2 or scalar std::fma). The CUDA kernels keep
+// the same order (one fmaf chain per element, then the scale, then the bias) for
+// float32, float16 and int8 weights.
 //
 // This is the operator the `low-rank` pass (passes/low_rank.py) writes for a
 // MatMul(+Add) whose weight W [K, N] it factored as W ~ U · V by truncated SVD.

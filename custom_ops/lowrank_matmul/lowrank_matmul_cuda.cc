@@ -14,8 +14,9 @@ OrtStatus* ComputeCuda(const Attributes& /*attrs*/, OrtKernelContext* context) {
     if (OrtStatus* st = PrepareIo(context, &io)) return st;
     if (io.M == 0) return nullptr;
     Ort::KernelContext ctx(context);
-    const int err = LaunchCuda(io.x, io.U, io.V, io.bias, io.fp16, io.M, io.K, io.r, io.N, io.y,
-                               ctx.GetGPUComputeStream());
+    const WeightType type = io.int8 ? WeightType::kInt8 : io.fp16 ? WeightType::kFloat16 : WeightType::kFloat32;
+    const int err = LaunchCuda(io.x, io.U, io.V, io.bias, type, io.u_scale, io.v_scale, io.M, io.K, io.r, io.N,
+                               io.y, ctx.GetGPUComputeStream());
     if (err != 0) {
       return MakeStatus(ORT_RUNTIME_EXCEPTION, std::string(kOpName) + ": CUDA kernel failed for input 'x' of shape " +
                                                    ShapeToString(io.x_shape) + " (r = " + std::to_string(io.r) +
