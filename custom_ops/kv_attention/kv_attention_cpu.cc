@@ -1605,11 +1605,16 @@ void WritePresent(void* data, size_t index) {
     auto fp_key = [&](int64_t i) { return FpRow(io, io.key_res, io.key, b, h, N + i); };
     auto fp_value = [&](int64_t i) { return FpRow(io, io.value_res, io.value, b, h, N + i); };
     std::vector<uint8_t> codes(static_cast<size_t>(D));
-    auto pack_row = [&](uint8_t* dst) {
-      for (int64_t j = 0; j < rb; ++j) {
-        uint8_t byte = 0;
-        for (int i = 0; i < per; ++i) byte = uint8_t(byte | (codes[size_t(j * per + i)] << (i * bits)));
-        dst[j] = byte;
+    auto pack_row = [&](uint8_t* dst) {  // per-width loops with constant shifts (they vectorise)
+      const uint8_t* c = codes.data();
+      if (per == 1) {
+        std::memcpy(dst, c, size_t(rb));
+      } else if (per == 2) {
+        for (int64_t j = 0; j < rb; ++j) dst[j] = uint8_t(c[2 * j] | (c[2 * j + 1] << 4));
+      } else {
+        for (int64_t j = 0; j < rb; ++j) {
+          dst[j] = uint8_t(c[4 * j] | (c[4 * j + 1] << 2) | (c[4 * j + 2] << 4) | (c[4 * j + 3] << 6));
+        }
       }
     };
     // Per-token groups (values always; keys unless per channel).
