@@ -50,7 +50,9 @@ class KVCacheOptions(PassOptions):
     group: int = dataclasses.field(
         default=32, metadata={"help": "group size G: tokens per key group (KIVI), channels per value group"})
     residual: int = dataclasses.field(
-        default=128, metadata={"help": "full-precision residual window R of the KIVI schemes (multiple of G)"})
+        default=-1, metadata={"help": "full-precision residual window R: recent tokens kept unquantized, "
+                                      "quantized when the window fills; -1: the scheme's default (128 for "
+                                      "int4 and KIVI, none for int8); KIVI needs a multiple of G"})
     quantize_query: bool = dataclasses.field(
         default=False, metadata={"help": "round the query to int8 per row (QuantKVAttention quantize_query=1): "
                                          "integer QK dot products for int8 keys on CPU; not on CUDA or --portable"})
@@ -65,7 +67,11 @@ class KVCacheOptions(PassOptions):
         if self.group not in (8, 16, 32, 64, 128):
             raise PassError(f"kv-cache: group={self.group} is not supported",
                             hint="use --kv-group 32, 64 or 128 (KIVI's sizes; 8 and 16 for small heads)")
-        if self.scheme.startswith("kivi") and (self.residual < self.group or self.residual % self.group):
+        if self.residual < -1:
+            raise PassError(f"kv-cache: residual={self.residual} must be >= 0 (or -1 for the scheme's default)",
+                            hint="e.g. --kv-residual 128")
+        if self.scheme.startswith("kivi") and self.residual != -1 and (
+                self.residual < self.group or self.residual % self.group):
             raise PassError(f"kv-cache: residual={self.residual} must be a positive multiple of group={self.group}",
                             hint="e.g. --kv-group 32 --kv-residual 128")
         if self.capacity < 0 or (self.capacity and self.scheme.startswith("kivi") and self.capacity % self.group):
@@ -265,7 +271,8 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
                         hint="re-export with `toolkit export`")
     batch, kv_heads, head_dim = shape[0], shape[1], shape[3]
     try:
-        scheme = kv_quant.scheme_for(options.scheme, head_dim, options.group, options.residual,
+        scheme = kv_quant.scheme_for(options.scheme, head_dim, options.group,
+                                     None if options.residual == -1 else options.residual,
                                      quantize_query=options.quantize_query)
     except ValueError as err:
         raise PassError(f"kv-cache: {err}", hint="choose another --kv-group / --kv-residual") from None

@@ -91,7 +91,8 @@ def test_rewrite_is_exact_while_nothing_is_quantized(exported, family):
 @pytest.mark.parametrize("scheme", ["int8", "kivi4", "kivi2"])
 def test_quantized_decode_moves_but_stays_close(exported, family, scheme):
     _, path = exported(family)
-    model, _ = convert(path, scheme, group=8, residual=8)
+    # int8 as its preset (no residual window: every past token quantized); KIVI with R = 8
+    model, _ = convert(path, scheme, group=8, residual=8 if scheme.startswith("kivi") else -1)
     ids, mask = prompts(length=20)
     ref, _ = run_steps(decoder(path), ids, mask, steps=12)
     got, past = run_steps(decoder(model), ids, mask, steps=12)
@@ -152,7 +153,7 @@ def test_fixed_capacity_model_matches_the_growing_cache_bit_for_bit(exported, fa
     assert [d.dim_value for d in inputs["past_key_values.lengths"].type.tensor_type.shape.dim] == [2]
     assert "present.lengths" in [o.name for o in cap.graph.output]
     meta = json.loads({p.key: p.value for p in cap.metadata_props}["toolkit.kv_quant"])
-    assert meta["capacity"] == 48 and meta["residual_slots"] == (7 if scheme == "kivi2" else 0)
+    assert meta["capacity"] == 48 and meta["residual_slots"] == 7  # R = 8 for every scheme, int8 included
 
     ids, mask = prompts(length=20)
     ref, past_grow = run_steps(decoder(grow), ids, mask, steps=12)
@@ -201,7 +202,7 @@ def test_portable_refuses_the_int8_query(exported):
 
 def test_fixed_capacity_overflow_is_a_named_error(exported):
     _, path = exported("llama")
-    cap, _ = convert(path, "int8", capacity=16)
+    cap, _ = convert(path, "int8", residual=0, capacity=16)  # no residual slots: 20 tokens overflow 16
     ids, mask = prompts(length=20)
     with pytest.raises(Exception, match="cache is full.*allocate a larger cache"):
         run_steps(decoder(cap), ids, mask, steps=0)
@@ -254,6 +255,33 @@ def test_bad_options_are_explained(options, fragment):
     with pytest.raises(PassError) as err:
         get_pass("kv-cache").make_options(options)
     assert fragment in str(err.value)
+
+
+def test_residual_window_applies_to_every_scheme(exported):
+    """--kv-residual R keeps R recent tokens unquantized for the per-token presets too;
+    left out (-1), each preset has its own window: 128 for int4 and KIVI, none for int8."""
+    _, path = exported("llama")
+    for scheme, residual, expected in [("int4", -1, 128), ("int4", 0, 0), ("int4", 16, 16), ("int8", -1, 0), ("int8", 8, 8),
+                                       ("kivi4", -1, 128), ("kivi4", 16, 16)]:
+        model, _ = convert(path, scheme, group=8, residual=residual)
+        attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                 for n in model.graph.node if n.op_type == "QuantKVAttention"]
+        assert attrs and all(a["residual"] == expected for a in attrs), (scheme, residual, attrs[0])
+    with pytest.raises(PassError, match="residual=-2"):
+        convert(path, "int8", residual=-2)
+
+
+def test_kv_residual_flag_reaches_the_pass():
+    import argparse
+
+    from toolkit.commands import convert as convert_cmd
+
+    parser = argparse.ArgumentParser()
+    convert_cmd.register(parser)
+    base = ["llama", "-o", "x", "--kv-cache", "int4"]
+    assert convert_cmd._pass_selection(parser.parse_args(base))[1]["kv-cache"]["residual"] == "-1"
+    got = convert_cmd._pass_selection(parser.parse_args(base + ["--kv-residual", "64"]))[1]["kv-cache"]["residual"]
+    assert got == "64"
 
 
 def test_channel_groups_are_capped_at_the_head_dim(exported):

@@ -6,12 +6,13 @@ process, all with IOBinding (inputs bound once, outputs preallocated):
 
 * ``ours_<scheme>``: ``com.toolkit::QuantKVAttention`` (``custom_ops/kv_attention``)
   with the schemes of ``toolkit.ops.kv_quant.scheme_for``: ``int8`` (symmetric, per
-  token), ``int4`` (per token, groups of 32 channels), ``kivi4`` / ``kivi2`` (KIVI:
-  keys per channel in groups of 32 tokens, values per token, residual window 128);
+  token, no residual window, as GQA), ``int4`` (per token, groups of 32 channels,
+  residual window 128), ``kivi4`` / ``kivi2`` (KIVI: keys per channel in groups of
+  32 tokens, values per token, residual window 128);
   a ``-q8`` suffix (``int8-q8``, ``int4-q8``) adds the int8 query
   (``quantize_query=1``: integer QK dot products), checked against attention with
   the rounded query. The past is random keys/values of length ``L`` quantized by the NumPy reference;
-  for KIVI ``L - 64`` tokens are quantized and 64 sit in the full-precision
+  with a residual window (int4, KIVI) ``L - 64`` tokens are quantized and 64 sit in the full-precision
   residual (half a window: what a decoder sees on average). ``attn_bias`` is
   absent (the op's causal default; at S = 1 the token sees every position), which
   is how ``passes/kv_cache.py`` emits it for unpadded batches. The cache is the
@@ -69,7 +70,7 @@ DEFAULT_THREADS = (1, 2)
 DEFAULT_SCHEMES = ("int8", "int8-q8", "int4", "int4-q8", "kivi4", "kivi2")
 DEFAULT_GROWING = ("int8",)  # schemes also timed with the growing cache (a copied present)
 DEFAULT_GQA_QUANT = ("per_channel", "per_tensor")
-KIVI_RESIDUAL_TOKENS = 64  # residual tokens in the past of the KIVI schemes (window 128)
+RESIDUAL_PAST_TOKENS = 64  # residual tokens in the past of the schemes with a window (int4, KIVI)
 GROUP = 32                 # channel group (int4) and key token group (KIVI)
 RESIDUAL = 128
 FULL_PROTOCOL_MAX_TOKENS = 4096  # points with B * L above this use the time budget below
@@ -198,7 +199,7 @@ def _our_cache(keys: np.ndarray, values: np.ndarray, scheme: Any) -> dict[str, n
     from toolkit.ops import kv_quant as kq
 
     past = keys.shape[2] - 1
-    n = past if scheme.residual == 0 else max(past - KIVI_RESIDUAL_TOKENS, 0)
+    n = past if scheme.residual == 0 else max(past - RESIDUAL_PAST_TOKENS, 0)
     if scheme.key_per_channel:
         n -= n % scheme.key_group
     cache = kq.empty_cache(keys.shape[0], keys.shape[1], keys.shape[3], scheme)
@@ -379,7 +380,9 @@ def _ours(name: str, data: dict[str, Any], threads: int, shape: Shape, in_place:
     """
     from toolkit.ops import kv_quant as kq
 
-    scheme = kq.scheme_for(name, shape.head_dim, group=GROUP, residual=RESIDUAL)
+    # (int8 keeps no residual window, as GQA keeps none; int4 and KIVI keep RESIDUAL)
+    scheme = kq.scheme_for(name, shape.head_dim, group=GROUP,
+                           residual=None if _base_scheme(name).startswith("int8") else RESIDUAL)
     cache = _memo(data, name, lambda: _our_cache(data["keys"], data["values"], scheme))
     session = _session(kq.single_op_model(scheme, with_bias=False, capacity=in_place).SerializeToString(), threads)
     past = data["keys"].shape[2] - 1
@@ -744,7 +747,7 @@ def run(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, threads=DEFAULT_THRE
             "cache": "hot: the same buffers every call (working sets from below the L3 to ~1 GB)",
             "pinning": "none (OS scheduling; intra-op threads as stated, inter-op 1)",
             "statistic": "median and p90 of per-call wall time, includes the ORT Run() overhead",
-            "decode": "S=1; ours: attn_bias absent (causal default); KIVI past = L-64 quantized + 64 residual",
+            "decode": "S=1; ours: attn_bias absent (causal default); int4 and KIVI past = L-64 quantized + 64 residual (int8: L quantized)",
             "present": "ours_<scheme> and GQA share past/present buffers (present outputs bound to the past "
                        "inputs' OrtValues) and write the new token in place; ours_<scheme>_growing writes a new "
                        "present cache every call (copy of the quantized past + the new token)",

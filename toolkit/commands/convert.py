@@ -39,8 +39,10 @@ def register(parser: argparse.ArgumentParser) -> None:
                         "int8-asym, int4 (per token, groups of --kv-group channels), kivi4 / kivi2 (KIVI: keys per "
                         "channel, values per token, --kv-residual full-precision tokens); changes the cache I/O")
     parser.add_argument("--kv-group", type=int, default=32, metavar="G", help="KV quantization group size (32)")
-    parser.add_argument("--kv-residual", type=int, default=128, metavar="R",
-                        help="full-precision residual window of the KIVI schemes (128)")
+    parser.add_argument("--kv-residual", type=int, default=None, metavar="R",
+                        help="full-precision residual window: the R most recent tokens stay unquantized and "
+                        "are quantized when the window fills (default: 128 for int4 / kivi4 / kivi2, none for "
+                        "int8; 0 turns it off)")
     parser.add_argument("--kv-quantize-query", action="store_true",
                         help="with --kv-cache: round each attention query row to int8 (one scale per row), so the "
                         "CPU kernel scores int8 keys with integer dot products; changes the numerics (check with "
@@ -228,7 +230,8 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
         names = list(DEFAULT_PASSES) if names is None else names
         names.append("kv-cache")
         options.setdefault("kv-cache", {}).update(
-            scheme=args.kv_cache, group=str(args.kv_group), residual=str(args.kv_residual),
+            scheme=args.kv_cache, group=str(args.kv_group),
+            residual=str(-1 if args.kv_residual is None else args.kv_residual),
             capacity=str(args.kv_capacity), quantize_query=str(bool(getattr(args, "kv_quantize_query", False))))
     for flag, option in (("rank_ratio", "rank_ratio"), ("energy", "energy"), ("param_budget", "param_budget")):
         if getattr(args, flag, None) is not None:

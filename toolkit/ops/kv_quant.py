@@ -151,28 +151,38 @@ PRESETS = ("int8", "int8-asym", "int4", "kivi4", "kivi2")
 QUERY_INT8_SUFFIX = "-q8"  # a preset name + this suffix: the same scheme with quantize_query
 
 
-def scheme_for(name: str, head_dim: int, group: int = 32, residual: int = 128,
+# The residual window of the 4- and 2-bit presets when none is given (int8 keeps
+# none): on llama-stdlib, int4 per token without it misses the kv-int4 parity gate
+# (one greedy flip in the 6-step decode) and passes with it (README, KV section).
+LOW_BIT_RESIDUAL = 128
+
+
+def scheme_for(name: str, head_dim: int, group: int = 32, residual: int | None = None,
                quantize_query: bool = False) -> KVScheme:
     """The scheme of a ``--kv-cache`` name for a model with ``head_dim``.
 
     ``int8``: symmetric per token (one scale per head and token). ``int8-asym``:
     asymmetric per token. ``int4``: asymmetric per token in groups of ``group``
-    channels (no residual). ``kivi4`` / ``kivi2``: KIVI keys per channel in groups
-    of ``group`` tokens, values per token in groups of ``min(group, head_dim)``
-    channels, ``residual`` full-precision tokens. ``quantize_query`` (or the name
-    suffix ``-q8``, e.g. ``int8-q8``): the query is rounded to int8 per row.
+    channels. ``kivi4`` / ``kivi2``: KIVI keys per channel in groups of ``group``
+    tokens, values per token in groups of ``min(group, head_dim)`` channels.
+    ``residual``: full-precision recent tokens, quantized when the window fills;
+    None gives each preset its own (``LOW_BIT_RESIDUAL`` for int4 and KIVI, none
+    for int8). ``quantize_query`` (or the name suffix ``-q8``, e.g.
+    ``int8-q8``): the query is rounded to int8 per row.
     """
     if name.endswith(QUERY_INT8_SUFFIX):
         name, quantize_query = name.removesuffix(QUERY_INT8_SUFFIX), True
     g_ch = min(group, head_dim)
+    r8 = 0 if residual is None else residual
+    r_low = LOW_BIT_RESIDUAL if residual is None else residual
     if name == "int8":
-        s = KVScheme(8, False, head_dim, head_dim, 0, symmetric=True)
+        s = KVScheme(8, False, head_dim, head_dim, r8, symmetric=True)
     elif name == "int8-asym":
-        s = KVScheme(8, False, head_dim, head_dim, 0)
+        s = KVScheme(8, False, head_dim, head_dim, r8)
     elif name == "int4":
-        s = KVScheme(4, False, g_ch, g_ch, 0)
+        s = KVScheme(4, False, g_ch, g_ch, r_low)
     elif name in ("kivi4", "kivi2"):
-        s = KVScheme(4 if name == "kivi4" else 2, True, group, g_ch, residual)
+        s = KVScheme(4 if name == "kivi4" else 2, True, group, g_ch, r_low)
     else:
         raise ValueError(f"unknown KV cache scheme {name!r}: use one of {', '.join(PRESETS)}")
     if quantize_query:
