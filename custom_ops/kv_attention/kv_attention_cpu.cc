@@ -292,7 +292,6 @@ struct QueryInt8 {
 // AVX2 kernels agree bit for bit.
 inline float IntDotValue(const QueryInt8& q, int64_t r, int32_t dot) { return q.scale[r] * float(dot); }
 
-// Portable row operations; the AVX2 set below has the same interface.
 // quantize_query=1: rounds a scaled query row to int8 in place (toolkit/ops/kv_quant.py:
 // quantize_query): a = max |q|, c = round(q 127 / a) in [-127, 127], q' = c (a / 127).
 // Writes the codes and the scale a / 127, returns sum(c). A row of zeros stays zero; a
@@ -322,6 +321,7 @@ inline int32_t QuantizeQueryRow(float* q, int64_t D, int8_t* codes, float* scale
   return sum;
 }
 
+// Portable row operations; the AVX2 set below has the same interface.
 struct ScalarOps {
   static inline int32_t QuantizeQuery(float* q, int64_t D, int8_t* codes, float* scale) {
     return QuantizeQueryRow(q, D, codes, scale);
@@ -486,8 +486,8 @@ struct Avx2Ops {
       ok = _mm256_and_ps(ok, _mm256_cmp_ps(m, big, _CMP_LE_OQ));  // false for inf and NaN
       amax = _mm256_max_ps(amax, m);
     }
-    if (_mm256_movemask_ps(ok) != 0xff || HorizontalMax(amax) == 0.0f) return QuantizeQueryRow(q, D, codes, scale);
     const float a = HorizontalMax(amax);
+    if (_mm256_movemask_ps(ok) != 0xff || a == 0.0f) return QuantizeQueryRow(q, D, codes, scale);  // (its rules)
     const __m256 inv = _mm256_set1_ps(127.0f / a), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
     *scale = a / 127.0f;
     const __m256 sv = _mm256_set1_ps(*scale);
