@@ -1513,8 +1513,6 @@ void MergeSlices(void* data, size_t index) {
 
 // ---------------------------------------------------------------- present cache
 
-// Copies the past cache into the present one (unless they share a buffer) and
-// quantizes the F flushed tokens; one (batch, kv head) per call.
 #ifdef TOOLKIT_KV_AVX2
 // One per-token group of WritePresent, 8 channels at a time: the same float32
 // operations as the scalar path (the range, AsymmetricParams, IEEE division and
@@ -1545,7 +1543,7 @@ TOOLKIT_AVX2 void QuantizeGroupAvx2(const float* x, int64_t G, bool symmetric, i
     AsymmetricParams(a, b, bits, scale, zero);
     s = HalfToFloat(*scale), z = HalfToFloat(*zero);
   }
-  if (!(s > 0.0f)) {  // the scalar rules' all-zero group
+  if (!(s > 0.0f)) {  // a zero or NaN scale: the scalar rules' fixed code
     std::memset(codes, symmetric ? 128 : 0, size_t(G));
     return;
   }
@@ -1566,6 +1564,8 @@ TOOLKIT_AVX2 void QuantizeGroupAvx2(const float* x, int64_t G, bool symmetric, i
 }
 #endif
 
+// Copies the past cache into the present one (unless they share a buffer) and
+// quantizes the F flushed tokens; one (batch, kv head) per call.
 void WritePresent(void* data, size_t index) {
   Job* job = static_cast<Job*>(data);
   try {
