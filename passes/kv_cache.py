@@ -55,7 +55,7 @@ class KVCacheOptions(PassOptions):
                                       "int4 and KIVI, none for int8); KIVI needs a multiple of G"})
     quantize_query: bool = dataclasses.field(
         default=False, metadata={"help": "round the query to int8 per row (QuantKVAttention quantize_query=1): "
-                                         "integer QK dot products for int8 keys on CPU; not on CUDA or --portable"})
+                                         "integer QK dot products for int8 keys on CPU; not with --portable"})
     capacity: int = dataclasses.field(
         default=0, metadata={"help": "fixed cache capacity in tokens (0: the cache grows every step); the "
                                      "cache tensors keep their shape and a host can update them in place"})

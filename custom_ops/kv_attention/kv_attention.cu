@@ -112,10 +112,37 @@ __host__ __device__ __forceinline__ int64_t AttendSmemFloats(int64_t D) {
          + kTileRows;           // per-row rescale factor of the tile
 }
 
+// quantize_query=1: one scaled query row (in shared memory) rounded to int8 by one
+// warp, with the CPU kernel's float32 operations (QuantizeQueryRow: a = max |q|,
+// round-half-to-even of q * (127 / a), clamp, times a / 127; a row holding inf or
+// NaN becomes NaN, a zero row stays zero), so both providers attend with the same
+// rounded query.
+__device__ void RoundQueryRowWarp(float* qr, int64_t D, int lane) {
+  float amax = 0.0f;
+  int finite = 1;
+  for (int64_t d = lane; d < D; d += 32) {
+    const float m = fabsf(qr[d]);
+    finite &= int(m <= 3.402823466e38f);  // false for inf and NaN
+    amax = fmaxf(amax, m);
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    finite &= __shfl_xor_sync(0xffffffffu, finite, off);
+  }
+  if (!finite || amax == 0.0f) {
+    const float v = finite ? 0.0f : __int_as_float(0x7fc00000);
+    for (int64_t d = lane; d < D; d += 32) qr[d] = v;
+    return;
+  }
+  const float inv = 127.0f / amax, scale = amax / 127.0f;
+  for (int64_t d = lane; d < D; d += 32) qr[d] = fminf(127.0f, fmaxf(-127.0f, rintf(qr[d] * inv))) * scale;
+}
+
 // Partials [(bh * rows + row) * slices + slice] x {max, sum, acc[D]}.
 __global__ void __launch_bounds__(kThreads) AttendKernel(const Io io, const int bits, const bool key_per_channel,
                                                          const int64_t key_group, const int64_t value_group,
-                                                         const Plan plan, float* __restrict__ partials) {
+                                                         const bool quantize_query, const Plan plan,
+                                                         float* __restrict__ partials) {
   extern __shared__ float smem[];
   const int64_t D = io.D;
   float* q = smem;
@@ -150,6 +177,13 @@ __global__ void __launch_bounds__(kThreads) AttendKernel(const Io io, const int 
   float m[kRowsPerWarp], l[kRowsPerWarp];
   for (int jj = 0; jj < kRowsPerWarp; ++jj) m[jj] = -INFINITY, l[jj] = 0.0f;
   __syncthreads();
+  if (quantize_query) {  // warp w rounds rows w, w + kWarps, ... (the rows it scores)
+    for (int jj = 0; jj < kRowsPerWarp; ++jj) {
+      const int r = warp + jj * kWarps;
+      if (r < nrows) RoundQueryRowWarp(q + r * D, D, lane);  // warp-uniform
+    }
+    __syncthreads();
+  }
 
   for (int64_t t0 = t_begin; t0 < t_end; t0 += kTileK) {
     for (int64_t idx = threadIdx.x; idx < kTileK * D; idx += kThreads) {
@@ -465,7 +499,7 @@ cudaError_t Attend(const Io& io, const Attributes& a, cudaStream_t s) {
                         size_t(merge_blocks * plan.slices * (io.D + 2)) * sizeof(float), s);
   if (err != cudaSuccess) return err;
   AttendKernel<<<unsigned(blocks), kThreads, smem, s>>>(io, int(a.bits), a.key_per_channel != 0, a.key_group,
-                                                        a.value_group, plan, partials);
+                                                        a.value_group, a.quantize_query != 0, plan, partials);
   err = cudaGetLastError();
   if (err == cudaSuccess) {
     MergeKernel<<<unsigned(merge_blocks), kThreads, 0, s>>>(io, plan, partials);
@@ -498,7 +532,7 @@ extern "C" __attribute__((visibility("default"))) int toolkit_quant_kv_attention
   using namespace toolkit::kv_attention;
   Attributes a;
   a.bits = attrs[0], a.key_per_channel = attrs[1], a.key_group = attrs[2], a.value_group = attrs[3];
-  a.residual = attrs[4], a.symmetric = attrs[5], a.scale = scale;
+  a.residual = attrs[4], a.symmetric = attrs[5], a.quantize_query = attrs[6], a.scale = scale;
   Io io;
   io.B = dims[0], io.Hq = dims[1], io.Hkv = dims[2], io.S = dims[3], io.D = dims[4], io.N = dims[5], io.r = dims[6];
   io.bias_batch = dims[7];

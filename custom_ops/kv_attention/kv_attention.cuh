@@ -23,7 +23,8 @@ const char* CudaErrorString(int code);
 
 // C entry point for ctypes / torch harnesses (all pointers are device pointers).
 //   dims:    B, Hq, Hkv, S, D, N, r, bias_batch (0: no bias, 1: broadcast, B)
-//   attrs:   bits, key_per_channel, key_group, value_group, residual, symmetric
+//   attrs:   bits, key_per_channel, key_group, value_group, residual, symmetric,
+//            quantize_query
 //   scale:   0 = 1/sqrt(D)
 //   inputs:  the 12 inputs in op order (absent optional ones null)
 //   outputs: the 9 outputs in op order (present zeros null when symmetric), sized

@@ -17,11 +17,6 @@ OrtStatus* ComputeCuda(const Attributes& attrs, OrtKernelContext* context) {
                         std::string(kOpName) + ": input 'cache_lengths' (the fixed-capacity cache) is implemented "
                                                "by the CPU kernel only; on CUDA leave it out (growing cache)");
     }
-    if (attrs.quantize_query) {
-      return MakeStatus(ORT_NOT_IMPLEMENTED,
-                        std::string(kOpName) + ": attribute quantize_query=1 (int8 query) is implemented by the "
-                                               "CPU kernel only; on CUDA convert without --kv-quantize-query");
-    }
     Ort::KernelContext ctx(context);
     const int err = LaunchCuda(io, attrs, ctx.GetGPUComputeStream());
     if (err != 0) {

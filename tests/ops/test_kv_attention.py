@@ -590,8 +590,9 @@ def _cuda_ctypes_runner(scheme, with_bias=True, scale=0.0):
         if scheme.symmetric:
             outs["key_zero"] = outs["value_zero"] = None
         dims = (ctypes.c_int64 * 8)(b, hq, hkv, s_len, d, n, r, 0 if bias is None else bias.shape[0])
-        attrs = (ctypes.c_int64 * 6)(scheme.bits, int(scheme.key_per_channel), scheme.key_group,
-                                     scheme.value_group, scheme.residual, int(scheme.symmetric))
+        attrs = (ctypes.c_int64 * 7)(scheme.bits, int(scheme.key_per_channel), scheme.key_group,
+                                     scheme.value_group, scheme.residual, int(scheme.symmetric),
+                                     int(scheme.quantize_query))
         ins = (ctypes.c_void_p * 12)(*[t.data_ptr() if t is not None and t.numel() else None for t in dev])
         outp = (ctypes.c_void_p * 9)(*[t.data_ptr() if t is not None and t.numel() else None
                                        for t in outs.values()])
@@ -629,8 +630,9 @@ def _drive_cuda(runner, scheme, batch, hq, hkv, d, steps, with_bias=True, pad=No
     return cache_op
 
 
-# The CUDA kernel keeps the float query (quantize_query=1 is refused, see below).
-CUDA_SCHEMES = [n for n, s in SCHEMES.items() if not s.quantize_query]
+# Every scheme, the int8-query ones included (the CUDA kernel rounds the query as the
+# CPU kernel does and scores with float dot products).
+CUDA_SCHEMES = list(SCHEMES)
 
 
 @pytest.mark.gpu
@@ -676,11 +678,23 @@ def test_cuda_large_head_dim_and_gqa(runner, d):
 
 
 @pytest.mark.gpu
-def test_cuda_refuses_the_int8_query():
-    run = _cuda_ep_runner(SCHEMES["int8-q8"], with_bias=False)
-    q, k, v = step_inputs(np.random.default_rng(0), 1, 4, 2, 3, 32)
-    with pytest.raises(Exception, match="quantize_query=1.*CPU kernel only"):
-        run(q, k, v, kq.empty_cache(1, 2, 32, SCHEMES["int8-q8"]), None)
+@pytest.mark.parametrize("runner", list(CUDA_RUNNERS))
+def test_cuda_int8_query_rounding_is_applied(runner):
+    # As test_int8_query_rounding_is_applied: the CUDA output matches the reference
+    # with the rounded query (checked inside _drive_cuda) and is farther than the
+    # tolerance from the float-query one, within a query quantization step of it.
+    scheme, plain = SCHEMES["int8-q8"], kq.KVScheme(8, False, 32, 32, 0, symmetric=True)
+    run = CUDA_RUNNERS[runner](scheme, with_bias=True)
+    rng = np.random.default_rng(7)
+    cache, cache_plain, past, worst = kq.empty_cache(1, 2, 64, scheme), kq.empty_cache(1, 2, 64, plain), 0, 0.0
+    for s_len in [50, 1, 1]:
+        q, k, v = step_inputs(rng, 1, 4, 2, s_len, 64)
+        bias = causal_bias(1, s_len, past, None)
+        out, cache = run(q, k, v, cache, bias)
+        ref, cache_plain = kq.attention(q, k, v, cache_plain, plain, bias)
+        worst = max(worst, float(np.abs(out - ref).max()))
+        past += s_len
+    assert 10 * OUT_ATOL < worst < 0.05, worst
 
 
 @pytest.mark.gpu

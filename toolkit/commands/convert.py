@@ -46,7 +46,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-quantize-query", action="store_true",
                         help="with --kv-cache: round each attention query row to int8 (one scale per row), so the "
                         "CPU kernel scores int8 keys with integer dot products; changes the numerics (check with "
-                        "the conversion's parity report); CPU only, not with --portable")
+                        "the conversion's parity report); not with --portable")
     parser.add_argument("--kv-capacity", type=int, default=0, metavar="TOKENS",
                         help="fixed-capacity quantized cache of TOKENS quantized slots (plus R-1 residual "
                         "slots): the cache tensors keep their shape, the lengths travel as "

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         c.print(f"  fixed capacity: {kv['capacity']:,} quantized tokens per sequence, updated in place "
                 f"({int(kv['capacity'] * kv['bytes_per_token']):,} bytes + the residual window allocated per sequence)")
     if kv.get("quantize_query"):
-        c.print("  int8 query (quantize_query=1): integer QK dot products on CPU; not runnable on the CUDA kernel")
+        c.print("  int8 query (quantize_query=1): integer QK dot products on CPU, the rounded query on CUDA")
     c.print(f"custom ops: {', '.join(info['custom_ops']) or 'none'}")
     io = Table(title="inputs / outputs")
     for col in ("kind", "name", "dtype", "shape"):
