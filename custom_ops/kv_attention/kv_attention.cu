@@ -135,7 +135,7 @@ __device__ void RoundQueryRowWarp(float* qr, int64_t D, int lane) {
     return;
   }
   const float inv = 127.0f / amax, scale = amax / 127.0f;
-  for (int64_t d = lane; d < D; d += 32) qr[d] = fminf(127.0f, fmaxf(-127.0f, rintf(qr[d] * inv))) * scale;
+  for (int64_t d = lane; d < D; d += 32) qr[d] = QueryCode(qr[d], inv) * scale;
 }
 
 // Partials [(bh * rows + row) * slices + slice] x {max, sum, acc[D]}.

@@ -313,7 +313,7 @@ inline int32_t QuantizeQueryRow(float* q, int64_t D, int8_t* codes, float* scale
   const float inv = 127.0f / amax;
   *scale = amax / 127.0f;
   for (int64_t d = 0; d < D; ++d) {
-    const float c = std::min(127.0f, std::max(-127.0f, std::nearbyint(q[d] * inv)));
+    const float c = QueryCode(q[d], inv);
     codes[d] = int8_t(c);
     sum += int32_t(c);
     q[d] = c * *scale;
@@ -502,9 +502,7 @@ struct Avx2Ops {
       _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + d), _mm_packs_epi16(w, w));
       _mm256_storeu_ps(q + d, _mm256_mul_ps(c, sv));
     }
-    const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-    const __m128i h2 = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-    return _mm_cvtsi128_si32(_mm_add_epi32(h2, _mm_shuffle_epi32(h2, 0xb1)));
+    return HorizontalSumI32(sum);
   }
   // 8 codes starting at channel d as floats (d a multiple of 8).
   template <int kBits>
@@ -703,10 +701,7 @@ struct Avx2Ops {
       const __m256i k = key(t, d);
       a = Int8Dot32(qrow(r, d), k, _mm256_abs_epi8(k), a);
     }
-    const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
-    const __m128i h2 = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-    const int32_t dot = _mm_cvtsi128_si32(_mm_add_epi32(h2, _mm_shuffle_epi32(h2, 0xb1)));
-    out[r * stride + t] = IntDotValue(q, r, dot + 128 * q.sum[r]);
+    out[r * stride + t] = IntDotValue(q, r, HorizontalSumI32(a) + 128 * q.sum[r]);
   }
   struct Nibbles32 {  // channels d..d+31 of 4-bit token t as bytes: [even channels | odd channels]
     const uint8_t* codes;

@@ -25,6 +25,10 @@ TOOLKIT_HD uint8_t AsymmetricCode(float x, float s, float z, int bits) {
   return uint8_t(q >= levels ? levels : (q >= 0.0f ? q : 0.0f));
 }
 
+// quantize_query=1: the int8 code of one scaled query element, inv = 127 / max |q|
+// of its row (kv_quant.quantize_query: round half to even, clamped to +-127).
+TOOLKIT_HD float QueryCode(float x, float inv) { return fminf(127.0f, fmaxf(-127.0f, rintf(x * inv))); }
+
 TOOLKIT_HD uint8_t SymmetricCode(float x, float s) {
   if (!(s > 0.0f)) return 128;
   const float q = rintf(x / s);

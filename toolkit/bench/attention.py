@@ -72,7 +72,7 @@ DEFAULT_GROWING = ("int8",)  # schemes also timed with the growing cache (a copi
 DEFAULT_GQA_QUANT = ("per_channel", "per_tensor")
 RESIDUAL_PAST_TOKENS = 64  # residual tokens in the past of the schemes with a window (int4, KIVI)
 GROUP = 32                 # channel group (int4) and key token group (KIVI)
-RESIDUAL = 128
+RESIDUAL = 128             # free slots of the fixed-capacity cache: room for a flush of a 128-token window
 FULL_PROTOCOL_MAX_TOKENS = 4096  # points with B * L above this use the time budget below
 TARGET_VS_GQA = 3.0          # ours >= 3x faster than ORT GQA at the same cache bit width
 TARGET_FLOOR_FACTOR = 2.0    # ours within 2x of its own single-read floor
@@ -380,9 +380,9 @@ def _ours(name: str, data: dict[str, Any], threads: int, shape: Shape, in_place:
     """
     from toolkit.ops import kv_quant as kq
 
-    # (int8 keeps no residual window, as GQA keeps none; int4 and KIVI keep RESIDUAL)
-    scheme = kq.scheme_for(name, shape.head_dim, group=GROUP,
-                           residual=None if _base_scheme(name).startswith("int8") else RESIDUAL)
+    # Each preset's own residual window, as `toolkit convert` gives it (int8 none, as
+    # GQA; int4 and KIVI kv_quant.LOW_BIT_RESIDUAL).
+    scheme = kq.scheme_for(name, shape.head_dim, group=GROUP)
     cache = _memo(data, name, lambda: _our_cache(data["keys"], data["values"], scheme))
     session = _session(kq.single_op_model(scheme, with_bias=False, capacity=in_place).SerializeToString(), threads)
     past = data["keys"].shape[2] - 1
