@@ -630,14 +630,9 @@ def _drive_cuda(runner, scheme, batch, hq, hkv, d, steps, with_bias=True, pad=No
     return cache_op
 
 
-# Every scheme, the int8-query ones included (the CUDA kernel rounds the query as the
-# CPU kernel does and scores with float dot products).
-CUDA_SCHEMES = list(SCHEMES)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("runner", list(CUDA_RUNNERS))
-@pytest.mark.parametrize("name", CUDA_SCHEMES)
+@pytest.mark.parametrize("name", list(SCHEMES))  # the int8-query ones included
 @pytest.mark.parametrize("batch,hq,hkv,d", [(1, 4, 2, 32), (2, 2, 2, 64), (1, 8, 1, 32)])
 def test_cuda_prefill_then_decode_matches_reference(runner, name, batch, hq, hkv, d):
     _drive_cuda(runner, SCHEMES[name], batch, hq, hkv, d, steps=[13] + [1] * 20 + [5, 1, 1])

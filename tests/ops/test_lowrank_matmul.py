@@ -280,16 +280,21 @@ def test_cuda_kernel_matches_reference(lead, K, r, N, weight_dtype, with_bias):
     assert_close(y.cpu().numpy().reshape(ref.shape), ref)
 
 
+def _cuda_int8_entry():
+    """ctypes binding of toolkit_lowrank_matmul_cuda_int8 (device pointers)."""
+    fn = ctypes.CDLL(str(ops.library_path())).toolkit_lowrank_matmul_cuda_int8
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_void_p]
+    return fn
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("lead,K,r,N", SHAPES)
 def test_cuda_int8_kernel_matches_reference(lead, K, r, N, with_bias):
     """int8 weights on the GPU: codes times column scales, the same 1e-5 bound."""
     torch = _cuda_torch()
-    lib = ctypes.CDLL(str(ops.library_path()))
-    fn = lib.toolkit_lowrank_matmul_cuda_int8
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_void_p]
+    fn = _cuda_int8_entry()
     feeds, ref = make_int8(lead, K, r, N, with_bias, seed=K + r)
     M = int(np.prod(lead))
     dev = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda() for k, v in feeds.items()}
@@ -305,10 +310,7 @@ def test_cuda_int8_kernel_matches_reference(lead, K, r, N, with_bias):
 @pytest.mark.gpu
 def test_cuda_int8_kernel_rejects_missing_scales():
     torch = _cuda_torch()
-    lib = ctypes.CDLL(str(ops.library_path()))
-    fn = lib.toolkit_lowrank_matmul_cuda_int8
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_void_p]
+    fn = _cuda_int8_entry()
     feeds, _ = make_int8((2,), 8, 4, 6, False, seed=0)
     dev = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda() for k, v in feeds.items()}
     y = torch.empty((2, 6), dtype=torch.float32, device="cuda")
