@@ -296,43 +296,69 @@ __attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t b
 #if defined(__x86_64__) && defined(__GNUC__)
 #define TOOLKIT_HAVE_AVX2_PATH 1
 
-// 2^((x - m) * log2e_t) for 8 logits; kClamp clamps the exponent at -125 (Exp2Poly5's
-// range), needed only when the block holds logits that far below the max.
+// The exponent of a term: u = x a - c in one FMA (a = log2(e) / T, c = fl(m a) for
+// the running max m), with x clamped below at lo (ClampFloor: lo a - c >= -125,
+// Exp2Poly5's range). Against the textbook (x - m) a this saves a subtraction and
+// rounds once instead of twice; the rounding of c is the same for every term, a
+// common factor 2^(m a - c) of the sum that FastScanAvx2 takes out exactly in double
+// (CToMax). The clamp sits on x, before the block max reads it, so the one max
+// serves both; maxps(lo, NaN) keeps the NaN, which then poisons the sum (the
+// caller's NaN / +inf signal) as before.
+TOOLKIT_AVX2 inline __m256 ExpU8(__m256 x, __m256 va, __m256 vnc) { return Exp2Poly5(_mm256_fmadd_ps(x, va, vnc)); }
 template <bool kClamp>
-TOOLKIT_AVX2 inline __m256 ExpTerm8(const float* p, __m256 vm, __m256 va) {
-  __m256 u = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(p), vm), va);
-  if constexpr (kClamp) u = _mm256_max_ps(u, _mm256_set1_ps(-125.0f));
-  return Exp2Poly5(u);
+TOOLKIT_AVX2 inline __m256 ExpTerm8(const float* p, __m256 va, __m256 vnc, __m256 vlo) {
+  __m256 x = _mm256_loadu_ps(p);
+  if constexpr (kClamp) x = _mm256_max_ps(vlo, x);
+  return ExpU8(x, va, vnc);
 }
+
+// The clamp for ExpTerm8 / BlockMaxExpSum: the float lo < m with lo a - c >= -125
+// that is closest to m - 124 / a (terms clamped there add at most 2^-124 each to a
+// sum >= 1). False when no float below m is that close (|m| beyond about 2^30 a):
+// the chunk then takes the exact scalar path.
+inline bool ClampFloor(float m, float a, float c, float* lo) {
+  float v = float(double(m) - 124.0 / double(a));
+  if (!(v < m)) return false;
+  while (double(v) * double(a) - double(c) < -125.0) {
+    v = std::nextafter(v, kInf);
+    if (!(v < m)) return false;
+  }
+  *lo = v;
+  return true;
+}
+// 2^(c - m a) exactly in double (m and a are floats, so m a is exact): turns a sum of
+// 2^(x a - c) into one of 2^((x - m) a).
+inline double CToMax(float m, float a, float c) { return std::exp2(double(c) - double(m) * double(a)); }
 // Sum over x[0..n8) of ExpTerm8, in float (n8 <= 1024 terms of at most 1 each; the
 // caller accumulates blocks in double). `next` is prefetched one cache line per 16
 // terms: the next block's first read
 // then finds it in L1 instead of waiting on L2/L3 (on its own, that read sweep is
 // memory bound while this one is compute bound, so they overlap this way).
 template <bool kClamp>
-TOOLKIT_AVX2 inline float BlockExpSum(const float* x, int n8, float m, float log2e_t, const char* next) {
-  const __m256 vm = _mm256_set1_ps(m), va = _mm256_set1_ps(log2e_t);
+TOOLKIT_AVX2 inline float BlockExpSum(const float* x, int n8, float c, float lo, float log2e_t, const char* next) {
+  const __m256 va = _mm256_set1_ps(log2e_t), vnc = _mm256_set1_ps(-c), vlo = _mm256_set1_ps(lo);
   // Two independent accumulators hide the add latency.
   __m256 s0 = _mm256_setzero_ps(), s1 = s0;
   int i = 0;
   for (; i + 16 <= n8; i += 16) {
     _mm_prefetch(next + 4 * i, _MM_HINT_T0);
-    s0 = _mm256_add_ps(s0, ExpTerm8<kClamp>(x + i, vm, va));
-    s1 = _mm256_add_ps(s1, ExpTerm8<kClamp>(x + i + 8, vm, va));
+    s0 = _mm256_add_ps(s0, ExpTerm8<kClamp>(x + i, va, vnc, vlo));
+    s1 = _mm256_add_ps(s1, ExpTerm8<kClamp>(x + i + 8, va, vnc, vlo));
   }
-  for (; i < n8; i += 8) s0 = _mm256_add_ps(s0, ExpTerm8<kClamp>(x + i, vm, va));
+  for (; i < n8; i += 8) s0 = _mm256_add_ps(s0, ExpTerm8<kClamp>(x + i, va, vnc, vlo));
   return HorizontalSum(_mm256_add_ps(s0, s1));
 }
 
-// One sweep for blocks after the first: the block max and the sum of
-// 2^((x - m) * log2e_t) against the running max m of the blocks before (the max is
-// then updated and the total rescaled once, in double). u is clamped below at -125
-// (Exp2Poly5's range). A new max gives u > 0, whose float rounding (|u| 2^-24) turns
-// into a relative error of the term that dominates the sum, so the caller keeps the
-// result only when the max rose by at most kMaxMergedJump in u (error <= 2e-7) and
-// otherwise redoes the block against its own max. A NaN or +inf logit makes the sum
-// NaN (the clamp keeps a NaN u: maxps returns its second operand), which sends the
-// caller to the checking path.
+// One sweep for blocks after the first: the block max and the sum of 2^(x a - c)
+// against c = fl(m a) of the running max m of the blocks before (the max is then
+// updated and the total rescaled once, in double). x is clamped below at lo
+// (ClampFloor), so the block max returned is at least lo: a block wholly below lo
+// reports lo < m, which changes nothing (the candidate scan compares the logits
+// themselves). A new max gives u > 0, whose float rounding (|u| 2^-24) turns into a
+// relative error of the term that dominates the sum, so the caller keeps the result
+// only when the max rose by at most kMaxMergedJump in u (error <= 2e-7) and otherwise
+// redoes the block against its own max. A NaN or +inf logit makes the sum NaN, which
+// sends the caller to the checking path.
 constexpr float kMaxMergedJump = 4.0f;
 //
 // kFlags: also marks each 16-logit group holding a logit above `thr` (bit i of
@@ -340,17 +366,17 @@ constexpr float kMaxMergedJump = 4.0f;
 // those groups instead of the whole block (at k = 50 most blocks late in a row hold
 // one candidate or none).
 template <bool kFlags>
-TOOLKIT_AVX2 inline float BlockMaxExpSum(const float* x, int n8, float m, float log2e_t, const char* next,
-                                         float thr, float* block_max, uint64_t* flags) {
-  const __m256 vm = _mm256_set1_ps(m), va = _mm256_set1_ps(log2e_t), lo = _mm256_set1_ps(-125.0f);
+TOOLKIT_AVX2 inline float BlockMaxExpSum(const float* x, int n8, float c_m, float lo, float log2e_t,
+                                         const char* next, float thr, float* block_max, uint64_t* flags) {
+  const __m256 va = _mm256_set1_ps(log2e_t), vnc = _mm256_set1_ps(-c_m), vlo = _mm256_set1_ps(lo);
   const __m256 vthr = _mm256_set1_ps(thr);
   __m256 s0 = _mm256_setzero_ps(), s1 = s0, m0 = _mm256_set1_ps(-kInf), m1 = m0;
-  auto term = [&](__m256 v) TOOLKIT_AVX2 { return Exp2Poly5(_mm256_max_ps(lo, _mm256_mul_ps(_mm256_sub_ps(v, vm), va))); };
+  auto term = [&](__m256 v) TOOLKIT_AVX2 { return ExpU8(v, va, vnc); };
   uint64_t f = 0;
   int i = 0;
   for (; i + 16 <= n8; i += 16) {
     _mm_prefetch(next + 4 * i, _MM_HINT_T0);
-    const __m256 a = _mm256_loadu_ps(x + i), c = _mm256_loadu_ps(x + i + 8);
+    const __m256 a = _mm256_max_ps(vlo, _mm256_loadu_ps(x + i)), c = _mm256_max_ps(vlo, _mm256_loadu_ps(x + i + 8));
     if constexpr (kFlags) {
       const __m256 ac = _mm256_max_ps(a, c);
       m0 = _mm256_max_ps(ac, m0);
@@ -363,7 +389,7 @@ TOOLKIT_AVX2 inline float BlockMaxExpSum(const float* x, int n8, float m, float 
     s1 = _mm256_add_ps(s1, term(c));
   }
   for (; i < n8; i += 8) {
-    const __m256 a = _mm256_loadu_ps(x + i);
+    const __m256 a = _mm256_max_ps(vlo, _mm256_loadu_ps(x + i));
     m0 = _mm256_max_ps(a, m0);
     if constexpr (kFlags) f |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(a, vthr, _CMP_GT_OQ)) != 0) << (i >> 4);
     s0 = _mm256_add_ps(s0, term(a));
@@ -461,8 +487,20 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
   bool have_threshold = false;  // until k candidates exist, every value is one
   float threshold = -kInf;
 
-  float m = -kInf;
+  // The normaliser: the running max m, c = fl(m a), the clamp lo (ClampFloor) and
+  // sum = sum of 2^(x a - c) so far (ExpTerm8); CToMax converts it at the end.
+  const float log2e_t = 1.44269504088896341f * inv_t;
+  float m = -kInf, c = -kInf, lo = -kInf;
   double sum = 0.0;
+  // A new running max: the sum moves from c to the new c exactly (2^(c_old - c_new),
+  // a difference of floats, exact in double). False when the clamp cannot be formed.
+  auto raise_max = [&](float new_m) {
+    const float new_c = new_m * log2e_t;
+    if (sum != 0.0) sum *= std::exp2(double(c) - double(new_c));
+    m = new_m;
+    c = new_c;
+    return ClampFloor(m, log2e_t, c, &lo);
+  };
   const __m256 vinf = _mm256_set1_ps(kInf);
   alignas(64) float converted[kFastBlock];
 
@@ -508,7 +546,6 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
       x = converted;
     }
 
-    const float log2e_t = 1.44269504088896341f * inv_t;
     // The next block's bytes (fp16 rows: half as many, so half the lines are fetched
     // twice, which is harmless).
     const char* next = reinterpret_cast<const char*>(row + std::min<int64_t>(b + kFastBlock, end - 1));
@@ -519,15 +556,12 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
       float block_max;
       uint64_t flags = 0;
       const bool with_flags = keep > 1 && have_threshold;
-      const float block_sum = with_flags ? BlockMaxExpSum<true>(x, n, m, log2e_t, next, threshold, &block_max, &flags)
-                                         : BlockMaxExpSum<false>(x, n, m, log2e_t, next, 0.0f, &block_max, nullptr);
+      const float block_sum =
+          with_flags ? BlockMaxExpSum<true>(x, n, c, lo, log2e_t, next, threshold, &block_max, &flags)
+                     : BlockMaxExpSum<false>(x, n, c, lo, log2e_t, next, 0.0f, &block_max, nullptr);
       if (std::isfinite(block_sum) && !((block_max - m) * log2e_t > kMaxMergedJump)) {
-        if (block_max > m) {
-          sum = Rescale(sum + double(block_sum), m, block_max, double(inv_t));
-          m = block_max;
-        } else {
-          sum += double(block_sum);
-        }
+        sum += double(block_sum);
+        if (block_max > m && !raise_max(block_max)) return false;
         select(x, n, b, block_max, with_flags ? &flags : nullptr);
         continue;
       }
@@ -565,26 +599,20 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
     if (bad) return false;
 
     // 2. online normaliser.
-    if (block_max > m) {
-      sum = Rescale(sum, m, block_max, double(inv_t));
-      m = block_max;
-    }
+    if (block_max > m && !raise_max(block_max)) return false;
     if (m != -kInf) {
-      // exp((x - m) / T) = 2^u with u = (x - m) * (log2(e) / T) <= 0. x - m is formed
-      // first: folding m into one FMA (x * a - m * a) would round m * a, a relative
-      // error common to every term, i.e. a bias of the whole normaliser.
-      // The clamp at u = -125 (Exp2Poly5's range) is only needed when the block's
-      // smallest logit gets there (or is -inf); normal logit spreads never do.
-      const float u_min = (block_min - m) * log2e_t;
-      float block_sum = u_min >= -125.0f ? BlockExpSum<false>(x, n8, m, log2e_t, next)
-                                         : BlockExpSum<true>(x, n8, m, log2e_t, next);
-      for (int t = n8; t < n; ++t) block_sum += ExpNonPositive((x[t] - m) * inv_t);
+      // exp((x - m) / T) = 2^((x - m) a), summed as 2^(x a - c) (ExpTerm8). The clamp
+      // is only needed when the block's smallest logit is below lo (or is -inf);
+      // normal logit spreads never get there.
+      float block_sum = block_min >= lo ? BlockExpSum<false>(x, n8, c, lo, log2e_t, next)
+                                        : BlockExpSum<true>(x, n8, c, lo, log2e_t, next);
+      for (int t = n8; t < n; ++t) block_sum += float(std::exp2(double(x[t]) * double(log2e_t) - double(c)));
       sum += double(block_sum);
     }
 
     select(x, n, b, block_max, nullptr);
   }
-  FinishPartial(keep, n_cand, m, sum, /*nan=*/false, out);
+  FinishPartial(keep, n_cand, m, sum == 0.0 ? sum : sum * CToMax(m, log2e_t, c), /*nan=*/false, out);
   return true;
 }
 

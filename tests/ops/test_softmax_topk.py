@@ -57,7 +57,12 @@ TOL = {  # dtype -> (rtol, atol for probabilities, atol for log-probabilities)
 }
 # "wide" spreads logits over about +-100, so that within one block some terms fall
 # below the kernel exp's clamp (2^-125) and some do not.
-KINDS = ["normal", "spiky", "wide", "constant", "ascending", "nan", "pinf", "ninf_some", "ninf_all"]
+# Rows centred far from 0 (float32; float16 rows use 3e4): "offset" at 1e6; "edge" at
+# 1e9, where float32 steps (64) times log2(e) come close to the kernel's exp range, so
+# its clamp sits one step below the max; "huge" at -1e30, where no such clamp exists
+# and the row takes the exact scalar path.
+OFFSETS = {"offset": (1.0e6, 3.0), "edge": (1.0e9, 300.0), "huge": (-1.0e30, 1.0e25)}
+KINDS = ["normal", "spiky", "wide", "constant", "ascending", "nan", "pinf", "ninf_some", "ninf_all", *OFFSETS]
 
 
 # ------------------------------------------------------------------ models
@@ -167,6 +172,9 @@ def make_row(kind: str, V: int, dtype, rng: np.random.Generator) -> np.ndarray:
         row[rng.integers(V)] = np.nan
     elif kind == "pinf":
         row[rng.integers(V)] = np.inf
+    elif kind in OFFSETS:  # far from 0: the exp's offset c = fl(max * log2(e) / T) rounds coarsely
+        center, spread = OFFSETS[kind] if dtype == np.float32 else (3.0e4, 3.0)
+        row = (center + spread * rng.standard_normal(V)).astype(dtype)
     elif kind == "ninf_some":
         row[rng.random(V) < 0.5] = -np.inf
         row[rng.integers(V)] = 1.0  # at least one finite entry
