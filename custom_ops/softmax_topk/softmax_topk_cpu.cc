@@ -370,33 +370,30 @@ TOOLKIT_AVX2 inline float BlockMaxExpSum(const float* x, int n8, float c_m, floa
                                          const char* next, float thr, float* block_max, uint64_t* flags) {
   const __m256 va = _mm256_set1_ps(log2e_t), vnc = _mm256_set1_ps(-c_m), vlo = _mm256_set1_ps(lo);
   const __m256 vthr = _mm256_set1_ps(thr);
-  __m256 s0 = _mm256_setzero_ps(), s1 = s0, m0 = _mm256_set1_ps(-kInf), m1 = m0;
+  // One accumulator for the sum and one for the max: the exp's constants take 11 of
+  // the 16 ymm registers, and with two of each GCC kept the second pair on the stack
+  // (a store and reload in every iteration). Measured 0-3% faster this way.
+  __m256 sum = _mm256_setzero_ps(), mx = _mm256_set1_ps(-kInf);
   auto term = [&](__m256 v) TOOLKIT_AVX2 { return ExpU8(v, va, vnc); };
   uint64_t f = 0;
   int i = 0;
   for (; i + 16 <= n8; i += 16) {
     _mm_prefetch(next + 4 * i, _MM_HINT_T0);
     const __m256 a = _mm256_max_ps(vlo, _mm256_loadu_ps(x + i)), c = _mm256_max_ps(vlo, _mm256_loadu_ps(x + i + 8));
-    if constexpr (kFlags) {
-      const __m256 ac = _mm256_max_ps(a, c);
-      m0 = _mm256_max_ps(ac, m0);
-      f |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(ac, vthr, _CMP_GT_OQ)) != 0) << (i >> 4);
-    } else {
-      m0 = _mm256_max_ps(a, m0);
-      m1 = _mm256_max_ps(c, m1);
-    }
-    s0 = _mm256_add_ps(s0, term(a));
-    s1 = _mm256_add_ps(s1, term(c));
+    const __m256 ac = _mm256_max_ps(a, c);
+    mx = _mm256_max_ps(ac, mx);
+    if constexpr (kFlags) f |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(ac, vthr, _CMP_GT_OQ)) != 0) << (i >> 4);
+    sum = _mm256_add_ps(sum, _mm256_add_ps(term(a), term(c)));
   }
   for (; i < n8; i += 8) {
     const __m256 a = _mm256_max_ps(vlo, _mm256_loadu_ps(x + i));
-    m0 = _mm256_max_ps(a, m0);
+    mx = _mm256_max_ps(a, mx);
     if constexpr (kFlags) f |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(a, vthr, _CMP_GT_OQ)) != 0) << (i >> 4);
-    s0 = _mm256_add_ps(s0, term(a));
+    sum = _mm256_add_ps(sum, term(a));
   }
-  *block_max = HorizontalMax(_mm256_max_ps(m0, m1));
+  *block_max = HorizontalMax(mx);
   if constexpr (kFlags) *flags = f;
-  return HorizontalSum(_mm256_add_ps(s0, s1));
+  return HorizontalSum(sum);
 }
 
 // Appends Compose(key, base + t) for every x[t] (t < n) that compares kCmp against
