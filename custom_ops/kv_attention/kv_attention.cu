@@ -7,8 +7,17 @@
 // query row of the tile (rows are the Hq/Hkv heads of the group x the S queries:
 // GQA reuse), keeping an online softmax per row: one warp owns a row, its lanes are
 // the kTileK positions. A second kernel merges the slices' (max, sum, weighted V)
-// partials. Masking follows the CPU kernel: a -inf bias drops a position (no dot
-// product), a row with every position dropped outputs zeros, no attn_bias = causal.
+// partials. Masking: a -inf bias drops a position, a row with every position dropped
+// outputs zeros, no attn_bias = causal, as on the CPU; a NaN score makes the row NaN,
+// as on the CPU. One difference: the CPU forms the dot product of a dropped position
+// too, so a NaN or inf key under a -inf bias makes its row NaN there; here the
+// position is skipped (no dot product).
+//
+// Both cache layouts of kv_attention.h: the growing cache (present = past + new
+// tokens) and the fixed-capacity one (input cache_lengths; token strides Nc / Rc of
+// the past and N2c / R2c of the present; the present may be bound to the past's
+// buffers, which is why the new residual rows are written after the flushed tokens
+// were quantized from the old ones, and copies onto themselves are skipped).
 //
 // Present cache: the past quantized parts and the remaining residual are strided
 // device copies; the F flushed tokens are quantized by one block per token (values,
@@ -60,7 +69,7 @@ __device__ __forceinline__ float BiasAt(const Io& io, int64_t b, int64_t s, int6
 __device__ __forceinline__ const float* FpRow(const Io& io, const float* res, const float* fresh, int64_t bh,
                                               int64_t t) {
   const int64_t i = t - io.N;
-  if (i < io.r) return res + (bh * io.r + i) * io.D;
+  if (i < io.r) return res + (bh * io.Rc + i) * io.D;
   return fresh + (bh * io.S + (i - io.r)) * io.D;
 }
 
@@ -75,12 +84,12 @@ __device__ __forceinline__ float CodeAt(const uint8_t* row, int64_t d, int bits)
 __device__ __forceinline__ float KeyAt(const Io& io, int bits, bool per_channel, int64_t G, int64_t bh, int64_t t,
                                        int64_t d) {
   if (t >= io.N) return FpRow(io, io.key_res, io.key, bh, t)[d];
-  const float c = CodeAt(io.key_q + (bh * io.N + t) * io.row_bytes, d, bits);
+  const float c = CodeAt(io.key_q + (bh * io.Nc + t) * io.row_bytes, d, bits);
   if (per_channel) {
-    const int64_t p = (bh * (io.N / G) + t / G) * io.D + d;
+    const int64_t p = (bh * (io.Nc / G) + t / G) * io.D + d;
     return HalfToFloat(io.key_scale[p]) * c + HalfToFloat(io.key_zero[p]);
   }
-  const int64_t p = (bh * io.N + t) * (io.D / G) + d / G;
+  const int64_t p = (bh * io.Nc + t) * (io.D / G) + d / G;
   const float s = HalfToFloat(io.key_scale[p]);
   const float z = io.key_zero ? HalfToFloat(io.key_zero[p]) : -128.0f * s;
   return s * c + z;
@@ -88,8 +97,8 @@ __device__ __forceinline__ float KeyAt(const Io& io, int bits, bool per_channel,
 
 __device__ __forceinline__ float ValueAt(const Io& io, int bits, int64_t G, int64_t bh, int64_t t, int64_t d) {
   if (t >= io.N) return FpRow(io, io.value_res, io.value, bh, t)[d];
-  const float c = CodeAt(io.value_q + (bh * io.N + t) * io.row_bytes, d, bits);
-  const int64_t p = (bh * io.N + t) * (io.D / G) + d / G;
+  const float c = CodeAt(io.value_q + (bh * io.Nc + t) * io.row_bytes, d, bits);
+  const int64_t p = (bh * io.Nc + t) * (io.D / G) + d / G;
   const float s = HalfToFloat(io.value_scale[p]);
   const float z = io.value_zero ? HalfToFloat(io.value_zero[p]) : -128.0f * s;
   return s * c + z;
@@ -208,12 +217,14 @@ __global__ void __launch_bounds__(kThreads) AttendKernel(const Io io, const int 
           x = dot + bias;
         }
       }
-      const bool valid = x > -INFINITY;  // false for NaN too, as on the CPU
+      const bool valid = x > -INFINITY;  // false for NaN too: NaN stays out of the max
       const float m_new = fmaxf(m[jj], WarpMax(valid ? x : -INFINITY));
       float c = 1.0f, pt = 0.0f;
       if (m_new > -INFINITY) {
         c = expf(m[jj] - m_new);  // 0 for the first finite score
-        pt = valid ? expf(x - m_new) : 0.0f;
+        // A NaN score poisons the row (weight NaN), as the CPU's exp(NaN - m) does;
+        // with no finite score at all the row outputs zeros there too.
+        pt = valid ? expf(x - m_new) : (x != x ? x : 0.0f);
       }
       l[jj] = l[jj] * c + WarpSum(pt);
       m[jj] = m_new;
@@ -344,17 +355,17 @@ __global__ void __launch_bounds__(kThreads) QuantizeTokensKernel(const Io io, co
                                                                  const int64_t value_group) {
   extern __shared__ float params[];
   const int64_t bh = blockIdx.x / io.F, i = blockIdx.x % io.F;
-  const int64_t N = io.N, N2 = io.N + io.F, rb = io.row_bytes, t = N + i;
+  const int64_t N = io.N, P = io.N2c, rb = io.row_bytes, t = N + i;  // P: the present's token stride
   const int64_t vp = io.value_params;
   QuantizeTokenRow(FpRow(io, io.value_res, io.value, bh, t), io.D, value_group, bits, symmetric,
-                   io.p_value_scale + (bh * N2 + t) * vp,
-                   io.p_value_zero ? io.p_value_zero + (bh * N2 + t) * vp : nullptr, io.p_value_q + (bh * N2 + t) * rb,
+                   io.p_value_scale + (bh * P + t) * vp,
+                   io.p_value_zero ? io.p_value_zero + (bh * P + t) * vp : nullptr, io.p_value_q + (bh * P + t) * rb,
                    params);
   if (!key_per_channel) {
     const int64_t kp = io.key_params_per_token;
     QuantizeTokenRow(FpRow(io, io.key_res, io.key, bh, t), io.D, key_group, bits, symmetric,
-                     io.p_key_scale + (bh * N2 + t) * kp, io.p_key_zero ? io.p_key_zero + (bh * N2 + t) * kp : nullptr,
-                     io.p_key_q + (bh * N2 + t) * rb, params);
+                     io.p_key_scale + (bh * P + t) * kp, io.p_key_zero ? io.p_key_zero + (bh * P + t) * kp : nullptr,
+                     io.p_key_q + (bh * P + t) * rb, params);
   }
 }
 
@@ -365,10 +376,10 @@ __global__ void __launch_bounds__(kThreads) QuantizeKeyChannelsKernel(const Io i
   extern __shared__ float params[];  // 2 * D
   const int64_t groups = io.F / G;
   const int64_t bh = blockIdx.x / groups, g0 = (blockIdx.x % groups) * G;
-  const int64_t b = bh / io.Hkv, D = io.D, N = io.N, N2 = io.N + io.F, rb = io.row_bytes;
+  const int64_t b = bh / io.Hkv, D = io.D, N = io.N, P = io.N2c, rb = io.row_bytes;
   const int64_t gi = (N + g0) / G;
-  uint16_t* s_out = io.p_key_scale + (bh * (N2 / G) + gi) * D;
-  uint16_t* z_out = io.p_key_zero + (bh * (N2 / G) + gi) * D;
+  uint16_t* s_out = io.p_key_scale + (bh * (P / G) + gi) * D;
+  uint16_t* z_out = io.p_key_zero + (bh * (P / G) + gi) * D;
   float* sf = params;
   float* zf = params + D;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
@@ -398,62 +409,91 @@ __global__ void __launch_bounds__(kThreads) QuantizeKeyChannelsKernel(const Io i
       const int64_t d = jb * per + k;
       byte |= unsigned(AsymmetricCode(x[d], sf[d], zf[d], bits)) << (k * bits);
     }
-    io.p_key_q[(bh * N2 + N + g0 + i) * rb + jb] = uint8_t(byte);
+    io.p_key_q[(bh * P + N + g0 + i) * rb + jb] = uint8_t(byte);
   }
 }
 
-// rows x width bytes from src (pitch spitch) to dst (pitch dpitch); nothing when empty.
+// rows x width bytes from src (pitch spitch) to dst (pitch dpitch); nothing when empty
+// or when dst is src with the same pitch (a present bound to its past's buffer).
 cudaError_t Copy2D(void* dst, int64_t dpitch, const void* src, int64_t spitch, int64_t width, int64_t rows,
                    cudaStream_t s) {
-  if (width <= 0 || rows <= 0) return cudaSuccess;
+  if (width <= 0 || rows <= 0 || (dst == src && dpitch == spitch)) return cudaSuccess;
   return cudaMemcpy2DAsync(dst, size_t(dpitch), src, size_t(spitch), size_t(width), size_t(rows),
                            cudaMemcpyDeviceToDevice, s);
 }
 
+// present_cache_lengths: an output, so in device memory on this provider.
+__global__ void WriteLengthsKernel(int64_t* out, int64_t n, int64_t r) {
+  out[0] = n;
+  out[1] = r;
+}
+
 cudaError_t WritePresent(const Io& io, const Attributes& a, cudaStream_t s) {
-  const int64_t heads = io.B * io.Hkv, D = io.D, N = io.N, F = io.F, N2 = N + F, rb = io.row_bytes;
+  const int64_t heads = io.B * io.Hkv, D = io.D, N = io.N, F = io.F, rb = io.row_bytes;
+  const int64_t Nc = io.Nc, P = io.N2c, PR = io.R2c;  // token strides: past, present, present residual
   const int64_t r2 = io.r + io.S - F;
   const int bits = int(a.bits);
-  // The past quantized parts, one strided row per (batch, KV head).
-  cudaError_t err = Copy2D(io.p_key_q, N2 * rb, io.key_q, N * rb, N * rb, heads, s);
-  if (err == cudaSuccess) err = Copy2D(io.p_value_q, N2 * rb, io.value_q, N * rb, N * rb, heads, s);
-  const int64_t kp_past = a.key_per_channel ? N / a.key_group * D : N * io.key_params_per_token;
-  const int64_t kp_all = a.key_per_channel ? N2 / a.key_group * D : N2 * io.key_params_per_token;
+  // The past: a growing cache copies its N rows; a fixed-capacity one whole tensors
+  // (nothing where the present is bound to the past: Copy2D skips dst == src).
+  const int64_t rows = io.capacity ? Nc : N;
+  cudaError_t err = Copy2D(io.p_key_q, P * rb, io.key_q, Nc * rb, rows * rb, heads, s);
+  if (err == cudaSuccess) err = Copy2D(io.p_value_q, P * rb, io.value_q, Nc * rb, rows * rb, heads, s);
+  auto key_params = [&](int64_t tokens) {
+    return a.key_per_channel ? tokens / a.key_group * D : tokens * io.key_params_per_token;
+  };
   constexpr int64_t h2 = sizeof(uint16_t);
-  if (err == cudaSuccess) err = Copy2D(io.p_key_scale, kp_all * h2, io.key_scale, kp_past * h2, kp_past * h2, heads, s);
-  if (err == cudaSuccess && io.p_key_zero) {
-    err = Copy2D(io.p_key_zero, kp_all * h2, io.key_zero, kp_past * h2, kp_past * h2, heads, s);
-  }
+  const int64_t kp_dst = key_params(P) * h2, kp_src = key_params(Nc) * h2, kp_width = key_params(rows) * h2;
+  if (err == cudaSuccess) err = Copy2D(io.p_key_scale, kp_dst, io.key_scale, kp_src, kp_width, heads, s);
+  if (err == cudaSuccess && io.p_key_zero) err = Copy2D(io.p_key_zero, kp_dst, io.key_zero, kp_src, kp_width, heads, s);
   const int64_t vp = io.value_params;
   if (err == cudaSuccess) {
-    err = Copy2D(io.p_value_scale, N2 * vp * h2, io.value_scale, N * vp * h2, N * vp * h2, heads, s);
+    err = Copy2D(io.p_value_scale, P * vp * h2, io.value_scale, Nc * vp * h2, rows * vp * h2, heads, s);
   }
   if (err == cudaSuccess && io.p_value_zero) {
-    err = Copy2D(io.p_value_zero, N2 * vp * h2, io.value_zero, N * vp * h2, N * vp * h2, heads, s);
+    err = Copy2D(io.p_value_zero, P * vp * h2, io.value_zero, Nc * vp * h2, rows * vp * h2, heads, s);
   }
-  // The residual that stays in full precision: flushed-window leftovers of the
-  // past residual (positions F.. of it), then the new tokens not flushed.
+  constexpr int64_t f4 = sizeof(float);
+  if (io.capacity) {  // the whole past residual (unused slots too), before its kept rows are rewritten
+    if (err == cudaSuccess) err = Copy2D(io.p_key_res, PR * D * f4, io.key_res, io.Rc * D * f4, io.Rc * D * f4, heads, s);
+    if (err == cudaSuccess) {
+      err = Copy2D(io.p_value_res, PR * D * f4, io.value_res, io.Rc * D * f4, io.Rc * D * f4, heads, s);
+    }
+  }
+  if (err != cudaSuccess) return err;
+
+  // The F flushed tokens, quantized from the past residual and the new tokens. This
+  // runs before the residual rows below are written: a present bound to the past
+  // overwrites that past residual.
+  if (F > 0 && heads > 0 && D > 0) {
+    const size_t token_smem = size_t(2 * D) * sizeof(float);  // 2 * (D / G) <= 2 * D params
+    QuantizeTokensKernel<<<unsigned(heads * F), kThreads, token_smem, s>>>(io, bits, a.symmetric != 0,
+                                                                           a.key_per_channel != 0, a.key_group,
+                                                                           a.value_group);
+    err = cudaGetLastError();
+    if (err == cudaSuccess && a.key_per_channel) {
+      QuantizeKeyChannelsKernel<<<unsigned(heads * (F / a.key_group)), kThreads, token_smem, s>>>(io, bits,
+                                                                                                   a.key_group);
+      err = cudaGetLastError();
+    }
+    if (err != cudaSuccess) return err;
+  }
+
+  // The residual that stays in full precision: flushed-window leftovers of the past
+  // residual (positions F.. of it), then the new tokens not flushed. (After a flush,
+  // F >= residual > r, so every kept row is a new token; without one, the past rows
+  // stay where they are, which a bound present skips as a copy onto itself.)
   const int64_t from_res = io.r > F ? io.r - F : 0;
   const int64_t fresh0 = F > io.r ? F - io.r : 0, from_fresh = io.S - fresh0;
-  constexpr int64_t f4 = sizeof(float);
   using Rows = std::tuple<float*, const float*, const float*>;  // present residual, past residual, new tokens
   for (const auto& [dst, res, fresh] : {Rows{io.p_key_res, io.key_res, io.key},
                                         Rows{io.p_value_res, io.value_res, io.value}}) {
-    if (err == cudaSuccess) err = Copy2D(dst, r2 * D * f4, res + F * D, io.r * D * f4, from_res * D * f4, heads, s);
+    if (err == cudaSuccess) err = Copy2D(dst, PR * D * f4, res + F * D, io.Rc * D * f4, from_res * D * f4, heads, s);
     if (err == cudaSuccess) {
-      err = Copy2D(dst + from_res * D, r2 * D * f4, fresh + fresh0 * D, io.S * D * f4, from_fresh * D * f4, heads, s);
+      err = Copy2D(dst + from_res * D, PR * D * f4, fresh + fresh0 * D, io.S * D * f4, from_fresh * D * f4, heads, s);
     }
   }
-  if (err != cudaSuccess || F == 0 || heads == 0 || D == 0) return err;
-
-  const size_t token_smem = size_t(2 * D) * sizeof(float);  // 2 * (D / G) <= 2 * D params
-  QuantizeTokensKernel<<<unsigned(heads * F), kThreads, token_smem, s>>>(io, bits, a.symmetric != 0,
-                                                                         a.key_per_channel != 0, a.key_group,
-                                                                         a.value_group);
-  err = cudaGetLastError();
-  if (err == cudaSuccess && a.key_per_channel) {
-    QuantizeKeyChannelsKernel<<<unsigned(heads * (F / a.key_group)), kThreads, token_smem, s>>>(io, bits,
-                                                                                                 a.key_group);
+  if (err == cudaSuccess && io.p_lengths) {
+    WriteLengthsKernel<<<1, 1, 0, s>>>(io.p_lengths, N + F, r2);
     err = cudaGetLastError();
   }
   return err;
@@ -536,10 +576,19 @@ extern "C" __attribute__((visibility("default"))) int toolkit_quant_kv_attention
   Io io;
   io.B = dims[0], io.Hq = dims[1], io.Hkv = dims[2], io.S = dims[3], io.D = dims[4], io.N = dims[5], io.r = dims[6];
   io.bias_batch = dims[7];
+  // What ReadAttributes and Prepare check on the ORT path (the C entry gets it unchecked).
   if (a.bits != 8 && a.bits != 4 && a.bits != 2) return int(cudaErrorInvalidValue);
+  if (a.key_group <= 0 || a.value_group <= 0 || a.residual < 0 || io.D <= 0 || io.N < 0 || io.r < 0 ||
+      io.D % (8 / a.bits) != 0 || io.D % a.value_group != 0 || (!a.key_per_channel && io.D % a.key_group != 0) ||
+      (a.key_per_channel && (io.N % a.key_group != 0 || a.residual < a.key_group || a.residual % a.key_group != 0)) ||
+      (a.residual == 0 ? io.r != 0 : io.r >= a.residual)) {
+    return int(cudaErrorInvalidValue);
+  }
   // The derived fields, as Prepare computes them.
   io.T = io.N + io.r + io.S;
   io.F = a.residual > 0 ? (io.r + io.S) / a.residual * a.residual : io.r + io.S;
+  // (the growing cache: strides are the lengths; the fixed-capacity cache is ORT-only)
+  io.Nc = io.N, io.Rc = io.r, io.N2c = io.N + io.F, io.R2c = io.r + io.S - io.F;
   io.row_bytes = io.D * a.bits / 8;
   io.key_params_per_token = a.key_per_channel ? 0 : io.D / a.key_group;
   io.value_params = io.D / a.value_group;

@@ -12,11 +12,6 @@ OrtStatus* ComputeCuda(const Attributes& attrs, OrtKernelContext* context) {
   return GuardStatus(kOpName, [&]() -> OrtStatus* {
     Io io;
     if (OrtStatus* st = Prepare(context, attrs, &io)) return st;
-    if (io.capacity) {
-      return MakeStatus(ORT_NOT_IMPLEMENTED,
-                        std::string(kOpName) + ": input 'cache_lengths' (the fixed-capacity cache) is implemented "
-                                               "by the CPU kernel only; on CUDA leave it out (growing cache)");
-    }
     Ort::KernelContext ctx(context);
     const int err = LaunchCuda(io, attrs, ctx.GetGPUComputeStream());
     if (err != 0) {

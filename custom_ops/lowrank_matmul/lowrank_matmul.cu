@@ -41,8 +41,10 @@ __global__ void GemmKernel(const float* __restrict__ A, const W* __restrict__ B,
       __syncthreads();
     }
     if (row < M && col < N) {
-      if (scale) acc *= scale[col];
-      C[row * N + col] = bias ? acc + bias[col] : acc;
+      // Rounded multiply, then rounded add, as the CPU kernel: the _rn intrinsics keep
+      // nvcc from contracting them into one FMA.
+      if (scale) acc = __fmul_rn(acc, scale[col]);
+      C[row * N + col] = bias ? __fadd_rn(acc, bias[col]) : acc;
     }
   }
 }

@@ -16,7 +16,11 @@
 // Filtering order: top-k, then min-p (keep p >= min_p * p_max), then top-p (shortest
 // prefix of the kept, in descending order, whose renormalised mass reaches top_p).
 // k = 1 or top_p -> 0 is greedy. Row r draws u = Uniform(seed, r) (sample_math.h),
-// so results are identical on every provider and thread count for a given seed.
+// the same number on every provider and thread count, so for a given seed a provider
+// gives the same tokens at any thread count. Across providers the candidate
+// probabilities agree only to rounding (the CPU forms them in double, the CUDA kernel
+// in float), so a draw or a min-p / top-p cut that lands within that rounding of a
+// boundary can pick a different token.
 #pragma once
 
 #include <cstdint>

@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "softmax_topk/softmax_topk.cuh"
@@ -219,7 +220,9 @@ const char* CudaErrorString(int code) { return cudaGetErrorString(static_cast<cu
 
 int LaunchCuda(const void* logits, bool is_fp16, int64_t rows, int64_t V, int64_t k, float temperature,
                int normalize, int log_probs, void* values, int64_t* indices, float* log_norm, void* stream) {
-  if (rows < 0 || V < 1 || V > INT32_MAX || k < 1 || k > V || !(temperature > 0.0f) || rows > INT32_MAX) {
+  // (the op's CheckInput has already refused these; the C entry gets them unchecked)
+  if (rows < 0 || V < 1 || V > INT32_MAX || k < 1 || k > V || !(temperature > 0.0f) || !std::isfinite(temperature) ||
+      rows > INT32_MAX || (normalize != 0 && normalize != 1) || (log_probs != 0 && log_probs != 1)) {
     return cudaErrorInvalidValue;
   }
   if (rows == 0) return cudaSuccess;

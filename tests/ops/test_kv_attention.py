@@ -47,11 +47,21 @@ SCHEMES = {
 }
 
 
-def make_session(scheme, with_bias=True, threads=1, scale=0.0):
+def make_session(scheme, with_bias=True, threads=1, scale=0.0, capacity=False, provider="cpu"):
+    """One QuantKVAttention node in a session on the CPU EP, or on the CUDA EP (skips
+    with the reason when onnxruntime-gpu, a CUDA device or the CUDA kernels are missing)."""
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            pytest.skip("CUDAExecutionProvider is not available (needs onnxruntime-gpu and a CUDA device)")
+        if not ops.has_cuda():
+            pytest.skip("libtoolkit_ops.so was built without CUDA kernels")
     so = ops.session_options(threads)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    model = kq.single_op_model(scheme, with_bias=with_bias, scale=scale)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    model = kq.single_op_model(scheme, with_bias=with_bias, scale=scale, capacity=capacity)
+    ep = "CUDAExecutionProvider" if provider == "cuda" else "CPUExecutionProvider"
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=[ep])
+    assert ep in sess.get_providers()
+    return sess
 
 
 def run_op(sess, q, k, v, cache, bias=None):
@@ -378,11 +388,11 @@ def _garbage_capacity(cache, scheme, capacity, slots):
     return cap, lengths
 
 
-def drive_capacity(scheme, batch, hq, hkv, d, steps, capacity, slots=None, threads=1, with_bias=True, seed=0):
+def drive_capacity(scheme, batch, hq, hkv, d, steps, capacity, slots=None, threads=1, with_bias=True, seed=0,
+                   provider="cpu"):
     rng = np.random.default_rng(seed)
-    sess = ort.InferenceSession(kq.single_op_model(scheme, with_bias=with_bias, capacity=True).SerializeToString(),
-                                ops.session_options(threads), providers=["CPUExecutionProvider"])
-    grow = make_session(scheme, with_bias=with_bias, threads=threads)
+    sess = make_session(scheme, with_bias=with_bias, threads=threads, capacity=True, provider=provider)
+    grow = make_session(scheme, with_bias=with_bias, threads=threads, provider=provider)
     cache, lengths = _garbage_capacity(kq.empty_cache(batch, hkv, d, scheme), scheme, capacity, slots)
     cache_grow = kq.empty_cache(batch, hkv, d, scheme)
     past = 0
@@ -432,25 +442,29 @@ def test_fixed_capacity_causal_default_and_extra_residual_slots(name):
 
 @pytest.mark.parametrize("name", ["int8", "kivi2", "int4-res"])
 def test_fixed_capacity_in_place_with_iobinding(name):
+    drive_in_place(SCHEMES[name], "cpu")
+
+
+def drive_in_place(scheme, provider):
     """Present outputs bound to the past inputs' buffers: the op appends in place.
 
-    The cache lives in one set of OrtValues for the whole run; after every step the
-    buffers hold exactly what the reference's present cache holds.
+    The cache lives in one set of OrtValues (on the provider's device) for the whole
+    run; after every step the buffers hold exactly what the reference's present cache
+    holds.
     """
-    scheme = SCHEMES[name]
     batch, hq, hkv, d, capacity = 2, 4, 2, 32, 64
     rng = np.random.default_rng(7)
-    sess = ort.InferenceSession(kq.single_op_model(scheme, with_bias=True, capacity=True).SerializeToString(),
-                                ops.session_options(1), providers=["CPUExecutionProvider"])
+    sess = make_session(scheme, with_bias=True, capacity=True, provider=provider)
     cache, lengths = _garbage_capacity(kq.empty_cache(batch, hkv, d, scheme), scheme, capacity, None)
     ref_cache, ref_lengths = {n: t.copy() for n, t in cache.items()}, lengths.copy()
-    values = {n: ort.OrtValue.ortvalue_from_numpy(t) for n, t in cache.items()}
+    values = {n: ort.OrtValue.ortvalue_from_numpy(t, provider, 0) for n, t in cache.items()}
     pointers = {n: v.data_ptr() for n, v in values.items()}
     binding = sess.io_binding()
     for n, v in values.items():
         binding.bind_ortvalue_input(f"past_{n}", v)
         binding.bind_ortvalue_output(f"present_{n}", v)
-    len_value = ort.OrtValue.ortvalue_from_numpy(np.zeros(2, np.int64))
+    # (an output: in device memory on CUDA; the input cache_lengths is read on the host)
+    len_value = ort.OrtValue.ortvalue_from_numpy(np.zeros(2, np.int64), provider, 0)
     binding.bind_ortvalue_output("present_cache_lengths", len_value)
     past = 0
     for i, s_len in enumerate([11] + [1] * 40):
@@ -460,7 +474,7 @@ def test_fixed_capacity_in_place_with_iobinding(name):
         bias = causal_bias(batch, s_len, past, None)
         for n, t in {"query": q, "key": k, "value": v, "attn_bias": bias, "cache_lengths": lengths}.items():
             binding.bind_cpu_input(n, t)
-        out_value = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, hq, s_len, d), np.float32))
+        out_value = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, hq, s_len, d), np.float32), provider, 0)
         binding.bind_ortvalue_output("output", out_value)
         sess.run_with_iobinding(binding)
         out = out_value.numpy()
@@ -696,6 +710,29 @@ def test_cuda_int8_query_rounding_is_applied(runner):
 @pytest.mark.parametrize("runner", list(CUDA_RUNNERS))
 def test_cuda_scale_attribute(runner):
     _drive_cuda(runner, SCHEMES["kivi4"], 1, 2, 2, 32, steps=[17, 1, 1], scale=0.05)
+
+
+# The fixed-capacity cache on the CUDA EP: the same contract as on the CPU (presents
+# equal kq.attention_capacity bit for bit, unused slots untouched), and the output
+# bit-identical to the CUDA kernel's own growing-cache output.
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_cuda_fixed_capacity_matches_reference_and_growing_cache(name):
+    drive_capacity(SCHEMES[name], 2, 4, 2, 32, steps=[13] + [1] * 20 + [5, 1, 1], capacity=48, provider="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_fixed_capacity_long_context_and_extra_slots():
+    drive_capacity(kq.KVScheme(4, True, 32, 32, 64), 1, 4, 1, 64, steps=[1030, 1, 63, 1], capacity=1152,
+                   provider="cuda")
+    drive_capacity(SCHEMES["int8"], 1, 4, 2, 32, steps=[9, 1, 1, 7, 1], capacity=32,
+                   slots=SCHEMES["int8"].residual + 5, with_bias=False, provider="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["int8", "kivi2", "int4-res", "kivi4"])
+def test_cuda_fixed_capacity_in_place_with_iobinding(name):
+    drive_in_place(SCHEMES[name], "cuda")
 
 
 # ---------------------------------------------------------------- property test
