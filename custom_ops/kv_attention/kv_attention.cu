@@ -253,6 +253,23 @@ __global__ void __launch_bounds__(kThreads) AttendKernel(const Io io, const int 
     __syncthreads();
   }
 
+  if (plan.slices == 1) {
+    // The whole row in this block: the output directly, as MergeKernel would write it
+    // from this one partial (zeros when every position is masked). No partials
+    // buffer: at prefill it would hold B * Hq * S * (D + 2) floats.
+    for (int jj = 0; jj < kRowsPerWarp; ++jj) {
+      const int r = warp + jj * kWarps;
+      if (r < nrows && lane == 0) corr[r] = m[jj] > -INFINITY ? 1.0f / l[jj] : 0.0f;
+    }
+    __syncthreads();
+    for (int64_t idx = threadIdx.x; idx < nrows * D; idx += kThreads) {
+      const int64_t r = idx / D, d = idx % D;
+      const int64_t j = (row0 + r) / S, s = (row0 + r) % S;
+      const float inv = corr[r];
+      io.out[((b * io.Hq + h * rep + j) * S + s) * D + d] = inv != 0.0f ? acc[idx] * inv : 0.0f;
+    }
+    return;
+  }
   const int64_t D2 = D + 2;
   for (int jj = 0; jj < kRowsPerWarp; ++jj) {
     const int r = warp + jj * kWarps;
@@ -534,18 +551,20 @@ cudaError_t Attend(const Io& io, const Attributes& a, cudaStream_t s) {
   const int64_t blocks = heads * plan.row_tiles * plan.slices;
   const int64_t merge_blocks = heads * plan.rows;
   if (blocks > INT32_MAX || merge_blocks > INT32_MAX) return cudaErrorInvalidValue;
-  float* partials = nullptr;
-  err = cudaMallocAsync(reinterpret_cast<void**>(&partials),
-                        size_t(merge_blocks * plan.slices * (io.D + 2)) * sizeof(float), s);
-  if (err != cudaSuccess) return err;
+  float* partials = nullptr;  // only with several slices (AttendKernel writes the output otherwise)
+  if (plan.slices > 1) {
+    err = cudaMallocAsync(reinterpret_cast<void**>(&partials),
+                          size_t(merge_blocks * plan.slices * (io.D + 2)) * sizeof(float), s);
+    if (err != cudaSuccess) return err;
+  }
   AttendKernel<<<unsigned(blocks), kThreads, smem, s>>>(io, int(a.bits), a.key_per_channel != 0, a.key_group,
                                                         a.value_group, a.quantize_query != 0, plan, partials);
   err = cudaGetLastError();
-  if (err == cudaSuccess) {
+  if (err == cudaSuccess && partials) {
     MergeKernel<<<unsigned(merge_blocks), kThreads, 0, s>>>(io, plan, partials);
     err = cudaGetLastError();
   }
-  const cudaError_t free_err = cudaFreeAsync(partials, s);
+  const cudaError_t free_err = partials ? cudaFreeAsync(partials, s) : cudaSuccess;
   return err != cudaSuccess ? err : free_err;
 }
 

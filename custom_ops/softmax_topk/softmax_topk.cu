@@ -1,4 +1,6 @@
-// CUDA kernels of FusedSoftmaxTopK (contract in softmax_topk.h). One block per row:
+// CUDA kernels of FusedSoftmaxTopK (contract in softmax_topk.h). One block per row
+// (long rows at small batch: one block per chunk of a row, then a merge; see
+// ChunkTopKKernel):
 //   1. online softmax normaliser: per-thread running (max, sum) over a strided slice,
 //      merged with warp shuffles, then across warps (Milakov & Gimelshein 2018);
 //   2. radix select of the k-th largest order key (4 passes of 8 bits, shared
@@ -62,28 +64,49 @@ __device__ float BlockSum(float v, float* red) {
   return total;
 }
 
+// 4. Bitonic sort of buf[0..n2), ascending, n2 a power of two, by the whole block.
+__device__ void BitonicSort(uint64_t* buf, int64_t n2) {
+  const int tid = threadIdx.x;
+  for (int64_t size = 2; size <= n2; size <<= 1) {
+    for (int64_t stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int64_t t = tid; t < n2 / 2; t += kThreads) {
+        const int64_t a = 2 * t - (t & (stride - 1));
+        const int64_t b = a + stride;
+        const uint64_t va = buf[a], vb = buf[b];
+        const bool ascending = (a & size) == 0;
+        if ((va > vb) == ascending) {
+          buf[a] = vb;
+          buf[b] = va;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+struct RowStats {
+  float m, s;      // running max and sum of exp((x - m) / T) over the finite logits
+  int nan, pinf;   // the range holds a NaN / a +inf
+};
+
+// Steps 1-4 over x[0..len) by the whole block: the range's statistics, and its
+// min(k, len) best logits as Compose(key, base + i), sorted ascending into buf[0..n2)
+// (entries from k on are padding ~0). k <= len, n2 = the power of two >= k.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    SoftmaxTopKRowKernel(const T* __restrict__ logits, int64_t V, int64_t k, float inv_t, int normalize,
-                         int log_probs, T* __restrict__ values, int64_t* __restrict__ indices,
-                         float* __restrict__ log_norm, uint64_t* __restrict__ global_buf, int64_t n2) {
-  __shared__ uint64_t shared_buf[kSharedSort];
+__device__ RowStats SelectTopK(const T* __restrict__ x, int64_t len, int64_t base, int64_t k, float inv_t,
+                               uint64_t* buf, int64_t n2) {
   __shared__ uint32_t hist[256];
   __shared__ float red_m[kWarps], red_s[kWarps];
   __shared__ int warp_count[kWarps];
   __shared__ uint32_t sel_digit;
   __shared__ int64_t sel_remaining;
   __shared__ unsigned long long gt_count;
-
-  const int64_t row = blockIdx.x;
-  const T* x = logits + row * V;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  uint64_t* buf = n2 <= kSharedSort ? shared_buf : global_buf + row * n2;
 
   // 1. online (max, sum); NaN / +inf only flagged (they poison the row).
   float m = -INFINITY, s = 0.0f;
   int nan = 0, pinf = 0;
-  for (int64_t i = tid; i < V; i += kThreads) {
+  for (int64_t i = tid; i < len; i += kThreads) {
     const float v = Load(x, i);
     if (v != v) {
       nan = 1;
@@ -109,7 +132,6 @@ __global__ void __launch_bounds__(kThreads)
   m = red_m[0];
   s = red_s[0];
   for (int w = 1; w < kWarps; ++w) MergeStats(m, s, red_m[w], red_s[w], inv_t);
-  const bool poisoned = nan || pinf || m == -INFINITY;
 
   // 2. radix select of the k-th largest key.
   uint32_t prefix = 0, mask = 0;
@@ -117,7 +139,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = tid; i < 256; i += kThreads) hist[i] = 0;
     __syncthreads();
-    for (int64_t i = tid; i < V; i += kThreads) {
+    for (int64_t i = tid; i < len; i += kThreads) {
       const uint32_t u = OrderKey(Load(x, i));
       if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 0xffu], 1u);
     }
@@ -144,14 +166,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n_gt = k - take_eq;
 
   // 3. compaction.
-  for (int64_t i = tid; i < V; i += kThreads) {
+  for (int64_t i = tid; i < len; i += kThreads) {
     const uint32_t u = OrderKey(Load(x, i));
-    if (u > kth) buf[atomicAdd(&gt_count, 1ull)] = Compose(u, i);
+    if (u > kth) buf[atomicAdd(&gt_count, 1ull)] = Compose(u, base + i);
   }
   int64_t taken = 0;
-  for (int64_t base = 0; base < V && taken < take_eq; base += kThreads) {
-    const int64_t i = base + tid;
-    const bool eq = i < V && OrderKey(Load(x, i)) == kth;
+  for (int64_t b0 = 0; b0 < len && taken < take_eq; b0 += kThreads) {
+    const int64_t i = b0 + tid;
+    const bool eq = i < len && OrderKey(Load(x, i)) == kth;
     const unsigned ballot = __ballot_sync(0xffffffffu, eq);
     if (lane == 0) warp_count[warp] = __popc(ballot);
     __syncthreads();
@@ -161,43 +183,35 @@ __global__ void __launch_bounds__(kThreads)
       total += warp_count[w];
     }
     const int64_t pos = taken + before + __popc(ballot & ((1u << lane) - 1u));
-    if (eq && pos < take_eq) buf[n_gt + pos] = Compose(kth, i);
+    if (eq && pos < take_eq) buf[n_gt + pos] = Compose(kth, base + i);
     taken += total;
     __syncthreads();
   }
   for (int64_t j = k + tid; j < n2; j += kThreads) buf[j] = ~0ull;
   __syncthreads();
+  BitonicSort(buf, n2);
+  return RowStats{m, s, nan, pinf};
+}
 
-  // 4. bitonic sort, ascending.
-  for (int64_t size = 2; size <= n2; size <<= 1) {
-    for (int64_t stride = size >> 1; stride > 0; stride >>= 1) {
-      for (int64_t t = tid; t < n2 / 2; t += kThreads) {
-        const int64_t a = 2 * t - (t & (stride - 1));
-        const int64_t b = a + stride;
-        const uint64_t va = buf[a], vb = buf[b];
-        const bool ascending = (a & size) == 0;
-        if ((va > vb) == ascending) {
-          buf[a] = vb;
-          buf[b] = va;
-        }
-      }
-      __syncthreads();
-    }
-  }
-
-  // 5. values.
-  float ref_max = m;
-  float log_sum = logf(s);
+// 5. The k outputs of one row from its statistics and its sorted best entries
+// (indices into the row x).
+template <typename T>
+__device__ void WriteRow(const T* __restrict__ x, const RowStats& st, const uint64_t* buf, int64_t k, float inv_t,
+                         int normalize, int log_probs, T* __restrict__ out_v, int64_t* __restrict__ out_i,
+                         float* __restrict__ log_norm) {
+  __shared__ float red[kWarps];
+  const int tid = threadIdx.x;
+  const bool poisoned = st.nan || st.pinf || st.m == -INFINITY;
+  float ref_max = st.m;
+  float log_sum = logf(st.s);
   if (normalize && !poisoned) {
     ref_max = Load(x, int64_t(buf[0] & 0xffffffffu));
     float part = 0.0f;
     for (int64_t j = tid; j < k; j += kThreads) {
       part += expf((Load(x, int64_t(buf[j] & 0xffffffffu)) - ref_max) * inv_t);
     }
-    log_sum = logf(BlockSum(part, red_s));
+    log_sum = logf(BlockSum(part, red));
   }
-  T* out_v = values + row * k;
-  int64_t* out_i = indices + row * k;
   for (int64_t j = tid; j < k; j += kThreads) {
     const int64_t idx = int64_t(buf[j] & 0xffffffffu);
     if (poisoned) {
@@ -210,8 +224,94 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (log_norm && tid == 0) {
-    log_norm[row] = nan ? NAN : (pinf ? INFINITY : (m == -INFINITY ? -INFINITY : m * inv_t + logf(s)));
+    *log_norm = st.nan ? NAN : (st.pinf ? INFINITY : (st.m == -INFINITY ? -INFINITY : st.m * inv_t + logf(st.s)));
   }
+}
+
+// One block per row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    SoftmaxTopKRowKernel(const T* __restrict__ logits, int64_t V, int64_t k, float inv_t, int normalize,
+                         int log_probs, T* __restrict__ values, int64_t* __restrict__ indices,
+                         float* __restrict__ log_norm, uint64_t* __restrict__ global_buf, int64_t n2) {
+  __shared__ uint64_t shared_buf[kSharedSort];
+  const int64_t row = blockIdx.x;
+  const T* x = logits + row * V;
+  uint64_t* buf = n2 <= kSharedSort ? shared_buf : global_buf + row * n2;
+  const RowStats st = SelectTopK(x, V, 0, k, inv_t, buf, n2);
+  WriteRow(x, st, buf, k, inv_t, normalize, log_probs, values + row * k, indices + row * k,
+           log_norm ? log_norm + row : nullptr);
+}
+
+// Long rows at small batch (normalize = 0 only): a row split into `chunks` blocks.
+// Each chunk's statistics and its k best entries (global indices) go to scratch;
+// then one block per row merges the statistics (as the warps of a block do) and
+// sorts the chunks * k entries, whose first k are the row's top k: Compose orders
+// by key, then by the global index, so ties still go to the lower index.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ChunkTopKKernel(const T* __restrict__ logits, int64_t V, int64_t k, float inv_t, int64_t chunk_len,
+                    int64_t chunks, int64_t n2, uint64_t* __restrict__ cand, float4* __restrict__ stats) {
+  __shared__ uint64_t buf[kSharedSort];
+  const int64_t row = blockIdx.x / chunks, c = blockIdx.x % chunks;
+  const int64_t begin = c * chunk_len;
+  const int64_t len = V - begin < chunk_len ? V - begin : chunk_len;
+  const RowStats st = SelectTopK(logits + row * V + begin, len, begin, k, inv_t, buf, n2);
+  for (int64_t j = threadIdx.x; j < k; j += kThreads) cand[blockIdx.x * k + j] = buf[j];
+  if (threadIdx.x == 0) stats[blockIdx.x] = make_float4(st.m, st.s, float(st.nan), float(st.pinf));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    MergeChunksKernel(const T* __restrict__ logits, int64_t V, int64_t k, float inv_t, int64_t chunks, int64_t n2,
+                      int log_probs, const uint64_t* __restrict__ cand, const float4* __restrict__ stats,
+                      T* __restrict__ values, int64_t* __restrict__ indices, float* __restrict__ log_norm) {
+  __shared__ uint64_t buf[kSharedSort];
+  const int64_t row = blockIdx.x;
+  RowStats st{-INFINITY, 0.0f, 0, 0};
+  for (int64_t c = 0; c < chunks; ++c) {  // every thread, in chunk order: the same result in each
+    const float4 p = stats[row * chunks + c];
+    MergeStats(st.m, st.s, p.x, p.y, inv_t);
+    st.nan |= int(p.z != 0.0f);
+    st.pinf |= int(p.w != 0.0f);
+  }
+  const int64_t n = chunks * k;
+  for (int64_t j = threadIdx.x; j < n2; j += kThreads) buf[j] = j < n ? cand[row * n + j] : ~0ull;
+  __syncthreads();
+  BitonicSort(buf, n2);
+  WriteRow(logits + row * V, st, buf, k, inv_t, /*normalize=*/0, log_probs, values + row * k, indices + row * k,
+           log_norm ? log_norm + row : nullptr);
+}
+
+// The split of long rows at small batch (see ChunkTopKKernel): with fewer rows than
+// half the SMs, a row of V >= kMinSplitV logits takes enough chunks of at least
+// kMinChunk logits to give about two blocks per SM, as long as every chunk's k best
+// and the chunks * k entries of the merge fit the shared sort buffer.
+constexpr int64_t kMinSplitV = 32768;
+constexpr int64_t kMinChunk = 8192;
+struct SplitPlan {
+  int64_t chunks = 1, chunk_len = 0, merge_n2 = 0;
+};
+SplitPlan PlanSplit(int64_t rows, int64_t V, int64_t k, int normalize, int64_t n2) {
+  SplitPlan p;
+  if (normalize || V < kMinSplitV || n2 > kSharedSort / 2) return p;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();  // (clear it: the one-block-per-row path needs neither)
+    return p;
+  }
+  if (2 * rows > sms) return p;
+  int64_t chunks = 2 * int64_t(sms) / rows;
+  chunks = chunks < V / kMinChunk ? chunks : V / kMinChunk;
+  while (chunks > 1 && chunks * n2 > kSharedSort) --chunks;  // the merge's entries fit
+  if (chunks < 2) return p;
+  p.chunk_len = (V + chunks - 1) / chunks;
+  p.chunks = (V + p.chunk_len - 1) / p.chunk_len;  // (every chunk holds >= kMinChunk / 2 >= k logits)
+  int64_t m2 = 1;
+  while (m2 < p.chunks * k) m2 <<= 1;
+  p.merge_n2 = m2;
+  return p;
 }
 
 }  // namespace
@@ -227,14 +327,47 @@ int LaunchCuda(const void* logits, bool is_fp16, int64_t rows, int64_t V, int64_
   }
   if (rows == 0) return cudaSuccess;
   auto s = static_cast<cudaStream_t>(stream);
+  const float inv_t = 1.0f / temperature;
   int64_t n2 = 1;
   while (n2 < k) n2 <<= 1;
+  const SplitPlan split = PlanSplit(rows, V, k, normalize, n2);
+  if (split.chunks > 1) {
+    // Scratch: chunks * k entries and the chunks' statistics per row.
+    const size_t cand_bytes = (size_t(rows * split.chunks * k) * sizeof(uint64_t) + 15) / 16 * 16;
+    void* scratch = nullptr;
+    cudaError_t err = cudaMallocAsync(&scratch, cand_bytes + size_t(rows * split.chunks) * sizeof(float4), s);
+    if (err != cudaSuccess) return err;
+    auto* cand = static_cast<uint64_t*>(scratch);
+    auto* stats = reinterpret_cast<float4*>(static_cast<char*>(scratch) + cand_bytes);  // 16-byte aligned
+    const unsigned blocks = unsigned(rows * split.chunks);
+    if (is_fp16) {
+      ChunkTopKKernel<__half><<<blocks, kThreads, 0, s>>>(static_cast<const __half*>(logits), V, k, inv_t,
+                                                          split.chunk_len, split.chunks, n2, cand, stats);
+    } else {
+      ChunkTopKKernel<float><<<blocks, kThreads, 0, s>>>(static_cast<const float*>(logits), V, k, inv_t,
+                                                         split.chunk_len, split.chunks, n2, cand, stats);
+    }
+    err = cudaGetLastError();
+    if (err == cudaSuccess) {
+      if (is_fp16) {
+        MergeChunksKernel<__half><<<unsigned(rows), kThreads, 0, s>>>(
+            static_cast<const __half*>(logits), V, k, inv_t, split.chunks, split.merge_n2, log_probs, cand, stats,
+            static_cast<__half*>(values), indices, log_norm);
+      } else {
+        MergeChunksKernel<float><<<unsigned(rows), kThreads, 0, s>>>(
+            static_cast<const float*>(logits), V, k, inv_t, split.chunks, split.merge_n2, log_probs, cand, stats,
+            static_cast<float*>(values), indices, log_norm);
+      }
+      err = cudaGetLastError();
+    }
+    const cudaError_t free_err = cudaFreeAsync(scratch, s);
+    return err != cudaSuccess ? err : free_err;
+  }
   uint64_t* scratch = nullptr;
   if (n2 > kSharedSort) {
     cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&scratch), size_t(rows * n2) * sizeof(uint64_t), s);
     if (err != cudaSuccess) return err;
   }
-  const float inv_t = 1.0f / temperature;
   if (is_fp16) {
     SoftmaxTopKRowKernel<__half><<<unsigned(rows), kThreads, 0, s>>>(
         static_cast<const __half*>(logits), V, k, inv_t, normalize, log_probs, static_cast<__half*>(values),

@@ -434,14 +434,35 @@ def _cuda_torch():
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
 def test_cuda_kernel_matches_reference(dtype, shape, k, normalize, log_probs):
+    x = make_input(shape, KINDS if shape[0] >= 8 else ["normal", "spiky", "constant"], dtype, seed=11)
+    _check_cuda(x, k, normalize, log_probs)
+
+
+# Long rows at small batch take the split path (a row over several blocks, then a
+# merge; normalize = 0, k <= 1024): ties across chunk borders, poisoned rows.
+@pytest.mark.gpu
+@pytest.mark.parametrize("log_probs", [0, 1])
+@pytest.mark.parametrize("shape,k,kinds", [
+    ((1, 262144), 1, ["normal"]),
+    ((2, 128256), 256, ["ascending", "constant"]),
+    ((4, 100000), 50, ["nan", "pinf", "ninf_some", "ninf_all"]),
+    ((3, 151936), 1024, ["spiky", "wide", "edge"]),
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_cuda_split_rows_match_reference(dtype, shape, k, kinds, log_probs):
+    _check_cuda(make_input(shape, kinds, dtype, seed=12), k, 0, log_probs)
+
+
+def _check_cuda(x, k, normalize, log_probs):
+    """toolkit_softmax_topk_cuda on x (device copy) against the NumPy reference."""
     torch = _cuda_torch()
     lib = ctypes.CDLL(str(ops.library_path()))
     fn = lib.toolkit_softmax_topk_cuda
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
                    ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    x = make_input(shape, KINDS if shape[0] >= 8 else ["normal", "spiky", "constant"], dtype, seed=11)
-    rows, V = shape
+    dtype = x.dtype.type
+    rows, V = x.shape
     tdtype = torch.float16 if dtype == np.float16 else torch.float32
     xt = torch.from_numpy(x).cuda()
     vt = torch.empty((rows, k), dtype=tdtype, device="cuda")
