@@ -8,10 +8,11 @@
 // GQA reuse), keeping an online softmax per row: one warp owns a row, its lanes are
 // the kTileK positions. A second kernel merges the slices' (max, sum, weighted V)
 // partials. Masking: a -inf bias drops a position, a row with every position dropped
-// outputs zeros, no attn_bias = causal, as on the CPU; a NaN score makes the row NaN,
-// as on the CPU. One difference: the CPU forms the dot product of a dropped position
-// too, so a NaN or inf key under a -inf bias makes its row NaN there; here the
-// position is skipped (no dot product).
+// outputs zeros, no attn_bias = causal, as on the CPU. A NaN score makes the row NaN
+// when its slice of positions also holds a finite score (both providers work slice by
+// slice; their slices differ). One difference: the CPU forms the dot product of a
+// dropped position too, so a NaN or inf key under a -inf bias makes its row NaN there;
+// here the position is skipped (no dot product).
 //
 // Both cache layouts of kv_attention.h: the growing cache (present = past + new
 // tokens) and the fixed-capacity one (input cache_lengths; token strides Nc / Rc of
@@ -184,7 +185,8 @@ __global__ void __launch_bounds__(kThreads) AttendKernel(const Io io, const int 
     acc[idx] = 0.0f;
   }
   float m[kRowsPerWarp], l[kRowsPerWarp];
-  for (int jj = 0; jj < kRowsPerWarp; ++jj) m[jj] = -INFINITY, l[jj] = 0.0f;
+  bool nan_seen[kRowsPerWarp];  // a NaN score in the row (warp-uniform)
+  for (int jj = 0; jj < kRowsPerWarp; ++jj) m[jj] = -INFINITY, l[jj] = 0.0f, nan_seen[jj] = false;
   __syncthreads();
   if (quantize_query) {  // warp w rounds rows w, w + kWarps, ... (the rows it scores)
     for (int jj = 0; jj < kRowsPerWarp; ++jj) {
@@ -218,13 +220,12 @@ __global__ void __launch_bounds__(kThreads) AttendKernel(const Io io, const int 
         }
       }
       const bool valid = x > -INFINITY;  // false for NaN too: NaN stays out of the max
+      nan_seen[jj] |= __any_sync(0xffffffffu, x != x);
       const float m_new = fmaxf(m[jj], WarpMax(valid ? x : -INFINITY));
       float c = 1.0f, pt = 0.0f;
       if (m_new > -INFINITY) {
         c = expf(m[jj] - m_new);  // 0 for the first finite score
-        // A NaN score poisons the row (weight NaN), as the CPU's exp(NaN - m) does;
-        // with no finite score at all the row outputs zeros there too.
-        pt = valid ? expf(x - m_new) : (x != x ? x : 0.0f);
+        pt = valid ? expf(x - m_new) : 0.0f;
       }
       l[jj] = l[jj] * c + WarpSum(pt);
       m[jj] = m_new;
@@ -253,6 +254,11 @@ __global__ void __launch_bounds__(kThreads) AttendKernel(const Io io, const int 
     __syncthreads();
   }
 
+  // A NaN score with a finite one in the slice: the slice's sum is NaN, as the CPU's
+  // exp(NaN - m) makes it (and the output with it, after the merge too).
+  for (int jj = 0; jj < kRowsPerWarp; ++jj) {
+    if (nan_seen[jj] && m[jj] > -INFINITY) l[jj] = NAN;
+  }
   if (plan.slices == 1) {
     // The whole row in this block: the output directly, as MergeKernel would write it
     // from this one partial (zeros when every position is masked). No partials
@@ -550,7 +556,7 @@ cudaError_t Attend(const Io& io, const Attributes& a, cudaStream_t s) {
   const Plan plan = MakePlan(io, sms);
   const int64_t blocks = heads * plan.row_tiles * plan.slices;
   const int64_t merge_blocks = heads * plan.rows;
-  if (blocks > INT32_MAX || merge_blocks > INT32_MAX) return cudaErrorInvalidValue;
+  if (blocks > INT32_MAX || (plan.slices > 1 && merge_blocks > INT32_MAX)) return cudaErrorInvalidValue;
   float* partials = nullptr;  // only with several slices (AttendKernel writes the output otherwise)
   if (plan.slices > 1) {
     err = cudaMallocAsync(reinterpret_cast<void**>(&partials),
@@ -597,7 +603,10 @@ extern "C" __attribute__((visibility("default"))) int toolkit_quant_kv_attention
   io.bias_batch = dims[7];
   // What ReadAttributes and Prepare check on the ORT path (the C entry gets it unchecked).
   if (a.bits != 8 && a.bits != 4 && a.bits != 2) return int(cudaErrorInvalidValue);
-  if (a.key_group <= 0 || a.value_group <= 0 || a.residual < 0 || io.D <= 0 || io.N < 0 || io.r < 0 ||
+  if (a.key_group <= 0 || a.value_group <= 0 || a.residual < 0 || io.B < 0 || io.Hq < 0 || io.S < 0 || io.D < 0 ||
+      io.N < 0 || io.r < 0 || (io.bias_batch != 0 && io.bias_batch != 1 && io.bias_batch != io.B) ||
+      (a.symmetric != 0 && a.symmetric != 1) || (a.symmetric && (a.bits != 8 || a.key_per_channel)) ||
+      (a.quantize_query != 0 && a.quantize_query != 1) || !(scale >= 0.0f) || !std::isfinite(scale) ||
       io.D % (8 / a.bits) != 0 || io.D % a.value_group != 0 || (!a.key_per_channel && io.D % a.key_group != 0) ||
       (a.key_per_channel && (io.N % a.key_group != 0 || a.residual < a.key_group || a.residual % a.key_group != 0)) ||
       (a.residual == 0 ? io.r != 0 : io.r >= a.residual)) {
@@ -633,5 +642,9 @@ extern "C" __attribute__((visibility("default"))) int toolkit_quant_kv_attention
   io.p_value_scale = static_cast<uint16_t*>(outputs[6]);
   io.p_value_zero = a.symmetric ? nullptr : static_cast<uint16_t*>(outputs[7]);
   io.p_value_res = static_cast<float*>(outputs[8]);
+  if (!a.symmetric && ((io.N > 0 && (!io.key_zero || !io.value_zero)) ||
+                       (io.N2c > 0 && (!io.p_key_zero || !io.p_value_zero)))) {
+    return int(cudaErrorInvalidValue);  // symmetric=0 has zero points in and out
+  }
   return LaunchCuda(io, a, stream);
 }

@@ -115,7 +115,7 @@ struct Io {
   uint16_t* p_value_scale = nullptr;
   uint16_t* p_value_zero = nullptr;
   float* p_value_res = nullptr;
-  int64_t* p_lengths = nullptr;  // present_cache_lengths (host memory), when requested
+  int64_t* p_lengths = nullptr;  // present_cache_lengths when requested: an output, so in the provider's memory
 };
 
 // Checks every input against the attributes and the other inputs (errors name the
