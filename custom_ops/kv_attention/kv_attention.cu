@@ -591,9 +591,14 @@ int LaunchCuda(const Io& io, const Attributes& attrs, void* stream) {
 
 }  // namespace toolkit::kv_attention
 
-extern "C" __attribute__((visibility("default"))) int toolkit_quant_kv_attention_cuda(
-    const int64_t* dims, const int64_t* attrs, float scale, const void* const* inputs, void* const* outputs,
-    void* stream) {
+namespace {
+
+// The C entries: Io from raw arguments, with the checks ReadAttributes and Prepare
+// make on the ORT path (these callers are unchecked). capacity: the past tensors
+// (and the presents, same shapes) have token dimensions Nc / Rc, and (N, r) are the
+// cache_lengths; otherwise the growing layout.
+int RunCEntry(const int64_t* dims, const int64_t* attrs, float scale, const void* const* inputs,
+              void* const* outputs, void* stream, bool capacity) {
   using namespace toolkit::kv_attention;
   Attributes a;
   a.bits = attrs[0], a.key_per_channel = attrs[1], a.key_group = attrs[2], a.value_group = attrs[3];
@@ -601,7 +606,6 @@ extern "C" __attribute__((visibility("default"))) int toolkit_quant_kv_attention
   Io io;
   io.B = dims[0], io.Hq = dims[1], io.Hkv = dims[2], io.S = dims[3], io.D = dims[4], io.N = dims[5], io.r = dims[6];
   io.bias_batch = dims[7];
-  // What ReadAttributes and Prepare check on the ORT path (the C entry gets it unchecked).
   if (a.bits != 8 && a.bits != 4 && a.bits != 2) return int(cudaErrorInvalidValue);
   if (a.key_group <= 0 || a.value_group <= 0 || a.residual < 0 || io.B < 0 || io.Hq < 0 || io.S < 0 || io.D < 0 ||
       io.N < 0 || io.r < 0 || (io.bias_batch != 0 && io.bias_batch != 1 && io.bias_batch != io.B) ||
@@ -615,8 +619,15 @@ extern "C" __attribute__((visibility("default"))) int toolkit_quant_kv_attention
   // The derived fields, as Prepare computes them.
   io.T = io.N + io.r + io.S;
   io.F = a.residual > 0 ? (io.r + io.S) / a.residual * a.residual : io.r + io.S;
-  // (the growing cache: strides are the lengths; the fixed-capacity cache is ORT-only)
-  io.Nc = io.N, io.Rc = io.r, io.N2c = io.N + io.F, io.R2c = io.r + io.S - io.F;
+  io.capacity = capacity;
+  if (capacity) {
+    io.Nc = io.N2c = dims[8], io.Rc = io.R2c = dims[9];
+    if (io.N + io.F > io.Nc || io.r + io.S - io.F > io.Rc || (a.key_per_channel && io.Nc % a.key_group != 0)) {
+      return int(cudaErrorInvalidValue);  // the cache is full, or a capacity the key groups do not divide
+    }
+  } else {
+    io.Nc = io.N, io.Rc = io.r, io.N2c = io.N + io.F, io.R2c = io.r + io.S - io.F;
+  }
   io.row_bytes = io.D * a.bits / 8;
   io.key_params_per_token = a.key_per_channel ? 0 : io.D / a.key_group;
   io.value_params = io.D / a.value_group;
@@ -642,9 +653,25 @@ extern "C" __attribute__((visibility("default"))) int toolkit_quant_kv_attention
   io.p_value_scale = static_cast<uint16_t*>(outputs[6]);
   io.p_value_zero = a.symmetric ? nullptr : static_cast<uint16_t*>(outputs[7]);
   io.p_value_res = static_cast<float*>(outputs[8]);
-  if (!a.symmetric && ((io.N > 0 && (!io.key_zero || !io.value_zero)) ||
+  io.p_lengths = capacity ? static_cast<int64_t*>(outputs[9]) : nullptr;
+  const int64_t past_tokens = capacity ? io.Nc : io.N;
+  if (!a.symmetric && ((past_tokens > 0 && (!io.key_zero || !io.value_zero)) ||
                        (io.N2c > 0 && (!io.p_key_zero || !io.p_value_zero)))) {
     return int(cudaErrorInvalidValue);  // symmetric=0 has zero points in and out
   }
   return LaunchCuda(io, a, stream);
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) int toolkit_quant_kv_attention_cuda(
+    const int64_t* dims, const int64_t* attrs, float scale, const void* const* inputs, void* const* outputs,
+    void* stream) {
+  return RunCEntry(dims, attrs, scale, inputs, outputs, stream, /*capacity=*/false);
+}
+
+extern "C" __attribute__((visibility("default"))) int toolkit_quant_kv_attention_cuda_capacity(
+    const int64_t* dims, const int64_t* attrs, float scale, const void* const* inputs, void* const* outputs,
+    void* stream) {
+  return RunCEntry(dims, attrs, scale, inputs, outputs, stream, /*capacity=*/true);
 }

@@ -32,3 +32,11 @@ const char* CudaErrorString(int code);
 // Returns a cudaError_t code.
 extern "C" int toolkit_quant_kv_attention_cuda(const int64_t* dims, const int64_t* attrs, float scale,
                                                const void* const* inputs, void* const* outputs, void* stream);
+
+// The same with the fixed-capacity cache: dims has two more entries, Nc and Rc (the
+// token dimensions of the past and present quantized / residual tensors, which have
+// the same shapes), N and r are the cache lengths, and outputs has a tenth entry, the
+// int64 [2] present lengths. A present may share its past's buffer (in place).
+extern "C" int toolkit_quant_kv_attention_cuda_capacity(const int64_t* dims, const int64_t* attrs, float scale,
+                                                        const void* const* inputs, void* const* outputs,
+                                                        void* stream);

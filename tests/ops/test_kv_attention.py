@@ -564,6 +564,28 @@ def _cuda_ep_runner(scheme, with_bias=True, scale=0.0):
     return lambda q, k, v, cache, bias: run_op(sess, q, k, v, cache, bias)
 
 
+def grown_outputs(scheme, q, k, cache):
+    """(shape, dtype) of each output of a growing-cache call, "output" first, in op
+    order; the zero points None when the scheme is symmetric. For the C-entry runners."""
+    b, _, s_len, d = q.shape
+    hkv = k.shape[1]
+    n, r = cache["key_q"].shape[2], cache["key_res"].shape[2]
+    total = r + s_len
+    flush = total // scheme.residual * scheme.residual if scheme.residual else total
+    n2, r2 = n + flush, total - flush
+    pb = d * scheme.bits // 8
+    kshape = (b, hkv, n2 // scheme.key_group, d) if scheme.key_per_channel else (b, hkv, n2, d // scheme.key_group)
+    vshape = (b, hkv, n2, d // scheme.value_group)
+    outs = {"output": (q.shape, np.float32),
+            "key_q": ((b, hkv, n2, pb), np.uint8), "key_scale": (kshape, np.float16),
+            "key_zero": (kshape, np.float16), "key_res": ((b, hkv, r2, d), np.float32),
+            "value_q": ((b, hkv, n2, pb), np.uint8), "value_scale": (vshape, np.float16),
+            "value_zero": (vshape, np.float16), "value_res": ((b, hkv, r2, d), np.float32)}
+    if scheme.symmetric:
+        outs["key_zero"] = outs["value_zero"] = None
+    return outs
+
+
 def _cuda_ctypes_runner(scheme, with_bias=True, scale=0.0):
     """A ``run_op``-like callable on toolkit_quant_kv_attention_cuda (device tensors from torch)."""
     import ctypes
@@ -580,29 +602,14 @@ def _cuda_ctypes_runner(scheme, with_bias=True, scale=0.0):
         b, hq, s_len, d = q.shape
         hkv = k.shape[1]
         n, r = cache["key_q"].shape[2], cache["key_res"].shape[2]
-        total = r + s_len
-        flush = total // scheme.residual * scheme.residual if scheme.residual else total
-        n2, r2 = n + flush, total - flush
-        pb = d * scheme.bits // 8
-        kshape = (b, hkv, n2 // scheme.key_group, d) if scheme.key_per_channel else \
-            (b, hkv, n2, d // scheme.key_group)
-        vshape = (b, hkv, n2, d // scheme.value_group)
         if bias is not None:
             assert with_bias
         host = (q, k, v, cache["key_q"], cache["key_scale"], cache.get("key_zero"), cache["key_res"],
                 cache["value_q"], cache["value_scale"], cache.get("value_zero"), cache["value_res"], bias)
         dev = [None if t is None else torch.from_numpy(np.ascontiguousarray(t)).cuda() for t in host]
-        outs = {"output": torch.empty(q.shape, dtype=torch.float32, device="cuda"),
-                "key_q": torch.empty((b, hkv, n2, pb), dtype=torch.uint8, device="cuda"),
-                "key_scale": torch.empty(kshape, dtype=torch.float16, device="cuda"),
-                "key_zero": torch.empty(kshape, dtype=torch.float16, device="cuda"),
-                "key_res": torch.empty((b, hkv, r2, d), dtype=torch.float32, device="cuda"),
-                "value_q": torch.empty((b, hkv, n2, pb), dtype=torch.uint8, device="cuda"),
-                "value_scale": torch.empty(vshape, dtype=torch.float16, device="cuda"),
-                "value_zero": torch.empty(vshape, dtype=torch.float16, device="cuda"),
-                "value_res": torch.empty((b, hkv, r2, d), dtype=torch.float32, device="cuda")}
-        if scheme.symmetric:
-            outs["key_zero"] = outs["value_zero"] = None
+        dtypes = {np.float32: torch.float32, np.float16: torch.float16, np.uint8: torch.uint8}
+        outs = {name: None if spec is None else torch.empty(spec[0], dtype=dtypes[spec[1]], device="cuda")
+                for name, spec in grown_outputs(scheme, q, k, cache).items()}
         dims = (ctypes.c_int64 * 8)(b, hq, hkv, s_len, d, n, r, 0 if bias is None else bias.shape[0])
         attrs = (ctypes.c_int64 * 7)(scheme.bits, int(scheme.key_per_channel), scheme.key_group,
                                      scheme.value_group, scheme.residual, int(scheme.symmetric),
@@ -624,8 +631,9 @@ CUDA_RUNNERS = {"ort-cuda-ep": _cuda_ep_runner, "ctypes": _cuda_ctypes_runner}
 
 def _drive_cuda(runner, scheme, batch, hq, hkv, d, steps, with_bias=True, pad=None, pad_key=None, seed=0,
                 scale=0.0):
-    """``drive`` on a CUDA runner: same inputs, same checks per call; returns the last present cache."""
-    run = CUDA_RUNNERS[runner](scheme, with_bias=with_bias, scale=scale)
+    """``drive`` on a CUDA runner (a CUDA_RUNNERS name or a runner factory): same inputs,
+    same checks per call; returns the last present cache."""
+    run = (CUDA_RUNNERS[runner] if isinstance(runner, str) else runner)(scheme, with_bias=with_bias, scale=scale)
     rng = np.random.default_rng(seed)
     cache_op = kq.empty_cache(batch, hkv, d, scheme)
     cache_ref = kq.empty_cache(batch, hkv, d, scheme)

@@ -1,0 +1,74 @@
+"""Builds the CUDA simulation library: this project's .cu kernels compiled as host C++.
+
+The sources are copied with two mechanical rewrites that C++ cannot express with
+macros: ``kernel<<<grid, block, smem, stream>>>(args)`` becomes
+``cuda_sim::Launch(grid, block, smem, stream)(kernel, args)``, and
+``extern __shared__ T name[];`` becomes a pointer to the block's dynamic shared
+memory. Everything else (``__syncthreads``, warp shuffles, ballots, atomics, the
+runtime calls) comes from the stand-in headers in ``include/``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import re
+import subprocess
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SIM = pathlib.Path(__file__).resolve().parent
+SOURCES = sorted((ROOT / "custom_ops").glob("*/*.cu"))
+LAUNCH = re.compile(r"(\b[A-Za-z_]\w*(?:<[^<>();]*>)?)<<<(.*?)>>>\(")
+DYNAMIC_SMEM = re.compile(r"extern __shared__ (\w+) (\w+)\[\];")
+
+
+def rewrite(text: str) -> str:
+    text = LAUNCH.sub(lambda m: f"cuda_sim::Launch({m.group(2)})({m.group(1)}, ", text)
+    return DYNAMIC_SMEM.sub(lambda m: f"{m.group(1)}* {m.group(2)} = cuda_sim::DynamicSmem<{m.group(1)}>();", text)
+
+
+def ort_include() -> pathlib.Path:
+    """The ONNX Runtime C headers the op library was built with."""
+    env = os.environ.get("ORT_INCLUDE_DIR")
+    candidates = [pathlib.Path(env)] if env else []
+    candidates += sorted(pathlib.Path.home().glob(".cache/toolkit/ort-headers/*/include/onnxruntime"), reverse=True)
+    candidates.append(pathlib.Path("/usr/include/onnxruntime"))
+    for c in candidates:
+        if (c / "onnxruntime_c_api.h").is_file():
+            return c
+    raise FileNotFoundError("ONNX Runtime C headers not found (build the op library first: make build)")
+
+
+def build(out_dir: pathlib.Path, sanitize: str | None = None) -> pathlib.Path:
+    """Compiles (or reuses) the library; returns its path."""
+    inputs = [*SOURCES, *sorted(SIM.glob("include/*.h")), SIM / "runtime.cc", pathlib.Path(__file__)]
+    digest = hashlib.sha256()
+    for p in inputs:
+        digest.update(p.read_bytes())
+    digest.update(str(sanitize).encode())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib = out_dir / f"libcuda_sim_{digest.hexdigest()[:16]}.so"
+    if lib.is_file():
+        return lib
+    src_dir = out_dir / "src"
+    src_dir.mkdir(exist_ok=True)
+    units = [SIM / "runtime.cc"]
+    for src in SOURCES:
+        dst = src_dir / f"{src.parent.name}_{src.stem}.cc"
+        dst.write_text(rewrite(src.read_text()))
+        units.append(dst)
+    ort = ort_include()
+    cmd = ["g++", "-std=c++20", "-O1", "-g", "-fPIC", "-shared", "-pthread", "-w",
+           f"-I{SIM / 'include'}", f"-I{ROOT / 'custom_ops'}", f"-I{ort}", f"-I{ort.parent}"]
+    if sanitize:
+        cmd.append(f"-fsanitize={sanitize}")
+    tmp = lib.with_suffix(".tmp.so")
+    subprocess.run([*cmd, *map(str, units), "-o", str(tmp)], check=True, capture_output=True, text=True)
+    tmp.replace(lib)  # atomic: a concurrent build never sees a half-written library
+    return lib
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(build(pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "build/cuda_sim")))
