@@ -75,28 +75,32 @@ __device__ __forceinline__ const float* FpRow(const Io& io, const float* res, co
 }
 
 // Code of channel d in a packed token row (channel j*P + i in bits [i*bits, (i+1)*bits) of byte j).
-__device__ __forceinline__ float CodeAt(const uint8_t* row, int64_t d, int bits) {
-  const int per = 8 / bits;
-  return float((row[d / per] >> ((d % per) * bits)) & ((1 << bits) - 1));
+// Channel and group indices inside a row are 32-bit here and in KeyAt / ValueAt
+// (64-bit integer division is a long emulated sequence on NVIDIA GPUs); positions
+// and offsets into the cache stay 64-bit. P = 8 / bits is a power of two: shifts.
+__device__ __forceinline__ float CodeAt(const uint8_t* row, int d, int bits) {
+  const int log2_per = bits == 8 ? 0 : (bits == 4 ? 1 : 2);
+  return float((row[d >> log2_per] >> ((d & ((1 << log2_per) - 1)) * bits)) & ((1 << bits) - 1));
 }
 
 // Dequantized key or value element (t, d) of bh. Per-token parameters are read
 // through the same rule for keys and values; per-channel keys use group t / G.
-__device__ __forceinline__ float KeyAt(const Io& io, int bits, bool per_channel, int64_t G, int64_t bh, int64_t t,
-                                       int64_t d) {
+__device__ __forceinline__ float KeyAt(const Io& io, int bits, bool per_channel, int G, int64_t bh, int64_t t,
+                                       int d) {
   if (t >= io.N) return FpRow(io, io.key_res, io.key, bh, t)[d];
   const float c = CodeAt(io.key_q + (bh * io.Nc + t) * io.row_bytes, d, bits);
   if (per_channel) {
-    const int64_t p = (bh * (io.Nc / G) + t / G) * io.D + d;
+    const int64_t tg = t <= INT32_MAX ? int64_t(int(t) / G) : t / G;  // (32-bit where it fits: always, in practice)
+    const int64_t p = (bh * (io.Nc / G) + tg) * io.D + d;
     return HalfToFloat(io.key_scale[p]) * c + HalfToFloat(io.key_zero[p]);
   }
-  const int64_t p = (bh * io.Nc + t) * (io.D / G) + d / G;
+  const int64_t p = (bh * io.Nc + t) * (io.D / G) + d / G;  // (d / G: 32-bit)
   const float s = HalfToFloat(io.key_scale[p]);
   const float z = io.key_zero ? HalfToFloat(io.key_zero[p]) : -128.0f * s;
   return s * c + z;
 }
 
-__device__ __forceinline__ float ValueAt(const Io& io, int bits, int64_t G, int64_t bh, int64_t t, int64_t d) {
+__device__ __forceinline__ float ValueAt(const Io& io, int bits, int G, int64_t bh, int64_t t, int d) {
   if (t >= io.N) return FpRow(io, io.value_res, io.value, bh, t)[d];
   const float c = CodeAt(io.value_q + (bh * io.Nc + t) * io.row_bytes, d, bits);
   const int64_t p = (bh * io.Nc + t) * (io.D / G) + d / G;
@@ -174,8 +178,9 @@ __global__ void __launch_bounds__(kThreads) AttendKernel(const Io io, const int 
   const int64_t t_end = t_begin + plan.slice_len < io.T ? t_begin + plan.slice_len : io.T;
 
   // Query row r of the tile is head h*rep + j, query s, with row0 + r = j*S + s.
-  for (int64_t idx = threadIdx.x; idx < kTileRows * D; idx += kThreads) {
-    const int64_t r = idx / D, d = idx % D;
+  const int Di = int(D);  // (a head dimension: tile indices are 32-bit)
+  for (int idx = threadIdx.x; idx < kTileRows * Di; idx += kThreads) {
+    const int r = idx / Di, d = idx % Di;
     float x = 0.0f;
     if (r < nrows) {
       const int64_t j = (row0 + r) / S, s = (row0 + r) % S;
@@ -197,9 +202,9 @@ __global__ void __launch_bounds__(kThreads) AttendKernel(const Io io, const int 
   }
 
   for (int64_t t0 = t_begin; t0 < t_end; t0 += kTileK) {
-    for (int64_t idx = threadIdx.x; idx < kTileK * D; idx += kThreads) {
-      const int64_t i = idx / D, d = idx % D;
-      k[i * (D + 1) + d] = t0 + i < t_end ? KeyAt(io, bits, key_per_channel, key_group, bh, t0 + i, d) : 0.0f;
+    for (int idx = threadIdx.x; idx < kTileK * Di; idx += kThreads) {
+      const int i = idx / Di, d = idx % Di;
+      k[i * (Di + 1) + d] = t0 + i < t_end ? KeyAt(io, bits, key_per_channel, int(key_group), bh, t0 + i, d) : 0.0f;
     }
     __syncthreads();
     // Scores of this tile and the online-softmax update; warp w owns rows w, w + kWarps, ...
@@ -236,13 +241,13 @@ __global__ void __launch_bounds__(kThreads) AttendKernel(const Io io, const int 
     // Also the barrier after the last read of k. No position of the tile is seen by
     // any row: skip its values (masked rows may hold anything, even inf).
     if (!__syncthreads_or(valid_any)) continue;
-    for (int64_t idx = threadIdx.x; idx < kTileK * D; idx += kThreads) {
-      const int64_t i = idx / D, d = idx % D;
-      v[idx] = t0 + i < t_end ? ValueAt(io, bits, value_group, bh, t0 + i, d) : 0.0f;
+    for (int idx = threadIdx.x; idx < kTileK * Di; idx += kThreads) {
+      const int i = idx / Di, d = idx % Di;
+      v[idx] = t0 + i < t_end ? ValueAt(io, bits, int(value_group), bh, t0 + i, d) : 0.0f;
     }
     __syncthreads();
-    for (int64_t idx = threadIdx.x; idx < nrows * D; idx += kThreads) {
-      const int64_t r = idx / D, d = idx % D;
+    for (int idx = threadIdx.x; idx < nrows * Di; idx += kThreads) {
+      const int r = idx / Di, d = idx % Di;
       const float* pr = p + r * kTileK;
       float sum = 0.0f;
       for (int i = 0; i < kTileK; ++i) {

@@ -207,6 +207,12 @@ def test_kv_long_context_slices_and_scale(sim):
     kvt._drive_cuda(_growing_runner(sim), kvt.SCHEMES["kivi4"], 1, 2, 2, 32, steps=[17, 1, 1], scale=0.05)
 
 
+@pytest.mark.parametrize("d", [128, 256])
+def test_kv_large_head_dim_and_gqa(sim, d):
+    # Real models' head dims with GQA 4 (at 256 the shared memory is past 48 KiB).
+    kvt._drive_cuda(_growing_runner(sim), kvt.SCHEMES["kivi4"], 1, 8, 2, d, steps=[37, 1, 9], seed=2)
+
+
 def _drive_capacity_sim(sim, scheme, batch, hq, hkv, d, steps, capacity, slots=None, in_place=False, seed=0):
     """The fixed-capacity entry against kq.attention_capacity (presents bit for bit,
     unused slots untouched) and against the growing entry's output (bit-identical);
