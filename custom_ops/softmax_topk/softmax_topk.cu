@@ -283,8 +283,8 @@ __global__ void __launch_bounds__(kThreads)
            log_norm ? log_norm + row : nullptr);
 }
 
-// The split of long rows at small batch (see ChunkTopKKernel): with fewer rows than
-// half the SMs, a row of V >= kMinSplitV logits takes enough chunks of at least
+// The split of long rows at small batch (see ChunkTopKKernel): with at most half as
+// many rows as SMs, a row of V >= kMinSplitV logits takes enough chunks of at least
 // kMinChunk logits to give about two blocks per SM, as long as every chunk's k best
 // and the chunks * k entries of the merge fit the shared sort buffer.
 constexpr int64_t kMinSplitV = 32768;

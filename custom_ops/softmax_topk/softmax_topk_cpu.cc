@@ -314,9 +314,12 @@ TOOLKIT_AVX2 inline __m256 ExpTerm8(const float* p, __m256 va, __m256 vnc, __m25
 
 // The clamp for ExpTerm8 / BlockMaxExpSum: the float lo < m with lo a - c >= -125
 // that is closest to m - 124 / a (terms clamped there add at most 2^-124 each to a
-// sum >= 1). False when no float below m is that close (|m| beyond about 2^30 a):
-// the chunk then takes the exact scalar path.
+// sum >= 1). False, and the chunk takes the exact scalar path, when c is too far
+// from m a: its rounding error reaches 1 once |m a| passes 2^24 (|m| about 1.2e7 T),
+// and 2^(x a - c) near the max would then be far from 1 (past 2^31 it overflows a
+// block's float sum). Real logits are many orders of magnitude below that.
 inline bool ClampFloor(float m, float a, float c, float* lo) {
+  if (!(std::fabs(double(m) * double(a) - double(c)) <= 1.0)) return false;
   float v = float(double(m) - 124.0 / double(a));
   if (!(v < m)) return false;
   while (double(v) * double(a) - double(c) < -125.0) {
@@ -357,8 +360,8 @@ TOOLKIT_AVX2 inline float BlockExpSum(const float* x, int n8, float c, float lo,
 // themselves). A new max gives u > 0, whose float rounding (|u| 2^-24) turns into a
 // relative error of the term that dominates the sum, so the caller keeps the result
 // only when the max rose by at most kMaxMergedJump in u (error <= 2e-7) and otherwise
-// redoes the block against its own max. A NaN or +inf logit makes the sum NaN, which
-// sends the caller to the checking path.
+// redoes the block against its own max. A NaN or +inf logit makes the returned sum
+// NaN, which sends the caller to the checking path.
 constexpr float kMaxMergedJump = 4.0f;
 //
 // kFlags: also marks each 16-logit group holding a logit above `thr` (bit i of
@@ -383,13 +386,15 @@ TOOLKIT_AVX2 inline float BlockMaxExpSum(const float* x, int n8, float c_m, floa
     const __m256 ac = _mm256_max_ps(a, c);
     mx = _mm256_max_ps(ac, mx);
     if constexpr (kFlags) f |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(ac, vthr, _CMP_GT_OQ)) != 0) << (i >> 4);
-    sum = _mm256_add_ps(sum, _mm256_add_ps(term(a), term(c)));
+    // A NaN whose payload has low bits set can come out of Exp2Poly5 finite (the
+    // exponent add carries into them): a NaN lane ORs all ones (a NaN) into the terms.
+    sum = _mm256_add_ps(sum, _mm256_or_ps(_mm256_add_ps(term(a), term(c)), _mm256_cmp_ps(a, c, _CMP_UNORD_Q)));
   }
   for (; i < n8; i += 8) {
     const __m256 a = _mm256_max_ps(vlo, _mm256_loadu_ps(x + i));
     mx = _mm256_max_ps(a, mx);
     if constexpr (kFlags) f |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(a, vthr, _CMP_GT_OQ)) != 0) << (i >> 4);
-    sum = _mm256_add_ps(sum, term(a));
+    sum = _mm256_add_ps(sum, _mm256_or_ps(term(a), _mm256_cmp_ps(a, a, _CMP_UNORD_Q)));
   }
   *block_max = HorizontalMax(mx);
   if constexpr (kFlags) *flags = f;

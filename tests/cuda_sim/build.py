@@ -28,10 +28,16 @@ def rewrite(text: str) -> str:
 
 
 def ort_include() -> pathlib.Path:
-    """The ONNX Runtime C headers the op library was built with."""
-    env = os.environ.get("ORT_INCLUDE_DIR")
-    candidates = [pathlib.Path(env)] if env else []
-    candidates += sorted(pathlib.Path.home().glob(".cache/toolkit/ort-headers/*/include/onnxruntime"), reverse=True)
+    """The ONNX Runtime C headers the op library was built with (its CMake cache first)."""
+    candidates = []
+    for cache in sorted((ROOT / "build").glob("*/CMakeCache.txt")):
+        for line in cache.read_text(errors="replace").splitlines():
+            if line.startswith("ORT_INCLUDE_DIR:"):
+                candidates.append(pathlib.Path(line.split("=", 1)[1]))
+    if os.environ.get("ORT_INCLUDE_DIR"):
+        candidates.append(pathlib.Path(os.environ["ORT_INCLUDE_DIR"]))
+    cache_root = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    candidates += sorted(cache_root.glob("toolkit/ort-headers/*/include/onnxruntime"), reverse=True)
     candidates.append(pathlib.Path("/usr/include/onnxruntime"))
     for c in candidates:
         if (c / "onnxruntime_c_api.h").is_file():
@@ -50,7 +56,7 @@ def build(out_dir: pathlib.Path, sanitize: str | None = None) -> pathlib.Path:
     lib = out_dir / f"libcuda_sim_{digest.hexdigest()[:16]}.so"
     if lib.is_file():
         return lib
-    src_dir = out_dir / "src"
+    src_dir = out_dir / f"src-{os.getpid()}"  # per process: concurrent builds do not share files
     src_dir.mkdir(exist_ok=True)
     units = [SIM / "runtime.cc"]
     for src in SOURCES:
@@ -62,8 +68,10 @@ def build(out_dir: pathlib.Path, sanitize: str | None = None) -> pathlib.Path:
            f"-I{SIM / 'include'}", f"-I{ROOT / 'custom_ops'}", f"-I{ort}", f"-I{ort.parent}"]
     if sanitize:
         cmd.append(f"-fsanitize={sanitize}")
-    tmp = lib.with_suffix(".tmp.so")
-    subprocess.run([*cmd, *map(str, units), "-o", str(tmp)], check=True, capture_output=True, text=True)
+    tmp = lib.with_suffix(f".{os.getpid()}.tmp.so")
+    done = subprocess.run([*cmd, *map(str, units), "-o", str(tmp)], check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the CUDA simulation failed:\n{' '.join(cmd)}\n{done.stderr[-8000:]}")
     tmp.replace(lib)  # atomic: a concurrent build never sees a half-written library
     return lib
 

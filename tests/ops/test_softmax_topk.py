@@ -270,6 +270,29 @@ def test_mixed_rows(dtype, V, k, normalize, log_probs, temperature):
     check(x, k, temperature, normalize, log_probs)
 
 
+@pytest.mark.parametrize("V", [8, 4096, 70000])
+@pytest.mark.parametrize("center", [1.490006144e9, 2.1e9, -1.49e9, 3.0e7, 2.0e7])
+def test_rows_far_from_zero(center, V):
+    """Constant and near-constant rows where the sweep's exp offset fl(max log2(e) / T)
+    rounds by 1 or more (these take the exact path), or just under it. (T = 1: ORT's
+    Div by another T rounds x / T at this magnitude and merges the two values.)"""
+    x = np.full((2, V), center, dtype=np.float32)
+    x[1, V // 3] = np.nextafter(x[1, V // 3], np.float32(np.inf))
+    check(x, 1)
+    check(x, 5)
+
+
+@pytest.mark.parametrize("position", [0, 17, 5000])
+@pytest.mark.parametrize("payload", [0x7FC00001, 0x7F800101, 0xFFC001FF])
+def test_nan_payloads_poison_the_row(payload, position):
+    """NaNs with low payload bits set (the exp's exponent add carries into them) are
+    still NaNs: the row is poisoned as ORT's is, in any block."""
+    x = make_input((2, 8192), ["normal"], np.float32, seed=3)
+    x.view(np.uint32)[0, position] = payload
+    check(x, 3)
+    check(x, 3, normalize=1)
+
+
 @pytest.mark.parametrize("normalize,log_probs", [(0, 0), (1, 1)])
 @pytest.mark.parametrize("shape", [(1,), (2,), (1000,), (1, 2), (1, 1000)], ids=str)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])

@@ -97,6 +97,7 @@ struct Launch {
   Launch(dim3 g, dim3 b, size_t sm = 0, cudaStream_t = nullptr) : grid(g), block(b), smem(sm) {}
   template <class K, class... A>
   void operator()(K kernel, A... args) const {
+    if (grid.z != 1) std::abort();  // (no kernel here uses a 3-D grid; blocks iterate x, y)
     const unsigned n = block.x * block.y * block.z;
     for (unsigned by = 0; by < grid.y; ++by) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
