@@ -466,11 +466,9 @@ cudaError_t WritePresent(const Io& io, const Attributes& a, cudaStream_t s) {
   const int64_t rows = io.capacity ? Nc : N;
   cudaError_t err = Copy2D(io.p_key_q, P * rb, io.key_q, Nc * rb, rows * rb, heads, s);
   if (err == cudaSuccess) err = Copy2D(io.p_value_q, P * rb, io.value_q, Nc * rb, rows * rb, heads, s);
-  auto key_params = [&](int64_t tokens) {
-    return a.key_per_channel ? tokens / a.key_group * D : tokens * io.key_params_per_token;
-  };
   constexpr int64_t h2 = sizeof(uint16_t);
-  const int64_t kp_dst = key_params(P) * h2, kp_src = key_params(Nc) * h2, kp_width = key_params(rows) * h2;
+  const int64_t kp_dst = KeyParams(io, a, P) * h2, kp_src = KeyParams(io, a, Nc) * h2;
+  const int64_t kp_width = KeyParams(io, a, rows) * h2;
   if (err == cudaSuccess) err = Copy2D(io.p_key_scale, kp_dst, io.key_scale, kp_src, kp_width, heads, s);
   if (err == cudaSuccess && io.p_key_zero) err = Copy2D(io.p_key_zero, kp_dst, io.key_zero, kp_src, kp_width, heads, s);
   const int64_t vp = io.value_params;
@@ -611,14 +609,11 @@ int RunCEntry(const int64_t* dims, const int64_t* attrs, float scale, const void
   Io io;
   io.B = dims[0], io.Hq = dims[1], io.Hkv = dims[2], io.S = dims[3], io.D = dims[4], io.N = dims[5], io.r = dims[6];
   io.bias_batch = dims[7];
-  if (a.bits != 8 && a.bits != 4 && a.bits != 2) return int(cudaErrorInvalidValue);
-  if (a.key_group <= 0 || a.value_group <= 0 || a.residual < 0 || io.B < 0 || io.Hq < 0 || io.S < 0 || io.D < 0 ||
-      io.N < 0 || io.r < 0 || (io.bias_batch != 0 && io.bias_batch != 1 && io.bias_batch != io.B) ||
-      (a.symmetric != 0 && a.symmetric != 1) || (a.symmetric && (a.bits != 8 || a.key_per_channel)) ||
-      (a.quantize_query != 0 && a.quantize_query != 1) || !(scale >= 0.0f) || !std::isfinite(scale) ||
-      io.D % (8 / a.bits) != 0 || io.D % a.value_group != 0 || (!a.key_per_channel && io.D % a.key_group != 0) ||
-      (a.key_per_channel && (io.N % a.key_group != 0 || a.residual < a.key_group || a.residual % a.key_group != 0)) ||
-      (a.residual == 0 ? io.r != 0 : io.r >= a.residual)) {
+  if (!AttributeError(a).empty() || (a.symmetric != 0 && a.symmetric != 1)) return int(cudaErrorInvalidValue);
+  if (io.B < 0 || io.Hq < 0 || io.S < 0 || io.D < 0 || io.N < 0 || io.r < 0 ||
+      (io.bias_batch != 0 && io.bias_batch != 1 && io.bias_batch != io.B) || io.D % (8 / a.bits) != 0 ||
+      io.D % a.value_group != 0 || (!a.key_per_channel && io.D % a.key_group != 0) ||
+      (a.key_per_channel && io.N % a.key_group != 0) || (a.residual == 0 ? io.r != 0 : io.r >= a.residual)) {
     return int(cudaErrorInvalidValue);
   }
   // The derived fields, as Prepare computes them.

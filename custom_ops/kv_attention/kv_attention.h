@@ -50,7 +50,9 @@
 //   the past tensor is copied first. Slots past the valid lengths are never read.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "common/common.h"
@@ -74,6 +76,28 @@ struct Attributes {
 };
 
 OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs);
+
+// The attribute rules, shared by ReadAttributes and the CUDA C entries: the error
+// (after "QuantKVAttention: "), or empty when the attributes are valid.
+inline std::string AttributeError(const Attributes& a) {
+  if (a.bits != 8 && a.bits != 4 && a.bits != 2) {
+    return "attribute bits=" + std::to_string(a.bits) + "; expected 8, 4 or 2";
+  }
+  if (a.key_group <= 0 || a.value_group <= 0) return "attributes key_group and value_group must be positive";
+  if (a.residual < 0) return "attribute residual must be >= 0";
+  if (a.key_per_channel && (a.residual < a.key_group || a.residual % a.key_group != 0)) {
+    return "attribute residual=" + std::to_string(a.residual) + " must be a positive multiple of key_group=" +
+           std::to_string(a.key_group) + " when keys are quantized per channel (key_per_channel=1)";
+  }
+  if (a.symmetric && (a.bits != 8 || a.key_per_channel)) {
+    return "symmetric=1 is only supported for bits=8 with per-token keys (key_per_channel=0)";
+  }
+  if (a.quantize_query != 0 && a.quantize_query != 1) {
+    return "attribute quantize_query=" + std::to_string(a.quantize_query) + "; expected 0 or 1";
+  }
+  if (!(a.scale >= 0.0f) || !std::isfinite(a.scale)) return "attribute scale must be finite and >= 0 (0 = 1/sqrt(D))";
+  return {};
+}
 
 // Shapes, the flush decision and the data pointers of one call (host or device
 // pointers, depending on the provider). Filled by Prepare, shared by all providers.
@@ -117,6 +141,12 @@ struct Io {
   float* p_value_res = nullptr;
   int64_t* p_lengths = nullptr;  // present_cache_lengths when requested: an output, so in the provider's memory
 };
+
+// Elements of the key scales (and zeros) of `tokens` token slots of one (batch, KV
+// head): per channel, D per group of key_group tokens; per token, D / key_group each.
+inline int64_t KeyParams(const Io& io, const Attributes& a, int64_t tokens) {
+  return a.key_per_channel ? tokens / a.key_group * io.D : tokens * io.key_params_per_token;
+}
 
 // Checks every input against the attributes and the other inputs (errors name the
 // input, its shape and what was expected), allocates the outputs, fills `io`.

@@ -48,33 +48,8 @@ OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs) {
     if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, v)) api.ReleaseStatus(st);
   }
   if (OrtStatus* st = api.KernelInfoGetAttribute_float(info, "scale", &attrs->scale)) api.ReleaseStatus(st);
-  const std::string op = kOpName;
-  if (attrs->bits != 8 && attrs->bits != 4 && attrs->bits != 2) {
-    return MakeStatus(ORT_INVALID_ARGUMENT, op + ": attribute bits=" + std::to_string(attrs->bits) +
-                                                "; expected 8, 4 or 2");
-  }
-  if (attrs->key_group <= 0 || attrs->value_group <= 0) {
-    return MakeStatus(ORT_INVALID_ARGUMENT, op + ": attributes key_group and value_group must be positive");
-  }
-  if (attrs->residual < 0) return MakeStatus(ORT_INVALID_ARGUMENT, op + ": attribute residual must be >= 0");
-  if (attrs->key_per_channel &&
-      (attrs->residual < attrs->key_group || attrs->residual % attrs->key_group != 0)) {
-    return MakeStatus(ORT_INVALID_ARGUMENT,
-                      op + ": attribute residual=" + std::to_string(attrs->residual) +
-                          " must be a positive multiple of key_group=" + std::to_string(attrs->key_group) +
-                          " when keys are quantized per channel (key_per_channel=1)");
-  }
-  if (attrs->symmetric && (attrs->bits != 8 || attrs->key_per_channel)) {
-    return MakeStatus(ORT_INVALID_ARGUMENT,
-                      op + ": symmetric=1 is only supported for bits=8 with per-token keys (key_per_channel=0)");
-  }
-  if (attrs->quantize_query != 0 && attrs->quantize_query != 1) {
-    return MakeStatus(ORT_INVALID_ARGUMENT, op + ": attribute quantize_query=" +
-                                                std::to_string(attrs->quantize_query) + "; expected 0 or 1");
-  }
-  if (!(attrs->scale >= 0.0f) || !std::isfinite(attrs->scale)) {
-    return MakeStatus(ORT_INVALID_ARGUMENT, op + ": attribute scale must be finite and >= 0 (0 = 1/sqrt(D))");
-  }
+  const std::string error = AttributeError(*attrs);
+  if (!error.empty()) return MakeStatus(ORT_INVALID_ARGUMENT, std::string(kOpName) + ": " + error);
   return nullptr;
 }
 
@@ -1584,11 +1559,9 @@ void WritePresent(void* data, size_t index) {
       copy(io.p_key_q + bh * P * rb, io.key_q + bh * Nc * rb, rows * rb);
       copy(io.p_value_q + bh * P * rb, io.value_q + bh * Nc * rb, rows * rb);
     }
-    auto key_params = [&](int64_t tokens) {
-      return a.key_per_channel ? tokens / a.key_group * D : tokens * io.key_params_per_token;
-    };
-    copy(io.p_key_scale + bh * key_params(P), io.key_scale + bh * key_params(Nc), key_params(rows));
-    if (io.p_key_zero) copy(io.p_key_zero + bh * key_params(P), io.key_zero + bh * key_params(Nc), key_params(rows));
+    const int64_t kp_present = KeyParams(io, a, P), kp_past = KeyParams(io, a, Nc), kp_rows = KeyParams(io, a, rows);
+    copy(io.p_key_scale + bh * kp_present, io.key_scale + bh * kp_past, kp_rows);
+    if (io.p_key_zero) copy(io.p_key_zero + bh * kp_present, io.key_zero + bh * kp_past, kp_rows);
     const int64_t vp = io.value_params;
     copy(io.p_value_scale + bh * P * vp, io.value_scale + bh * Nc * vp, rows * vp);
     if (io.p_value_zero) copy(io.p_value_zero + bh * P * vp, io.value_zero + bh * Nc * vp, rows * vp);

@@ -289,6 +289,12 @@ __global__ void __launch_bounds__(kThreads)
 // and the chunks * k entries of the merge fit the shared sort buffer.
 constexpr int64_t kMinSplitV = 32768;
 constexpr int64_t kMinChunk = 8192;
+// The smallest power of two >= n (n >= 1): the bitonic sort's buffer length.
+int64_t PowerOfTwoAtLeast(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
 struct SplitPlan {
   int64_t chunks = 1, chunk_len = 0, merge_n2 = 0;
 };
@@ -308,9 +314,7 @@ SplitPlan PlanSplit(int64_t rows, int64_t V, int64_t k, int normalize, int64_t n
   if (chunks < 2) return p;
   p.chunk_len = (V + chunks - 1) / chunks;
   p.chunks = (V + p.chunk_len - 1) / p.chunk_len;  // (every chunk holds >= kMinChunk / 2 >= k logits)
-  int64_t m2 = 1;
-  while (m2 < p.chunks * k) m2 <<= 1;
-  p.merge_n2 = m2;
+  p.merge_n2 = PowerOfTwoAtLeast(p.chunks * k);
   return p;
 }
 
@@ -328,8 +332,7 @@ int LaunchCuda(const void* logits, bool is_fp16, int64_t rows, int64_t V, int64_
   if (rows == 0) return cudaSuccess;
   auto s = static_cast<cudaStream_t>(stream);
   const float inv_t = 1.0f / temperature;
-  int64_t n2 = 1;
-  while (n2 < k) n2 <<= 1;
+  const int64_t n2 = PowerOfTwoAtLeast(k);
   const SplitPlan split = PlanSplit(rows, V, k, normalize, n2);
   if (split.chunks > 1) {
     // Scratch: chunks * k entries and the chunks' statistics per row.

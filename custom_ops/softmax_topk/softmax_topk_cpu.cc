@@ -302,8 +302,7 @@ __attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t b
 // rounds once instead of twice; the rounding of c is the same for every term, a
 // common factor 2^(m a - c) of the sum that FastScanAvx2 takes out exactly in double
 // (CToMax). The clamp sits on x, before the block max reads it, so the one max
-// serves both; maxps(lo, NaN) keeps the NaN, which then poisons the sum (the
-// caller's NaN / +inf signal) as before.
+// serves both (maxps(lo, NaN) keeps the NaN; BlockMaxExpSum flags NaNs itself).
 TOOLKIT_AVX2 inline __m256 ExpU8(__m256 x, __m256 va, __m256 vnc) { return Exp2Poly5(_mm256_fmadd_ps(x, va, vnc)); }
 template <bool kClamp>
 TOOLKIT_AVX2 inline __m256 ExpTerm8(const float* p, __m256 va, __m256 vnc, __m256 vlo) {

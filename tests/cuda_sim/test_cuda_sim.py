@@ -66,11 +66,7 @@ def _softmax_topk(sim, x, k, normalize, log_probs, temperature=0.9):
     err = fn(_ptr(x), int(x.dtype == np.float16), rows, V, k, temperature, normalize, log_probs, _ptr(values),
              _ptr(indices), _ptr(log_norm), None)
     assert err == 0, f"cudaError {err}"
-    ref_v, ref_i, ref_ln = stt.reference(x, k, temperature, normalize, bool(log_probs))
-    np.testing.assert_array_equal(indices, ref_i)
-    rtol = 1e-3 if x.dtype == np.float16 else 2e-5  # as the GPU test: float expf/logf and sums
-    np.testing.assert_allclose(values.astype(np.float64), ref_v.astype(np.float64), rtol=rtol, atol=1e-5)
-    np.testing.assert_allclose(log_norm, ref_ln, rtol=1e-5, atol=1e-5)
+    stt.assert_cuda_outputs(x, k, temperature, normalize, log_probs, values, indices, log_norm)
 
 
 @pytest.mark.parametrize("normalize,log_probs", [(0, 0), (0, 1), (1, 0), (1, 1)])
@@ -148,19 +144,6 @@ def test_lowrank_matmul(sim, lead, K, r, N, weights, with_bias):
 # ---------------------------------------------------------------- QuantKVAttention
 
 
-def _kv_args(scheme, q, k, v, cache, bias, n, r, extra_dims=()):
-    b, hq, s_len, d = q.shape
-    hkv = k.shape[1]
-    dims = (I64 * (8 + len(extra_dims)))(b, hq, hkv, s_len, d, n, r, 0 if bias is None else bias.shape[0],
-                                         *extra_dims)
-    attrs = (I64 * 7)(scheme.bits, int(scheme.key_per_channel), scheme.key_group, scheme.value_group,
-                      scheme.residual, int(scheme.symmetric), int(scheme.quantize_query))
-    host = (q, k, v, cache["key_q"], cache["key_scale"], cache.get("key_zero"), cache["key_res"],
-            cache["value_q"], cache["value_scale"], cache.get("value_zero"), cache["value_res"], bias)
-    host = [None if t is None else np.ascontiguousarray(t) for t in host]
-    return dims, attrs, host
-
-
 def _entry(sim, name):
     fn = getattr(sim, name)
     fn.restype = ctypes.c_int
@@ -177,7 +160,7 @@ def _growing_runner(sim):
             n, r = cache["key_q"].shape[2], cache["key_res"].shape[2]
             outs = {name: None if spec is None else np.empty(*spec)
                     for name, spec in kvt.grown_outputs(scheme, q, k, cache).items()}
-            dims, attrs, host = _kv_args(scheme, q, k, v, cache, bias, n, r)
+            dims, attrs, host = kvt.c_entry_args(scheme, q, k, v, cache, bias, n, r)
             err = fn(dims, attrs, scale, (P * 12)(*map(_ptr, host)), (P * 9)(*map(_ptr, outs.values())), None)
             assert err == 0, f"cudaError {err}"
             return outs["output"], {n: t for n, t in outs.items() if n != "output" and t is not None}
@@ -228,7 +211,7 @@ def _drive_capacity_sim(sim, scheme, batch, hq, hkv, d, steps, capacity, slots=N
         bias = kvt.causal_bias(batch, s_len, past, None)
         ref, ref_cache, ref_lengths = kq.attention_capacity(q, k, v, cache, lengths, scheme, bias)
         n, r = int(lengths[0]), int(lengths[1])
-        dims, attrs, host = _kv_args(scheme, q, k, v, cache, bias, n, r,
+        dims, attrs, host = kvt.c_entry_args(scheme, q, k, v, cache, bias, n, r,
                                      (cache["key_q"].shape[2], cache["key_res"].shape[2]))
         names = ["key_q", "key_scale", "key_zero", "key_res", "value_q", "value_scale", "value_zero", "value_res"]
         if in_place:

@@ -586,6 +586,22 @@ def grown_outputs(scheme, q, k, cache):
     return outs
 
 
+def c_entry_args(scheme, q, k, v, cache, bias, n, r, extra_dims=()):
+    """dims and attrs (ctypes int64 arrays) and the 12 host inputs of the CUDA C entries
+    (toolkit_quant_kv_attention_cuda[_capacity]; extra_dims: the capacity one's Nc, Rc)."""
+    import ctypes
+
+    b, hq, s_len, d = q.shape
+    hkv = k.shape[1]
+    dims = (ctypes.c_int64 * (8 + len(extra_dims)))(b, hq, hkv, s_len, d, n, r,
+                                                    0 if bias is None else bias.shape[0], *extra_dims)
+    attrs = (ctypes.c_int64 * 7)(scheme.bits, int(scheme.key_per_channel), scheme.key_group, scheme.value_group,
+                                 scheme.residual, int(scheme.symmetric), int(scheme.quantize_query))
+    host = (q, k, v, cache["key_q"], cache["key_scale"], cache.get("key_zero"), cache["key_res"],
+            cache["value_q"], cache["value_scale"], cache.get("value_zero"), cache["value_res"], bias)
+    return dims, attrs, [None if t is None else np.ascontiguousarray(t) for t in host]
+
+
 def _cuda_ctypes_runner(scheme, with_bias=True, scale=0.0):
     """A ``run_op``-like callable on toolkit_quant_kv_attention_cuda (device tensors from torch)."""
     import ctypes
@@ -599,21 +615,14 @@ def _cuda_ctypes_runner(scheme, with_bias=True, scale=0.0):
                    ctypes.c_void_p]
 
     def run(q, k, v, cache, bias):
-        b, hq, s_len, d = q.shape
-        hkv = k.shape[1]
         n, r = cache["key_q"].shape[2], cache["key_res"].shape[2]
         if bias is not None:
             assert with_bias
-        host = (q, k, v, cache["key_q"], cache["key_scale"], cache.get("key_zero"), cache["key_res"],
-                cache["value_q"], cache["value_scale"], cache.get("value_zero"), cache["value_res"], bias)
-        dev = [None if t is None else torch.from_numpy(np.ascontiguousarray(t)).cuda() for t in host]
+        dims, attrs, host = c_entry_args(scheme, q, k, v, cache, bias, n, r)
+        dev = [None if t is None else torch.from_numpy(t).cuda() for t in host]
         dtypes = {np.float32: torch.float32, np.float16: torch.float16, np.uint8: torch.uint8}
         outs = {name: None if spec is None else torch.empty(spec[0], dtype=dtypes[spec[1]], device="cuda")
                 for name, spec in grown_outputs(scheme, q, k, cache).items()}
-        dims = (ctypes.c_int64 * 8)(b, hq, hkv, s_len, d, n, r, 0 if bias is None else bias.shape[0])
-        attrs = (ctypes.c_int64 * 7)(scheme.bits, int(scheme.key_per_channel), scheme.key_group,
-                                     scheme.value_group, scheme.residual, int(scheme.symmetric),
-                                     int(scheme.quantize_query))
         ins = (ctypes.c_void_p * 12)(*[t.data_ptr() if t is not None and t.numel() else None for t in dev])
         outp = (ctypes.c_void_p * 9)(*[t.data_ptr() if t is not None and t.numel() else None
                                        for t in outs.values()])

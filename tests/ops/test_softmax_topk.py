@@ -496,11 +496,16 @@ def _check_cuda(x, k, normalize, log_probs):
              vt.data_ptr(), it.data_ptr(), lt.data_ptr(), stream)
     torch.cuda.synchronize()
     assert err == 0, f"cudaError {err}"
-    ref_v, ref_i, ref_ln = reference(x, k, 0.9, normalize, bool(log_probs))
-    np.testing.assert_array_equal(it.cpu().numpy(), ref_i)
-    rtol = 1e-3 if dtype == np.float16 else 2e-5  # GPU expf/logf, float sums
-    np.testing.assert_allclose(vt.cpu().numpy().astype(np.float64), ref_v.astype(np.float64), rtol=rtol, atol=1e-5)
-    np.testing.assert_allclose(lt.cpu().numpy(), ref_ln, rtol=1e-5, atol=1e-5)
+    assert_cuda_outputs(x, k, 0.9, normalize, log_probs, vt.cpu().numpy(), it.cpu().numpy(), lt.cpu().numpy())
+
+
+def assert_cuda_outputs(x, k, temperature, normalize, log_probs, values, indices, log_norm):
+    """A CUDA kernel's outputs (on the device or under tests/cuda_sim) against the NumPy reference."""
+    ref_v, ref_i, ref_ln = reference(x, k, temperature, normalize, bool(log_probs))
+    np.testing.assert_array_equal(indices, ref_i)
+    rtol = 1e-3 if x.dtype == np.float16 else 2e-5  # GPU expf/logf, float sums
+    np.testing.assert_allclose(values.astype(np.float64), ref_v.astype(np.float64), rtol=rtol, atol=1e-5)
+    np.testing.assert_allclose(log_norm, ref_ln, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(os.environ.get("TOOLKIT_OPS_LIBRARY") is not None, reason="explicit library under test")
