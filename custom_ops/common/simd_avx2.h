@@ -33,26 +33,47 @@ TOOLKIT_AVX2 inline __m256 Exp8(__m256 t) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
-// 2^u for u in [-125, 0], 8 lanes, about 2.5e-7 relative error: u = n + r with n the
-// nearest integer (the 1.5 * 2^23 shifter rounds it; its low mantissa bits hold n),
-// 2^r for |r| <= 1/2 by a degree-5 minimax polynomial (relative-error fit, 7.5e-8
-// before float rounding), and 2^n added straight into the exponent field, so the
-// whole thing is 5 FMAs and 6 cheap adds/shifts: half the multiplier-port work of
-// Exp8. The caller clamps u (or knows it is in range); below -125 the exponent add
-// would wrap.
-TOOLKIT_AVX2 inline __m256 Exp2Poly5(__m256 u) {
-  const __m256 shifter = _mm256_set1_ps(12582912.0f);
-  const __m256 z = _mm256_add_ps(u, shifter);
-  const __m256 r = _mm256_sub_ps(u, _mm256_sub_ps(z, shifter));
+// 1.5 * 2^23: adding it to a float |u| < 2^22 rounds u to the nearest integer n,
+// which the low mantissa bits of the sum then hold.
+constexpr float kRoundShifter = 12582912.0f;
+
+// 2^r for |r| <= 1/2, 8 lanes: a degree-5 minimax polynomial (relative-error fit,
+// 7.5e-8 before float rounding).
+TOOLKIT_AVX2 inline __m256 Exp2Frac5(__m256 r) {
   __m256 p = _mm256_set1_ps(0x1.5c08e4p-10f);
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.3d0c54p-7f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.c6b6e4p-5f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.ebf918p-3f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.62e428p-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.000002p+0f));
-  // (bits(z) << 23) == n << 23: the shifter's own bits shift out of the word.
-  const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(z), 23);
-  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+  return _mm256_fmadd_ps(p, r, _mm256_set1_ps(0x1.000002p+0f));
+}
+
+// 2^(x a - c) for an integer-valued c with |c| <= 2^22, 8 lanes, about 2.5e-7
+// relative error; vk = kRoundShifter - c (exact for such c). One FMA gives
+// z = fl(x a + vk) = shifter + n, n the nearest integer to x a - c, rounded once
+// from the exact product; vk - z = -c - n exactly, so a second FMA gives
+// r = fl(x a - c - n), |r| <= 1/2, again from the exact product. Then 2^r by
+// Exp2Frac5 and 2^n added straight into the exponent field ((bits(z) << 23) ==
+// n << 23: the shifter's own bits shift out of the word). Seven FMAs, a subtraction,
+// a shift and an integer add: against forming u = x a - c first and rounding it with
+// a shifter add and subtract, one operation fewer per 8 terms.
+// The caller keeps x a - c in [-125, 2^22) (below -125 the exponent add would wrap).
+// *z_bits gets the bits of z: unsigned, they are >= bits(+inf) exactly when x is NaN
+// or +inf (z is then NaN or +inf), and near bits(shifter) otherwise, so an unsigned
+// max over them flags non-finite input without a compare per vector.
+TOOLKIT_AVX2 inline __m256 Exp2Affine8(__m256 x, __m256 va, __m256 vk, __m256i* z_bits) {
+  const __m256 z = _mm256_fmadd_ps(x, va, vk);
+  const __m256 r = _mm256_fmadd_ps(x, va, _mm256_sub_ps(vk, z));
+  *z_bits = _mm256_castps_si256(z);
+  const __m256i e = _mm256_slli_epi32(*z_bits, 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(Exp2Frac5(r)), e));
+}
+
+// True when some lane of an unsigned max of Exp2Affine8's z_bits came from a NaN or
+// +inf input.
+TOOLKIT_AVX2 inline bool AnyNonFiniteZ(__m256i z_max) {
+  const __m256i inf = _mm256_set1_epi32(0x7f800000);
+  return _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_max_epu32(z_max, inf), z_max))) != 0;
 }
 
 TOOLKIT_AVX2 inline float HorizontalMax(__m256 v) {

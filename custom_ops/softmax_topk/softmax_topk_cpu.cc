@@ -287,8 +287,8 @@ __attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t b
 // x86-64 (no -march flags). It handles rows of finite values and -inf (the normal
 // case) with explicit 8-wide intrinsics, three sweeps per L1-resident block:
 //   1. max and min of the block, and a flag for NaN / +inf;
-//   2. sum of exp((x - m) / T) = 2^u against the running max m (online normaliser;
-//      Exp2Poly5, with the next block prefetched meanwhile);
+//   2. sum of exp((x - m) / T) against the running max m (online normaliser;
+//      Exp2Affine8, with the next block prefetched meanwhile);
 //   3. top-k candidates: a vector compare against the current k-th value and a
 //      bit-scan of the mask, skipped entirely when the block max cannot enter.
 // A chunk holding a NaN or +inf is rescanned by the exact scalar path above, which
@@ -296,27 +296,34 @@ __attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t b
 #if defined(__x86_64__) && defined(__GNUC__)
 #define TOOLKIT_HAVE_AVX2_PATH 1
 
-// The exponent of a term: u = x a - c in one FMA (a = log2(e) / T, c = fl(m a) for
-// the running max m), with x clamped below at lo (ClampFloor: lo a - c >= -125,
-// Exp2Poly5's range). Against the textbook (x - m) a this saves a subtraction and
-// rounds once instead of twice; the rounding of c is the same for every term, a
-// common factor 2^(m a - c) of the sum that FastScanAvx2 takes out exactly in double
-// (CToMax). The clamp sits on x, before the block max reads it, so the one max
-// serves both (maxps(lo, NaN) keeps the NaN; BlockMaxExpSum flags NaNs itself).
-TOOLKIT_AVX2 inline __m256 ExpU8(__m256 x, __m256 va, __m256 vnc) { return Exp2Poly5(_mm256_fmadd_ps(x, va, vnc)); }
+// The terms: 2^(x a - c) by Exp2Affine8 (a = log2(e) / T; c = the integer nearest
+// to m a for the running max m, so that the shifter folds into the exponent's FMA and
+// the reduced argument is rounded once from the exact product x a), with x clamped
+// below at lo (ClampFloor: lo a - c >= -125). c differs from m a, the same way for
+// every term: a common factor 2^(m a - c) of the sum that FastScanAvx2 takes out
+// exactly in double (CToMax). The clamp sits on x, before the block max reads it, so
+// the one max serves both (maxps(lo, NaN) keeps the NaN, which Exp2Affine8 flags).
 template <bool kClamp>
-TOOLKIT_AVX2 inline __m256 ExpTerm8(const float* p, __m256 va, __m256 vnc, __m256 vlo) {
+TOOLKIT_AVX2 inline __m256 ExpTerm8(const float* p, __m256 va, __m256 vk, __m256 vlo) {
   __m256 x = _mm256_loadu_ps(p);
   if constexpr (kClamp) x = _mm256_max_ps(vlo, x);
-  return ExpU8(x, va, vnc);
+  __m256i z_bits;
+  return Exp2Affine8(x, va, vk, &z_bits);
+}
+
+// The integer c for a running max m: nearest to fl(m a). NaN (so ClampFloor refuses
+// it) when it is beyond 2^22, where kRoundShifter - c would not be exact.
+inline float IntegerOffset(float m, float a) {
+  const float c = std::nearbyint(m * a);
+  return std::fabs(c) <= 4194304.0f ? c : std::numeric_limits<float>::quiet_NaN();
 }
 
 // The clamp for ExpTerm8 / BlockMaxExpSum: the float lo < m with lo a - c >= -125
 // that is closest to m - 124 / a (terms clamped there add at most 2^-124 each to a
-// sum >= 1). False, and the chunk takes the exact scalar path, when c is too far
-// from m a: its rounding error reaches 1 once |m a| passes 2^24 (|m| about 1.2e7 T),
-// and 2^(x a - c) near the max would then be far from 1 (past 2^31 it overflows a
-// block's float sum). Real logits are many orders of magnitude below that.
+// sum >= 1). False, and the chunk takes the exact scalar path, when c is NaN
+// (IntegerOffset: |m a| beyond about 2^22, i.e. |m| beyond about 2.9e6 T) or too far
+// from m a (2^(x a - c) near the max would then be far from 1). Real logits are many
+// orders of magnitude below that.
 inline bool ClampFloor(float m, float a, float c, float* lo) {
   if (!(std::fabs(double(m) * double(a) - double(c)) <= 1.0)) return false;
   float v = float(double(m) - 124.0 / double(a));
@@ -338,29 +345,29 @@ inline double CToMax(float m, float a, float c) { return std::exp2(double(c) - d
 // memory bound while this one is compute bound, so they overlap this way).
 template <bool kClamp>
 TOOLKIT_AVX2 inline float BlockExpSum(const float* x, int n8, float c, float lo, float log2e_t, const char* next) {
-  const __m256 va = _mm256_set1_ps(log2e_t), vnc = _mm256_set1_ps(-c), vlo = _mm256_set1_ps(lo);
+  const __m256 va = _mm256_set1_ps(log2e_t), vk = _mm256_set1_ps(kRoundShifter - c), vlo = _mm256_set1_ps(lo);
   // Two independent accumulators hide the add latency.
   __m256 s0 = _mm256_setzero_ps(), s1 = s0;
   int i = 0;
   for (; i + 16 <= n8; i += 16) {
     _mm_prefetch(next + 4 * i, _MM_HINT_T0);
-    s0 = _mm256_add_ps(s0, ExpTerm8<kClamp>(x + i, va, vnc, vlo));
-    s1 = _mm256_add_ps(s1, ExpTerm8<kClamp>(x + i + 8, va, vnc, vlo));
+    s0 = _mm256_add_ps(s0, ExpTerm8<kClamp>(x + i, va, vk, vlo));
+    s1 = _mm256_add_ps(s1, ExpTerm8<kClamp>(x + i + 8, va, vk, vlo));
   }
-  for (; i < n8; i += 8) s0 = _mm256_add_ps(s0, ExpTerm8<kClamp>(x + i, va, vnc, vlo));
+  for (; i < n8; i += 8) s0 = _mm256_add_ps(s0, ExpTerm8<kClamp>(x + i, va, vk, vlo));
   return HorizontalSum(_mm256_add_ps(s0, s1));
 }
 
 // One sweep for blocks after the first: the block max and the sum of 2^(x a - c)
-// against c = fl(m a) of the running max m of the blocks before (the max is then
-// updated and the total rescaled once, in double). x is clamped below at lo
-// (ClampFloor), so the block max returned is at least lo: a block wholly below lo
-// reports lo < m, which changes nothing (the candidate scan compares the logits
-// themselves). A new max gives u > 0, whose float rounding (|u| 2^-24) turns into a
-// relative error of the term that dominates the sum, so the caller keeps the result
-// only when the max rose by at most kMaxMergedJump in u (error <= 2e-7) and otherwise
+// against the c of the running max m of the blocks before (the max is then updated
+// and the total rescaled once, in double). x is clamped below at lo (ClampFloor), so
+// the block max returned is at least lo: a block wholly below lo reports lo < m,
+// which changes nothing (the candidate scan compares the logits themselves). The
+// caller keeps the result only when the max rose by at most kMaxMergedJump in u
+// (terms up to 2^4, so the float block sum stays far from overflow) and otherwise
 // redoes the block against its own max. A NaN or +inf logit makes the returned sum
-// NaN, which sends the caller to the checking path.
+// NaN (the unsigned max of Exp2Affine8's z bits), which sends the caller to the
+// checking path.
 constexpr float kMaxMergedJump = 4.0f;
 //
 // kFlags: also marks each 16-logit group holding a logit above `thr` (bit i of
@@ -370,13 +377,14 @@ constexpr float kMaxMergedJump = 4.0f;
 template <bool kFlags>
 TOOLKIT_AVX2 inline float BlockMaxExpSum(const float* x, int n8, float c_m, float lo, float log2e_t,
                                          const char* next, float thr, float* block_max, uint64_t* flags) {
-  const __m256 va = _mm256_set1_ps(log2e_t), vnc = _mm256_set1_ps(-c_m), vlo = _mm256_set1_ps(lo);
+  const __m256 va = _mm256_set1_ps(log2e_t), vk = _mm256_set1_ps(kRoundShifter - c_m), vlo = _mm256_set1_ps(lo);
   const __m256 vthr = _mm256_set1_ps(thr);
-  // One accumulator for the sum and one for the max: the exp's constants take 11 of
-  // the 16 ymm registers, and with two of each GCC kept the second pair on the stack
-  // (a store and reload in every iteration). Measured 0-3% faster this way.
+  // One accumulator each for the sum, the max and the z bits. The exp's constants take
+  // 9 of the 16 ymm registers; with a second sum accumulator GCC kept it on the stack
+  // (a store and reload in every iteration, 10% slower). The unsigned max of the z
+  // bits (two integer ops per 16 logits) replaces an unordered compare and OR.
   __m256 sum = _mm256_setzero_ps(), mx = _mm256_set1_ps(-kInf);
-  auto term = [&](__m256 v) TOOLKIT_AVX2 { return ExpU8(v, va, vnc); };
+  __m256i z_max = _mm256_setzero_si256();
   uint64_t f = 0;
   int i = 0;
   for (; i + 16 <= n8; i += 16) {
@@ -385,18 +393,21 @@ TOOLKIT_AVX2 inline float BlockMaxExpSum(const float* x, int n8, float c_m, floa
     const __m256 ac = _mm256_max_ps(a, c);
     mx = _mm256_max_ps(ac, mx);
     if constexpr (kFlags) f |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(ac, vthr, _CMP_GT_OQ)) != 0) << (i >> 4);
-    // A NaN whose payload has low bits set can come out of Exp2Poly5 finite (the
-    // exponent add carries into them): a NaN lane ORs all ones (a NaN) into the terms.
-    sum = _mm256_add_ps(sum, _mm256_or_ps(_mm256_add_ps(term(a), term(c)), _mm256_cmp_ps(a, c, _CMP_UNORD_Q)));
+    __m256i za, zc;
+    sum = _mm256_add_ps(sum, _mm256_add_ps(Exp2Affine8(a, va, vk, &za), Exp2Affine8(c, va, vk, &zc)));
+    z_max = _mm256_max_epu32(z_max, _mm256_max_epu32(za, zc));
   }
   for (; i < n8; i += 8) {
     const __m256 a = _mm256_max_ps(vlo, _mm256_loadu_ps(x + i));
     mx = _mm256_max_ps(a, mx);
     if constexpr (kFlags) f |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(a, vthr, _CMP_GT_OQ)) != 0) << (i >> 4);
-    sum = _mm256_add_ps(sum, _mm256_or_ps(term(a), _mm256_cmp_ps(a, a, _CMP_UNORD_Q)));
+    __m256i za;
+    sum = _mm256_add_ps(sum, Exp2Affine8(a, va, vk, &za));
+    z_max = _mm256_max_epu32(z_max, za);
   }
   *block_max = HorizontalMax(mx);
   if constexpr (kFlags) *flags = f;
+  if (AnyNonFiniteZ(z_max)) return std::numeric_limits<float>::quiet_NaN();
   return HorizontalSum(sum);
 }
 
@@ -488,15 +499,15 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
   bool have_threshold = false;  // until k candidates exist, every value is one
   float threshold = -kInf;
 
-  // The normaliser: the running max m, c = fl(m a), the clamp lo (ClampFloor) and
+  // The normaliser: the running max m, the integer c near m a, the clamp lo (ClampFloor) and
   // sum = sum of 2^(x a - c) so far (ExpTerm8); CToMax converts it at the end.
   const float log2e_t = 1.44269504088896341f * inv_t;
   float m = -kInf, c = -kInf, lo = -kInf;
   double sum = 0.0;
   // A new running max: the sum moves from c to the new c exactly (2^(c_old - c_new),
-  // a difference of floats, exact in double). False when the clamp cannot be formed.
+  // a power of two). False when the clamp cannot be formed.
   auto raise_max = [&](float new_m) {
-    const float new_c = new_m * log2e_t;
+    const float new_c = IntegerOffset(new_m, log2e_t);
     if (sum != 0.0) sum *= std::exp2(double(c) - double(new_c));
     m = new_m;
     c = new_c;

@@ -271,11 +271,13 @@ def test_mixed_rows(dtype, V, k, normalize, log_probs, temperature):
 
 
 @pytest.mark.parametrize("V", [8, 4096, 70000])
-@pytest.mark.parametrize("center", [1.490006144e9, 2.1e9, -1.49e9, 3.0e7, 2.0e7])
+@pytest.mark.parametrize("center", [1.490006144e9, 2.1e9, -1.49e9, 3.0e7, 2.0e7, 2.9e6, -2.9e6, 2.91e6, -2.9101e6])
 def test_rows_far_from_zero(center, V):
-    """Constant and near-constant rows where the sweep's exp offset fl(max log2(e) / T)
-    rounds by 1 or more (these take the exact path), or just under it. (T = 1: ORT's
-    Div by another T rounds x / T at this magnitude and merges the two values.)"""
+    """Constant and near-constant rows where the sweep's exp offset (the integer c
+    nearest max log2(e) / T) passes 2^22 or is off by 1 or more (these take the exact
+    path; -2.9101e6 gives an odd c past 2^22, where kRoundShifter - c would round), or
+    stays just under 2^22 (|max| 2.9e6: the SIMD sweep). (T = 1: ORT's Div
+    by another T rounds x / T at this magnitude and merges the two values.)"""
     x = np.full((2, V), center, dtype=np.float32)
     x[1, V // 3] = np.nextafter(x[1, V // 3], np.float32(np.inf))
     check(x, 1)
