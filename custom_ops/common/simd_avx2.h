@@ -96,6 +96,12 @@ TOOLKIT_AVX2 inline int32_t HorizontalSumI32(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
 }
 
+TOOLKIT_AVX2 inline uint32_t HorizontalMaxU32(__m256i v) {
+  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+  return uint32_t(_mm_cvtsi128_si32(_mm_max_epu32(m, _mm_shuffle_epi32(m, 0xb1))));
+}
+
 inline bool AvxAvailable() {
   static const bool ok = [] {
     __builtin_cpu_init();

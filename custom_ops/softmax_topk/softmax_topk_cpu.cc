@@ -358,16 +358,18 @@ TOOLKIT_AVX2 inline float BlockExpSum(const float* x, int n8, float c, float lo,
   return HorizontalSum(_mm256_add_ps(s0, s1));
 }
 
-// One sweep for blocks after the first: the block max and the sum of 2^(x a - c)
-// against the c of the running max m of the blocks before (the max is then updated
-// and the total rescaled once, in double). x is clamped below at lo (ClampFloor), so
-// the block max returned is at least lo: a block wholly below lo reports lo < m,
-// which changes nothing (the candidate scan compares the logits themselves). The
+// One sweep for blocks after the first: the sum of 2^(x a - c) against the c of the
+// running max m of the blocks before, and the largest z = fl(x a + kRoundShifter - c)
+// of the block (*z_top, bits; Exp2Affine8), not its max. z is monotone in x, so a
+// z_top below that of a reference value r proves every logit of the block below r
+// and the caller needs no block max; only otherwise (a block that may raise the max
+// or, at k = 1, hold a candidate: a few blocks per row) does it take the exact max
+// (BlockMax, a short L1 sweep). Against a float max in this sweep, 5-7% faster. x is
+// clamped below at lo (ClampFloor); clamping only raises z, so the proof holds. The
 // caller keeps the result only when the max rose by at most kMaxMergedJump in u
 // (terms up to 2^4, so the float block sum stays far from overflow) and otherwise
 // redoes the block against its own max. A NaN or +inf logit makes the returned sum
-// NaN (the unsigned max of Exp2Affine8's z bits), which sends the caller to the
-// checking path.
+// NaN (AnyNonFiniteZ), which sends the caller to the checking path.
 constexpr float kMaxMergedJump = 4.0f;
 //
 // kFlags: also marks each 16-logit group holding a logit above `thr` (bit i of
@@ -375,40 +377,56 @@ constexpr float kMaxMergedJump = 4.0f;
 // those groups instead of the whole block (at k = 50 most blocks late in a row hold
 // one candidate or none).
 template <bool kFlags>
-TOOLKIT_AVX2 inline float BlockMaxExpSum(const float* x, int n8, float c_m, float lo, float log2e_t,
-                                         const char* next, float thr, float* block_max, uint64_t* flags) {
+TOOLKIT_AVX2 inline float BlockZExpSum(const float* x, int n8, float c_m, float lo, float log2e_t, const char* next,
+                                       float thr, uint32_t* z_top, uint64_t* flags) {
   const __m256 va = _mm256_set1_ps(log2e_t), vk = _mm256_set1_ps(kRoundShifter - c_m), vlo = _mm256_set1_ps(lo);
-  const __m256 vthr = _mm256_set1_ps(thr);
-  // One accumulator each for the sum, the max and the z bits. The exp's constants take
-  // 9 of the 16 ymm registers; with a second sum accumulator GCC kept it on the stack
+  // One accumulator for the sum and one for the z bits. The exp's constants take 9
+  // of the 16 ymm registers; with a second sum accumulator GCC kept it on the stack
   // (a store and reload in every iteration, 10% slower). The unsigned max of the z
-  // bits (two integer ops per 16 logits) replaces an unordered compare and OR.
-  __m256 sum = _mm256_setzero_ps(), mx = _mm256_set1_ps(-kInf);
+  // bits (two integer ops per 16 logits) also replaces an unordered compare and OR.
+  const __m256 vthr = _mm256_set1_ps(thr);
+  __m256 sum = _mm256_setzero_ps();
   __m256i z_max = _mm256_setzero_si256();
+  // kFlags: a bit per group from a float compare of the group's max. Two variants
+  // measured 6-9% slower at k = 50: the group's lane mask stored as a byte (bits
+  // formed after the loop; the shift/OR it saves runs on idle integer ports), and a
+  // compare of the z bits instead of the floats (z is monotone in x, but groups
+  // within one rounding step below thr get flagged and scanned too).
   uint64_t f = 0;
   int i = 0;
   for (; i + 16 <= n8; i += 16) {
     _mm_prefetch(next + 4 * i, _MM_HINT_T0);
     const __m256 a = _mm256_max_ps(vlo, _mm256_loadu_ps(x + i)), c = _mm256_max_ps(vlo, _mm256_loadu_ps(x + i + 8));
-    const __m256 ac = _mm256_max_ps(a, c);
-    mx = _mm256_max_ps(ac, mx);
-    if constexpr (kFlags) f |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(ac, vthr, _CMP_GT_OQ)) != 0) << (i >> 4);
+    if constexpr (kFlags) {
+      f |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_max_ps(a, c), vthr, _CMP_GT_OQ)) != 0) << (i >> 4);
+    }
     __m256i za, zc;
     sum = _mm256_add_ps(sum, _mm256_add_ps(Exp2Affine8(a, va, vk, &za), Exp2Affine8(c, va, vk, &zc)));
     z_max = _mm256_max_epu32(z_max, _mm256_max_epu32(za, zc));
   }
   for (; i < n8; i += 8) {
     const __m256 a = _mm256_max_ps(vlo, _mm256_loadu_ps(x + i));
-    mx = _mm256_max_ps(a, mx);
     if constexpr (kFlags) f |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(a, vthr, _CMP_GT_OQ)) != 0) << (i >> 4);
     __m256i za;
     sum = _mm256_add_ps(sum, Exp2Affine8(a, va, vk, &za));
     z_max = _mm256_max_epu32(z_max, za);
   }
-  *block_max = HorizontalMax(mx);
   if constexpr (kFlags) *flags = f;
   if (AnyNonFiniteZ(z_max)) return std::numeric_limits<float>::quiet_NaN();
+  *z_top = HorizontalMaxU32(z_max);
   return HorizontalSum(sum);
+}
+
+// The max of x[0..n8), n8 a multiple of 8 (no NaN: the caller checked).
+TOOLKIT_AVX2 inline float BlockMax(const float* x, int n8) {
+  __m256 m0 = _mm256_set1_ps(-kInf), m1 = m0;
+  int i = 0;
+  for (; i + 16 <= n8; i += 16) {
+    m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + i));
+    m1 = _mm256_max_ps(m1, _mm256_loadu_ps(x + i + 8));
+  }
+  if (i < n8) m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + i));
+  return HorizontalMax(_mm256_max_ps(m0, m1));
 }
 
 // Appends Compose(key, base + t) for every x[t] (t < n) that compares kCmp against
@@ -565,17 +583,25 @@ TOOLKIT_AVX2 bool FastScanAvx2(const T* row, int64_t begin, int64_t end, int64_t
     if (m != -kInf && n8 == n) {
       // Group flags pay where the threshold is the k-th value for k > 1; at k = 1 a
       // block rarely beats the running max and the plain scan of it is as cheap.
-      float block_max;
       uint64_t flags = 0;
+      uint32_t z_top = 0;
       const bool with_flags = keep > 1 && have_threshold;
       const float block_sum =
-          with_flags ? BlockMaxExpSum<true>(x, n, c, lo, log2e_t, next, threshold, &block_max, &flags)
-                     : BlockMaxExpSum<false>(x, n, c, lo, log2e_t, next, 0.0f, &block_max, nullptr);
-      if (std::isfinite(block_sum) && !((block_max - m) * log2e_t > kMaxMergedJump)) {
-        sum += double(block_sum);
-        if (block_max > m && !raise_max(block_max)) return false;
-        select(x, n, b, block_max, with_flags ? &flags : nullptr);
-        continue;
+          with_flags ? BlockZExpSum<true>(x, n, c, lo, log2e_t, next, threshold, &z_top, &flags)
+                     : BlockZExpSum<false>(x, n, c, lo, log2e_t, next, 0.0f, &z_top, nullptr);
+      if (std::isfinite(block_sum)) {
+        // The block max matters when it may pass m (raise_max) or, at k = 1, the
+        // threshold (select); a z_top below the z of the lower of the two proves it
+        // passes neither (-inf stands for "below").
+        const float ref = with_flags || !have_threshold ? m : std::min(m, threshold);
+        const float z_ref = std::fma(ref, log2e_t, kRoundShifter - c);
+        const float block_max = int32_t(z_top) < int32_t(Bits(z_ref)) ? -kInf : BlockMax(x, n);
+        if (!((block_max - m) * log2e_t > kMaxMergedJump)) {
+          sum += double(block_sum);
+          if (block_max > m && !raise_max(block_max)) return false;
+          select(x, n, b, block_max, with_flags ? &flags : nullptr);
+          continue;
+        }
       }
       // NaN / +inf (the checking sweep below returns false) or a max that jumps too far:
       // the two sweeps below, against the block's own max.
