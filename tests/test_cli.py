@@ -44,6 +44,18 @@ def test_missing_path_and_not_a_model_dir(tmp_path):
     assert r.returncode == 2 and "no config.json" in r.stderr
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (("--schemes", "int9"), "argument --schemes: unknown 'int9': use a comma-separated list of int8,"),
+    (("--schemes", ""), "argument --schemes: empty list"),
+    (("--gqa-quant", "int8_per_tensor"), "argument --gqa-quant: unknown 'int8_per_tensor': use a comma-separated "
+                                         "list of per_channel, per_tensor"),
+    (("--context", "1k"), "argument --context: expected comma-separated integers, got '1k'"),
+])
+def test_bench_attention_names_a_bad_list_value(args, message):
+    r = toolkit("bench", "attention", *args, timeout=60)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_corrupt_onnx_for_inspect_and_parity(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage" * 10)

@@ -17,7 +17,36 @@ import argparse
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(valid, allow_empty: bool = False):
+    """An argparse type: a comma-separated list whose items are all in ``valid`` (a
+    tuple, or a function returning one, called only when the option is given)."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        nonlocal valid
+        valid = valid() if callable(valid) else valid
+        items = tuple(v for v in text.split(",") if v)
+        bad = [v for v in items if v not in valid]
+        if bad or not (items or allow_empty):
+            what = f"unknown {', '.join(map(repr, bad))}" if bad else "empty list"
+            raise argparse.ArgumentTypeError(f"{what}: use a comma-separated list of {', '.join(valid)}")
+        return items
+
+    return parse
+
+
+# Cache schemes `toolkit bench attention` times: the kv-cache presets, each also with
+# the int8 query (-q8 suffix). A function: kv_quant imports numpy, which `--help` must
+# not wait for.
+def _attention_schemes() -> tuple[str, ...]:
+    from toolkit.ops.kv_quant import PRESETS
+
+    return tuple(PRESETS) + tuple(f"{p}-q8" for p in PRESETS)
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -62,11 +91,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     at.add_argument("--context", type=_ints, default=(1024, 4096, 16384), help="past lengths L")
     at.add_argument("--batch", type=_ints, default=(1, 8))
     at.add_argument("--threads", type=_ints, default=(1, 2))
-    at.add_argument("--schemes", type=lambda t: tuple(t.split(",")), default=("int8", "int8-q8", "int4", "int4-q8", "kivi4", "kivi2"),
+    at.add_argument("--schemes", type=_names(_attention_schemes), default=("int8", "int8-q8", "int4", "int4-q8", "kivi4", "kivi2"),
                     help="cache schemes (kv-cache presets; a -q8 suffix rounds the query to int8, e.g. int8-q8)")
-    at.add_argument("--growing", type=lambda t: tuple(v for v in t.split(",") if v), default=("int8",),
+    at.add_argument("--growing", type=_names(_attention_schemes, allow_empty=True), default=("int8",),
                     help="schemes also timed with the growing cache, a new present every call ('' for none)")
-    at.add_argument("--gqa-quant", type=lambda t: tuple(v for v in t.split(",") if v),
+    at.add_argument("--gqa-quant", type=_names(("per_channel", "per_tensor"), allow_empty=True),
                     default=("per_channel", "per_tensor"), help="ORT GQA quantized-cache modes ('' for none)")
     at.add_argument("--warmup", type=int, default=30)
     at.add_argument("--runs", type=int, default=300)
