@@ -47,8 +47,8 @@ def test_missing_path_and_not_a_model_dir(tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (("--schemes", "int9"), "argument --schemes: unknown 'int9': use a comma-separated list of int8,"),
     (("--schemes", ""), "argument --schemes: empty list"),
-    (("--gqa-quant", "int8_per_tensor"), "argument --gqa-quant: unknown 'int8_per_tensor': use a comma-separated "
-                                         "list of per_channel, per_tensor"),
+    (("--gqa-quant", "int8_per_tensor"),
+     "argument --gqa-quant: unknown 'int8_per_tensor': use a comma-separated list of per_channel, per_tensor"),
     (("--context", "1k"), "argument --context: expected comma-separated integers, got '1k'"),
 ])
 def test_bench_attention_names_a_bad_list_value(args, message):
