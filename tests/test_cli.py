@@ -165,6 +165,22 @@ def test_convert_with_quantized_kv_cache(tmp_path):
     r = toolkit("generate", str(out), "--max-new-tokens", "40", "--prompt-ids", "5,6,7")
     assert r.returncode == 0, r.stdout + r.stderr
 
+    # Bad prompts and lengths are named errors before any model call; one new token
+    # is the prefill alone, with no decode rate to report (JSON null, not NaN).
+    vocab = cfg.vocab_size
+    for args, message in ((("--prompt-ids", ""), "the prompt is empty"),
+                          (("--prompt-ids", "5,x"), "'5,x' is not a comma-separated list of integers"),
+                          (("--prompt-ids", f"5,{vocab}"),
+                           f"prompt token ids [{vocab}] are outside the model's vocabulary [0, {vocab})"),
+                          (("--prompt-ids", "-1"), "prompt token ids [-1] are outside"),
+                          (("--prompt-ids", "5", "--max-new-tokens", "0"), "max_new_tokens must be at least 1")):
+        r = toolkit("generate", str(out), *args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = toolkit("generate", str(out), "--prompt-ids", "5,6", "--max-new-tokens", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    one = json.loads(r.stdout)  # null, not NaN (which is not JSON, though Python reads it)
+    assert len(one["token_ids"]) == 1 and one["median_step_ms"] is None and one["tokens_per_second"] is None
+
 
 def test_portable_bundle_generates_the_same_tokens_without_the_library(tmp_path):
     """--portable with a quantized cache and a sampled head: the manifest says portable, and

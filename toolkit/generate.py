@@ -251,6 +251,15 @@ def head_options(session: Any) -> dict[str, Any] | None:
     return json.loads(head) if head else None
 
 
+def vocab_size(session: Any) -> int | None:
+    """The vocabulary size V of a decoder session: the static last dimension of its
+    ``logits`` output (every exported model has one; None when it is symbolic)."""
+    for out in session.get_outputs():
+        if out.name == "logits" and isinstance(out.shape[-1], int):
+            return int(out.shape[-1])
+    return None
+
+
 def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = GREEDY,
              eos_id: int | None = None, seed: int = 0,
              on_token: Callable[[int], None] | None = None) -> GenerationResult:
@@ -260,6 +269,18 @@ def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling:
     sampled head's input, or the host's draw. ``on_token`` is called with each token
     as soon as it is chosen (streaming).
     """
+    if not prompt_ids:
+        raise ToolkitError("the prompt is empty", hint="give at least one token (--prompt text or --prompt-ids 1,2,3)")
+    if max_new_tokens < 1:
+        raise ToolkitError(f"max_new_tokens must be at least 1, got {max_new_tokens}",
+                           hint="pass --max-new-tokens N with N >= 1")
+    vocab = vocab_size(session)
+    bad = [t for t in prompt_ids if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        raise ToolkitError(
+            f"prompt token ids {bad[:8]} are outside the model's vocabulary "
+            f"[0, {vocab if vocab is not None else 'V'})",
+            hint="use ids the model's tokenizer produces (or --prompt with a tokenizer.json beside the model)")
     chooser = TokenChooser(head_options(session), sampling)
     dec = BoundDecoder(session, chooser.wanted_outputs)
     capacity = dec.capacity()

@@ -861,14 +861,14 @@ def run_end_to_end(model: str, converted: str, context: int = 2048, steps: int =
     """
     import onnxruntime as ort
 
-    from toolkit.generate import BoundDecoder, next_token
+    from toolkit.generate import BoundDecoder, next_token, vocab_size
     from toolkit.parity import make_session
 
     say = progress or (lambda _msg: None)
     rng = np.random.default_rng(seed)
     decoders = {"original": BoundDecoder(make_session(model, threads=threads), ("logits",)),
                 "converted": BoundDecoder(make_session(converted, threads=threads), ("logits",))}
-    vocab = _vocab_size(decoders["original"])
+    vocab = vocab_size(decoders["original"].session) or 256  # byte-level vocabularies are at least this large
     prompt = rng.integers(0, vocab, (1, context), dtype=np.int64)
     state = {}
     prefill_ms = {}
@@ -908,10 +908,3 @@ def run_end_to_end(model: str, converted: str, context: int = 2048, steps: int =
         "speedup": med["original"] / med["converted"],
         "greedy_agreement": agree / steps,
     }
-
-
-def _vocab_size(dec: Any) -> int:
-    for out in dec.session.get_outputs():
-        if out.name == "logits" and isinstance(out.shape[-1], int):
-            return out.shape[-1]
-    return 256  # byte-level vocabularies are at least this large

@@ -37,8 +37,12 @@ def run(args: argparse.Namespace) -> int:
     from toolkit.parity import make_session
 
     onnx_path, tokenizer = load_bundle(args.model)
-    if args.prompt_ids:
-        prompt = [int(t) for t in args.prompt_ids.split(",")]
+    if args.prompt_ids is not None:
+        try:
+            prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise ToolkitError(f"--prompt-ids {args.prompt_ids!r} is not a comma-separated list of integers",
+                               hint="e.g. --prompt-ids 1,2,3") from None
     elif tokenizer is not None:
         prompt = tokenizer.encode(args.prompt).ids
     else:
@@ -70,17 +74,19 @@ def run(args: argparse.Namespace) -> int:
             shown = text
 
     if not args.json:
-        print(args.prompt if not args.prompt_ids else "", end="", flush=True)
+        print(args.prompt if args.prompt_ids is None else "", end="", flush=True)
     result = generate(session, prompt, args.max_new_tokens, sampling, eos_id=args.eos_id, seed=args.seed,
                       on_token=None if args.json else stream)
     text = tokenizer.decode(result.token_ids) if tokenizer is not None else None
-    stats = {"prefill_ms": result.prefill_ms, "median_step_ms": result.median_step_ms,
-             "tokens_per_second": result.tokens_per_second, "kv_cache_bytes": result.kv_cache_bytes,
-             "peak_rss_mb": result.peak_rss_mb}
+    decoded = bool(result.step_ms)  # one new token is the prefill alone: no decode step to time
+    stats = {"prefill_ms": result.prefill_ms, "median_step_ms": result.median_step_ms if decoded else None,
+             "tokens_per_second": result.tokens_per_second if decoded else None,
+             "kv_cache_bytes": result.kv_cache_bytes, "peak_rss_mb": result.peak_rss_mb}
     if args.json:
         print(json.dumps({"prompt_ids": prompt, "token_ids": result.token_ids, "text": text, **stats}, indent=2))
     else:
-        print(f"\n[{len(result.token_ids)} tokens, prefill {result.prefill_ms:.1f} ms, "
-              f"decode {result.median_step_ms:.2f} ms/step median, {result.tokens_per_second:.0f} tokens/s, "
+        decode = (f"decode {result.median_step_ms:.2f} ms/step median, {result.tokens_per_second:.0f} tokens/s"
+                  if decoded else "no decode step")
+        print(f"\n[{len(result.token_ids)} tokens, prefill {result.prefill_ms:.1f} ms, {decode}, "
               f"KV cache {result.kv_cache_bytes / 1024:.1f} KiB, peak RSS {result.peak_rss_mb:.0f} MiB]")
     return 0
