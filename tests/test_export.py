@@ -136,6 +136,12 @@ def test_source_config_dispatch_matches_resolve(tmp_path):
         sources.resolve_config("gpt2", "huge")
     with pytest.raises(ModelNotFoundError, match="unknown Hugging Face architecture"):
         sources.resolve_config("hf:nope")
+    # A misspelt Hugging Face field is refused (transformers would keep it as a stray
+    # attribute and build the default model), with the nearest field; aliases work.
+    with pytest.raises(ModelNotFoundError, match="has no config field 'num_hiden_layers'") as err:
+        sources.resolve_config("hf:qwen2", overrides={"num_hiden_layers": 3})
+    assert "num_hidden_layers" in err.value.hint
+    assert sources.resolve_config("hf:gpt2", overrides={"num_hidden_layers": 1}).hf_config.n_layer == 1
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{}")
     with pytest.raises(ModelNotFoundError, match="neither 'model_type'"):

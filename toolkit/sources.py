@@ -323,11 +323,31 @@ def _hf_tiny_config(arch: str, overrides: dict[str, Any]) -> Any:
             f"unknown Hugging Face architecture {arch!r}",
             hint=f"use one of {', '.join('hf:' + a for a in HF_TINY_CONFIGS)}, or a local model directory",
         )
+    _check_config_fields(arch, overrides)
     try:
         return transformers.AutoConfig.for_model(arch, **{**HF_TINY_CONFIGS[arch], **overrides})
     except Exception as exc:
         raise ModelNotFoundError(f"invalid config for hf:{arch}: {exc}",
                                  hint="check the --config field names against the transformers config class") from exc
+
+
+def _check_config_fields(arch: str, overrides: dict[str, Any]) -> None:
+    """Refuse --config fields the architecture's config class does not have: transformers
+    stores unknown keyword arguments as plain attributes, so a misspelt field would be
+    ignored silently and the user would convert a different model than asked for."""
+    import difflib
+
+    import transformers
+
+    base = transformers.AutoConfig.for_model(arch, **HF_TINY_CONFIGS[arch])
+    known = set(base.to_dict()) | set(getattr(type(base), "attribute_map", {}))
+    unknown = [key for key in overrides if key not in known]
+    if unknown:
+        matches = [m for key in unknown for m in difflib.get_close_matches(key, sorted(known), n=1)]
+        raise ModelNotFoundError(
+            f"hf:{arch} ({type(base).__name__}) has no config field {', '.join(map(repr, unknown))}",
+            hint=f"did you mean {', '.join(matches)}?" if matches
+            else f"use fields of transformers.{type(base).__name__}")
 
 
 def _hf_random(spec: str, config: Any, seed: int) -> SourceModel:
