@@ -50,7 +50,7 @@ class SamplingHeadOptions(PassOptions):
     def validate(self) -> None:
         if not isinstance(self.k, int) or self.k < 1:
             raise PassError(f"sampling-head option k must be an integer >= 1, got {self.k!r}",
-                            hint="e.g. --pass-option sampling-head.k=50")
+                            hint="e.g. --sampling-head 50 (or --pass-option sampling-head.k=50)")
         if not self.temperature > 0:
             raise PassError(f"sampling-head option temperature must be > 0, got {self.temperature!r}",
                             hint="use 1.0 for the model's own distribution")
