@@ -107,3 +107,44 @@ def test_unknown_threshold_and_profile(exported):
         parity.check(src, path, SETTINGS, overrides={"nope": 1.0})
     with pytest.raises(ToolkitError, match="profile"):
         parity.check(src, path, SETTINGS, profile="int3")
+
+
+def test_original_of_another_shape_is_a_named_error(exported):
+    """An ORIGINAL whose vocabulary or layer count differs from what the ONNX model
+    recorded at export is refused before anything runs (it used to end in an ORT
+    Gather error, or compare only the first layers' caches)."""
+    from toolkit import sources
+
+    _, path = exported("llama")
+    src = exported("llama")[0]
+    for overrides, field in (({"vocab_size": src.vocab_size * 2}, "vocab_size"),
+                             ({"num_layers": src.num_layers + 2}, "num_layers")):
+        other = sources.resolve("llama", overrides=overrides)
+        with pytest.raises(ToolkitError, match=f"exported from llama with {field} .*the original 'llama' has"):
+            parity.check(other, path, SETTINGS)
+
+
+def test_fixed_capacity_model_runs_fit_its_cache(exported):
+    """A --kv-capacity model smaller than the default runs: decode steps, the greedy
+    record and the perplexity window are cut to the cache (it used to overflow with a
+    'cache is full' error), and a cache smaller than the prompt is a named error."""
+    from passes import run_pipeline
+
+    src, path = exported("llama")
+    settings = parity.ParitySettings(batch_sizes=(1,), prompt_len=8, decode_steps=40, perplexity_tokens=0,
+                                     greedy_prompts=2, greedy_tokens=64, greedy_prompt_len=32)
+    for capacity, want in ((32, {"decode_steps": 24, "greedy_prompt_len": 16, "greedy_tokens": 16}),
+                           (8, None)):
+        model, _ = run_pipeline(onnx.load(str(path)), ["kv-cache"],
+                                {"kv-cache": {"scheme": "int8", "capacity": str(capacity)}})
+        fixed = path.parent / f"cap{capacity}.onnx"
+        onnx.save(model, str(fixed))
+        if want is None:
+            with pytest.raises(ToolkitError, match="holds 8 tokens; parity needs at least 9"):
+                parity.check(src, fixed, settings)
+            continue
+        report = parity.check(src, fixed, settings)
+        assert report.settings["capacity"] == capacity
+        assert {k: report.settings[k] for k in want} == want
+        assert any(r.phase == "greedy[2x16]" for r in report.records)
+        assert report.passed, [r.failures for r in report.records if r.failures]

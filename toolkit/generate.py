@@ -187,14 +187,7 @@ class BoundDecoder:
         C quantized slots filled R tokens at a time (R - 1 residual slots, R = 0 for
         none) plus the residual: floor(C / R) * R + R - 1.
         """
-        if not self.in_place:
-            return None
-        dims = [self.inputs.get(f"past_key_values.0.{n}") for n in ("key_q", "key_res")]
-        if any(d is None or not isinstance(d.shape[2], int) for d in dims):
-            return None
-        slots, res_slots = dims[0].shape[2], dims[1].shape[2]
-        window = res_slots + 1 if res_slots else 1
-        return slots // window * window + res_slots
+        return fixed_capacity(self.inputs) if self.in_place else None
 
     def empty_past(self, batch: int) -> dict[str, Any]:
         import onnxruntime as ort
@@ -249,6 +242,24 @@ def head_options(session: Any) -> dict[str, Any] | None:
     meta = session.get_modelmeta().custom_metadata_map
     head = meta.get("toolkit.sampling_head")
     return json.loads(head) if head else None
+
+
+def fixed_capacity(inputs: dict[str, Any]) -> int | None:
+    """Tokens a fixed-capacity quantized cache holds (session inputs by name), or None.
+
+    C quantized slots filled R tokens at a time (R - 1 residual slots, R = 0 for
+    none) plus the residual: floor(C / R) * R + R - 1. None for a growing cache.
+    """
+    from toolkit.ops import kv_quant
+
+    if kv_quant.MODEL_LENGTHS_INPUT not in inputs:
+        return None
+    dims = [inputs.get(f"past_key_values.0.{n}") for n in ("key_q", "key_res")]
+    if any(d is None or not isinstance(d.shape[2], int) for d in dims):
+        return None
+    slots, res_slots = dims[0].shape[2], dims[1].shape[2]
+    window = res_slots + 1 if res_slots else 1
+    return slots // window * window + res_slots
 
 
 def vocab_size(session: Any) -> int | None:

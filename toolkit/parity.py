@@ -464,6 +464,45 @@ class ParitySettings:
     seed: int = 0
     threads: int | None = None
     optimization: str = "all"
+    # Set by fit_to_capacity: the fixed-capacity cache's tokens the runs were cut to.
+    capacity: int | None = None
+
+
+def _check_same_model(src: Any, meta: dict[str, str], onnx_path: str | Path) -> None:
+    """Refuse an ORIGINAL that cannot be the OPTIMIZED model's source: a different
+    vocabulary or layer count (recorded in the ONNX metadata at export) would fail
+    inside ONNX Runtime (token ids out of range) or compare unrelated caches."""
+    for field, ours in (("vocab_size", src.vocab_size), ("num_layers", src.num_layers)):
+        recorded = meta.get(f"toolkit.{field}")
+        if recorded is not None and recorded.isdigit() and int(recorded) != ours:
+            source = meta.get("toolkit.source", "another model")
+            raise ToolkitError(
+                f"{str(onnx_path)!r} was exported from {source} with {field} {recorded}; "
+                f"the original {src.spec!r} has {field} {ours}",
+                hint=f"compare against the model it was exported from (parity {source} ...), with the same "
+                     "--preset/--config")
+
+
+def fit_to_capacity(settings: ParitySettings, inputs: dict[str, Any]) -> ParitySettings:
+    """Settings whose runs fit a fixed-capacity cache (``--kv-capacity``): the decode
+    steps, the greedy record's prompt and tokens and the perplexity window are cut
+    to the tokens the cache holds (recorded as ``capacity`` in the settings). A cache
+    too small for the prefill prompt is a named error."""
+    from toolkit.generate import fixed_capacity
+
+    cap = fixed_capacity(inputs)
+    if cap is None:
+        return settings
+    if cap < settings.prompt_len + 1:
+        raise ToolkitError(
+            f"the model's fixed-capacity KV cache holds {cap} tokens; parity needs at least "
+            f"{settings.prompt_len + 1} (a {settings.prompt_len}-token prompt and one decode step)",
+            hint="convert with a larger --kv-capacity")
+    greedy_prompt = min(settings.greedy_prompt_len, cap // 2)
+    return dataclasses.replace(
+        settings, capacity=cap, decode_steps=min(settings.decode_steps, cap - settings.prompt_len),
+        greedy_prompt_len=greedy_prompt, greedy_tokens=min(settings.greedy_tokens, cap - greedy_prompt),
+        perplexity_window=min(settings.perplexity_window, cap))
 
 
 def _prompts(src: Any, batch: int, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -514,8 +553,10 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
         if key not in th:
             raise ToolkitError(f"unknown threshold {key!r}", hint=f"known thresholds: {', '.join(th)}")
         th[key] = float(value)
+    _check_same_model(src, meta, onnx_path)
     session = make_session(onnx_path, model, threads=settings.threads, optimization=settings.optimization)
     dec = OnnxDecoder(session)
+    settings = fit_to_capacity(settings, dec.inputs)
     rng = np.random.default_rng(settings.seed)
     records: list[OutputRecord] = []
     total = len(settings.batch_sizes) * (1 + settings.decode_steps)
