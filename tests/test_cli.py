@@ -176,6 +176,14 @@ def test_convert_with_quantized_kv_cache(tmp_path):
                           (("--prompt-ids", "5", "--max-new-tokens", "0"), "max_new_tokens must be at least 1")):
         r = toolkit("generate", str(out), *args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    # A bundle whose model.onnx was truncated: the bare-file diagnosis, not an ORT traceback.
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "model.onnx").write_bytes((out / "model.onnx").read_bytes()[:1000])
+    r = toolkit("generate", str(broken), "--prompt-ids", "5")
+    assert r.returncode == 2 and "is not a valid ONNX model" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = toolkit("generate", str(out), "--prompt-ids", "5,6", "--max-new-tokens", "1", "--json")
     assert r.returncode == 0, r.stderr
     one = json.loads(r.stdout)  # null, not NaN (which is not JSON, though Python reads it)

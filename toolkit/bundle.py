@@ -153,4 +153,15 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
         wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if providers is None:
         providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(directory / manifest["model"]), so, providers=providers)
+    model_path = directory / manifest["model"]
+    try:
+        return ort.InferenceSession(str(model_path), so, providers=providers)
+    except Exception as exc:
+        # The same diagnosis as a bare .onnx file (corrupt, truncated, invalid graph);
+        # else ORT's own reason, named.
+        from toolkit.errors import InvalidModelError
+        from toolkit.parity import load_onnx
+
+        load_onnx(model_path)
+        raise InvalidModelError(f"onnxruntime could not load {model_path}: {str(exc).strip()[:300]}",
+                                hint="convert the model again; check `toolkit inspect` on it") from exc
