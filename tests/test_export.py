@@ -146,3 +146,16 @@ def test_source_config_dispatch_matches_resolve(tmp_path):
     (tmp_path / "bad" / "config.json").write_text("{}")
     with pytest.raises(ModelNotFoundError, match="neither 'model_type'"):
         sources.resolve_config(str(tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("opset", [13, 17, 99])
+def test_unsupported_opset_is_refused_before_export(opset, tmp_path):
+    """Opsets outside 18..onnx's newest used to come out as opset 18 with exit 0 (the
+    exporter's fallback after a failed version conversion)."""
+    from toolkit import sources
+    from toolkit.errors import ExportError
+    from toolkit.export import export
+
+    with pytest.raises(ExportError, match=f"opset {opset} is not supported: the exporter writes opsets 18 to"):
+        export(sources.resolve("llama"), tmp_path / "m.onnx", opset=opset)
+    assert not list(tmp_path.iterdir())

@@ -22,6 +22,8 @@ from toolkit.errors import ExportError
 from toolkit.sources import SourceModel
 
 DEFAULT_OPSET = 21
+# The dynamo exporter's own opset; lower ones would need a down-conversion it does not do.
+MIN_OPSET = 18
 # Protobuf cannot hold more than 2 GiB; leave head-room for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -95,8 +97,13 @@ def export(src: SourceModel, out_path: Path, opset: int = DEFAULT_OPSET) -> Any:
     Raises:
         ExportError: naming the failing op or module and what to try.
     """
+    import onnx
     import torch
 
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise ExportError(f"opset {opset} is not supported: the exporter writes opsets {MIN_OPSET} to {newest}",
+                          hint=f"pass --opset between {MIN_OPSET} and {newest} (default {DEFAULT_OPSET})")
     module = _flat_module(src)
     args = example_inputs(src)
     dyn = torch.export.Dim.DYNAMIC
@@ -124,6 +131,10 @@ def export(src: SourceModel, out_path: Path, opset: int = DEFAULT_OPSET) -> Any:
             "or open an issue with the model config",
         ) from exc
     model = program.model_proto
+    got = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), None)
+    if got != opset:  # the exporter falls back to its own opset when conversion fails
+        raise ExportError(f"torch.onnx wrote opset {got} for {src.spec!r} instead of the requested {opset}",
+                          hint=f"pass --opset {got}, or another opset the version converter handles")
     _name_dynamic_dims(model)
     _set_metadata(model, src, opset)
     save_model(model, out_path)
