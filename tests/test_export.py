@@ -142,6 +142,13 @@ def test_source_config_dispatch_matches_resolve(tmp_path):
         sources.resolve_config("hf:qwen2", overrides={"num_hiden_layers": 3})
     assert "num_hidden_layers" in err.value.hint
     assert sources.resolve_config("hf:gpt2", overrides={"num_hidden_layers": 1}).hf_config.n_layer == 1
+    # Shapes transformers accepts but no decoder exports with (a torch.export broadcast error before).
+    for overrides, message in (({"num_key_value_heads": 3}, r"num_attention_heads \(4\) must be a multiple of "
+                                                            r"num_key_value_heads \(3\)"),
+                               ({"num_key_value_heads": 0}, "num_key_value_heads must be >= 1, got 0"),
+                               ({"num_hidden_layers": 0}, "num_hidden_layers must be >= 1, got 0")):
+        with pytest.raises(ModelNotFoundError, match=message):
+            sources.resolve_config("hf:llama", overrides=overrides)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{}")
     with pytest.raises(ModelNotFoundError, match="neither 'model_type'"):

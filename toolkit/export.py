@@ -123,7 +123,8 @@ def export(src: SourceModel, out_path: Path, opset: int = DEFAULT_OPSET) -> Any:
             )
     except Exception as exc:  # the exporter raises a zoo of types; normalise them
         culprit = _explain_export_failure(exc)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter colours its messages
+        first = text.splitlines()[0] if text else type(exc).__name__
         raise ExportError(
             f"torch.onnx export of {src.spec!r} ({src.family}) failed"
             + (f" at {culprit}" if culprit else "") + f": {first}",

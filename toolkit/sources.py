@@ -325,10 +325,32 @@ def _hf_tiny_config(arch: str, overrides: dict[str, Any]) -> Any:
         )
     _check_config_fields(arch, overrides)
     try:
-        return transformers.AutoConfig.for_model(arch, **{**HF_TINY_CONFIGS[arch], **overrides})
+        config = transformers.AutoConfig.for_model(arch, **{**HF_TINY_CONFIGS[arch], **overrides})
     except Exception as exc:
         raise ModelNotFoundError(f"invalid config for hf:{arch}: {exc}",
                                  hint="check the --config field names against the transformers config class") from exc
+    # Shapes transformers accepts but no decoder can be built or exported with (they
+    # failed deep inside torch.export with a broadcast error).
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    kv_heads = heads if kv_heads is None else kv_heads
+    if isinstance(layers, int) and layers < 1:
+        raise ModelNotFoundError(f"invalid config for hf:{arch}: num_hidden_layers must be >= 1, got {layers}",
+                                 hint="e.g. --config num_hidden_layers=2")
+    if isinstance(kv_heads, int) and kv_heads < 1:
+        raise ModelNotFoundError(f"invalid config for hf:{arch}: num_key_value_heads must be >= 1, got {kv_heads}",
+                                 hint="e.g. --config num_key_value_heads=1")
+    if isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads:
+        raise ModelNotFoundError(
+            f"invalid config for hf:{arch}: num_attention_heads ({heads}) must be a multiple of "
+            f"num_key_value_heads ({kv_heads})",
+            hint=f"e.g. --config num_key_value_heads={_largest_divisor(heads, kv_heads)}")
+    return config
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return next(d for d in range(min(n, at_most), 0, -1) if n % d == 0)
 
 
 def _check_config_fields(arch: str, overrides: dict[str, Any]) -> None:
