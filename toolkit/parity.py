@@ -42,6 +42,7 @@ THRESHOLDS: dict[str, dict[str, float]] = {
         "logits_max_abs": 1e-3,
         "logits_cosine_min": 1 - 1e-6,
         "top1_min": 0.999,
+        "top1_tie_margin": 1e-4,
         "kl_mean_max": 1e-6,
         "present_max_abs": 1e-3,
         "present_cosine_min": 1 - 1e-6,
@@ -52,6 +53,7 @@ THRESHOLDS: dict[str, dict[str, float]] = {
         "logits_max_abs": 5e-2,
         "logits_cosine_min": 0.9999,
         "top1_min": 0.98,
+        "top1_tie_margin": 1e-2,
         "kl_mean_max": 1e-3,
         "present_max_abs": 1e-2,
         "present_cosine_min": 0.9999,
@@ -62,6 +64,7 @@ THRESHOLDS: dict[str, dict[str, float]] = {
         "logits_max_abs": math.inf,
         "logits_cosine_min": 0.999,
         "top1_min": 0.99,
+        "top1_tie_margin": 1e-2,
         "kl_mean_max": 5e-3,
         "present_max_abs": math.inf,
         "present_cosine_min": -1.0,
@@ -72,6 +75,7 @@ THRESHOLDS: dict[str, dict[str, float]] = {
         "logits_max_abs": math.inf,
         "logits_cosine_min": 0.99,
         "top1_min": 0.9,
+        "top1_tie_margin": 5e-2,
         "kl_mean_max": 5e-2,
         "present_max_abs": math.inf,
         "present_cosine_min": -1.0,
@@ -84,6 +88,7 @@ THRESHOLDS: dict[str, dict[str, float]] = {
         "logits_max_abs": math.inf,
         "logits_cosine_min": 0.9,
         "top1_min": 0.7,
+        "top1_tie_margin": 0.2,
         "kl_mean_max": 0.3,
         "present_max_abs": math.inf,
         "present_cosine_min": -1.0,
@@ -107,6 +112,11 @@ class OutputRecord:
     cosine: float
     histogram: list[int]
     top1_agreement: float | None = None
+    # Reference logit margins (its argmax minus the token the optimized model chose)
+    # at the positions whose argmax differs: apply_thresholds counts a flip whose
+    # margin is under the profile's top1_tie_margin as a tie, not a disagreement.
+    top1_flip_margins: list[float] = dataclasses.field(default_factory=list)
+    top1_positions: int = 0
     kl_mean: float | None = None
     kl_max: float | None = None
     failures: list[str] = dataclasses.field(default_factory=list)
@@ -204,7 +214,7 @@ class ParityReport:
                 continue
             table.add_row(
                 escape(r.phase), r.name, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.cosine:.8f}",
-                "" if r.top1_agreement is None else f"{100 * r.top1_agreement:.2f}%",
+                "" if r.top1_agreement is None else f"{100 * r.top1_agreement:.2f}%" + self._ties(r),
                 "" if r.kl_mean is None else f"{r.kl_mean:.2e}",
                 "ok" if r.passed else escape("FAIL: " + "; ".join(r.failures)),
             )
@@ -215,6 +225,12 @@ class ParityReport:
                            if not self.perplexity_failures else "FAIL: " + "; ".join(self.perplexity_failures)))
         console.print(table)
         console.print("[bold green]PASS[/]" if self.passed else "[bold red]FAIL[/]")
+
+    def _ties(self, r: OutputRecord) -> str:
+        """' (n ties)' for flips the gate forgave (reference margin < top1_tie_margin)."""
+        margin = self.thresholds.get("top1_tie_margin")
+        ties = sum(1 for m in r.top1_flip_margins if margin is not None and m < margin)
+        return f" ({ties} tie{'s' if ties != 1 else ''})" if ties else ""
 
 
 # ---------------------------------------------------------------- metrics
@@ -255,25 +271,45 @@ def compare_logits(phase: str, ref: np.ndarray, got: np.ndarray, keep: np.ndarra
     rec.shape = list(ref.shape)
     lp, lq = _log_softmax(ref[keep]), _log_softmax(got[keep])
     kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
-    rec.top1_agreement = float(np.mean(ref[keep].argmax(-1) == got[keep].argmax(-1)))
+    r, g = ref[keep], got[keep]
+    r_top, g_top = r.argmax(-1), g.argmax(-1)
+    rec.top1_agreement = float(np.mean(r_top == g_top))
+    flips = np.nonzero(r_top != g_top)[0]
+    rec.top1_flip_margins = [float(r[i, r_top[i]] - r[i, g_top[i]]) for i in flips]
+    rec.top1_positions = len(r_top)
     rec.kl_mean, rec.kl_max = float(kl.mean()), float(kl.max())
     return rec
+
+
+def decisive_top1(rec: OutputRecord, tie_margin: float) -> float | None:
+    """Top-1 agreement with near ties forgiven: a position whose argmax differs counts
+    as agreeing when the reference's own margin between the two tokens is under
+    ``tie_margin`` (logit units). A tiny random model has such ties in a handful of
+    its few decode positions, and one flip among 18 failed a 0.99 gate while the
+    logits agreed to 1e-3; a wrong kernel flips tokens the reference holds apart."""
+    if rec.top1_agreement is None or not rec.top1_positions:
+        return rec.top1_agreement
+    decisive = sum(1 for m in rec.top1_flip_margins if m >= tie_margin)
+    return 1.0 - decisive / rec.top1_positions
 
 
 def apply_thresholds(rec: OutputRecord, th: dict[str, float]) -> None:
     if rec.name in HeadCheck.RECORD_NAMES:
         if not rec.max_abs <= th["head_probs_max_abs"]:
             rec.failures.append(f"max abs {rec.max_abs:.3e} > {th['head_probs_max_abs']:.1e}")
-        if not rec.top1_agreement >= th["top1_min"]:
-            rec.failures.append(f"greedy token agreement {rec.top1_agreement:.4f} < {th['top1_min']}")
+        top1 = decisive_top1(rec, th["top1_tie_margin"])
+        if not top1 >= th["top1_min"]:
+            rec.failures.append(f"greedy token agreement {top1:.4f} < {th['top1_min']}")
         return
     kind = "logits" if rec.name == "logits" else "present"
     if not rec.max_abs <= th[f"{kind}_max_abs"]:
         rec.failures.append(f"max abs {rec.max_abs:.3e} > {th[f'{kind}_max_abs']:.1e}")
     if not rec.cosine >= th[f"{kind}_cosine_min"]:
         rec.failures.append(f"cosine {rec.cosine:.8f} < {th[f'{kind}_cosine_min']}")
-    if rec.top1_agreement is not None and not rec.top1_agreement >= th["top1_min"]:
-        rec.failures.append(f"top-1 agreement {rec.top1_agreement:.4f} < {th['top1_min']}")
+    top1 = decisive_top1(rec, th["top1_tie_margin"])
+    if top1 is not None and not top1 >= th["top1_min"]:
+        rec.failures.append(f"top-1 agreement {top1:.4f} < {th['top1_min']} "
+                            f"(flips with a reference margin >= {th['top1_tie_margin']:g})")
     if rec.kl_mean is not None and not rec.kl_mean <= th["kl_mean_max"]:
         rec.failures.append(f"KL mean {rec.kl_mean:.3e} > {th['kl_mean_max']:.1e}")
 
@@ -644,6 +680,7 @@ class HeadCheck:
         self.ref_probs: list[np.ndarray] = []
         self.got_probs: list[np.ndarray] = []
         self.agree: list[np.ndarray] = []
+        self.flip_margins: list[float] = []
 
     @classmethod
     def for_model(cls, meta: dict[str, str]) -> HeadCheck | None:
@@ -666,13 +703,20 @@ class HeadCheck:
         ids = outs["next_token_ids"]
         self.ref_probs.append(np.take_along_axis(np.exp(_log_softmax(scaled)), ids, axis=-1))
         self.got_probs.append(outs["next_token_probs"])
-        self.agree.append(ids[:, 0] == scaled.argmax(-1))
+        top = scaled.argmax(-1)
+        self.agree.append(ids[:, 0] == top)
+        rows = np.arange(len(top))
+        gap = (scaled[rows, top] - scaled[rows, ids[:, 0]]) * opts.get("temperature", 1.0)  # logit units
+        self.flip_margins += [float(m) for m in gap[ids[:, 0] != top]]
 
     def record(self, phase: str) -> OutputRecord:
         name = self.RECORD_NAMES[1] if self.options.get("sample") else self.RECORD_NAMES[0]
         rec = compare(name, phase, np.concatenate(self.ref_probs), np.concatenate(self.got_probs))
-        rec.top1_agreement = float(np.mean(np.concatenate(self.agree)))
-        self.ref_probs, self.got_probs, self.agree = [], [], []
+        agree = np.concatenate(self.agree)
+        rec.top1_agreement = float(np.mean(agree))
+        if not self.options.get("sample"):  # a top-k head's greedy id: near ties as for the logits
+            rec.top1_flip_margins, rec.top1_positions = self.flip_margins, len(agree)
+        self.ref_probs, self.got_probs, self.agree, self.flip_margins = [], [], [], []
         return rec
 
 
