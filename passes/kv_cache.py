@@ -79,6 +79,17 @@ class KVCacheOptions(PassOptions):
                             "tokens" + (f", a multiple of group={self.group} for KIVI"
                                         if self.scheme.startswith("kivi") else ""),
                             hint="e.g. --kv-capacity 4096")
+        # The quantized slots fill a residual window (R tokens) at a time: fewer than R
+        # slots are never used, and slots past a multiple of R are dead weight.
+        window = (self.residual if self.residual != -1 else
+                  (0 if self.scheme.startswith("int8") else kv_quant.LOW_BIT_RESIDUAL))
+        if self.capacity and window and self.capacity % window:
+            fit = max(window, self.capacity // window * window)
+            raise PassError(
+                f"kv-cache: capacity={self.capacity} is not a multiple of the residual window {window}: the "
+                f"quantized slots fill {window} tokens at a time, so only {self.capacity // window * window} of "
+                f"them could ever be used",
+                hint=f"use --kv-capacity {fit} or {fit + window} (or a smaller --kv-residual)")
 
 
 @dataclasses.dataclass

@@ -122,13 +122,19 @@ def test_fixed_capacity_cache_too_small_is_a_named_error(exported):
     with pytest.raises(ToolkitError, match="holds 16 tokens.*need 17") as err:
         generate(sess, [5, 17, 42], 15)
     assert "--kv-capacity" in err.value.hint
-    # KIVI fills the quantized slots a window (R = 16) at a time: 40 slots take 32, plus 15 residual.
+    # KIVI fills the quantized slots a window (R = 16) at a time: 48 slots, plus 15 residual.
     kivi, _ = run_pipeline(onnx.load(str(path)), ["kv-cache"],
-                           {"kv-cache": {"scheme": "kivi2", "group": "8", "residual": "16", "capacity": "40"}})
+                           {"kv-cache": {"scheme": "kivi2", "group": "8", "residual": "16", "capacity": "48"}})
     sess = _session(kivi)
-    assert len(generate(sess, [5, 17, 42], 45).token_ids) == 45  # 47 tokens fit
-    with pytest.raises(ToolkitError, match="holds 47 tokens"):
-        generate(sess, [5, 17, 42], 46)
+    assert len(generate(sess, [5, 17, 42], 61).token_ids) == 61  # 63 tokens fit
+    with pytest.raises(ToolkitError, match="holds 63 tokens"):
+        generate(sess, [5, 17, 42], 62)
+    # A capacity that is not a multiple of the window would leave slots no flush can fill.
+    from toolkit.errors import PassError
+
+    with pytest.raises(PassError, match="capacity=40 is not a multiple of the residual window 16.*only 32"):
+        run_pipeline(onnx.load(str(path)), ["kv-cache"],
+                     {"kv-cache": {"scheme": "kivi2", "group": "8", "residual": "16", "capacity": "40"}})
 
 
 def _session(model):
