@@ -209,3 +209,42 @@ def test_portable_bundle_generates_the_same_tokens_without_the_library(tmp_path)
     plain = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     with_kernels = greedy(bundle.load(out, threads=1), [5, 6, 7], 24, seed=11).token_ids
     assert greedy(plain, [5, 6, 7], 24, seed=11).token_ids == with_kernels
+
+
+def test_unusable_output_paths_are_refused_before_any_work(tmp_path):
+    """Output paths publish() cannot use are named errors up front (they used to end in
+    FileExistsError / IsADirectoryError / ValueError tracebacks, some after the whole
+    export and parity had run)."""
+    (tmp_path / "afile").write_text("y")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "adir" / "keep.txt").write_text("hi")
+    (tmp_path / "sub").mkdir()
+    cases = [
+        (("convert", "llama", "-o", "afile/sub"), "'afile' is a file, not a directory"),
+        (("export", "llama", "-o", "afile/m.onnx"), "'afile' is a file, not a directory"),
+        (("export", "llama", "-o", "adir", "--overwrite"), "output 'adir' is a directory; this command writes one"),
+        (("convert", "llama", "-o", ".", "--overwrite"), "is the current directory or one of its parents"),
+        (("convert", "llama", "-o", "sub/..", "--overwrite"), "is the current directory or one of its parents"),
+    ]
+    for args, message in cases:
+        r = toolkit(*args, cwd=tmp_path, timeout=120)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "sub"]
+    assert (tmp_path / "adir" / "keep.txt").read_text() == "hi"
+
+
+def test_bundle_directory_is_readable_and_replaces_a_file(tmp_path):
+    """A bundle gets a new directory's permissions (mkdtemp's 0700 kept other users,
+    e.g. a model server's account, out), and --overwrite of a file leaves no
+    '.NAME.old-PID' behind."""
+    (tmp_path / "out").write_text("not a bundle")
+    old_mask = os.umask(0o022)
+    try:
+        r = toolkit("convert", "llama", "-o", "out", "--overwrite", "--passes", "none", "--no-parity",
+                    cwd=tmp_path, timeout=300)
+    finally:
+        os.umask(old_mask)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out").is_dir() and (tmp_path / "out" / "model.onnx").is_file()
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

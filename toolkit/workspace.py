@@ -12,6 +12,38 @@ import shutil
 from pathlib import Path
 
 
+def check_destination(dest: Path, *, directory: bool, overwrite: bool) -> None:
+    """Refuse an output path :func:`publish` could not use, before any work is done:
+    the current directory or one of its parents, a path under an existing file, a
+    directory where a file is written, or an existing output without ``overwrite``."""
+    from toolkit.errors import OutputExistsError
+
+    here = Path.cwd().resolve()
+    if dest.name in ("", ".", "..") or dest.resolve() in (here, *here.parents):
+        raise OutputExistsError(f"output {str(dest)!r} is the current directory or one of its parents",
+                                hint="name a new directory, e.g. -o out/model")
+    ancestor = dest.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputExistsError(f"cannot write {str(dest)!r}: {str(ancestor)!r} is a file, not a directory",
+                                hint="choose a path whose parent directories are directories")
+    if dest.exists():
+        if not overwrite:
+            what = "output directory" if directory else "output"
+            raise OutputExistsError(f"{what} {str(dest)!r} already exists",
+                                    hint="pass --overwrite to replace it, or choose another path")
+        if not directory and dest.is_dir():
+            raise OutputExistsError(f"output {str(dest)!r} is a directory; this command writes one file",
+                                    hint=f"name a file, e.g. -o {dest / 'model.onnx'}")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def publish(staging: Path, dest: Path, *, files: bool = False, overwrite: bool = False) -> None:
     """Move the staged output into place.
 
@@ -28,6 +60,9 @@ def publish(staging: Path, dest: Path, *, files: bool = False, overwrite: bool =
             if f.name == dest.name or f.name.startswith(dest.name + "."):
                 os.replace(f, dest.parent / f.name)
         return
+    # mkdtemp made the staging directory 0700: give the bundle the permissions a new
+    # directory gets (a server running as another user must read it).
+    staging.chmod(0o777 & ~_umask())
     if dest.exists():
         if not overwrite:
             from toolkit.errors import OutputExistsError
@@ -37,6 +72,9 @@ def publish(staging: Path, dest: Path, *, files: bool = False, overwrite: bool =
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.replace(dest, old)
         os.replace(staging, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
     else:
         os.replace(staging, dest)

@@ -105,13 +105,11 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from toolkit.commands._common import resolve_model
-    from toolkit.errors import OutputExistsError, ParityFailure
-    from toolkit.workspace import publish
+    from toolkit.errors import ParityFailure
+    from toolkit.workspace import check_destination, publish
 
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError(f"output directory {str(out)!r} already exists",
-                                hint="pass --overwrite to replace it, or choose another directory")
+    check_destination(out, directory=True, overwrite=args.overwrite)
     names, pass_options = _pass_selection(args)
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
     out.parent.mkdir(parents=True, exist_ok=True)

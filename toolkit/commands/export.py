@@ -24,13 +24,11 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from toolkit.errors import OutputExistsError
     from toolkit.export import export
-    from toolkit.workspace import publish
+    from toolkit.workspace import check_destination, publish
 
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError(f"output {str(out)!r} already exists", hint="pass --overwrite or choose another path")
+    check_destination(out, directory=False, overwrite=args.overwrite)
     src = resolve_model(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".toolkit-export-", dir=out.parent) as tmp:
