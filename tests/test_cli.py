@@ -173,7 +173,10 @@ def test_convert_with_quantized_kv_cache(tmp_path):
                           (("--prompt-ids", f"5,{vocab}"),
                            f"prompt token ids [{vocab}] are outside the model's vocabulary [0, {vocab})"),
                           (("--prompt-ids", "-1"), "prompt token ids [-1] are outside"),
-                          (("--prompt-ids", "5", "--max-new-tokens", "0"), "max_new_tokens must be at least 1")):
+                          (("--prompt-ids", "5", "--max-new-tokens", "0"), "max_new_tokens must be at least 1"),
+                          (("--prompt", "hi", "--prompt-ids", "5"), "--prompt and --prompt-ids both given"),
+                          (("--prompt-ids", "5", "--threads", "-2"), "--threads must be >= 1, got -2"),
+                          (("--prompt-ids", "5", "--eos-id", str(vocab)), f"eos id {vocab} is outside")):
         r = toolkit("generate", str(out), *args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     # A bundle whose model.onnx was truncated: the bare-file diagnosis, not an ORT traceback.

@@ -292,6 +292,9 @@ def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling:
             f"prompt token ids {bad[:8]} are outside the model's vocabulary "
             f"[0, {vocab if vocab is not None else 'V'})",
             hint="use ids the model's tokenizer produces (or --prompt with a tokenizer.json beside the model)")
+    if eos_id is not None and (eos_id < 0 or (vocab is not None and eos_id >= vocab)):
+        raise ToolkitError(f"eos id {eos_id} is outside the model's vocabulary [0, {vocab if vocab else 'V'})",
+                           hint="pass the tokenizer's end-of-sequence id, or leave --eos-id out")
     chooser = TokenChooser(head_options(session), sampling)
     dec = BoundDecoder(session, chooser.wanted_outputs)
     capacity = dec.capacity()

@@ -148,6 +148,17 @@ class SourceConfig:
     generation: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def builtin_families() -> tuple[str, ...]:
+    """The model families built from presets (``--preset``): the registry's random-weight ones."""
+    import models
+
+    return tuple(models.FAMILIES)
+
+
+def is_builtin_family(spec: str) -> bool:
+    return spec in builtin_families()
+
+
 def resolve_config(spec: str, preset: str = "tiny", overrides: dict[str, Any] | None = None) -> SourceConfig:
     """Resolve a MODEL argument to its configuration (the dispatch of :func:`resolve`).
 

@@ -224,6 +224,39 @@ def test_convert_flags_for_the_fixed_capacity_cache():
                                                        "64", "--portable"]))
 
 
+def test_convert_options_without_their_parent_flag_are_refused():
+    """--kv-group / --kv-residual without --kv-cache and --sample without
+    --sampling-head used to be dropped silently (the model came out without them)."""
+    import argparse
+
+    from toolkit.commands import convert as convert_cmd
+
+    parser = argparse.ArgumentParser()
+    convert_cmd.register(parser)
+    for extra, message in ((["--kv-group", "64"], "--kv-group needs --kv-cache"),
+                           (["--kv-residual", "0"], "--kv-residual needs --kv-cache"),
+                           (["--sample"], "--sample needs --sampling-head K")):
+        with pytest.raises(PassError, match=message):
+            convert_cmd._pass_selection(parser.parse_args(["llama", "-o", "x", *extra]))
+    opts = convert_cmd._pass_selection(parser.parse_args(["llama", "-o", "x", "--kv-cache", "kivi2", "--kv-group",
+                                                          "64", "--kv-residual", "128"]))[1]["kv-cache"]
+    assert (opts["group"], opts["residual"]) == ("64", "128")
+
+
+def test_preset_is_refused_for_models_it_cannot_size():
+    import argparse
+
+    from toolkit.commands._common import add_model_args, resolve_model
+    from toolkit.errors import ModelNotFoundError
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    add_model_args(parser)
+    for model in ("hf:llama", "llama-stdlib"):
+        with pytest.raises(ModelNotFoundError, match=f"--preset base applies to the built-in families .*'{model}'"):
+            resolve_model(parser.parse_args([model, "--preset", "base"]))
+
+
 def test_convert_flags_for_the_int8_query():
     import argparse
 

@@ -18,8 +18,15 @@ def resolve_model(args: argparse.Namespace, metadata: dict[str, str] | None = No
     import json
 
     from toolkit import sources
+    from toolkit.errors import ModelNotFoundError
 
     metadata = metadata or {}
+    if args.preset is not None and not sources.is_builtin_family(args.model):
+        raise ModelNotFoundError(
+            f"--preset {args.preset} applies to the built-in families ({', '.join(sources.builtin_families())}), "
+            f"not to {args.model!r}",
+            hint="drop --preset: a Hugging Face architecture is sized with --config (e.g. --config "
+                 "num_hidden_layers=4), and a trained or local checkpoint has its own size")
     preset = args.preset or metadata.get("toolkit.preset") or "tiny"
     seed = args.seed if args.seed is not None else int(metadata.get("toolkit.seed", "0") or 0)
     overrides = (sources.parse_config_overrides(args.config) if args.config

@@ -210,6 +210,15 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
         options.setdefault("sampling-head", {})["k"] = str(args.sampling_head)
         if args.sample:
             options["sampling-head"]["sample"] = "true"
+    if args.sample and args.sampling_head is None:
+        raise PassError("--sample needs --sampling-head K (it draws from the head's top K)",
+                        hint="e.g. toolkit convert MODEL -o DIR --sampling-head 50 --sample")
+    if not getattr(args, "kv_cache", None):
+        for flag, value, default in (("--kv-group", getattr(args, "kv_group", 32), 32),
+                                     ("--kv-residual", getattr(args, "kv_residual", None), None)):
+            if value != default:
+                raise PassError(f"{flag} needs --kv-cache (it is an option of the quantized cache)",
+                                hint=f"e.g. toolkit convert MODEL -o DIR --kv-cache kivi4 {flag} {value}")
     if getattr(args, "kv_capacity", 0) and not getattr(args, "kv_cache", None):
         raise PassError("--kv-capacity needs --kv-cache (it sizes the quantized cache)",
                         hint="e.g. toolkit convert MODEL -o DIR --kv-cache int8 --kv-capacity 4096")

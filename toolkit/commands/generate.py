@@ -14,7 +14,8 @@ import argparse
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="DIR_OR_ONNX", help="a `toolkit convert` output directory or a .onnx file")
-    parser.add_argument("--prompt", default="def ", help="prompt text (needs tokenizer.json beside the model)")
+    parser.add_argument("--prompt", default=None,
+                        help="prompt text (needs tokenizer.json beside the model; default 'def ')")
     parser.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
@@ -36,6 +37,11 @@ def run(args: argparse.Namespace) -> int:
     from toolkit.generate import Sampling, TokenChooser, generate, head_options, load_bundle
     from toolkit.parity import make_session
 
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise ToolkitError("--prompt and --prompt-ids both given", hint="pass one of them")
+    if args.threads is not None and args.threads < 1:
+        raise ToolkitError(f"--threads must be >= 1, got {args.threads}", hint="or leave it out for ORT's default")
+    args.prompt = "def " if args.prompt is None else args.prompt
     onnx_path, tokenizer = load_bundle(args.model)
     if args.prompt_ids is not None:
         try:
