@@ -57,6 +57,9 @@ def test_bench_attention_names_a_bad_list_value(args, message):
 
 
 def test_corrupt_onnx_for_inspect_and_parity(tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    r = toolkit("inspect", str(tmp_path / "empty.onnx"))
+    assert r.returncode == 2 and "is empty (0 bytes)" in r.stderr, r.stderr
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage" * 10)
     for args in (("inspect", str(bad)), ("parity", "llama", str(bad))):
@@ -150,6 +153,8 @@ def test_convert_with_quantized_kv_cache(tmp_path):
     r = toolkit("inspect", str(out / "model.onnx"), "--json")
     assert r.returncode == 0, r.stderr
     kv = json.loads(r.stdout)["kv_cache"]
+    r = toolkit("inspect", str(out), "--json")  # the bundle directory names its model.onnx
+    assert r.returncode == 0 and json.loads(r.stdout)["kv_cache"] == kv, r.stderr
     from models import build
     from toolkit.ops.kv_quant import scheme_for
 

@@ -328,9 +328,15 @@ def load_onnx(path: str | Path) -> Any:
     import onnx
 
     path = Path(path)
+    if path.is_dir():
+        raise InvalidModelError(f"{str(path)!r} is a directory, not an ONNX file",
+                                hint=f"pass {str(path / 'model.onnx')!r} (a `toolkit convert` bundle's model)")
     if not path.is_file():
         raise InvalidModelError(f"ONNX file {str(path)!r} does not exist",
                                 hint="pass the path of a model.onnx written by `toolkit export/convert`")
+    if path.stat().st_size == 0:
+        raise InvalidModelError(f"{str(path)!r} is empty (0 bytes)",
+                                hint="the file is truncated: re-run `toolkit export` or `toolkit convert`")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:

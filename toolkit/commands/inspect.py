@@ -6,7 +6,7 @@ import argparse
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("onnx", metavar="MODEL.onnx")
+    parser.add_argument("onnx", metavar="MODEL.onnx", help="an ONNX file, or a `toolkit convert` output directory")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a summary")
 
 
@@ -16,7 +16,12 @@ def run(args: argparse.Namespace) -> int:
     from toolkit.model_info import describe
     from toolkit.parity import load_onnx
 
-    info = describe(args.onnx, load_onnx(args.onnx))
+    from pathlib import Path
+
+    path = Path(args.onnx)
+    if path.is_dir() and (path / "model.onnx").is_file():  # a `toolkit convert` bundle
+        path = path / "model.onnx"
+    info = describe(str(path), load_onnx(path))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
