@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from toolkit import __version__
@@ -47,9 +48,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted: no output was written", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", 2)  # the shell's code: 130 for SIGINT, 143 for SIGTERM
+    except BrokenPipeError:
+        # The reader went away (`toolkit inspect --json | head`): stop quietly, and keep
+        # Python's exit-time flush of stdout from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -121,9 +121,14 @@ def run(args: argparse.Namespace) -> int:
     # published after an interrupt, whatever caught it.
     interrupted = []
 
+    def interrupt(signum):
+        exc = KeyboardInterrupt()
+        exc.signum = signum  # main() exits with 128 + signum, as the shell reports a kill
+        return exc
+
     def on_signal(signum, frame):
         interrupted.append(signum)
-        raise KeyboardInterrupt
+        raise interrupt(signum)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -185,10 +190,14 @@ def run(args: argparse.Namespace) -> int:
 
         bundle.write(staging, optimized, report_dict, None if report is None else report.passed)
         if interrupted:
-            raise KeyboardInterrupt
+            raise interrupt(interrupted[0])
         publish(staging, out, overwrite=args.overwrite)
         console.print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
         return 0
+    except Exception:
+        if interrupted:  # a library caught the interrupt and failed on it (the exporter does)
+            raise interrupt(interrupted[0]) from None
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

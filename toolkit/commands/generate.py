@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
     def stream(token: int) -> None:
         nonlocal shown
+        if not streamed:  # the prompt, once the model has produced something (an error stays on its own line)
+            print(args.prompt if args.prompt_ids is None else "", end="", flush=True)
         streamed.append(token)
         text = tokenizer.decode(streamed) if tokenizer is not None else " ".join(map(str, streamed))
         if text.startswith(shown):  # else a merge rewrote the tail: wait until the text extends again
@@ -79,8 +81,6 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             shown = text
 
-    if not args.json:
-        print(args.prompt if args.prompt_ids is None else "", end="", flush=True)
     result = generate(session, prompt, args.max_new_tokens, sampling, eos_id=args.eos_id, seed=args.seed,
                       on_token=None if args.json else stream)
     text = tokenizer.decode(result.token_ids) if tokenizer is not None else None

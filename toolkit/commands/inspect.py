@@ -12,11 +12,10 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
     from toolkit.model_info import describe
     from toolkit.parity import load_onnx
-
-    from pathlib import Path
 
     path = Path(args.onnx)
     if path.is_dir() and (path / "model.onnx").is_file():  # a `toolkit convert` bundle
