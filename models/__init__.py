@@ -195,7 +195,8 @@ def registry_config(name: str, preset: str = "tiny",
             raise _not_found(
                 f"reference model {name!r} is a trained checkpoint and takes no config overrides "
                 f"(got {', '.join(sorted(overrides))})",
-                "build a random model instead: build('llama', preset='small', ...)",
+                "use the random-weight family instead (CLI: `llama --preset small --config num_layers=4`; "
+                "Python: build('llama', preset='small', ...))",
             )
         directory = _reference_dir(name)
         try:

@@ -122,6 +122,9 @@ def test_original_of_another_shape_is_a_named_error(exported):
         other = sources.resolve("llama", overrides=overrides)
         with pytest.raises(ToolkitError, match=f"exported from llama with {field} .*the original 'llama' has"):
             parity.check(other, path, SETTINGS)
+    gpt2 = sources.resolve("gpt2", overrides={"vocab_size": src.vocab_size, "num_layers": src.num_layers})
+    with pytest.raises(ToolkitError, match="exported from llama \\(family llama\\); the original 'gpt2' is family gpt2"):
+        parity.check(gpt2, path, SETTINGS)
 
 
 def test_fixed_capacity_model_runs_fit_its_cache(exported):

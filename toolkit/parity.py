@@ -514,6 +514,12 @@ def _check_same_model(src: Any, meta: dict[str, str], onnx_path: str | Path) -> 
     """Refuse an ORIGINAL that cannot be the OPTIMIZED model's source: a different
     vocabulary or layer count (recorded in the ONNX metadata at export) would fail
     inside ONNX Runtime (token ids out of range) or compare unrelated caches."""
+    family = meta.get("toolkit.family")
+    if family and src.family and family != src.family:
+        raise ToolkitError(
+            f"{str(onnx_path)!r} was exported from {meta.get('toolkit.source', family)} (family {family}); "
+            f"the original {src.spec!r} is family {src.family}",
+            hint=f"compare against the model it was exported from (parity {meta.get('toolkit.source', family)} ...)")
     for field, ours in (("vocab_size", src.vocab_size), ("num_layers", src.num_layers)):
         recorded = meta.get(f"toolkit.{field}")
         if recorded is not None and recorded.isdigit() and int(recorded) != ours:
