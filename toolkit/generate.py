@@ -286,14 +286,18 @@ def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling:
         raise ToolkitError(f"max_new_tokens must be at least 1, got {max_new_tokens}",
                            hint="pass --max-new-tokens N with N >= 1")
     vocab = vocab_size(session)
-    bad = [t for t in prompt_ids if t < 0 or (vocab is not None and t >= vocab)]
+
+    def outside(t: int) -> bool:
+        return t < 0 or (vocab is not None and t >= vocab)
+
+    span = f"[0, {vocab if vocab is not None else 'V'})"
+    bad = [t for t in prompt_ids if outside(t)]
     if bad:
         raise ToolkitError(
-            f"prompt token ids {bad[:8]} are outside the model's vocabulary "
-            f"[0, {vocab if vocab is not None else 'V'})",
+            f"prompt token ids {bad[:8]} are outside the model's vocabulary {span}",
             hint="use ids the model's tokenizer produces (or --prompt with a tokenizer.json beside the model)")
-    if eos_id is not None and (eos_id < 0 or (vocab is not None and eos_id >= vocab)):
-        raise ToolkitError(f"eos id {eos_id} is outside the model's vocabulary [0, {vocab if vocab else 'V'})",
+    if eos_id is not None and outside(eos_id):
+        raise ToolkitError(f"eos id {eos_id} is outside the model's vocabulary {span}",
                            hint="pass the tokenizer's end-of-sequence id, or leave --eos-id out")
     chooser = TokenChooser(head_options(session), sampling)
     dec = BoundDecoder(session, chooser.wanted_outputs)

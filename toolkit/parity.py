@@ -511,19 +511,19 @@ class ParitySettings:
 
 
 def _check_same_model(src: Any, meta: dict[str, str], onnx_path: str | Path) -> None:
-    """Refuse an ORIGINAL that cannot be the OPTIMIZED model's source: a different
-    vocabulary or layer count (recorded in the ONNX metadata at export) would fail
-    inside ONNX Runtime (token ids out of range) or compare unrelated caches."""
+    """Refuse an ORIGINAL that cannot be the OPTIMIZED model's source: another family,
+    vocabulary or layer count than the ONNX metadata recorded at export would compare
+    unrelated logits or caches, or fail inside ONNX Runtime (token ids out of range)."""
     family = meta.get("toolkit.family")
+    source = meta.get("toolkit.source", family or "another model")
     if family and src.family and family != src.family:
         raise ToolkitError(
-            f"{str(onnx_path)!r} was exported from {meta.get('toolkit.source', family)} (family {family}); "
+            f"{str(onnx_path)!r} was exported from {source} (family {family}); "
             f"the original {src.spec!r} is family {src.family}",
-            hint=f"compare against the model it was exported from (parity {meta.get('toolkit.source', family)} ...)")
+            hint=f"compare against the model it was exported from (parity {source} ...)")
     for field, ours in (("vocab_size", src.vocab_size), ("num_layers", src.num_layers)):
         recorded = meta.get(f"toolkit.{field}")
         if recorded is not None and recorded.isdigit() and int(recorded) != ours:
-            source = meta.get("toolkit.source", "another model")
             raise ToolkitError(
                 f"{str(onnx_path)!r} was exported from {source} with {field} {recorded}; "
                 f"the original {src.spec!r} has {field} {ours}",

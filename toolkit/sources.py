@@ -368,6 +368,8 @@ def _check_config_fields(arch: str, overrides: dict[str, Any]) -> None:
     """Refuse --config fields the architecture's config class does not have: transformers
     stores unknown keyword arguments as plain attributes, so a misspelt field would be
     ignored silently and the user would convert a different model than asked for."""
+    if not overrides:
+        return
     import difflib
 
     import transformers

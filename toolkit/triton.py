@@ -461,8 +461,7 @@ def write_repository(bundle_dir: str | Path, repo_dir: str | Path, options: Trit
             shutil.copy2(bundle_dir / lib["file"], staging / lib["file"])
         (staging / CONFIG_NAME).write_text(text)
         validate_model_dir(staging, name=options.name, served_dir=served_dir)
-        staging.chmod(0o755)  # mkdtemp makes it 0700; the server often runs as another user
-        publish(staging, dest, overwrite=overwrite)
+        publish(staging, dest, overwrite=overwrite, mode=0o755)  # the server often runs as another user
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -44,7 +44,8 @@ def _umask() -> int:
     return mask
 
 
-def publish(staging: Path, dest: Path, *, files: bool = False, overwrite: bool = False) -> None:
+def publish(staging: Path, dest: Path, *, files: bool = False, overwrite: bool = False,
+            mode: int | None = None) -> None:
     """Move the staged output into place.
 
     Args:
@@ -54,15 +55,16 @@ def publish(staging: Path, dest: Path, *, files: bool = False, overwrite: bool =
             ``.data`` sidecar are moved next to ``dest``).
         files: Publish single files instead of a directory.
         overwrite: Replace an existing destination.
+        mode: Permissions of the published directory (default: a new directory's,
+            0o777 less the umask; ``tempfile.mkdtemp`` made the staging one 0700).
     """
     if files:
         for f in sorted(staging.iterdir()):
             if f.name == dest.name or f.name.startswith(dest.name + "."):
                 os.replace(f, dest.parent / f.name)
         return
-    # mkdtemp made the staging directory 0700: give the bundle the permissions a new
-    # directory gets (a server running as another user must read it).
-    staging.chmod(0o777 & ~_umask())
+    # A server running as another user must be able to read the published directory.
+    staging.chmod(0o777 & ~_umask() if mode is None else mode)
     if dest.exists():
         if not overwrite:
             from toolkit.errors import OutputExistsError

@@ -301,8 +301,8 @@ __attribute__((always_inline)) inline void ScanChunkImpl(const T* row, int64_t b
 // the reduced argument is rounded once from the exact product x a), with x clamped
 // below at lo (ClampFloor: lo a - c >= -125). c differs from m a, the same way for
 // every term: a common factor 2^(m a - c) of the sum that FastScanAvx2 takes out
-// exactly in double (CToMax). The clamp sits on x, before the block max reads it, so
-// the one max serves both (maxps(lo, NaN) keeps the NaN, which Exp2Affine8 flags).
+// exactly in double (CToMax). The clamp sits on x (maxps(lo, NaN) keeps the NaN,
+// which Exp2Affine8 flags).
 template <bool kClamp>
 TOOLKIT_AVX2 inline __m256 ExpTerm8(const float* p, __m256 va, __m256 vk, __m256 vlo) {
   __m256 x = _mm256_loadu_ps(p);
@@ -364,7 +364,8 @@ TOOLKIT_AVX2 inline float BlockExpSum(const float* x, int n8, float c, float lo,
 // z_top below that of a reference value r proves every logit of the block below r
 // and the caller needs no block max; only otherwise (a block that may raise the max
 // or, at k = 1, hold a candidate: a few blocks per row) does it take the exact max
-// (BlockMax, a short L1 sweep). Against a float max in this sweep, 5-7% faster. x is
+// (BlockMax, a short L1 sweep). Against a float max in this sweep, 2-3% faster at
+// k = 1 (A/B in one process; no change at k = 50). x is
 // clamped below at lo (ClampFloor); clamping only raises z, so the proof holds. The
 // caller keeps the result only when the max rose by at most kMaxMergedJump in u
 // (terms up to 2^4, so the float block sum stays far from overflow) and otherwise
