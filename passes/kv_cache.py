@@ -39,6 +39,7 @@ DOMAIN = "com.toolkit"
 _PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
 _REPEAT_OPS = ("Unsqueeze", "Expand", "Reshape")
 PROFILE = {8: "kv-int8", 4: "kv-int4", 2: "kv-2bit"}
+GROUPS = (8, 16, 32, 64, 128)  # the group sizes the op takes (KIVI uses 32 to 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +49,10 @@ class KVCacheOptions(PassOptions):
     scheme: str = dataclasses.field(
         default="kivi4", metadata={"help": f"cache scheme: {', '.join(kv_quant.PRESETS)}"})
     group: int = dataclasses.field(
-        default=32, metadata={"help": "group size G: tokens per key group (KIVI), channels per value group"})
+        default=0, metadata={"help": "group size G: tokens per key group (KIVI), channels per group (int4 keys and "
+                                     "values, KIVI values: min(G, head dim)); int4: at most the head dim; not for "
+                                     f"int8 (one scale per token); 0: {kv_quant.DEFAULT_GROUP}, channel groups "
+                                     "capped to the head dim"})
     residual: int = dataclasses.field(
         default=-1, metadata={"help": "full-precision residual window R: recent tokens kept unquantized, "
                                       "quantized when the window fills; -1: the scheme's default (128 for "
@@ -64,19 +68,24 @@ class KVCacheOptions(PassOptions):
         if self.scheme not in kv_quant.PRESETS:
             raise PassError(f"kv-cache: unknown scheme {self.scheme!r}",
                             hint=f"use one of {', '.join(kv_quant.PRESETS)} (e.g. --kv-cache kivi4)")
-        if self.group not in (8, 16, 32, 64, 128):
+        if self.group not in (0, *GROUPS):
             raise PassError(f"kv-cache: group={self.group} is not supported",
                             hint="use --kv-group 32, 64 or 128 (KIVI's sizes; 8 and 16 for small heads)")
+        if self.group and self.scheme.startswith("int8"):
+            raise PassError(f"kv-cache: group={self.group} does not apply to scheme {self.scheme}: int8 has one "
+                            "scale per token row, no groups",
+                            hint="drop --kv-group (it sets the groups of int4, kivi4 and kivi2)")
+        group = self.effective_group
         if self.residual < -1:
             raise PassError(f"kv-cache: residual={self.residual} must be >= 0 (or -1 for the scheme's default)",
                             hint="e.g. --kv-residual 128")
         if self.scheme.startswith("kivi") and self.residual != -1 and (
-                self.residual < self.group or self.residual % self.group):
-            raise PassError(f"kv-cache: residual={self.residual} must be a positive multiple of group={self.group}",
+                self.residual < group or self.residual % group):
+            raise PassError(f"kv-cache: residual={self.residual} must be a positive multiple of group={group}",
                             hint="e.g. --kv-group 32 --kv-residual 128")
-        if self.capacity < 0 or (self.capacity and self.scheme.startswith("kivi") and self.capacity % self.group):
+        if self.capacity < 0 or (self.capacity and self.scheme.startswith("kivi") and self.capacity % group):
             raise PassError(f"kv-cache: capacity={self.capacity} must be 0 (growing cache) or a positive number of "
-                            "tokens" + (f", a multiple of group={self.group} for KIVI"
+                            "tokens" + (f", a multiple of group={group} for KIVI"
                                         if self.scheme.startswith("kivi") else ""),
                             hint="e.g. --kv-capacity 4096")
         # The quantized slots fill a residual window (R tokens) at a time: fewer than R
@@ -90,6 +99,11 @@ class KVCacheOptions(PassOptions):
                 f"quantized slots fill {window} tokens at a time, so only {self.capacity // window * window} of "
                 f"them could ever be used",
                 hint=f"use --kv-capacity {fit} or {fit + window} (or a smaller --kv-residual)")
+
+    @property
+    def effective_group(self) -> int:
+        """G as given, or the default for 0 (which the pass caps to the head dim)."""
+        return self.group or kv_quant.DEFAULT_GROUP
 
 
 @dataclasses.dataclass
@@ -281,8 +295,18 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
                         "[batch, kv_heads, past_len, head_dim] with static kv_heads and head_dim",
                         hint="re-export with `toolkit export`")
     batch, kv_heads, head_dim = shape[0], shape[1], shape[3]
+    # int4's groups are channels only: a G above the head dim cannot be what was asked
+    # for (the default caps itself: a small head gets one group per row). KIVI's G is
+    # also its key group in tokens, which any head honours; its value groups take
+    # min(G, head dim) channels (recorded as value_group).
+    if options.scheme == "int4" and options.group > head_dim:
+        fit = max(g for g in GROUPS if g <= head_dim) if head_dim >= GROUPS[0] else None
+        raise PassError(f"kv-cache: group={options.group} is larger than the head dim {head_dim} of "
+                        f"{layers[0].past_k.name!r}: int4 quantizes groups of G channels of a head",
+                        hint=(f"use --kv-group {fit} or smaller" if fit else "leave --kv-group out") +
+                        f", or leave it out ({kv_quant.DEFAULT_GROUP}, capped to the head dim)")
     try:
-        scheme = kv_quant.scheme_for(options.scheme, head_dim, options.group,
+        scheme = kv_quant.scheme_for(options.scheme, head_dim, options.effective_group,
                                      None if options.residual == -1 else options.residual,
                                      quantize_query=options.quantize_query)
     except ValueError as err:

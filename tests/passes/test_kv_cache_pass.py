@@ -27,10 +27,13 @@ FAMILIES = ["llama", "gpt2", "hf:gpt2", "hf:llama", "hf:qwen2", "hf:mistral", "h
 
 
 def convert(path, scheme="kivi4", group=8, residual=16, capacity=0, quantize_query=False):
+    """The kv-cache pass; `group` is left out for int8 (one scale per token: no groups)."""
     model = onnx.load(str(path))
-    out, report = run_pipeline(model, ["kv-cache", "cleanup"],
-                               {"kv-cache": {"scheme": scheme, "group": str(group), "residual": str(residual),
-                                             "capacity": str(capacity), "quantize_query": str(quantize_query)}})
+    options = {"scheme": scheme, "residual": str(residual), "capacity": str(capacity),
+               "quantize_query": str(quantize_query)}
+    if not scheme.startswith("int8") and group is not None:
+        options["group"] = str(group)
+    out, report = run_pipeline(model, ["kv-cache", "cleanup"], {"kv-cache": options})
     return out, report
 
 
@@ -281,6 +284,8 @@ def test_convert_flags_for_the_int8_query():
     ({"scheme": "int3"}, "unknown scheme"),
     ({"scheme": "kivi2", "group": "32", "residual": "48"}, "multiple of group"),
     ({"scheme": "kivi4", "group": "24"}, "group=24"),
+    ({"scheme": "int8", "group": "32"}, "group=32 does not apply to scheme int8"),
+    ({"scheme": "int8-asym", "group": "64"}, "int8 has one scale per token row"),
 ])
 def test_bad_options_are_explained(options, fragment):
     from passes import get_pass
@@ -317,11 +322,47 @@ def test_kv_residual_flag_reaches_the_pass():
     assert got == "64"
 
 
-def test_channel_groups_are_capped_at_the_head_dim(exported):
-    _, path = exported("llama")  # head_dim 16 < group 32: one value group per head and token
-    model, _ = convert(path, "int4", group=32)
+def test_default_channel_groups_are_capped_at_the_head_dim(exported):
+    _, path = exported("llama")  # head_dim 16 < the default group 32: one value group per head and token
+    model, _ = convert(path, "int4", group=None)
     vi = {v.name: v for v in model.graph.input}["past_key_values.0.value_scale"]
     assert vi.type.tensor_type.shape.dim[3].dim_value == 1
     node = next(n for n in model.graph.node if n.op_type == "QuantKVAttention")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     assert attrs["value_group"] == 16 and attrs["key_group"] == 16 and attrs["key_per_channel"] == 0
+
+
+def test_an_int4_group_larger_than_the_head_dim_is_a_named_error(exported):
+    """int4 --kv-group 32 on a head dim of 16 used to be capped to 16 without a word:
+    the model came out with other groups than asked for. KIVI keeps its G as the key
+    group in tokens and caps only its value groups (channels)."""
+    _, path = exported("llama")  # head_dim 16
+
+    def attrs(model):
+        node = next(n for n in model.graph.node if n.op_type == "QuantKVAttention")
+        return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+    with pytest.raises(PassError) as err:
+        convert(path, "int4", group=32)
+    assert "group=32 is larger than the head dim 16 of 'past_key_values.0.key'" in str(err.value)
+    assert "--kv-group 16 or smaller" in err.value.hint
+    got = attrs(convert(path, "int4", group=16)[0])  # the head dim itself is fine
+    assert (got["key_group"], got["value_group"]) == (16, 16)
+    got = attrs(convert(path, "kivi4", group=32, residual=32)[0])
+    assert (got["key_per_channel"], got["key_group"], got["value_group"]) == (1, 32, 16)
+
+
+def test_kv_group_flag_is_checked_against_the_scheme():
+    import argparse
+
+    from toolkit.commands import convert as convert_cmd
+
+    parser = argparse.ArgumentParser()
+    convert_cmd.register(parser)
+    base = ["llama", "-o", "x", "--kv-cache"]
+    assert convert_cmd._pass_selection(parser.parse_args(base + ["kivi4"]))[1]["kv-cache"]["group"] == "0"
+    assert convert_cmd._pass_selection(parser.parse_args(base + ["int4", "--kv-group", "64"]))[1][
+        "kv-cache"]["group"] == "64"
+    with pytest.raises(PassError, match="group=64 does not apply to scheme int8") as err:
+        convert_cmd._pass_selection(parser.parse_args(base + ["int8", "--kv-group", "64"]))
+    assert "drop --kv-group" in err.value.hint

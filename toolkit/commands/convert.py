@@ -38,7 +38,10 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="quantized KV cache attention (QuantKVAttention): int8 (symmetric per token), "
                         "int8-asym, int4 (per token, groups of --kv-group channels), kivi4 / kivi2 (KIVI: keys per "
                         "channel, values per token, --kv-residual full-precision tokens); changes the cache I/O")
-    parser.add_argument("--kv-group", type=int, default=32, metavar="G", help="KV quantization group size (32)")
+    parser.add_argument("--kv-group", type=int, default=None, metavar="G",
+                        help="int4 / KIVI group size, 8, 16, 32, 64 or 128 (default 32): channels per group of "
+                        "int4 keys and values (at most the head dim) and of KIVI values (min(G, head dim)), tokens "
+                        "per KIVI key group; int8 has one scale per token and no groups")
     parser.add_argument("--kv-residual", type=int, default=None, metavar="R",
                         help="full-precision residual window: the R most recent tokens stay unquantized and "
                         "are quantized when the window fills (default: 128 for int4 / kivi4 / kivi2, none for "
@@ -223,9 +226,9 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
         raise PassError("--sample needs --sampling-head K (it draws from the head's top K)",
                         hint="e.g. toolkit convert MODEL -o DIR --sampling-head 50 --sample")
     if not getattr(args, "kv_cache", None):
-        for flag, value, default in (("--kv-group", getattr(args, "kv_group", 32), 32),
-                                     ("--kv-residual", getattr(args, "kv_residual", None), None)):
-            if value != default:
+        for flag, value in (("--kv-group", getattr(args, "kv_group", None)),
+                            ("--kv-residual", getattr(args, "kv_residual", None))):
+            if value is not None:
                 raise PassError(f"{flag} needs --kv-cache (it is an option of the quantized cache)",
                                 hint=f"e.g. toolkit convert MODEL -o DIR --kv-cache kivi4 {flag} {value}")
     if getattr(args, "kv_capacity", 0) and not getattr(args, "kv_cache", None):
@@ -246,7 +249,7 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
         names = list(DEFAULT_PASSES) if names is None else names
         names.append("kv-cache")
         options.setdefault("kv-cache", {}).update(
-            scheme=args.kv_cache, group=str(args.kv_group),
+            scheme=args.kv_cache, group=str(args.kv_group or 0),
             residual=str(-1 if args.kv_residual is None else args.kv_residual),
             capacity=str(args.kv_capacity), quantize_query=str(bool(getattr(args, "kv_quantize_query", False))))
     for flag, option in (("rank_ratio", "rank_ratio"), ("energy", "energy"), ("param_budget", "param_budget")):

@@ -150,6 +150,10 @@ PRESETS = ("int8", "int8-asym", "int4", "kivi4", "kivi2")
 
 QUERY_INT8_SUFFIX = "-q8"  # a preset name + this suffix: the same scheme with quantize_query
 
+# The group size G of int4 and KIVI when none is given (KIVI's smallest); channel
+# groups are capped to a smaller head dim.
+DEFAULT_GROUP = 32
+
 
 # The residual window of the 4- and 2-bit presets when none is given (int8 keeps
 # none): on llama-stdlib, int4 per token without it misses the kv-int4 parity gate
@@ -157,7 +161,7 @@ QUERY_INT8_SUFFIX = "-q8"  # a preset name + this suffix: the same scheme with q
 LOW_BIT_RESIDUAL = 128
 
 
-def scheme_for(name: str, head_dim: int, group: int = 32, residual: int | None = None,
+def scheme_for(name: str, head_dim: int, group: int = DEFAULT_GROUP, residual: int | None = None,
                quantize_query: bool = False) -> KVScheme:
     """The scheme of a ``--kv-cache`` name for a model with ``head_dim``.
 
