@@ -286,3 +286,28 @@ def test_int8_latent_cache(exported, family, groups):
     assert kv["scheme"] == "int8-latent" and kv["bytes_per_token"] == info["bytes_per_token"]
     assert kv["tensors_per_layer"] == ["key_latent_q", "key_latent_scale", "value_latent_q", "value_latent_scale"]
     assert kv["reduction_vs_fp32"] == pytest.approx(info["fp32_bytes_per_token"] / info["bytes_per_token"])
+
+
+@pytest.mark.parametrize("passes,options,expected", [
+    ([], {}, None),
+    (["kv-cache"], {"kv-cache": {"scheme": "kivi4", "group": "8", "residual": "16"}}, "full-precision residual"),
+    (["low-rank-kv"], {"low-rank-kv": {"rank_ratio": "0.5"}}, "2.00x smaller than float32"),
+    (["low-rank-kv"], {"low-rank-kv": {"rank_ratio": "0.5", "latent_bits": "8"}}, "smaller than float32"),
+])
+def test_inspect_summary_for_every_cache_kind(exported, tmp_path, capsys, passes, options, expected):
+    """`toolkit inspect` without --json on a latent cache used to fail with a KeyError
+    (it expected the quantized cache's residual window); the tests only read --json."""
+    import argparse
+
+    from toolkit.commands import inspect as inspect_cmd
+
+    _, path = exported("llama")
+    model, _ = run_pipeline(onnx.load(str(path)), [*passes, "cleanup"], options)
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    assert inspect_cmd.run(argparse.Namespace(onnx=str(tmp_path), json=False)) == 0
+    out = capsys.readouterr().out
+    assert "KV cache: 2 layers" in out and "custom ops:" in out
+    if expected:
+        assert expected in out
+    else:
+        assert "smaller than float32" not in out

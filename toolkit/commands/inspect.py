@@ -33,9 +33,11 @@ def run(args: argparse.Namespace) -> int:
     kv = info["kv_cache"]
     c.print(f"KV cache: {kv['layers']} layers x {kv['tensors_per_layer']}, scheme {kv['scheme']}, "
             f"{kv['bytes_per_token']:,} bytes per token")
-    if "reduction_vs_fp32" in kv:
+    if "reduction_vs_fp32" in kv:  # a quantized or a latent (low-rank-kv) cache
+        residual = ("" if "residual_bytes_max" not in kv else
+                    f"; plus at most {kv['residual_bytes_max']:,} bytes of full-precision residual window")
         c.print(f"  {kv['reduction_vs_fp32']:.2f}x smaller than float32 ({kv['fp32_bytes_per_token']:,} bytes per "
-                f"token); plus at most {kv['residual_bytes_max']:,} bytes of full-precision residual window")
+                f"token){residual}")
     if kv.get("capacity"):
         c.print(f"  fixed capacity: {kv['capacity']:,} quantized tokens per sequence, updated in place "
                 f"({int(kv['capacity'] * kv['bytes_per_token']):,} bytes + the residual window allocated per sequence)")
