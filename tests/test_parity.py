@@ -174,3 +174,32 @@ def test_top1_gate_forgives_near_ties_only():
     far = parity.compare_logits("decode", ref, got, keep)
     parity.apply_thresholds(far, th)
     assert any("top-1 agreement 0.9500 < 0.99" in f for f in far.failures), far.failures
+
+
+def test_low_rank_with_a_quantized_cache_is_judged_by_fp32(exported, tmp_path):
+    """A quantized cache records its own (looser) profile; combined with lossy low-rank
+    weights those bounds hid the low-rank loss (kivi2 + --param-budget 0.5 passed at
+    +3.8% perplexity). The combination gets fp32, as low-rank alone does, with a note."""
+    import onnx
+
+    from passes.pipeline import run_pipeline
+    from toolkit.report import render_html
+
+    assert parity.default_profile({"toolkit.parity_profile": "kv-2bit"}) == ("kv-2bit", None)
+    assert parity.default_profile({"toolkit.low_rank": "{}"}) == ("fp32", None)
+    src, path = exported("llama")
+    kv = {"kv-cache": {"scheme": "kivi2", "group": "8", "residual": "8"}}
+    both, _ = run_pipeline(onnx.load(str(path)), ["kv-cache", "low-rank", "cleanup"],
+                           {**kv, "low-rank": {"rank_ratio": "0.5"}})
+    onnx.save(both, str(tmp_path / "both.onnx"))
+    report = parity.check(src, tmp_path / "both.onnx", SETTINGS)
+    assert report.profile == "fp32" and report.thresholds == parity.THRESHOLDS["fp32"]
+    assert "not the KV cache's kv-2bit" in report.profile_note and not report.passed
+    assert report.to_dict()["profile_note"] == report.profile_note
+    assert "low-rank weights are lossy" in render_html(report)
+    explicit = parity.check(src, tmp_path / "both.onnx", SETTINGS, profile="kv-2bit")  # the user's choice stands
+    assert explicit.profile == "kv-2bit" and explicit.profile_note is None
+    cache_only, _ = run_pipeline(onnx.load(str(path)), ["kv-cache", "cleanup"], kv)
+    onnx.save(cache_only, str(tmp_path / "kv.onnx"))
+    report = parity.check(src, tmp_path / "kv.onnx", SETTINGS)
+    assert report.profile == "kv-2bit" and report.profile_note is None

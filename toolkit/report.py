@@ -510,6 +510,8 @@ def _report_section(report: dict[str, Any], plotter: _Plotter, data: dict[str, A
                '<span class="verdict-fail">FAIL</span>' if passed is not None else "n/a")
     where = ", ".join(f"{key} {html.escape(str(report.get(key, 'n/a')))}"
                       for key in ("original", "optimized", "profile"))
+    if report.get("profile_note"):
+        where += html.escape(f" ({report['profile_note']})")
     out = [f"<h2>{html.escape(heading)}: {verdict}</h2>", f'<p class="note">{where}</p>', "<h3>Verdicts</h3>",
            _verdict_table(report), _quality_section(report)]
 
