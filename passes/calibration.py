@@ -7,7 +7,7 @@ graph with some intermediate values exposed as outputs with :func:`run_exposed`.
 
 Inputs are filled by name: ``input_ids`` from ``calibration_data`` (an ``.npy`` of
 int64 token ids ``[B, S]``, unpadded) or random tokens below the vocabulary size,
-``attention_mask`` with ones, ``position_ids`` with ``0..S-1``, ``token_type_ids``
+``attention_mask`` with ones, ``position_ids`` with ``0..S-1`` (sequences cut to a fixed-capacity cache), ``token_type_ids``
 (BERT-style encoders) with zeros, ``past_key_values.*`` empty (a prefill),
 ``sampling_seed`` (a sampled head) with zero, other float inputs with standard-normal
 values. Anything else is an error naming the input.
@@ -82,12 +82,28 @@ def _tokens(proto: Any, options: CalibrationOptions, pass_name: str, rng: np.ran
     return None
 
 
+def _cache_room(proto: Any) -> int | None:
+    """Tokens a prefill can put in a fixed-capacity quantized cache (its quantized slots
+    plus the residual ones, as the kv-cache pass recorded them), or None."""
+    import json
+
+    for prop in proto.metadata_props:
+        if prop.key == "toolkit.kv_quant":
+            info = json.loads(prop.value)
+            if info.get("capacity"):
+                return int(info["capacity"]) + int(info.get("residual_slots", 0))
+    return None
+
+
 def feeds(proto: Any, options: CalibrationOptions, pass_name: str) -> dict[str, np.ndarray]:
     """Inputs of one calibration run of ``proto`` (a ``ModelProto``); see the module doc."""
     from onnx import helper
 
     rng = np.random.default_rng(options.seed)
     tokens = _tokens(proto, options, pass_name, rng)
+    limit = _cache_room(proto)
+    if tokens is not None and limit is not None and tokens.shape[1] > limit:
+        tokens = tokens[:, :limit]  # a prefill longer than a fixed-capacity cache would not fit it
     batch, seq = tokens.shape if tokens is not None else (options.calibration_samples, options.calibration_seq_len)
     init_names = {i.name for i in proto.graph.initializer}
     out: dict[str, np.ndarray] = {}
@@ -106,9 +122,14 @@ def feeds(proto: Any, options: CalibrationOptions, pass_name: str) -> dict[str, 
             out[name] = np.broadcast_to(np.arange(seq, dtype=np_dtype), (batch, seq)).copy()
         elif name == "token_type_ids":  # BERT-style encoders: one segment per calibration sequence
             out[name] = np.zeros((batch, seq), np_dtype)
-        elif name.startswith("past_key_values") and len(dims) >= 3:
-            shape = [batch] + [d if d is not None else 0 for d in dims[1:]]
-            shape[2] = 0  # prefill: empty past
+        elif name.startswith("past_key_values"):
+            # An empty cache for the prefill, as OnnxDecoder.empty_past builds it: dynamic
+            # dims (the past length) 0, static ones kept (heads, head dim, and a fixed
+            # capacity, whose slots the zero lengths mark empty), dim 0 the batch; a
+            # fixed-capacity cache's lengths input ([2]) is all zeros.
+            shape = [d if d is not None else 0 for d in dims]
+            if len(shape) > 1:
+                shape[0] = batch
             out[name] = np.zeros(shape, np_dtype)
         elif name == "sampling_seed":  # a sampled head's draw does not matter here
             out[name] = np.zeros([1], np_dtype)

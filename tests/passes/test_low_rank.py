@@ -324,3 +324,33 @@ def test_convert_flags_select_the_pass():
     for flag in ("--whiten", "--int8-factors"):
         with pytest.raises(PassError, match=f"{flag} needs"):
             convert._pass_selection(parser.parse_args(["llama", "-o", "out", flag]))
+
+
+def test_low_rank_calibrates_a_fixed_capacity_cache(exported):
+    """--kv-cache int8 --kv-capacity N --rank-ratio R failed after the export: the
+    calibration run could not feed past_key_values.lengths (nor the capacity-shaped
+    cache). Full rank on top of the fixed-capacity cache decodes like the cache alone."""
+    from toolkit import ops
+    from toolkit.parity import OnnxDecoder
+
+    _, path = exported("llama")
+    kv = {"kv-cache": {"scheme": "int8", "capacity": "32"}}
+    cache_only, _ = run_pipeline(onnx.load(str(path)), ["kv-cache", "cleanup"], kv)
+    both, report = run_pipeline(onnx.load(str(path)), ["kv-cache", "low-rank", "cleanup"],
+                                {**kv, "low-rank": {"rank_ratio": "1.0", "force": "true", "min_size": "1"}})
+    assert report.counts["low-rank"] >= 7 * 2 and "past_key_values.lengths" in {i.name for i in both.graph.input}
+    decoders = [OnnxDecoder(ort.InferenceSession(m.SerializeToString(), ops.session_options(1),
+                                                 providers=["CPUExecutionProvider"])) for m in (cache_only, both)]
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 100, (2, 9)).astype(np.int64)
+    mask, pos = np.ones_like(ids), np.tile(np.arange(9), (2, 1)).astype(np.int64)
+    pasts = [d.empty_past(2) for d in decoders]
+    for step in range(4):
+        logits = []
+        for i, d in enumerate(decoders):
+            out, pasts[i], _ = d.step(ids, mask, pos, pasts[i])
+            logits.append(out)
+        np.testing.assert_allclose(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+        ids = logits[0][:, -1:].argmax(-1).astype(np.int64)
+        mask = np.ones((2, mask.shape[1] + 1), np.int64)
+        pos = pos[:, -1:] + 1
