@@ -1,9 +1,11 @@
-"""``low-rank``: factor constant-weight MatMul(+Add) layers by truncated SVD.
+"""``low-rank``: factor constant-weight MatMul(+Add) and Gemm layers by truncated SVD.
 
 For ``y = x · W (+ b)`` with a constant ``W [K, N]`` (attention q/k/v/o, MLP
 up/gate/down, LM head) the pass computes ``W ~ U · V`` with ``U [K, r]``,
 ``V [r, N]`` and writes ``com.toolkit::LowRankMatMul(x, U, V[, b])`` (or, with
-``use_op=false``, plain ``MatMul(MatMul(x, U), V)`` that runs anywhere).
+``use_op=false``, plain ``MatMul(MatMul(x, U), V)`` that runs anywhere). A ``Gemm``
+(Hugging Face GPT-2's Conv1D layers) with ``alpha = beta = 1``, no ``transA`` and a
+constant ``[N]`` (or no) ``C`` is the same layer, ``W = B`` or ``B^T`` (``transB``).
 
 Rank per layer, exactly one of:
 
@@ -159,6 +161,27 @@ def _constant_weight(w: ir.Value | None) -> np.ndarray | None:
     return src.const_value.numpy().T
 
 
+def _attr(node: ir.Node, name: str, default: float | int) -> float | int:
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _plain_gemm(node: ir.Node) -> str | None:
+    """Why a Gemm is not ``A W + b`` with a [N] bias (None when it is): Hugging Face
+    GPT-2's Conv1D layers export as Gemm(A, W, b) on 2-D activations."""
+    if _attr(node, "transA", 0):
+        return "transA=1 (the activation is transposed)"
+    if _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
+        return f"alpha={_attr(node, 'alpha', 1.0)}, beta={_attr(node, 'beta', 1.0)} (only 1 and 1 are factored)"
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    if c is not None:
+        w = _constant_weight(node.inputs[1])
+        n = None if w is None or w.ndim != 2 else w.shape[0 if _attr(node, "transB", 0) else 1]
+        if c.const_value is None or tuple(c.const_value.shape) != (n,):
+            return f"bias C {c.name!r} is not a constant of shape [N]"
+    return None
+
+
 def _shared_weight(w: ir.Value) -> str | None:
     """Name of the initializer behind ``w`` when something else also uses it."""
     src = w
@@ -173,11 +196,18 @@ def _candidates(graph: ir.Graph, options: LowRankOptions, explanations: list[str
     include = [s for s in options.include.split(",") if s]
     layers = []
     for node in graph:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             continue
-        label = f"node {node.name or '<unnamed>'} (MatMul)"
+        label = f"node {node.name or '<unnamed>'} ({node.op_type})"
+        gemm = node.op_type == "Gemm"
+        if gemm and (reason := _plain_gemm(node)):
+            if explanations is not None:
+                explanations.append(f"{label}: {reason}")
+            continue
         w = node.inputs[1]
         array = _constant_weight(w)
+        if gemm and array is not None and array.ndim == 2 and _attr(node, "transB", 0):
+            array = array.T  # Gemm computes A B^T: the [K, N] weight is B^T
         if array is None:
             if explanations is not None:
                 explanations.append(f"{label}: weight {w.name if w else None!r} is not a constant initializer "
@@ -209,7 +239,9 @@ def _candidates(graph: ir.Graph, options: LowRankOptions, explanations: list[str
         out = node.outputs[0]
         add = bias = None
         uses = list(out.uses())
-        if len(uses) == 1 and not out.is_graph_output():
+        if gemm:  # its own C input is the bias (checked by _plain_gemm: absent or a constant [N])
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+        elif len(uses) == 1 and not out.is_graph_output():
             consumer = uses[0][0] if isinstance(uses[0], tuple) else uses[0].node
             if consumer.op_type == "Add" and consumer.domain in ("", "ai.onnx"):
                 bias = _const_bias(consumer, out, array.shape[1])
@@ -359,7 +391,7 @@ def apply(model: ir.Model, options: LowRankOptions, *, explain: bool = False) ->
     layers = _candidates(graph, options, explanations if explain else None)
     if not layers:
         return PassResult(name=PASS.name, count=0, explanations=explanations,
-                          details={"layers": [], "reason": "no MatMul with a constant 2-D float weight"})
+                          details={"layers": [], "reason": "no MatMul or Gemm with a constant 2-D float weight"})
     _calibrate(model, layers, options)
     for layer in layers:
         _svd(layer, options)
@@ -384,7 +416,7 @@ def apply(model: ir.Model, options: LowRankOptions, *, explain: bool = False) ->
             entry.update(skipped=True, reason=reason)
             params_after += K * N
             flops_after += 2 * K * N
-            explanations.append(f"node {layer.matmul.name or '<unnamed>'} (MatMul): {reason}")
+            explanations.append(f"node {layer.matmul.name or '<unnamed>'} ({layer.matmul.op_type}): {reason}")
             report.append(entry)
             continue
         U, V = _factors(layer)
@@ -430,7 +462,7 @@ def apply(model: ir.Model, options: LowRankOptions, *, explain: bool = False) ->
 
 PASS = GraphPass(
     name="low-rank",
-    description="Factor constant-weight MatMul(+Add) layers by truncated (activation-aware) SVD into "
+    description="Factor constant-weight MatMul(+Add) and Gemm layers by truncated (activation-aware) SVD into "
     "LowRankMatMul; rank by rank_ratio, energy or a global param_budget",
     options_type=LowRankOptions,
     apply=apply,

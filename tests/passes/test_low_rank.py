@@ -354,3 +354,50 @@ def test_low_rank_calibrates_a_fixed_capacity_cache(exported):
         ids = logits[0][:, -1:].argmax(-1).astype(np.int64)
         mask = np.ones((2, mask.shape[1] + 1), np.int64)
         pos = pos[:, -1:] + 1
+
+
+def gemm_graph(K=96, N=64, trans_b=0, bias=True, alpha=1.0, seed=0):
+    """x [16, K] -> Gemm(x, B, C) -> y, B = W or W^T ([K, N] weight W), C [N]."""
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((K, N)).astype(np.float32)
+    inits = [numpy_helper.from_array(W.T.copy() if trans_b else W, "B")]
+    inputs = ["x", "B"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(N).astype(np.float32), "C"))
+        inputs.append("C")
+    node = helper.make_node("Gemm", inputs, ["y"], name="conv1d", transB=trans_b, alpha=alpha)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, N])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("use_op", ["true", "false"])
+@pytest.mark.parametrize("trans_b,bias", [(0, True), (1, True), (0, False)])
+def test_gemm_layers_are_factored(use_op, trans_b, bias):
+    """Hugging Face GPT-2's Conv1D layers export as Gemm: the pass left them dense and
+    said nothing (`--rank-ratio 0.5` on hf:gpt2 gave low-rank=0 and exit 0)."""
+    model = gemm_graph(trans_b=trans_b, bias=bias)
+    x = np.random.default_rng(1).standard_normal((16, 96)).astype(np.float32)
+    out, report = lowrank(model, rank_ratio=1.0, force="true", use_op=use_op)
+    assert report.counts["low-rank"] == 1 and "Gemm" not in ops_of(out)
+    np.testing.assert_allclose(run(out, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
+    half, _ = lowrank(model, rank_ratio=0.5, force="true", use_op=use_op)
+    assert np.abs(run(half, {"x": x})[0] - run(model, {"x": x})[0]).max() > 1e-2  # lossy: really factored
+
+
+def test_gemm_that_is_not_a_plain_linear_layer_is_explained():
+    out, report = lowrank(gemm_graph(alpha=0.5), rank_ratio=0.5, force="true")
+    assert report.counts["low-rank"] == 0 and ops_of(out) == ["Gemm"]
+    assert any("node conv1d (Gemm): alpha=0.5" in e for e in report["low-rank"].explanations)
+
+
+def test_hf_gpt2_conv1d_layers_are_factored(exported):
+    _src, path = exported("hf:gpt2")
+    model = onnx.load(str(path))
+    gemms = sum(n.op_type == "Gemm" for n in model.graph.node)
+    assert gemms >= 4  # c_attn, c_proj, c_fc, mlp c_proj per layer
+    out, report = run_pipeline(model, ["low-rank", "cleanup"],
+                               {"low-rank": {"rank_ratio": "1.0", "force": "true", "min_size": "1"}})
+    assert report.counts["low-rank"] >= gemms and not any(n.op_type == "Gemm" for n in out.graph.node)
