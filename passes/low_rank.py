@@ -161,7 +161,7 @@ def _constant_weight(w: ir.Value | None) -> np.ndarray | None:
     return src.const_value.numpy().T
 
 
-def _attr(node: ir.Node, name: str, default: float | int) -> float | int:
+def _attr(node: ir.Node, name: str, default: float) -> float:
     a = node.attributes.get(name)
     return default if a is None else a.value
 
