@@ -557,10 +557,17 @@ def apply(model: ir.Model, options: SoftmaxTopKOptions, *, explain: bool = False
     fused = outcome.count - sum(
         n for rule, n in outcome.per_rule.items() if rule.startswith("RenormalizedSoftmaxTopK")
     )
+    explanations = outcome.explanations
+    if explain and not fused and not explanations:  # no rule got past its first node: say what the graph has
+        ops = [n.op_type for n in model.graph.all_nodes()]  # (subgraphs too: the rules visit them)
+        softmax = sum(op in ("Softmax", "LogSoftmax") for op in ops)
+        explanations = [(f"graph: {ops.count('TopK')} TopK and {softmax} Softmax/LogSoftmax nodes, no pair of "
+                         "them to fuse (a decoder's Softmax feeds its attention); --sampling-head K appends a "
+                         "fused top-k to the logits")]
     return PassResult(
         name=PASS.name,
         count=fused,
-        explanations=outcome.explanations,
+        explanations=explanations,
         details={"rules": outcome.per_rule},
     )
 

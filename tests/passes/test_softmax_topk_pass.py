@@ -374,3 +374,16 @@ def test_reference_ties_pick_lower_index_like_onnxruntime():
     actual = run_rewritten(out, feeds)
     np.testing.assert_array_equal(actual["i"], expected["i"])
     np.testing.assert_array_equal(actual["i"], [[1, 2, 4, 0]])
+
+
+def test_explain_says_what_a_graph_without_any_pair_holds():
+    """--explain on a model with no TopK (a plain decoder: its Softmax feeds attention)
+    printed nothing at all; now one line says what the graph holds and what to do."""
+    model = graphs.make_model([graphs.softmax(), helper.make_node("Relu", ["p"], ["y"], name="act")], ["y"])
+    _, result = fuse(model)
+    assert result.count == 0
+    assert result.explanations == [("graph: 0 TopK and 1 Softmax/LogSoftmax nodes, no pair of them to fuse (a "
+                                    "decoder's Softmax feeds its attention); --sampling-head K appends a fused "
+                                    "top-k to the logits")]
+    _, result = fuse(graphs.softmax_topk(topk_attrs={"largest": 0}))  # a near miss keeps its own reason
+    assert len(result.explanations) == 1 and "graph:" not in result.explanations[0]
