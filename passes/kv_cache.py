@@ -83,13 +83,13 @@ class KVCacheOptions(PassOptions):
                 self.residual < group or self.residual % group):
             raise PassError(f"kv-cache: residual={self.residual} must be a positive multiple of group={group}",
                             hint="e.g. --kv-group 32 --kv-residual 128")
-        if self.capacity < 0 or (self.capacity and self.scheme.startswith("kivi") and self.capacity % group):
+        if self.capacity < 0:
             raise PassError(f"kv-cache: capacity={self.capacity} must be 0 (growing cache) or a positive number of "
-                            "tokens" + (f", a multiple of group={group} for KIVI"
-                                        if self.scheme.startswith("kivi") else ""),
-                            hint="e.g. --kv-capacity 4096")
+                            "tokens", hint="e.g. --kv-capacity 4096")
         # The quantized slots fill a residual window (R tokens) at a time: fewer than R
-        # slots are never used, and slots past a multiple of R are dead weight.
+        # slots are never used, and slots past a multiple of R are dead weight. KIVI's R
+        # is a positive multiple of G (above), so this also gives whole key groups; a
+        # separate group rule, checked first, named capacities this one then refused.
         window = (self.residual if self.residual != -1 else
                   (0 if self.scheme.startswith("int8") else kv_quant.LOW_BIT_RESIDUAL))
         if self.capacity and window and self.capacity % window:

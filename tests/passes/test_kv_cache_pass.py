@@ -279,7 +279,11 @@ def test_convert_flags_for_the_int8_query():
 
 
 @pytest.mark.parametrize("options,fragment", [
-    ({"scheme": "kivi4", "group": "8", "residual": "16", "capacity": "20"}, "multiple of group=8"),
+    # The residual-window rule comes first: following a group-only message led to a
+    # second refusal (kivi2 --kv-capacity 100 said "multiple of group=32", then 160 was
+    # "not a multiple of the residual window 128").
+    ({"scheme": "kivi4", "group": "8", "residual": "16", "capacity": "20"}, "not a multiple of the residual window 16"),
+    ({"scheme": "kivi2", "capacity": "100"}, "use --kv-capacity 128 or 256"),
     ({"scheme": "int8", "capacity": "-1"}, "capacity=-1"),
     ({"scheme": "int3"}, "unknown scheme"),
     ({"scheme": "kivi2", "group": "32", "residual": "48"}, "multiple of group"),
