@@ -107,7 +107,7 @@ class LowRankOptions(CalibrationOptions):
         if self.whiten and self.activation_aware:
             raise PassError("low-rank options whiten and activation_aware are two ways to weight the SVD by the "
                             "activations; choose one",
-                            hint="--pass-option low-rank.whiten=true (whitening) or --activation-aware (ASVD)")
+                            hint="set one: whiten=true (whitening) or activation_aware=true (ASVD)")
         if not 0 < self.alpha <= 2:
             raise PassError(f"low-rank option alpha must be in (0, 2], got {self.alpha!r}",
                             hint="ASVD uses 0.5")

@@ -324,6 +324,12 @@ def test_convert_flags_select_the_pass():
     for flag in ("--whiten", "--int8-factors"):
         with pytest.raises(PassError, match=f"{flag} needs"):
             convert._pass_selection(parser.parse_args(["llama", "-o", "out", flag]))
+    # Both weightings: the message names the flags given (the pass's named its option,
+    # suggesting --pass-option low-rank.whiten=true to a user who had passed --whiten).
+    with pytest.raises(PassError, match="--whiten and --activation-aware are two ways") as err:
+        convert._pass_selection(parser.parse_args(["llama", "-o", "out", "--rank-ratio", "0.5", "--whiten",
+                                                   "--activation-aware"]))
+    assert "pass-option" not in str(err.value)
 
 
 def test_low_rank_calibrates_a_fixed_capacity_cache(exported):

@@ -266,6 +266,11 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
         if "low-rank" not in options:
             raise PassError("--whiten needs --rank-ratio, --energy or --param-budget",
                             hint="e.g. toolkit convert MODEL -o DIR --param-budget 0.6 --whiten")
+        if getattr(args, "activation_aware", False):  # (the pass's own message names its option names)
+            raise PassError("--whiten and --activation-aware are two ways to weight the SVD by the activations; "
+                            "choose one",
+                            hint="drop one: --whiten (whitened SVD, the smallest output error on the calibration "
+                            "activations) or --activation-aware (ASVD)")
         options["low-rank"]["whiten"] = "true"
     if getattr(args, "int8_factors", False):
         if "low-rank" not in options:
