@@ -176,6 +176,8 @@ def test_every_family_config_is_structurally_right_and_generates(exported, tmp_p
         lib = bundle.LIBRARY_NAME
     record = genai.write(tmp_path, info, lib)
     assert record["config"] == "genai_config.json" and record["model_type"] == model_type
+    # No tokenizer.json here (random-weight configs have none): said, as og.Tokenizer would fail.
+    assert any("no tokenizer.json in the bundle" in n for n in record["notes"])
     config = json.loads((tmp_path / "genai_config.json").read_text())
     m, dec = config["model"], config["model"]["decoder"]
     assert m["type"] == model_type and m["vocab_size"] == src.vocab_size

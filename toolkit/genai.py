@@ -345,11 +345,17 @@ def write(directory: Path, info: dict[str, Any], op_library: str | None) -> dict
                               "tokenizer_config": None,
                               "host_inputs": {n: HOST_INPUTS[n] for n in
                                               (vi["name"] for vi in info["inputs"]) if n in HOST_INPUTS}}
+    notes = []
     if "eos_token_id" not in special:
-        note = ("the source names no end-of-sequence token; onnxruntime-genai requires one in "
-                "[0, vocab_size), so eos/pad/bos = 0 were written: generation also stops at token 0")
-        record["notes"] = [note]
-        log.warning("%s: %s", GENAI_CONFIG, record["notes"][0])
+        notes.append("the source names no end-of-sequence token; onnxruntime-genai requires one in "
+                     "[0, vocab_size), so eos/pad/bos = 0 were written: generation also stops at token 0")
+    if not tokenizer_path.is_file():
+        notes.append(f"no {TOKENIZER} in the bundle (the source has no tokenizer, e.g. a random-weight hf: config): "
+                     "og.Tokenizer(model) cannot load; feed token ids (generator.append_tokens([...]))")
+    if notes:
+        record["notes"] = notes
+        for note in notes:
+            log.warning("%s: %s", GENAI_CONFIG, note)
     if tokenizer_path.is_file():
         shipped = Path(source["source_dir"]) / TOKENIZER_CONFIG if source.get("source_dir") else None
         if shipped is not None and shipped.is_file():
