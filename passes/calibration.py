@@ -170,6 +170,10 @@ def run_exposed(model: ir.Model, names: list[str], options: CalibrationOptions, 
         if threads is not None:
             so.intra_op_num_threads = threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # Errors only: ORT warns once per initializer the graph under rewrite no longer uses
+    # ("Removing initializer ..."), dozens of lines in the middle of the progress bars;
+    # the passes' cleanup removes them from the written model.
+    so.log_severity_level = 3
     wanted = list(dict.fromkeys(names))
     try:
         session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -311,3 +311,12 @@ def test_inspect_summary_for_every_cache_kind(exported, tmp_path, capsys, passes
         assert expected in out
     else:
         assert "smaller than float32" not in out
+
+
+def test_calibration_runs_do_not_print_ort_warnings(exported, capfd):
+    """The calibration session warned once per unused initializer of the graph under
+    rewrite ("Removing initializer ..."), six lines amid convert's progress bars here."""
+    _, path = exported("gpt2")
+    run_pipeline(onnx.load(str(path)), ["low-rank-kv", "low-rank", "cleanup"],
+                 {"low-rank-kv": {"rank_ratio": "0.5", "latent_bits": "8"}, "low-rank": {"rank_ratio": "0.5"}})
+    assert "Removing initializer" not in capfd.readouterr().err
