@@ -166,3 +166,19 @@ def test_unsupported_opset_is_refused_before_export(opset, tmp_path):
     with pytest.raises(ExportError, match=f"opset {opset} is not supported: the exporter writes opsets 18 to"):
         export(sources.resolve("llama"), tmp_path / "m.onnx", opset=opset)
     assert not list(tmp_path.iterdir())
+
+
+def test_export_prints_no_exporter_noise(tmp_path):
+    """torch.onnx logged a warning per torchvision op it skipped (torchvision is not a
+    dependency) and pytree's LeafSpec FutureWarning on every export. A fresh process:
+    the registration warnings come once per process."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from toolkit import export, sources; "
+            "export.export(sources.resolve('gpt2'), Path(sys.argv[1]))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.onnx")], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m.onnx").is_file()
+    assert "torchvision is not installed" not in r.stderr and "LeafSpec" not in r.stderr, r.stderr

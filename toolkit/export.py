@@ -13,6 +13,8 @@ past tensors). The exporter needs eager attention and a ``*past`` argument whose
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import re
 from pathlib import Path
@@ -88,6 +90,25 @@ def _explain_export_failure(exc: BaseException) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Mute what torch.onnx prints on every export that concerns no user: a warning per
+    torchvision op it skips registering (torchvision is not a dependency) and pytree's
+    LeafSpec deprecation. Export failures still raise, with their own messages."""
+    import logging
+    import warnings
+
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def export(src: SourceModel, out_path: Path, opset: int = DEFAULT_OPSET) -> Any:
     """Export ``src`` to ``out_path`` (ONNX, external data when over 2 GB).
 
@@ -114,7 +135,7 @@ def export(src: SourceModel, out_path: Path, opset: int = DEFAULT_OPSET) -> Any:
         tuple({0: dyn, 2: dyn} for _ in range(2 * src.num_layers)),
     )
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
                 module, args, dynamo=True, opset_version=opset,
                 input_names=input_names(src.num_layers),
