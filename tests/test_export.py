@@ -177,7 +177,7 @@ def test_export_prints_no_exporter_noise(tmp_path):
 
     code = ("import sys; from pathlib import Path; from toolkit import export, sources; "
             "export.export(sources.resolve('gpt2'), Path(sys.argv[1]))")
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.onnx")], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.onnx")], capture_output=True, text=True, check=False,
                        timeout=600)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m.onnx").is_file()
