@@ -12,6 +12,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import sys
     from pathlib import Path
 
     from toolkit.model_info import describe
@@ -27,11 +28,11 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    c = Console()
+    c = Console(width=None if sys.stdout.isatty() else 150)  # piped: long paths and tables unwrapped
     c.print(f"[bold]{info['path']}[/]  {info['size_bytes'] / 1e6:.2f} MB, {info['parameters']:,} parameters, "
-            f"{info['nodes']} nodes, opsets {info['opset_imports']}")
+            f"{info['nodes']} nodes, opsets " + ", ".join(f"{d} {v}" for d, v in info["opset_imports"].items()))
     kv = info["kv_cache"]
-    c.print(f"KV cache: {kv['layers']} layers x {kv['tensors_per_layer']}, scheme {kv['scheme']}, "
+    c.print(f"KV cache: {kv['layers']} layers x {', '.join(kv['tensors_per_layer'])}, scheme {kv['scheme']}, "
             f"{kv['bytes_per_token']:,} bytes per token")
     if "reduction_vs_fp32" in kv:  # a quantized or a latent (low-rank-kv) cache
         residual = ("" if "residual_bytes_max" not in kv else
