@@ -227,8 +227,15 @@ def test_unusable_output_paths_are_refused_before_any_work(tmp_path):
     (tmp_path / "adir").mkdir()
     (tmp_path / "adir" / "keep.txt").write_text("hi")
     (tmp_path / "sub").mkdir()
+    (tmp_path / "adir" / "src").mkdir()
     cases = [
         (("convert", "llama", "-o", "afile/sub"), "'afile' is a file, not a directory"),
+        # --overwrite replaces only a previous output: it deleted any directory, even
+        # the source model's parent with everything in it
+        (("convert", "adir/src", "-o", "adir", "--overwrite"), "--overwrite would delete"),
+        (("convert", "llama", "-o", "adir", "--overwrite"), "holds files this toolkit did not write"),
+        (("convert", "llama", "-o", "afile", "--overwrite"), "output 'afile' is a file; this command writes a dir"),
+        (("convert", "llama", "-o", "afile"), "output 'afile' already exists"),
         (("export", "llama", "-o", "afile/m.onnx"), "'afile' is a file, not a directory"),
         (("export", "llama", "-o", "adir", "--overwrite"), "output 'adir' is a directory; this command writes one"),
         (("convert", "llama", "-o", ".", "--overwrite"), "is the current directory or one of its parents"),
@@ -238,21 +245,22 @@ def test_unusable_output_paths_are_refused_before_any_work(tmp_path):
         r = toolkit(*args, cwd=tmp_path, timeout=120)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "sub"]
-    assert (tmp_path / "adir" / "keep.txt").read_text() == "hi"
+    assert (tmp_path / "adir" / "keep.txt").read_text() == "hi" and (tmp_path / "adir" / "src").is_dir()
+    assert (tmp_path / "afile").read_text() == "y"
 
 
-def test_bundle_directory_is_readable_and_replaces_a_file(tmp_path):
+def test_bundle_directory_is_readable_and_replaces_a_bundle(tmp_path):
     """A bundle gets a new directory's permissions (mkdtemp's 0700 kept other users,
-    e.g. a model server's account, out), and --overwrite of a file leaves no
+    e.g. a model server's account, out), and --overwrite of a previous bundle leaves no
     '.NAME.old-PID' behind."""
-    (tmp_path / "out").write_text("not a bundle")
     old_mask = os.umask(0o022)
     try:
-        r = toolkit("convert", "llama", "-o", "out", "--overwrite", "--passes", "none", "--no-parity",
-                    cwd=tmp_path, timeout=300)
+        for extra in ((), ("--overwrite",)):
+            r = toolkit("convert", "llama", "-o", "out", *extra, "--passes", "none", "--no-parity",
+                        cwd=tmp_path, timeout=300)
+            assert r.returncode == 0, r.stderr
     finally:
         os.umask(old_mask)
-    assert r.returncode == 0, r.stderr
     assert (tmp_path / "out").is_dir() and (tmp_path / "out" / "model.onnx").is_file()
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -411,7 +411,7 @@ def write_repository(bundle_dir: str | Path, repo_dir: str | Path, options: Trit
 
     from toolkit import bundle
     from toolkit.errors import OutputExistsError
-    from toolkit.workspace import publish
+    from toolkit.workspace import check_destination, publish
 
     options.validate()
     bundle_dir, repo_dir = Path(bundle_dir), Path(repo_dir)
@@ -420,6 +420,8 @@ def write_repository(bundle_dir: str | Path, repo_dir: str | Path, options: Trit
     if dest.exists() and not overwrite:
         raise OutputExistsError(f"model directory {str(dest)!r} already exists in the repository",
                                 hint="pass --overwrite to replace it, or choose another --name")
+    # --overwrite replaces a Triton model this wrote (config.pbtxt), never the bundle itself
+    check_destination(dest, directory=True, overwrite=overwrite, keep=(bundle_dir,), marker="config.pbtxt")
     model_path = bundle_dir / manifest["model"]
     try:
         model = onnx.load(str(model_path), load_external_data=False)

@@ -12,10 +12,18 @@ import shutil
 from pathlib import Path
 
 
-def check_destination(dest: Path, *, directory: bool, overwrite: bool) -> None:
+def check_destination(dest: Path, *, directory: bool, overwrite: bool, keep: tuple[Path, ...] = (),
+                      marker: str = "manifest.json") -> None:
     """Refuse an output path :func:`publish` could not use, before any work is done:
     the current directory or one of its parents, a path under an existing file, a
-    directory where a file is written, or an existing output without ``overwrite``."""
+    directory where a file is written, or an existing output without ``overwrite``.
+
+    ``overwrite`` replaces only what this toolkit wrote there before: an existing
+    output directory must hold ``marker`` (a bundle's ``manifest.json``; a Triton
+    model's ``config.pbtxt``) or be empty, must not be a file, and must not be or
+    contain a path of ``keep`` (the source model). It used to replace any directory,
+    e.g. ``convert DIR -o DIR/.. --overwrite`` deleted the source and its neighbours.
+    """
     from toolkit.errors import OutputExistsError
 
     here = Path.cwd().resolve()
@@ -30,12 +38,26 @@ def check_destination(dest: Path, *, directory: bool, overwrite: bool) -> None:
                                 hint="choose a path whose parent directories are directories")
     if dest.exists():
         if not overwrite:
-            what = "output directory" if directory else "output"
+            what = "output directory" if directory and dest.is_dir() else "output"
             raise OutputExistsError(f"{what} {str(dest)!r} already exists",
                                     hint="pass --overwrite to replace it, or choose another path")
         if not directory and dest.is_dir():
             raise OutputExistsError(f"output {str(dest)!r} is a directory; this command writes one file",
                                     hint=f"name a file, e.g. -o {dest / 'model.onnx'}")
+        if directory and not dest.is_dir():
+            raise OutputExistsError(f"output {str(dest)!r} is a file; this command writes a directory",
+                                    hint="name a new directory, e.g. -o out/model")
+        target = dest.resolve()
+        for path in keep:
+            path = Path(path).resolve()
+            if path == target or target in path.parents:
+                raise OutputExistsError(f"--overwrite would delete {str(path)!r}, the model being converted: it is "
+                                        f"{'the' if path == target else 'inside the'} output {str(dest)!r}",
+                                        hint="write the output somewhere else, e.g. -o out/model")
+        if directory and not (dest / marker).is_file() and any(dest.iterdir()):
+            raise OutputExistsError(f"output directory {str(dest)!r} holds files this toolkit did not write (no "
+                                    f"{marker}): --overwrite replaces only a previous output",
+                                    hint="choose a new directory, or remove this one yourself")
 
 
 def _umask() -> int:
