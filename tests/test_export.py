@@ -6,6 +6,8 @@ past) and then two decode steps feeding the ONNX model its own cache.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -182,3 +184,41 @@ def test_export_prints_no_exporter_noise(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m.onnx").is_file()
     assert "torchvision is not installed" not in r.stderr and "LeafSpec" not in r.stderr, r.stderr
+
+
+def test_hf_directories_that_are_not_complete_causal_lms_are_refused(tmp_path):
+    """A base model without its head, an encoder-decoder, an encoder, or a checkpoint
+    missing weights used to convert with random weights in their place (and pass parity
+    against the same random draw) or fail with a list of a hundred config classes."""
+    import safetensors.torch
+    import transformers
+
+    from toolkit import sources
+    from toolkit.errors import ModelNotFoundError
+
+    small = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 32}
+    llama = transformers.LlamaConfig(**small, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(llama).save_pretrained(tmp_path / "ok")
+    assert sources.resolve(str(tmp_path / "ok")).num_layers == 1  # the complete model loads
+    transformers.LlamaModel(llama).save_pretrained(tmp_path / "base")
+    bart = transformers.BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1,
+                                   encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                   decoder_ffn_dim=32, max_position_embeddings=32)
+    transformers.BartForConditionalGeneration(bart).save_pretrained(tmp_path / "bart")
+    bert = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=32)
+    transformers.BertModel(bert).save_pretrained(tmp_path / "bert")
+    (tmp_path / "partial").mkdir()
+    for f in (tmp_path / "ok").iterdir():
+        (tmp_path / "partial" / f.name).write_bytes(f.read_bytes())
+    weights = safetensors.torch.load_file(str(tmp_path / "partial" / "model.safetensors"))
+    del weights["lm_head.weight"]
+    safetensors.torch.save_file(weights, str(tmp_path / "partial" / "model.safetensors"), metadata={"format": "pt"})
+    for name, message in (("base", "holds LlamaModel (llama), not a causal LM with its head"),
+                          ("bart", "is an encoder-decoder model (bart)"),
+                          ("bert", "holds BertModel (bert), not a causal LM"),
+                          ("partial", "lacks 1 weight(s) its LlamaForCausalLM needs: lm_head.weight")):
+        with pytest.raises(ModelNotFoundError, match=re.escape(message)):
+            sources.resolve(str(tmp_path / name))

@@ -273,6 +273,7 @@ def _directory_config(spec: str, path: Path) -> SourceConfig:
                 f"transformers could not read the config of {spec!r}: {exc}",
                 hint="check config.json is a Hugging Face causal LM config",
             ) from exc
+        _check_causal_lm(spec, hf_config)
         generation_file = path / "generation_config.json"
         generation = json.loads(generation_file.read_text()) if generation_file.is_file() else {}
         return SourceConfig(spec, "hf-directory", hf_config=hf_config, directory=path, generation=generation)
@@ -280,6 +281,28 @@ def _directory_config(spec: str, path: Path) -> SourceConfig:
         f"{config_file} has neither 'model_type' (Hugging Face) nor 'family' (toolkit checkpoint)",
         hint="point at a Hugging Face causal LM directory or a toolkit checkpoint",
     )
+
+
+# Class-name endings of the saved architectures that carry a language-model head.
+_LM_HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
+
+
+def _check_causal_lm(spec: str, hf_config: Any) -> None:
+    """Refuse a Hugging Face directory that is not a decoder-only causal LM with its
+    head, by name, before loading it: transformers would build a causal LM around it
+    anyway (BART as BartForCausalLM without its encoder, a base LlamaModel with a random
+    lm_head, BERT as BertLMHeadModel) or fail with a list of a hundred config classes."""
+    model_type = getattr(hf_config, "model_type", "?")
+    supported = "the toolkit converts decoder-only causal language models (Llama, Qwen2, Mistral, GPT-2, ...)"
+    if getattr(hf_config, "is_encoder_decoder", False):
+        raise ModelNotFoundError(f"{spec!r} is an encoder-decoder model ({model_type}); {supported}",
+                                 hint="convert a decoder-only checkpoint")
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if archs and not any(a.endswith(_LM_HEAD_ARCHITECTURES) for a in archs):
+        raise ModelNotFoundError(
+            f"{spec!r} holds {', '.join(archs)} ({model_type}), not a causal LM with its head; {supported}",
+            hint="save the model with its language-model head (e.g. LlamaForCausalLM.save_pretrained): a base "
+            "model's lm_head would be random")
 
 
 def _directory_tokenizer(path: Path) -> Any:
@@ -302,13 +325,23 @@ def _load_hf_directory(spec: str, config: SourceConfig) -> SourceModel:
     import transformers
 
     try:
-        module = transformers.AutoModelForCausalLM.from_pretrained(
-            str(config.directory), dtype="float32", local_files_only=True, **_hf_impl_kwargs(config.hf_config))
+        module, info = transformers.AutoModelForCausalLM.from_pretrained(
+            str(config.directory), dtype="float32", local_files_only=True, output_loading_info=True,
+            **_hf_impl_kwargs(config.hf_config))
     except Exception as exc:  # transformers raises many types; report them uniformly
         raise ModelNotFoundError(
             f"transformers could not load {spec!r}: {exc}",
             hint="check the directory holds config.json and safetensors/bin weights of a causal LM",
         ) from exc
+    # Weights the checkpoint lacks are initialised at random: the export (and a parity
+    # check against the same random draw) would pass with a model nobody trained.
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ModelNotFoundError(
+            f"{spec!r} lacks {len(missing)} weight(s) its {type(module).__name__} needs: {shown}; transformers "
+            "would fill them with random values",
+            hint="save the complete causal LM (with its lm_head) or point at the right directory")
     return _wrap_hf_module(spec, module.eval(), _directory_tokenizer(config.directory))
 
 
