@@ -264,3 +264,39 @@ def test_bundle_directory_is_readable_and_replaces_a_bundle(tmp_path):
     assert (tmp_path / "out").is_dir() and (tmp_path / "out" / "model.onnx").is_file()
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_unwritable_outputs_are_named_errors(tmp_path, monkeypatch, capsys):
+    """A read-only or permission-less output location ended in an OSError traceback
+    (exit 1), for parity --json only after the whole run. As root, permission bits do not
+    bind, so the checks are driven through os.access and a command that raises."""
+    import errno
+
+    from toolkit import cli, workspace
+    from toolkit.errors import OutputExistsError
+
+    real_access = os.access
+    monkeypatch.setattr(workspace.os, "access", lambda p, mode: False if str(p) == str(tmp_path) else
+                        real_access(p, mode))
+    for dest in (tmp_path / "bundle", tmp_path / "new" / "deeper" / "report.json"):
+        with pytest.raises(OutputExistsError, match="is not writable") as err:
+            workspace.check_writable(dest)
+        assert str(tmp_path) in str(err.value)
+    assert cli.main(["parity", "llama", str(tmp_path / "m.onnx"), "--json", str(tmp_path / "r.json")]) == 2
+    assert "is not writable" in capsys.readouterr().err  # refused before loading anything
+    monkeypatch.setattr(workspace.os, "access", real_access)
+
+    def fails(code):
+        def run(args):
+            raise OSError(code, os.strerror(code), str(tmp_path / "out" / "model.onnx"))
+        return run
+
+    from toolkit.commands import inspect as inspect_cmd
+
+    monkeypatch.setattr(inspect_cmd, "run", fails(errno.EROFS))
+    assert cli.main(["inspect", "x.onnx"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot access {tmp_path / 'out' / 'model.onnx'}: Read-only file system" in err and "Traceback" not in err
+    monkeypatch.setattr(inspect_cmd, "run", fails(errno.ENOENT))  # not a file-system refusal: a bug, shown
+    with pytest.raises(FileNotFoundError):
+        cli.main(["inspect", "x.onnx"])

@@ -9,6 +9,7 @@ traceback (``--traceback`` shows it), and exit non-zero.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -38,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_FILE_SYSTEM_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def _broken_pipe() -> int:
+    # The reader went away (`toolkit inspect --json | head`): stop quietly, and keep
+    # Python's exit-time flush of stdout from raising again.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -52,10 +63,16 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: no output was written", file=sys.stderr)
         return 128 + getattr(exc, "signum", 2)  # the shell's code: 130 for SIGINT, 143 for SIGTERM
     except BrokenPipeError:
-        # The reader went away (`toolkit inspect --json | head`): stop quietly, and keep
-        # Python's exit-time flush of stdout from raising again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        return _broken_pipe()
+    except OSError as err:
+        # The file system refused (a read-only mount, no permission, a full disk) where
+        # the up-front checks could not foresee it: a named error, not a traceback.
+        if args.traceback or err.errno not in _FILE_SYSTEM_ERRORS:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: cannot access{where}: {err.strerror}\n  fix: check the path's permissions, that its file "
+              "system is writable and has free space", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

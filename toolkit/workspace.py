@@ -12,6 +12,25 @@ import shutil
 from pathlib import Path
 
 
+def check_writable(path: str | Path) -> None:
+    """Refuse, before any work, an output path whose nearest existing ancestor is a file
+    or cannot be written (a read-only mount, no permission): it used to end in an
+    OSError traceback, for parity reports only after the whole run."""
+    from toolkit.errors import OutputExistsError
+
+    path = Path(path)
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputExistsError(f"cannot write {str(path)!r}: {str(ancestor)!r} is a file, not a directory",
+                                hint="choose a path whose parent directories are directories")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"cannot write {str(path)!r}: {str(ancestor) or '.'!r} is not writable "
+                                "(read-only file system or no permission)",
+                                hint="choose an output path in a writable directory")
+
+
 def check_destination(dest: Path, *, directory: bool, overwrite: bool, keep: tuple[Path, ...] = (),
                       marker: str = "manifest.json") -> None:
     """Refuse an output path :func:`publish` could not use, before any work is done:
@@ -30,12 +49,7 @@ def check_destination(dest: Path, *, directory: bool, overwrite: bool, keep: tup
     if dest.name in ("", ".", "..") or dest.resolve() in (here, *here.parents):
         raise OutputExistsError(f"output {str(dest)!r} is the current directory or one of its parents",
                                 hint="name a new directory, e.g. -o out/model")
-    ancestor = dest.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise OutputExistsError(f"cannot write {str(dest)!r}: {str(ancestor)!r} is a file, not a directory",
-                                hint="choose a path whose parent directories are directories")
+    check_writable(dest)
     if dest.exists():
         if not overwrite:
             what = "output directory" if directory and dest.is_dir() else "output"

@@ -56,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
         return _run_bisect(args)
     if args.onnx is None:
         raise ToolkitError("parity needs OPTIMIZED.onnx", hint="pass the model to check, or use --bisect")
+    from toolkit.workspace import check_writable
+
+    for path in (args.json, args.junit, args.html):
+        if path and path != "-":
+            check_writable(path)  # before the run, not after it
     model = parity.load_onnx(args.onnx)
     src = resolve_model(args, parity.metadata(model))
     report = parity.check(src, args.onnx, parity_settings(args), profile=args.profile,
