@@ -179,3 +179,41 @@ def test_sampling_options_are_checked_against_the_head(exported):
         generate(_session(drawn), [1, 2], 2, Sampling(True, temperature=0.5))
     with pytest.raises(ToolkitError, match="--top-p must be in"):
         generate(_session(topk), [1, 2], 2, Sampling(True, top_p=0.0))
+
+
+def test_generation_stops_at_the_recorded_eos_and_within_the_context(exported, tmp_path):
+    """`toolkit generate` ran past the end-of-sequence id the source's config names, and
+    past the positions a learned table has (an ORT Gather traceback after 8 tokens).
+    Export records both; generate stops at the first and refuses the second up front."""
+    import json
+    import subprocess
+    import sys
+
+    from toolkit.errors import ToolkitError
+    from toolkit.generate import generate
+    from toolkit.parity import metadata
+
+    _, path = exported("hf:llama")
+    assert json.loads(metadata(onnx.load(str(path)))["toolkit.eos_token_ids"]) == [2]  # its config's eos
+    _, path = exported("gpt2")
+    meta = metadata(onnx.load(str(path)))
+    assert meta["toolkit.context_length"] == "128" and "toolkit.eos_token_ids" not in meta  # the preset names none
+    sess = make_session(path, threads=1)
+    full = generate(sess, [5, 6, 7], 8).token_ids
+    stop = full[3]
+    cut = generate(sess, [5, 6, 7], 8, eos_id=[stop]).token_ids
+    assert cut == full[:full.index(stop) + 1]
+    with pytest.raises(ToolkitError, match="need 139 positions; the model was built for 128") as err:
+        generate(sess, list(range(3, 123)), 20, context_length=128)
+    assert "--max-new-tokens 9" in err.value.hint
+    assert len(generate(sess, list(range(3, 123)), 9, context_length=128).token_ids) == 9
+
+    model = onnx.load(str(path))  # the CLI reads the recorded ids; --eos-id -1 ignores them
+    model.metadata_props.append(onnx.StringStringEntryProto(key="toolkit.eos_token_ids", value=json.dumps([stop])))
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    for extra, expected in (((), full[:full.index(stop) + 1]), (("--eos-id", "-1"), full)):
+        r = subprocess.run([sys.executable, "-m", "toolkit", "generate", str(tmp_path / "m.onnx"), "--prompt-ids",
+                            "5,6,7", "--max-new-tokens", "8", "--json", *extra], capture_output=True, text=True,
+                           check=False, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["token_ids"] == expected

@@ -14,7 +14,6 @@ past tensors). The exporter needs eager attention and a ``*past`` argument whose
 from __future__ import annotations
 
 import contextlib
-
 import json
 import re
 from pathlib import Path
@@ -189,6 +188,27 @@ def _name_dynamic_dims(model: Any) -> None:
                 d.dim_param = symbol.sub(lambda m: rename.get(m.group(0), m.group(0)), d.dim_param)
 
 
+def _generation_metadata(meta: dict[str, str]) -> dict[str, str]:
+    """What a host needs to stop decoding where the source does: the context length
+    (positions the model was built for) and the end-of-sequence ids, where the source's
+    config states them (``toolkit generate`` reads them; a bundle need not keep its
+    source around)."""
+    from toolkit.errors import ToolkitError
+    from toolkit.genai import source_config
+
+    try:
+        config = source_config(meta)
+    except ToolkitError:
+        return {}
+    out = {}
+    if config.get("context_length"):
+        out["toolkit.context_length"] = str(int(config["context_length"]))
+    eos = config.get("eos_token_id")
+    if eos is not None:
+        out["toolkit.eos_token_ids"] = json.dumps(sorted({int(e) for e in (eos if isinstance(eos, list) else [eos])}))
+    return out
+
+
 def _set_metadata(model: Any, src: SourceModel, opset: int) -> None:
     import onnx
 
@@ -205,6 +225,7 @@ def _set_metadata(model: Any, src: SourceModel, opset: int) -> None:
         "toolkit.seed": str(src.seed),
         "toolkit.config_overrides": json.dumps(src.overrides, sort_keys=True),
     }
+    meta.update(_generation_metadata(meta))
     existing = {p.key: p for p in model.metadata_props}
     for key, value in meta.items():
         if key in existing:

@@ -272,14 +272,18 @@ def vocab_size(session: Any) -> int | None:
 
 
 def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = GREEDY,
-             eos_id: int | None = None, seed: int = 0,
-             on_token: Callable[[int], None] | None = None) -> GenerationResult:
+             eos_id: int | list[int] | None = None, seed: int = 0,
+             on_token: Callable[[int], None] | None = None, context_length: int | None = None) -> GenerationResult:
     """Decode up to ``max_new_tokens`` tokens after ``prompt_ids`` (batch 1).
 
-    ``seed`` is the base of the per-call seeds (call ``i`` uses ``seed + i``): the
-    sampled head's input, or the host's draw. ``on_token`` is called with each token
-    as soon as it is chosen (streaming).
+    ``eos_id``: stop after this token (or any of these). ``seed`` is the base of the
+    per-call seeds (call ``i`` uses ``seed + i``): the sampled head's input, or the
+    host's draw. ``on_token`` is called with each token as soon as it is chosen
+    (streaming). ``context_length``: positions the model was built for; a longer run
+    is refused up front (learned position tables fail past it with an ORT gather
+    error after some tokens were printed).
     """
+    eos_ids = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     if not prompt_ids:
         raise ToolkitError("the prompt is empty", hint="give at least one token (--prompt text or --prompt-ids 1,2,3)")
     if max_new_tokens < 1:
@@ -296,9 +300,16 @@ def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling:
         raise ToolkitError(
             f"prompt token ids {bad[:8]} are outside the model's vocabulary {span}",
             hint="use ids the model's tokenizer produces (or --prompt with a tokenizer.json beside the model)")
-    if eos_id is not None and outside(eos_id):
-        raise ToolkitError(f"eos id {eos_id} is outside the model's vocabulary {span}",
+    bad_eos = sorted(e for e in eos_ids if outside(e))
+    if bad_eos:
+        raise ToolkitError(f"eos id {', '.join(map(str, bad_eos))} is outside the model's vocabulary {span}",
                            hint="pass the tokenizer's end-of-sequence id, or leave --eos-id out")
+    if context_length is not None and len(prompt_ids) + max_new_tokens - 1 > context_length:
+        raise ToolkitError(
+            f"a {len(prompt_ids)}-token prompt and {max_new_tokens} new tokens need "
+            f"{len(prompt_ids) + max_new_tokens - 1} positions; the model was built for {context_length}",
+            hint=f"shorten the prompt or pass --max-new-tokens {max(1, context_length - len(prompt_ids) + 1)} "
+            "or fewer")
     chooser = TokenChooser(head_options(session), sampling)
     dec = BoundDecoder(session, chooser.wanted_outputs)
     capacity = dec.capacity()
@@ -328,7 +339,7 @@ def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling:
         out_ids.append(nxt)
         if on_token is not None:
             on_token(nxt)
-        if eos_id is not None and nxt == eos_id:
+        if nxt in eos_ids:
             break
         ids = np.array([[nxt]], dtype=np.int64)
         mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)

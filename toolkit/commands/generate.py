@@ -25,7 +25,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="candidates kept (0: all the head returns)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--eos-id", type=int, default=None, help="stop after this token")
+    parser.add_argument("--eos-id", type=int, default=None,
+                        help="stop after this token (default: the end-of-sequence ids the source's config names, "
+                        "recorded at export; -1: never stop early)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (no streaming)")
 
 
@@ -81,8 +83,14 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             shown = text
 
-    result = generate(session, prompt, args.max_new_tokens, sampling, eos_id=args.eos_id, seed=args.seed,
-                      on_token=None if args.json else stream)
+    from toolkit.parity import load_onnx, metadata
+
+    meta = metadata(load_onnx(onnx_path))  # (weights in external data are not read)
+    recorded_eos = json.loads(meta.get("toolkit.eos_token_ids") or "[]")
+    eos = (recorded_eos or None) if args.eos_id is None else None if args.eos_id == -1 else args.eos_id
+    context = int(meta["toolkit.context_length"]) if meta.get("toolkit.context_length") else None
+    result = generate(session, prompt, args.max_new_tokens, sampling, eos_id=eos, seed=args.seed,
+                      on_token=None if args.json else stream, context_length=context)
     text = tokenizer.decode(result.token_ids) if tokenizer is not None else None
     decoded = bool(result.step_ms)  # one new token is the prefill alone: no decode step to time
     stats = {"prefill_ms": result.prefill_ms, "median_step_ms": result.median_step_ms if decoded else None,
