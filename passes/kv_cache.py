@@ -163,6 +163,10 @@ def _only_use(value: ir.Value, what: str, graph_output_ok: bool = False) -> ir.N
 
 def _cache_concat(graph_outputs: dict[str, ir.Value], past: ir.Value, present_name: str) -> tuple[ir.Node, list]:
     shapes, others = _split_uses(past)
+    if any(n.op_type == "Slice" for n in others):
+        raise _NoMatch(f"input {past.name!r} is sliced before attention ("
+                       f"{', '.join(describe_node(n) for n in others)}): sliding-window attention (e.g. a Mistral "
+                       "config's sliding_window) is not supported by the kv-cache pass")
     if len(others) != 1 or others[0].op_type != "Concat":
         raise _NoMatch(f"input {past.name!r} is read by {', '.join(describe_node(n) for n in others) or 'nothing'};"
                        " expected one Concat(past, new, axis=2) (a flat KV cache from `toolkit export`)")
@@ -285,9 +289,11 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
         try:
             layers.append(_match_layer(model, index, past_k, past_v))
         except _NoMatch as err:
-            raise PassError(f"kv-cache: layer {index}: {err}",
-                            hint="the pass rewrites the eager attention exported by `toolkit export`; run "
-                                 "`toolkit inspect` on the model and report the pattern if it is a standard one") from None
+            hint = ("convert without --kv-cache (the full-precision cache honours the window), or a model "
+                    "without a sliding window" if "sliding-window" in str(err) else
+                    "the pass rewrites the eager attention exported by `toolkit export`; run `toolkit inspect` "
+                    "on the model and report the pattern if it is a standard one")
+            raise PassError(f"kv-cache: layer {index}: {err}", hint=hint) from None
 
     shape = layers[0].past_k.shape
     if shape is None or len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):

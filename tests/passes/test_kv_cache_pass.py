@@ -370,3 +370,15 @@ def test_kv_group_flag_is_checked_against_the_scheme():
     with pytest.raises(PassError, match="group=64 does not apply to scheme int8") as err:
         convert_cmd._pass_selection(parser.parse_args(base + ["int8", "--kv-group", "64"]))
     assert "drop --kv-group" in err.value.hint
+
+
+def test_sliding_window_attention_is_named(tmp_path):
+    """A Mistral config with sliding_window slices the cache before attention; the pass
+    named an internal Slice node and asked for a bug report."""
+    from toolkit import export, sources
+
+    src = sources.resolve("hf:mistral", overrides={"sliding_window": 4})
+    export.export(src, tmp_path / "m.onnx")
+    with pytest.raises(PassError, match="sliding-window attention .* is not supported by the kv-cache pass") as err:
+        convert(tmp_path / "m.onnx", "int8")
+    assert "convert without --kv-cache" in err.value.hint
