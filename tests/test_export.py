@@ -186,7 +186,7 @@ def test_export_prints_no_exporter_noise(tmp_path):
     assert "torchvision is not installed" not in r.stderr and "LeafSpec" not in r.stderr, r.stderr
 
 
-def test_hf_directories_that_are_not_complete_causal_lms_are_refused(tmp_path):
+def test_hf_directories_that_are_not_complete_causal_lms_are_refused(tmp_path, caplog):
     """A base model without its head, an encoder-decoder, an encoder, or a checkpoint
     missing weights used to convert with random weights in their place (and pass parity
     against the same random draw) or fail with a list of a hundred config classes."""
@@ -216,6 +216,10 @@ def test_hf_directories_that_are_not_complete_causal_lms_are_refused(tmp_path):
     weights = safetensors.torch.load_file(str(tmp_path / "partial" / "model.safetensors"))
     del weights["lm_head.weight"]
     safetensors.torch.save_file(weights, str(tmp_path / "partial" / "model.safetensors"), metadata={"format": "pt"})
+    transformers.LlamaForCausalLM(llama).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    with caplog.at_level("WARNING", logger="toolkit.sources"):  # the upcast is said, not silent
+        assert sources.resolve(str(tmp_path / "bf16")).num_layers == 1
+    assert "stores bfloat16 weights: they are upcast to float32" in caplog.text
     for name, message in (("base", "holds LlamaModel (llama), not a causal LM with its head"),
                           ("bart", "is an encoder-decoder model (bart)"),
                           ("bert", "holds BertModel (bert), not a causal LM"),

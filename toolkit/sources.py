@@ -342,6 +342,14 @@ def _load_hf_directory(spec: str, config: SourceConfig) -> SourceModel:
             f"{spec!r} lacks {len(missing)} weight(s) its {type(module).__name__} needs: {shown}; transformers "
             "would fill them with random values",
             hint="save the complete causal LM (with its lm_head) or point at the right directory")
+    stored = getattr(config.hf_config, "dtype", None) or getattr(config.hf_config, "torch_dtype", None)
+    stored = str(stored).removeprefix("torch.") if stored is not None else None
+    if stored in ("float16", "bfloat16"):
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s stores %s weights: they are upcast to float32, the precision the export computes in and parity "
+            "compares against (the ONNX model is float32)", spec, stored)
     return _wrap_hf_module(spec, module.eval(), _directory_tokenizer(config.directory))
 
 
