@@ -175,6 +175,7 @@ def test_convert_with_quantized_kv_cache(tmp_path):
     vocab = cfg.vocab_size
     for args, message in ((("--prompt-ids", ""), "the prompt is empty"),
                           (("--prompt-ids", "5,x"), "'5,x' is not a comma-separated list of integers"),
+                          (("--prompt-ids", "5,,6"), "'5,,6' is not a comma-separated list"),  # was [5, 6]
                           (("--prompt-ids", f"5,{vocab}"),
                            f"prompt token ids [{vocab}] are outside the model's vocabulary [0, {vocab})"),
                           (("--prompt-ids", "-1"), "prompt token ids [-1] are outside"),
@@ -240,6 +241,7 @@ def test_unusable_output_paths_are_refused_before_any_work(tmp_path):
         (("export", "llama", "-o", "adir", "--overwrite"), "output 'adir' is a directory; this command writes one"),
         (("convert", "llama", "-o", ".", "--overwrite"), "is the current directory or one of its parents"),
         (("convert", "llama", "-o", "sub/..", "--overwrite"), "is the current directory or one of its parents"),
+        (("convert", "llama", "-o", "sub/x/.."), "output 'sub/x/..' ends in '..': name the output itself"),
     ]
     for args, message in cases:
         r = toolkit(*args, cwd=tmp_path, timeout=120)

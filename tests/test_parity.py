@@ -203,3 +203,25 @@ def test_low_rank_with_a_quantized_cache_is_judged_by_fp32(exported, tmp_path):
     onnx.save(cache_only, str(tmp_path / "kv.onnx"))
     report = parity.check(src, tmp_path / "kv.onnx", SETTINGS)
     assert report.profile == "kv-2bit" and report.profile_note is None
+
+
+def test_parity_lengths_that_cannot_run_are_named(exported):
+    """--prompt-len 0, --batch-sizes 0, --threads 0 and a prompt past the positions the
+    model was built for ended in ORT / NumPy tracebacks."""
+    import argparse
+
+    from toolkit.commands._common import add_parity_args, parity_settings
+    from toolkit.errors import ToolkitError
+
+    parser = argparse.ArgumentParser()
+    add_parity_args(parser)
+    for argv, message in ((["--prompt-len", "0"], "--prompt-len must be >= 1, got 0"),
+                          (["--batch-sizes", "1,0"], "must list batch sizes >= 1"),
+                          (["--decode-steps", "-1"], "--decode-steps must be >= 0"),
+                          (["--threads", "0"], "--threads must be >= 1, got 0")):
+        with pytest.raises(ToolkitError, match=message):
+            parity_settings(parser.parse_args(argv))
+    src, path = exported("gpt2")  # 128 positions
+    long = parity.ParitySettings(batch_sizes=(1,), prompt_len=126, decode_steps=3, perplexity_tokens=0)
+    with pytest.raises(ToolkitError, match="need 129 positions; the model was built for 128"):
+        parity.check(src, path, long)

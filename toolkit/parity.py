@@ -627,6 +627,11 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
             raise ToolkitError(f"unknown threshold {key!r}", hint=f"known thresholds: {', '.join(th)}")
         th[key] = float(value)
     _check_same_model(src, meta, onnx_path)
+    context = int(meta.get("toolkit.context_length") or 0)
+    if context and settings.prompt_len + settings.decode_steps > context:
+        raise ToolkitError(f"a {settings.prompt_len}-token prompt and {settings.decode_steps} decode steps need "
+                           f"{settings.prompt_len + settings.decode_steps} positions; the model was built for "
+                           f"{context}", hint="pass a smaller --prompt-len / --decode-steps")
     session = make_session(onnx_path, model, threads=settings.threads, optimization=settings.optimization)
     dec = OnnxDecoder(session)
     settings = fit_to_capacity(settings, dec.inputs)

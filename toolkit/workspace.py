@@ -46,9 +46,12 @@ def check_destination(dest: Path, *, directory: bool, overwrite: bool, keep: tup
     from toolkit.errors import OutputExistsError
 
     here = Path.cwd().resolve()
-    if dest.name in ("", ".", "..") or dest.resolve() in (here, *here.parents):
+    if dest.resolve() in (here, *here.parents):
         raise OutputExistsError(f"output {str(dest)!r} is the current directory or one of its parents",
                                 hint="name a new directory, e.g. -o out/model")
+    if dest.name in ("", ".", ".."):
+        raise OutputExistsError(f"output {str(dest)!r} ends in {dest.name or '/'!r}: name the output itself",
+                                hint="e.g. -o out/model")
     check_writable(dest)
     if dest.exists():
         if not overwrite:

@@ -77,6 +77,16 @@ def parity_settings(args: argparse.Namespace):
     except ValueError as exc:
         raise ToolkitError(f"--batch-sizes {args.batch_sizes!r} is not a comma-separated list of integers",
                            hint="write e.g. --batch-sizes 1,4") from exc
+    # Lengths and counts that cannot run (they ended in ORT or NumPy tracebacks).
+    if not batches or min(batches) < 1:
+        raise ToolkitError(f"--batch-sizes {args.batch_sizes!r} must list batch sizes >= 1",
+                           hint="write e.g. --batch-sizes 1,4")
+    for flag, value, least in (("--prompt-len", args.prompt_len, 1), ("--decode-steps", args.decode_steps, 0),
+                               ("--ppl-tokens", args.ppl_tokens, 0), ("--threads", 1 if args.threads is None else args.threads, 1)):
+        if value < least:
+            raise ToolkitError(f"{flag} must be >= {least}, got {value}",
+                               hint=f"pass {flag} {max(least, 1)} or more" + (", or leave it out for ORT's default"
+                                                                               if flag == "--threads" else ""))
     mode = getattr(args, "ppl_mode", "auto")
     return ParitySettings(batch_sizes=batches, prompt_len=args.prompt_len, decode_steps=args.decode_steps,
                           perplexity_tokens=args.ppl_tokens, threads=args.threads,

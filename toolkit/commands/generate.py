@@ -42,12 +42,14 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is not None and args.prompt_ids is not None:
         raise ToolkitError("--prompt and --prompt-ids both given", hint="pass one of them")
     if args.threads is not None and args.threads < 1:
-        raise ToolkitError(f"--threads must be >= 1, got {args.threads}", hint="or leave it out for ORT's default")
+        raise ToolkitError(f"--threads must be >= 1, got {args.threads}",
+                           hint="pass a positive count, or leave it out for ORT's default")
     args.prompt = "def " if args.prompt is None else args.prompt
     onnx_path, tokenizer = load_bundle(args.model)
     if args.prompt_ids is not None:
         try:
-            prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+            items = args.prompt_ids.split(",")
+            prompt = [int(t) for t in items] if args.prompt_ids.strip() else []  # "1,,2" is not [1, 2]
         except ValueError:
             raise ToolkitError(f"--prompt-ids {args.prompt_ids!r} is not a comma-separated list of integers",
                                hint="e.g. --prompt-ids 1,2,3") from None
