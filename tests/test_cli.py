@@ -66,6 +66,15 @@ def test_corrupt_onnx_for_inspect_and_parity(tmp_path):
         r = toolkit(*args)
         assert r.returncode == 2, r.stderr
         assert "not a valid ONNX model" in r.stderr and "Traceback" not in r.stderr
+    # Not ONNX files at all: a model directory, a directory, a JSON file (said as such,
+    # not as a truncated model or with a model.onnx that does not exist).
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    for target, message in ((tmp_path / "hf", "is a model directory (config.json), not an ONNX model"),
+                            (tmp_path, "is a directory without model.onnx"),
+                            (tmp_path / "hf" / "config.json", "config.json' is not an ONNX model (.json file)")):
+        r = toolkit("inspect", str(target))
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_convert_end_to_end_and_inspect(tmp_path):
@@ -155,6 +164,8 @@ def test_convert_with_quantized_kv_cache(tmp_path):
     kv = json.loads(r.stdout)["kv_cache"]
     r = toolkit("inspect", str(out), "--json")  # the bundle directory names its model.onnx
     assert r.returncode == 0 and json.loads(r.stdout)["kv_cache"] == kv, r.stderr
+    r = toolkit("parity", "llama", str(out), "--batch-sizes", "1", "--decode-steps", "2", "--greedy", "0")  # so does parity
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
     from models import build
     from toolkit.ops.kv_quant import scheme_for
 

@@ -334,11 +334,20 @@ def load_onnx(path: str | Path) -> Any:
 
     path = Path(path)
     if path.is_dir():
-        raise InvalidModelError(f"{str(path)!r} is a directory, not an ONNX file",
-                                hint=f"pass {str(path / 'model.onnx')!r} (a `toolkit convert` bundle's model)")
+        if (path / "model.onnx").is_file():  # a `toolkit convert` bundle: its model
+            path = path / "model.onnx"
+        elif (path / "config.json").is_file():
+            raise InvalidModelError(f"{str(path)!r} is a model directory (config.json), not an ONNX model",
+                                    hint=f"convert it first: toolkit convert {path} -o out/model")
+        else:
+            raise InvalidModelError(f"{str(path)!r} is a directory without model.onnx, not an ONNX model",
+                                    hint="pass a .onnx file or a `toolkit convert` output directory")
     if not path.is_file():
         raise InvalidModelError(f"ONNX file {str(path)!r} does not exist",
                                 hint="pass the path of a model.onnx written by `toolkit export/convert`")
+    if path.suffix in (".json", ".safetensors", ".bin", ".pt", ".pth", ".txt", ".npy", ".gguf"):
+        raise InvalidModelError(f"{str(path)!r} is not an ONNX model ({path.suffix} file)",
+                                hint="pass a .onnx file or a `toolkit convert` output directory")
     if path.stat().st_size == 0:
         raise InvalidModelError(f"{str(path)!r} is empty (0 bytes)",
                                 hint="the file is truncated: re-run `toolkit export` or `toolkit convert`")
