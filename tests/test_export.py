@@ -132,6 +132,14 @@ def test_source_config_dispatch_matches_resolve(tmp_path):
     ckpt = sources.resolve_config(str(tmp_path / "ckpt"))
     assert ckpt.kind == "toolkit-checkpoint" and ckpt.family == "gpt2"
     assert sources.resolve(str(tmp_path / "ckpt")).family == "gpt2"
+    import os
+
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:  # a relative directory is recorded absolute (the manifest's and metadata's source)
+        assert sources.resolve("ckpt").spec == str((tmp_path / "ckpt").resolve())
+    finally:
+        os.chdir(here)
     with pytest.raises(ModelNotFoundError, match="takes no config overrides"):
         sources.resolve_config("llama-stdlib", overrides={"num_layers": 1})
     with pytest.raises(ModelNotFoundError, match="unknown preset 'huge'"):

@@ -59,7 +59,8 @@ class SourceModel:
     """A PyTorch decoder resolved from a MODEL argument.
 
     Attributes:
-        spec: The MODEL argument as the user wrote it (recorded in metadata).
+        spec: The MODEL argument as the user wrote it, a directory as its absolute path
+            (recorded in metadata: parity and genai find the source from anywhere).
         module: The underlying ``torch.nn.Module`` (eval mode, float32).
         family: Architecture family (``llama``, ``gpt2``, ``hf:qwen2``, ...).
         num_layers: Decoder layers, i.e. number of (key, value) cache pairs.
@@ -206,10 +207,12 @@ def resolve(spec: str, preset: str = "tiny", overrides: dict[str, Any] | None = 
         src = _hf_random(spec, config.hf_config, seed)
         src.seed, src.overrides = seed, overrides
         return src
+    # A directory is recorded by its absolute path (the model's toolkit.source, the
+    # bundle manifest): parity and genai resolve the source from any working directory.
     if config.kind == "toolkit-checkpoint":
-        return _load_toolkit_checkpoint(spec, config.directory)
+        return _load_toolkit_checkpoint(str(config.directory.resolve()), config.directory)
     if config.kind == "hf-directory":
-        return _load_hf_directory(spec, config)
+        return _load_hf_directory(str(config.directory.resolve()), config)
     src = _toolkit_model(spec, config, seed)
     if config.kind == "toolkit-preset":
         src.preset, src.seed, src.overrides = preset, seed, overrides
