@@ -245,6 +245,7 @@ def test_unusable_output_paths_are_refused_before_any_work(tmp_path):
         # --overwrite replaces only a previous output: it deleted any directory, even
         # the source model's parent with everything in it
         (("convert", "adir/src", "-o", "adir", "--overwrite"), "--overwrite would delete"),
+        (("export", "adir", "-o", "adir/keep.txt", "--overwrite"), "--overwrite would replace 'adir/keep.txt', a file"),
         (("convert", "llama", "-o", "adir", "--overwrite"), "holds files this toolkit did not write"),
         (("convert", "llama", "-o", "afile", "--overwrite"), "output 'afile' is a file; this command writes a dir"),
         (("convert", "llama", "-o", "afile"), "output 'afile' already exists"),

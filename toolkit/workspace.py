@@ -71,6 +71,10 @@ def check_destination(dest: Path, *, directory: bool, overwrite: bool, keep: tup
                 raise OutputExistsError(f"--overwrite would delete {str(path)!r}, the model being converted: it is "
                                         f"{'the' if path == target else 'inside the'} output {str(dest)!r}",
                                         hint="write the output somewhere else, e.g. -o out/model")
+            if not directory and path in target.parents:  # a file of the source (its config.json, weights)
+                raise OutputExistsError(f"--overwrite would replace {str(dest)!r}, a file of the model being "
+                                        f"exported ({str(path)!r})",
+                                        hint="write the output somewhere else, e.g. -o out/model.onnx")
         if directory and not (dest / marker).is_file() and any(dest.iterdir()):
             raise OutputExistsError(f"output directory {str(dest)!r} holds files this toolkit did not write (no "
                                     f"{marker}): --overwrite replaces only a previous output",
