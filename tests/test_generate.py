@@ -207,6 +207,9 @@ def test_generation_stops_at_the_recorded_eos_and_within_the_context(exported, t
         generate(sess, list(range(3, 123)), 20, context_length=128)
     assert "--max-new-tokens 9" in err.value.hint
     assert len(generate(sess, list(range(3, 123)), 9, context_length=128).token_ids) == 9
+    with pytest.raises(ToolkitError) as err:
+        generate(sess, [5] * 130, 1, context_length=128)
+    assert "shorten the prompt to at most 128 tokens" in err.value.hint
 
     model = onnx.load(str(path))  # the CLI reads the recorded ids; --eos-id -1 ignores them
     model.metadata_props.append(onnx.StringStringEntryProto(key="toolkit.eos_token_ids", value=json.dumps([stop])))

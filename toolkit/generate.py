@@ -308,8 +308,8 @@ def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling:
         raise ToolkitError(
             f"a {len(prompt_ids)}-token prompt and {max_new_tokens} new tokens need "
             f"{len(prompt_ids) + max_new_tokens - 1} positions; the model was built for {context_length}",
-            hint=f"shorten the prompt or pass --max-new-tokens {max(1, context_length - len(prompt_ids) + 1)} "
-            "or fewer")
+            hint=f"shorten the prompt or pass --max-new-tokens {context_length - len(prompt_ids) + 1} or fewer"
+            if len(prompt_ids) <= context_length else f"shorten the prompt to at most {context_length} tokens")
     chooser = TokenChooser(head_options(session), sampling)
     dec = BoundDecoder(session, chooser.wanted_outputs)
     capacity = dec.capacity()
