@@ -67,6 +67,11 @@ def test_reference_model_convert_with_sampling_head(tmp_path):
     assert r.returncode == 0, r.stderr
     gen = json.loads(r.stdout)
     assert len(gen["token_ids"]) == 8 and gen["tokens_per_second"] > 0
+    r = subprocess.run([sys.executable, "-m", "toolkit", "generate", str(out), "--prompt", "-",  # from stdin
+                        "--max-new-tokens", "8", "--json"], input="def main(", capture_output=True, text=True,
+                       env=env, timeout=300, check=False)
+    assert r.returncode == 0 and json.loads(r.stdout) == {**gen, **{k: json.loads(r.stdout)[k] for k in (
+        "prefill_ms", "median_step_ms", "tokens_per_second", "peak_rss_mb")}}, r.stderr
 
     # a replaced library no longer matches what parity validated: refused, by name
     with open(out / "libtoolkit_ops.so", "ab") as f:

@@ -15,7 +15,8 @@ import argparse
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="DIR_OR_ONNX", help="a `toolkit convert` output directory or a .onnx file")
     parser.add_argument("--prompt", default=None,
-                        help="prompt text (needs tokenizer.json beside the model; default 'def ')")
+                        help="prompt text, '-' to read it from stdin (needs tokenizer.json beside the model; "
+                        "default 'def ')")
     parser.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ToolkitError(f"--threads must be >= 1, got {args.threads}",
                            hint="pass a positive count, or leave it out for ORT's default")
-    args.prompt = "def " if args.prompt is None else args.prompt
+    args.prompt = "def " if args.prompt is None else sys.stdin.read() if args.prompt == "-" else args.prompt
     onnx_path, tokenizer = load_bundle(args.model)
     if args.prompt_ids is not None:
         try:
