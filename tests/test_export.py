@@ -218,6 +218,7 @@ def test_hf_directories_that_are_not_complete_causal_lms_are_refused(tmp_path, c
     bert = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=32, max_position_embeddings=32)
     transformers.BertModel(bert).save_pretrained(tmp_path / "bert")
+    transformers.BertLMHeadModel(bert).save_pretrained(tmp_path / "bert-lm")  # an LM head, still an encoder
     (tmp_path / "partial").mkdir()
     for f in (tmp_path / "ok").iterdir():
         (tmp_path / "partial" / f.name).write_bytes(f.read_bytes())
@@ -230,7 +231,8 @@ def test_hf_directories_that_are_not_complete_causal_lms_are_refused(tmp_path, c
     assert "stores bfloat16 weights: they are upcast to float32" in caplog.text
     for name, message in (("base", "holds LlamaModel (llama), not a causal LM with its head"),
                           ("bart", "is an encoder-decoder model (bart)"),
-                          ("bert", "holds BertModel (bert), not a causal LM"),
+                          ("bert", "is a bidirectional encoder (bert)"),
+                          ("bert-lm", "is a bidirectional encoder (bert)"),
                           ("partial", "lacks 1 weight(s) its LlamaForCausalLM needs: lm_head.weight")):
         with pytest.raises(ModelNotFoundError, match=re.escape(message)):
             sources.resolve(str(tmp_path / name))

@@ -286,6 +286,10 @@ def _directory_config(spec: str, path: Path) -> SourceConfig:
     )
 
 
+# Encoder families that transformers will also load as a causal LM (BertLMHeadModel,
+# ...), which only makes sense for a checkpoint trained as a decoder (is_decoder).
+_ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "albert", "distilbert",
+                  "deberta", "deberta-v2", "megatron-bert", "mpnet", "xlnet")
 # Class-name endings of the saved architectures that carry a language-model head.
 _LM_HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
 
@@ -299,6 +303,9 @@ def _check_causal_lm(spec: str, hf_config: Any) -> None:
     supported = "the toolkit converts decoder-only causal language models (Llama, Qwen2, Mistral, GPT-2, ...)"
     if getattr(hf_config, "is_encoder_decoder", False):
         raise ModelNotFoundError(f"{spec!r} is an encoder-decoder model ({model_type}); {supported}",
+                                 hint="convert a decoder-only checkpoint")
+    if model_type in _ENCODER_TYPES and not getattr(hf_config, "is_decoder", False):
+        raise ModelNotFoundError(f"{spec!r} is a bidirectional encoder ({model_type}); {supported}",
                                  hint="convert a decoder-only checkpoint")
     archs = list(getattr(hf_config, "architectures", None) or [])
     if archs and not any(a.endswith(_LM_HEAD_ARCHITECTURES) for a in archs):
