@@ -306,11 +306,11 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
     # also its key group in tokens, which any head honours; its value groups take
     # min(G, head dim) channels (recorded as value_group).
     if options.scheme == "int4" and options.group > head_dim:
-        fit = max(g for g in GROUPS if g <= head_dim) if head_dim >= GROUPS[0] else None
+        fits = [g for g in GROUPS if g <= head_dim]
         raise PassError(f"kv-cache: group={options.group} is larger than the head dim {head_dim} of "
                         f"{layers[0].past_k.name!r}: int4 quantizes groups of G channels of a head",
-                        hint=(f"use --kv-group {fit} or smaller" if fit else "leave --kv-group out") +
-                        f", or leave it out ({kv_quant.DEFAULT_GROUP}, capped to the head dim)")
+                        hint=(f"use --kv-group {fits[-1]} or smaller, or " if fits else "") +
+                        f"leave --kv-group out ({kv_quant.DEFAULT_GROUP}, capped to the head dim)")
     try:
         scheme = kv_quant.scheme_for(options.scheme, head_dim, options.effective_group,
                                      None if options.residual == -1 else options.residual,
