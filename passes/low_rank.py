@@ -135,12 +135,15 @@ class _Layer:
     rank: int = 0
 
 
-def _const_bias(add: ir.Node, produced: ir.Value, n: int) -> ir.Value | None:
-    other = add.inputs[1] if add.inputs[0] is produced else add.inputs[0]
-    if other is None or other.const_value is None:
+def _bias_vector(value: ir.Value | None, n: int) -> ir.Value | None:
+    """``value`` when it is a constant of shape [n] (a layer's bias), else None."""
+    if value is None or value.const_value is None:
         return None
-    shape = tuple(other.const_value.shape)
-    return other if shape == (n,) else None
+    return value if tuple(value.const_value.shape) == (n,) else None
+
+
+def _const_bias(add: ir.Node, produced: ir.Value, n: int) -> ir.Value | None:
+    return _bias_vector(add.inputs[1] if add.inputs[0] is produced else add.inputs[0], n)
 
 
 def _constant_weight(w: ir.Value | None) -> np.ndarray | None:
@@ -167,18 +170,14 @@ def _attr(node: ir.Node, name: str, default: float) -> float:
 
 
 def _plain_gemm(node: ir.Node) -> str | None:
-    """Why a Gemm is not ``A W + b`` with a [N] bias (None when it is): Hugging Face
-    GPT-2's Conv1D layers export as Gemm(A, W, b) on 2-D activations."""
+    """Why a Gemm's attributes make it other than ``A B (+ C)`` or ``A B^T (+ C)``
+    (None when they do not): Hugging Face GPT-2's Conv1D layers export as Gemm(A, W, b)
+    on 2-D activations. (Its C must also be a constant [N] bias; _candidates checks
+    that once it has the weight.)"""
     if _attr(node, "transA", 0):
         return "transA=1 (the activation is transposed)"
     if _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
         return f"alpha={_attr(node, 'alpha', 1.0)}, beta={_attr(node, 'beta', 1.0)} (only 1 and 1 are factored)"
-    c = node.inputs[2] if len(node.inputs) > 2 else None
-    if c is not None:
-        w = _constant_weight(node.inputs[1])
-        n = None if w is None or w.ndim != 2 else w.shape[0 if _attr(node, "transB", 0) else 1]
-        if c.const_value is None or tuple(c.const_value.shape) != (n,):
-            return f"bias C {c.name!r} is not a constant of shape [N]"
     return None
 
 
@@ -239,8 +238,13 @@ def _candidates(graph: ir.Graph, options: LowRankOptions, explanations: list[str
         out = node.outputs[0]
         add = bias = None
         uses = list(out.uses())
-        if gemm:  # its own C input is the bias (checked by _plain_gemm: absent or a constant [N])
-            bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if gemm:  # its own C input is the bias: absent, or a constant [N]
+            c = node.inputs[2] if len(node.inputs) > 2 else None
+            bias = _bias_vector(c, array.shape[1])
+            if c is not None and bias is None:
+                if explanations is not None:
+                    explanations.append(f"{label}: bias C {c.name!r} is not a constant of shape [N]")
+                continue
         elif len(uses) == 1 and not out.is_graph_output():
             consumer = uses[0][0] if isinstance(uses[0], tuple) else uses[0].node
             if consumer.op_type == "Add" and consumer.domain in ("", "ai.onnx"):

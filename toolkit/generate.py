@@ -357,8 +357,9 @@ def greedy(session: Any, prompt_ids: list[int], max_new_tokens: int, eos_id: int
 
 def load_bundle(path: str | Path) -> tuple[Path, Any]:
     """(model.onnx path, tokenizer or None) of a convert output directory or an .onnx file."""
-    path = Path(path)
-    onnx_path = path / "model.onnx" if path.is_dir() else path
+    from toolkit.parity import model_file
+
+    onnx_path = model_file(path)
     tok_path = onnx_path.parent / "tokenizer.json"
     tokenizer = None
     if tok_path.is_file():

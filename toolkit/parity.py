@@ -322,6 +322,13 @@ def apply_thresholds(rec: OutputRecord, th: dict[str, float]) -> None:
 # ---------------------------------------------------------------- ONNX side
 
 
+def model_file(path: str | Path) -> Path:
+    """The model file a path names: a `toolkit convert` output directory's
+    ``model.onnx``, else the path itself (inspect, parity and generate take either)."""
+    path = Path(path)
+    return path / "model.onnx" if (path / "model.onnx").is_file() else path
+
+
 def load_onnx(path: str | Path) -> Any:
     """Load and check an ONNX file (weights in external data are not read).
 
@@ -332,11 +339,9 @@ def load_onnx(path: str | Path) -> Any:
     """
     import onnx
 
-    path = Path(path)
+    path = model_file(path)
     if path.is_dir():
-        if (path / "model.onnx").is_file():  # a `toolkit convert` bundle: its model
-            path = path / "model.onnx"
-        elif (path / "config.json").is_file():
+        if (path / "config.json").is_file():
             raise InvalidModelError(f"{str(path)!r} is a model directory (config.json), not an ONNX model",
                                     hint=f"convert it first: toolkit convert {path} -o out/model")
         else:

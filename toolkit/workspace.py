@@ -31,7 +31,7 @@ def check_writable(path: str | Path) -> None:
                                 hint="choose an output path in a writable directory")
 
 
-def check_destination(dest: Path, *, directory: bool, overwrite: bool, keep: tuple[Path, ...] = (),
+def check_destination(dest: Path, *, directory: bool, overwrite: bool, keep: tuple[str | Path, ...] = (),
                       marker: str = "manifest.json") -> None:
     """Refuse an output path :func:`publish` could not use, before any work is done:
     the current directory or one of its parents, a path under an existing file, a
@@ -40,8 +40,9 @@ def check_destination(dest: Path, *, directory: bool, overwrite: bool, keep: tup
     ``overwrite`` replaces only what this toolkit wrote there before: an existing
     output directory must hold ``marker`` (a bundle's ``manifest.json``; a Triton
     model's ``config.pbtxt``) or be empty, must not be a file, and must not be or
-    contain a path of ``keep`` (the source model). It used to replace any directory,
-    e.g. ``convert DIR -o DIR/.. --overwrite`` deleted the source and its neighbours.
+    contain a path of ``keep`` (the source model, when it names an existing path). It
+    used to replace any directory, e.g. ``convert DIR -o DIR/.. --overwrite`` deleted
+    the source and its neighbours.
     """
     from toolkit.errors import OutputExistsError
 
@@ -65,8 +66,10 @@ def check_destination(dest: Path, *, directory: bool, overwrite: bool, keep: tup
             raise OutputExistsError(f"output {str(dest)!r} is a file; this command writes a directory",
                                     hint="name a new directory, e.g. -o out/model")
         target = dest.resolve()
-        for path in keep:
-            path = Path(path).resolve()
+        for path in map(Path, keep):
+            if not path.exists():  # a model name (llama, hf:qwen2), not a path
+                continue
+            path = path.resolve()
             if path == target or target in path.parents:
                 raise OutputExistsError(f"--overwrite would delete {str(path)!r}, the model being converted: it is "
                                         f"{'the' if path == target else 'inside the'} output {str(dest)!r}",

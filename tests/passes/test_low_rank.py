@@ -397,6 +397,12 @@ def test_gemm_that_is_not_a_plain_linear_layer_is_explained():
     out, report = lowrank(gemm_graph(alpha=0.5), rank_ratio=0.5, force="true")
     assert report.counts["low-rank"] == 0 and ops_of(out) == ["Gemm"]
     assert any("node conv1d (Gemm): alpha=0.5" in e for e in report["low-rank"].explanations)
+    model = gemm_graph()
+    c = next(t for t in model.graph.initializer if t.name == "C")
+    c.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(c).reshape(1, -1), "C"))  # [1, N]: broadcast, not [N]
+    out, report = lowrank(model, rank_ratio=0.5, force="true")
+    assert report.counts["low-rank"] == 0 and ops_of(out) == ["Gemm"]
+    assert any("bias C 'C' is not a constant of shape [N]" in e for e in report["low-rank"].explanations)
 
 
 def test_hf_gpt2_conv1d_layers_are_factored(exported):

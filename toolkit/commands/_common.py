@@ -68,6 +68,15 @@ def add_html_args(parser: argparse.ArgumentParser) -> None:
                    "the model's metadata, else the file name); put it last on the command line")
 
 
+def check_threads(threads: int | None) -> None:
+    """A ``--threads`` count ORT can use: None (its default) or >= 1."""
+    from toolkit.errors import ToolkitError
+
+    if threads is not None and threads < 1:
+        raise ToolkitError(f"--threads must be >= 1, got {threads}",
+                           hint="pass a positive count, or leave it out for ORT's default")
+
+
 def parity_settings(args: argparse.Namespace):
     from toolkit.errors import ToolkitError
     from toolkit.parity import ParitySettings
@@ -82,11 +91,10 @@ def parity_settings(args: argparse.Namespace):
         raise ToolkitError(f"--batch-sizes {args.batch_sizes!r} must list batch sizes >= 1",
                            hint="write e.g. --batch-sizes 1,4")
     for flag, value, least in (("--prompt-len", args.prompt_len, 1), ("--decode-steps", args.decode_steps, 0),
-                               ("--ppl-tokens", args.ppl_tokens, 0), ("--threads", 1 if args.threads is None else args.threads, 1)):
+                               ("--ppl-tokens", args.ppl_tokens, 0)):
         if value < least:
-            raise ToolkitError(f"{flag} must be >= {least}, got {value}",
-                               hint=f"pass {flag} {max(least, 1)} or more" + (", or leave it out for ORT's default"
-                                                                               if flag == "--threads" else ""))
+            raise ToolkitError(f"{flag} must be >= {least}, got {value}", hint=f"pass {flag} {max(least, 1)} or more")
+    check_threads(args.threads)
     mode = getattr(args, "ppl_mode", "auto")
     return ParitySettings(batch_sizes=batches, prompt_len=args.prompt_len, decode_steps=args.decode_steps,
                           perplexity_tokens=args.ppl_tokens, threads=args.threads,

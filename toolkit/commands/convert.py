@@ -112,8 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from toolkit.workspace import check_destination, publish
 
     out = Path(args.output)
-    source = Path(args.model)
-    check_destination(out, directory=True, overwrite=args.overwrite, keep=(source,) if source.exists() else ())
+    check_destination(out, directory=True, overwrite=args.overwrite, keep=(args.model,))
     names, pass_options = _pass_selection(args)
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
     out.parent.mkdir(parents=True, exist_ok=True)

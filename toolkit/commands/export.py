@@ -28,8 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from toolkit.workspace import check_destination, publish
 
     out = Path(args.output)
-    source = Path(args.model)
-    check_destination(out, directory=False, overwrite=args.overwrite, keep=(source,) if source.exists() else ())
+    check_destination(out, directory=False, overwrite=args.overwrite, keep=(args.model,))
     src = resolve_model(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".toolkit-export-", dir=out.parent) as tmp:

@@ -36,15 +36,14 @@ def run(args: argparse.Namespace) -> int:
     import json
     import sys
 
+    from toolkit.commands._common import check_threads
     from toolkit.errors import ToolkitError
     from toolkit.generate import Sampling, TokenChooser, generate, head_options, load_bundle
     from toolkit.parity import make_session
 
     if args.prompt is not None and args.prompt_ids is not None:
         raise ToolkitError("--prompt and --prompt-ids both given", hint="pass one of them")
-    if args.threads is not None and args.threads < 1:
-        raise ToolkitError(f"--threads must be >= 1, got {args.threads}",
-                           hint="pass a positive count, or leave it out for ORT's default")
+    check_threads(args.threads)
     args.prompt = "def " if args.prompt is None else sys.stdin.read() if args.prompt == "-" else args.prompt
     onnx_path, tokenizer = load_bundle(args.model)
     if args.prompt_ids is not None:
@@ -86,9 +85,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             shown = text
 
-    from toolkit.parity import load_onnx, metadata
-
-    meta = metadata(load_onnx(onnx_path))  # (weights in external data are not read)
+    meta = session.get_modelmeta().custom_metadata_map  # the model's metadata_props, as loaded
     recorded_eos = json.loads(meta.get("toolkit.eos_token_ids") or "[]")
     eos = (recorded_eos or None) if args.eos_id is None else None if args.eos_id == -1 else args.eos_id
     context = int(meta["toolkit.context_length"]) if meta.get("toolkit.context_length") else None

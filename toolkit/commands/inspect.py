@@ -13,14 +13,11 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
     import sys
-    from pathlib import Path
 
     from toolkit.model_info import describe
-    from toolkit.parity import load_onnx
+    from toolkit.parity import load_onnx, model_file
 
-    path = Path(args.onnx)
-    if path.is_dir() and (path / "model.onnx").is_file():  # a `toolkit convert` bundle
-        path = path / "model.onnx"
+    path = model_file(args.onnx)
     info = describe(str(path), load_onnx(path))
     if args.json:
         print(json.dumps(info, indent=2))

@@ -61,10 +61,7 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.json, args.junit, args.html):
         if path and path != "-":
             check_writable(path)  # before the run, not after it
-    from pathlib import Path
-
-    if (Path(args.onnx) / "model.onnx").is_file():  # a `toolkit convert` bundle, as inspect and generate take
-        args.onnx = str(Path(args.onnx) / "model.onnx")
+    args.onnx = str(parity.model_file(args.onnx))  # the session below opens the file itself
     model = parity.load_onnx(args.onnx)
     src = resolve_model(args, parity.metadata(model))
     report = parity.check(src, args.onnx, parity_settings(args), profile=args.profile,
