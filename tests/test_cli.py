@@ -193,7 +193,9 @@ def test_convert_with_quantized_kv_cache(tmp_path):
                           (("--prompt-ids", "5", "--max-new-tokens", "0"), "max_new_tokens must be at least 1"),
                           (("--prompt", "hi", "--prompt-ids", "5"), "--prompt and --prompt-ids both given"),
                           (("--prompt-ids", "5", "--threads", "-2"), "--threads must be >= 1, got -2"),
-                          (("--prompt-ids", "5", "--eos-id", str(vocab)), f"eos id {vocab} is outside")):
+                          (("--prompt-ids", "5", "--eos-id", str(vocab)), f"eos id {vocab} is outside"),
+                          (("--prompt-ids", "5", "--prompt-ids", ""), "prompt 2 of 2 is empty"),
+                          (("--prompt", "-", "--prompt", "-"), "--prompt - given more than once")):
         r = toolkit("generate", str(out), *args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     # A bundle whose model.onnx was truncated: the bare-file diagnosis, not an ORT traceback.
@@ -204,6 +206,9 @@ def test_convert_with_quantized_kv_cache(tmp_path):
     (broken / "model.onnx").write_bytes((out / "model.onnx").read_bytes()[:1000])
     r = toolkit("generate", str(broken), "--prompt-ids", "5")
     assert r.returncode == 2 and "is not a valid ONNX model" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # A bundle path that does not exist: named as such (it was "no tokenizer.json beside" it).
+    r = toolkit("generate", str(tmp_path / "nowhere"), "--prompt", "hi")
+    assert r.returncode == 2 and "nowhere' does not exist" in r.stderr, r.stderr
     r = toolkit("generate", str(out), "--prompt-ids", "5,6", "--max-new-tokens", "1", "--json")
     assert r.returncode == 0, r.stderr
     one = json.loads(r.stdout)  # null, not NaN (which is not JSON, though Python reads it)

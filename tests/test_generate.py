@@ -220,3 +220,48 @@ def test_generation_stops_at_the_recorded_eos_and_within_the_context(exported, t
                            check=False, timeout=300)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["token_ids"] == expected
+
+
+def test_a_batch_of_prompts_decodes_each_as_it_would_alone(exported, tmp_path):
+    """Prompts of different lengths in one left-padded batch: every row gets the tokens
+    it gets alone (and PyTorch's recomputed greedy), on plain models (RoPE and learned
+    positions) and on a
+    fixed-capacity quantized cache appended in place; a row stops at eos on its own;
+    the CLI takes --prompt-ids more than once."""
+    import json
+    import subprocess
+    import sys
+
+    from toolkit.errors import ToolkitError
+    from toolkit.generate import generate, generate_batch
+
+    src, path = exported("llama")
+    prompts = [[5, 17, 42, 7, 9], [3], [8, 8, 1]]
+    kv_cap, _ = run_pipeline(onnx.load(str(path)), ["kv-cache"], {"kv-cache": {"scheme": "int8", "capacity": "32"}})
+    for sess in (make_session(path, threads=1), _session(kv_cap)):
+        alone = [generate(sess, p, 10).token_ids for p in prompts]
+        seen: list[tuple[int, int]] = []
+        batch = generate_batch(sess, prompts, 10, on_token=lambda row, tok, seen=seen: seen.append((row, tok)))
+        assert batch.token_ids == alone
+        assert [t for r, t in seen if r == 1] == alone[1] and len(seen) == 30
+        assert len(batch.step_ms) == 9 and batch.tokens_per_second > 0
+    assert alone[0] == _torch_greedy(src, prompts[0], 10)  # the quantized cache's row 0, against PyTorch
+    gpt2_src, gpt2_path = exported("gpt2")  # learned positions: each row's count from its first token matters
+    sess = make_session(gpt2_path, threads=1)
+    assert generate_batch(sess, prompts, 6).token_ids == [_torch_greedy(gpt2_src, p, 6) for p in prompts]
+    # row 1 stops at its third token; the others run on
+    stop = alone[1][2]
+    cut = generate_batch(make_session(path, threads=1), prompts, 10, eos_id=stop).token_ids
+    for row, tokens in zip(cut, alone):
+        assert row == (tokens[:tokens.index(stop) + 1] if stop in tokens else tokens)
+    with pytest.raises(ToolkitError, match="prompt 2 of 2 is empty"):
+        generate_batch(make_session(path, threads=1), [[5], []], 3)
+    with pytest.raises(ToolkitError, match="holds 32 tokens; a 30-token prompt and 4 new tokens need 33"):
+        generate_batch(_session(kv_cap), [[5], [6] * 30], 4)  # the padded length counts
+
+    r = subprocess.run([sys.executable, "-m", "toolkit", "generate", str(path), "--prompt-ids", "5,17,42,7,9",
+                        "--prompt-ids", "3", "--max-new-tokens", "10", "--json"], capture_output=True, text=True,
+                       check=False, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [row["token_ids"] for row in out["rows"]] == alone[:2] and out["batch"] == 2

@@ -74,9 +74,8 @@ class Sampling:
 GREEDY = Sampling()
 
 
-@dataclasses.dataclass
-class GenerationResult:
-    token_ids: list[int]
+@dataclasses.dataclass(kw_only=True)
+class _Timings:
     prefill_ms: float
     step_ms: list[float]
     kv_cache_bytes: int = 0
@@ -85,6 +84,11 @@ class GenerationResult:
     @property
     def median_step_ms(self) -> float:
         return float(np.median(self.step_ms)) if self.step_ms else float("nan")
+
+
+@dataclasses.dataclass(kw_only=True)
+class GenerationResult(_Timings):
+    token_ids: list[int]
 
     @property
     def tokens_per_second(self) -> float:
@@ -129,25 +133,31 @@ class TokenChooser:
             return ("next_token_ids", "next_token_probs")
         return ("logits",)
 
-    def choose(self, outs: dict[str, np.ndarray], seed: int) -> int:
-        if "next_token" in outs or not self.sampling.do_sample:
-            return next_token(outs)
+    def choose(self, outs: dict[str, np.ndarray], seed: int, row: int = 0) -> int:
+        """The token of batch row ``row`` (a host draw uses ``uniform(seed, row)``, as
+        the in-graph sampler does for its row ``row``)."""
+        if "next_token" in outs:
+            return int(outs["next_token"][row])
+        if not self.sampling.do_sample:
+            if "next_token_ids" in outs:
+                return int(outs["next_token_ids"][row, 0])
+            return int(outs["logits"][row, -1].argmax())
         from toolkit.ops.reference import sample_position, softmax_topk, uniform
 
         s = self.sampling
         if "next_token_ids" in outs:
-            ids = outs["next_token_ids"][0]
+            ids = outs["next_token_ids"][row]
             # probabilities under T0 -> weights under T (unnormalised: the rule only uses ratios)
-            weights = outs["next_token_probs"][0].astype(np.float64) ** (self.head.get("temperature", 1.0)
-                                                                         / s.temperature)
+            weights = outs["next_token_probs"][row].astype(np.float64) ** (self.head.get("temperature", 1.0)
+                                                                           / s.temperature)
         else:
-            logits = outs["logits"][0, -1:].astype(np.float32)
+            logits = outs["logits"][row, -1:].astype(np.float32)
             k = s.top_k or logits.shape[-1]
             probs, idx, _ = softmax_topk(logits, k, s.temperature)
             ids, weights = idx[0], probs[0].astype(np.float64)
         if s.top_k:
             ids, weights = ids[: s.top_k], weights[: s.top_k]
-        j = sample_position(weights, float(np.float32(s.top_p)), float(np.float32(s.min_p)), uniform(seed, 0))
+        j = sample_position(weights, float(np.float32(s.top_p)), float(np.float32(s.min_p)), uniform(seed, row))
         return int(ids[j])
 
 
@@ -271,6 +281,21 @@ def vocab_size(session: Any) -> int | None:
     return None
 
 
+@dataclasses.dataclass(kw_only=True)
+class BatchResult(_Timings):
+    """Tokens of each prompt of a batch, and the run's timings (a step decodes every row)."""
+
+    token_ids: list[list[int]]
+
+    @property
+    def tokens_per_second(self) -> float:
+        """New tokens per second over all rows still generating (a step makes one per row)."""
+        if not self.step_ms:
+            return float("nan")
+        rows = [len(t) - 1 for t in self.token_ids]  # decode steps each row used
+        return 1000.0 * sum(rows) / sum(self.step_ms)
+
+
 def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = GREEDY,
              eos_id: int | list[int] | None = None, seed: int = 0,
              on_token: Callable[[int], None] | None = None, context_length: int | None = None) -> GenerationResult:
@@ -283,9 +308,33 @@ def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling:
     is refused up front (learned position tables fail past it with an ORT gather
     error after some tokens were printed).
     """
+    stream = None if on_token is None else (lambda row, token: on_token(token))
+    r = generate_batch(session, [prompt_ids], max_new_tokens, sampling, eos_id=eos_id, seed=seed,
+                       on_token=stream, context_length=context_length)
+    return GenerationResult(token_ids=r.token_ids[0], prefill_ms=r.prefill_ms, step_ms=r.step_ms,
+                            kv_cache_bytes=r.kv_cache_bytes, peak_rss_mb=r.peak_rss_mb)
+
+
+def generate_batch(session: Any, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = GREEDY,
+                   eos_id: int | list[int] | None = None, seed: int = 0,
+                   on_token: Callable[[int, int], None] | None = None,
+                   context_length: int | None = None) -> BatchResult:
+    """Decode up to ``max_new_tokens`` tokens after each prompt, all prompts in one batch.
+
+    Prompts of different lengths are left-padded (masked, positions counted from each
+    row's first token), so row ``b`` gets the tokens it would get alone up to float
+    rounding of the batched kernels. A row stops at an ``eos_id`` token; the run ends
+    when every row has stopped. Draws: row ``b`` of call ``i`` uses
+    ``uniform(seed + i, b)``, in the graph or on the host. ``on_token(row, token)`` is
+    called as each token is chosen.
+    """
     eos_ids = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
-    if not prompt_ids:
-        raise ToolkitError("the prompt is empty", hint="give at least one token (--prompt text or --prompt-ids 1,2,3)")
+    if not prompts:
+        raise ToolkitError("no prompt given", hint="pass at least one prompt")
+    for b, prompt_ids in enumerate(prompts):
+        if not prompt_ids:
+            which = "the prompt is empty" if len(prompts) == 1 else f"prompt {b + 1} of {len(prompts)} is empty"
+            raise ToolkitError(which, hint="give at least one token (--prompt text or --prompt-ids 1,2,3)")
     if max_new_tokens < 1:
         raise ToolkitError(f"max_new_tokens must be at least 1, got {max_new_tokens}",
                            hint="pass --max-new-tokens N with N >= 1")
@@ -295,7 +344,7 @@ def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling:
         return t < 0 or (vocab is not None and t >= vocab)
 
     span = f"[0, {vocab if vocab is not None else 'V'})"
-    bad = [t for t in prompt_ids if outside(t)]
+    bad = [t for prompt_ids in prompts for t in prompt_ids if outside(t)]
     if bad:
         raise ToolkitError(
             f"prompt token ids {bad[:8]} are outside the model's vocabulary {span}",
@@ -304,49 +353,59 @@ def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling:
     if bad_eos:
         raise ToolkitError(f"eos id {', '.join(map(str, bad_eos))} is outside the model's vocabulary {span}",
                            hint="pass the tokenizer's end-of-sequence id, or leave --eos-id out")
-    if context_length is not None and len(prompt_ids) + max_new_tokens - 1 > context_length:
+    longest = max(len(p) for p in prompts)
+    if context_length is not None and longest + max_new_tokens - 1 > context_length:
         raise ToolkitError(
-            f"a {len(prompt_ids)}-token prompt and {max_new_tokens} new tokens need "
-            f"{len(prompt_ids) + max_new_tokens - 1} positions; the model was built for {context_length}",
-            hint=f"shorten the prompt or pass --max-new-tokens {context_length - len(prompt_ids) + 1} or fewer"
-            if len(prompt_ids) <= context_length else f"shorten the prompt to at most {context_length} tokens")
+            f"a {longest}-token prompt and {max_new_tokens} new tokens need "
+            f"{longest + max_new_tokens - 1} positions; the model was built for {context_length}",
+            hint=f"shorten the prompt or pass --max-new-tokens {context_length - longest + 1} or fewer"
+            if longest <= context_length else f"shorten the prompt to at most {context_length} tokens")
     chooser = TokenChooser(head_options(session), sampling)
     dec = BoundDecoder(session, chooser.wanted_outputs)
     capacity = dec.capacity()
-    needed = len(prompt_ids) + max_new_tokens - 1  # the last token is never fed back
+    needed = longest + max_new_tokens - 1  # the last token is never fed back; padding takes cache slots too
     if capacity is not None and needed > capacity:
         raise ToolkitError(
-            f"the model's fixed-capacity KV cache holds {capacity} tokens; a {len(prompt_ids)}-token prompt "
+            f"the model's fixed-capacity KV cache holds {capacity} tokens; a {longest}-token prompt "
             f"and {max_new_tokens} new tokens need {needed}",
             hint="shorten the prompt or --max-new-tokens, or reconvert with a larger --kv-capacity")
-    ids = np.array([prompt_ids], dtype=np.int64)
-    mask = np.ones_like(ids)
-    pos = np.arange(ids.shape[1], dtype=np.int64)[None]
-    past = dec.empty_past(1)
-    out_ids: list[int] = []
+    batch = len(prompts)
+    ids = np.zeros((batch, longest), dtype=np.int64)
+    mask = np.zeros((batch, longest), dtype=np.int64)
+    for b, prompt_ids in enumerate(prompts):  # left padding: every row's last token is the last column
+        ids[b, longest - len(prompt_ids):] = prompt_ids
+        mask[b, longest - len(prompt_ids):] = 1
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    past = dec.empty_past(batch)
+    out_ids: list[list[int]] = [[] for _ in prompts]
+    done = [False] * batch
     steps: list[float] = []
     prefill_ms = 0.0
     for step in range(max_new_tokens):
         start = time.perf_counter()
         call_seed = seed + dec.calls
         outs, past = dec.step(ids, mask, pos, past, call_seed)
-        nxt = chooser.choose(outs, call_seed)
+        chosen = [chooser.choose(outs, call_seed, b) for b in range(batch)]
         elapsed = (time.perf_counter() - start) * 1e3
         if step == 0:
             prefill_ms = elapsed
         else:
             steps.append(elapsed)
-        out_ids.append(nxt)
-        if on_token is not None:
-            on_token(nxt)
-        if nxt in eos_ids:
+        for b, nxt in enumerate(chosen):
+            if done[b]:
+                continue
+            out_ids[b].append(nxt)
+            if on_token is not None:
+                on_token(b, nxt)
+            done[b] = nxt in eos_ids
+        if all(done):
             break
-        ids = np.array([[nxt]], dtype=np.int64)
-        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+        ids = np.array([[t] for t in chosen], dtype=np.int64)  # a stopped row is fed on; its tokens are dropped
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
         pos = pos[:, -1:] + 1
-    return GenerationResult(token_ids=out_ids, prefill_ms=prefill_ms, step_ms=steps,
-                            kv_cache_bytes=sum(_bytes(v) for v in past.values()),
-                            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    return BatchResult(token_ids=out_ids, prefill_ms=prefill_ms, step_ms=steps,
+                       kv_cache_bytes=sum(_bytes(v) for v in past.values()),
+                       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
 
 
 def greedy(session: Any, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None,
@@ -357,9 +416,9 @@ def greedy(session: Any, prompt_ids: list[int], max_new_tokens: int, eos_id: int
 
 def load_bundle(path: str | Path) -> tuple[Path, Any]:
     """(model.onnx path, tokenizer or None) of a convert output directory or an .onnx file."""
-    from toolkit.parity import model_file
+    from toolkit.parity import checked_model_file
 
-    onnx_path = model_file(path)
+    onnx_path = checked_model_file(path)
     tok_path = onnx_path.parent / "tokenizer.json"
     tokenizer = None
     if tok_path.is_file():

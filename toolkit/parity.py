@@ -329,16 +329,9 @@ def model_file(path: str | Path) -> Path:
     return path / "model.onnx" if (path / "model.onnx").is_file() else path
 
 
-def load_onnx(path: str | Path) -> Any:
-    """Load and check an ONNX file (weights in external data are not read).
-
-    Corrupt or truncated files, structurally invalid graphs (unknown ops, missing
-    inputs, cycles), opsets newer than this ``onnx`` knows, and external data that
-    points outside the model's directory each get an :class:`InvalidModelError`
-    saying which.
-    """
-    import onnx
-
+def checked_model_file(path: str | Path) -> Path:
+    """:func:`model_file`, refused with a named error unless it is a non-empty file
+    that may be an ONNX model (a model directory, a missing path, a .json ... are named)."""
     path = model_file(path)
     if path.is_dir():
         if (path / "config.json").is_file():
@@ -356,6 +349,20 @@ def load_onnx(path: str | Path) -> Any:
     if path.stat().st_size == 0:
         raise InvalidModelError(f"{str(path)!r} is empty (0 bytes)",
                                 hint="the file is truncated: re-run `toolkit export` or `toolkit convert`")
+    return path
+
+
+def load_onnx(path: str | Path) -> Any:
+    """Load and check an ONNX file (weights in external data are not read).
+
+    Corrupt or truncated files, structurally invalid graphs (unknown ops, missing
+    inputs, cycles), opsets newer than this ``onnx`` knows, and external data that
+    points outside the model's directory each get an :class:`InvalidModelError`
+    saying which.
+    """
+    import onnx
+
+    path = checked_model_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:

@@ -14,10 +14,11 @@ import argparse
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="DIR_OR_ONNX", help="a `toolkit convert` output directory or a .onnx file")
-    parser.add_argument("--prompt", default=None,
+    parser.add_argument("--prompt", action="append", default=None,
                         help="prompt text, '-' to read it from stdin (needs tokenizer.json beside the model; "
-                        "default 'def ')")
-    parser.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
+                        "default 'def '); repeat it to generate for several prompts in one batch")
+    parser.add_argument("--prompt-ids", action="append", default=None,
+                        help="comma-separated token ids instead of --prompt; repeat it for a batch")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="base seed of the draws (call i uses seed + i)")
@@ -44,17 +45,15 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is not None and args.prompt_ids is not None:
         raise ToolkitError("--prompt and --prompt-ids both given", hint="pass one of them")
     check_threads(args.threads)
-    args.prompt = "def " if args.prompt is None else sys.stdin.read() if args.prompt == "-" else args.prompt
+    texts = ["def "] if args.prompt is None else args.prompt
+    if texts.count("-") > 1:
+        raise ToolkitError("--prompt - given more than once", hint="stdin holds one prompt: pass '-' once")
+    texts = [sys.stdin.read() if t == "-" else t for t in texts]
     onnx_path, tokenizer = load_bundle(args.model)
     if args.prompt_ids is not None:
-        try:
-            items = args.prompt_ids.split(",")
-            prompt = [int(t) for t in items] if args.prompt_ids.strip() else []  # "1,,2" is not [1, 2]
-        except ValueError:
-            raise ToolkitError(f"--prompt-ids {args.prompt_ids!r} is not a comma-separated list of integers",
-                               hint="e.g. --prompt-ids 1,2,3") from None
+        prompts = [_parse_ids(text) for text in args.prompt_ids]
     elif tokenizer is not None:
-        prompt = tokenizer.encode(args.prompt).ids
+        prompts = [tokenizer.encode(t).ids for t in texts]
     else:
         raise ToolkitError(f"no tokenizer.json beside {str(onnx_path)!r}",
                            hint="pass --prompt-ids 1,2,3 or convert a model that ships a tokenizer")
@@ -71,13 +70,20 @@ def run(args: argparse.Namespace) -> int:
         raise ToolkitError("--temperature/--top-k/--top-p/--min-p only apply with --do-sample",
                            hint="add --do-sample, or drop them for greedy decoding")
     TokenChooser(head_options(session), sampling)  # refuse bad options before anything is printed
+    meta = session.get_modelmeta().custom_metadata_map  # the model's metadata_props, as loaded
+    recorded_eos = json.loads(meta.get("toolkit.eos_token_ids") or "[]")
+    eos = (recorded_eos or None) if args.eos_id is None else None if args.eos_id == -1 else args.eos_id
+    context = int(meta["toolkit.context_length"]) if meta.get("toolkit.context_length") else None
+    if len(prompts) > 1:
+        return _run_batch(args, session, tokenizer, texts, prompts, sampling, eos, context)
+    prompt = prompts[0]
     streamed: list[int] = []
     shown = ""
 
     def stream(token: int) -> None:
         nonlocal shown
         if not streamed:  # the prompt, once the model has produced something (an error stays on its own line)
-            print(args.prompt if args.prompt_ids is None else "", end="", flush=True)
+            print(texts[0] if args.prompt_ids is None else "", end="", flush=True)
         streamed.append(token)
         text = tokenizer.decode(streamed) if tokenizer is not None else " ".join(map(str, streamed))
         if text.startswith(shown):  # else a merge rewrote the tail: wait until the text extends again
@@ -85,10 +91,6 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             shown = text
 
-    meta = session.get_modelmeta().custom_metadata_map  # the model's metadata_props, as loaded
-    recorded_eos = json.loads(meta.get("toolkit.eos_token_ids") or "[]")
-    eos = (recorded_eos or None) if args.eos_id is None else None if args.eos_id == -1 else args.eos_id
-    context = int(meta["toolkit.context_length"]) if meta.get("toolkit.context_length") else None
     result = generate(session, prompt, args.max_new_tokens, sampling, eos_id=eos, seed=args.seed,
                       on_token=None if args.json else stream, context_length=context)
     text = tokenizer.decode(result.token_ids) if tokenizer is not None else None
@@ -103,4 +105,46 @@ def run(args: argparse.Namespace) -> int:
                   if decoded else "no decode step")
         print(f"\n[{len(result.token_ids)} tokens, prefill {result.prefill_ms:.1f} ms, {decode}, "
               f"KV cache {result.kv_cache_bytes / 1024:.1f} KiB, peak RSS {result.peak_rss_mb:.0f} MiB]")
+    return 0
+
+
+def _parse_ids(text: str) -> list[int]:
+    from toolkit.errors import ToolkitError
+
+    try:
+        return [int(t) for t in text.split(",")] if text.strip() else []  # "1,,2" is not [1, 2]
+    except ValueError:
+        raise ToolkitError(f"--prompt-ids {text!r} is not a comma-separated list of integers",
+                           hint="e.g. --prompt-ids 1,2,3") from None
+
+
+def _run_batch(args, session, tokenizer, texts, prompts, sampling, eos, context) -> int:
+    """Several prompts: one left-padded batch, each completion printed when the run ends."""
+    import json
+
+    from toolkit.generate import generate_batch
+
+    result = generate_batch(session, prompts, args.max_new_tokens, sampling, eos_id=eos, seed=args.seed,
+                            context_length=context)
+    rows = []
+    for b, (prompt, tokens) in enumerate(zip(prompts, result.token_ids)):
+        text = tokenizer.decode(tokens) if tokenizer is not None else None
+        rows.append({"prompt_ids": prompt, "token_ids": tokens, "text": text})
+    decoded = bool(result.step_ms)
+    stats = {"batch": len(prompts), "prefill_ms": result.prefill_ms,
+             "median_step_ms": result.median_step_ms if decoded else None,
+             "tokens_per_second": result.tokens_per_second if decoded else None,
+             "kv_cache_bytes": result.kv_cache_bytes, "peak_rss_mb": result.peak_rss_mb}
+    if args.json:
+        print(json.dumps({"rows": rows, **stats}, indent=2))
+        return 0
+    for b, row in enumerate(rows):
+        shown = (texts[b] + row["text"]) if args.prompt_ids is None and row["text"] is not None \
+            else " ".join(map(str, row["token_ids"]))
+        print(f"--- prompt {b + 1} of {len(rows)} ({len(row['token_ids'])} tokens)")
+        print(shown)
+    decode = (f"decode {result.median_step_ms:.2f} ms/step median, {result.tokens_per_second:.0f} tokens/s "
+              f"over {len(rows)} rows" if decoded else "no decode step")
+    print(f"[batch {len(rows)}, prefill {result.prefill_ms:.1f} ms, {decode}, "
+          f"KV cache {result.kv_cache_bytes / 1024:.1f} KiB, peak RSS {result.peak_rss_mb:.0f} MiB]")
     return 0
