@@ -16,8 +16,10 @@ top-k, min-p and top-p) and ``next_token_prob [B]``.
 
 The logits output is kept by default (parity checks and scoring need it); with
 ``keep_logits=false`` it is removed from the graph outputs, so a runtime never
-copies ``[B, S, V]`` floats out of the session. The pass changes the model's I/O, so
-it is opt-in (not in the default pipeline).
+copies ``[B, S, V]`` floats out of the session, and the last position is taken
+before the LM head instead of after it (:func:`_hoist_last_position`): a prefill of
+S tokens then projects one hidden state onto the vocabulary, not S. The pass changes
+the model's I/O, so it is opt-in (not in the default pipeline).
 """
 
 from __future__ import annotations
@@ -121,12 +123,87 @@ def apply(model: ir.Model, options: SamplingHeadOptions, *, explain: bool = Fals
         new_outputs = [probs, ids]
     graph.extend([gather, head])
     graph.outputs.extend(new_outputs)
+    hoisted = 0
     if not options.keep_logits:
         graph.outputs.remove(logits)
+        hoisted = _hoist_last_position(graph, gather)
     model.opset_imports.setdefault(DOMAIN, 1)
     model.metadata_props["toolkit.sampling_head"] = json.dumps(dataclasses.asdict(options), sort_keys=True)
     return PassResult(name=PASS.name, count=1,
-                      details={"k": options.k, "keep_logits": options.keep_logits, "sample": options.sample})
+                      details={"k": options.k, "keep_logits": options.keep_logits, "sample": options.sample,
+                               "ops_after_last_position": hoisted},
+                      explanations=[(f"the last position is taken before {hoisted} op(s) of the LM head "
+                                     "(a prefill projects one hidden state onto the vocabulary)")] if hoisted else [])
+
+
+_UNARY = {"Cast", "Identity", "Tanh", "Neg", "Sigmoid", "Relu", "Softplus"}
+_BINARY = {"Add", "Sub", "Mul", "Div"}
+
+
+def _hoist_last_position(graph: ir.Graph, gather: ir.Node) -> int:
+    """Moves ``gather`` (the last position, axis 1 of ``[B, S, ...]``) above the ops
+    that act on each position alone and feed only it: a MatMul by a rank-2 weight (the
+    LM head), elementwise ops whose other operand has no sequence axis (a bias, a
+    scale, a softcap), and unary ops. Returns how many ops it moved above.
+
+    Each step copies one op below the gather: ``gather(op(x, w))`` becomes
+    ``op(gather(x), w)``, with the gathered value one rank lower (``[B, S, d]`` ->
+    ``[B, d]``), and the old op, which fed only the gather, is removed.
+    """
+    moved = 0
+    while True:
+        value = gather.inputs[0]
+        op = value.producer()
+        if op is None or op.domain not in ("", "ai.onnx") or len(op.outputs) != 1:
+            return moved
+        if value.is_graph_output() or len(value.uses()) != 1:
+            return moved
+        data_index = _position_wise_input(op)
+        if data_index is None:
+            return moved
+        x = op.inputs[data_index]
+        new_gather = ir.Node("", "Gather", [x, gather.inputs[1]], [ir.AttrInt64("axis", 1)], num_outputs=1,
+                             name=f"sampling_head/Gather_last_{moved}")
+        inputs = list(op.inputs)
+        inputs[data_index] = new_gather.outputs[0]
+        new_op = ir.Node("", op.op_type, inputs, list(op.attributes.values()), num_outputs=1,
+                         name=f"sampling_head/{op.name or op.op_type}_last")
+        last = gather.outputs[0]
+        for v, dtype in ((new_op.outputs[0], value.dtype), (new_gather.outputs[0], x.dtype)):
+            if dtype is not None:
+                v.dtype = dtype
+        if x.shape is not None and len(x.shape) == 3:
+            new_gather.outputs[0].shape = ir.Shape([x.shape[0], x.shape[2]])
+        if last.shape is not None:
+            new_op.outputs[0].shape = ir.Shape(list(last.shape))
+        graph.insert_before(gather, [new_gather, new_op])
+        last.replace_all_uses_with(new_op.outputs[0])
+        graph.remove(gather, safe=True)
+        graph.remove(op, safe=True)  # it fed only the gather: x keeps one use, the new gather's
+        name, last.name = last.name, None
+        new_op.outputs[0].name = name
+        gather = new_gather
+        moved += 1
+
+
+def _position_wise_input(op: ir.Node) -> int | None:
+    """The input through which ``op`` (whose output is ``[B, S, ...]``, rank 3) maps
+    position i of axis 1 to position i alone, or None when it does not (or that cannot
+    be told from the static shapes). The other operands keep their values, so only
+    their ranks matter: a rank-2 weight of a MatMul (whose data input is then rank 3
+    too) or a broadcast operand of rank <= 1 (a bias, a scale)."""
+    if op.op_type in _UNARY:
+        return 0
+    if op.op_type == "MatMul":
+        w = op.inputs[1]
+        return 0 if w is not None and w.shape is not None and len(w.shape) == 2 else None
+    if op.op_type in _BINARY:
+        for index in (0, 1):
+            other = op.inputs[1 - index]
+            if other is not None and other.shape is not None and len(other.shape) <= 1:
+                return index
+        return None
+    return None
 
 
 PASS = GraphPass(

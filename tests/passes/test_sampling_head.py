@@ -102,3 +102,90 @@ def test_sampled_head_structure_and_draws_match_reference():
 def test_sampled_head_bad_top_p():
     with pytest.raises(PassError, match="top_p must be in"):
         run_pipeline(_lm_graph(), ["sampling-head"], {"sampling-head": {"sample": "true", "top_p": "1.5"}})
+
+
+def _softcapped_lm_graph(extra_output: str | None = None) -> onnx.ModelProto:
+    """x @ W + b, then a tanh softcap (/ 30, tanh, * 30) -> logits [B, S, V]; optionally
+    one intermediate value is a graph output too."""
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["biased"]),
+             helper.make_node("Div", ["biased", "cap"], ["scaled"]), helper.make_node("Tanh", ["scaled"], ["t"]),
+             helper.make_node("Mul", ["t", "cap"], ["logits"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", V])]
+    if extra_output:
+        outputs.append(helper.make_tensor_value_info(extra_output, TensorProto.FLOAT, ["batch", "seq", V]))
+    graph = helper.make_graph(
+        nodes, "lm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", H])], outputs,
+        [numpy_helper.from_array(rng.standard_normal((H, V)).astype(np.float32) * 8, "W"),
+         numpy_helper.from_array(rng.standard_normal(V).astype(np.float32), "b"),
+         numpy_helper.from_array(np.array(30.0, np.float32), "cap")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def test_without_logits_the_last_position_is_taken_before_the_lm_head():
+    """keep_logits=false: the Gather of the last position moves above the LM head's
+    position-wise ops (MatMul by a weight, bias, softcap), so a prefill projects one
+    hidden state; the head's outputs are those of the full-logits graph (NumPy). It
+    stops at a value the graph also outputs."""
+    import onnxruntime as ort
+
+    from toolkit import ops
+
+    k = 6
+    x = np.random.default_rng(3).standard_normal((B, S, H)).astype(np.float32)
+    g = np.random.default_rng(2)
+    w, b = g.standard_normal((H, V)).astype(np.float32) * 8, g.standard_normal(V).astype(np.float32)
+    logits = np.tanh((x[:, -1].astype(np.float64) @ w + b) / 30) * 30
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    expected_ids = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+    for extra, moved, gathered in ((None, 5, "x"), ("biased", 3, "biased")):
+        out, report = run_pipeline(_softcapped_lm_graph(extra), ["sampling-head", "cleanup"],
+                                   {"sampling-head": {"k": k, "keep_logits": "false"}})
+        assert report.results[0].details["ops_after_last_position"] == moved
+        onnx.checker.check_model(out, full_check=True)
+        gather = [n for n in out.graph.node if n.op_type == "Gather"]
+        assert len(gather) == 1 and gather[0].input[0] == gathered
+        assert sum(n.op_type == "MatMul" for n in out.graph.node) == 1  # the old [B, S, V] chain is gone
+        sess = ort.InferenceSession(out.SerializeToString(), ops.session_options(1),
+                                    providers=["CPUExecutionProvider"])
+        results = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x})))
+        np.testing.assert_array_equal(results["next_token_ids"], expected_ids)
+        # fp32 products of 8 terms and a tanh against float64: 1e-5 relative
+        np.testing.assert_allclose(results["next_token_probs"], np.take_along_axis(p, expected_ids, -1),
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_without_logits_an_exported_decoder_gives_the_full_logits_head(exported):
+    """On exported decoders (RMSNorm + LM head, GPT-2's Reshape + MatMul), the hoisted
+    head returns what the full-logits head returns, at prefill (left-padded batch) and
+    at a decode step through the cache."""
+    import onnxruntime as ort
+
+    from toolkit import ops
+    from toolkit.generate import BoundDecoder
+
+    for family in ("llama", "gpt2"):
+        _, path = exported(family)
+        hoisted, report = run_pipeline(onnx.load(str(path)), ["sampling-head", "cleanup"],
+                                       {"sampling-head": {"k": 8, "keep_logits": "false"}})
+        assert report.results[0].details["ops_after_last_position"] >= 1, family
+        full, _ = run_pipeline(onnx.load(str(path)), ["sampling-head"], {"sampling-head": {"k": 8}})
+        runs = []
+        for model in (hoisted, full):
+            sess = ort.InferenceSession(model.SerializeToString(), ops.session_options(1),
+                                        providers=["CPUExecutionProvider"])
+            dec = BoundDecoder(sess, ("next_token_ids", "next_token_probs"))
+            ids = np.array([[0, 0, 5, 17, 42], [3, 9, 8, 8, 1]], np.int64)
+            mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.int64)
+            pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+            first, past = dec.step(ids, mask, pos, dec.empty_past(2), 0)
+            mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+            second, _ = dec.step(first["next_token_ids"][:, :1].copy(), mask, pos[:, -1:] + 1, past, 1)
+            runs.append((first, second))
+        for a, b in zip(*runs):
+            np.testing.assert_array_equal(a["next_token_ids"], b["next_token_ids"])
+            # the LM head's fp32 GEMM over one row or over all S rows: 1e-5 relative
+            np.testing.assert_allclose(a["next_token_probs"], b["next_token_probs"], rtol=1e-5, atol=1e-7)
