@@ -14,7 +14,8 @@ namespace toolkit {
 
 // exp(t) for t <= 0, 8 lanes; same reduction and polynomial as ExpNonPositive.
 TOOLKIT_AVX2 inline __m256 Exp8(__m256 t) {
-  t = _mm256_max_ps(t, _mm256_set1_ps(-87.0f));
+  // maxps returns its second operand when either is NaN: t, so a NaN stays NaN
+  t = _mm256_max_ps(_mm256_set1_ps(-87.0f), t);
   const __m256 shifter = _mm256_set1_ps(12582912.0f);
   const __m256 z = _mm256_fmadd_ps(t, _mm256_set1_ps(1.44269504088896341f), shifter);
   const __m256 n = _mm256_sub_ps(z, shifter);

@@ -202,20 +202,29 @@ OrtStatus* Prepare(OrtKernelContext* context, const Attributes& a, Io* io) {
   io->p_key_scale = reinterpret_cast<uint16_t*>(ctx.GetOutput(2, kscale2).GetTensorMutableRawData());
   io->p_key_zero = nullptr;
   io->p_value_zero = nullptr;
-  if (!a.symmetric) {
-    if (ctx.GetOutputCount() <= 7) {
-      return MakeStatus(ORT_INVALID_ARGUMENT, std::string(kOpName) +
-                                                  ": symmetric=0 needs the outputs present_key_zero and "
-                                                  "present_value_zero");
-    }
-    io->p_key_zero = reinterpret_cast<uint16_t*>(ctx.GetOutput(3, kscale2).GetTensorMutableRawData());
-  }
+  // present_key_zero / present_value_zero are optional outputs (symmetric schemes have
+  // no zeros): an asymmetric node must name both, and an empty name gives a null value.
+  const bool zeros_named = ctx.GetOutputCount() > 7;
+  Ort::UnownedValue key_zero_out =
+      !a.symmetric && zeros_named ? ctx.GetOutput(3, kscale2) : Ort::UnownedValue(nullptr);
   io->p_key_res = ctx.GetOutput(4, {B, Hkv, PR, D}).GetTensorMutableData<float>();
   io->p_value_q = ctx.GetOutput(5, {B, Hkv, P, row_bytes}).GetTensorMutableData<uint8_t>();
   const std::vector<int64_t> vscale2{B, Hkv, P, D / a.value_group};
   io->p_value_scale = reinterpret_cast<uint16_t*>(ctx.GetOutput(6, vscale2).GetTensorMutableRawData());
+  Ort::UnownedValue value_zero_out =
+      !a.symmetric && zeros_named ? ctx.GetOutput(7, vscale2) : Ort::UnownedValue(nullptr);
   if (!a.symmetric) {
-    io->p_value_zero = reinterpret_cast<uint16_t*>(ctx.GetOutput(7, vscale2).GetTensorMutableRawData());
+    if (!key_zero_out || !value_zero_out) {
+      return MakeStatus(ORT_INVALID_ARGUMENT,
+                        std::string(kOpName) + ": symmetric=0 (bits=" + std::to_string(a.bits) +
+                            ") needs the outputs present_key_zero (3) and present_value_zero (7), but " +
+                            (!key_zero_out && !value_zero_out ? "both are" : !key_zero_out ? "present_key_zero is"
+                                                                                          : "present_value_zero is") +
+                            " left out; name them in the node (the next step feeds them back as past_key_zero / "
+                            "past_value_zero)");
+    }
+    io->p_key_zero = reinterpret_cast<uint16_t*>(key_zero_out.GetTensorMutableRawData());
+    io->p_value_zero = reinterpret_cast<uint16_t*>(value_zero_out.GetTensorMutableRawData());
   }
   io->p_value_res = ctx.GetOutput(8, {B, Hkv, PR, D}).GetTensorMutableData<float>();
   io->p_lengths = nullptr;

@@ -311,6 +311,30 @@ def _fail(sess, feeds, *fragments):
         assert f in msg, msg
 
 
+@pytest.mark.parametrize("name", ["int8", "kivi4"])
+def test_a_nan_score_makes_its_row_nan_at_any_position(name):
+    """A NaN bias at any position of a row makes that row NaN, as ONNX Softmax does (and
+    the reference): the vectorised exp clamped a NaN to exp(-87), which dropped NaN
+    scores in whole 8-lane blocks (positions 0-55 of 61) and kept only the tail's."""
+    scheme = SCHEMES[name]
+    sess = make_session(scheme, with_bias=True)
+    n, r = (48, 3) if scheme.residual else (60, 0)
+    feeds = _feeds(scheme, hq=2, hkv=1, n=n, r=r)
+    rng = np.random.default_rng(1)
+    feeds["past_key_res"] = rng.standard_normal(feeds["past_key_res"].shape).astype(np.float32)
+    feeds["past_value_res"] = rng.standard_normal(feeds["past_value_res"].shape).astype(np.float32)
+    t_len = n + r + 1
+    cache = {k[len("past_"):]: v for k, v in feeds.items() if k.startswith("past_")}
+    for pos in range(t_len):
+        bias = np.zeros((1, 1, 1, t_len), np.float32)
+        bias[..., pos] = np.nan
+        out, _ = run_op(sess, feeds["query"], feeds["key"], feeds["value"], cache, bias)
+        ref, _ = kq.attention(feeds["query"], feeds["key"], feeds["value"], dict(cache), scheme, bias)
+        assert np.isnan(out).all() and np.isnan(ref).all(), (pos, out)
+    out, _ = run_op(sess, feeds["query"], feeds["key"], feeds["value"], cache, np.zeros((1, 1, 1, t_len), np.float32))
+    assert np.isfinite(out).all()
+
+
 def test_invalid_inputs_are_named():
     scheme = SCHEMES["kivi4"]
     sess = make_session(scheme, with_bias=True)
@@ -334,6 +358,25 @@ def test_invalid_inputs_are_named():
     _fail(sess, f, "'past_value_scale'", "[1,2,16,2]")
     f = dict(good, past_key_scale=np.zeros((1, 2, 16, 32), np.float16))
     _fail(sess, f, "'past_key_scale'", "[1,2,2,32]")
+
+
+@pytest.mark.parametrize("left_out", ["present_key_zero", "present_value_zero", "both"])
+def test_asymmetric_node_without_its_zero_outputs_is_a_named_error(left_out):
+    """present_key_zero / present_value_zero are optional outputs (symmetric schemes have
+    none); an asymmetric node that leaves one out wrote through a null output (SIGSEGV)."""
+    scheme = SCHEMES["kivi4"]
+    model = kq.single_op_model(scheme, with_bias=False)
+    node = model.graph.node[0]
+    names = ["present_key_zero", "present_value_zero"] if left_out == "both" else [left_out]
+    for name in names:
+        index = list(node.output).index(name)
+        node.output[index] = ""
+        model.graph.output.remove(next(o for o in model.graph.output if o.name == name))
+    so = ops.session_options(1)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    expected = "both are" if left_out == "both" else f"{left_out} is"
+    _fail(sess, _feeds(scheme), "symmetric=0 (bits=4) needs the outputs present_key_zero (3) and present_value_zero",
+          f"but {expected} left out")
 
 
 def test_invalid_attributes_are_rejected():

@@ -405,7 +405,8 @@ def attention(query: np.ndarray, key: np.ndarray, value: np.ndarray, cache: dict
     m = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(scores - m)
     den = p.sum(-1, keepdims=True)
-    p = np.where(den > 0, p / np.where(den > 0, den, 1.0), 0.0)
+    # a fully masked row (every score -inf) gives zeros; a NaN score makes its row NaN, as in the kernels
+    p = p / np.where(den > 0, den, 1.0)
     out = np.einsum("bhst,bhtd->bhsd", p, v_all).astype(np.float32)
 
     # The present cache: flush whole residual blocks.
