@@ -85,21 +85,48 @@ def write(staging: Path, model: Any, pipeline_report: dict[str, Any], parity_pas
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The bundle's manifest, checked: a JSON object of this toolkit's version whose
+    ``model`` names a file and whose ``op_library`` (or null) has its file, SHA-256 and
+    C API version. Anything else is an :class:`InvalidModelError` naming the field."""
     directory = Path(directory)
     path = directory / MANIFEST
+    if not directory.exists():
+        raise InvalidModelError(f"bundle directory {str(directory)!r} does not exist",
+                                hint="point at a directory written by `toolkit convert`")
     if not path.is_file():
         raise InvalidModelError(f"{str(directory)!r} has no {MANIFEST}",
                                 hint="point at a directory written by `toolkit convert`")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidModelError(f"{path} is not valid JSON: {exc}", hint="re-run `toolkit convert`") from exc
+    if not isinstance(manifest, dict):
+        raise InvalidModelError(f"{path} holds a JSON {type(manifest).__name__}, not an object",
+                                hint="re-run `toolkit convert`")
     if manifest.get("manifest_version") != MANIFEST_VERSION:
         raise InvalidModelError(
             f"{path} has manifest version {manifest.get('manifest_version')!r}; this toolkit reads "
             f"version {MANIFEST_VERSION}",
             hint="convert the model again with this toolkit version",
         )
+
+    def bad(field: str, want: str, value: Any) -> InvalidModelError:
+        return InvalidModelError(f"{path}: field {field!r} must be {want}, got {value!r}",
+                                 hint="the manifest was edited or truncated: re-run `toolkit convert`")
+
+    if not isinstance(manifest.get("model"), str) or not manifest["model"]:
+        raise bad("model", "the model file's name", manifest.get("model"))
+    lib = manifest.get("op_library")
+    if lib is not None:
+        if not isinstance(lib, dict):
+            raise bad("op_library", "an object or null", lib)
+        for field, kind, want in (("file", str, "a file name"), ("sha256", str, "a hex digest"),
+                                  ("min_ort_api_version", int, "an integer")):
+            if not isinstance(lib.get(field), kind) or isinstance(lib.get(field), bool):
+                raise bad(f"op_library.{field}", want, lib.get(field))
+        providers = lib.get("providers", [])
+        if not isinstance(providers, list) or not all(isinstance(x, str) for x in providers):
+            raise bad("op_library.providers", "a list of provider names", providers)
     return manifest
 
 
@@ -122,7 +149,7 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
     manifest = read_manifest(directory)
     so = ort.SessionOptions()
     if threads is not None:
-        so.intra_op_num_threads = threads
+        so.intra_op_num_threads = ops.checked_threads(threads)
     lib = manifest.get("op_library")
     available = ort.get_available_providers()
     if lib:

@@ -76,6 +76,10 @@ struct Kernel {
 // kernel creation (read + check the attributes, pick the provider's compute
 // function). An op derives from it (CRTP) and adds its input/output types:
 //   struct Op : OpBase<Op, Attributes> { ... GetInputTypeCount() ... };
+// `st` with the node's name in its message ("<op> node 'n0': ..."): errors at session
+// creation carry no node name otherwise (ORT adds it to run-time errors only).
+OrtStatus* WithNodeName(const OrtKernelInfo* info, OrtStatus* st);
+
 template <typename Derived, typename Attrs>
 struct OpBase : Ort::CustomOpBase<Derived, Kernel<Attrs>, /*WithStatus=*/true> {
   using ReadFn = OrtStatus* (*)(const OrtKernelInfo* info, Attrs* attrs);
@@ -91,7 +95,7 @@ struct OpBase : Ort::CustomOpBase<Derived, Kernel<Attrs>, /*WithStatus=*/true> {
     return GuardStatus(name_, [&]() -> OrtStatus* {
       Attrs attrs;
       if (read_ != nullptr) {
-        if (OrtStatus* st = read_(info, &attrs)) return st;
+        if (OrtStatus* st = read_(info, &attrs)) return WithNodeName(info, st);
       }
       ComputeFn<Attrs> fn = provider_ == Provider::kCuda ? cuda_ : cpu_;
       if (fn == nullptr) {
@@ -113,6 +117,18 @@ struct OpBase : Ort::CustomOpBase<Derived, Kernel<Attrs>, /*WithStatus=*/true> {
   ReadFn read_;
   ComputeFn<Attrs> cpu_, cuda_;
 };
+
+// Attributes. ORT's C API reads an attribute by type, and a node whose attribute has
+// another type than the one read looks as if it had none: `temperature=2` (an int)
+// would silently run at the default. These read the node's value whatever its type
+// and refuse the types that do not fit, naming the attribute:
+// * a float attribute written as an integer takes that integer's value (2 -> 2.0);
+// * an integer attribute written as a float is an error (bits=8.0, k=2.5).
+// A missing attribute leaves *v as is, and sets *found to false when given.
+OrtStatus* ReadFloatAttribute(const OrtKernelInfo* info, const char* op, const char* name, float* v,
+                              bool* found = nullptr);
+OrtStatus* ReadIntAttribute(const OrtKernelInfo* info, const char* op, const char* name, int64_t* v,
+                            bool* found = nullptr);
 
 // Output `index` as float32 of `shape` when the node requests it, else null.
 float* OptionalFloatOutput(OrtKernelContext* context, size_t index, const std::vector<int64_t>& shape);

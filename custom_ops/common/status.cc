@@ -21,6 +21,61 @@ OrtStatus* InvalidInputStatus(const char* op, const char* input_name, const std:
                                               ShapeToString(shape) + "; expected " + expectation);
 }
 
+OrtStatus* ReadFloatAttribute(const OrtKernelInfo* info, const char* op, const char* name, float* v, bool* found) {
+  const OrtApi& api = Ort::GetApi();
+  if (found) *found = true;
+  OrtStatus* st = api.KernelInfoGetAttribute_float(info, name, v);
+  if (st == nullptr) return nullptr;
+  api.ReleaseStatus(st);
+  int64_t i = 0;
+  if (OrtStatus* st_int = api.KernelInfoGetAttribute_int64(info, name, &i)) {
+    api.ReleaseStatus(st_int);
+    if (found) *found = false;  // absent (or a string / tensor attribute, which no op declares)
+    return nullptr;
+  }
+  *v = static_cast<float>(i);  // temperature=2 written as an integer attribute
+  return nullptr;
+}
+
+OrtStatus* ReadIntAttribute(const OrtKernelInfo* info, const char* op, const char* name, int64_t* v, bool* found) {
+  const OrtApi& api = Ort::GetApi();
+  if (found) *found = true;
+  OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, v);
+  if (st == nullptr) return nullptr;
+  api.ReleaseStatus(st);
+  float f = 0.0f;
+  if (OrtStatus* st_float = api.KernelInfoGetAttribute_float(info, name, &f)) {
+    api.ReleaseStatus(st_float);
+    if (found) *found = false;
+    return nullptr;
+  }
+  std::string value = std::to_string(f);
+  return MakeStatus(ORT_INVALID_ARGUMENT, std::string(op) + ": attribute '" + name + "' must be an integer, got the float " +
+                                              value + "; write it as an int (e.g. onnx.helper.make_node(..., " + name +
+                                              "=" + std::to_string(static_cast<long long>(f)) + "))");
+}
+
+OrtStatus* WithNodeName(const OrtKernelInfo* info, OrtStatus* st) {
+  if (st == nullptr) return nullptr;
+  const OrtApi& api = Ort::GetApi();
+  size_t size = 0;
+  std::string node;
+  if (OrtStatus* s1 = api.KernelInfo_GetNodeName(info, nullptr, &size)) {
+    api.ReleaseStatus(s1);
+    return st;
+  }
+  node.resize(size);
+  if (OrtStatus* s2 = api.KernelInfo_GetNodeName(info, node.data(), &size)) {
+    api.ReleaseStatus(s2);
+    return st;
+  }
+  if (!node.empty() && node.back() == '\0') node.pop_back();
+  const OrtErrorCode code = api.GetErrorCode(st);
+  const std::string message = std::string("node '") + node + "': " + api.GetErrorMessage(st);
+  api.ReleaseStatus(st);
+  return MakeStatus(code, message);
+}
+
 float* OptionalFloatOutput(OrtKernelContext* context, size_t index, const std::vector<int64_t>& shape) {
   Ort::KernelContext ctx(context);
   if (ctx.GetOutputCount() <= index) return nullptr;

@@ -37,7 +37,6 @@ OrtStatus* CheckShape(const char* name, const std::vector<int64_t>& got, const s
 }  // namespace
 
 OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs) {
-  const OrtApi& api = Ort::GetApi();
   for (auto [name, v] : {std::pair<const char*, int64_t*>{"bits", &attrs->bits},
                          {"key_per_channel", &attrs->key_per_channel},
                          {"key_group", &attrs->key_group},
@@ -45,9 +44,9 @@ OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs) {
                          {"residual", &attrs->residual},
                          {"symmetric", &attrs->symmetric},
                          {"quantize_query", &attrs->quantize_query}}) {
-    if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, v)) api.ReleaseStatus(st);
+    if (OrtStatus* st = ReadIntAttribute(info, kOpName, name, v)) return st;
   }
-  if (OrtStatus* st = api.KernelInfoGetAttribute_float(info, "scale", &attrs->scale)) api.ReleaseStatus(st);
+  if (OrtStatus* st = ReadFloatAttribute(info, kOpName, "scale", &attrs->scale)) return st;
   const std::string error = AttributeError(*attrs);
   if (!error.empty()) return MakeStatus(ORT_INVALID_ARGUMENT, std::string(kOpName) + ": " + error);
   return nullptr;

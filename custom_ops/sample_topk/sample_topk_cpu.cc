@@ -20,12 +20,9 @@ OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs) {
   }
   attrs->topk.normalize = 0;
   attrs->topk.log_probs = 0;
-  auto optional_float = [&](const char* name, float* v) {
-    if (OrtStatus* st = api.KernelInfoGetAttribute_float(info, name, v)) api.ReleaseStatus(st);
-  };
-  optional_float("top_p", &attrs->top_p);
-  optional_float("min_p", &attrs->min_p);
-  if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, "seed", &attrs->seed)) api.ReleaseStatus(st);
+  if (OrtStatus* st = ReadFloatAttribute(info, kOpName, "top_p", &attrs->top_p)) return st;
+  if (OrtStatus* st = ReadFloatAttribute(info, kOpName, "min_p", &attrs->min_p)) return st;
+  if (OrtStatus* st = ReadIntAttribute(info, kOpName, "seed", &attrs->seed)) return st;
   if (!(attrs->top_p > 0.0f && attrs->top_p <= 1.0f)) {
     return MakeStatus(ORT_INVALID_ARGUMENT, std::string(kOpName) + ": attribute 'top_p' must be in (0, 1], got " +
                                                 std::to_string(attrs->top_p));

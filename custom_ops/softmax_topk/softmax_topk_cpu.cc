@@ -34,25 +34,29 @@ namespace toolkit::softmax_topk {
 // ------------------------------------------------------------------ checks
 
 OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs) {
-  const OrtApi& api = Ort::GetApi();
-  if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, "k", &attrs->k)) {
-    api.ReleaseStatus(st);
+  bool has_k = false;
+  if (OrtStatus* st = ReadIntAttribute(info, kOpName, "k", &attrs->k, &has_k)) return st;
+  if (!has_k) {
     return MakeStatus(ORT_INVALID_ARGUMENT,
                       std::string(kOpName) + ": the required integer attribute 'k' is missing");
   }
-  auto optional_int = [&](const char* name, int64_t* v) {
-    if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, v)) api.ReleaseStatus(st);
-  };
-  optional_int("normalize", &attrs->normalize);
-  optional_int("log_probs", &attrs->log_probs);
-  if (OrtStatus* st = api.KernelInfoGetAttribute_float(info, "temperature", &attrs->temperature)) {
-    api.ReleaseStatus(st);
-  }
+  if (OrtStatus* st = ReadIntAttribute(info, kOpName, "normalize", &attrs->normalize)) return st;
+  if (OrtStatus* st = ReadIntAttribute(info, kOpName, "log_probs", &attrs->log_probs)) return st;
+  if (OrtStatus* st = ReadFloatAttribute(info, kOpName, "temperature", &attrs->temperature)) return st;
   for (auto [name, v] : {std::pair{"normalize", attrs->normalize}, std::pair{"log_probs", attrs->log_probs}}) {
     if (v != 0 && v != 1) {
       return MakeStatus(ORT_INVALID_ARGUMENT, std::string(kOpName) + ": attribute '" + name +
                                                   "' must be 0 or 1, got " + std::to_string(v));
     }
+  }
+  // 1 / T must be finite too: a subnormal T (1e-45) passes "> 0" and turns every
+  // scaled logit into inf or NaN.
+  const float t = attrs->temperature;
+  if (!(t > 0.0f) || !std::isfinite(t) || !std::isfinite(1.0f / t)) {
+    return MakeStatus(ORT_INVALID_ARGUMENT,
+                      std::string(kOpName) + ": attribute 'temperature' must be finite and > 0 with 1/temperature "
+                                             "finite (at least about 3e-39), got " + std::to_string(t) +
+                          "; use 1.0 for the model's own distribution, a smaller value to sharpen it");
   }
   return nullptr;
 }
@@ -74,7 +78,7 @@ OrtStatus* CheckInput(const std::vector<int64_t>& shape, const Attributes& attrs
                               "1 <= k <= " + std::to_string(v) + " (the size of the last axis), got k=" +
                                   std::to_string(attrs.k));
   }
-  if (!(attrs.temperature > 0.0f) || !std::isfinite(attrs.temperature)) {
+  if (!(attrs.temperature > 0.0f) || !std::isfinite(attrs.temperature) || !std::isfinite(1.0f / attrs.temperature)) {
     return InvalidInputStatus(op, kInputName, shape,
                               "a finite temperature > 0, got temperature=" + std::to_string(attrs.temperature));
   }

@@ -379,13 +379,33 @@ def test_asymmetric_node_without_its_zero_outputs_is_a_named_error(left_out):
           f"but {expected} left out")
 
 
+def test_an_integer_scale_attribute_is_that_scale():
+    """`scale=1` written as an int attribute used to run at the default 1/sqrt(D)."""
+    from onnx import helper
+
+    scheme = SCHEMES["kivi4"]
+    feeds = _feeds(scheme, n=16, r=3)  # 20 positions: the scale moves the softmax
+    outs = []
+    for value in (1, 1.0, 0.0):
+        model = kq.single_op_model(scheme, with_bias=False)
+        node = model.graph.node[0]
+        node.attribute.remove(next(a for a in node.attribute if a.name == "scale"))
+        node.attribute.append(helper.make_attribute("scale", value))
+        sess = ort.InferenceSession(model.SerializeToString(), ops.session_options(1),
+                                    providers=["CPUExecutionProvider"])
+        outs.append(sess.run(["output"], feeds)[0])
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert not np.allclose(outs[0], outs[2], atol=1e-3)  # the default scale differs
+
+
 def test_invalid_attributes_are_rejected():
     from onnx import helper
 
     for attrs, fragment in [({"bits": 3}, "bits=3"),
                             ({"key_per_channel": 1, "key_group": 32, "residual": 48}, "multiple"),
                             ({"symmetric": 1, "bits": 4, "key_per_channel": 0}, "symmetric=1"),
-                            ({"quantize_query": 2}, "quantize_query=2")]:
+                            ({"quantize_query": 2}, "quantize_query=2"),
+                            ({"bits": 4.0}, "attribute 'bits' must be an integer, got the float 4.0")]:
         model = kq.single_op_model(SCHEMES["kivi4"])
         node = model.graph.node[0]
         for key, value in attrs.items():

@@ -347,12 +347,10 @@ def test_empty_batch():
         ((2, 5), 6, 1.0, "1 <= k <= 5"),
         ((2, 5), 0, 1.0, "1 <= k <= 5"),
         ((3,), -1, 1.0, "1 <= k <= 3"),
-        ((2, 5), 2, 0.0, "temperature > 0"),
-        ((2, 5), 2, -1.0, "temperature > 0"),
         ((), 1, 1.0, "rank >= 1"),
         ((2, 0), 1, 1.0, "non-empty last axis"),
     ],
-    ids=["k>V", "k=0", "k<0", "T=0", "T<0", "rank0", "emptyV"],
+    ids=["k>V", "k=0", "k<0", "rank0", "emptyV"],
 )
 def test_invalid_input_is_an_error(shape, k, temperature, expect):
     x = np.ones(shape, dtype=np.float32)
@@ -362,6 +360,38 @@ def test_invalid_input_is_an_error(shape, k, temperature, expect):
     message = str(info.value)
     shape_text = "[" + ",".join(str(d) for d in shape) + "]"
     assert "logits" in message and shape_text in message and expect in message, message
+
+
+def _node_session(**attrs):
+    node = helper.make_node("FusedSoftmaxTopK", ["logits"], ["v", "i"], domain=ops.DOMAIN, name="head", **attrs)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("v", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("i", TensorProto.INT64, None)])
+    return ort.InferenceSession(_model(graph), _options(1), providers=["CPUExecutionProvider"])
+
+
+def test_attributes_are_read_whatever_their_type():
+    """ORT reads attributes by type: `temperature=2` (an int attribute) used to run at the
+    default 1.0, and `k=2.0` said k was missing. An int float attribute is now taken as
+    its value; a float int attribute and a bad temperature are refused when the session
+    is created, naming the node and the attribute."""
+    x = np.random.default_rng(0).standard_normal((3, 40)).astype(np.float32)
+    as_int = _node_session(k=4, temperature=2).run(None, {"logits": x})
+    as_float = _node_session(k=4, temperature=2.0).run(None, {"logits": x})
+    for a, b in zip(as_int, as_float):
+        np.testing.assert_array_equal(a, b)
+    p = np.exp(x.astype(np.float64) / 2 - (x / 2).max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(as_int[0], -np.sort(-p, -1)[:, :4], rtol=1e-6)  # softmax(x / 2), fp32
+    for attrs, fragment in (({"k": 2.0}, "attribute 'k' must be an integer, got the float 2.0"),
+                            ({"k": 2, "temperature": 0.0}, "attribute 'temperature' must be finite and > 0"),
+                            ({"k": 2, "temperature": -1.0}, "attribute 'temperature' must be finite and > 0"),
+                            ({"k": 2, "temperature": float("inf")}, "attribute 'temperature' must be finite"),
+                            ({"k": 2, "temperature": 1e-45}, "1/temperature finite")):
+        with pytest.raises(Exception) as info:
+            _node_session(**attrs)
+        assert "node 'head'" in str(info.value) and fragment in str(info.value), str(info.value)
 
 
 def test_missing_k_attribute_is_an_error():

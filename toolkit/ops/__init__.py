@@ -138,6 +138,17 @@ def ort_api_version(version: str | None = None) -> int:
     return minor
 
 
+def checked_threads(threads: int) -> int:
+    """An intra-op thread count ORT can use (>= 1), else a :class:`ToolkitError`
+    (ORT itself reads 0 as its default and fails on negative counts)."""
+    from toolkit.errors import ToolkitError
+
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ToolkitError(f"threads must be an integer >= 1, got {threads!r}",
+                           hint="pass a positive count, or None for ONNX Runtime's default")
+    return threads
+
+
 def session_options(threads: int | None = None) -> onnxruntime.SessionOptions:
     """A ``SessionOptions`` with the toolkit's custom-op library registered.
 
@@ -161,7 +172,7 @@ def session_options(threads: int | None = None) -> onnxruntime.SessionOptions:
         )
     options = onnxruntime.SessionOptions()
     if threads is not None:
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = checked_threads(threads)
     try:
         options.register_custom_ops_library(str(path))
     except Exception as err:  # onnxruntime raises its own (pybind) exception types
