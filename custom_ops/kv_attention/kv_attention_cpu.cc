@@ -1385,8 +1385,12 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       const float m = Ops::RowMax(sr, len);
       float* dst = part + (r0 + rr) * (D + 2);
       dst[0] = m;
-      if (!(m > kNegInf)) {  // every position of the slice masked (or NaN scores)
-        dst[1] = 0.0f;
+      if (!(m > kNegInf)) {  // every position of the slice masked, or NaN (RowMax skips NaN)
+        // Masked: the slice adds nothing. NaN scores (a NaN query or key, a NaN bias):
+        // a finite max with a NaN sum makes the merged row NaN, as ONNX Softmax does.
+        const bool nan = std::any_of(sr, sr + len, [](float x) { return std::isnan(x); });
+        dst[0] = nan ? 0.0f : m;
+        dst[1] = nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
         std::fill(sr, sr + len, 0.0f);
         continue;
       }

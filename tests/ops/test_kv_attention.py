@@ -360,6 +360,26 @@ def test_invalid_inputs_are_named():
     _fail(sess, f, "'past_key_scale'", "[1,2,2,32]")
 
 
+@pytest.mark.parametrize("name", ["int8", "int8-q8", "kivi4", "kivi4-q8"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_nan_or_inf_query_makes_its_head_nan(name, bad):
+    """A NaN (or inf) in one query row gave that head an output of exactly 0.0 (every
+    score NaN: the slice looked fully masked), which looks like a real activation; the
+    head is NaN now, as in the reference, and the other head is untouched."""
+    scheme = SCHEMES[name]
+    sess = make_session(scheme, with_bias=False)
+    n, r = (16, 3) if scheme.residual else (16, 0)
+    feeds = _feeds(scheme, hq=2, hkv=1, n=n, r=r)
+    clean = sess.run(["output"], feeds)[0]
+    feeds["query"] = feeds["query"].copy()
+    feeds["query"][0, 0, 0, 0] = bad
+    out = sess.run(["output"], feeds)[0]
+    cache = {k[len("past_"):]: v for k, v in feeds.items() if k.startswith("past_")}
+    ref, _ = kq.attention(feeds["query"], feeds["key"], feeds["value"], cache, scheme, None)
+    assert np.isnan(out[0, 0]).all() and np.isnan(ref[0, 0]).all()
+    np.testing.assert_array_equal(out[0, 1], clean[0, 1])
+
+
 @pytest.mark.parametrize("left_out", ["present_key_zero", "present_value_zero", "both"])
 def test_asymmetric_node_without_its_zero_outputs_is_a_named_error(left_out):
     """present_key_zero / present_value_zero are optional outputs (symmetric schemes have
