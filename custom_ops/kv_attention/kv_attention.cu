@@ -9,8 +9,7 @@
 // the kTileK positions. A second kernel merges the slices' (max, sum, weighted V)
 // partials. Masking: a -inf bias drops a position, a row with every position dropped
 // outputs zeros, no attn_bias = causal, as on the CPU. A NaN score makes the row NaN
-// when its slice of positions also holds a finite score (both providers work slice by
-// slice; their slices differ). One difference: the CPU forms the dot product of a
+// (a NaN query or key, a NaN bias), as on the CPU. One difference: the CPU forms the dot product of a
 // dropped position too, so a NaN or inf key under a -inf bias makes its row NaN there;
 // here the position is skipped (no dot product).
 //
@@ -259,10 +258,14 @@ __global__ void __launch_bounds__(kThreads) AttendKernel(const Io io, const int 
     __syncthreads();
   }
 
-  // A NaN score with a finite one in the slice: the slice's sum is NaN, as the CPU's
-  // exp(NaN - m) makes it (and the output with it, after the merge too).
+  // A NaN score in the slice: its sum is NaN, as the CPU's exp(NaN - m) makes it, and
+  // the output with it, after the merge too. A slice of NaN (and -inf) scores alone
+  // gets a finite max, as on the CPU, so the merge does not take it for masked.
   for (int jj = 0; jj < kRowsPerWarp; ++jj) {
-    if (nan_seen[jj] && m[jj] > -INFINITY) l[jj] = NAN;
+    if (nan_seen[jj]) {
+      if (!(m[jj] > -INFINITY)) m[jj] = 0.0f;
+      l[jj] = NAN;
+    }
   }
   if (plan.slices == 1) {
     // The whole row in this block: the output directly, as MergeKernel would write it

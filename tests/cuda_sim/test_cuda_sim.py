@@ -246,3 +246,24 @@ def test_kv_fixed_capacity_extra_slots(sim):
     scheme = kvt.SCHEMES["int8"]
     _drive_capacity_sim(sim, scheme, 1, 4, 2, 32, steps=[9, 1, 1, 7, 1], capacity=32, slots=scheme.residual + 5,
                         in_place=True)
+
+
+@pytest.mark.parametrize("name", ["int8", "kivi4"])
+@pytest.mark.parametrize("past", [16, 330])  # one slice, and several slices merged
+def test_kv_nan_query_makes_its_head_nan(sim, name, past):
+    """As on the CPU: a NaN query row makes its head NaN (every score NaN: the slice
+    must not look fully masked), the other head is the reference's."""
+    scheme = kvt.SCHEMES[name]
+    run = _growing_runner(sim)(scheme)
+    rng = np.random.default_rng(0)
+    cache = kq.empty_cache(1, 1, 32, scheme)
+    q, k, v = kvt.step_inputs(rng, 1, 2, 1, past, 32)
+    _, cache = kq.attention(q, k, v, cache, scheme, kvt.causal_bias(1, past, 0, None))  # fill the cache
+    q, k, v = kvt.step_inputs(rng, 1, 2, 1, 1, 32)
+    q[0, 0, 0, 3] = np.nan
+    n, r = cache["key_q"].shape[2], cache["key_res"].shape[2]
+    bias = kvt.causal_bias(1, 1, n + r, None)
+    out, _ = run(q, k, v, cache, bias)
+    ref, _ = kq.attention(q, k, v, dict(cache), scheme, bias)
+    assert np.isnan(out[0, 0]).all() and np.isnan(ref[0, 0]).all()
+    np.testing.assert_allclose(out[0, 1], ref[0, 1], atol=kvt.OUT_ATOL, rtol=kvt.OUT_RTOL)
