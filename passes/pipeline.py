@@ -187,6 +187,23 @@ def resolve_pass_names(names: list[str] | None) -> list[str]:
     return [name for name in PIPELINE_ORDER if name in requested]
 
 
+def _refuse_invalid_input(model: onnx.ModelProto | ir.Model) -> None:
+    """Raises a PassError naming the input model when it fails onnx's full check
+    (checker and strict shape inference), e.g. a TopK asking for more elements than
+    its axis has; returns when the input is valid."""
+    import onnx
+    import onnx_ir as ir
+
+    proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        first = str(err).strip().splitlines()[0][:400]
+        raise PassError(f"the input model is invalid before any pass ran: {first}",
+                        hint="fix the model (onnx.checker.check_model(model, full_check=True) reports it), "
+                        "then run the passes again") from None
+
+
 def run_pipeline(
     model: onnx.ModelProto | ir.Model,
     names: list[str] | None = None,
@@ -224,6 +241,10 @@ def run_pipeline(
     report = PipelineReport()
     for graph_pass, opts in zip(graph_passes, pass_options):
         result = graph_pass.apply(ir_model, opts, explain=explain)
-        validate_model(ir.serde.serialize_model(ir_model), graph_pass.name)
+        try:
+            validate_model(ir.serde.serialize_model(ir_model), graph_pass.name)
+        except PassError:
+            _refuse_invalid_input(model)  # an input that was invalid already is not the pass's bug
+            raise
         report.results.append(result)
     return ir.serde.serialize_model(ir_model), report

@@ -169,3 +169,23 @@ def test_validator_reports_checker_failure_with_node():
     model.graph.node[1].attribute.append(helper.make_attribute("bogus", 1))
     with pytest.raises(PassError, match=r"pass 'x' .*onnx.checker at node tk \(TopK\)"):
         passes.validate_model(model, "x")
+
+
+def test_an_input_model_invalid_before_the_passes_is_named_as_such():
+    """A TopK asking for more elements than its axis has (k=9 of 6): the fusion's output
+    failed the checker the same way, and the error called it a bug in the pass."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["p"]), helper.make_node("TopK", ["p", "K"], ["v", "i"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 6])],
+        [helper.make_tensor_value_info("v", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("i", TensorProto.INT64, None)],
+        [numpy_helper.from_array(np.array([9], np.int64), "K")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    with pytest.raises(PassError) as err:
+        passes.run_pipeline(model, ["fuse-softmax-topk"])
+    assert "the input model is invalid before any pass ran" in str(err.value), str(err.value)
+    assert "bug in pass" not in err.value.hint
