@@ -82,12 +82,23 @@ BANDWIDTH_BYTES = 512 << 20
 # against float64 attention over the cache the contender reads; float32
 # accumulation over 16k positions stays below ~1e-5 (ours, GQA fp32, unfused);
 # quantized GQA can round one code of the new token differently (seen: 5e-4 at L=64).
+# That one position weighs about 1/L of the output, so at short contexts ORT's
+# quantized GQA gets max(EXACT_TOLERANCE, 1/L) (seen: 2.3e-3 at L=16, 3.8e-3 at
+# L=64); every other contender, ours included, keeps EXACT_TOLERANCE.
 EXACT_TOLERANCE = 2e-3
+
+
+def exact_tolerance(tolerance_key: str, context: int) -> float:
+    """The own-cache bound of a contender (EXACT_TOLERANCE; 1/L for ORT's quantized GQA)."""
+    if tolerance_key.startswith("gqa_int"):
+        return max(EXACT_TOLERANCE, 1.0 / max(context, 1))
+    return EXACT_TOLERANCE
 # ||out - ref|| / ||ref|| against float32 attention over the unquantized keys and
 # values: the quantization error of each scheme on this benchmark's data (unit-normal
 # q and v, keys with per-channel offsets in [-3, 3]). Seen at L = 64..16384 and
 # head dims 32 / 128: int8 <= 0.016, int4 <= 0.15, kivi4 <= 0.12, kivi2 <= 0.61,
-# GQA int8 <= 0.023, GQA int4 <= 0.43. Random keys give near-flat attention, the
+# GQA int8 <= 0.023 (0.051 at L = 16: its static scales fit short contexts worse),
+# GQA int4 <= 0.43. Random keys give near-flat attention, the
 # worst case for 2-bit: the kivi2 bound only catches gross errors; the check
 # against the contender's own cache (EXACT_TOLERANCE) is the one that bites.
 TOLERANCE = {
@@ -96,7 +107,7 @@ TOLERANCE = {
     "int4": 0.25,
     "kivi4": 0.25,
     "kivi2": 0.9,
-    "gqa_int8": 5e-2,
+    "gqa_int8": 0.1,
     "gqa_int4": 0.6,
 }
 
@@ -561,7 +572,8 @@ def measure_bandwidth(threads: int, nbytes: int = BANDWIDTH_BYTES, reps: int = 7
 # ---------------------------------------------------------------- the grid
 
 
-def check_outputs(contenders: dict[str, Contender], ref: np.ndarray, where: str) -> dict[str, dict[str, float]]:
+def check_outputs(contenders: dict[str, Contender], ref: np.ndarray, where: str,
+                  context: int = 1 << 30) -> dict[str, dict[str, float]]:
     """The correctness guard: one call of each contender, compared twice.
 
     * with the float64 attention over the very cache it reads (dequantized codes,
@@ -577,9 +589,10 @@ def check_outputs(contenders: dict[str, Contender], ref: np.ndarray, where: str)
         exact = relative_error(out, c.exact_reference())
         errors[name] = {"vs_own_cache": exact, "vs_fp32_max": relative_error(out, ref),
                         "vs_fp32_l2": relative_l2_error(out, ref)}
-        if not exact <= EXACT_TOLERANCE:
+        bound = exact_tolerance(c.tolerance_key, context)
+        if not exact <= bound:
             raise AssertionError(f"{name} disagrees with attention over its own (dequantized) cache at {where}: "
-                                 f"max|out - ref| / max|ref| = {exact:.3g} > {EXACT_TOLERANCE}")
+                                 f"max|out - ref| / max|ref| = {exact:.3g} > {bound:.3g}")
         if not errors[name]["vs_fp32_l2"] <= TOLERANCE[c.tolerance_key]:
             raise AssertionError(f"{name} is further from float32 attention than its quantization explains at "
                                  f"{where}: ||out - ref|| / ||ref|| = {errors[name]['vs_fp32_l2']:.3g} > "
@@ -711,7 +724,7 @@ def run(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, threads=DEFAULT_THRE
                 contenders[c.name] = c
             if with_unfused:
                 contenders["unfused"] = _unfused(data, nthreads, shape)
-            errors = check_outputs(contenders, ref, f"L={context} B={batch} threads={nthreads}")
+            errors = check_outputs(contenders, ref, f"L={context} B={batch} threads={nthreads}", context)
             t0 = time.perf_counter()
             for c in contenders.values():
                 c.run()
@@ -755,7 +768,8 @@ def run(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, threads=DEFAULT_THRE
             "floor": "cache bytes read once / read bandwidth measured in this run with the same thread count "
                      f"over {bandwidth_bytes >> 20} MiB",
             "check": "before timing, every output vs float64 attention over the cache it reads "
-                     f"(max|out-ref|/max|ref| <= {EXACT_TOLERANCE}) and vs attention over the unquantized "
+                     f"(max|out-ref|/max|ref| <= {EXACT_TOLERANCE}; max({EXACT_TOLERANCE}, 1/L) for ORT's "
+                     "quantized GQA, which rounds the new token's codes its own way) and vs attention over the unquantized "
                      "keys/values (||out-ref||/||ref|| <= tolerance[scheme])",
         },
         "tolerance_vs_fp32_l2": TOLERANCE, "tolerance_vs_own_cache": EXACT_TOLERANCE,

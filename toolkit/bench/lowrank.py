@@ -28,6 +28,11 @@ from toolkit.bench import host_info, interleaved
 from toolkit.bench import session_options as bench_session_options
 
 DEFAULT_SHAPES = ((4096, 4096), (4096, 11008))
+# At most this many weight sets (one ORT session each) per contender: small layers
+# would need thousands to fill rotate_bytes (64x64 at rank 8: about 20,000 sessions,
+# minutes and gigabytes). A capped point holds fewer bytes than rotate_bytes, so its
+# weights may stay in cache; its row says so ("weights_cold": false).
+MAX_WEIGHT_SETS = 64
 DEFAULT_RANKS = (512, 1024, 2048)
 DEFAULT_ROWS = (1, 8, 128)
 DEFAULT_THREADS = (1, 2)
@@ -135,11 +140,12 @@ def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, rows=DEFAULT_ROWS, threads=D
     grid = list(itertools.product(shapes, ranks, rows, threads))
     for i, ((K, N), r, M, nthreads) in enumerate(grid):
         dense_bytes, factored_bytes = 4 * K * N, 4 * r * (K + N)
-        sets = max(2, math.ceil(rotate_bytes / factored_bytes))
-        dense_sets = max(2, math.ceil(rotate_bytes / dense_bytes))
+        sets = min(MAX_WEIGHT_SETS, max(2, math.ceil(rotate_bytes / factored_bytes)))
+        dense_sets = min(MAX_WEIGHT_SETS, max(2, math.ceil(rotate_bytes / dense_bytes)))
         x = rng.standard_normal((M, K)).astype(np.float32)
         sessions: dict[str, list] = {"ours": [], "ort_two_matmul": [], "ort_dense": []}
-        sets8 = max(2, math.ceil(rotate_bytes / (r * (K + N) + 4 * (r + N)))) if int8 else 0
+        int8_bytes = r * (K + N) + 4 * (r + N)
+        sets8 = min(MAX_WEIGHT_SETS, max(2, math.ceil(rotate_bytes / int8_bytes))) if int8 else 0
         if int8:
             sessions.update(ours_int8=[], ort_int8_two_matmul=[])
         for s in range(max(sets, sets8)):
@@ -185,6 +191,8 @@ def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, rows=DEFAULT_ROWS, threads=D
             "K": K, "N": N, "r": r, "M": M, "threads": nthreads,
             "r_over_d": r / min(K, N),
             "weight_sets": {"factored": sets, "dense": dense_sets},
+            "weights_cold": sets * factored_bytes >= rotate_bytes and dense_sets * dense_bytes >= rotate_bytes
+            and (not int8 or sets8 * int8_bytes >= rotate_bytes),
             "weight_bytes": {"dense": dense_bytes, "factored": factored_bytes},
             "flops": {"dense": 2 * M * K * N, "factored": 2 * M * r * (K + N)},
             "warmup": warmup_big if big else warmup, "runs": runs_big if big else runs,
@@ -216,7 +224,8 @@ def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, rows=DEFAULT_ROWS, threads=D
             "warmup_big": warmup_big, "runs_big": runs_big,
             "big_points": f"M >= {BIG_ROWS} use warmup_big/runs_big (each call takes 10-500 ms on this host)",
             "cache": (f"weights cold: each contender cycles through >= 2 weight sets of >= {rotate_bytes >> 20} "
-                      "MiB in total (constant initializers, one session per set); x hot"),
+                      f"MiB in total (constant initializers, one session per set), at most {MAX_WEIGHT_SETS} sets: "
+                      "a point whose layers are too small for that says weights_cold false; x hot"),
             "statistic": "median and p90 of per-call wall time, includes ORT Run() overhead",
             "pinning": "none (OS scheduling); ORT intra-op threads as listed, inter-op 1",
         },

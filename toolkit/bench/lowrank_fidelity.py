@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.errors import ToolkitError
+
 DEFAULT_BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 
 
@@ -111,10 +113,12 @@ def run(model: str = "llama-stdlib", budgets=DEFAULT_BUDGETS, calib_tokens: int 
 
     src = sources.resolve(model)
     if src.tokenizer is None or not src.heldout_text:
-        raise ValueError(f"{model} ships no tokenizer / held-out text: perplexity is undefined")
+        raise ToolkitError(f"{model} ships no tokenizer / held-out text: perplexity is undefined",
+                           hint="use a model with held-out text, e.g. --model llama-stdlib")
     ids = np.array(src.tokenizer.encode(src.heldout_text).ids, dtype=np.int64)
     if len(ids) < calib_tokens + 2:
-        raise ValueError(f"held-out text has {len(ids)} tokens, fewer than calib_tokens={calib_tokens}")
+        raise ToolkitError(f"held-out text has {len(ids)} tokens, fewer than calib_tokens={calib_tokens}",
+                           hint="use a model with more held-out text")
     calib = ids[:calib_tokens].reshape(-1, calib_seq)
     eval_ids = ids[calib_tokens: calib_tokens + eval_tokens + 1]
     results = []

@@ -116,12 +116,58 @@ def register(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--json", metavar="PATH", help="write results as JSON ('-' for stdout)")
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Refuse values the benchmarks cannot run, before any work: they used to end in
+    ORT / NumPy tracebacks (exit 1), sometimes after points had run."""
+    from toolkit.errors import ToolkitError
+
+    def at_least(flag: str, values, low: float) -> None:
+        values = values if isinstance(values, tuple) else (values,)
+        bad = [v for v in values if not v >= low]
+        if bad:
+            raise ToolkitError(f"bench {args.bench}: {flag} must be >= {low}, got {', '.join(map(str, bad))}",
+                               hint=f"pass {flag} with values of at least {low}")
+
+    for flag in ("warmup", "warmup_big"):
+        if hasattr(args, flag):
+            at_least("--" + flag.replace("_", "-"), getattr(args, flag), 0)
+    for flag in ("runs", "runs_big", "threads", "batch", "rows", "ranks", "context", "vocab", "k", "steps",
+                 "prompts", "new_tokens"):
+        if hasattr(args, flag) and getattr(args, flag) is not None:
+            at_least("--" + flag.replace("_", "-"), getattr(args, flag), 1)
+    if args.bench == "topk" and max(args.k) > min(args.vocab):
+        raise ToolkitError(f"bench topk: --k {max(args.k)} exceeds --vocab {min(args.vocab)} (every k runs at every "
+                           "vocabulary size)", hint=f"use k <= {min(args.vocab)}, or larger vocabularies")
+    if args.bench == "lowrank":
+        for K, N in args.shapes:
+            at_least("--shapes", (K, N), 1)
+            big = [r for r in args.ranks if r >= min(K, N)]
+            if big:
+                raise ToolkitError(f"bench lowrank: rank {big[0]} is not low for a {K}x{N} layer (min(K, N) = "
+                                   f"{min(K, N)})", hint=f"use --ranks below {min(K, N)}")
+    for flag in ("budgets",):
+        bad = [b for b in getattr(args, flag, ()) if not 0 < b <= 1]
+        if bad:
+            raise ToolkitError(f"bench {args.bench}: --budgets must be in (0, 1], got {', '.join(map(str, bad))}",
+                               hint="shares of the eligible weights kept, e.g. --budgets 0.9,0.7,0.5")
+    if args.bench == "attention":
+        for flag in ("point_seconds", "max_point_seconds"):
+            if not getattr(args, flag) > 0:
+                raise ToolkitError(f"bench attention: --{flag.replace('_', '-')} must be > 0",
+                                   hint="a time budget in seconds, e.g. 30")
+    if args.json and args.json != "-":
+        from toolkit.workspace import check_writable
+
+        check_writable(args.json)
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
     from toolkit.bench import topk
     from toolkit.parity import write_atomic
 
+    _check(args)
     def show(i, n, row):
         print(f"[{i}/{n}] V={row['vocab']} B={row['batch']} k={row['k']} t={row['threads']}: "
               f"fused {row['fused']['median_us']:.1f} us, ORT softmax+topk {row['ort_softmax_topk']['median_us']:.1f} "
