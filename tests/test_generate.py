@@ -265,3 +265,7 @@ def test_a_batch_of_prompts_decodes_each_as_it_would_alone(exported, tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert [row["token_ids"] for row in out["rows"]] == alone[:2] and out["batch"] == 2
+    r = subprocess.run([sys.executable, "-m", "toolkit", "generate", str(path), "--prompt-ids", "3",
+                        "--max-new-tokens", "10", "--json"], capture_output=True, text=True, check=False, timeout=300)
+    one = json.loads(r.stdout)  # one prompt: the flat fields and the same "rows" schema
+    assert one["token_ids"] == one["rows"][0]["token_ids"] == alone[1] and one["batch"] == 1

@@ -88,7 +88,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=21)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--keep-failed", action="store_true",
-                        help="publish the output even when parity fails (parity.json records the failure)")
+                        help="publish the output even when parity fails; the exit status is then 0 and the "
+                        "verdict is in parity.json and manifest.json (parity.passed), so CI should read it or run "
+                        "`toolkit parity`")
     parser.add_argument("--no-parity", action="store_true", help="skip the parity check (not recommended)")
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--junit", metavar="PATH", help="also write the parity report as JUnit XML")

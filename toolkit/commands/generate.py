@@ -99,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
              "tokens_per_second": result.tokens_per_second if decoded else None,
              "kv_cache_bytes": result.kv_cache_bytes, "peak_rss_mb": result.peak_rss_mb}
     if args.json:
-        print(json.dumps({"prompt_ids": prompt, "token_ids": result.token_ids, "text": text, **stats}, indent=2))
+        row = {"prompt_ids": prompt, "token_ids": result.token_ids, "text": text}
+        # the flat fields, and the batch schema's "rows" (one row), so a reader can use either
+        print(json.dumps({**row, "rows": [row], "batch": 1, **stats}, indent=2))
     else:
         decode = (f"decode {result.median_step_ms:.2f} ms/step median, {result.tokens_per_second:.0f} tokens/s"
                   if decoded else "no decode step")
