@@ -41,3 +41,12 @@ def test_bisect_names_the_breaking_pass(monkeypatch):
 
     clean = bisect(src, ["fuse-softmax-topk", "sampling-head"], None, settings)
     assert clean["first_failing_pass"] is None and all(s["parity_passed"] for s in clean["steps"])
+
+
+def test_bisect_with_junit_is_a_named_error(capsys):
+    """--bisect wrote its JSON/HTML but silently no JUnit file."""
+    from toolkit.cli import main
+
+    assert main(["parity", "llama", "--bisect", "--junit", "x.xml"]) == 2
+    err = capsys.readouterr().err
+    assert "--junit is not written by --bisect" in err

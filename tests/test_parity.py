@@ -205,7 +205,7 @@ def test_low_rank_with_a_quantized_cache_is_judged_by_fp32(exported, tmp_path):
     assert report.profile == "kv-2bit" and report.profile_note is None
 
 
-def test_parity_lengths_that_cannot_run_are_named(exported):
+def test_parity_lengths_that_cannot_run_are_named(exported, tmp_path):
     """--prompt-len 0, --batch-sizes 0, --threads 0 and a prompt past the positions the
     model was built for ended in ORT / NumPy tracebacks."""
     import argparse
@@ -218,10 +218,23 @@ def test_parity_lengths_that_cannot_run_are_named(exported):
     for argv, message in ((["--prompt-len", "0"], "--prompt-len must be >= 1, got 0"),
                           (["--batch-sizes", "1,0"], "must list batch sizes >= 1"),
                           (["--decode-steps", "-1"], "--decode-steps must be >= 0"),
-                          (["--threads", "0"], "--threads must be >= 1, got 0")):
+                          (["--threads", "0"], "--threads must be >= 1, got 0"),
+                          (["--greedy", "2", "--greedy-tokens", "0"], "--greedy-tokens must be >= 1, got 0")):
         with pytest.raises(ToolkitError, match=message):
             parity_settings(parser.parse_args(argv))
     src, path = exported("gpt2")  # 128 positions
     long = parity.ParitySettings(batch_sizes=(1,), prompt_len=126, decode_steps=3, perplexity_tokens=0)
     with pytest.raises(ToolkitError, match="need 129 positions; the model was built for 128"):
         parity.check(src, path, long)
+    # A quantized cache checked by prefill alone (full precision) would pass a broken cache.
+    import onnx
+
+    from passes import run_pipeline
+
+    src, path = exported("llama")
+    kv, _ = run_pipeline(onnx.load(str(path)), ["kv-cache"], {"kv-cache": {"scheme": "int8"}})
+    kv_path = tmp_path / "kv_int8.onnx"
+    onnx.save(kv, str(kv_path))
+    blind = parity.ParitySettings(batch_sizes=(1,), prompt_len=6, decode_steps=0, greedy_prompts=0)
+    with pytest.raises(ToolkitError, match="nothing in this run reads the quantized KV cache"):
+        parity.check(src, kv_path, blind)

@@ -648,6 +648,14 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
             raise ToolkitError(f"unknown threshold {key!r}", hint=f"known thresholds: {', '.join(th)}")
         th[key] = float(value)
     _check_same_model(src, meta, onnx_path)
+    if "toolkit.kv_quant" in meta and settings.decode_steps == 0 and settings.greedy_prompts == 0 and not (
+            src.tokenizer is not None and src.heldout_text and settings.perplexity_tokens > 0
+            and settings.perplexity_decode is not False):
+        # Prefill attends in full precision (KIVI's rule): such a run would pass a broken cache.
+        raise ToolkitError(
+            "nothing in this run reads the quantized KV cache: prefill attends in full precision, and "
+            "--decode-steps 0 with --greedy 0 (and no perplexity decoded through the cache) leave out every step "
+            "that does", hint="keep --decode-steps >= 1 (default 6) or pass --greedy N")
     context = int(meta.get("toolkit.context_length") or 0)
     if context and settings.prompt_len + settings.decode_steps > context:
         raise ToolkitError(f"a {settings.prompt_len}-token prompt and {settings.decode_steps} decode steps need "

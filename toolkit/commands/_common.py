@@ -91,7 +91,8 @@ def parity_settings(args: argparse.Namespace):
         raise ToolkitError(f"--batch-sizes {args.batch_sizes!r} must list batch sizes >= 1",
                            hint="write e.g. --batch-sizes 1,4")
     for flag, value, least in (("--prompt-len", args.prompt_len, 1), ("--decode-steps", args.decode_steps, 0),
-                               ("--ppl-tokens", args.ppl_tokens, 0)):
+                               ("--ppl-tokens", args.ppl_tokens, 0),
+                               ("--greedy-tokens", getattr(args, "greedy_tokens", 1), 1)):
         if value < least:
             raise ToolkitError(f"{flag} must be >= {least}, got {value}", hint=f"pass {flag} {max(least, 1)} or more")
     check_threads(args.threads)

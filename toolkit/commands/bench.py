@@ -23,6 +23,18 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """KxN[,KxN...] layer shapes."""
+    try:
+        shapes = tuple(tuple(int(v) for v in s.split("x")) for s in text.split(","))
+    except ValueError:
+        shapes = ()
+    if not shapes or any(len(s) != 2 for s in shapes):
+        raise argparse.ArgumentTypeError(f"expected comma-separated KxN shapes, e.g. 4096x4096,4096x11008; "
+                                         f"got {text!r}")
+    return shapes
+
+
 def _names(valid, allow_empty: bool = False):
     """An argparse type: a comma-separated list whose items are all in ``valid`` (a
     tuple, or a function returning one, called only when the option is given)."""
@@ -62,7 +74,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--cold", action="store_true", help="touch 64 MiB before each timed run (cold cache)")
     p.add_argument("--json", metavar="PATH", help="write results as JSON ('-' for stdout)")
     lr = sub.add_parser("lowrank", help="LowRankMatMul vs ONNX Runtime dense MatMul and MatMul->MatMul")
-    lr.add_argument("--shapes", type=lambda t: tuple(tuple(int(v) for v in s.split("x")) for s in t.split(",")),
+    lr.add_argument("--shapes", type=_shapes,
                     default=((4096, 4096), (4096, 11008)), help="KxN of the dense layer, e.g. 4096x4096,4096x11008")
     lr.add_argument("--ranks", type=_ints, default=(512, 1024, 2048))
     lr.add_argument("--rows", type=_ints, default=(1, 8, 128), help="M, rows of x")
@@ -206,7 +218,11 @@ def run(args: argparse.Namespace) -> int:
         say = None if args.json == "-" else lambda line: print(line, flush=True)
         if args.model or args.converted:
             if not (args.model and args.converted):
-                raise SystemExit("toolkit bench attention: --model and --converted go together")
+                from toolkit.errors import ToolkitError
+
+                raise ToolkitError("bench attention: --model and --converted go together",
+                                   hint="pass the unconverted model.onnx as --model and the converted one as "
+                                   "--converted")
             result = attention.run_end_to_end(args.model, args.converted, context=args.context[0],
                                               steps=args.steps, threads=args.threads[0], progress=say)
             if say:

@@ -45,7 +45,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-residual", type=int, default=None, metavar="R",
                         help="full-precision residual window: the R most recent tokens stay unquantized and "
                         "are quantized when the window fills (default: 128 for int4 / kivi4 / kivi2, none for "
-                        "int8; 0 turns it off)")
+                        "int8; 0 turns it off for int8 / int4, KIVI needs it)")
     parser.add_argument("--kv-quantize-query", action="store_true",
                         help="with --kv-cache: round each attention query row to int8 (one scale per row), so the "
                         "CPU kernel scores int8 keys with integer dot products; changes the numerics (check with "

@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
                            hint="e.g. toolkit parity llama-stdlib out/ref/model.onnx; or --compare A.json B.json "
                            "--html OUT.html to plot saved reports")
     if args.bisect:
+        if args.junit:
+            raise ToolkitError("--junit is not written by --bisect (a debugging run: one report per pass)",
+                               hint="use --json / --html with --bisect, and --junit on the converted model")
         return _run_bisect(args)
     if args.onnx is None:
         raise ToolkitError("parity needs OPTIMIZED.onnx", hint="pass the model to check, or use --bisect")
