@@ -203,6 +203,10 @@ def test_low_rank_with_a_quantized_cache_is_judged_by_fp32(exported, tmp_path):
     onnx.save(cache_only, str(tmp_path / "kv.onnx"))
     report = parity.check(src, tmp_path / "kv.onnx", SETTINGS)
     assert report.profile == "kv-2bit" and report.profile_note is None
+    # the random model's logits are nearly flat: the quantized-cache verdict says it is weak
+    assert report.notes and "nearly flat (median std 0.1" in report.notes[0]
+    assert "note0" in report.to_junit() and report.to_dict()["notes"] == report.notes
+    assert not parity.check(src, tmp_path / "both.onnx", SETTINGS).notes  # fp32: no tie margin to speak of
 
 
 def test_parity_lengths_that_cannot_run_are_named(exported, tmp_path):

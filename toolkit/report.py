@@ -512,7 +512,8 @@ def _report_section(report: dict[str, Any], plotter: _Plotter, data: dict[str, A
                       for key in ("original", "optimized", "profile"))
     if report.get("profile_note"):
         where += html.escape(f" ({report['profile_note']})")
-    out = [f"<h2>{html.escape(heading)}: {verdict}</h2>", f'<p class="note">{where}</p>', "<h3>Verdicts</h3>",
+    notes = "".join(f'<p class="note"><b>note:</b> {html.escape(n)}</p>' for n in report.get("notes") or [])
+    out = [f"<h2>{html.escape(heading)}: {verdict}</h2>", f'<p class="note">{where}</p>', notes, "<h3>Verdicts</h3>",
            _verdict_table(report), _quality_section(report)]
 
     out.append("<h3>Error histograms per output</h3>")
