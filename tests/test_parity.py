@@ -125,6 +125,10 @@ def test_original_of_another_shape_is_a_named_error(exported):
     gpt2 = sources.resolve("gpt2", overrides={"vocab_size": src.vocab_size, "num_layers": src.num_layers})
     with pytest.raises(ToolkitError, match="exported from llama \\(family llama\\); the original 'gpt2' is family gpt2"):
         parity.check(gpt2, path, SETTINGS)
+    # random weights of another seed are another model (a numeric FAIL before)
+    with pytest.raises(ToolkitError, match="drawn with seed 0; the original 'llama' uses seed 1") as err:
+        parity.check(sources.resolve("llama", seed=1), path, SETTINGS)
+    assert err.value.hint == "pass --seed 0"
 
 
 def test_fixed_capacity_model_runs_fit_its_cache(exported):
@@ -207,6 +211,10 @@ def test_low_rank_with_a_quantized_cache_is_judged_by_fp32(exported, tmp_path):
     assert report.notes and "nearly flat (median std 0.1" in report.notes[0]
     assert "note0" in report.to_junit() and report.to_dict()["notes"] == report.notes
     assert not parity.check(src, tmp_path / "both.onnx", SETTINGS).notes  # fp32: no tie margin to speak of
+    # the settings recorded are those that ran: the quantized cache's default greedy record
+    # (32 prompts), and no perplexity tokens for a source without held-out text
+    assert report.settings["greedy_prompts"] == (32 if SETTINGS.greedy_prompts is None else SETTINGS.greedy_prompts)
+    assert report.settings["perplexity_tokens"] == 0 and report.perplexity is None
 
 
 def test_parity_lengths_that_cannot_run_are_named(exported, tmp_path):

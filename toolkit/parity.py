@@ -575,6 +575,17 @@ def _check_same_model(src: Any, meta: dict[str, str], onnx_path: str | Path) -> 
                 f"the original {src.spec!r} has {field} {ours}",
                 hint=f"compare against the model it was exported from (parity {source} ...), with the same "
                      "--preset/--config")
+    # Random-weight sources (presets, hf:<arch>) are their seed: another seed is another model.
+    from toolkit.sources import is_builtin_family
+
+    recorded_seed = meta.get("toolkit.seed")
+    random_weights = src.spec.startswith("hf:") or is_builtin_family(src.spec)
+    if random_weights and recorded_seed is not None and recorded_seed.lstrip("-").isdigit() \
+            and int(recorded_seed) != src.seed:
+        raise ToolkitError(
+            f"{str(onnx_path)!r} was exported from {source}'s random weights drawn with seed {recorded_seed}; "
+            f"the original {src.spec!r} uses seed {src.seed}, i.e. other weights",
+            hint=f"pass --seed {recorded_seed}")
 
 
 def fit_to_capacity(settings: ParitySettings, inputs: dict[str, Any]) -> ParitySettings:
@@ -739,10 +750,14 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
     has_logits = "logits" in dec.output_names
     quantized_cache = "toolkit.kv_quant" in meta
     greedy_prompts = settings.greedy_prompts if settings.greedy_prompts is not None else (32 if quantized_cache else 0)
+    # The settings as run: the greedy prompts the default gave, no perplexity tokens when none ran.
+    report.settings["greedy_prompts"] = greedy_prompts if has_logits else 0
     if greedy_prompts > 0 and has_logits:
         rec = greedy_agreement(src, dec, greedy_prompts, settings.greedy_tokens, settings.greedy_prompt_len, rng)
         apply_thresholds(rec, th)
         report.records.append(rec)
+    if not (src.tokenizer is not None and src.heldout_text and settings.perplexity_tokens > 0 and has_logits):
+        report.settings["perplexity_tokens"] = 0  # no held-out text (or no logits): no perplexity ran
     spreads = [r.ref_logit_std for r in report.records if r.ref_logit_std is not None]
     if profile.startswith("kv-") and spreads and float(np.median(spreads)) < FLAT_LOGITS_STD:
         report.notes.append(
