@@ -137,6 +137,30 @@ def sample_position(probs: np.ndarray, top_p: float, min_p: float, u: float) -> 
     return n - 1
 
 
+def draw_margin(probs: np.ndarray, top_p: float, min_p: float, u: float) -> float:
+    """How far (in probability) :func:`sample_position`'s decision lies from flipping:
+    the smallest distance from the draw ``u * mass`` to a cumulative boundary of the
+    kept candidates, from the top-p mass to its cut, and from a candidate to the min-p
+    cut. Probabilities that move by less than this cannot change the drawn token."""
+    p = np.asarray(probs, np.float64)
+    if not len(p) or np.isnan(p[0]):
+        return 0.0
+    keep = (p >= min_p * p[0]) & ((np.arange(len(p)) == 0) | (p > 0))
+    m = int(np.argmin(keep)) if not keep.all() else len(p)
+    margins = [abs(float(v) - min_p * float(p[0])) for v in p[1:]] if min_p > 0 else []
+    cum = np.cumsum(p[:m])
+    kept = float(cum[-1]) if m else 0.0
+    if m == 0:
+        return min(margins) if margins else float("inf")
+    n = int(np.searchsorted(cum, top_p * kept)) + 1 if top_p < 1 else m
+    n = min(n, m)
+    if top_p < 1:
+        margins += [abs(float(c) - top_p * kept) for c in cum]
+    mass = float(cum[n - 1])
+    margins += [abs(float(c) - u * mass) for c in cum[:n]]
+    return min(margins) if margins else float("inf")
+
+
 def sample_topk_top_p(
     logits: np.ndarray,
     k: int,
