@@ -177,3 +177,19 @@ def test_bench_arguments_that_cannot_run_are_named_errors(argv, fragment, capsys
     assert main(["bench", *argv.split(), "--json", "-"]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err, err
+
+
+def test_points_whose_past_fits_the_residual_window_get_no_verdict():
+    """At L <= 64 int4 / KIVI hold the whole past in their full-precision window: such a
+    point timed float attention and was counted as meeting the floor target."""
+    row = {"context": 16, "head_dim": 128, "contenders": {
+        "ours_kivi2": {"over_floor": 1.5, "median_us": 10.0}, "ours_int8": {"over_floor": 1.5, "median_us": 10.0},
+        "gqa_int4_per_channel": {"median_us": 40.0}, "gqa_int8_per_channel": {"median_us": 40.0}},
+        "speedup": {"ours_kivi2": {"gqa_int4_per_channel": 4.0}, "ours_int8": {"gqa_int8_per_channel": 4.0}}}
+    t = attention._targets(row, ("kivi2", "int8"))
+    assert t["kivi2"]["quantized_past_tokens"] == 0 and t["kivi2"]["meets_floor_target"] is None
+    assert "residual window" in t["kivi2"]["note"]
+    assert t["int8"]["quantized_past_tokens"] == 16 and t["int8"]["meets_floor_target"] is True  # no window
+    summary = attention.summarize([{"targets": t}], ("kivi2", "int8"))
+    assert summary["kivi2"]["points"] == 0 and summary["kivi2"]["points_all_in_residual_window"] == 1
+    assert summary["kivi2"]["over_floor"] is None and summary["int8"]["points_meeting_floor_target"] == 1
