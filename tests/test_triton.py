@@ -241,6 +241,9 @@ def test_bad_bundles_write_nothing(bundle_dir, tmp_path):
 
     repo = tmp_path / "repo"
     r = toolkit("package", str(tmp_path / "nope"), "--triton", str(repo))
+    assert r.returncode == 2 and "nope' does not exist" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "empty").mkdir()  # a directory that is no bundle: its missing manifest is named
+    r = toolkit("package", str(tmp_path / "empty"), "--triton", str(repo))
     assert r.returncode == 2 and "manifest.json" in r.stderr and "Traceback" not in r.stderr
     altered = tmp_path / "altered"
     shutil.copytree(bundle_dir, altered)
