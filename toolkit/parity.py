@@ -252,8 +252,7 @@ class ParityReport:
 
     def _ties(self, r: OutputRecord) -> str:
         """' (n ties)' for flips the gate forgave (reference margin < top1_tie_margin)."""
-        key = "head_probs_max_abs" if r.name == HeadCheck.RECORD_NAMES[1] else "top1_tie_margin"
-        margin = self.thresholds.get(key)
+        margin = self.thresholds.get(tie_margin_key(r))
         ties = sum(1 for m in r.top1_flip_margins if margin is not None and m < margin)
         return f" ({ties} tie{'s' if ties != 1 else ''})" if ties else ""
 
@@ -307,6 +306,12 @@ def compare_logits(phase: str, ref: np.ndarray, got: np.ndarray, keep: np.ndarra
     return rec
 
 
+def tie_margin_key(rec: OutputRecord) -> str:
+    """The threshold a record's flips are forgiven under: a sampled token's draw distance
+    to a boundary, in probability (head_probs_max_abs); else a logit margin."""
+    return "head_probs_max_abs" if rec.name == HeadCheck.RECORD_NAMES[1] else "top1_tie_margin"
+
+
 def decisive_top1(rec: OutputRecord, tie_margin: float) -> float | None:
     """Top-1 agreement with near ties forgiven: a position whose argmax differs counts
     as agreeing when the reference's own margin between the two tokens is under
@@ -324,7 +329,7 @@ def apply_thresholds(rec: OutputRecord, th: dict[str, float]) -> None:
         if not rec.max_abs <= th["head_probs_max_abs"]:
             rec.failures.append(f"max abs {rec.max_abs:.3e} > {th['head_probs_max_abs']:.1e}")
         sampled = rec.name == HeadCheck.RECORD_NAMES[1]
-        margin = th["head_probs_max_abs"] if sampled else th["top1_tie_margin"]
+        margin = th[tie_margin_key(rec)]
         top1 = decisive_top1(rec, margin)
         if not top1 >= th["top1_min"]:
             rule = (f"sampled token agreement {top1:.4f} < {th['top1_min']} (flips whose draw lay >= {margin:g} "
@@ -686,9 +691,9 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
             raise ToolkitError(f"unknown threshold {key!r}", hint=f"known thresholds: {', '.join(th)}")
         th[key] = float(value)
     _check_same_model(src, meta, onnx_path)
+    scores_perplexity = bool(src.tokenizer is not None and src.heldout_text and settings.perplexity_tokens > 0)
     if "toolkit.kv_quant" in meta and settings.decode_steps == 0 and settings.greedy_prompts == 0 and not (
-            src.tokenizer is not None and src.heldout_text and settings.perplexity_tokens > 0
-            and settings.perplexity_decode is not False):
+            scores_perplexity and settings.perplexity_decode is not False):
         # Prefill attends in full precision (KIVI's rule): such a run would pass a broken cache.
         raise ToolkitError(
             "nothing in this run reads the quantized KV cache: prefill attends in full precision, and "
@@ -763,7 +768,7 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
         rec = greedy_agreement(src, dec, greedy_prompts, settings.greedy_tokens, settings.greedy_prompt_len, rng)
         apply_thresholds(rec, th)
         report.records.append(rec)
-    if not (src.tokenizer is not None and src.heldout_text and settings.perplexity_tokens > 0 and has_logits):
+    if not (scores_perplexity and has_logits):
         report.settings["perplexity_tokens"] = 0  # no held-out text (or no logits): no perplexity ran
     spreads = [r.ref_logit_std for r in report.records if r.ref_logit_std is not None]
     if profile.startswith("kv-") and spreads and float(np.median(spreads)) < FLAT_LOGITS_STD:
@@ -772,7 +777,7 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
             f"below {FLAT_LOGITS_STD}): the {profile} profile's tie margin ({th['top1_tie_margin']:g} logits) "
             "forgives most flipped tokens and its KL bound hardly binds, so this verdict rests on the cosine; "
             "judge a quantized cache on a trained checkpoint (e.g. llama-stdlib)")
-    if src.tokenizer is not None and src.heldout_text and settings.perplexity_tokens > 0 and has_logits:
+    if scores_perplexity and has_logits:
         decode = settings.perplexity_decode if settings.perplexity_decode is not None else quantized_cache
         report.perplexity = perplexity(src, dec, settings, decode=decode)
         p = report.perplexity
