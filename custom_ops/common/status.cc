@@ -21,38 +21,43 @@ OrtStatus* InvalidInputStatus(const char* op, const char* input_name, const std:
                                               ShapeToString(shape) + "; expected " + expectation);
 }
 
-OrtStatus* ReadFloatAttribute(const OrtKernelInfo* info, const char* op, const char* name, float* v, bool* found) {
-  const OrtApi& api = Ort::GetApi();
-  if (found) *found = true;
-  OrtStatus* st = api.KernelInfoGetAttribute_float(info, name, v);
-  if (st == nullptr) return nullptr;
-  api.ReleaseStatus(st);
+namespace {
+// The node's attribute `name` read as one type: false (and no status left behind)
+// when it is absent or has another type.
+bool GetAttribute(const OrtKernelInfo* info, const char* name, float* v) {
+  OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_float(info, name, v);
+  if (st) Ort::GetApi().ReleaseStatus(st);
+  return st == nullptr;
+}
+bool GetAttribute(const OrtKernelInfo* info, const char* name, int64_t* v) {
+  OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, v);
+  if (st) Ort::GetApi().ReleaseStatus(st);
+  return st == nullptr;
+}
+}  // namespace
+
+// (`op` is unused: every integer converts to a float, so this read cannot fail; the
+// parameter keeps both readers' call sites alike.)
+OrtStatus* ReadFloatAttribute(const OrtKernelInfo* info, const char* /*op*/, const char* name, float* v,
+                              bool* found) {
   int64_t i = 0;
-  if (OrtStatus* st_int = api.KernelInfoGetAttribute_int64(info, name, &i)) {
-    api.ReleaseStatus(st_int);
-    if (found) *found = false;  // absent (or a string / tensor attribute, which no op declares)
-    return nullptr;
+  bool present = GetAttribute(info, name, v);
+  if (!present && GetAttribute(info, name, &i)) {
+    *v = static_cast<float>(i);  // temperature=2 written as an integer attribute
+    present = true;
   }
-  *v = static_cast<float>(i);  // temperature=2 written as an integer attribute
+  if (found) *found = present;  // absent (or a string / tensor attribute, which no op declares)
   return nullptr;
 }
 
 OrtStatus* ReadIntAttribute(const OrtKernelInfo* info, const char* op, const char* name, int64_t* v, bool* found) {
-  const OrtApi& api = Ort::GetApi();
-  if (found) *found = true;
-  OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, v);
-  if (st == nullptr) return nullptr;
-  api.ReleaseStatus(st);
   float f = 0.0f;
-  if (OrtStatus* st_float = api.KernelInfoGetAttribute_float(info, name, &f)) {
-    api.ReleaseStatus(st_float);
-    if (found) *found = false;
-    return nullptr;
-  }
-  std::string value = std::to_string(f);
+  const bool as_int = GetAttribute(info, name, v), as_float = !as_int && GetAttribute(info, name, &f);
+  if (found) *found = as_int || as_float;
+  if (!as_float) return nullptr;
   return MakeStatus(ORT_INVALID_ARGUMENT, std::string(op) + ": attribute '" + name + "' must be an integer, got the float " +
-                                              value + "; write it as an int (e.g. onnx.helper.make_node(..., " + name +
-                                              "=" + std::to_string(static_cast<long long>(f)) + "))");
+                                              std::to_string(f) + "; write it as an int (e.g. onnx.helper.make_node(..., " +
+                                              name + "=" + std::to_string(static_cast<long long>(f)) + "))");
 }
 
 OrtStatus* WithNodeName(const OrtKernelInfo* info, OrtStatus* st) {

@@ -94,7 +94,9 @@ OrtStatus* Prepare(OrtKernelContext* context, const Attributes& a, Io* io) {
   }
   const std::vector<int64_t> kscale = a.key_per_channel ? std::vector<int64_t>{B, Hkv, Nc / a.key_group, D}
                                                         : std::vector<int64_t>{B, Hkv, Nc, D / a.key_group};
-  if (OrtStatus* st = CheckShape("past_key_scale", shape_of(4), kscale, "one float16 per key group")) return st;
+  if (OrtStatus* st = CheckShape("past_key_scale", shape_of(4), kscale,
+                                  "one float16 per key group of past_key_q " + ShapeToString(kq) +
+                                      "; if past_key_q is the tensor of the wrong length, fix that one")) return st;
   const bool has_kz = bool(ctx.GetInput(5)), has_vz = bool(ctx.GetInput(9));
   if (has_kz == bool(a.symmetric) || has_vz == bool(a.symmetric)) {
     return MakeStatus(ORT_INVALID_ARGUMENT,
@@ -113,7 +115,8 @@ OrtStatus* Prepare(OrtKernelContext* context, const Attributes& a, Io* io) {
   const int64_t Rc = kr[2];
   if (OrtStatus* st = CheckShape("past_value_q", shape_of(7), kq, "the shape of past_key_q")) return st;
   const std::vector<int64_t> vscale{B, Hkv, Nc, D / a.value_group};
-  if (OrtStatus* st = CheckShape("past_value_scale", shape_of(8), vscale, "one float16 per value group")) return st;
+  if (OrtStatus* st = CheckShape("past_value_scale", shape_of(8), vscale,
+                                  "one float16 per value group of past_value_q " + ShapeToString(kq))) return st;
   if (has_vz) {
     if (OrtStatus* st = CheckShape("past_value_zero", shape_of(9), vscale, "the shape of past_value_scale")) return st;
   }

@@ -360,6 +360,19 @@ def test_invalid_inputs_are_named():
     _fail(sess, f, "'past_key_scale'", "[1,2,2,32]")
 
 
+def test_codes_of_the_wrong_length_are_named_beside_their_scales():
+    """int8 past codes one token short: the scales are the tensor that disagrees first,
+    so the error names both, with the codes' shape, instead of blaming the scales alone."""
+    scheme = SCHEMES["int8"]
+    sess = make_session(scheme, with_bias=False)
+    good = _feeds(scheme, n=12, r=0)
+    sess.run(None, good)
+    f = dict(good, past_key_q=good["past_key_q"][:, :, :11])
+    _fail(sess, f, "'past_key_scale'", "past_key_q [1,2,11,32]", "fix that one")
+    f = dict(good, past_value_q=good["past_value_q"][:, :, :11])
+    _fail(sess, f, "'past_value_q'", "[1,2,11,32]")
+
+
 @pytest.mark.parametrize("name", ["int8", "int8-q8", "kivi4", "kivi4-q8"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_a_nan_or_inf_query_makes_its_head_nan(name, bad):
