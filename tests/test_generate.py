@@ -244,7 +244,12 @@ def test_a_batch_of_prompts_decodes_each_as_it_would_alone(exported, tmp_path):
         batch = generate_batch(sess, prompts, 10, on_token=lambda row, tok, seen=seen: seen.append((row, tok)))
         assert batch.token_ids == alone
         assert [t for r, t in seen if r == 1] == alone[1] and len(seen) == 30
-        assert len(batch.step_ms) == 9 and batch.tokens_per_second > 0
+        assert len(batch.step_ms) == 9
+        # tokens/s: every row's decoded tokens (3 rows x 9 steps) over the steps' total time,
+        # the same definition as one prompt's (9 tokens over its own steps' time)
+        assert batch.tokens_per_second == pytest.approx(1000.0 * 27 / sum(batch.step_ms), rel=1e-12)
+        one = generate(sess, prompts[0], 10)
+        assert one.tokens_per_second == pytest.approx(1000.0 * 9 / sum(one.step_ms), rel=1e-12)
     assert alone[0] == _torch_greedy(src, prompts[0], 10)  # the quantized cache's row 0, against PyTorch
     gpt2_src, gpt2_path = exported("gpt2")  # learned positions: each row's count from its first token matters
     sess = make_session(gpt2_path, threads=1)

@@ -85,14 +85,31 @@ class _Timings:
     def median_step_ms(self) -> float:
         return float(np.median(self.step_ms)) if self.step_ms else float("nan")
 
+    def _decoded_tokens(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Tokens made by decode steps over the decode steps' total time (the prefill's
+        token and time excluded), for one prompt or a batch alike."""
+        if not self.step_ms:
+            return float("nan")
+        return 1000.0 * self._decoded_tokens() / sum(self.step_ms)
+
+    def stats(self) -> dict[str, Any]:
+        """The timings as `toolkit generate --json` reports them (None where no decode step ran)."""
+        decoded = bool(self.step_ms)  # one new token is the prefill alone: no decode step to time
+        return {"prefill_ms": self.prefill_ms, "median_step_ms": self.median_step_ms if decoded else None,
+                "tokens_per_second": self.tokens_per_second if decoded else None,
+                "kv_cache_bytes": self.kv_cache_bytes, "peak_rss_mb": self.peak_rss_mb}
+
 
 @dataclasses.dataclass(kw_only=True)
 class GenerationResult(_Timings):
     token_ids: list[int]
 
-    @property
-    def tokens_per_second(self) -> float:
-        return 1000.0 / self.median_step_ms if self.step_ms else float("nan")
+    def _decoded_tokens(self) -> int:
+        return len(self.step_ms)  # one token per step
 
 
 def next_token(outs: dict[str, np.ndarray]) -> int:
@@ -287,13 +304,8 @@ class BatchResult(_Timings):
 
     token_ids: list[list[int]]
 
-    @property
-    def tokens_per_second(self) -> float:
-        """New tokens per second over all rows still generating (a step makes one per row)."""
-        if not self.step_ms:
-            return float("nan")
-        rows = [len(t) - 1 for t in self.token_ids]  # decode steps each row used
-        return 1000.0 * sum(rows) / sum(self.step_ms)
+    def _decoded_tokens(self) -> int:
+        return sum(len(t) - 1 for t in self.token_ids)  # a step makes one token per row still generating
 
 
 def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = GREEDY,

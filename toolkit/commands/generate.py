@@ -94,10 +94,8 @@ def run(args: argparse.Namespace) -> int:
     result = generate(session, prompt, args.max_new_tokens, sampling, eos_id=eos, seed=args.seed,
                       on_token=None if args.json else stream, context_length=context)
     text = tokenizer.decode(result.token_ids) if tokenizer is not None else None
-    decoded = bool(result.step_ms)  # one new token is the prefill alone: no decode step to time
-    stats = {"prefill_ms": result.prefill_ms, "median_step_ms": result.median_step_ms if decoded else None,
-             "tokens_per_second": result.tokens_per_second if decoded else None,
-             "kv_cache_bytes": result.kv_cache_bytes, "peak_rss_mb": result.peak_rss_mb}
+    decoded = bool(result.step_ms)
+    stats = result.stats()
     if args.json:
         row = {"prompt_ids": prompt, "token_ids": result.token_ids, "text": text}
         # the flat fields, and the batch schema's "rows" (one row), so a reader can use either
@@ -133,10 +131,7 @@ def _run_batch(args, session, tokenizer, texts, prompts, sampling, eos, context)
         text = tokenizer.decode(tokens) if tokenizer is not None else None
         rows.append({"prompt_ids": prompt, "token_ids": tokens, "text": text})
     decoded = bool(result.step_ms)
-    stats = {"batch": len(prompts), "prefill_ms": result.prefill_ms,
-             "median_step_ms": result.median_step_ms if decoded else None,
-             "tokens_per_second": result.tokens_per_second if decoded else None,
-             "kv_cache_bytes": result.kv_cache_bytes, "peak_rss_mb": result.peak_rss_mb}
+    stats = {"batch": len(prompts), **result.stats()}
     if args.json:
         print(json.dumps({"rows": rows, **stats}, indent=2))
         return 0
