@@ -91,7 +91,12 @@ def test_large_models_use_external_data(monkeypatch, tmp_path):
     monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 0)  # treat the tiny model as "large"
     src = sources.resolve("gpt2")
     out = tmp_path / "m.onnx"
-    export.export(src, out)
+    returned = export.export(src, out)
+    # the returned model still holds its weights (saving moved them out of it; convert
+    # runs its passes on it, saves it again and deletes this file)
+    assert all(t.data_location == onnx.TensorProto.DEFAULT and not t.external_data
+               for t in returned.graph.initializer)
+    assert sum(len(t.raw_data) for t in returned.graph.initializer) > 100_000
     data = tmp_path / "m.onnx.data"
     assert data.is_file() and data.stat().st_size > out.stat().st_size
     model = onnx.load(str(out), load_external_data=False)
@@ -100,6 +105,34 @@ def test_large_models_use_external_data(monkeypatch, tmp_path):
     assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()][0] == "logits"
+
+
+def test_a_large_model_converts_into_a_bundle_with_its_weights(monkeypatch, tmp_path):
+    """convert on a model over the external-data threshold: the bundle holds model.onnx.data
+    (and not the exporter's deleted exported.onnx.data), passes and parity ran on the
+    weights, and the published bundle loads and decodes like the source model."""
+    import torch
+
+    from toolkit import bundle, export, sources
+    from toolkit.cli import main
+    from toolkit.generate import generate
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = tmp_path / "b"
+    assert main(["convert", "llama", "-o", str(out), "--sampling-head", "4"]) == 0
+    assert (out / "model.onnx.data").is_file() and not list(out.glob("exported.onnx*"))
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    refs = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    assert refs == {"model.onnx.data"}
+    session = bundle.load(out, threads=1)
+    tokens = generate(session, [5, 17, 42], 4).token_ids
+    src = sources.resolve("llama")  # the same seeded weights, greedy in PyTorch
+    ids = torch.tensor([[5, 17, 42]])
+    with torch.no_grad():
+        for _ in range(4):
+            logits, _ = src.forward(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], src.empty_past(1))
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert tokens == ids[0, 3:].tolist()
 
 
 def test_dynamic_axes_have_runtime_names(exported):

@@ -239,7 +239,7 @@ def save_model(model: Any, out_path: Path) -> None:
 
     The caller is responsible for atomicity (write into a temporary directory and
     rename); this function writes ``out_path`` and, for large models,
-    ``out_path.name + ".data"`` beside it.
+    ``out_path.name + ".data"`` beside it. ``model`` keeps its weights in memory either way.
     """
     import onnx
 
@@ -248,5 +248,12 @@ def save_model(model: Any, out_path: Path) -> None:
     if size > EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=out_path.name + ".data", size_threshold=1024)
+        # onnx.save_model moved the weights out of `model` (its tensors now only name
+        # out_path's .data file): read them back, so the caller still holds a whole model
+        # (convert runs its passes on it and saves it again beside another name, then
+        # deletes this file; with bare references it published a model with no weights).
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(model, str(out_path.parent))
     else:
         onnx.save_model(model, str(out_path))

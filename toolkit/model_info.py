@@ -37,14 +37,41 @@ def _value_info(vi: Any) -> dict[str, Any]:
             if t.elem_type else "?", "shape": dims}
 
 
+# Operator domains of the ONNX standard (and ONNX Runtime's contrib ops): not "custom".
+STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.training", "ai.onnx.preview.training", "com.microsoft")
+
+
+def _bad_metadata(path: Path, key: str, exc: Exception) -> Exception:
+    from toolkit.errors import InvalidModelError
+
+    what = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyError) else f"no field {exc}"
+    return InvalidModelError(f"{str(path)!r}: metadata {key!r} is malformed ({what})",
+                             hint="the model was edited after `toolkit convert` wrote it: convert it again, or "
+                             "remove that metadata_props entry")
+
+
+def _metadata_json(path: Path, meta: dict[str, str], key: str) -> dict[str, Any]:
+    import json
+
+    try:
+        info = json.loads(meta[key])
+    except json.JSONDecodeError as exc:
+        raise _bad_metadata(path, key, exc) from None
+    if not isinstance(info, dict):
+        raise _bad_metadata(path, key, TypeError(f"a JSON {type(info).__name__}, not an object"))
+    return info
+
+
 def describe(path: str | Path, model: Any) -> dict[str, Any]:
     """A JSON-able description of ``model`` loaded from ``path`` (external data not loaded)."""
     import onnx
 
+    from toolkit.parity import all_graphs
+
     path = Path(path)
-    ops = collections.Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in model.graph.node)
-    custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
-                     if n.domain not in ("", "ai.onnx", "com.microsoft")})
+    nodes = [n for g in all_graphs(model) for n in g.node]  # If / Loop bodies too
+    ops = collections.Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in nodes)
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in nodes if n.domain not in STANDARD_DOMAINS})
     inputs = [_value_info(v) for v in model.graph.input]
     outputs = [_value_info(v) for v in model.graph.output]
     files = [path] + sorted({path.parent / e.value for t in model.graph.initializer
@@ -58,13 +85,21 @@ def describe(path: str | Path, model: Any) -> dict[str, Any]:
         m = _PAST.match(vi["name"])
         if m:
             layers[int(m.group(1))].append(vi)
-    per_token = 0
+    # Bytes per cached token from the shapes, for the layout the exporter writes:
+    # [batch, heads, sequence, head_dim] with heads and head_dim fixed and the sequence
+    # symbolic. Any other layout ([batch, seq, heads, dim], symbolic heads, GPTBigCode's
+    # fused [batch, seq, 2 * dim]) cannot be read from the shapes alone: None, "unknown".
+    per_token: int | None = 0
     for tensors in layers.values():
         for vi in tensors:
-            # Bytes per cached token: product of the static dims after the sequence axis and
-            # head axis, times the element size. Convention: [batch, heads, seq, ...].
-            static = [d for i, d in enumerate(vi["shape"]) if i != 0 and i != 2 and isinstance(d, int)]
-            per_token += int(np.prod(static)) * np.dtype(vi["dtype"]).itemsize if static else 0
+            shape = vi["shape"]
+            if not (len(shape) == 4 and isinstance(shape[1], int) and isinstance(shape[3], int)
+                    and not isinstance(shape[2], int) and vi["dtype"] != "?"):
+                per_token = None
+                break
+            per_token += shape[1] * shape[3] * np.dtype(vi["dtype"]).itemsize
+        if per_token is None:
+            break
     meta = {p.key: p.value for p in model.metadata_props}
     kv = {
         "layers": len(layers),
@@ -72,34 +107,41 @@ def describe(path: str | Path, model: Any) -> dict[str, Any]:
         "bytes_per_token": per_token,
         "scheme": meta.get("toolkit.kv_cache", "unknown"),
     }
+    if per_token is None:
+        kv["layout_note"] = ("the past_key_values.* inputs are not [batch, heads, sequence, head_dim] with fixed "
+                             "heads and head_dim, so their bytes per token cannot be read from the shapes")
     if "toolkit.kv_quant" in meta:
         # Quantized cache (passes/kv_cache.py): codes + float16 scales/zeros per token,
         # from the scheme (the lengths are dynamic, so the shapes cannot say it); the
         # full-precision residual window is a fixed cost, reported on its own.
-        import json
-
         from toolkit.ops.kv_quant import KVScheme
 
-        info = json.loads(meta["toolkit.kv_quant"])
-        scheme = KVScheme(info["bits"], bool(info["key_per_channel"]), info["key_group"], info["value_group"],
-                          info["residual"], bool(info["symmetric"]), bool(info.get("quantize_query", 0)))
-        n_layers = info["layers"]
-        kv["scheme"] = info["scheme"]
-        kv["attributes"] = scheme.to_attributes()
-        kv["bytes_per_token"] = scheme.bytes_per_token(info["kv_heads"], info["head_dim"]) * n_layers
-        kv["fp32_bytes_per_token"] = 2 * info["kv_heads"] * info["head_dim"] * 4 * n_layers
-        kv["reduction_vs_fp32"] = kv["fp32_bytes_per_token"] / kv["bytes_per_token"]
-        kv["residual_bytes_max"] = scheme.residual_bytes(info["kv_heads"], info["head_dim"]) * n_layers
-        kv["capacity"] = info.get("capacity", 0)  # 0: a growing cache
+        info = _metadata_json(path, meta, "toolkit.kv_quant")
+        try:
+            scheme = KVScheme(info["bits"], bool(info["key_per_channel"]), info["key_group"], info["value_group"],
+                              info["residual"], bool(info["symmetric"]), bool(info.get("quantize_query", 0)))
+            n_layers, heads, dim = int(info["layers"]), int(info["kv_heads"]), int(info["head_dim"])
+            kv["scheme"] = str(info["scheme"])
+            kv["attributes"] = scheme.to_attributes()
+            kv["bytes_per_token"] = scheme.bytes_per_token(heads, dim) * n_layers
+            kv["fp32_bytes_per_token"] = 2 * heads * dim * 4 * n_layers
+            kv["reduction_vs_fp32"] = kv["fp32_bytes_per_token"] / kv["bytes_per_token"]
+            kv["residual_bytes_max"] = scheme.residual_bytes(heads, dim) * n_layers
+            kv["capacity"] = int(info.get("capacity", 0))  # 0: a growing cache
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            raise _bad_metadata(path, "toolkit.kv_quant", exc) from None
         kv["quantize_query"] = scheme.quantize_query
+        kv.pop("layout_note", None)
     if "toolkit.low_rank_kv" in meta:
         # Latent cache (passes/low_rank_kv.py): [batch, seq, rank] tensors; the pass
         # records the bytes per token it keeps and what float32 keys/values would take.
-        import json
-
-        info = json.loads(meta["toolkit.low_rank_kv"])
-        for key in ("bytes_per_token", "fp32_bytes_per_token", "reduction_vs_fp32"):
-            kv[key] = info[key]
+        info = _metadata_json(path, meta, "toolkit.low_rank_kv")
+        try:
+            for key in ("bytes_per_token", "fp32_bytes_per_token", "reduction_vs_fp32"):
+                kv[key] = float(info[key]) if key == "reduction_vs_fp32" else int(info[key])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _bad_metadata(path, "toolkit.low_rank_kv", exc) from None
+        kv.pop("layout_note", None)
     return {
         "path": str(path),
         "size_bytes": size,
@@ -108,7 +150,7 @@ def describe(path: str | Path, model: Any) -> dict[str, Any]:
         "opset_imports": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         "ir_version": model.ir_version,
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        "nodes": len(model.graph.node),
+        "nodes": len(nodes),
         "ops": dict(ops.most_common()),
         "custom_ops": custom,
         "inputs": inputs,

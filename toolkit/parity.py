@@ -403,7 +403,7 @@ def load_onnx(path: str | Path) -> Any:
             f"({type(exc).__name__}: {str(exc).strip()[:200]})",
             hint="the file is corrupt or truncated: re-run `toolkit export` or `toolkit convert`",
         ) from exc
-    _check_external_data(path, model)
+    external = _check_external_data(path, model)
     newest = onnx.defs.onnx_opset_version()
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx") and imp.version > newest:
@@ -413,7 +413,10 @@ def load_onnx(path: str | Path) -> Any:
                 hint="export with an older opset (toolkit export --opset 21) or upgrade onnx/onnxruntime",
             )
     try:
-        onnx.checker.check_model(model, full_check=False)
+        # A model with external data is checked from its path: the checker looks for the
+        # data files beside the model it is given a path to, and beside the current
+        # directory for a model given in memory.
+        onnx.checker.check_model(str(path) if external else model, full_check=False)
     except Exception as exc:
         raise InvalidModelError(
             f"{str(path)!r} is not a valid ONNX model: {str(exc).strip().splitlines()[0][:300]}",
@@ -423,16 +426,17 @@ def load_onnx(path: str | Path) -> Any:
     return model
 
 
-def _check_external_data(path: Path, model: Any) -> None:
-    """External data must be a relative path inside the model's directory."""
+def _check_external_data(path: Path, model: Any) -> bool:
+    """External data must be a relative path inside the model's directory. True when the
+    model has any."""
     root = path.parent.resolve()
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
+    found = False
+    for graph in all_graphs(model):
         for tensor in graph.initializer:
             for entry in tensor.external_data:
                 if entry.key != "location":
                     continue
+                found = True
                 target = (root / entry.value).resolve()
                 if Path(entry.value).is_absolute() or root not in (target, *target.parents):
                     raise InvalidModelError(
@@ -440,9 +444,19 @@ def _check_external_data(path: Path, model: Any) -> None:
                         f"directory ({entry.value!r}); refusing to read it",
                         hint="external data must be a relative path next to the model (as onnx.save writes it)",
                     )
+    return found
+
+
+def all_graphs(model: Any) -> list[Any]:
+    """The main graph and every subgraph (If / Loop / Scan bodies), nested ones too."""
+    out, todo = [], [model.graph]
+    while todo:
+        graph = todo.pop()
+        out.append(graph)
         for node in graph.node:
             for attr in node.attribute:
-                graphs.extend([attr.g] if attr.HasField("g") else list(attr.graphs))
+                todo.extend([attr.g] if attr.HasField("g") else list(attr.graphs))
+    return out
 
 
 def metadata(model: Any) -> dict[str, str]:
@@ -452,7 +466,7 @@ def metadata(model: Any) -> dict[str, str]:
 def uses_custom_ops(model: Any) -> bool:
     from toolkit.ops import DOMAIN
 
-    return any(n.domain == DOMAIN for n in model.graph.node) or any(
+    return any(n.domain == DOMAIN for g in all_graphs(model) for n in g.node) or any(
         f.domain == DOMAIN for f in model.functions)
 
 

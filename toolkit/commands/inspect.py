@@ -29,8 +29,11 @@ def run(args: argparse.Namespace) -> int:
     c.print(f"[bold]{info['path']}[/]  {info['size_bytes'] / 1e6:.2f} MB, {info['parameters']:,} parameters, "
             f"{info['nodes']} nodes, opsets " + ", ".join(f"{d} {v}" for d, v in info["opset_imports"].items()))
     kv = info["kv_cache"]
+    per_token = "unknown bytes per token" if kv["bytes_per_token"] is None else f"{kv['bytes_per_token']:,} bytes per token"
     c.print(f"KV cache: {kv['layers']} layers x {', '.join(kv['tensors_per_layer'])}, scheme {kv['scheme']}, "
-            f"{kv['bytes_per_token']:,} bytes per token")
+            f"{per_token}")
+    if kv.get("layout_note"):
+        c.print(f"  ({kv['layout_note']})")
     if "reduction_vs_fp32" in kv:  # a quantized or a latent (low-rank-kv) cache
         residual = ("" if "residual_bytes_max" not in kv else
                     f"; plus at most {kv['residual_bytes_max']:,} bytes of full-precision residual window")

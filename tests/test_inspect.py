@@ -1,0 +1,115 @@
+"""``toolkit inspect`` / ``load_onnx`` on ONNX files a user brings: external data seen
+from another directory, cache layouts the shapes cannot describe, ops inside If / Loop
+bodies, standard ONNX-ML domains, and malformed toolkit metadata. Each number is
+checked against one computed here from the graph."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from toolkit.cli import main
+from toolkit.model_info import describe
+from toolkit.parity import load_onnx, uses_custom_ops
+
+
+def _inspect_json(path, capsys):
+    assert main(["inspect", str(path), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _io_model(shapes, dtype=TensorProto.FLOAT, metadata=None):
+    ins = [helper.make_tensor_value_info(n, dtype, s) for n, s in shapes.items()]
+    outs = [helper.make_tensor_value_info(n + "_o", dtype, s) for n, s in shapes.items()]
+    g = helper.make_graph([helper.make_node("Identity", [n], [n + "_o"]) for n in shapes], "g", ins, outs)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    for k, v in (metadata or {}).items():
+        m.metadata_props.add(key=k, value=v)
+    return m
+
+
+def test_external_data_is_found_beside_the_model_from_any_directory(tmp_path, monkeypatch, capsys):
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                          [numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    (tmp_path / "m").mkdir()
+    onnx.save(m, str(tmp_path / "m" / "model.onnx"), save_as_external_data=True, location="weights.bin",
+              size_threshold=0)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the checker used to look for weights.bin here
+    load_onnx("../m/model.onnx")
+    info = _inspect_json("../m/model.onnx", capsys)
+    assert info["parameters"] == 64 * 64
+    assert sorted(p.rsplit("/", 1)[-1] for p in info["files"]) == ["model.onnx", "weights.bin"]
+
+
+@pytest.mark.parametrize("shapes", [
+    {"past_key_values.0.key": ["B", "heads", "P", 16], "past_key_values.0.value": ["B", "heads", "P", 16]},
+    {"past_key_values.0.key": ["B", "P", 4, 16], "past_key_values.0.value": ["B", "P", 4, 16]},
+    {"past_key_values.0.key_value": ["B", "P", 128]},
+], ids=["symbolic_heads", "seq_on_axis_1", "gptbigcode_fused"])
+def test_a_cache_layout_the_shapes_cannot_describe_is_unknown(tmp_path, shapes, capsys):
+    """These reported 128, 128 and 0 bytes per token (512 is right for the first two)."""
+    path = tmp_path / "kv.onnx"
+    onnx.save(_io_model(shapes), str(path))
+    kv = _inspect_json(path, capsys)["kv_cache"]
+    assert kv["bytes_per_token"] is None and "cannot be read from the shapes" in kv["layout_note"]
+    assert main(["inspect", str(path)]) == 0
+    assert "unknown bytes per token" in capsys.readouterr().out
+
+
+def test_the_exporters_layout_is_counted(tmp_path, capsys):
+    shapes = {f"past_key_values.{i}.{t}": ["B", 4, "P", 16] for i in range(3) for t in ("key", "value")}
+    path = tmp_path / "kv.onnx"
+    onnx.save(_io_model(shapes, TensorProto.FLOAT16), str(path))
+    kv = _inspect_json(path, capsys)["kv_cache"]
+    assert kv["bytes_per_token"] == 3 * 2 * 4 * 16 * 2 and kv["layers"] == 3 and "layout_note" not in kv
+
+
+def test_ops_inside_subgraphs_are_counted_and_custom_ops_found(tmp_path, capsys):
+    from toolkit.ops import DOMAIN, OPSET_VERSION
+
+    then = helper.make_graph([helper.make_node("FusedSoftmaxTopK", ["x"], ["p", "i"], domain=DOMAIN, k=2)], "then",
+                             [], [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 2]),
+                                  helper.make_tensor_value_info("i", TensorProto.INT64, [1, 2])])
+    other = helper.make_graph([helper.make_node("TopK", ["x", "k"], ["p2", "i2"])], "else", [],
+                              [helper.make_tensor_value_info("p2", TensorProto.FLOAT, [1, 2]),
+                               helper.make_tensor_value_info("i2", TensorProto.INT64, [1, 2])],
+                              [numpy_helper.from_array(np.array([2], np.int64), "k")])
+    g = helper.make_graph([helper.make_node("If", ["c"], ["p", "i"], then_branch=then, else_branch=other),
+                           helper.make_node("Normalizer", ["x"], ["n"], domain="ai.onnx.ml", norm="L1")], "g",
+                          [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                           helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                          [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 2]),
+                           helper.make_tensor_value_info("i", TensorProto.INT64, [1, 2]),
+                           helper.make_tensor_value_info("n", TensorProto.FLOAT, [1, 8])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("ai.onnx.ml", 3),
+                                            helper.make_opsetid(DOMAIN, OPSET_VERSION)])
+    m.ir_version = 10
+    assert uses_custom_ops(m)  # parity registers the op library for it
+    info = describe(tmp_path / "m.onnx", m)
+    assert info["custom_ops"] == [f"{DOMAIN}::FusedSoftmaxTopK"]  # ai.onnx.ml is a standard domain
+    assert info["ops"] == {"If": 1, f"{DOMAIN}::FusedSoftmaxTopK": 1, "TopK": 1, "ai.onnx.ml::Normalizer": 1}
+    assert info["nodes"] == 4
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("toolkit.kv_quant", "not json", "JSONDecodeError"),
+    ("toolkit.kv_quant", '{"bits": 8}', "no field"),
+    ("toolkit.kv_quant", "[1, 2]", "not an object"),
+    ("toolkit.low_rank_kv", "{}", "no field 'bytes_per_token'"),
+])
+def test_malformed_toolkit_metadata_is_a_named_error(tmp_path, key, value, fragment, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(_io_model({"past_key_values.0.key": ["B", 2, "P", 8]}, metadata={key: value}), str(path))
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"metadata {key!r} is malformed" in err and fragment in err and "Traceback" not in err
