@@ -227,8 +227,12 @@ def run_pipeline(
         PassError: unknown pass name (lists the known ones), invalid options, or a
             pass produced an invalid model (names the pass and node).
     """
+    import onnx
     import onnx_ir as ir
 
+    if not isinstance(model, (onnx.ModelProto, ir.Model)):
+        raise PassError(f"run_pipeline takes an onnx.ModelProto or an onnx_ir.Model, got {type(model).__name__} "
+                        f"{str(model)[:80]!r}", hint="load a file first: run_pipeline(onnx.load(path), ...)")
     selected = resolve_pass_names(names)
     options = dict(options or {})
     check_pass_names(list(options))

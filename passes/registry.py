@@ -184,6 +184,8 @@ def _coerce(pass_name: str, field_name: str, tp: Any, value: Any) -> Any:
     base = next((a for a in args if a is not type(None)), tp) if args else tp
     if value is None and optional:
         return None
+    if optional and isinstance(value, str) and value.strip().lower() in ("none", "null"):
+        return None  # --pass-option fuse-softmax-topk.max_k=None, as list-passes writes the default
     if isinstance(value, str) and base is not str:
         text = value.strip().lower()
         try:

@@ -53,8 +53,10 @@ class SamplingHeadOptions(PassOptions):
         if not isinstance(self.k, int) or self.k < 1:
             raise PassError(f"sampling-head option k must be an integer >= 1, got {self.k!r}",
                             hint="e.g. --sampling-head 50 (or --pass-option sampling-head.k=50)")
-        if not self.temperature > 0:
-            raise PassError(f"sampling-head option temperature must be > 0, got {self.temperature!r}",
+        from toolkit.ops.reference import temperature_problem
+
+        if (problem := temperature_problem(self.temperature)) is not None:
+            raise PassError(f"sampling-head option temperature {problem}",
                             hint="use 1.0 for the model's own distribution")
         if not 0 < self.top_p <= 1:
             raise PassError(f"sampling-head option top_p must be in (0, 1], got {self.top_p!r}",

@@ -196,19 +196,36 @@ def _exclusive_use_failure(value: ir.Value, allowed: set[ir.Node], what: str) ->
     return None
 
 
-def _temperature(scale_kind: str | None, scale: ir.Value | None) -> tuple[float, str | None]:
-    """(temperature, None) for the folded Div/Mul constant, or (1.0, reason)."""
+def _temperature(scale_kind: str | None, scale: ir.Value | None) -> float:
+    """The temperature a checked Div/Mul constant folds into (1.0 without one)."""
     if scale_kind is None:
-        return 1.0, None
+        return 1.0
+    c = float(_constant_array(scale).reshape(-1)[0])
+    return c if scale_kind == "Div" else 1.0 / c
+
+
+def _temperature_failure(scale_kind: str | None, scale: ir.Value | None, rank: int | None) -> str | None:
+    """Why the Div/Mul constant cannot fold into the temperature, or None. ``rank``: the
+    rank of the logits it scales (None: unknown); a constant of higher rank would
+    broadcast them to more axes, which the fused op cannot (a 0-d one never does)."""
+    if scale_kind is None:
+        return None
     array = _constant_array(scale)
+    name = getattr(scale, "name", None)
     if array is None or array.size != 1:
-        name = getattr(scale, "name", None)
-        return 1.0, f"the {scale_kind} operand {name!r} is not a constant scalar"
+        return f"the {scale_kind} operand {name!r} is not a constant scalar"
+    if array.ndim > 0 and (rank is None or array.ndim > rank):
+        return (f"the {scale_kind} constant {name!r} has shape {list(array.shape)}, which adds axes to logits of "
+                f"rank {rank if rank is not None else 'unknown'}; folding it would drop them")
     c = float(array.reshape(-1)[0])
     if not math.isfinite(c) or c <= 0.0:
         # A non-positive scale reverses (or collapses) the order TopK sees.
-        return 1.0, f"the {scale_kind} constant {c} is not a positive finite number"
-    return (c if scale_kind == "Div" else 1.0 / c), None
+        return f"the {scale_kind} constant {c} is not a positive finite number"
+    from toolkit.ops.reference import temperature_problem
+
+    if (problem := temperature_problem(_temperature(scale_kind, scale))) is not None:
+        return f"the {scale_kind} constant {c!r} cannot fold into the fused op's temperature, which {problem}"
+    return None
 
 
 def _scaled(op, x, scale, scale_kind: str | None):
@@ -315,7 +332,7 @@ class SoftmaxTopKFusion(rw.RewriteRuleClassBase):
             return _fail(reason, probs)
         if (reason := _scale_failure(self._scale_kind, scaled, softmax)) is not None:
             return _fail(reason, scaled)
-        if (reason := _temperature(self._scale_kind, scale)[1]) is not None:
+        if (reason := _temperature_failure(self._scale_kind, scale, _rank(x))) is not None:
             return _fail(reason, scale)
         if x.dtype not in _FUSED_INPUT_DTYPES:
             return _fail(
@@ -327,7 +344,7 @@ class SoftmaxTopKFusion(rw.RewriteRuleClassBase):
 
     def rewrite(self, op, x, k, values, scale=None, **_):
         k_value, _reason = _topk_k(values.producer(), k)
-        temperature, _reason = _temperature(self._scale_kind, scale)
+        temperature = _temperature(self._scale_kind, scale)
         fused_values, indices = _fused(
             op,
             x,
@@ -441,13 +458,13 @@ class TopKSoftmaxRouterFusion(rw.RewriteRuleClassBase):
             )
         if (reason := _scale_failure(self._scale_kind, scaled, topk)) is not None:
             return _fail(reason, scaled)
-        if (reason := _temperature(self._scale_kind, scale)[1]) is not None:
+        if (reason := _temperature_failure(self._scale_kind, scale, _rank(x))) is not None:
             return _fail(reason, scale)
         return rw.MatchResult()
 
     def rewrite(self, op, x, k, topk_values, scale=None, **_):
         k_value, _reason = _topk_k(topk_values.producer(), k)
-        temperature, _reason = _temperature(self._scale_kind, scale)
+        temperature = _temperature(self._scale_kind, scale)
         logits = op.Cast(x, to=int(ir.DataType.FLOAT)) if self._cast else x
         return _fused(op, logits, k=k_value, temperature=temperature, normalize=1, log_probs=0)
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import onnx
 import pytest
 
 
@@ -269,6 +270,35 @@ def test_unusable_output_paths_are_refused_before_any_work(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "sub"]
     assert (tmp_path / "adir" / "keep.txt").read_text() == "hi" and (tmp_path / "adir" / "src").is_dir()
     assert (tmp_path / "afile").read_text() == "y"
+
+
+def test_report_paths_that_would_destroy_or_fail_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """`parity --json MODEL.onnx` replaced the model it had just passed with its JSON; a
+    report path that is a directory ended in an IsADirectoryError traceback after the
+    whole run. Both, and two flags naming one file, are refused before the run."""
+    from toolkit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), "model.onnx")
+    (tmp_path / "other.onnx").write_bytes(b"x")
+    (tmp_path / "adir").mkdir()
+    before = (tmp_path / "model.onnx").read_bytes()
+    cases = [
+        (["parity", "llama", "model.onnx", "--json", "model.onnx"], "would overwrite a model file"),
+        (["parity", "llama", "model.onnx", "--junit", "./model.onnx"], "would overwrite a model file"),
+        (["parity", "llama", "model.onnx", "--html", "other.onnx"], "would overwrite a model file"),
+        (["parity", "llama", "model.onnx", "--json", "adir"], "--json 'adir' is a directory"),
+        (["parity", "llama", "model.onnx", "--json", "r.json", "--html", "r.json"], "--json and --html both name"),
+        (["parity", "--compare", "a.json", "--html", "a.json"], "would overwrite"),
+        (["convert", "llama", "-o", "out", "--junit", "adir"], "--junit 'adir' is a directory"),
+        (["bench", "topk", "--json", "adir"], "--json 'adir' is a directory"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert (tmp_path / "model.onnx").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "model.onnx", "other.onnx"]
 
 
 def test_bundle_directory_is_readable_and_replaces_a_bundle(tmp_path):

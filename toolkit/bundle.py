@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import InvalidModelError, OpLibraryError
+from toolkit.errors import InvalidModelError, OpLibraryError, ToolkitError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -93,6 +93,10 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not directory.exists():
         raise InvalidModelError(f"bundle directory {str(directory)!r} does not exist",
                                 hint="point at a directory written by `toolkit convert`")
+    if directory.is_file():
+        raise InvalidModelError(f"{str(directory)!r} is a file; a bundle is the directory `toolkit convert` writes",
+                                hint=f"pass its directory ({str(directory.parent)!r} if this is a bundle's "
+                                "model.onnx); for a bare ONNX file use toolkit.parity.make_session(path)")
     if not path.is_file():
         raise InvalidModelError(f"{str(directory)!r} has no {MANIFEST}",
                                 hint="point at a directory written by `toolkit convert`")
@@ -146,6 +150,9 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
     from toolkit import ops
 
     directory = Path(directory)
+    if providers is not None and (isinstance(providers, str) or not all(isinstance(p, str) for p in providers)):
+        raise ToolkitError(f"providers must be a list of provider names, got {providers!r}",
+                           hint='e.g. providers=["CPUExecutionProvider"]')
     manifest = read_manifest(directory)
     so = ort.SessionOptions()
     if threads is not None:

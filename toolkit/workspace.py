@@ -31,6 +31,34 @@ def check_writable(path: str | Path) -> None:
                                 hint="choose an output path in a writable directory")
 
 
+def check_report_paths(paths: dict[str, str | Path | None], inputs: tuple[str | Path | None, ...] = ()) -> None:
+    """Refuse, before any work, report files (flag -> path; None and '-' skipped) that
+    could not be written or would destroy something: an existing directory (it ended
+    in an IsADirectoryError traceback after the whole run), one of the command's
+    `inputs` or a file beside them that belongs to a model (an existing ``*.onnx`` or
+    ``*.onnx.data``: `parity --json MODEL.onnx` replaced the model it had just passed),
+    or the same file named by two flags."""
+    from toolkit.errors import OutputExistsError
+
+    given = {flag: Path(p) for flag, p in paths.items() if p and str(p) != "-"}
+    protected = {Path(p).resolve() for p in inputs if p}
+    seen: dict[Path, str] = {}
+    for flag, path in given.items():
+        resolved = path.resolve()
+        if path.is_dir():
+            raise OutputExistsError(f"{flag} {str(path)!r} is a directory; it names the report file itself",
+                                    hint=f"e.g. {flag} {str(path / ('report' + (path.suffix or '.json')))!r}")
+        if resolved in protected or (path.is_file() and (path.name.endswith(".onnx")
+                                                         or path.name.endswith(".onnx.data"))):
+            raise OutputExistsError(f"{flag} {str(path)!r} would overwrite a model file with the report",
+                                    hint=f"name a new file, e.g. {flag} report.json")
+        if resolved in seen:
+            raise OutputExistsError(f"{seen[resolved]} and {flag} both name {str(path)!r}",
+                                    hint="give each report its own file")
+        seen[resolved] = flag
+        check_writable(path)
+
+
 def check_destination(dest: Path, *, directory: bool, overwrite: bool, keep: tuple[str | Path, ...] = (),
                       marker: str = "manifest.json") -> None:
     """Refuse an output path :func:`publish` could not use, before any work is done:

@@ -131,6 +131,23 @@ def test_cli_strings_are_converted():
     assert report.counts["fuse-softmax-topk"] == 0
 
 
+def test_none_from_the_cli_means_none():
+    """`--pass-option fuse-softmax-topk.max_k=None` (the hint's own advice and list-passes'
+    spelling of the default) was refused as a str."""
+    for text in ("None", "none", "null"):
+        _, report = passes.run_pipeline(graphs.softmax_topk(k=3), None,
+                                        {"fuse-softmax-topk": {"max_k": "2"}})
+        assert report.counts["fuse-softmax-topk"] == 0  # the limit applies ...
+        _, report = passes.run_pipeline(graphs.softmax_topk(k=3), None,
+                                        {"fuse-softmax-topk": {"max_k": text}})
+        assert report.counts["fuse-softmax-topk"] == 1  # ... and None lifts it
+
+
+def test_a_path_instead_of_a_model_is_a_named_error(tmp_path):
+    with pytest.raises(PassError, match="onnx.load"):
+        passes.run_pipeline(str(tmp_path / "m.onnx"))
+
+
 def test_options_are_frozen_dataclasses_with_help():
     for info in passes.list_passes():
         graph_pass = passes.get_pass(info.name)

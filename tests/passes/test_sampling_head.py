@@ -73,8 +73,11 @@ def test_head_bad_options_are_actionable():
         run_pipeline(_lm_graph(), ["sampling-head"], {"sampling-head": {"k": 65}})
     with pytest.raises(PassError, match="no output 'scores'"):
         run_pipeline(_lm_graph(), ["sampling-head"], {"sampling-head": {"logits_output": "scores"}})
-    with pytest.raises(PassError, match="temperature must be > 0"):
-        run_pipeline(_lm_graph(), ["sampling-head"], {"sampling-head": {"temperature": "0"}})
+    # the kernels' rule: > 0, finite, with a finite float32 inverse (inf and 1e-39 passed
+    # this check and gave a bundle no session could load)
+    for bad in ("0", "inf", "1e-39", "-1"):
+        with pytest.raises(PassError, match="temperature must be > 0 and finite with a finite inverse"):
+            run_pipeline(_lm_graph(), ["sampling-head"], {"sampling-head": {"temperature": bad}})
 
 
 def test_sampled_head_structure_and_draws_match_reference():

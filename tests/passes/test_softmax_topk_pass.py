@@ -215,6 +215,36 @@ def test_negative_div_is_not_folded():
     assert attrs(fused_nodes(out)[0])["temperature"] == 1.0
 
 
+@pytest.mark.parametrize("scale_op,c", [("Mul", 1e-39), ("Div", 1e-39)])
+def test_a_constant_that_folds_into_a_temperature_the_kernel_refuses_stays(scale_op, c):
+    """Mul by 1e-39 folded into temperature 1e39 (inf in float32) and Div by 1e-39 into a
+    subnormal temperature: models the kernel refuses at session creation. The scale now
+    stays a node; the rest still fuses (temperature 1), and the model runs as the original does."""
+    model = graphs.scaled_softmax_topk(scale_op, c)
+    out, result = fuse(model)
+    assert result.count == 1 and op_types(out) == [scale_op, "FusedSoftmaxTopK"]
+    assert attrs(fused_nodes(out)[0])["temperature"] == 1.0
+    x = np.random.default_rng(0).standard_normal((2, 3, 10)).astype(np.float32)
+    want, got = run_original(model, {"x": x}), run_rewritten(out, {"x": x})
+    np.testing.assert_allclose(got["v"], want["v"], rtol=1e-6, atol=1e-7)
+
+
+def test_a_scale_of_higher_rank_than_the_logits_is_not_folded():
+    """x [10] / c [1, 1, 1] broadcasts to [1, 1, 10]: folding c dropped the two axes (the
+    fused output was [3] instead of [1, 1, 3])."""
+    model = graphs.scaled_softmax_topk("Div", np.full((1, 1, 1), 0.5), shape=(10,))
+    out, _ = fuse(model)
+    assert op_types(out) == ["Div", "FusedSoftmaxTopK"]
+    x = np.random.default_rng(1).standard_normal(10).astype(np.float32)
+    want, got = run_original(model, {"x": x}), run_rewritten(out, {"x": x})
+    assert got["v"].shape == want["v"].shape == (1, 1, 3)
+    np.testing.assert_allclose(got["v"], want["v"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got["i"], want["i"])
+    # a constant of the logits' rank or lower still folds (it cannot add axes)
+    out, _ = fuse(graphs.scaled_softmax_topk("Div", np.full((1, 1, 1), 0.5)))
+    assert op_types(out) == ["FusedSoftmaxTopK"] and attrs(fused_nodes(out)[0])["temperature"] == 0.5
+
+
 def test_fold_temperature_option_off():
     out, _ = fuse(graphs.scaled_softmax_topk("Div", 0.7), fold_temperature=False)
     assert op_types(out) == ["Div", "FusedSoftmaxTopK"]

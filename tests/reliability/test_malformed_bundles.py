@@ -47,3 +47,14 @@ def test_missing_bundle_and_bad_thread_counts(tmp_path):
         with pytest.raises(ToolkitError, match="threads must be an integer >= 1"):
             ops.session_options(threads)
     assert ops.session_options(2).intra_op_num_threads == 2
+
+
+def test_a_model_file_or_a_provider_string_is_named(tmp_path):
+    """toolkit.load(DIR/model.onnx) said the file 'has no manifest.json'; providers given
+    as one string reached ORT, which warned once per character."""
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    with pytest.raises(InvalidModelError, match="is a file; a bundle is the directory") as err:
+        toolkit.load(tmp_path / "model.onnx")
+    assert str(tmp_path) in err.value.hint
+    with pytest.raises(ToolkitError, match="providers must be a list of provider names"):
+        toolkit.load(tmp_path, providers="CPUExecutionProvider")

@@ -168,9 +168,9 @@ def _check(args: argparse.Namespace) -> None:
                 raise ToolkitError(f"bench attention: --{flag.replace('_', '-')} must be > 0",
                                    hint="a time budget in seconds, e.g. 30")
     if args.json and args.json != "-":
-        from toolkit.workspace import check_writable
+        from toolkit.workspace import check_report_paths
 
-        check_writable(args.json)
+        check_report_paths({"--json": args.json}, inputs=(getattr(args, "model", None), getattr(args, "converted", None)))
 
 
 def run(args: argparse.Namespace) -> int:

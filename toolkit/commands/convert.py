@@ -111,10 +111,11 @@ def run(args: argparse.Namespace) -> int:
 
     from toolkit.commands._common import resolve_model
     from toolkit.errors import ParityFailure
-    from toolkit.workspace import check_destination, publish
+    from toolkit.workspace import check_destination, check_report_paths, publish
 
     out = Path(args.output)
     check_destination(out, directory=True, overwrite=args.overwrite, keep=(args.model,))
+    check_report_paths({"--junit": args.junit}, inputs=(args.model,))
     names, pass_options = _pass_selection(args)
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
     out.parent.mkdir(parents=True, exist_ok=True)

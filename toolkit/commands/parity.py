@@ -45,7 +45,11 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from toolkit import parity
     from toolkit.errors import ToolkitError
+    from toolkit.workspace import check_report_paths
 
+    # before the run, not after it; never onto the model, a model file, a compared report or another report
+    check_report_paths({"--json": args.json, "--junit": args.junit, "--html": args.html},
+                       inputs=(args.onnx, *(args.compare or ()), args.model))
     if args.compare is not None:
         return _run_compare(args)
     if args.model is None:
@@ -59,11 +63,6 @@ def run(args: argparse.Namespace) -> int:
         return _run_bisect(args)
     if args.onnx is None:
         raise ToolkitError("parity needs OPTIMIZED.onnx", hint="pass the model to check, or use --bisect")
-    from toolkit.workspace import check_writable
-
-    for path in (args.json, args.junit, args.html):
-        if path and path != "-":
-            check_writable(path)  # before the run, not after it
     args.onnx = str(parity.model_file(args.onnx))  # the session below opens the file itself
     model = parity.load_onnx(args.onnx)
     src = resolve_model(args, parity.metadata(model))

@@ -22,6 +22,19 @@ def _rank(x: np.ndarray) -> np.ndarray:
     return order
 
 
+def temperature_problem(temperature: float) -> str | None:
+    """Why the kernels would refuse this ``temperature`` attribute, or None. They take it
+    as float32 and need it > 0 and finite with a finite 1 / T (a tiny subnormal T's
+    inverse overflows): the rule of FusedSoftmaxTopK's and SampleTopKTopP's checks."""
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        t = np.float32(temperature)
+        ok = bool(t > 0) and bool(np.isfinite(t)) and bool(np.isfinite(np.float32(1.0) / t))
+    if ok:
+        return None
+    return (f"must be > 0 and finite with a finite inverse in float32 (about 3e-39 or more); got {temperature!r}"
+            + ("" if float(t) == temperature else f" ({float(t)!r} in float32)"))
+
+
 def softmax_topk(
     logits: np.ndarray,
     k: int,
