@@ -6,6 +6,7 @@ past) and then two decode steps feeding the ONNX model its own cache.
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -119,8 +120,15 @@ def test_a_large_model_converts_into_a_bundle_with_its_weights(monkeypatch, tmp_
 
     monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 0)
     out = tmp_path / "b"
-    assert main(["convert", "llama", "-o", str(out), "--sampling-head", "4"]) == 0
+    old_mask = os.umask(0o022)
+    try:
+        assert main(["convert", "llama", "-o", str(out), "--sampling-head", "4"]) == 0
+    finally:
+        os.umask(old_mask)
     assert (out / "model.onnx.data").is_file() and not list(out.glob("exported.onnx*"))
+    # readable by a server of another account, like model.onnx (onnx writes the data 0600)
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir() if f.name.startswith("model")} == {
+        "model.onnx": 0o644, "model.onnx.data": 0o644}
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     refs = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
     assert refs == {"model.onnx.data"}

@@ -112,6 +112,16 @@ def check_destination(dest: Path, *, directory: bool, overwrite: bool, keep: tup
                                     hint="choose a new directory, or remove this one yourself")
 
 
+def _readable_files(root: Path) -> None:
+    """Give every file under ``root`` the read bits a new file gets (0o444 less the
+    umask): onnx writes external data 0600, so a model server running as another
+    user could open model.onnx but not its weights."""
+    read = 0o444 & ~_umask()
+    for f in root.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(f.stat().st_mode | read)
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -132,6 +142,7 @@ def publish(staging: Path, dest: Path, *, files: bool = False, overwrite: bool =
         mode: Permissions of the published directory (default: a new directory's,
             0o777 less the umask; ``tempfile.mkdtemp`` made the staging one 0700).
     """
+    _readable_files(staging)
     if files:
         for f in sorted(staging.iterdir()):
             if f.name == dest.name or f.name.startswith(dest.name + "."):
