@@ -352,3 +352,16 @@ def test_unwritable_outputs_are_named_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(inspect_cmd, "run", fails(errno.ENOENT))  # not a file-system refusal: a bug, shown
     with pytest.raises(FileNotFoundError):
         cli.main(["inspect", "x.onnx"])
+
+
+def test_parity_takes_its_model_path_after_options(tmp_path, capsys):
+    """`toolkit parity hf:llama --config k=v out/model.onnx` said 'unrecognized arguments':
+    argparse fills optional positionals from their first run only."""
+    from toolkit.cli import main
+
+    missing = str(tmp_path / "nowhere" / "model.onnx")
+    assert main(["parity", "hf:llama", "--config", "num_hidden_layers=1", missing]) == 2
+    assert f"ONNX file {missing!r} does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a third positional is still an error
+        main(["parity", "hf:llama", "--config", "num_hidden_layers=1", missing, "extra.onnx"])
+    assert "unrecognized arguments: extra.onnx" in capsys.readouterr().err

@@ -51,7 +51,15 @@ def _broken_pipe() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills optional positionals only from the first run of positionals, so
+    # `parity hf:llama --config k=v out/model.onnx` left OPTIMIZED.onnx unset and the
+    # path "unrecognized": a command lists such positionals to take from what is left.
+    for name in getattr(args, "_late_positionals", ()):
+        if getattr(args, name) is None and extra and not extra[0].startswith("-"):
+            setattr(args, name, extra.pop(0))
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args._run(args) or 0)
     except ToolkitError as err:

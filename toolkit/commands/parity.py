@@ -40,6 +40,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON ('-' for stdout)")
     parser.add_argument("--junit", metavar="PATH", help="write the report as JUnit XML")
     add_html_args(parser)
+    parser.set_defaults(_late_positionals=("model", "onnx"))  # also after options (see cli.main)
 
 
 def run(args: argparse.Namespace) -> int:
