@@ -45,6 +45,37 @@ class CalibrationOptions(PassOptions):
             if getattr(self, name) < 1:
                 raise PassError(f"{pass_name} option {name} must be >= 1, got {getattr(self, name)!r}",
                                 hint=f"e.g. --pass-option {pass_name}.{name}=8")
+        if self.calibration_data:  # read now: before the (slow) export, not after it
+            read_tokens(self.calibration_data, pass_name)
+
+
+def read_tokens(path: str, pass_name: str) -> np.ndarray:
+    """The token ids [B, S] of a calibration ``.npy`` file, checked: one integer array
+    (or integral floats) of non-negative ids, 1-D (one sequence) or 2-D. Anything else,
+    an empty, truncated, pickled or ``.npz`` file included, is a PassError naming it."""
+    hint = "save one 2-D int64 array of token ids: np.save(path, ids) with ids of shape [B, S]"
+    where = f"{pass_name}: calibration_data {path!r}"
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001  (EOFError, ValueError, OSError, UnpicklingError: all "unreadable")
+        raise PassError(f"{where} cannot be read as an .npy array ({type(err).__name__}: {err})", hint=hint) from None
+    if not isinstance(loaded, np.ndarray):  # np.savez wrote an archive
+        loaded.close()
+        raise PassError(f"{where} is an .npz archive of several arrays, not one .npy array", hint=hint)
+    if loaded.dtype.kind in "f" and np.all(np.isfinite(loaded)) and np.all(loaded == np.round(loaded)):
+        loaded = loaded.astype(np.int64)  # integral floats
+    if loaded.dtype.kind not in "iu":
+        raise PassError(f"{where} holds {loaded.dtype} values, not integer token ids", hint=hint)
+    tokens = loaded.astype(np.int64)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or tokens.size == 0:
+        raise PassError(f"{where} has shape {list(loaded.shape)}, expected token ids [B, S]",
+                        hint="save a 2-D int64 array, e.g. np.save(path, ids[None])")
+    if tokens.min() < 0:
+        raise PassError(f"{where} holds a negative token id ({int(tokens.min())}); Gather would wrap it around "
+                        "the vocabulary", hint=hint)
+    return tokens
 
 
 def vocab_size(proto: Any, pass_name: str) -> int:
@@ -63,17 +94,16 @@ def vocab_size(proto: Any, pass_name: str) -> int:
 
 def _tokens(proto: Any, options: CalibrationOptions, pass_name: str, rng: np.random.Generator) -> np.ndarray | None:
     if options.calibration_data:
-        try:
-            tokens = np.load(options.calibration_data).astype(np.int64)
-        except (OSError, ValueError) as err:
-            raise PassError(f"{pass_name}: cannot read calibration_data {options.calibration_data!r}: {err}",
-                            hint="pass an .npy file of int64 token ids [B, S]") from err
-        if tokens.ndim == 1:
-            tokens = tokens[None]
-        if tokens.ndim != 2 or tokens.size == 0:
-            raise PassError(f"{pass_name}: calibration_data {options.calibration_data!r} has shape "
-                            f"{list(tokens.shape)}, expected token ids [B, S]",
-                            hint="save a 2-D int64 array, e.g. np.save(path, ids[None])")
+        tokens = read_tokens(options.calibration_data, pass_name)
+        if any(i.name == "input_ids" for i in proto.graph.input):
+            try:
+                vocab = vocab_size(proto, pass_name)
+            except PassError:
+                vocab = None
+            if vocab is not None and tokens.max() >= vocab:
+                raise PassError(f"{pass_name}: calibration_data {options.calibration_data!r} holds token id "
+                                f"{int(tokens.max())}, not below the model's vocabulary of {vocab}",
+                                hint="tokenize the calibration text with this model's tokenizer")
         return tokens
     if any(i.name == "input_ids" for i in proto.graph.input):
         vocab = vocab_size(proto, pass_name)
@@ -179,5 +209,9 @@ def run_exposed(model: ir.Model, names: list[str], options: CalibrationOptions, 
         session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
         return dict(zip(wanted, session.run(wanted, inputs)))
     except Exception as err:  # ORT raises its own pybind exception types
-        raise PassError(f"{pass_name}: the calibration run of the graph failed: {err}",
-                        hint="check calibration_data (token ids within the vocabulary) or use random tokens") from err
+        tokens = inputs["input_ids"].shape if "input_ids" in inputs else None
+        memory = any(w in str(err).lower() for w in ("allocate", "memory", "bad_alloc"))
+        hint = (f"the calibration inputs run as one batch ({'x'.join(map(str, tokens)) if tokens else 'all'} tokens), "
+                "and every exposed activation is kept: use fewer or shorter calibration sequences" if memory else
+                "check calibration_data (token ids within the vocabulary) or use random tokens")
+        raise PassError(f"{pass_name}: the calibration run of the graph failed: {err}", hint=hint) from err

@@ -10,11 +10,16 @@ constant ``[N]`` (or no) ``C`` is the same layer, ``W = B`` or ``B^T`` (``transB
 Rank per layer, exactly one of:
 
 * ``rank_ratio``: ``r = ceil(rank_ratio * min(K, N))``;
-* ``energy``: the smallest r keeping that share of the spectral energy
-  ``sum(s_i^2)``;
+* ``energy``: the smallest r keeping that share of the weight's own spectral
+  energy ``sum(s_i^2)`` (the singular values of ``W``, also with ``activation_aware``
+  or ``whiten``: they choose the factors at that rank, not the rank);
 * ``param_budget``: a global budget, the share of the eligible layers' weights
-  kept: singular values of all layers are taken greedily by energy gained per
-  parameter (``(s_i^2 / sum_j s_j^2) / (K + N)``) until the budget is spent.
+  kept, charged as they will be written: ``r (K + N)`` for a factored layer and
+  ``K N`` for one left dense. Greedy over moves by value per parameter, a move being
+  one more rank or, at any point, the whole layer kept dense; a layer's value is its
+  share of its own spectrum (of the method's SVD) times its size ``K N``, so a share
+  of a large layer outweighs the same share of a small one. Budget 1.0 keeps every
+  layer dense.
 
 A layer is left dense (and the report says why) when ``r >= K N / (K + N)``: the
 factors would hold as many weights, and cost as many multiply-adds, as ``W``.
@@ -133,6 +138,7 @@ class _Layer:
     gram: np.ndarray | None = None            # X^T X / rows over all calibration rows (whiten)
     unwhiten: np.ndarray | None = None        # L^-T: U = L^-T U' (whiten)
     rank: int = 0
+    weight_s: np.ndarray | None = None        # singular values of W itself (energy ranks, kept_energy)
 
 
 def _bias_vector(value: ir.Value | None, n: int) -> ir.Value | None:
@@ -287,29 +293,57 @@ def _choose_ranks(layers: list[_Layer], options: LowRankOptions) -> None:
             layer.rank = max(1, math.ceil(options.rank_ratio * min(K, N) - 1e-9))
     elif options.energy is not None:
         for layer in layers:
-            e = np.cumsum(layer.s ** 2)
+            e = np.cumsum(layer.weight_s ** 2)
             e = e / e[-1] if e[-1] > 0 else np.ones_like(e)
             layer.rank = int(min(len(e), np.searchsorted(e, options.energy - 1e-12) + 1))
     else:
-        # Greedy over all singular values by relative energy per parameter.
-        total = sum(layer.weight.size for layer in layers)
-        budget = options.param_budget * total
-        gains = []
-        for li, layer in enumerate(layers):
-            K, N = layer.weight.shape
-            e = layer.s ** 2
-            e = e / e.sum() if e.sum() > 0 else e
-            gains.extend((float(g) / (K + N), li, K + N) for g in e)
-        gains.sort(key=lambda t: -t[0])
-        ranks = [0] * len(layers)
-        spent = 0.0
-        for _, li, cost in gains:
-            if spent + cost > budget:
-                continue
-            ranks[li] += 1
-            spent += cost
-        for layer, r in zip(layers, ranks):
-            layer.rank = max(1, r)
+        _allocate_budget(layers, options.param_budget)
+
+
+def _allocate_budget(layers: list[_Layer], param_budget: float) -> None:
+    """Ranks for a global budget of ``param_budget`` times the layers' weights, charged as
+    written (factors ``r (K + N)``, a dense layer ``K N``). Every layer starts at rank 1;
+    then, greedily by value per parameter, one more rank (below break-even) or the jump
+    to dense (all of the layer's value for ``K N - r (K + N)`` more) while it fits."""
+    import heapq
+
+    budget = param_budget * sum(layer.weight.size for layer in layers) * (1 + 1e-12)
+    state = []  # per layer: (cumulative value by rank, K + N, K N, largest factored rank)
+    for layer in layers:
+        K, N = layer.weight.shape
+        e = layer.s ** 2
+        total = float(e.sum())
+        value = np.concatenate([[0.0], np.cumsum(e) / total if total > 0 else np.ones(len(e))]) * (K * N)
+        state.append((value, K + N, K * N, max(1, math.ceil(_break_even(K, N)) - 1)))
+    ranks = [1] * len(layers)
+    dense = [False] * len(layers)
+    spent = float(sum(per for _, per, _, _ in state))
+
+    def moves(li: int) -> list[tuple[float, float, str]]:
+        value, per, size, top = state[li]
+        r, out = ranks[li], []
+        if r < top:
+            out.append((float(value[r + 1] - value[r]) / per, per, "rank"))
+        out.append((float(value[-1] - value[r]) / max(size - r * per, 1), size - r * per, "dense"))
+        return out
+
+    # (-value per parameter, layer, cost, kind, the layer's rank when the move was made)
+    heap = [(-ratio, li, cost, kind, 1) for li in range(len(layers)) for ratio, cost, kind in moves(li)]
+    heapq.heapify(heap)
+    while heap:
+        _, li, cost, kind, at_rank = heapq.heappop(heap)
+        if dense[li] or at_rank != ranks[li] or spent + cost > budget:
+            continue  # stale (the layer moved on) or too dear for what is left
+        spent += cost
+        if kind == "dense":
+            dense[li] = True
+            continue
+        ranks[li] += 1
+        for ratio, c, k in moves(li):
+            heapq.heappush(heap, (-ratio, li, c, k, ranks[li]))
+    for layer, r, d in zip(layers, ranks, dense):
+        K, N = layer.weight.shape
+        layer.rank = min(K, N) if d else r
 
 
 def _svd(layer: _Layer, options: LowRankOptions) -> None:
@@ -321,6 +355,7 @@ def _svd(layer: _Layer, options: LowRankOptions) -> None:
         layer.scale = np.ones(W.shape[0])
         layer.unwhiten = np.linalg.inv(L.T)
         layer.u, layer.s, layer.vt = np.linalg.svd(L.T @ W, full_matrices=False)
+        layer.weight_s = np.linalg.svd(W, compute_uv=False)
         return
     if options.activation_aware:
         s = np.power(np.maximum(layer.chan_abs_mean, 1e-12), options.alpha)
@@ -329,6 +364,7 @@ def _svd(layer: _Layer, options: LowRankOptions) -> None:
         s = np.ones(W.shape[0])
     layer.scale = s
     layer.u, layer.s, layer.vt = np.linalg.svd(s[:, None] * W, full_matrices=False)
+    layer.weight_s = np.linalg.svd(W, compute_uv=False) if options.activation_aware else layer.s
 
 
 def _factors(layer: _Layer) -> tuple[np.ndarray, np.ndarray]:
@@ -407,7 +443,7 @@ def apply(model: ir.Model, options: LowRankOptions, *, explain: bool = False) ->
     for layer in layers:
         K, N = layer.weight.shape
         r = layer.rank
-        energy = layer.s ** 2
+        energy = layer.weight_s ** 2  # W's own spectrum: the share a plain SVD at this rank keeps
         kept = float(energy[:r].sum() / energy.sum()) if energy.sum() > 0 else 1.0
         entry: dict[str, Any] = {"layer": layer.name, "weight": layer.matmul.inputs[1].name, "K": K, "N": N, "rank": r,
                                  "break_even_rank": _break_even(K, N), "kept_energy": kept,

@@ -200,6 +200,15 @@ def test_setting_label_from_metadata(reports, tmp_path):
     assert setting_label({"records": []}, tmp_path / "kv8" / "parity.json") == "kv8"
     meta = {"toolkit.kv_cache": "kivi4", "toolkit.kv_quant": json.dumps({"key_group": 32, "residual": 128})}
     assert setting_label({"records": [], "model_metadata": meta}) == "kv kivi4 G32 R128"
+    # settings that differ only in whitening, int8 factors or the latent rank get different labels
+    for opts, label in (({"energy": 0.9}, "low-rank energy=0.9"),
+                        ({"energy": 0.9, "whiten": True}, "low-rank energy=0.9 whitened"),
+                        ({"param_budget": 0.6, "activation_aware": True, "int8_weights": True},
+                         "low-rank budget=0.6 ASVD int8")):
+        meta = {"toolkit.low_rank": json.dumps({"options": opts})}
+        assert setting_label({"records": [], "model_metadata": meta}) == label
+    meta = {"toolkit.kv_cache": "int8-latent", "toolkit.low_rank_kv": json.dumps({"rank_ratio": 0.5})}
+    assert setting_label({"records": [], "model_metadata": meta}) == "kv int8-latent ratio=0.5"
 
 
 def test_compare_cli_plots_both_settings(reports, tmp_path):

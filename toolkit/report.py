@@ -121,8 +121,8 @@ def setting_label(report: dict[str, Any], path: str | Path | None = None) -> str
     """Name the compression setting a report measured.
 
     From the model's ``toolkit.*`` metadata (recorded in ``model_metadata``): the
-    quantized KV scheme, the low-rank budget / ratio / energy (and ASVD), the
-    sampling head; ``fp32`` for a model with none of them. Reports without metadata
+    quantized KV scheme (and a latent cache's rank rule), the low-rank budget / ratio /
+    energy (and ASVD or whitening, int8 factors), the sampling head; ``fp32`` for a model with none of them. Reports without metadata
     (older files) are named after their file: the bundle directory for a
     ``parity.json``, else the file's stem.
 
@@ -140,10 +140,14 @@ def setting_label(report: dict[str, Any], path: str | Path | None = None) -> str
         label = f"kv {kv}"
         try:
             info = json.loads(meta.get("toolkit.kv_quant") or "{}")
+            latent = json.loads(meta.get("toolkit.low_rank_kv") or "{}")
         except json.JSONDecodeError:
-            info = {}
+            info, latent = {}, {}
         if kv.startswith("kivi") and "key_group" in info:
             label += f" G{info['key_group']} R{info.get('residual', '?')}"
+        if isinstance(latent, dict):  # the latent cache's rank rule
+            label += "".join(f" {k.replace('rank_', '')}={latent[k]}" for k in ("rank_ratio", "energy")
+                             if latent.get(k) is not None)
         parts.append(label)
     if meta.get("toolkit.low_rank"):
         try:
@@ -153,7 +157,8 @@ def setting_label(report: dict[str, Any], path: str | Path | None = None) -> str
         opts = lr.get("options", {}) if isinstance(lr, dict) else {}
         chosen = [f"{k.replace('param_', '').replace('rank_', '')}={opts[k]}"
                   for k in ("param_budget", "rank_ratio", "energy") if opts.get(k) is not None]
-        parts.append(" ".join(["low-rank", *chosen] + (["ASVD"] if opts.get("activation_aware") else [])))
+        method = ["ASVD"] if opts.get("activation_aware") else ["whitened"] if opts.get("whiten") else []
+        parts.append(" ".join(["low-rank", *chosen, *method] + (["int8"] if opts.get("int8_weights") else [])))
     if meta.get("toolkit.sampling_head"):
         try:
             head = json.loads(meta["toolkit.sampling_head"])

@@ -149,8 +149,9 @@ def run(model: str = "llama-stdlib", budgets=DEFAULT_BUDGETS, calib_tokens: int 
             "calibration": f"first {calib_tokens} held-out tokens as [{calib_tokens // calib_seq}, {calib_seq}]",
             "evaluation": f"{len(eval_ids) - 1} held-out tokens after the calibration ones, windows of {window}, "
                           "prefill, ONNX Runtime CPU with the op library",
-            "ranks": "global param_budget over the eligible MatMuls (greedy by relative energy per parameter); "
-                     "the tied LM head is skipped (the embedding keeps the dense matrix)",
+            "ranks": "global param_budget over the eligible MatMuls, charged as written (r(K+N) factored, K*N "
+                     "dense); greedy by spectrum share times K*N per parameter, a move being one more rank or the "
+                     "layer kept dense; the tied LM head is skipped (the embedding keeps the dense matrix)",
             "asvd": "W' = diag(mean|x|**0.5) W (geometric-mean normalised), U = diag(1/s) U'",
             "whiten": "W' = L^T W with L L^T = X^T X / n over the calibration activations (+1e-6 ridge), U = L^-T U'",
         },

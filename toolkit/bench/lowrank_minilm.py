@@ -447,9 +447,10 @@ def run(budgets: Sequence[float] = DEFAULT_BUDGETS, threads: int = 1, calib_seq:
                          f"rank correlation of the {n_pairs} pairwise cosine similarities with the PyTorch ones",
             "calibration": f"{len(CALIBRATION_SENTENCES)} other sentences (disjoint topics) packed whole into "
                            f"{calib.shape[0]} unpadded rows of {calib.shape[1]} tokens",
-            "ranks": "global param_budget over the 36 eligible projections (greedy by relative energy per "
-                     "parameter); a layer whose rank reaches K*N/(K+N) stays dense, so budget 1.0 is not "
-                     "lossless; full_rank is rank_ratio=1.0 with force=true",
+            "ranks": "global param_budget over the 36 eligible projections, charged as written (r(K+N) "
+                     "factored, K*N dense); greedy by spectrum share times K*N per parameter, a move being one "
+                     "more rank or the layer kept dense, so budget 1.0 keeps every layer dense; full_rank is "
+                     "rank_ratio=1.0 with force=true",
             "asvd": "W' = diag(mean|x|**0.5) W (geometric-mean normalised), U = diag(1/s) U'",
             "whiten": "W' = L^T W with L L^T = X^T X / n over the calibration activations (+1e-6 ridge), U = L^-T U'",
             "threads": threads,
