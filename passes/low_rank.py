@@ -139,6 +139,7 @@ class _Layer:
     unwhiten: np.ndarray | None = None        # L^-T: U = L^-T U' (whiten)
     rank: int = 0
     weight_s: np.ndarray | None = None        # singular values of W itself (energy ranks, kept_energy)
+    gram_rows: int = 0                        # activation rows behind the Gram matrix (whiten)
 
 
 def _bias_vector(value: ir.Value | None, n: int) -> ir.Value | None:
@@ -274,6 +275,7 @@ def _calibrate(model: ir.Model, layers: list[_Layer], options: LowRankOptions) -
         layer.chan_abs_mean = np.abs(x).mean(axis=0)
         if options.whiten:
             layer.gram = (x.T @ x) / x.shape[0]
+            layer.gram_rows = int(x.shape[0])
         if x.shape[0] > options.calibration_rows:
             x = x[np.sort(rng.choice(x.shape[0], options.calibration_rows, replace=False))]
         layer.rows = x
@@ -466,6 +468,14 @@ def apply(model: ir.Model, options: LowRankOptions, *, explain: bool = False) ->
         denom = float(np.linalg.norm(ref))
         entry["reconstruction_error"] = float(np.linalg.norm(ref - approx) / denom) if denom > 0 else 0.0
         entry["calibration_rows"] = int(X.shape[0])
+        if options.whiten and layer.gram_rows < K:
+            # fewer activation rows than input channels: the whitened factors can fit those
+            # rows exactly, so their error on them says little about other inputs
+            entry["calibration_underdetermined"] = True
+            explanations.append(
+                f"node {layer.matmul.name or '<unnamed>'}: whitened on {layer.gram_rows} calibration rows for "
+                f"{K} input channels (rank-deficient Gram matrix); its reconstruction_error is measured on those "
+                "same rows and can be near 0 at any rank: pass more calibration_data")
         dtype = _constant_weight(layer.matmul.inputs[1]).dtype
         bytes_per = np.dtype(dtype).itemsize
         entry["params_saved"] = K * N - r * (K + N)
@@ -496,7 +506,7 @@ def apply(model: ir.Model, options: LowRankOptions, *, explain: bool = False) ->
     model.metadata_props["toolkit.low_rank"] = json.dumps(
         {"options": dataclasses.asdict(options), **summary}, sort_keys=True)
     return PassResult(name=PASS.name, count=count, explanations=explanations if explain else
-                      [e for e in explanations if "left dense" in e],
+                      [e for e in explanations if "left dense" in e or "rank-deficient" in e],
                       details={"summary": summary, "layers": report})
 
 

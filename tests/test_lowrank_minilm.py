@@ -8,9 +8,9 @@ What is checked, on the 64 evaluation sentences of ``toolkit/bench/lowrank_minil
   nothing truncated) keeps them (cosine > 0.9999), so the pass's calibration copes
   with an encoder's ``token_type_ids`` input and the rewrite is exact;
 * at ``param_budget=0.8`` the embeddings move but stay usable. Bounds come from the
-  committed run (``toolkit/bench/results/lowrank_minilm.json``: mean cosine 0.716
-  SVD, 0.818 ASVD; top-1 retrieval agreement 100%) with margin; ASVD measured 0.08-0.14
-  above plain SVD at every budget 0.5-1.0, so it is asserted not to fall below it.
+  committed run (``toolkit/bench/results/lowrank_minilm.json``: mean cosine 0.827
+  SVD, 0.885 ASVD; top-1 retrieval agreement 100%) with margin; ASVD measured above
+  plain SVD at every budget 0.5-0.9, so it is asserted not to fall below it.
 """
 
 from __future__ import annotations
@@ -78,11 +78,11 @@ def test_moderate_budget_degrades_gracefully(encoder):
     scores = {}
     for aware in (False, True):
         out, details = minilm.factor(proto, calib, param_budget=0.8, activation_aware=aware)
-        assert 0.2 < details["summary"]["param_reduction"] < 0.3  # measured 24.2% / 24.5%
+        assert abs(details["summary"]["param_reduction"] - 0.2) < 0.005  # the budget's share: 20.0% measured
         scores[aware] = minilm.fidelity(minilm.onnx_embeddings(out, feeds), reference)
     svd, asvd = scores[False], scores[True]
-    assert 0.65 < svd["mean_cosine"] < 0.99  # measured 0.716: lossy, but not destroyed
-    assert 0.75 < asvd["mean_cosine"] < 0.99  # measured 0.818
+    assert 0.75 < svd["mean_cosine"] < 0.99  # measured 0.827: lossy, but not destroyed
+    assert 0.82 < asvd["mean_cosine"] < 0.99  # measured 0.885
     assert asvd["mean_cosine"] >= svd["mean_cosine"] - 0.01
     assert svd["top1_retrieval_agreement"] >= 0.9 and asvd["top1_retrieval_agreement"] >= 0.9  # measured 1.0
 

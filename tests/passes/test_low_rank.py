@@ -226,6 +226,19 @@ def test_energy_ranks_come_from_the_weights_own_spectrum(method):
         assert b["kept_energy"] == pytest.approx(share, rel=1e-9) and share >= 0.9
 
 
+def test_whitening_on_fewer_rows_than_channels_is_flagged():
+    """One calibration token gave reconstruction_error ~5e-9 at rank_ratio 0.25 (+26%
+    perplexity): the error is measured on the rows the factors were fitted to. With fewer
+    rows than input channels the report now flags the layer and says so."""
+    model = _chain([(96, 64)])  # calibrated on 4 rows of 96 channels
+    _, report = run_pipeline(model, ["low-rank"], {"low-rank": {"rank_ratio": 0.25, "whiten": "true"}})
+    (entry,) = report["low-rank"].details["layers"]
+    assert entry["calibration_underdetermined"] is True and entry["reconstruction_error"] < 1e-6
+    assert any("rank-deficient Gram matrix" in e for e in report["low-rank"].explanations)
+    _, report = run_pipeline(model, ["low-rank"], {"low-rank": {"rank_ratio": 0.25}})
+    assert "calibration_underdetermined" not in report["low-rank"].details["layers"][0]
+
+
 # ------------------------------------------------------------------ numerics
 
 
