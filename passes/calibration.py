@@ -173,6 +173,32 @@ def feeds(proto: Any, options: CalibrationOptions, pass_name: str) -> dict[str, 
     return out
 
 
+# Calibration sequences run in batches of at most this many tokens: a whole [64, 1024]
+# file in one run needed 2 GiB for one layer's attention scores alone (ORT's arena,
+# on top of the exposed activations) and failed; the values are the same either way.
+CHUNK_TOKENS = 4096
+_BATCH_FIRST = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+
+
+def _batch_chunks(inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """``inputs`` split along the batch into runs of at most CHUNK_TOKENS tokens (one run
+    when it fits, or for graphs without token ids). Batch-first inputs are sliced: the
+    token inputs and the empty past (not a fixed-capacity cache's ``lengths``)."""
+    ids = inputs.get("input_ids")
+    if ids is None or ids.ndim != 2:
+        return [inputs]
+    batch, seq = ids.shape
+    rows = max(1, CHUNK_TOKENS // max(seq, 1))
+    if batch <= rows:
+        return [inputs]
+
+    def sliced(name: str, value: np.ndarray, a: int, b: int) -> np.ndarray:
+        batch_first = name in _BATCH_FIRST or (name.startswith("past_key_values") and not name.endswith(".lengths"))
+        return value[a:b] if batch_first and value.ndim >= 1 and value.shape[0] == batch else value
+
+    return [{n: sliced(n, v, a, min(a + rows, batch)) for n, v in inputs.items()} for a in range(0, batch, rows)]
+
+
 def run_exposed(model: ir.Model, names: list[str], options: CalibrationOptions, pass_name: str,
                 threads: int | None = None) -> dict[str, np.ndarray]:
     """Run ``model`` (unchanged) on calibration inputs; return the float32 values ``names``.
@@ -207,11 +233,15 @@ def run_exposed(model: ir.Model, names: list[str], options: CalibrationOptions, 
     wanted = list(dict.fromkeys(names))
     try:
         session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        return dict(zip(wanted, session.run(wanted, inputs)))
+        parts = [session.run(wanted, chunk) for chunk in _batch_chunks(inputs)]
+        if len(parts) == 1:
+            return dict(zip(wanted, parts[0]))
+        return {name: np.concatenate([p[i] for p in parts], axis=0) for i, name in enumerate(wanted)}
     except Exception as err:  # ORT raises its own pybind exception types
         tokens = inputs["input_ids"].shape if "input_ids" in inputs else None
         memory = any(w in str(err).lower() for w in ("allocate", "memory", "bad_alloc"))
-        hint = (f"the calibration inputs run as one batch ({'x'.join(map(str, tokens)) if tokens else 'all'} tokens), "
-                "and every exposed activation is kept: use fewer or shorter calibration sequences" if memory else
+        hint = (f"every exposed activation of the {'x'.join(map(str, tokens)) if tokens else 'whole'} calibration "
+                f"input is kept (it runs in batches of {CHUNK_TOKENS} tokens): use fewer or shorter calibration "
+                "sequences" if memory else
                 "check calibration_data (token ids within the vocabulary) or use random tokens")
         raise PassError(f"{pass_name}: the calibration run of the graph failed: {err}", hint=hint) from err

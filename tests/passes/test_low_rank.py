@@ -516,3 +516,34 @@ def test_calibration_files_are_checked_before_any_work(tmp_path):
     # integral floats are ids
     np.save(tmp_path / "ok.npy", np.array([[1.0, 2.0, 3.0]], np.float64))
     get_pass("low-rank").make_options({"rank_ratio": 0.5, "calibration_data": str(tmp_path / "ok.npy")})
+
+
+@pytest.mark.parametrize("capacity", [None, "32"])
+def test_long_calibration_files_run_in_batches_with_the_same_values(exported, tmp_path, monkeypatch, capacity):
+    """A [64, 1024] calibration file ran as one batch and failed on a 2 GiB attention
+    buffer. It now runs in batches of CHUNK_TOKENS tokens; the exposed values are the
+    ones a single run gives (here 7 rows split into batches of 2, also on a fixed-capacity
+    cache, whose lengths input is not batch-first)."""
+    import onnx_ir as ir
+
+    from passes import calibration
+
+    _, path = exported("llama")
+    model = onnx.load(str(path))
+    if capacity:
+        model, _ = run_pipeline(model, ["kv-cache"], {"kv-cache": {"scheme": "int8", "capacity": capacity}})
+    ids = np.random.default_rng(5).integers(3, 100, (7, 16)).astype(np.int64)
+    np.save(tmp_path / "cal.npy", ids)
+    options = get_pass("low-rank").make_options({"rank_ratio": 0.5, "calibration_data": str(tmp_path / "cal.npy")})
+    ir_model = ir.serde.deserialize_model(model)
+    names = [n.input[0] for n in model.graph.node if n.op_type == "MatMul"][:6]
+    whole = calibration.run_exposed(ir_model, names, options, "low-rank")
+    monkeypatch.setattr(calibration, "CHUNK_TOKENS", 32)  # 2 rows of 16 tokens per run
+    runs = []
+    real = calibration._batch_chunks
+    monkeypatch.setattr(calibration, "_batch_chunks", lambda inputs: runs.append(chunks := real(inputs)) or chunks)
+    chunked = calibration.run_exposed(ir_model, names, options, "low-rank")
+    assert [c["input_ids"].shape[0] for c in runs[0]] == [2, 2, 2, 1]
+    for name in names:
+        assert chunked[name].shape == whole[name].shape and chunked[name].shape[0] in (7, 7 * 16)
+        np.testing.assert_allclose(chunked[name], whole[name], rtol=1e-5, atol=1e-5)
