@@ -113,3 +113,25 @@ def test_malformed_toolkit_metadata_is_a_named_error(tmp_path, key, value, fragm
     assert main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"metadata {key!r} is malformed" in err and fragment in err and "Traceback" not in err
+
+
+def test_a_misspelt_attribute_of_our_ops_is_refused(tmp_path, capsys):
+    """ORT gives a custom op only the attributes it asks for: `temprature=2` ran at T=1."""
+    from toolkit.ops import DOMAIN, OPSET_VERSION
+
+    node = helper.make_node("FusedSoftmaxTopK", ["x"], ["p", "i"], name="head", domain=DOMAIN, k=2, temprature=2.0)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                          [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 2]),
+                           helper.make_tensor_value_info("i", TensorProto.INT64, [1, 2])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, OPSET_VERSION)])
+    m.ir_version = 10
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    for argv in (["inspect", str(tmp_path / "m.onnx")], ["generate", str(tmp_path / "m.onnx"), "--prompt-ids", "1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "node 'head' (FusedSoftmaxTopK) has attribute 'temprature'" in err and "'temperature'?" in err, err
+    attrs = m.graph.node[0].attribute
+    attrs.remove(next(a for a in attrs if a.name == "temprature"))  # the same node without it loads
+    assert [a.name for a in attrs] == ["k"]
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    load_onnx(tmp_path / "m.onnx")

@@ -404,6 +404,7 @@ def load_onnx(path: str | Path) -> Any:
             hint="the file is corrupt or truncated: re-run `toolkit export` or `toolkit convert`",
         ) from exc
     external = _check_external_data(path, model)
+    _check_op_attributes(path, model)
     newest = onnx.defs.onnx_opset_version()
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx") and imp.version > newest:
@@ -445,6 +446,28 @@ def _check_external_data(path: Path, model: Any) -> bool:
                         hint="external data must be a relative path next to the model (as onnx.save writes it)",
                     )
     return found
+
+
+def _check_op_attributes(path: Path, model: Any) -> None:
+    """Our ops' nodes carry only attributes their kernels read (ORT would ignore the rest)."""
+    import difflib
+
+    from toolkit.ops import DOMAIN, OP_ATTRIBUTES
+
+    for graph in all_graphs(model):
+        for node in graph.node:
+            known = OP_ATTRIBUTES.get(node.op_type) if node.domain == DOMAIN else None
+            if known is None:
+                continue
+            for attr in node.attribute:
+                if attr.name in known:
+                    continue
+                close = difflib.get_close_matches(attr.name, sorted(known), n=1)
+                raise InvalidModelError(
+                    f"{str(path)!r}: node {node.name or '<unnamed>'!r} ({node.op_type}) has attribute "
+                    f"{attr.name!r}, which the kernel does not read (it would run as if it were absent)"
+                    + (f"; did you mean {close[0]!r}?" if close else ""),
+                    hint=f"{node.op_type} reads: {', '.join(sorted(known)) or 'no attributes'}")
 
 
 def all_graphs(model: Any) -> list[Any]:

@@ -26,6 +26,16 @@ if TYPE_CHECKING:
 
 DOMAIN = "com.toolkit"
 OPSET_VERSION = 1
+# The attributes each op's kernels read (custom_ops/*/*_cpu.cc ReadAttributes). ORT
+# hands a custom op only the attributes it asks for by name, so a misspelt one
+# (`temprature=2`) would run silently at the default; load_onnx refuses it.
+OP_ATTRIBUTES: dict[str, frozenset[str]] = {
+    "FusedSoftmaxTopK": frozenset({"k", "temperature", "normalize", "log_probs"}),
+    "SampleTopKTopP": frozenset({"k", "temperature", "normalize", "log_probs", "top_p", "min_p", "seed"}),
+    "QuantKVAttention": frozenset({"bits", "key_per_channel", "key_group", "value_group", "residual", "symmetric",
+                                   "quantize_query", "scale"}),
+    "LowRankMatMul": frozenset(),
+}
 LIBRARY_ENV_VAR = "TOOLKIT_OPS_LIBRARY"
 _LIBRARY_NAME = "libtoolkit_ops.so"
 _BUILD_HINT = (
