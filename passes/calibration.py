@@ -16,6 +16,7 @@ values. Anything else is an error naming the input.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -200,12 +201,15 @@ def _batch_chunks(inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
 
 
 def run_exposed(model: ir.Model, names: list[str], options: CalibrationOptions, pass_name: str,
-                threads: int | None = None) -> dict[str, np.ndarray]:
+                threads: int | None = None,
+                per_batch: Callable[[dict[str, np.ndarray], int], None] | None = None) -> dict[str, np.ndarray]:
     """Run ``model`` (unchanged) on calibration inputs; return the float32 values ``names``.
 
     The values are exposed as extra graph outputs of a serialized copy; graph
     optimisations are off so every named value still exists. Custom ops of ours are
-    run with the op library.
+    run with the op library. With ``per_batch``, each batch's values are handed to it
+    (with the number of batches) as they come and nothing is returned (``{}``), so a
+    caller that keeps statistics never holds every activation at once.
     """
     import onnxruntime as ort
     from onnx import helper
@@ -231,17 +235,32 @@ def run_exposed(model: ir.Model, names: list[str], options: CalibrationOptions, 
     # the passes' cleanup removes them from the written model.
     so.log_severity_level = 3
     wanted = list(dict.fromkeys(names))
-    try:
-        session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        parts = [session.run(wanted, chunk) for chunk in _batch_chunks(inputs)]
-        if len(parts) == 1:
-            return dict(zip(wanted, parts[0]))
-        return {name: np.concatenate([p[i] for p in parts], axis=0) for i, name in enumerate(wanted)}
-    except Exception as err:  # ORT raises its own pybind exception types
+
+    def failure(err: Exception) -> PassError:
         tokens = inputs["input_ids"].shape if "input_ids" in inputs else None
         memory = any(w in str(err).lower() for w in ("allocate", "memory", "bad_alloc"))
-        hint = (f"every exposed activation of the {'x'.join(map(str, tokens)) if tokens else 'whole'} calibration "
-                f"input is kept (it runs in batches of {CHUNK_TOKENS} tokens): use fewer or shorter calibration "
-                "sequences" if memory else
+        hint = (f"the {'x'.join(map(str, tokens)) if tokens else 'whole'} calibration input runs in batches of "
+                f"{CHUNK_TOKENS} tokens: use fewer or shorter calibration sequences" if memory else
                 "check calibration_data (token ids within the vocabulary) or use random tokens")
-        raise PassError(f"{pass_name}: the calibration run of the graph failed: {err}", hint=hint) from err
+        return PassError(f"{pass_name}: the calibration run of the graph failed: {err}", hint=hint)
+
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises its own pybind exception types
+        raise failure(err) from err
+    batches = _batch_chunks(inputs)
+    parts = []
+    for batch in batches:
+        try:
+            values = session.run(wanted, batch)
+        except Exception as err:  # (only ORT's errors: the caller's own are not relabelled)
+            raise failure(err) from err
+        if per_batch is not None:
+            per_batch(dict(zip(wanted, values)), len(batches))
+        else:
+            parts.append(values)
+    if per_batch is not None:
+        return {}
+    if len(parts) == 1:
+        return dict(zip(wanted, parts[0]))
+    return {name: np.concatenate([p[i] for p in parts], axis=0) for i, name in enumerate(wanted)}

@@ -265,20 +265,70 @@ def _candidates(graph: ir.Graph, options: LowRankOptions, explanations: list[str
 
 
 def _calibrate(model: ir.Model, layers: list[_Layer], options: LowRankOptions) -> None:
-    """Run the graph once with each layer's activation input exposed; keep per-channel stats."""
-    values = calibration.run_exposed(model, [layer.matmul.inputs[0].name for layer in layers], options,
-                                     "low-rank")
+    """Run the graph with each layer's activation input exposed; keep per-channel stats.
+
+    One calibration batch (the usual case): straight from the activations. Several
+    (long calibration files run in batches of CHUNK_TOKENS tokens): running sums of
+    ``|x|`` and of ``x^T x`` and a uniform reservoir sample of rows, batch by batch, so
+    only one batch's activations are held at a time."""
+    names = [layer.matmul.inputs[0].name for layer in layers]
     rng = np.random.default_rng(options.seed + 1)
-    for layer in layers:
-        x = np.asarray(values[layer.matmul.inputs[0].name], np.float64)
-        x = x.reshape(-1, x.shape[-1])
-        layer.chan_abs_mean = np.abs(x).mean(axis=0)
+    stream: dict[int, _Stream] = {}
+
+    def take(values: dict[str, np.ndarray], batches: int) -> None:
+        for i, layer in enumerate(layers):
+            x = np.asarray(values[names[i]], np.float64)
+            x = x.reshape(-1, x.shape[-1])
+            if batches == 1:  # the whole calibration input at once
+                layer.chan_abs_mean = np.abs(x).mean(axis=0)
+                if options.whiten:
+                    layer.gram = (x.T @ x) / x.shape[0]
+                    layer.gram_rows = int(x.shape[0])
+                if x.shape[0] > options.calibration_rows:
+                    x = x[np.sort(rng.choice(x.shape[0], options.calibration_rows, replace=False))]
+                layer.rows = x
+            else:
+                stream.setdefault(i, _Stream(x.shape[1], options.whiten)).add(x, options.calibration_rows, rng)
+
+    calibration.run_exposed(model, names, options, "low-rank", per_batch=take)
+    for i, s in stream.items():
+        layer = layers[i]
+        layer.chan_abs_mean = s.abs_sum / s.n
         if options.whiten:
-            layer.gram = (x.T @ x) / x.shape[0]
-            layer.gram_rows = int(x.shape[0])
-        if x.shape[0] > options.calibration_rows:
-            x = x[np.sort(rng.choice(x.shape[0], options.calibration_rows, replace=False))]
-        layer.rows = x
+            layer.gram, layer.gram_rows = s.gram / s.n, s.n
+        layer.rows = s.sample()
+
+
+class _Stream:
+    """Running calibration statistics of one layer's activation rows."""
+
+    def __init__(self, k: int, gram: bool) -> None:
+        self.n = 0
+        self.abs_sum = np.zeros(k)
+        self.gram = np.zeros((k, k)) if gram else None
+        self.rows = np.zeros((0, k))  # the reservoir (copies: no batch is kept alive)
+        self.index = np.zeros(0, np.int64)
+
+    def add(self, x: np.ndarray, capacity: int, rng: np.random.Generator) -> None:
+        self.abs_sum += np.abs(x).sum(axis=0)
+        if self.gram is not None:
+            self.gram += x.T @ x
+        # reservoir sampling (Algorithm R): every row seen so far is kept with the same
+        # probability capacity / n
+        first = self.n
+        fill = max(0, min(capacity - first, x.shape[0]))
+        if fill:
+            self.rows = np.concatenate([self.rows, x[:fill]])
+            self.index = np.concatenate([self.index, np.arange(first, first + fill)])
+        seen = np.arange(first + fill, first + x.shape[0]) + 1  # 1-based count at each later row
+        slot = (rng.random(len(seen)) * seen).astype(np.int64)
+        for j in np.flatnonzero(slot < capacity):  # in order: a later row replaces an earlier one
+            self.rows[slot[j]] = x[fill + j]
+            self.index[slot[j]] = first + fill + j
+        self.n += x.shape[0]
+
+    def sample(self) -> np.ndarray:
+        return self.rows[np.argsort(self.index)]  # in calibration order, as one batch's sample is
 
 
 # ------------------------------------------------------------------ factorisation

@@ -547,3 +547,45 @@ def test_long_calibration_files_run_in_batches_with_the_same_values(exported, tm
     for name in names:
         assert chunked[name].shape == whole[name].shape and chunked[name].shape[0] in (7, 7 * 16)
         np.testing.assert_allclose(chunked[name], whole[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", [{"whiten": "true"}, {"activation_aware": "true"}])
+def test_batched_calibration_keeps_statistics_not_activations(exported, tmp_path, monkeypatch, method):
+    """Several calibration batches are reduced as they come (sums of |x| and x^T x, a
+    reservoir of rows) instead of concatenated: the factors equal those of one batch."""
+    from passes import calibration
+
+    _, path = exported("llama")
+    np.save(tmp_path / "cal.npy", np.random.default_rng(6).integers(3, 100, (7, 16)).astype(np.int64))
+    opts = {"low-rank": {"rank_ratio": "0.5", "calibration_data": str(tmp_path / "cal.npy"),
+                         "calibration_rows": "40", **method}}
+    one, one_report = run_pipeline(onnx.load(str(path)), ["low-rank"], opts)
+    monkeypatch.setattr(calibration, "CHUNK_TOKENS", 32)  # 4 batches of 2, 2, 2, 1 rows
+    many, many_report = run_pipeline(onnx.load(str(path)), ["low-rank"], opts)
+    factors = {t.name: numpy_helper.to_array(t) for t in one.graph.initializer if "lowrank" in t.name}
+    assert factors
+    for t in many.graph.initializer:
+        if t.name in factors:
+            np.testing.assert_allclose(numpy_helper.to_array(t), factors[t.name], rtol=1e-4, atol=1e-6)
+    for a, b in zip(one_report["low-rank"].details["layers"], many_report["low-rank"].details["layers"]):
+        assert a["rank"] == b["rank"] and a["skipped"] == b["skipped"]
+        assert b["skipped"] or b["calibration_rows"] == 40  # a sample of the 112 rows
+
+
+def test_the_row_reservoir_is_a_uniform_sample():
+    """Every row of every batch ends in the reported sample with probability capacity / n."""
+    from passes.low_rank import _Stream
+
+    rng = np.random.default_rng(0)
+    rows = np.arange(50, dtype=np.float64)[:, None] * np.ones((1, 3))
+    counts = np.zeros(50)
+    for _ in range(4000):
+        s = _Stream(3, gram=False)
+        for a, b in ((0, 7), (7, 30), (30, 31), (31, 50)):  # batches of uneven size
+            s.add(rows[a:b], 5, rng)
+        sample = s.sample()[:, 0].astype(int)
+        assert len(set(sample)) == 5 and list(sample) == sorted(sample)
+        counts[sample] += 1
+    assert s.n == 50 and np.allclose(s.abs_sum, rows.sum(axis=0))
+    # 4000 draws of 5 of 50: each row 400 times on average (binomial sd ~19)
+    assert np.abs(counts - 400).max() < 90, counts
