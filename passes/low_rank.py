@@ -265,34 +265,21 @@ def _candidates(graph: ir.Graph, options: LowRankOptions, explanations: list[str
 
 
 def _calibrate(model: ir.Model, layers: list[_Layer], options: LowRankOptions) -> None:
-    """Run the graph with each layer's activation input exposed; keep per-channel stats.
-
-    One calibration batch (the usual case): straight from the activations. Several
-    (long calibration files run in batches of CHUNK_TOKENS tokens): running sums of
-    ``|x|`` and of ``x^T x`` and a uniform reservoir sample of rows, batch by batch, so
-    only one batch's activations are held at a time."""
+    """Run the graph with each layer's activation input exposed; keep per-channel stats:
+    the mean of ``|x|``, ``x^T x`` (whiten) and a sample of rows, reduced batch by batch
+    (long calibration files run in batches of CHUNK_TOKENS tokens) so that only one
+    batch's activations are held at a time."""
     names = [layer.matmul.inputs[0].name for layer in layers]
     rng = np.random.default_rng(options.seed + 1)
-    stream: dict[int, _Stream] = {}
+    streams = [_Stream(layer.weight.shape[0], options.whiten) for layer in layers]
 
     def take(values: dict[str, np.ndarray], batches: int) -> None:
-        for i, layer in enumerate(layers):
-            x = np.asarray(values[names[i]], np.float64)
-            x = x.reshape(-1, x.shape[-1])
-            if batches == 1:  # the whole calibration input at once
-                layer.chan_abs_mean = np.abs(x).mean(axis=0)
-                if options.whiten:
-                    layer.gram = (x.T @ x) / x.shape[0]
-                    layer.gram_rows = int(x.shape[0])
-                if x.shape[0] > options.calibration_rows:
-                    x = x[np.sort(rng.choice(x.shape[0], options.calibration_rows, replace=False))]
-                layer.rows = x
-            else:
-                stream.setdefault(i, _Stream(x.shape[1], options.whiten)).add(x, options.calibration_rows, rng)
+        for name, stream in zip(names, streams):
+            x = np.asarray(values[name], np.float64)
+            stream.add(x.reshape(-1, x.shape[-1]), options.calibration_rows, rng, only_batch=batches == 1)
 
     calibration.run_exposed(model, names, options, "low-rank", per_batch=take)
-    for i, s in stream.items():
-        layer = layers[i]
+    for layer, s in zip(layers, streams):
         layer.chan_abs_mean = s.abs_sum / s.n
         if options.whiten:
             layer.gram, layer.gram_rows = s.gram / s.n, s.n
@@ -306,16 +293,22 @@ class _Stream:
         self.n = 0
         self.abs_sum = np.zeros(k)
         self.gram = np.zeros((k, k)) if gram else None
-        self.rows = np.zeros((0, k))  # the reservoir (copies: no batch is kept alive)
-        self.index = np.zeros(0, np.int64)
+        self.rows = np.zeros((0, k))  # the row sample
+        self.index = np.zeros(0, np.int64)  # each sampled row's position in calibration order
 
-    def add(self, x: np.ndarray, capacity: int, rng: np.random.Generator) -> None:
+    def add(self, x: np.ndarray, capacity: int, rng: np.random.Generator, only_batch: bool = False) -> None:
         self.abs_sum += np.abs(x).sum(axis=0)
         if self.gram is not None:
             self.gram += x.T @ x
-        # reservoir sampling (Algorithm R): every row seen so far is kept with the same
-        # probability capacity / n
         first = self.n
+        self.n += x.shape[0]
+        if only_batch:  # the whole calibration input at once: a sample without replacement
+            pick = np.sort(rng.choice(x.shape[0], capacity, replace=False)) if x.shape[0] > capacity else None
+            self.rows = x if pick is None else x[pick]
+            self.index = np.arange(x.shape[0]) if pick is None else pick
+            return
+        # reservoir sampling (Algorithm R) over batches: every row seen so far is kept with
+        # the same probability capacity / n; copies, so no batch is kept alive
         fill = max(0, min(capacity - first, x.shape[0]))
         if fill:
             self.rows = np.concatenate([self.rows, x[:fill]])
@@ -325,7 +318,6 @@ class _Stream:
         for j in np.flatnonzero(slot < capacity):  # in order: a later row replaces an earlier one
             self.rows[slot[j]] = x[fill + j]
             self.index[slot[j]] = first + fill + j
-        self.n += x.shape[0]
 
     def sample(self) -> np.ndarray:
         return self.rows[np.argsort(self.index)]  # in calibration order, as one batch's sample is

@@ -107,9 +107,6 @@ def describe(path: str | Path, model: Any) -> dict[str, Any]:
         "bytes_per_token": per_token,
         "scheme": meta.get("toolkit.kv_cache", "unknown"),
     }
-    if per_token is None:
-        kv["layout_note"] = ("the past_key_values.* inputs are not [batch, heads, sequence, head_dim] with fixed "
-                             "heads and head_dim, so their bytes per token cannot be read from the shapes")
     if "toolkit.kv_quant" in meta:
         # Quantized cache (passes/kv_cache.py): codes + float16 scales/zeros per token,
         # from the scheme (the lengths are dynamic, so the shapes cannot say it); the
@@ -131,7 +128,6 @@ def describe(path: str | Path, model: Any) -> dict[str, Any]:
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
             raise _bad_metadata(path, "toolkit.kv_quant", exc) from None
         kv["quantize_query"] = scheme.quantize_query
-        kv.pop("layout_note", None)
     if "toolkit.low_rank_kv" in meta:
         # Latent cache (passes/low_rank_kv.py): [batch, seq, rank] tensors; the pass
         # records the bytes per token it keeps and what float32 keys/values would take.
@@ -141,7 +137,9 @@ def describe(path: str | Path, model: Any) -> dict[str, Any]:
                 kv[key] = float(info[key]) if key == "reduction_vs_fp32" else int(info[key])
         except (KeyError, TypeError, ValueError) as exc:
             raise _bad_metadata(path, "toolkit.low_rank_kv", exc) from None
-        kv.pop("layout_note", None)
+    if kv["bytes_per_token"] is None:  # neither the shapes nor the toolkit's metadata give it
+        kv["layout_note"] = ("the past_key_values.* inputs are not [batch, heads, sequence, head_dim] with fixed "
+                             "heads and head_dim, so their bytes per token cannot be read from the shapes")
     return {
         "path": str(path),
         "size_bytes": size,

@@ -122,9 +122,9 @@ def setting_label(report: dict[str, Any], path: str | Path | None = None) -> str
 
     From the model's ``toolkit.*`` metadata (recorded in ``model_metadata``): the
     quantized KV scheme (and a latent cache's rank rule), the low-rank budget / ratio /
-    energy (and ASVD or whitening, int8 factors), the sampling head; ``fp32`` for a model with none of them. Reports without metadata
-    (older files) are named after their file: the bundle directory for a
-    ``parity.json``, else the file's stem.
+    energy (and ASVD or whitening, int8 factors), the sampling head; ``fp32`` for a
+    model with none of them. Reports without metadata (older files) are named after
+    their file: the bundle directory for a ``parity.json``, else the file's stem.
 
     Args:
         report: a parity report dictionary.

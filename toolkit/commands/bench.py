@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     from toolkit.parity import write_atomic
 
     _check(args)
+
     def show(i, n, row):
         print(f"[{i}/{n}] V={row['vocab']} B={row['batch']} k={row['k']} t={row['threads']}: "
               f"fused {row['fused']['median_us']:.1f} us, ORT softmax+topk {row['ort_softmax_topk']['median_us']:.1f} "
