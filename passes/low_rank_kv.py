@@ -125,7 +125,7 @@ class _Side:
     kind: str                  # "key" | "value"
     past: ir.Value
     concat: ir.Node
-    rows: np.ndarray | None = None    # calibration rows [N, kv_heads * head_dim] (float64)
+    grams: list[np.ndarray] = dataclasses.field(default_factory=list)  # per group: sum of x^T x (float64)
     bases: list[np.ndarray] = dataclasses.field(default_factory=list)  # per group [gD, gD], columns by energy
     spectra: list[np.ndarray] = dataclasses.field(default_factory=list)  # per group eigenvalues, descending
     ups: list[np.ndarray] = dataclasses.field(default_factory=list)  # per group up-projection (default: bases)
@@ -147,31 +147,49 @@ class _LayerRewrite:
 
 
 def _calibrate(model: ir.Model, layers: list[_LayerRewrite], options: LowRankKVOptions) -> None:
-    """Prefill the calibration tokens; keep each layer's new keys/values and its query head count."""
+    """Prefill the calibration tokens batch by batch; keep statistics, not activations.
+
+    Per side and head group the Gram matrix of the new key/value rows (``sum x^T x``),
+    per KV head the sum of its query heads' ``q^T q``, and the query head count: all the
+    fit needs, so memory does not grow with the calibration tokens.
+    """
     wanted = []
     for layer in layers:
         for side in (layer.key, layer.value):
             if side is not None:
                 wanted.append(side.concat.outputs[0].name)  # present.{i}.key/value
         wanted.append(layer.match.query.name)
-    values = calibration.run_exposed(model, wanted, options, "low-rank-kv", threads=1)
+    query_rows = [0]
+
+    def take(values: dict[str, np.ndarray], _batches: int) -> None:
+        for layer in layers:
+            q = values[layer.match.query.name]
+            if q.ndim != 4:
+                raise PassError(f"low-rank-kv: layer {layer.index}: query {layer.match.query.name!r} has rank "
+                                f"{q.ndim}, expected [batch, heads, seq, head_dim]",
+                                hint="the pass rewrites the eager attention exported by `toolkit export`")
+            layer.q_heads = int(q.shape[1])
+            if options.query_aware and layer.key is not None:
+                q = np.asarray(q, np.float64).transpose(1, 0, 2, 3).reshape(q.shape[1], -1, q.shape[3])  # [Hq, N, D]
+                kv_heads = int(values[layer.key.concat.outputs[0].name].shape[1])
+                n_rep = max(1, q.shape[0] // kv_heads)
+                sums = [sum(q[h].T @ q[h] for h in range(j * n_rep, (j + 1) * n_rep)) for j in range(kv_heads)]
+                layer.q_cov = sums if layer.q_cov is None else [a + b for a, b in zip(layer.q_cov, sums)]
+            for side in (layer.key, layer.value):
+                if side is not None:
+                    kv = np.asarray(values[side.concat.outputs[0].name], np.float64)  # [B, H, S, D]
+                    rows = kv.transpose(0, 2, 1, 3).reshape(-1, kv.shape[1] * kv.shape[3])
+                    width = rows.shape[1] // options.groups
+                    grams = [rows[:, g * width:(g + 1) * width].T @ rows[:, g * width:(g + 1) * width]
+                             for g in range(options.groups)]
+                    side.grams = grams if not side.grams else [a + b for a, b in zip(side.grams, grams)]
+        first = values[layers[0].match.query.name]
+        query_rows[0] += int(first.shape[0] * first.shape[2])  # batch * seq: rows per query head
+
+    calibration.run_exposed(model, wanted, options, "low-rank-kv", threads=1, per_batch=take)
     for layer in layers:
-        q = values[layer.match.query.name]
-        if q.ndim != 4:
-            raise PassError(f"low-rank-kv: layer {layer.index}: query {layer.match.query.name!r} has rank {q.ndim}, "
-                            "expected [batch, heads, seq, head_dim]",
-                            hint="the pass rewrites the eager attention exported by `toolkit export`")
-        layer.q_heads = int(q.shape[1])
-        if options.query_aware and layer.key is not None:
-            q = np.asarray(q, np.float64).transpose(1, 0, 2, 3).reshape(q.shape[1], -1, q.shape[3])  # [Hq, N, D]
-            kv_heads = int(values[layer.key.concat.outputs[0].name].shape[1])
-            n_rep = max(1, q.shape[0] // kv_heads)
-            layer.q_cov = [sum(q[h].T @ q[h] for h in range(j * n_rep, (j + 1) * n_rep)) / q.shape[1]
-                           for j in range(kv_heads)]
-        for side in (layer.key, layer.value):
-            if side is not None:
-                kv = np.asarray(values[side.concat.outputs[0].name], np.float64)  # [B, H, S, D]
-                side.rows = kv.transpose(0, 2, 1, 3).reshape(-1, kv.shape[1] * kv.shape[3])
+        if layer.q_cov is not None:
+            layer.q_cov = [c / query_rows[0] for c in layer.q_cov]
 
 
 # ------------------------------------------------------------------ bases and ranks
@@ -185,16 +203,17 @@ def _sqrt_psd(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fit(side: _Side, groups: int, options: LowRankKVOptions, q_cov: list[np.ndarray] | None = None) -> None:
-    """Per group: PCA basis of the rows (of S k with S = (query covariance)^1/2 when ``q_cov``).
+    """Per group: PCA basis of the rows, from their Gram matrix (of S k with S = (query covariance)^1/2 when
+    ``q_cov``).
 
     Whitened: the latent is ``h = k S U`` and the score side reads ``S^-1 U``, so
     ``q . k_hat = (S q) . (U U^T S k)``: truncating U drops the directions that move the
     scores least. Without ``q_cov``, S = I and the up-projection is the basis itself.
     """
-    width = side.rows.shape[1] // groups
+    width = side.grams[0].shape[0]
     side.bases, side.spectra, side.ups = [], [], []
     for g in range(groups):
-        x = side.rows[:, g * width:(g + 1) * width]
+        gram = side.grams[g]
         s = s_inv = None
         if q_cov is not None:
             per_group = len(q_cov) // groups
@@ -204,8 +223,8 @@ def _fit(side: _Side, groups: int, options: LowRankKVOptions, q_cov: list[np.nda
                 a, b = _sqrt_psd(q_cov[g * per_group + jj])
                 sl = slice(jj * head_dim, (jj + 1) * head_dim)
                 s[sl, sl], s_inv[sl, sl] = a, b
-            x = x @ s
-        eigval, eigvec = np.linalg.eigh(x.T @ x)
+            gram = s @ gram @ s  # (x S)^T (x S), S symmetric
+        eigval, eigvec = np.linalg.eigh(gram)
         order = np.argsort(eigval)[::-1]
         side.spectra.append(np.maximum(eigval[order], 0.0))
         u = eigvec[:, order]

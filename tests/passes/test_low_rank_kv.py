@@ -159,6 +159,34 @@ def test_energy_picks_a_rank_per_layer(exported):
     assert r == info["layers"][0]["key_rank"]
 
 
+@pytest.mark.parametrize("options", [{"rank_ratio": 0.5, "query_aware": "true"}, {"energy": 0.9, "groups": 2}])
+def test_batched_calibration_keeps_statistics_not_activations(exported, monkeypatch, options):
+    """The calibration prefill runs in batches of CHUNK_TOKENS tokens and each batch is
+    reduced as it comes (Gram matrices of the keys/values, sums of q^T q): the bases and
+    ranks equal those of a single batch, the query covariance included."""
+    from onnx import numpy_helper
+
+    from passes import calibration
+
+    _, path = exported("llama")
+    opts = {**options, "calibration_samples": 7, "calibration_seq_len": 16}
+    one, one_report = convert(path, **opts)
+    runs = []
+    real = calibration._batch_chunks
+    monkeypatch.setattr(calibration, "CHUNK_TOKENS", 32)  # batches of 2, 2, 2, 1 sequences
+    monkeypatch.setattr(calibration, "_batch_chunks", lambda inputs: runs.append(chunks := real(inputs)) or chunks)
+    many, many_report = convert(path, **opts)
+    assert [c["input_ids"].shape[0] for c in runs[0]] == [2, 2, 2, 1]
+    bases = {t.name: numpy_helper.to_array(t) for t in one.graph.initializer}
+    assert any("latent" in name or "down" in name or "up" in name for name in bases)
+    for t in many.graph.initializer:
+        np.testing.assert_allclose(numpy_helper.to_array(t), bases[t.name], rtol=1e-4, atol=1e-6, err_msg=t.name)
+    layers = [one_report["low-rank-kv"].details["layers"], many_report["low-rank-kv"].details["layers"]]
+    for a, b in zip(*layers):
+        assert (a["key_rank"], a["value_rank"]) == (b["key_rank"], b["value_rank"])
+        assert a["key_kept_energy"] == pytest.approx(b["key_kept_energy"], rel=1e-9)
+
+
 # ---------------------------------------------------------------- refusals
 
 
