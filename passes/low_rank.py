@@ -482,6 +482,7 @@ def apply(model: ir.Model, options: LowRankOptions, *, explain: bool = False) ->
     _choose_ranks(layers, options)
 
     report = []
+    notes: list[str] = []  # said with or without --explain: layers left dense, underdetermined whitening
     count = 0
     params_before = params_after = flops_before = flops_after = 0
     for layer in layers:
@@ -500,7 +501,7 @@ def apply(model: ir.Model, options: LowRankOptions, *, explain: bool = False) ->
             entry.update(skipped=True, reason=reason)
             params_after += K * N
             flops_after += 2 * K * N
-            explanations.append(f"node {layer.matmul.name or '<unnamed>'} ({layer.matmul.op_type}): {reason}")
+            notes.append(f"node {layer.matmul.name or '<unnamed>'} ({layer.matmul.op_type}): {reason}")
             report.append(entry)
             continue
         U, V = _factors(layer)
@@ -514,7 +515,7 @@ def apply(model: ir.Model, options: LowRankOptions, *, explain: bool = False) ->
             # fewer activation rows than input channels: the whitened factors can fit those
             # rows exactly, so their error on them says little about other inputs
             entry["calibration_underdetermined"] = True
-            explanations.append(
+            notes.append(
                 f"node {layer.matmul.name or '<unnamed>'}: whitened on {layer.gram_rows} calibration rows for "
                 f"{K} input channels (rank-deficient Gram matrix); its reconstruction_error is measured on those "
                 "same rows and can be near 0 at any rank: pass more calibration_data")
@@ -547,8 +548,7 @@ def apply(model: ir.Model, options: LowRankOptions, *, explain: bool = False) ->
                "activation_aware": options.activation_aware, "whiten": options.whiten}
     model.metadata_props["toolkit.low_rank"] = json.dumps(
         {"options": dataclasses.asdict(options), **summary}, sort_keys=True)
-    return PassResult(name=PASS.name, count=count, explanations=explanations if explain else
-                      [e for e in explanations if "left dense" in e or "rank-deficient" in e],
+    return PassResult(name=PASS.name, count=count, explanations=explanations + notes,
                       details={"summary": summary, "layers": report})
 
 

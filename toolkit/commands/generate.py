@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     from toolkit.commands._common import check_threads
     from toolkit.errors import ToolkitError
-    from toolkit.generate import Sampling, TokenChooser, generate, head_options, load_bundle
+    from toolkit.generate import Sampling, TokenChooser, generate_batch, head_options, load_bundle
     from toolkit.parity import make_session
 
     if args.prompt is not None and args.prompt_ids is not None:
@@ -74,13 +74,10 @@ def run(args: argparse.Namespace) -> int:
     recorded_eos = json.loads(meta.get("toolkit.eos_token_ids") or "[]")
     eos = (recorded_eos or None) if args.eos_id is None else None if args.eos_id == -1 else args.eos_id
     context = int(meta["toolkit.context_length"]) if meta.get("toolkit.context_length") else None
-    if len(prompts) > 1:
-        return _run_batch(args, session, tokenizer, texts, prompts, sampling, eos, context)
-    prompt = prompts[0]
     streamed: list[int] = []
     shown = ""
 
-    def stream(token: int) -> None:
+    def stream(row: int, token: int) -> None:  # one prompt: print each token as it comes
         nonlocal shown
         if not streamed:  # the prompt, once the model has produced something (an error stays on its own line)
             print(texts[0] if args.prompt_ids is None else "", end="", flush=True)
@@ -91,20 +88,29 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             shown = text
 
-    result = generate(session, prompt, args.max_new_tokens, sampling, eos_id=eos, seed=args.seed,
-                      on_token=None if args.json else stream, context_length=context)
-    text = tokenizer.decode(result.token_ids) if tokenizer is not None else None
-    decoded = bool(result.step_ms)
-    stats = result.stats()
+    single = len(prompts) == 1
+    result = generate_batch(session, prompts, args.max_new_tokens, sampling, eos_id=eos, seed=args.seed,
+                            on_token=stream if single and not args.json else None, context_length=context)
+    rows = [{"prompt_ids": prompt, "token_ids": tokens,
+             "text": tokenizer.decode(tokens) if tokenizer is not None else None}
+            for prompt, tokens in zip(prompts, result.token_ids)]
+    stats = {"batch": len(rows), **result.stats()}
     if args.json:
-        row = {"prompt_ids": prompt, "token_ids": result.token_ids, "text": text}
-        # the flat fields, and the batch schema's "rows" (one row), so a reader can use either
-        print(json.dumps({**row, "rows": [row], "batch": 1, **stats}, indent=2))
-    else:
-        decode = (f"decode {result.median_step_ms:.2f} ms/step median, {result.tokens_per_second:.0f} tokens/s"
-                  if decoded else "no decode step")
-        print(f"\n[{len(result.token_ids)} tokens, prefill {result.prefill_ms:.1f} ms, {decode}, "
-              f"KV cache {result.kv_cache_bytes / 1024:.1f} KiB, peak RSS {result.peak_rss_mb:.0f} MiB]")
+        # one prompt also gets its row's fields at the top level, so a reader can use either
+        print(json.dumps({**(rows[0] if single else {}), "rows": rows, **stats}, indent=2))
+        return 0
+    if not single:  # several prompts: each completion printed when the run ends
+        for b, row in enumerate(rows):
+            shown_text = (texts[b] + row["text"]) if args.prompt_ids is None and row["text"] is not None \
+                else " ".join(map(str, row["token_ids"]))
+            print(f"--- prompt {b + 1} of {len(rows)} ({len(row['token_ids'])} tokens)")
+            print(shown_text)
+    decode = (f"decode {result.median_step_ms:.2f} ms/step median, {result.tokens_per_second:.0f} tokens/s"
+              + ("" if single else f" over {len(rows)} rows") if result.step_ms else "no decode step")
+    size = f"{len(rows[0]['token_ids'])} tokens" if single else f"batch {len(rows)}"
+    lead = "\n" if single else ""  # ends the streamed line
+    print(f"{lead}[{size}, prefill {result.prefill_ms:.1f} ms, {decode}, "
+          f"KV cache {result.kv_cache_bytes / 1024:.1f} KiB, peak RSS {result.peak_rss_mb:.0f} MiB]")
     return 0
 
 
@@ -116,32 +122,3 @@ def _parse_ids(text: str) -> list[int]:
     except ValueError:
         raise ToolkitError(f"--prompt-ids {text!r} is not a comma-separated list of integers",
                            hint="e.g. --prompt-ids 1,2,3") from None
-
-
-def _run_batch(args, session, tokenizer, texts, prompts, sampling, eos, context) -> int:
-    """Several prompts: one left-padded batch, each completion printed when the run ends."""
-    import json
-
-    from toolkit.generate import generate_batch
-
-    result = generate_batch(session, prompts, args.max_new_tokens, sampling, eos_id=eos, seed=args.seed,
-                            context_length=context)
-    rows = []
-    for b, (prompt, tokens) in enumerate(zip(prompts, result.token_ids)):
-        text = tokenizer.decode(tokens) if tokenizer is not None else None
-        rows.append({"prompt_ids": prompt, "token_ids": tokens, "text": text})
-    decoded = bool(result.step_ms)
-    stats = {"batch": len(prompts), **result.stats()}
-    if args.json:
-        print(json.dumps({"rows": rows, **stats}, indent=2))
-        return 0
-    for b, row in enumerate(rows):
-        shown = (texts[b] + row["text"]) if args.prompt_ids is None and row["text"] is not None \
-            else " ".join(map(str, row["token_ids"]))
-        print(f"--- prompt {b + 1} of {len(rows)} ({len(row['token_ids'])} tokens)")
-        print(shown)
-    decode = (f"decode {result.median_step_ms:.2f} ms/step median, {result.tokens_per_second:.0f} tokens/s "
-              f"over {len(rows)} rows" if decoded else "no decode step")
-    print(f"[batch {len(rows)}, prefill {result.prefill_ms:.1f} ms, {decode}, "
-          f"KV cache {result.kv_cache_bytes / 1024:.1f} KiB, peak RSS {result.peak_rss_mb:.0f} MiB]")
-    return 0
