@@ -8,7 +8,7 @@ library registered runs the fused kernel instead (verified: a registered custom 
 takes precedence over a model-local function). The results are the same op
 contract (softmax_topk.h) either way.
 
-``FusedSoftmaxTopK`` body: ``x / temperature``, then by the ``normalize`` and
+``FusedSoftmaxTopK`` body: ``x / temperature`` in float32, then by the ``normalize`` and
 ``log_probs`` attributes (``If`` on attribute-valued constants) one of
 Softmax→TopK, LogSoftmax→TopK, TopK→Softmax, TopK→LogSoftmax. A function call
 must bind every output of the function (ONNX Runtime rejects fewer), so the body
@@ -85,13 +85,16 @@ def _softmax_topk_function():
         helper.make_node("Constant", [], ["axis0"], value_ints=[0]),
         helper.make_node("Unsqueeze", ["k0", "axis0"], ["k1"]),
         attr_const("temperature", "t", "value_float"),
-        helper.make_node("CastLike", ["t", "logits"], ["t_like"]),
-        helper.make_node("Div", ["logits", "t_like"], ["scaled"]),
+        # in float32 as the kernel computes: a float16 temperature below ~3e-8 would be 0
+        # (x / 0 = inf, then NaN probabilities) and float16 softmax sums lose precision
+        helper.make_node("Cast", ["logits"], ["logits_f"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["logits_f", "t"], ["scaled"]),
         attr_const("normalize", "normalize_i", "value_int"),
         helper.make_node("Cast", ["normalize_i"], ["use_renorm"], to=TensorProto.BOOL),
         attr_const("log_probs", "log_probs_i", "value_int"),
         helper.make_node("Cast", ["log_probs_i"], ["use_log"], to=TensorProto.BOOL),
-        if_node("use_renorm", renorm, full, ["values", "indices"]),
+        if_node("use_renorm", renorm, full, ["values_f", "indices"]),
+        helper.make_node("CastLike", ["values_f", "logits"], ["values"]),
     ]
     fn = helper.make_function(DOMAIN, "FusedSoftmaxTopK", ["logits"], ["values", "indices"], nodes,
                               [helper.make_opsetid("", ONNX_OPSET)], attributes=["k"])

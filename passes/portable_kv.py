@@ -121,11 +121,18 @@ class _KVBody:
         axes = b.const([axis])
         levels = float((1 << self.s.bits) - 1)
         zero16 = None
+        # ORT's ReduceMax / ReduceMin skip NaN on some paths: a group with a NaN gets a
+        # NaN range explicitly, as in the reference and the kernels (kv_math.h NanMax)
+        counted = grouped if valid is None else b.op("Where", valid, grouped, b.const(0.0, np.float32))
+        has_nan = b.op("Greater", b.op("ReduceMax", b.op("Cast", b.op("IsNaN", counted), to=FLOAT), axes, keepdims=1),
+                       b.const(0.0, np.float32))
+        nan = b.const(np.nan, np.float32)
         if self.s.symmetric:
-            amax = b.op("ReduceMax", b.op("Abs", grouped), axes, keepdims=1)
+            amax = b.op("Where", has_nan, nan, b.op("ReduceMax", b.op("Abs", grouped), axes, keepdims=1))
             scale16 = b.op("Cast", b.op("Div", amax, b.const(127.0, np.float32)), to=FLOAT16)
             s = b.op("Cast", scale16, to=FLOAT)
             q = b.op("Round", b.op("Div", grouped, s))
+            q = b.op("Where", b.op("IsNaN", q), b.const(-127.0, np.float32), q)  # inf / inf: the lowest code
             q = b.op("Clip", q, b.const(-127.0, np.float32), b.const(127.0, np.float32))
             q = b.op("Add", q, b.const(128.0, np.float32))
         else:
@@ -135,13 +142,15 @@ class _KVBody:
             else:  # padding positions do not count; a group with none valid is all zeros
                 lo = b.op("ReduceMin", b.op("Where", valid, grouped, b.const(np.inf, np.float32)), axes, keepdims=1)
                 hi = b.op("ReduceMax", b.op("Where", valid, grouped, b.const(-np.inf, np.float32)), axes, keepdims=1)
-                empty = b.op("Or", b.op("IsInf", lo), b.op("IsNaN", lo))
+                empty = b.op("Greater", lo, hi)  # +inf > -inf; a NaN (kept, as in the kernels) compares false
                 zero_f = b.const(0.0, np.float32)
                 lo, hi = b.op("Where", empty, zero_f, lo), b.op("Where", empty, zero_f, hi)
+            lo, hi = b.op("Where", has_nan, nan, lo), b.op("Where", has_nan, nan, hi)
             scale16 = b.op("Cast", b.op("Div", b.op("Sub", hi, lo), b.const(levels, np.float32)), to=FLOAT16)
             zero16 = b.op("Cast", lo, to=FLOAT16)
             s = b.op("Cast", scale16, to=FLOAT)
             q = b.op("Round", b.op("Div", b.op("Sub", grouped, b.op("Cast", zero16, to=FLOAT)), s))
+            q = b.op("Where", b.op("IsNaN", q), b.const(0.0, np.float32), q)  # inf / inf: the lowest code
             q = b.op("Clip", q, b.const(0.0, np.float32), b.const(levels, np.float32))
         # a zero scale (constant group) codes everything as 0 (the symmetric 0 is 128)
         nothing = b.const(128.0 if self.s.symmetric else 0.0, np.float32)
@@ -186,8 +195,12 @@ class _KVBody:
                              b.const(1))
             visible = b.op("LessOrEqual", positions, b.op("Unsqueeze", query_pos, one))  # [S, T]
             scores = b.op("Where", visible, scores, b.const(-np.inf, np.float32))
-        probs = b.op("Softmax", scores, axis=-1)
-        probs = b.op("Where", b.op("IsNaN", probs), b.const(0.0, np.float32), probs)  # fully masked row: zeros
+        # a fully masked row (every score -inf) gives zeros; a NaN score keeps its row NaN
+        # (the reference and the kernels), so only rows with no score above -inf are zeroed
+        open_scores = b.op("Cast", b.op("Not", b.op("IsInf", scores, detect_positive=0)), to=FLOAT)
+        masked_row = b.op("Equal", b.op("ReduceMax", open_scores, b.const([-1]), keepdims=1),
+                          b.const(0.0, np.float32))
+        probs = b.op("Where", masked_row, b.const(0.0, np.float32), b.op("Softmax", scores, axis=-1))
         out = b.reshape(b.op("MatMul", probs, v5), b.dim("query", 0))
         b.rename(out, "output")
 

@@ -346,17 +346,15 @@ __device__ void QuantizeTokenRow(const float* x, int64_t D, int64_t G, int bits,
     if (symmetric) {
       float amax = 0.0f;
       for (int64_t i = 0; i < G; ++i) {
-        const float ax = fabsf(xg[i]);
-        amax = amax < ax ? ax : amax;  // std::max(amax, ax)
+        amax = NanMax(amax, fabsf(xg[i]));
       }
       s_out[g] = FloatToHalf(amax / 127.0f);
       sf[g] = HalfToFloat(s_out[g]);
     } else {
       float mn = xg[0], mx = xg[0];
       for (int64_t i = 1; i < G; ++i) {
-        const float xi = xg[i];
-        mn = xi < mn ? xi : mn;  // std::min(mn, xi)
-        mx = mx < xi ? xi : mx;  // std::max(mx, xi)
+        mn = NanMin(mn, xg[i]);
+        mx = NanMax(mx, xg[i]);
       }
       uint16_t s16, z16;
       AsymmetricParams(mn, mx, bits, &s16, &z16);
@@ -419,8 +417,8 @@ __global__ void __launch_bounds__(kThreads) QuantizeKeyChannelsKernel(const Io i
       const int64_t t = N + g0 + i;
       if (io.bias_batch && !(BiasAt(io, b, io.S - 1, t) > kMaskedBias)) continue;
       const float x = FpRow(io, io.key_res, io.key, bh, t)[d];
-      mn = x < mn ? x : mn;
-      mx = mx < x ? x : mx;
+      mn = NanMin(mn, x);
+      mx = NanMax(mx, x);
     }
     if (mn > mx) mn = mx = 0.0f;  // no valid token in the group
     uint16_t s16, z16;

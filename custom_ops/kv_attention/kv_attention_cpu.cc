@@ -1507,24 +1507,32 @@ TOOLKIT_AVX2 void QuantizeGroupAvx2(const float* x, int64_t G, bool symmetric, i
                                     uint16_t* zero, uint8_t* codes) {
   float s = 0.0f, z = 0.0f;
   if (symmetric) {
-    // max(m, amax) keeps amax where |x| is NaN, as std::max(amax, |x|) does.
+    // max skips NaN lanes (it returns its second operand, amax); an unordered
+    // compare flags them, and a flagged group's range is NaN (NanMax).
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 amax = _mm256_setzero_ps();
-    for (int64_t i = 0; i < G; i += 8) amax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask), amax);
-    *scale = FloatToHalf(HorizontalMax(amax) / 127.0f);
+    __m256 amax = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+    for (int64_t i = 0; i < G; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + i);
+      amax = _mm256_max_ps(_mm256_and_ps(v, abs_mask), amax);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    const float m = _mm256_movemask_ps(nan) ? std::numeric_limits<float>::quiet_NaN() : HorizontalMax(amax);
+    *scale = FloatToHalf(m / 127.0f);
     s = HalfToFloat(*scale);
   } else {
-    // Lanes start at x[0]: a NaN there stays (min(x, NaN) returns the NaN operand),
-    // a NaN elsewhere is skipped, as std::min / std::max from x[0] do.
-    __m256 mn = _mm256_set1_ps(x[0]), mx = mn;
+    __m256 mn = _mm256_set1_ps(x[0]), mx = mn, nan = _mm256_setzero_ps();
     for (int64_t i = 0; i < G; i += 8) {
       const __m256 v = _mm256_loadu_ps(x + i);
       mn = _mm256_min_ps(v, mn), mx = _mm256_max_ps(v, mx);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     }
-    alignas(32) float lo[8], hi[8];
-    _mm256_store_ps(lo, mn), _mm256_store_ps(hi, mx);
-    float a = lo[0], b = hi[0];
-    for (int l = 1; l < 8; ++l) a = std::min(a, lo[l]), b = std::max(b, hi[l]);
+    float a = std::numeric_limits<float>::quiet_NaN(), b = a;
+    if (!_mm256_movemask_ps(nan)) {
+      alignas(32) float lo[8], hi[8];
+      _mm256_store_ps(lo, mn), _mm256_store_ps(hi, mx);
+      a = lo[0], b = hi[0];
+      for (int l = 1; l < 8; ++l) a = std::min(a, lo[l]), b = std::max(b, hi[l]);
+    }
     AsymmetricParams(a, b, bits, scale, zero);
     s = HalfToFloat(*scale), z = HalfToFloat(*zero);
   }
@@ -1613,13 +1621,13 @@ void WritePresent(void* data, size_t index) {
 #endif
         if (a.symmetric) {
           float amax = 0.0f;
-          for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::fabs(xg[i]));
+          for (int64_t i = 0; i < G; ++i) amax = NanMax(amax, std::fabs(xg[i]));
           s_out[g] = FloatToHalf(amax / 127.0f);
           const float s = HalfToFloat(s_out[g]);
           for (int64_t i = 0; i < G; ++i) codes[size_t(g * G + i)] = SymmetricCode(xg[i], s);
         } else {
           float mn = xg[0], mx = xg[0];
-          for (int64_t i = 1; i < G; ++i) mn = std::min(mn, xg[i]), mx = std::max(mx, xg[i]);
+          for (int64_t i = 1; i < G; ++i) mn = NanMin(mn, xg[i]), mx = NanMax(mx, xg[i]);
           AsymmetricParams(mn, mx, bits, &s_out[g], &z_out[g]);
           const float s = HalfToFloat(s_out[g]), z = HalfToFloat(z_out[g]);
           for (int64_t i = 0; i < G; ++i) codes[size_t(g * G + i)] = AsymmetricCode(xg[i], s, z, bits);
@@ -1652,7 +1660,7 @@ void WritePresent(void* data, size_t index) {
             const int64_t t = N + g0 + i;
             if (io.bias_batch && !(BiasAt(io, b, io.S - 1, t) > kMaskedBias)) continue;
             const float x = fp_key(g0 + i)[d];
-            mn = std::min(mn, x), mx = std::max(mx, x);
+            mn = NanMin(mn, x), mx = NanMax(mx, x);
           }
           if (mn > mx) mn = mx = 0.0f;  // no valid token in the group
           AsymmetricParams(mn, mx, bits, &s_out[d], &z_out[d]);

@@ -11,6 +11,13 @@
 
 namespace toolkit::kv_attention {
 
+// A group's range as the reference takes it (NumPy's max / min): a NaN element makes
+// it NaN, so the group's scale (and zero) is NaN and its codes are the fixed ones, and
+// the NaN reaches every later output that reads the group. Otherwise these are
+// std::max(m, x) / std::min(m, x) (which skip a NaN x): ties keep m.
+TOOLKIT_HD float NanMax(float m, float x) { return (x > m || x != x) ? x : m; }
+TOOLKIT_HD float NanMin(float m, float x) { return (x < m || x != x) ? x : m; }
+
 // Scale and zero of an asymmetric group with range [mn, mx], as stored (float16).
 TOOLKIT_HD void AsymmetricParams(float mn, float mx, int bits, uint16_t* scale, uint16_t* zero) {
   const float levels = float((1 << bits) - 1);

@@ -190,6 +190,13 @@ def test_kv_long_context_slices_and_scale(sim):
     kvt._drive_cuda(_growing_runner(sim), kvt.SCHEMES["kivi4"], 1, 2, 2, 32, steps=[17, 1, 1], scale=0.05)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("name", kvt.POISON_SCHEMES)
+def test_kv_nan_or_inf_entering_the_cache(sim, name, bad):
+    # the CUDA min / max scans keep a NaN as the reference does (see the CPU test)
+    kvt._drive_cuda(_growing_runner(sim), kvt.SCHEMES[name], 2, 4, 2, 32, steps=[13] + [1] * 18, poison=bad)
+
+
 @pytest.mark.parametrize("d", [128, 256])
 def test_kv_large_head_dim_and_gqa(sim, d):
     # Real models' head dims with GQA 4 (at 256 the shared memory is past 48 KiB).

@@ -735,9 +735,10 @@ CUDA_RUNNERS = {"ort-cuda-ep": _cuda_ep_runner, "ctypes": _cuda_ctypes_runner}
 
 
 def _drive_cuda(runner, scheme, batch, hq, hkv, d, steps, with_bias=True, pad=None, pad_key=None, seed=0,
-                scale=0.0):
+                scale=0.0, poison=None):
     """``drive`` on a CUDA runner (a CUDA_RUNNERS name or a runner factory): same inputs,
-    same checks per call; returns the last present cache."""
+    same checks per call; returns the last present cache. ``poison``: a value written
+    into one key and one value element of call 1's first token."""
     run = (CUDA_RUNNERS[runner] if isinstance(runner, str) else runner)(scheme, with_bias=with_bias, scale=scale)
     rng = np.random.default_rng(seed)
     cache_op = kq.empty_cache(batch, hkv, d, scheme)
@@ -748,13 +749,51 @@ def _drive_cuda(runner, scheme, batch, hq, hkv, d, steps, with_bias=True, pad=No
         if pad_key is not None and past == 0:
             for b, p in enumerate(pad):
                 k[b, :, :p] = pad_key
+        if poison is not None and i == 1:
+            k[0, hkv - 1, 0, 3] = v[batch - 1, 0, 0, 5] = poison
         bias = causal_bias(batch, s_len, past, pad) if with_bias else None
         out, cache_op = run(q, k, v, cache_op, bias)
-        ref, cache_ref = kq.attention(q, k, v, cache_ref, scheme, bias, scale)
+        with np.errstate(invalid="ignore", over="ignore"):
+            ref, cache_ref = kq.attention(q, k, v, cache_ref, scheme, bias, scale)
         assert_cache_equal(cache_op, cache_ref, f"call {i}")
-        np.testing.assert_allclose(out, ref, rtol=OUT_RTOL, atol=OUT_ATOL, err_msg=f"call {i}")
+        if poison is None:
+            np.testing.assert_allclose(out, ref, rtol=OUT_RTOL, atol=OUT_ATOL, err_msg=f"call {i}")
+        else:
+            # A NaN reaches the same outputs. An inf scale gives inf or NaN by the order of
+            # operations, or a finite row where the kernel's factored score is -inf and the
+            # reference's dequantized key inf * 0 = NaN (README): compared where both are finite.
+            if np.isnan(poison):
+                np.testing.assert_array_equal(np.isnan(out), np.isnan(ref), err_msg=f"call {i}: NaN outputs")
+            finite = np.isfinite(ref) & np.isfinite(out)
+            assert finite.any(), f"call {i}: no finite output left to compare"
+            np.testing.assert_allclose(out[finite], ref[finite], rtol=OUT_RTOL, atol=OUT_ATOL, err_msg=f"call {i}")
         past += s_len
     return cache_op
+
+
+def _cpu_runner(scheme, with_bias=True, scale=0.0):
+    sess = make_session(scheme, with_bias=with_bias, scale=scale)
+    return lambda q, k, v, cache, bias: run_op(sess, q, k, v, cache, bias)
+
+
+POISON_SCHEMES = ["int8", "int8-asym", "int4-token", "int4-res", "kivi4", "kivi2"]
+
+
+@pytest.mark.parametrize("path", ["simd", "scalar"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", POISON_SCHEMES)
+def test_a_nan_or_inf_entering_the_cache_is_stored_as_the_reference_stores_it(name, bad, path, monkeypatch):
+    """A NaN in a flushed token's group makes the group's scale and zero NaN (the
+    reference's NumPy max / min), so it reaches every later output; the kernels' min /
+    max scans used to skip it and store a finite group (found by an audit: after 9 steps
+    the reference's output was NaN and the kernel's finite). An inf quotient takes the
+    lowest code. Codes, scales and zeros bit for bit, outputs non-finite where the
+    reference's are."""
+    if path == "scalar":
+        monkeypatch.setenv("TOOLKIT_KV_SCALAR", "1")
+    cache = _drive_cuda(_cpu_runner, SCHEMES[name], 2, 4, 2, 32, steps=[13] + [1] * 18, poison=bad)
+    if np.isnan(bad):  # the poisoned groups were flushed: their scales hold the NaN
+        assert np.isnan(cache["value_scale"]).any()
 
 
 @pytest.mark.gpu

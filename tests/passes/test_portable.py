@@ -52,6 +52,29 @@ def test_portable_body_matches_kernel_and_reference(normalize, log_probs, temper
         np.testing.assert_allclose(values, ref_v, rtol=2e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("normalize", [0, 1])
+@pytest.mark.parametrize("temperature", [0.7, 1e-8, 1e-20])
+def test_float16_body_scales_in_float32(temperature, normalize):
+    """float16 logits: the body divides by the temperature in float32, as the kernel does.
+    Cast to float16, a temperature below ~3e-8 was 0 and every value NaN (audit)."""
+    model = _fused_model(k=4, normalize=normalize, temperature=temperature)
+    for io in (*model.graph.input, model.graph.output[0]):
+        io.type.tensor_type.elem_type = TensorProto.FLOAT16
+    out, _ = run_pipeline(model, ["portable", "cleanup"])
+    x = (2 * np.random.default_rng(3).standard_normal((3, 50))).astype(np.float16)
+    body = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    kernel = ort.InferenceSession(out.SerializeToString(), ops.session_options(),
+                                  providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    ref_v, ref_i, _ = softmax_topk(x, 4, temperature, normalize)
+    for values, indices in (body, kernel):
+        assert values.dtype == np.float16 and np.isfinite(values).all()
+        # at a tiny temperature all but the top probability are 0: tied, so any order of
+        # those indices is Softmax -> TopK's (README); the top one is fixed
+        np.testing.assert_array_equal(indices if temperature > 0.1 else indices[:, :1],
+                                      ref_i if temperature > 0.1 else ref_i[:, :1])
+        np.testing.assert_allclose(values.astype(np.float32), ref_v, rtol=1e-3, atol=1e-4)  # float16 rounding
+
+
 def test_defaults_apply_when_attributes_are_omitted():
     out, _ = run_pipeline(_fused_model(k=3), ["portable"])
     x = np.random.default_rng(1).standard_normal((3, 50)).astype(np.float32)
@@ -180,11 +203,14 @@ def _kv_feeds(q, k, v, cache, bias):
     return feeds
 
 
+@pytest.mark.parametrize("poison", [None, np.nan, np.inf])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_kv_attention_body_reproduces_the_cache_bit_for_bit(preset, with_bias):
+def test_kv_attention_body_reproduces_the_cache_bit_for_bit(preset, with_bias, poison):
     """Decode through several residual flushes (and left padding with a bias): the body's
-    codes/scales/zeros/residual equal the reference's exactly, outputs within 2e-6."""
+    codes/scales/zeros/residual equal the reference's exactly, outputs within 2e-6. With
+    ``poison`` in one key and one value element: a NaN group keeps a NaN scale (and zero)
+    and an inf quotient the lowest code, as in the reference and the kernels."""
     scheme = scheme_for(preset, 16, group=8, residual=8)
     out, _ = run_pipeline(single_op_model(scheme, with_bias=with_bias), ["portable"])
     overloads = [f.overload for f in out.functions]
@@ -197,19 +223,28 @@ def test_kv_attention_body_reproduces_the_cache_bit_for_bit(preset, with_bias):
     b, hq, hkv, d = 2, 4, 2, 16
     ref_cache = empty_cache(b, hkv, d, scheme)
     caches = [dict(ref_cache), dict(ref_cache)]
-    for s in (5, 1, 1, 1, 3, 9, 1):
+    for step, s in enumerate((5, 1, 1, 1, 3, 9, 1)):
         q = rng.standard_normal((b, hq, s, d)).astype(np.float32)
         k, v = (rng.standard_normal((b, hkv, s, d)).astype(np.float32) for _ in range(2))
+        if poison is not None and step == 1:  # a decode step: every query row attends to it
+            k[0, 1, 0, 2] = v[1, 0, 0, 7] = poison
         bias = None
         if with_bias:
             n = ref_cache["key_q"].shape[2] + ref_cache["key_res"].shape[2]
             visible = np.arange(n + s)[None] <= (n + np.arange(s))[:, None]
             bias = np.repeat(np.where(visible, 0.0, -3.4e38).astype(np.float32)[None, None], b, 0)
             bias[1, ..., :2] = -3.4e38  # two padding positions in row 1
-        ref_out, ref_cache = attention(q, k, v, ref_cache, scheme, bias)
+        with np.errstate(invalid="ignore", over="ignore"):
+            ref_out, ref_cache = attention(q, k, v, ref_cache, scheme, bias)
         for i, session in enumerate((body, kernel)):
             got = dict(zip(names, session.run(None, _kv_feeds(q, k, v, caches[i], bias))))
-            np.testing.assert_allclose(got["output"], ref_out, rtol=0, atol=2e-6)  # fp32 vs the fp64 reference
+            out, ref = got["output"], ref_out
+            if poison is not None and np.isinf(poison) and session is kernel:
+                # the kernel's factored score of an inf-scale key can be -inf where the
+                # dequantized key is inf * 0 = NaN (README): compared where both are finite
+                finite = np.isfinite(out) & np.isfinite(ref)
+                out, ref = out[finite], ref[finite]
+            np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6)  # fp32 vs the fp64 reference; NaN where it is
             caches[i] = {n: got[f"present_{n}"] for n in CACHE_TENSORS if n in ref_cache}
             for n in caches[i]:
                 np.testing.assert_array_equal(caches[i][n], ref_cache[n], err_msg=f"present_{n} ({session is body})")

@@ -209,7 +209,10 @@ def quantize_groups(x: np.ndarray, bits: int, symmetric: bool, axis: int,
     ``x`` has the group as its ``axis`` dimension; ``valid`` (broadcastable bool)
     marks the elements that count for min/max. Returns integer codes (uint8, not
     packed), scale and zero (float16, ``axis`` reduced to size 1; zero is None when
-    symmetric).
+    symmetric). A NaN among the counted elements makes the group's scale and zero
+    NaN and its codes the fixed ones (128 symmetric, 0 asymmetric), so the NaN stays
+    in every value read back; a NaN quotient (an inf element over an inf scale) takes
+    the lowest code, as a clamp that fails every comparison does.
     """
     x = np.asarray(x, np.float32)
     levels = (1 << bits) - 1
@@ -220,21 +223,21 @@ def quantize_groups(x: np.ndarray, bits: int, symmetric: bool, axis: int,
         s = s16.astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             q = np.where(s > 0, np.rint(x / s), 0.0)
-        codes = (np.clip(q, -127, 127) + 128).astype(np.uint8)
+        codes = (np.clip(np.where(np.isnan(q), -127.0, q), -127, 127) + 128).astype(np.uint8)
         return codes, s16, None
     if valid is None:
         mn, mx = x.min(axis=axis, keepdims=True), x.max(axis=axis, keepdims=True)
     else:
         mn = np.where(valid, x, np.inf).min(axis=axis, keepdims=True)
         mx = np.where(valid, x, -np.inf).max(axis=axis, keepdims=True)
-        none = ~np.isfinite(mn)  # no valid element: an all-zero group
+        none = mn > mx  # no valid element (+inf > -inf; a NaN compares false): an all-zero group
         mn, mx = np.where(none, 0.0, mn), np.where(none, 0.0, mx)
     s16 = _f16((mx.astype(np.float32) - mn.astype(np.float32)) / np.float32(levels))
     z16 = _f16(mn)
     s, z = s16.astype(np.float32), z16.astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(s > 0, np.rint((x - z) / s), 0.0)
-    codes = np.clip(q, 0, levels).astype(np.uint8)
+    codes = np.clip(np.where(np.isnan(q), 0.0, q), 0, levels).astype(np.uint8)
     return codes, s16, z16
 
 
