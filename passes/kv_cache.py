@@ -125,6 +125,14 @@ class _NoMatch(Exception):
     pass
 
 
+class _SlicedCache(_NoMatch):
+    """The past is cut before attention (a cache capped to a window)."""
+
+
+SLICED_CACHE_HINT = ("re-export with `toolkit export` (it keeps the whole past and applies a sliding window in "
+                     "the attention mask), or convert without this pass")
+
+
 def _const_scalar(value: ir.Value | None) -> float | None:
     if value is None or value.is_graph_input():
         return None
@@ -164,9 +172,9 @@ def _only_use(value: ir.Value, what: str, graph_output_ok: bool = False) -> ir.N
 def _cache_concat(graph_outputs: dict[str, ir.Value], past: ir.Value, present_name: str) -> tuple[ir.Node, list]:
     shapes, others = _split_uses(past)
     if any(n.op_type == "Slice" for n in others):
-        raise _NoMatch(f"input {past.name!r} is sliced before attention ("
-                       f"{', '.join(describe_node(n) for n in others)}): sliding-window attention (e.g. a Mistral "
-                       "config's sliding_window) is not supported by the kv-cache pass")
+        raise _SlicedCache(f"input {past.name!r} is sliced before attention ("
+                           f"{', '.join(describe_node(n) for n in others)}): a cache cut to a window (sliding-window "
+                           "attention exported with a capped cache) is not supported")
     if len(others) != 1 or others[0].op_type != "Concat":
         raise _NoMatch(f"input {past.name!r} is read by {', '.join(describe_node(n) for n in others) or 'nothing'};"
                        " expected one Concat(past, new, axis=2) (a flat KV cache from `toolkit export`)")
@@ -289,8 +297,7 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
         try:
             layers.append(_match_layer(model, index, past_k, past_v))
         except _NoMatch as err:
-            hint = ("convert without --kv-cache (the full-precision cache honours the window), or a model "
-                    "without a sliding window" if "sliding-window" in str(err) else
+            hint = (SLICED_CACHE_HINT if isinstance(err, _SlicedCache) else
                     "the pass rewrites the eager attention exported by `toolkit export`; run `toolkit inspect` "
                     "on the model and report the pattern if it is a standard one")
             raise PassError(f"kv-cache: layer {index}: {err}", hint=hint) from None

@@ -66,7 +66,7 @@ import onnx_ir as ir
 
 from passes import calibration
 from passes.calibration import CalibrationOptions
-from passes.kv_cache import _const_scalar, _match_layer, _NoMatch
+from passes.kv_cache import SLICED_CACHE_HINT, _const_scalar, _match_layer, _NoMatch, _SlicedCache
 from passes.registry import GraphPass, PassResult
 from toolkit.errors import PassError
 
@@ -477,8 +477,9 @@ def apply(model: ir.Model, options: LowRankKVOptions, *, explain: bool = False) 
             match = _match_layer(model, index, pasts[index], past_v)
         except _NoMatch as err:
             raise PassError(f"low-rank-kv: layer {index}: {err}",
-                            hint="the pass rewrites the eager attention exported by `toolkit export` (the pattern "
-                                 "kv-cache matches); run `toolkit inspect` and report the pattern") from None
+                            hint=SLICED_CACHE_HINT if isinstance(err, _SlicedCache) else
+                            "the pass rewrites the eager attention exported by `toolkit export` (the pattern "
+                            "kv-cache matches); run `toolkit inspect` and report the pattern") from None
         layers.append(_LayerRewrite(index, match,
                                     _Side("key", match.past_k, match.concat_k) if options.keys else None,
                                     _Side("value", match.past_v, match.concat_v) if options.values else None))

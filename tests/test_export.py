@@ -193,6 +193,17 @@ def test_source_config_dispatch_matches_resolve(tmp_path):
         sources.resolve_config("hf:qwen2", overrides={"num_hiden_layers": 3})
     assert "num_hidden_layers" in err.value.hint
     assert sources.resolve_config("hf:gpt2", overrides={"num_hidden_layers": 1}).hf_config.n_layer == 1
+    # Legacy RoPE names that transformers folds into rope_parameters are fields too (they
+    # were refused, audit), and a misspelt one points at rope_parameters.
+    assert sources.resolve_config("hf:llama", overrides={"rope_theta": 1e6}).hf_config.rope_parameters[
+        "rope_theta"] == 1e6
+    scaled = sources.resolve_config("hf:llama", overrides={"rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+    assert scaled.hf_config.rope_parameters["factor"] == 2.0
+    assert sources.resolve_config("hf:phi3", overrides={"partial_rotary_factor": 0.5}).hf_config.rope_parameters[
+        "partial_rotary_factor"] == 0.5
+    with pytest.raises(ModelNotFoundError, match="has no config field 'rope_thetaa'") as err:
+        sources.resolve_config("hf:llama", overrides={"rope_thetaa": 3})
+    assert "rope_parameters" in err.value.hint
     # Shapes transformers accepts but no decoder exports with (a torch.export broadcast error before).
     for overrides, message in (({"num_key_value_heads": 3}, r"num_attention_heads \(4\) must be a multiple of "
                                                             r"num_key_value_heads \(3\)"),

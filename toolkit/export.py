@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,26 @@ def example_inputs(src: SourceModel, batch: int = 2, seq: int = 3, past: int = 5
     return (ids, mask, pos, *flat)
 
 
+def _data_dependent_branch(exc: BaseException) -> str | None:
+    """``file:line in function`` of the model code that branched on a tensor value, when
+    the export failed on a data-dependent guard (torch.export cannot trace that)."""
+    import traceback
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ == "GuardOnDataDependentSymNode":
+            frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+            if frames:
+                f = frames[-1]
+                where = f.filename.split("site-packages/")[-1]
+                code = f" (`{f.line.strip()}`)" if f.line else ""
+                return f"{where}:{f.lineno} in {f.name}{code}"
+            return "the model's forward"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _explain_export_failure(exc: BaseException) -> str:
     """Pull the unsupported op / module out of an exporter exception, if named."""
     text = str(exc)
@@ -97,15 +118,39 @@ def _quiet_exporter():
     import logging
     import warnings
 
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
+    # symbolic_shapes: a failed guard logs the whole traced graph (~500 lines) before the
+    # exception that export() turns into a named error
+    loggers = [logging.getLogger(name) for name in ("torch.onnx._internal.exporter._registration",
+                                                    "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    stderr = sys.stderr
+    sys.stderr = _DropGraphDumps(stderr)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
             yield
     finally:
-        registration.setLevel(level)
+        sys.stderr = stderr
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+class _DropGraphDumps:
+    """sys.stderr without the traced graph torch.export prints (``print(e.partial_fx_graph)``,
+    hundreds of lines) when tracing fails; everything else goes through."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if "def forward(self" in text and "# File:" in text:
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def export(src: SourceModel, out_path: Path, opset: int = DEFAULT_OPSET) -> Any:
@@ -142,6 +187,14 @@ def export(src: SourceModel, out_path: Path, opset: int = DEFAULT_OPSET) -> Any:
                 dynamic_shapes=dynamic_shapes, optimize=True, verify=False, report=False, verbose=False,
             )
     except Exception as exc:  # the exporter raises a zoo of types; normalise them
+        branch = _data_dependent_branch(exc)
+        if branch is not None:
+            raise ExportError(
+                f"torch.onnx export of {src.spec!r} ({src.family}) failed: the model branches on a tensor value at "
+                f"{branch}, which torch.export cannot trace into a graph for every input",
+                hint="a config option that changes behaviour at run time (e.g. rope_type 'dynamic', which grows "
+                "its RoPE table with the sequence) has no static graph: use a static variant (rope_type 'linear' or "
+                "'yarn') or open an issue with the model config") from exc
         culprit = _explain_export_failure(exc)
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter colours its messages
         first = text.splitlines()[0] if text else type(exc).__name__

@@ -335,13 +335,6 @@ def write(directory: Path, info: dict[str, Any], op_library: str | None) -> dict
         log.warning("%s not written: %s", GENAI_CONFIG, reason)
         return {"config": None, "reason": reason}
     source = source_config(info["metadata"])
-    window, context = source.get("sliding_window"), source.get("context_length")
-    if window and (context is None or window < context):
-        reason = (f"sliding-window attention (a window of {window} of {context} positions): the exported cache "
-                  f"keeps the last {window} tokens, so present is shorter than past + new tokens, while "
-                  "onnxruntime-genai grows its KV buffers by the new tokens every step (it failed at step 2)")
-        log.warning("%s not written: %s", GENAI_CONFIG, reason)
-        return {"config": None, "reason": reason}
     special: dict[str, Any] = {k: source[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                                if source.get(k) is not None}
     tokenizer_path = directory / TOKENIZER

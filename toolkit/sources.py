@@ -427,12 +427,26 @@ def _check_config_fields(arch: str, overrides: dict[str, Any]) -> None:
 
     base = transformers.AutoConfig.for_model(arch, **HF_TINY_CONFIGS[arch])
     known = set(base.to_dict()) | set(getattr(type(base), "attribute_map", {}))
-    unknown = [key for key in overrides if key not in known]
+    before = base.to_dict()
+
+    def folded(key: str) -> bool:
+        """A legacy name the config folds into a field it has (rope_theta, rope_scaling and
+        partial_rotary_factor into rope_parameters): it changes that field."""
+        try:
+            after = transformers.AutoConfig.for_model(arch, **{**HF_TINY_CONFIGS[arch], key: overrides[key]}).to_dict()
+        except (ValueError, TypeError, KeyError, AttributeError):  # an invalid value: the build names it
+            return True
+        return any(after.get(k) != before[k] for k in before)
+
+    unknown = [key for key in overrides if key not in known and not folded(key)]
     if unknown:
         matches = [m for key in unknown for m in difflib.get_close_matches(key, sorted(known), n=1)]
+        rope = any("rope" in key or "rotary" in key for key in unknown) and "rope_parameters" in known
         raise ModelNotFoundError(
             f"hf:{arch} ({type(base).__name__}) has no config field {', '.join(map(repr, unknown))}",
             hint=f"did you mean {', '.join(matches)}?" if matches
+            else "RoPE settings live in rope_parameters, e.g. --config 'rope_parameters={\"rope_type\": "
+                 "\"linear\", \"factor\": 2.0, \"rope_theta\": 10000.0}'" if rope
             else f"use fields of transformers.{type(base).__name__}")
 
 
@@ -456,7 +470,12 @@ def _wrap_hf_module(spec: str, module: Any, tokenizer: Any) -> SourceModel:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
 
     def forward(input_ids, attention_mask, position_ids, past):
-        cache = transformers.DynamicCache(config=cfg)
+        # Full-length layers for every layer type, sliding-window ones included: the window
+        # is applied by the attention mask over the whole past. A sliding layer keeps only
+        # window - 1 tokens, and refilled each call it counts only those, so its mask
+        # offset read the mask's first columns (a batch's left padding) and the exported
+        # graph was traced for one side of its "window full" branch (found by an audit).
+        cache = transformers.DynamicCache()
         if past:
             for i, (k, v) in enumerate(past):
                 cache.update(k, v, i)

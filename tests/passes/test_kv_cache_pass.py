@@ -372,13 +372,23 @@ def test_kv_group_flag_is_checked_against_the_scheme():
     assert "drop --kv-group" in err.value.hint
 
 
-def test_sliding_window_attention_is_named(tmp_path):
-    """A Mistral config with sliding_window slices the cache before attention; the pass
-    named an internal Slice node and asked for a bug report."""
-    from toolkit import export, sources
+@pytest.mark.parametrize("pass_name", ["kv-cache", "low-rank-kv"])
+def test_a_cache_sliced_before_attention_is_named(exported, pass_name):
+    """A past cut to a window before attention (how some exporters write sliding-window
+    attention; `toolkit export` keeps the whole past) is refused by name, with the fix,
+    by both cache passes; they used to name an internal Slice node and ask for a report."""
+    import onnx_ir as ir
 
-    src = sources.resolve("hf:mistral", overrides={"sliding_window": 4})
-    export.export(src, tmp_path / "m.onnx")
-    with pytest.raises(PassError, match="sliding-window attention .* is not supported by the kv-cache pass") as err:
-        convert(tmp_path / "m.onnx", "int8")
-    assert "convert without --kv-cache" in err.value.hint
+    _, path = exported("llama")
+    model = ir.serde.deserialize_model(onnx.load(str(path)))
+    past = next(v for v in model.graph.inputs if v.name == "past_key_values.0.key")
+    concat = next(u.node for u in past.uses() if u.node.op_type == "Concat")
+    consts = [ir.node("Constant", [], attributes={"value": ir.tensor(np.array([a], np.int64))}) for a in (-3, 2**62, 2)]
+    cut = ir.node("Slice", [past, *(c.outputs[0] for c in consts)])
+    model.graph.insert_before(concat, [*consts, cut])
+    concat.replace_input_with(0, cut.outputs[0])
+    options = {"scheme": "int8"} if pass_name == "kv-cache" else {"rank_ratio": "0.5"}
+    with pytest.raises(PassError, match=f"{pass_name}: layer 0: input 'past_key_values.0.key' is sliced before "
+                                        "attention .*a cache cut to a window") as err:
+        run_pipeline(ir.serde.serialize_model(model), [pass_name], {pass_name: options})
+    assert "re-export with `toolkit export`" in err.value.hint
