@@ -193,3 +193,21 @@ def test_points_whose_past_fits_the_residual_window_get_no_verdict():
     summary = attention.summarize([{"targets": t}], ("kivi2", "int8"))
     assert summary["kivi2"]["points"] == 0 and summary["kivi2"]["points_all_in_residual_window"] == 1
     assert summary["kivi2"]["over_floor"] is None and summary["int8"]["points_meeting_floor_target"] == 1
+
+
+def test_the_fastest_ort_gqa_of_any_width_is_reported_beside_the_same_width_one():
+    """On CPU ORT's GQA int4 can be slower than its int8 (and fp32): kivi4's same-width
+    ratio is against GQA int4, and the fastest GQA of any width is reported too, so the
+    same-width number is not read as the speedup over ORT's best (benchmark audit)."""
+    row = {"context": 4096, "head_dim": 128, "contenders": {
+        "ours_kivi4": {"over_floor": 5.0, "median_us": 100.0},
+        "gqa_fp32": {"median_us": 300.0}, "gqa_int8_per_tensor": {"median_us": 200.0},
+        "gqa_int4_per_channel": {"median_us": 400.0}, "gqa_int4_per_tensor": {"median_us": 500.0}}}
+    row["speedup"] = {"ours_kivi4": {n: c["median_us"] / 100.0 for n, c in row["contenders"].items()
+                                     if n.startswith("gqa_")}}
+    t = attention._targets(row, ("kivi4",))["kivi4"]
+    assert t["vs"] == "gqa_int4_per_channel" and t["speedup_vs_gqa_same_width"] == 4.0
+    assert t["meets_speedup_target"] is True  # the issue's target is the same width
+    assert t["fastest_gqa"] == "gqa_int8_per_tensor" and t["speedup_vs_fastest_gqa"] == 2.0
+    summary = attention.summarize([{"targets": {"kivi4": t}}], ("kivi4",))["kivi4"]
+    assert summary["speedup_vs_fastest_gqa"] == {"min": 2.0, "max": 2.0, "points_at_least_target": 0}

@@ -59,3 +59,19 @@ def test_a_wrong_fused_kernel_is_refused(monkeypatch):
     monkeypatch.setattr(topk, "_models", wrong)
     with pytest.raises(AssertionError, match="V=1000 B=2 k=5"):
         topk.run(vocabs=(1000,), batches=(2,), ks=(5,), threads=(1,), warmup=1, runs=2)
+
+
+@pytest.mark.parametrize("data", list(topk.DATA))
+def test_every_logit_distribution_runs_and_is_recorded(data):
+    """The fused op's speed depends on the logits (a sorted row raises the running max in
+    every block), so the distribution is an option and written into the JSON; every kind
+    passes the float64 correctness guard (benchmark audit)."""
+    import numpy as np
+
+    x = topk.make_logits(np.random.default_rng(0), 2, 3000, data)
+    assert x.dtype == np.float32 and x.shape == (2, 3000) and np.isfinite(x).all()
+    if data == "ascending":
+        assert (np.diff(x, axis=1) >= 0).all()
+    out = topk.run(vocabs=(3000,), batches=(2,), ks=(1, 7), threads=(1,), warmup=1, runs=2, data=data)
+    assert out["data"] == {"name": data, "logits": topk.DATA[data]}
+    assert len(out["results"]) == 2

@@ -313,6 +313,21 @@ def test_long_rows(dtype, V, k, kind, normalize, log_probs, temperature):
     check(x, k, temperature, normalize, log_probs)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("k", [1, 2, 50, 128])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_rising_rows_with_ties(dtype, k, threads):
+    """Rows whose max rises in every block (sorted; a staircase whose equal values span
+    blocks; sorted with a spike early on): k = 1 takes each block's first max, larger k
+    a lower bound of the block's k-th largest. Ties must still go to the lower index."""
+    rng = np.random.default_rng(k)
+    V = 40000
+    rows = [np.sort(rng.standard_normal(V) * 3.0),
+            np.sort(rng.integers(0, 40, V)).astype(np.float64),
+            np.concatenate([[9.0], np.sort(rng.standard_normal(V - 1))])]
+    check(np.stack(rows).astype(dtype), k, threads=threads)
+
+
 @pytest.mark.parametrize("shape,k", [((1, 262144), 50), ((1, 128256), 128256), ((3, 100000), 7)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
 def test_two_threads_match_one(dtype, shape, k):

@@ -10,6 +10,7 @@ run. Results are JSON.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import platform
 import time
 from typing import Any, Callable
@@ -35,6 +36,9 @@ def interleaved(contenders: dict[str, Callable[[], Any]], warmup: int = 30, runs
                 between: Callable[[], Any] | None = None) -> dict[str, Timing]:
     """Time each callable ``runs`` times, round-robin, after ``warmup`` rounds.
 
+    The order rotates by one contender every round, so none always runs right after the
+    same other one (whose cache footprint or thread wake-ups it would inherit).
+
     Args:
         contenders: name -> zero-argument callable (one run of one contender).
         between: called before every timed call and not timed (e.g. evict caches).
@@ -44,8 +48,9 @@ def interleaved(contenders: dict[str, Callable[[], Any]], warmup: int = 30, runs
         for n in names:
             contenders[n]()
     samples: dict[str, list[int]] = {n: [] for n in names}
-    for _ in range(runs):
-        for n in names:
+    for r in range(runs):
+        shift = r % len(names) if names else 0
+        for n in names[shift:] + names[:shift]:
             if between is not None:
                 between()
             t0 = time.perf_counter_ns()
@@ -60,7 +65,11 @@ def host_info() -> dict[str, Any]:
     import onnxruntime as ort
 
     info = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "onnxruntime": ort.__version__, "python": platform.python_version()}
+            "onnxruntime": ort.__version__, "python": platform.python_version(),
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "toolkit_commit": _commit(), "op_library_sha256": _library_sha256(),
+            "session": {"graph_optimization_level": "ORT_ENABLE_ALL", "inter_op_threads": 1,
+                        "intra_op_allow_spinning": False}}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -70,6 +79,36 @@ def host_info() -> dict[str, Any]:
     except OSError:
         pass
     return info
+
+
+def _commit() -> str | None:
+    """The toolkit checkout's commit (``+dirty`` with uncommitted changes), or None outside git."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def _library_sha256() -> str | None:
+    import hashlib
+
+    from toolkit import ops
+    from toolkit.errors import OpLibraryError
+
+    try:
+        path = ops.library_path()
+    except OpLibraryError:
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 class CacheFlusher:

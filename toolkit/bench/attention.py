@@ -663,7 +663,10 @@ def _same_width(scheme: str) -> str | None:
 
 
 def _targets(row: dict[str, Any], schemes: tuple[str, ...]) -> dict[str, Any]:
-    """Per scheme: speedup vs the fastest ORT GQA of the same (or next wider) bit width, and floor factor."""
+    """Per scheme: speedup vs the fastest ORT GQA of its bit width (the issue's target:
+    int8 vs GQA int8, int4 / kivi4 vs GQA int4, kivi2 vs GQA int4 as ORT has no 2-bit
+    cache), vs the fastest ORT GQA of any width (on CPU GQA int8, and fp32 too, can be
+    faster than GQA int4), and the floor factor."""
     out = {}
     for scheme in schemes:
         ours = f"ours_{scheme}"
@@ -687,6 +690,11 @@ def _targets(row: dict[str, Any], schemes: tuple[str, ...]) -> dict[str, Any]:
             entry["meets_speedup_target"] = bool(entry["speedup_vs_gqa_same_width"] >= TARGET_VS_GQA)
         if "gqa_fp32" in row["contenders"]:
             entry["speedup_vs_gqa_fp32"] = row["speedup"][ours]["gqa_fp32"]
+        every = [n for n in row["contenders"] if n.startswith("gqa_")]
+        if every:
+            fastest = min(every, key=lambda n: row["contenders"][n]["median_us"])
+            entry["fastest_gqa"] = fastest
+            entry["speedup_vs_fastest_gqa"] = row["contenders"][fastest]["median_us"] / row["contenders"][ours]["median_us"]
         out[scheme] = entry
     return out
 
@@ -794,7 +802,8 @@ def run(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, threads=DEFAULT_THRE
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
         "targets": {"speedup_vs_gqa_same_width_min": TARGET_VS_GQA, "over_floor_max": TARGET_FLOOR_FACTOR,
                     "same_width": "int8 vs fastest GQA int8; int4/kivi4 (and kivi2, ORT has no 2-bit) vs "
-                                  "fastest GQA int4"},
+                                  "fastest GQA int4",
+                    "fastest_gqa": "also reported: vs the fastest ORT GQA of any width (fp32, int8, int4)"},
         "results": results,
         "summary": summarize(results, tuple(schemes)),
     }
@@ -816,9 +825,14 @@ def summarize(results: list[dict[str, Any]], schemes: tuple[str, ...]) -> dict[s
         measured = [r for r in results if r["targets"][s]["meets_floor_target"] is not None]
         speed = [r["targets"][s].get("speedup_vs_gqa_same_width") for r in measured]
         speed = [v for v in speed if v is not None]
+        fastest = [r["targets"][s]["speedup_vs_fastest_gqa"] for r in measured
+                   if r["targets"][s].get("speedup_vs_fastest_gqa") is not None]
         floor = [r["targets"][s]["over_floor"] for r in measured]
         out[s] = {
             "speedup_vs_gqa_same_width": {"min": min(speed), "max": max(speed)} if speed else None,
+            "speedup_vs_fastest_gqa": {"min": min(fastest), "max": max(fastest),
+                                       "points_at_least_target": sum(v >= TARGET_VS_GQA for v in fastest)}
+            if fastest else None,
             "over_floor": {"min": min(floor), "max": max(floor)} if floor else None,
             "points_meeting_speedup_target": sum(bool(r["targets"][s].get("meets_speedup_target")) for r in measured),
             "points_meeting_floor_target": sum(bool(r["targets"][s]["meets_floor_target"]) for r in measured),
@@ -916,9 +930,10 @@ def run_end_to_end(model: str, converted: str, context: int = 2048, steps: int =
         say(f"{name}: prefill of {context} tokens {prefill_ms[name]:.0f} ms")
     step_ms: dict[str, list[float]] = {n: [] for n in decoders}
     agree = 0
-    for _ in range(steps):
+    for step in range(steps):
         tokens = {}
-        for name, dec in decoders.items():
+        order = list(decoders.items())
+        for name, dec in order if step % 2 == 0 else order[::-1]:  # neither always runs second
             past, mask, pos, tok = state[name]
             mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
             pos = pos[:, -1:] + 1

@@ -49,9 +49,9 @@ def run(model: str = "llama-stdlib", prompts: int = 16, prompt_len: int = 32, ne
         greedy(sessions["head"], prompt_ids[0], 4)
         steps: dict[str, list[float]] = {"logits": [], "head": []}
         agree = total = 0
-        for p in prompt_ids:
+        for i, p in enumerate(prompt_ids):
             out = {}
-            for name in ("logits", "head") if len(steps["head"]) % 2 == 0 else ("head", "logits"):
+            for name in ("logits", "head") if i % 2 == 0 else ("head", "logits"):  # first one alternates
                 r = greedy(sessions[name], p, new_tokens)
                 out[name] = r.token_ids
                 steps[name] += r.step_ms

@@ -72,6 +72,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--runs", type=int, default=300)
     p.add_argument("--cold", action="store_true", help="touch 64 MiB before each timed run (cold cache)")
+    p.add_argument("--data", choices=("normal", "peaked", "ascending", "large"), default="normal",
+                   help="logits: normal N(0, 2^2) (default); peaked (Zipf-like, as an LM's); ascending (each row "
+                        "sorted: the running max rises in every block, the kernel's worst case); large (normal x 1e7, "
+                        "the exact scalar path)")
     p.add_argument("--json", metavar="PATH", help="write results as JSON ('-' for stdout)")
     lr = sub.add_parser("lowrank", help="LowRankMatMul vs ONNX Runtime dense MatMul and MatMul->MatMul")
     lr.add_argument("--shapes", type=_shapes,
@@ -246,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{result['speedup_head_vs_logits']:.3f}x")
     else:
         result = topk.run(args.vocab, args.batch, args.k, args.threads, args.warmup, args.runs, args.cold,
-                          progress=None if args.json == "-" else show)
+                          data=args.data, progress=None if args.json == "-" else show)
     text = json.dumps(result, indent=2)
     if args.json == "-":
         print(text)
