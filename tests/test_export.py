@@ -201,9 +201,11 @@ def test_source_config_dispatch_matches_resolve(tmp_path):
     assert scaled.hf_config.rope_parameters["factor"] == 2.0
     assert sources.resolve_config("hf:phi3", overrides={"partial_rotary_factor": 0.5}).hf_config.rope_parameters[
         "partial_rotary_factor"] == 0.5
-    with pytest.raises(ModelNotFoundError, match="has no config field 'rope_thetaa'") as err:
-        sources.resolve_config("hf:llama", overrides={"rope_thetaa": 3})
-    assert "rope_parameters" in err.value.hint
+    assert sources.resolve_config("hf:llama", overrides={"rope_theta": 10000.0})  # the default value too
+    for key in ("rope_thetaa", "rope_type"):
+        with pytest.raises(ModelNotFoundError, match=f"has no config field '{key}'") as err:
+            sources.resolve_config("hf:llama", overrides={key: 3})
+        assert "rope_parameters" in err.value.hint
     # Shapes transformers accepts but no decoder exports with (a torch.export broadcast error before).
     for overrides, message in (({"num_key_value_heads": 3}, r"num_attention_heads \(4\) must be a multiple of "
                                                             r"num_key_value_heads \(3\)"),

@@ -193,9 +193,6 @@ def _from_hf_config(config: Any) -> dict[str, Any]:
         value = getattr(config, key, None)
         if value is not None:
             out[key] = value
-    window = getattr(config, "sliding_window", None)
-    if isinstance(window, int) and getattr(config, "use_sliding_window", True) is not False:
-        out["sliding_window"] = window
     return out
 
 

@@ -415,6 +415,10 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return next(d for d in range(min(n, at_most), 0, -1) if n % d == 0)
 
 
+# Names transformers (5.x) accepts and folds into rope_parameters.
+LEGACY_ROPE_FIELDS = ("rope_theta", "rope_scaling", "partial_rotary_factor")
+
+
 def _check_config_fields(arch: str, overrides: dict[str, Any]) -> None:
     """Refuse --config fields the architecture's config class does not have: transformers
     stores unknown keyword arguments as plain attributes, so a misspelt field would be
@@ -431,7 +435,10 @@ def _check_config_fields(arch: str, overrides: dict[str, Any]) -> None:
 
     def folded(key: str) -> bool:
         """A legacy name the config folds into a field it has (rope_theta, rope_scaling and
-        partial_rotary_factor into rope_parameters): it changes that field."""
+        partial_rotary_factor into rope_parameters), whatever its value (a default value
+        changes nothing); another key counts when it changes a field."""
+        if key in LEGACY_ROPE_FIELDS and "rope_parameters" in known:
+            return True
         try:
             after = transformers.AutoConfig.for_model(arch, **{**HF_TINY_CONFIGS[arch], key: overrides[key]}).to_dict()
         except (ValueError, TypeError, KeyError, AttributeError):  # an invalid value: the build names it
@@ -444,9 +451,9 @@ def _check_config_fields(arch: str, overrides: dict[str, Any]) -> None:
         rope = any("rope" in key or "rotary" in key for key in unknown) and "rope_parameters" in known
         raise ModelNotFoundError(
             f"hf:{arch} ({type(base).__name__}) has no config field {', '.join(map(repr, unknown))}",
-            hint=f"did you mean {', '.join(matches)}?" if matches
-            else "RoPE settings live in rope_parameters, e.g. --config 'rope_parameters={\"rope_type\": "
+            hint="RoPE settings live in rope_parameters, e.g. --config 'rope_parameters={\"rope_type\": "
                  "\"linear\", \"factor\": 2.0, \"rope_theta\": 10000.0}'" if rope
+            else f"did you mean {', '.join(matches)}?" if matches
             else f"use fields of transformers.{type(base).__name__}")
 
 

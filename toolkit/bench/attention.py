@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.bench import host_info, interleaved
+from toolkit.bench import SESSION_SETTINGS, host_info, interleaved
 
 DEFAULT_CONTEXTS = (1024, 4096, 16384)
 DEFAULT_BATCHES = (1, 8)
@@ -778,7 +778,7 @@ def run(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, threads=DEFAULT_THRE
         "gqa_quantized_kv": quant_available,
         "bandwidth": {str(t): bw for t, bw in bandwidth.items()},
         "protocol": {
-            "interleaved": True, "iobinding": True, "warmup": warmup, "runs": runs,
+            "interleaved": True, "session": SESSION_SETTINGS, "iobinding": True, "warmup": warmup, "runs": runs,
             "runs_per_point": f"warmup/runs as given for B*L <= {FULL_PROTOCOL_MAX_TOKENS}; above, runs = "
                               f"clamp({point_seconds:g} s / round time, {min_runs}, {runs}) and warm-ups "
                               f"a tenth of that budget (at least 3); any point's timed runs capped at {max_point_seconds:g} s "

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.bench import host_info, interleaved
+from toolkit.bench import SESSION_SETTINGS, host_info, interleaved
 from toolkit.bench import session_options as bench_session_options
 
 DEFAULT_SHAPES = ((4096, 4096), (4096, 11008))
@@ -224,7 +224,7 @@ def run(shapes=DEFAULT_SHAPES, ranks=DEFAULT_RANKS, rows=DEFAULT_ROWS, threads=D
         "benchmark": "lowrank",
         "host": host_info(),
         "protocol": {
-            "interleaved": True, "iobinding": True,
+            "interleaved": True, "session": SESSION_SETTINGS, "iobinding": True,
             "warmup": warmup, "runs": runs,
             "warmup_big": warmup_big, "runs_big": runs_big,
             "big_points": f"M >= {BIG_ROWS} use warmup_big/runs_big (each call takes 10-500 ms on this host)",

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.bench import CacheFlusher, host_info, interleaved, session_options
+from toolkit.bench import SESSION_SETTINGS, CacheFlusher, host_info, interleaved, session_options
 
 DEFAULT_VOCABS = (32000, 128256, 151936)
 DEFAULT_BATCHES = (1, 8, 64)
@@ -152,7 +152,7 @@ def run(vocabs=DEFAULT_VOCABS, batches=DEFAULT_BATCHES, ks=DEFAULT_KS, threads=D
         "benchmark": "topk",
         "host": host_info(),
         "data": {"name": data, "logits": DATA[data]},
-        "protocol": {"interleaved": True, "iobinding": True, "warmup": warmup, "runs": runs,
+        "protocol": {"interleaved": True, "session": SESSION_SETTINGS, "iobinding": True, "warmup": warmup, "runs": runs,
                      "cache": "cold (64 MiB touched before each run)" if cold else "hot",
                      "statistic": "median and p90 of per-call wall time, includes ORT Run() overhead",
                      "floor_us": "min(ort_reducemax, numpy_max): one read of the logits over the last axis"},
