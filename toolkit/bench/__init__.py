@@ -67,7 +67,7 @@ def host_info() -> dict[str, Any]:
     info = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "onnxruntime": ort.__version__, "python": platform.python_version(),
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "toolkit_commit": _commit(), "op_library_sha256": _library_sha256()}
+            "toolkit_commit": _commit(), **_library()}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -95,7 +95,8 @@ def _commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
-def _library_sha256() -> str | None:
+def _library() -> dict[str, str | None]:
+    """The op library timed: its path and sha256 (None when it cannot be found)."""
     import hashlib
 
     from toolkit import ops
@@ -104,9 +105,9 @@ def _library_sha256() -> str | None:
     try:
         path = ops.library_path()
     except OpLibraryError:
-        return None
+        return {"op_library": None, "op_library_sha256": None}
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        return {"op_library": str(path), "op_library_sha256": hashlib.sha256(f.read()).hexdigest()}
 
 
 class CacheFlusher:

@@ -773,7 +773,7 @@ def run(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, threads=DEFAULT_THRE
     return {
         "benchmark": "attention",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": {**host_info(), "l3_cache": _l3_size(), "op_library": _library()},
+        "host": {**host_info(), "l3_cache": _l3_size()},
         "onnxruntime": ort.__version__,
         "gqa_quantized_kv": quant_available,
         "bandwidth": {str(t): bw for t, bw in bandwidth.items()},
@@ -882,16 +882,6 @@ def _l3_size() -> str | None:
         except OSError:
             continue
     return None
-
-
-def _library() -> str | None:
-    from toolkit import ops
-    from toolkit.errors import OpLibraryError
-
-    try:
-        return str(ops.library_path())
-    except OpLibraryError:
-        return os.environ.get(ops.LIBRARY_ENV_VAR)
 
 
 # ---------------------------------------------------------------- end to end
