@@ -307,6 +307,13 @@ def apply(model: ir.Model, options: PortableOptions, *, explain: bool = False) -
             "which the portable body does not provide",
             hint="drop --portable for this model, or compute the normaliser with ReduceLogSumExp instead",
         )
+    opset = model.opset_imports.get("", 0)
+    if nodes and opset < ONNX_OPSET:
+        raise PassError(
+            f"portable: the function bodies are written in ONNX opset {ONNX_OPSET}, and the model imports opset "
+            f"{opset}; a model-local function cannot use a newer opset than its model",
+            hint=f"convert with --opset {ONNX_OPSET} or newer (the default is {ONNX_OPSET}), or drop --portable",
+        )
     count = 0
     for node in nodes:
         if node.op_type == "SampleTopKTopP":
@@ -323,6 +330,7 @@ def apply(model: ir.Model, options: PortableOptions, *, explain: bool = False) -
     if count:
         model.opset_imports.setdefault("", ONNX_OPSET)
         model.opset_imports.setdefault(DOMAIN, 1)
+        model.ir_version = max(model.ir_version, 10)  # function overloads are an IR 10 feature
     used = sorted({n.op_type for n in nodes})
     return PassResult(name=PASS.name, count=count, details={"ops": used})
 

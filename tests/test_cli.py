@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import onnx
 import pytest
@@ -235,6 +236,9 @@ def test_portable_bundle_generates_the_same_tokens_without_the_library(tmp_path)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["portable"] is True
     assert set(manifest["custom_ops"]) == {"com.toolkit::QuantKVAttention", "com.toolkit::SampleTopKTopP"}
+    # IR 10 / opset 21 with the library: ORT 1.18; without it, the sampler's uint64 body: ORT 1.21
+    assert manifest["runtime"] == {"ir_version": 10, "opset": 21, "min_onnxruntime": "1.18",
+                                   "min_onnxruntime_without_op_library": "1.21"}
     plain = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     with_kernels = greedy(bundle.load(out, threads=1), [5, 6, 7], 24, seed=11).token_ids
     assert greedy(plain, [5, 6, 7], 24, seed=11).token_ids == with_kernels
@@ -365,3 +369,68 @@ def test_parity_takes_its_model_path_after_options(tmp_path, capsys):
     with pytest.raises(SystemExit):  # a third positional is still an error
         main(["parity", "hf:llama", "--config", "num_hidden_layers=1", missing, "extra.onnx"])
     assert "unrecognized arguments: extra.onnx" in capsys.readouterr().err
+
+
+def test_portable_with_an_opset_older_than_its_bodies_is_refused_before_export(tmp_path):
+    """--portable --opset 18 exported the model and then failed onnx.checker inside the
+    pass, blaming a bug in it: the function bodies are opset 21."""
+    t0 = time.monotonic()
+    r = toolkit("convert", "llama", "-o", str(tmp_path / "o"), "--sampling-head", "8", "--portable", "--opset", "18")
+    assert r.returncode == 2 and "--portable writes its function bodies in ONNX opset 21" in r.stderr, r.stderr
+    assert "use --opset 21 or newer" in r.stderr and "Traceback" not in r.stderr
+    assert not list(tmp_path.iterdir()) and time.monotonic() - t0 < 30  # refused before the export
+
+
+def test_bundle_runtime_requirements():
+    """The oldest ONNX Runtime a bundle needs, from its IR / opset (ORT 1.17 reads IR 9 /
+    opset 20, 1.18 IR 10 / opset 21), the op library's C API 17, and for a portable
+    bundle run without the library the sampler body's uint64 arithmetic (ORT 1.21)."""
+    from toolkit.bundle import _check_runtime_reads, runtime_requirements
+    from toolkit.errors import InvalidModelError
+
+    assert runtime_requirements(9, 20, op_library=True, portable_ops=[]) == {
+        "ir_version": 9, "opset": 20, "min_onnxruntime": "1.17", "min_onnxruntime_without_op_library": None}
+    assert runtime_requirements(8, 18, op_library=False, portable_ops=[])["min_onnxruntime"] == "1.17"
+    r = runtime_requirements(10, 21, op_library=True, portable_ops=["FusedSoftmaxTopK", "QuantKVAttention"])
+    assert r["min_onnxruntime"] == r["min_onnxruntime_without_op_library"] == "1.18"
+    r = runtime_requirements(10, 21, op_library=True, portable_ops=["SampleTopKTopP"])
+    assert r["min_onnxruntime_without_op_library"] == "1.21"
+    assert runtime_requirements(10, 22, op_library=False, portable_ops=[])["min_onnxruntime"] == "1.20"
+    newer = runtime_requirements(13, 25, op_library=False, portable_ops=[])
+    assert newer["min_onnxruntime"] is None and "newer than this toolkit's table" in newer["note"]
+
+    manifest = {"model": "model.onnx", "runtime": runtime_requirements(10, 21, op_library=True, portable_ops=[])}
+    for have in ("1.18.0", "1.18.1", "1.32.0", "2.0.0"):
+        _check_runtime_reads(manifest, Path("b"), have)
+    with pytest.raises(InvalidModelError, match=r"IR 10 / opset 21, which ONNX Runtime reads from 1.18; this is "
+                       r"onnxruntime 1.17.3") as err:
+        _check_runtime_reads(manifest, Path("b"), "1.17.3")
+    assert "onnxruntime>=1.18" in err.value.hint and "--opset 20" in err.value.hint
+    _check_runtime_reads({"model": "model.onnx"}, Path("b"), "1.17.0")  # (a manifest without the record)
+
+
+def test_op_library_runtime_requirements_match_objdump():
+    """The glibc / libstdc++ versions the manifest records for the op library are the
+    newest symbol versions it references, as binutils lists them."""
+    import platform
+    import re
+    import shutil
+
+    from toolkit import ops
+    from toolkit.bundle import library_requirements
+
+    req = library_requirements(ops.library_path())
+    assert set(req) >= {"glibc", "glibcxx"}
+    libc, version = platform.libc_ver()
+    assert libc == "glibc"
+    def as_tuple(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in v.split("."))
+
+    assert (2, 2) <= as_tuple(req["glibc"]) <= as_tuple(version)  # it loads here
+    objdump = shutil.which("objdump")
+    if objdump:  # (binutils is on the CI machines; the bound above holds without it)
+        out = subprocess.run([objdump, "-T", str(ops.library_path())], capture_output=True, text=True,
+                             check=True).stdout
+        for key, prefix in (("glibc", "GLIBC"), ("glibcxx", "GLIBCXX")):
+            found = {as_tuple(v) for v in re.findall(rf"\b{prefix}_(\d+(?:\.\d+)+)", out)}
+            assert as_tuple(req[key]) == max(found), key

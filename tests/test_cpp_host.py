@@ -112,3 +112,22 @@ def test_bad_arguments(host, bundle_dir):
     assert r.returncode == 2 and "--prompt-ids" in r.stderr
     r = run_host(host, str(bundle_dir), "--prompt-ids", "1,x")
     assert r.returncode == 2 and "expects an integer" in r.stderr
+
+
+def test_fixed_capacity_cache_bundle_matches_python(host, tmp_path):
+    """A --kv-capacity bundle: its cache tensors have static sizes and a lengths [2]
+    input with no batch axis; the host zero-fills them for the prefill (it gave the
+    lengths a batch axis of 1 and ORT refused: "Got: 1 Expected: 2")."""
+    from toolkit import bundle, generate
+
+    out = tmp_path / "cap"
+    r = subprocess.run([sys.executable, "-m", "toolkit", "convert", "llama-stdlib", "-o", str(out),
+                        "--kv-cache", "int8", "--kv-capacity", "32", "--no-parity"],
+                       check=False, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = run_host(host, str(out), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", str(NEW_TOKENS),
+                 "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    tokens = [int(t) for t in r.stdout.strip().split(",")]
+    expected = generate.greedy(bundle.load(out, threads=1), PROMPT, NEW_TOKENS).token_ids
+    assert tokens == expected and len(tokens) == NEW_TOKENS

@@ -290,3 +290,39 @@ def test_hf_directories_that_are_not_complete_causal_lms_are_refused(tmp_path, c
                           ("partial", "lacks 1 weight(s) its LlamaForCausalLM needs: lm_head.weight")):
         with pytest.raises(ModelNotFoundError, match=re.escape(message)):
             sources.resolve(str(tmp_path / name))
+
+
+def test_exports_carry_no_paths_of_the_exporting_machine(exported):
+    """torch.onnx writes each node's Python stack trace, with absolute paths of the
+    checkout and virtualenv, so one conversion on two machines gave two model hashes
+    (an audit: 175 of 177 nodes, 30% of the file). The stack traces are dropped."""
+    import sys
+    from pathlib import Path
+
+    _, path = exported("hf:qwen2")
+    data = Path(path).read_bytes()
+    model = onnx.load(str(path), load_external_data=False)
+    keys = {p.key for n in model.graph.node for p in n.metadata_props}
+    assert "pkg.torch.onnx.stack_trace" not in keys
+    assert "pkg.torch.onnx.name_scopes" in keys  # (the path-free debugging metadata stays)
+    for where in {str(Path(__file__).resolve().parents[1]), sys.prefix, "site-packages"}:
+        assert where.encode() not in data, where
+
+
+@pytest.mark.parametrize("opset, ir_version", [(20, 9), (21, 10)])
+def test_export_stamps_the_oldest_ir_version_its_opset_allows(opset, ir_version, tmp_path):
+    """The exporter stamped IR 10 whatever the opset, and ONNX Runtime 1.17 (which reads
+    IR 9 / opset 20) refused an --opset 20 model by its stamp alone. The reference is
+    onnx's own release table; the model must still load and check."""
+    import onnxruntime as ort
+
+    from toolkit import sources
+    from toolkit.export import export
+
+    model = export(sources.resolve("llama"), tmp_path / "m.onnx", opset=opset)
+    assert model.ir_version == ir_version
+    assert onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)]) == ir_version
+    saved = onnx.load(str(tmp_path / "m.onnx"))
+    assert saved.ir_version == ir_version
+    onnx.checker.check_model(saved, full_check=True)
+    ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])

@@ -26,6 +26,57 @@ MANIFEST_VERSION = 1
 LIBRARY_NAME = "libtoolkit_ops.so"
 
 
+# The oldest ONNX Runtime release that reads a model of (IR version, ai.onnx opset), from
+# ONNX Runtime's docs/Versioning.md (the ONNX release each ORT release ships): ORT 1.17
+# reads ONNX 1.15 models (IR 9, opset 20), 1.18 ONNX 1.16 (IR 10, opset 21), 1.20
+# ONNX 1.17 (opset 22), 1.22 ONNX 1.18 (IR 11, opset 23). Older rows are below our op
+# library's floor (C API 17 = ORT 1.17), so 1.17 is the first row.
+_ORT_READS = ((9, 20, "1.17"), (10, 21, "1.18"), (10, 22, "1.20"), (11, 23, "1.22"))
+# The portable body of SampleTopKTopP draws with uint64 Add / Mul / Sub, which ONNX
+# Runtime's CPU provider implements from 1.21 (audit: 1.17-1.20 fail "Could not find an
+# implementation for Add(14)" on uint64; 1.21-1.28 run it).
+_UINT64_ARITHMETIC_ORT = "1.21"
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    import re
+
+    return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
+
+
+def runtime_requirements(ir_version: int, opset: int, *, op_library: bool, portable_ops: list[str]) -> dict[str, Any]:
+    """The oldest ONNX Runtime a bundle runs on: with its op library (the model's IR /
+    opset, and the library's C API 17), and, for a portable bundle, without it."""
+    reads = next((ort for ir, op, ort in _ORT_READS if ir_version <= ir and opset <= op), None)
+    out: dict[str, Any] = {"ir_version": ir_version, "opset": opset, "min_onnxruntime": reads}
+    if reads is None:
+        out["note"] = (f"IR {ir_version} / opset {opset} is newer than this toolkit's table: an ONNX Runtime "
+                       "that reads it")
+    if op_library:
+        out["min_onnxruntime_without_op_library"] = None
+        if portable_ops:
+            uint64 = "SampleTopKTopP" in portable_ops
+            out["min_onnxruntime_without_op_library"] = (
+                max(reads, _UINT64_ARITHMETIC_ORT, key=_version_tuple) if uint64 and reads else reads)
+    return out
+
+
+def library_requirements(path: Path) -> dict[str, str]:
+    """The newest GNU C / C++ runtime symbol versions an ELF library references
+    (``GLIBC_2.34``, ``GLIBCXX_3.4.29``): the oldest glibc / libstdc++ a target system
+    needs to load it. Read from the version-requirement names in the file's string
+    table, as ``objdump -T`` lists them."""
+    import re
+
+    data = Path(path).read_bytes()
+    out = {}
+    for key, prefix in (("glibc", b"GLIBC_"), ("glibcxx", b"GLIBCXX_"), ("cxxabi", b"CXXABI_")):
+        found = {tuple(int(x) for x in m.split(b".")) for m in re.findall(re.escape(prefix) + rb"(\d+(?:\.\d+)+)", data)}
+        if found:
+            out[key] = ".".join(str(x) for x in max(found))
+    return out
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -64,6 +115,10 @@ def write(staging: Path, model: Any, pipeline_report: dict[str, Any], parity_pas
                    "html": "parity.html" if parity_passed is not None else None},
         "op_library": None,
     }
+    portable_ops = sorted(op.split("::")[1] for op in info["custom_ops"]) if manifest["portable"] else []
+    manifest["runtime"] = runtime_requirements(
+        int(info["ir_version"]), int(info["opset_imports"].get("ai.onnx", 0)),
+        op_library=bool(info["custom_ops"]), portable_ops=portable_ops)
     if uses_custom_ops(model):
         lib = ops.library_path()
         shutil.copy2(lib, staging / LIBRARY_NAME)
@@ -75,6 +130,8 @@ def write(staging: Path, model: Any, pipeline_report: dict[str, Any], parity_pas
             "min_ort_api_version": ops.min_ort_api_version(),
             "cuda_kernels": ops.has_cuda(),
             "providers": ["CPUExecutionProvider"] + (["CUDAExecutionProvider"] if ops.has_cuda() else []),
+            # the oldest GNU C / C++ runtimes a target needs (the build machine's symbol versions)
+            "requires": library_requirements(staging / LIBRARY_NAME),
         }
     # onnxruntime-genai's genai_config.json (+ tokenizer_config.json), or why it cannot drive the model
     from toolkit import genai
@@ -134,6 +191,21 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _check_runtime_reads(manifest: dict[str, Any], directory: Path, have: str) -> None:
+    """Refuses, by name, an ONNX Runtime older than the bundle's model needs (its IR
+    version / opset, recorded by :func:`write`); a manifest without the record passes."""
+    runtime = manifest.get("runtime")
+    need = runtime.get("min_onnxruntime") if isinstance(runtime, dict) else None
+    if not isinstance(need, str) or _version_tuple(have) >= _version_tuple(need):
+        return
+    raise InvalidModelError(
+        f"{directory / manifest['model']} is ONNX IR {runtime.get('ir_version')} / opset {runtime.get('opset')}, "
+        f"which ONNX Runtime reads from {need}; this is onnxruntime {have}",
+        hint=f"pip install 'onnxruntime>={need}'" + (
+            ", or convert the model with --opset 20 (IR 9), which ONNX Runtime 1.17 reads"
+            if int(runtime.get("opset") or 0) > 20 else ""))
+
+
 def load(directory: str | Path, providers: list[str] | None = None, threads: int | None = None) -> Any:
     """An ONNX Runtime session for a bundle, after checking its manifest.
 
@@ -154,6 +226,7 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
         raise ToolkitError(f"providers must be a list of provider names, got {providers!r}",
                            hint='e.g. providers=["CPUExecutionProvider"]')
     manifest = read_manifest(directory)
+    _check_runtime_reads(manifest, directory, ort.__version__)
     so = ort.SessionOptions()
     if threads is not None:
         so.intra_op_num_threads = ops.checked_threads(threads)
@@ -197,5 +270,12 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
         from toolkit.parity import load_onnx
 
         load_onnx(model_path)
-        raise InvalidModelError(f"onnxruntime could not load {model_path}: {str(exc).strip()[:300]}",
-                                hint="convert the model again; check `toolkit inspect` on it") from exc
+        # ORT's message starts with the model's path, which can be long: keep its reason
+        reason = " ".join(str(exc).replace(str(model_path), "the model").split())
+        reason = reason if len(reason) <= 600 else reason[:300] + " ... " + reason[-290:]
+        newer = "ir version" in reason.lower() or "opset" in reason.lower()
+        raise InvalidModelError(
+            f"onnxruntime {ort.__version__} could not load {model_path}: {reason}",
+            hint=("the model is newer than this onnxruntime reads: upgrade onnxruntime, or convert with an older "
+                  "--opset (20 for ONNX Runtime 1.17)") if newer else
+            "convert the model again; check `toolkit inspect` on it") from exc

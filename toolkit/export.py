@@ -210,9 +210,54 @@ def export(src: SourceModel, out_path: Path, opset: int = DEFAULT_OPSET) -> Any:
         raise ExportError(f"torch.onnx wrote opset {got} for {src.spec!r} instead of the requested {opset}",
                           hint=f"pass --opset {got}, or another opset the version converter handles")
     _name_dynamic_dims(model)
+    _drop_source_paths(model)
+    model.ir_version = minimal_ir_version(model)
     _set_metadata(model, src, opset)
     save_model(model, out_path)
     return model
+
+
+def minimal_ir_version(model: Any) -> int:
+    """The oldest ONNX IR version that can hold ``model``: the one its standard opset
+    needs (opset 18: IR 8, 19-20: IR 9, 21-22: IR 10, ...), or IR 10 where a model-local
+    function is an overload (an IR 10 feature; the portable pass writes them).
+
+    The exporter stamps IR 10 whatever the opset, and ONNX Runtime refuses a model whose
+    IR is newer than it reads: ORT 1.17 reads IR 9, so an opset-20 export it could run
+    was refused by its IR stamp alone.
+    """
+    import onnx
+
+    ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    if any(getattr(f, "overload", "") for f in model.functions):
+        ir_version = max(ir_version, 10)
+    return max(ir_version, 8)  # (model-local functions need IR 8; opset 18 is the oldest we write)
+
+
+def _drop_source_paths(model: Any) -> None:
+    """Drops the exporter's per-node Python stack traces (``pkg.torch.onnx.stack_trace``).
+
+    They hold absolute paths of the exporting machine (its checkout, its virtualenv), so
+    the same conversion on two machines gave two model hashes, and they were about 30% of
+    a small model's file. The module scopes and FX node names stay (no paths in them).
+    """
+    import onnx
+
+    def strip(nodes: Any) -> None:
+        for node in nodes:
+            keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+            if len(keep) != len(node.metadata_props):
+                del node.metadata_props[:]
+                node.metadata_props.extend(keep)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    strip(attr.g.node)
+                for g in attr.graphs:
+                    strip(g.node)
+
+    strip(model.graph.node)
+    for f in model.functions:
+        strip(f.node)
 
 
 def _name_dynamic_dims(model: Any) -> None:

@@ -290,6 +290,13 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
                             hint="e.g. toolkit convert MODEL -o DIR --kv-rank-ratio 0.5 --kv-latent-bits 8")
         options["low-rank-kv"]["latent_bits"] = str(args.kv_latent_bits)
     if args.portable:
+        from passes.function_builder import ONNX_OPSET
+
+        if args.opset < ONNX_OPSET:  # (the pass says so too, but only after the slow export)
+            raise PassError(f"--portable writes its function bodies in ONNX opset {ONNX_OPSET}; --opset "
+                            f"{args.opset} is older, and a model-local function cannot use a newer opset than "
+                            "its model",
+                            hint=f"use --opset {ONNX_OPSET} or newer with --portable (the default is {ONNX_OPSET})")
         names = list(DEFAULT_PASSES) if names is None else names
         names.append("portable")
     resolve_pass_names(names)

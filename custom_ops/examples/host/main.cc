@@ -8,12 +8,17 @@
 // Ort::SessionOptions::RegisterCustomOpsLibrary, and runs the exported KV-cache
 // layout (README "Exported layout"): a prefill over the prompt with empty past
 // tensors ([1, kv_heads, 0, head_dim]; every dynamic dimension but the batch is 0,
-// so quantized cache layouts work the same way), then decode steps that feed each
+// so quantized cache layouts work the same way; a fixed-capacity cache's tensors
+// keep their static sizes, zero-filled, with past_key_values.lengths [2] = 0), then
+// decode steps that feed each
 // present.* output back as past_key_values.*, grow attention_mask by one and
 // continue position_ids. The next token is next_token[0] (a sampled head),
 // next_token_ids[0, 0] (a FusedSoftmaxTopK head) or argmax(logits[0, -1]) — the same
 // rule as toolkit.generate.next_token. Generated ids go to stdout, comma-separated;
 // errors go to stderr as "error: ..." with a fix, exit code 2.
+// The C++ API's global OrtApi is fetched by hand (main below), so that a runtime older
+// than the headers gives a named error instead of a null API table (a segfault).
+#define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 
 #include <algorithm>
@@ -225,10 +230,27 @@ std::vector<int64_t> Generate(const Args& args) {
     if (in.name.rfind(past_prefix, 0) != 0) continue;
     std::vector<int64_t> shape = in.shape;
     for (size_t d = 0; d < shape.size(); ++d) {
-      if (d == 0) shape[d] = 1;            // batch
-      else if (shape[d] < 0) shape[d] = 0;  // past length (and any other dynamic axis)
+      if (d == 0 && shape.size() > 1) shape[d] = 1;  // batch (a fixed cache's lengths [2] has none)
+      else if (shape[d] < 0) shape[d] = 0;           // past length (and any other dynamic axis)
     }
-    past.emplace(in.name, Ort::Value::CreateTensor(alloc, shape.data(), shape.size(), in.type));
+    Ort::Value value = Ort::Value::CreateTensor(alloc, shape.data(), shape.size(), in.type);
+    // Zeros: an empty cache, and for a fixed-capacity one its unused slots and lengths.
+    const auto info = value.GetTensorTypeAndShapeInfo();
+    const size_t count = info.GetElementCount();
+    if (count > 0) {
+      size_t width = 0;
+      switch (in.type) {
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: width = 1; break;
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: width = 2; break;
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: width = 4; break;
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: width = 8; break;
+        default:
+          throw HostError("cache input " + in.name + " has an element type this host cannot zero-fill",
+                          "use a decoder exported by `toolkit convert`");
+      }
+      std::fill_n(static_cast<char*>(value.GetTensorMutableRawData()), count * width, char(0));
+    }
+    past.emplace(in.name, std::move(value));
   }
 
   std::vector<int64_t> ids = args.prompt;
@@ -286,6 +308,17 @@ std::vector<int64_t> Generate(const Args& args) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  const OrtApiBase* base = OrtGetApiBase();
+  const OrtApi* api = base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {
+    std::cerr << "error: this host was compiled against ONNX Runtime headers of C API " << ORT_API_VERSION
+              << ", and the ONNX Runtime it loaded (" << base->GetVersionString() << ") is older\n"
+              << "  fix: build the host against the headers of the runtime it runs with "
+              << "(custom_ops/cmake/OrtHeaders.cmake: ORT_INCLUDE_DIR), or run it with ONNX Runtime >= 1."
+              << ORT_API_VERSION << "\n";
+    return 2;
+  }
+  Ort::InitApi(api);
   try {
     const std::vector<int64_t> tokens = Generate(ParseArgs(argc, argv));
     for (size_t i = 0; i < tokens.size(); ++i) std::cout << (i ? "," : "") << tokens[i];
