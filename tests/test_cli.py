@@ -434,3 +434,32 @@ def test_op_library_runtime_requirements_match_objdump():
         for key, prefix in (("glibc", "GLIBC"), ("glibcxx", "GLIBCXX")):
             found = {as_tuple(v) for v in re.findall(rf"\b{prefix}_(\d+(?:\.\d+)+)", out)}
             assert as_tuple(req[key]) == max(found), key
+
+
+def test_interrupted_generate_says_its_output_is_partial(exported, monkeypatch, capsys):
+    """SIGINT during a streamed `toolkit generate` printed "no output was written" (the
+    convert message) on the line of the partial text. The streamed line is ended and
+    the message says the tokens are partial; commands that publish atomically keep theirs."""
+    import toolkit.generate
+    from toolkit import cli
+
+    _, path = exported("gpt2")
+
+    def interrupted_after_two_tokens(session, prompts, max_new_tokens, sampling, **kw):
+        kw["on_token"](0, 5)
+        kw["on_token"](0, 6)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(toolkit.generate, "generate_batch", interrupted_after_two_tokens)
+    assert cli.main(["generate", str(path), "--prompt-ids", "1,2", "--max-new-tokens", "50"]) == 130
+    out, err = capsys.readouterr()
+    assert out == "5 6\n"
+    assert err == "interrupted: the tokens above are a partial completion\n"
+
+    def interrupted_before_any(session, prompts, max_new_tokens, sampling, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(toolkit.generate, "generate_batch", interrupted_before_any)
+    assert cli.main(["generate", str(path), "--prompt-ids", "1,2", "--json"]) == 130
+    out, err = capsys.readouterr()
+    assert out == "" and err == "interrupted\n"

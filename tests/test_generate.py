@@ -210,6 +210,13 @@ def test_generation_stops_at_the_recorded_eos_and_within_the_context(exported, t
     with pytest.raises(ToolkitError) as err:
         generate(sess, [5] * 130, 1, context_length=128)
     assert "shorten the prompt to at most 128 tokens" in err.value.hint
+    # the Python API reads the model's own context length by default (it ran a 129-token
+    # prompt on a 128-position model without a word: an audit)
+    from toolkit.generate import generate_batch
+
+    with pytest.raises(ToolkitError, match="need 129 positions; the model was built for 128"):
+        generate_batch(sess, [[5, 6], [5] * 128], 2)
+    assert len(generate_batch(sess, [[5, 6], [5] * 127], 2).token_ids[1]) == 2
 
     model = onnx.load(str(path))  # the CLI reads the recorded ids; --eos-id -1 ignores them
     model.metadata_props.append(onnx.StringStringEntryProto(key="toolkit.eos_token_ids", value=json.dumps([stop])))

@@ -206,12 +206,57 @@ def _check_runtime_reads(manifest: dict[str, Any], directory: Path, have: str) -
             if int(runtime.get("opset") or 0) > 20 else ""))
 
 
-def load(directory: str | Path, providers: list[str] | None = None, threads: int | None = None) -> Any:
+# Op libraries this process registered, by resolved path -> SHA-256 (see _registration_path).
+_REGISTERED: dict[str, str] = {}
+
+
+def _registration_path(path: Path, digest: str) -> Path:
+    """The path to register ``path`` (whose SHA-256 is ``digest``) from.
+
+    The dynamic loader hands back a library already open under the same path name
+    without reading the file again. A server that swaps a bundle directory in place
+    (load the new one, then drop the old sessions) and whose library changed in between
+    got a session running the *old* library, although the hash check had read the new
+    file (an audit). When this process registered different bytes from this path before,
+    the library is registered from a copy named after its hash instead (one per user in
+    the temporary directory), which the loader opens as a new library.
+    """
+    import os
+    import tempfile
+
+    key = str(path.resolve())
+    if _REGISTERED.setdefault(key, digest) == digest:
+        return path
+    base = Path(tempfile.gettempdir()) / f"toolkit-ops-{os.getuid()}"
+    base.mkdir(mode=0o700, exist_ok=True)
+    if base.stat().st_uid != os.getuid() or base.is_symlink():
+        raise OpLibraryError(f"{base} is not a directory of this user's: cannot stage a copy of {path} there",
+                             hint="remove it, or release the sessions of the previous bundle before loading this one")
+    copy = base / digest / LIBRARY_NAME
+    if not (copy.is_file() and sha256(copy) == digest):
+        copy.parent.mkdir(mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=copy.parent, prefix=".partial-")
+        with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+            shutil.copyfileobj(src, out)
+        os.replace(tmp, copy)
+        if sha256(copy) != digest:
+            raise OpLibraryError(f"{path} changed while it was being loaded",
+                                 hint="load the bundle again once it is completely written")
+    _REGISTERED.setdefault(str(copy.resolve()), digest)
+    return copy
+
+
+def load(directory: str | Path, providers: list[str] | None = None, threads: int | None = None,
+         session_options: Any | None = None) -> Any:
     """An ONNX Runtime session for a bundle, after checking its manifest.
 
     Checks the op library's SHA-256 against the manifest and that the running ONNX
     Runtime provides the C API version the library needs; picks
     CUDAExecutionProvider when both the runtime and the bundled library have it.
+    ``session_options``: an ``onnxruntime.SessionOptions`` of the caller's (e.g. with
+    ``enable_cpu_mem_arena = False``, so the memory of one large request goes back to
+    the system); the library is registered into it, and ``threads`` sets its intra-op
+    threads.
 
     Raises:
         InvalidModelError: missing/unreadable manifest or model.
@@ -227,7 +272,10 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
                            hint='e.g. providers=["CPUExecutionProvider"]')
     manifest = read_manifest(directory)
     _check_runtime_reads(manifest, directory, ort.__version__)
-    so = ort.SessionOptions()
+    if session_options is not None and not isinstance(session_options, ort.SessionOptions):
+        raise ToolkitError(f"session_options must be an onnxruntime.SessionOptions, got "
+                           f"{type(session_options).__name__}", hint="so = onnxruntime.SessionOptions(); ...")
+    so = ort.SessionOptions() if session_options is None else session_options
     if threads is not None:
         so.intra_op_num_threads = ops.checked_threads(threads)
     lib = manifest.get("op_library")
@@ -251,7 +299,7 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
                 hint=f"pip install 'onnxruntime>=1.{lib['min_ort_api_version']}'",
             )
         try:
-            so.register_custom_ops_library(str(path))
+            so.register_custom_ops_library(str(_registration_path(path, lib["sha256"])))
         except Exception as exc:
             raise OpLibraryError(f"onnxruntime could not register {path}: {exc}",
                                  hint="the library was built for another platform; convert on this one") from exc

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose outputs are published atomically (nothing is left by an interrupt).
+_ATOMIC_COMMANDS = {"convert", "export", "package", "parity"}
+
 _FILE_SYSTEM_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
@@ -68,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt as exc:
-        print("interrupted: no output was written", file=sys.stderr)
+        # convert / export / package / parity publish atomically; generate streams tokens
+        partial = getattr(exc, "partial_output", None)
+        print("interrupted" + (": the tokens above are a partial completion" if partial else
+                               ": no output was written" if args.command in _ATOMIC_COMMANDS else ""),
+              file=sys.stderr)
         return 128 + getattr(exc, "signum", 2)  # the shell's code: 130 for SIGINT, 143 for SIGTERM
     except BrokenPipeError:
         return _broken_pipe()

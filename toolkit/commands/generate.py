@@ -73,7 +73,6 @@ def run(args: argparse.Namespace) -> int:
     meta = session.get_modelmeta().custom_metadata_map  # the model's metadata_props, as loaded
     recorded_eos = json.loads(meta.get("toolkit.eos_token_ids") or "[]")
     eos = (recorded_eos or None) if args.eos_id is None else None if args.eos_id == -1 else args.eos_id
-    context = int(meta["toolkit.context_length"]) if meta.get("toolkit.context_length") else None
     streamed: list[int] = []
     shown = ""
 
@@ -89,8 +88,14 @@ def run(args: argparse.Namespace) -> int:
             shown = text
 
     single = len(prompts) == 1
-    result = generate_batch(session, prompts, args.max_new_tokens, sampling, eos_id=eos, seed=args.seed,
-                            on_token=stream if single and not args.json else None, context_length=context)
+    try:
+        result = generate_batch(session, prompts, args.max_new_tokens, sampling, eos_id=eos, seed=args.seed,
+                                on_token=stream if single and not args.json else None)
+    except KeyboardInterrupt as exc:
+        if streamed:  # end the streamed line, so the interrupt message starts its own
+            print(flush=True)
+        exc.partial_output = bool(streamed)  # (main says so instead of "no output was written")
+        raise
     rows = [{"prompt_ids": prompt, "token_ids": tokens,
              "text": tokenizer.decode(tokens) if tokenizer is not None else None}
             for prompt, tokens in zip(prompts, result.token_ids)]
