@@ -463,3 +463,12 @@ def test_interrupted_generate_says_its_output_is_partial(exported, monkeypatch, 
     assert cli.main(["generate", str(path), "--prompt-ids", "1,2", "--json"]) == 130
     out, err = capsys.readouterr()
     assert out == "" and err == "interrupted\n"
+
+
+def test_bench_head_stays_inside_the_context_length(tmp_path):
+    """bench head decodes with generate, which refuses a run past the model's recorded
+    context: the benchmark says so with its own flag."""
+    r = toolkit("bench", "head", "--model", "gpt2", "--prompts", "1", "--new-tokens", "100", "--k", "4")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "32-token prompts and --new-tokens 100 need 131 positions; gpt2 was built for 128" in r.stderr
+    assert "pass --new-tokens 97 or fewer" in r.stderr

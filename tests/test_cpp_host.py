@@ -131,3 +131,18 @@ def test_fixed_capacity_cache_bundle_matches_python(host, tmp_path):
     tokens = [int(t) for t in r.stdout.strip().split(",")]
     expected = generate.greedy(bundle.load(out, threads=1), PROMPT, NEW_TOKENS).token_ids
     assert tokens == expected and len(tokens) == NEW_TOKENS
+    # past the capacity: ORT's error, with the fix for this case
+    r = run_host(host, str(out), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "40")
+    assert r.returncode == 2 and "the cache is full" in r.stderr and "larger --kv-capacity" in r.stderr, r.stderr
+
+
+def test_context_and_vocabulary_are_checked_up_front(host, bundle_dir):
+    """The recorded context length and vocabulary, as `toolkit generate` checks them."""
+    from toolkit import bundle
+
+    meta = bundle.load(bundle_dir).get_modelmeta().custom_metadata_map
+    context, vocab = int(meta["toolkit.context_length"]), int(meta["toolkit.vocab_size"])
+    r = run_host(host, str(bundle_dir), "--prompt-ids", "5,6", "--max-new-tokens", str(context))
+    assert r.returncode == 2 and f"need {context + 1} positions; the model was built for {context}" in r.stderr
+    r = run_host(host, str(bundle_dir), "--prompt-ids", f"5,{vocab}")
+    assert r.returncode == 2 and f"prompt id {vocab} is outside the model's vocabulary [0, {vocab})" in r.stderr

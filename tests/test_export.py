@@ -324,5 +324,9 @@ def test_export_stamps_the_oldest_ir_version_its_opset_allows(opset, ir_version,
     assert onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)]) == ir_version
     saved = onnx.load(str(tmp_path / "m.onnx"))
     assert saved.ir_version == ir_version
+    # graph / node metadata_props are IR 10 fields: kept from IR 10 on, absent before
+    has_node_metadata = any(n.metadata_props for n in saved.graph.node)
+    assert has_node_metadata == (ir_version >= 10)
+    assert {p.key for p in saved.metadata_props} >= {"toolkit.source", "toolkit.opset"}
     onnx.checker.check_model(saved, full_check=True)
     ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])

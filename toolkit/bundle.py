@@ -206,43 +206,73 @@ def _check_runtime_reads(manifest: dict[str, Any], directory: Path, have: str) -
             if int(runtime.get("opset") or 0) > 20 else ""))
 
 
-# Op libraries this process registered, by resolved path -> SHA-256 (see _registration_path).
+# Op libraries this process registered, by the path string given to the loader -> SHA-256.
 _REGISTERED: dict[str, str] = {}
+
+
+def _open_under(name: str) -> bool:
+    """Whether the dynamic loader already has a library open that ``dlopen(name)``
+    would return (RTLD_NOLOAD: nothing is loaded)."""
+    import _ctypes
+    import ctypes
+    import os
+
+    try:
+        handle = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)._handle
+    except OSError:
+        return False
+    _ctypes.dlclose(handle)  # (the reference RTLD_NOLOAD took)
+    return True
 
 
 def _registration_path(path: Path, digest: str) -> Path:
     """The path to register ``path`` (whose SHA-256 is ``digest``) from.
 
     The dynamic loader hands back a library already open under the same path name
-    without reading the file again. A server that swaps a bundle directory in place
-    (load the new one, then drop the old sessions) and whose library changed in between
-    got a session running the *old* library, although the hash check had read the new
-    file (an audit). When this process registered different bytes from this path before,
-    the library is registered from a copy named after its hash instead (one per user in
-    the temporary directory), which the loader opens as a new library.
+    without reading the file again. A server that swaps a bundle in place (renames
+    directories or flips a ``current`` symlink, loads the new one, then drops the old
+    sessions) and whose library changed in between got a session running the *old*
+    library, although the hash check had read the new file (an audit). So when a
+    library is still open under this name and this process did not register these
+    bytes from it, the library is registered from a copy named after its hash (one per
+    user in the temporary directory), which the loader opens as a new library. Once
+    the old sessions are gone the loader has closed it, and the path is used as is.
     """
     import os
     import tempfile
 
-    key = str(path.resolve())
-    if _REGISTERED.setdefault(key, digest) == digest:
-        return path
+    name = os.path.abspath(path)  # (not resolved: the loader matches the name it was given)
+    if not _open_under(name) or _REGISTERED.get(name) == digest:
+        _REGISTERED[name] = digest
+        return Path(name)
     base = Path(tempfile.gettempdir()) / f"toolkit-ops-{os.getuid()}"
-    base.mkdir(mode=0o700, exist_ok=True)
-    if base.stat().st_uid != os.getuid() or base.is_symlink():
-        raise OpLibraryError(f"{base} is not a directory of this user's: cannot stage a copy of {path} there",
-                             hint="remove it, or release the sessions of the previous bundle before loading this one")
     copy = base / digest / LIBRARY_NAME
-    if not (copy.is_file() and sha256(copy) == digest):
-        copy.parent.mkdir(mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=copy.parent, prefix=".partial-")
-        with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
-            shutil.copyfileobj(src, out)
-        os.replace(tmp, copy)
-        if sha256(copy) != digest:
-            raise OpLibraryError(f"{path} changed while it was being loaded",
-                                 hint="load the bundle again once it is completely written")
-    _REGISTERED.setdefault(str(copy.resolve()), digest)
+    tmp = None
+    try:
+        base.mkdir(mode=0o700, exist_ok=True)
+        if base.is_symlink() or base.stat().st_uid != os.getuid():
+            raise OpLibraryError(f"{base} is not this user's directory", hint="")
+        if not (copy.is_file() and sha256(copy) == digest):
+            copy.parent.mkdir(mode=0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=copy.parent, prefix=".partial-")
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                shutil.copyfileobj(src, out)
+            os.replace(tmp, copy)
+            tmp = None
+    except (OSError, OpLibraryError) as exc:
+        raise OpLibraryError(
+            f"{path} differs from the op library this process still has open under that path (from a bundle "
+            f"that was there before), and a copy of it could not be staged in {base} to load it beside the "
+            f"old one: {exc}",
+            hint="set TMPDIR to a writable directory of this user's, or release the sessions of the previous "
+            "bundle (the loader then closes its library) before loading this one") from exc
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+    if sha256(copy) != digest:
+        raise OpLibraryError(f"{path} changed while it was being loaded",
+                             hint="load the bundle again once it is completely written")
+    _REGISTERED[str(copy)] = digest
     return copy
 
 
@@ -255,8 +285,8 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
     CUDAExecutionProvider when both the runtime and the bundled library have it.
     ``session_options``: an ``onnxruntime.SessionOptions`` of the caller's (e.g. with
     ``enable_cpu_mem_arena = False``, so the memory of one large request goes back to
-    the system); the library is registered into it, and ``threads`` sets its intra-op
-    threads.
+    the system), used for this one session: the library is registered into it and
+    ``threads`` sets its intra-op threads, so pass a new object to each call.
 
     Raises:
         InvalidModelError: missing/unreadable manifest or model.
@@ -298,8 +328,9 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
                 f"{lib['min_ort_api_version']}",
                 hint=f"pip install 'onnxruntime>=1.{lib['min_ort_api_version']}'",
             )
+        registered = _registration_path(path, lib["sha256"])
         try:
-            so.register_custom_ops_library(str(_registration_path(path, lib["sha256"])))
+            so.register_custom_ops_library(str(registered))
         except Exception as exc:
             raise OpLibraryError(f"onnxruntime could not register {path}: {exc}",
                                  hint="the library was built for another platform; convert on this one") from exc
@@ -320,6 +351,11 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
         load_onnx(model_path)
         # ORT's message starts with the model's path, which can be long: keep its reason
         reason = " ".join(str(exc).replace(str(model_path), "the model").split())
+        if session_options is not None and "already set in registry" in reason:
+            raise ToolkitError(
+                f"the session_options passed to load({str(directory)!r}) already hold a registered op library "
+                "(from an earlier load): ONNX Runtime registers one per SessionOptions object",
+                hint="pass a new onnxruntime.SessionOptions to each load") from exc
         reason = reason if len(reason) <= 600 else reason[:300] + " ... " + reason[-290:]
         newer = "ir version" in reason.lower() or "opset" in reason.lower()
         raise InvalidModelError(

@@ -260,6 +260,29 @@ def _drop_source_paths(model: Any) -> None:
         strip(f.node)
 
 
+def _drop_ir10_metadata(model: Any) -> None:
+    """Removes graph, node and function ``metadata_props`` (fields of ONNX IR 10) from
+    a model stamped with an older IR version (opset <= 20), where they do not exist;
+    the model-level metadata (``toolkit.*``) is older and stays."""
+    import onnx
+
+    def strip(graph: Any) -> None:
+        del graph.metadata_props[:]
+        for node in graph.node:
+            del node.metadata_props[:]
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    strip(attr.g)
+                for g in attr.graphs:
+                    strip(g)
+
+    strip(model.graph)
+    for f in model.functions:
+        del f.metadata_props[:]
+        for node in f.node:
+            del node.metadata_props[:]
+
+
 def _name_dynamic_dims(model: Any) -> None:
     """Replace the exporter's symbols (``s10``...) by the names genai runtimes use.
 
@@ -342,6 +365,8 @@ def save_model(model: Any, out_path: Path) -> None:
     import onnx
 
     out_path = Path(out_path)
+    if model.ir_version < 10:
+        _drop_ir10_metadata(model)
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     if size > EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -24,7 +24,8 @@ def run(model: str = "llama-stdlib", prompts: int = 16, prompt_len: int = 32, ne
 
     from passes import run_pipeline
     from toolkit import export, sources
-    from toolkit.generate import greedy
+    from toolkit.errors import ToolkitError
+    from toolkit.generate import greedy, model_context_length
     from toolkit.parity import make_session
 
     src = sources.resolve(model)
@@ -45,6 +46,12 @@ def run(model: str = "llama-stdlib", prompts: int = 16, prompt_len: int = 32, ne
         del plain
         sessions = {"logits": make_session(plain_path, threads=threads),
                     "head": make_session(head_path, threads=threads)}
+        context = model_context_length(sessions["logits"])
+        if context is not None and prompt_len + new_tokens - 1 > context:
+            raise ToolkitError(
+                f"{prompt_len}-token prompts and --new-tokens {new_tokens} need {prompt_len + new_tokens - 1} "
+                f"positions; {model} was built for {context}",
+                hint=f"pass --new-tokens {max(context - prompt_len + 1, 1)} or fewer")
         greedy(sessions["logits"], prompt_ids[0], 4)  # warm-up both
         greedy(sessions["head"], prompt_ids[0], 4)
         steps: dict[str, list[float]] = {"logits": [], "head": []}

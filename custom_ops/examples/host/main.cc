@@ -210,6 +210,34 @@ std::vector<int64_t> Generate(const Args& args) {
   Ort::Session session(env, bundle.model.c_str(), so);
 
   Ort::AllocatorWithDefaultOptions alloc;
+  // The positions and vocabulary the export recorded (model metadata), checked up
+  // front as `toolkit generate` does: past them a learned position table fails with a
+  // Gather error after some tokens, and an id outside the vocabulary with another.
+  const Ort::ModelMetadata metadata = session.GetModelMetadata();
+  auto recorded = [&](const char* key) -> int64_t {
+    const Ort::AllocatedStringPtr value = metadata.LookupCustomMetadataMapAllocated(key, alloc);
+    if (!value) return -1;
+    try {
+      return std::stoll(value.get());
+    } catch (const std::exception&) {
+      return -1;
+    }
+  };
+  const int64_t vocab = recorded("toolkit.vocab_size"), context = recorded("toolkit.context_length");
+  for (const int64_t id : args.prompt) {
+    if (id < 0 || (vocab > 0 && id >= vocab)) {
+      throw HostError("prompt id " + std::to_string(id) + " is outside the model's vocabulary [0, " +
+                          std::to_string(vocab) + ")",
+                      "use ids the model's tokenizer produces");
+    }
+  }
+  const int64_t positions_needed = static_cast<int64_t>(args.prompt.size()) + args.max_new_tokens - 1;
+  if (context > 0 && positions_needed > context) {
+    throw HostError("a " + std::to_string(args.prompt.size()) + "-token prompt and " +
+                        std::to_string(args.max_new_tokens) + " new tokens need " + std::to_string(positions_needed) +
+                        " positions; the model was built for " + std::to_string(context),
+                    "shorten the prompt or --max-new-tokens");
+  }
   std::vector<InputInfo> inputs;
   for (size_t i = 0; i < session.GetInputCount(); ++i) {
     const auto type_info = session.GetInputTypeInfo(i);
@@ -327,8 +355,12 @@ int main(int argc, char** argv) {
   } catch (const HostError& e) {
     std::cerr << "error: " << e.what() << "\n  fix: " << e.hint << "\n";
   } catch (const Ort::Exception& e) {
-    std::cerr << "error: ONNX Runtime: " << e.what()
-              << "\n  fix: check that the bundle was converted for this ONNX Runtime version and is complete\n";
+    const std::string what = e.what();
+    std::cerr << "error: ONNX Runtime: " << what << "\n  fix: "
+              << (what.find("cache is full") != std::string::npos
+                      ? "the bundle's fixed-capacity KV cache (--kv-capacity) cannot hold the prompt and "
+                        "--max-new-tokens: shorten them, or reconvert with a larger --kv-capacity\n"
+                      : "check that the bundle was converted for this ONNX Runtime version and is complete\n");
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
   }
