@@ -142,22 +142,23 @@ def _sample_topk_function() -> FunctionProto:
     indices = b.reshape(indices, rows_by_k)
     p = b.op("Cast", values, to=DOUBLE)
     col = b.op("Range", b.const(0), b.attr("k", "value_int"), b.const(1))  # [k]
-    # m: the prefix with p >= min_p * p0 (and p > 0 after the first); a NaN p0 keeps none
+    # m: the prefix of valid candidates (p > 0 after the first)
+    positive = b.op("Or", b.op("Equal", col, b.const(0)), b.op("Greater", p, b.const(0.0, np.float64)))
+    axis1 = b.const(1)  # CumSum takes a scalar axis
+    broken = b.op("CumSum", b.op("Cast", b.op("Not", positive), to=INT64), axis1)
+    m = b.op("ReduceSum", b.op("Cast", b.op("Equal", broken, b.const(0)), to=INT64), one, keepdims=1)  # [N, 1]
+    mass_upto = b.op("CumSum", p, axis1)
+    total = b.op("GatherElements", mass_upto, b.op("Sub", m, b.const(1)), axis=1)
+    # n: the shortest prefix (within m) whose mass reaches top_p of the top-k mass
+    target_mass = b.op("Mul", b.op("Cast", b.attr("top_p", "value_float"), to=DOUBLE), total)
+    reached = b.op("And", b.op("GreaterOrEqual", mass_upto, target_mass), b.op("Less", col, m))
+    n = b.op("Add", _first_true(b, reached, b.op("Sub", m, b.const(1))), b.const(1))
+    # q: those of the n with p >= min_p * p0 (the first always; transformers' order: top-p, then min-p)
     p0 = b.op("Slice", p, b.const([0]), one, one)
     floor_p = b.op("Mul", b.op("Cast", b.attr("min_p", "value_float"), to=DOUBLE), p0)
-    positive = b.op("Or", b.op("Equal", col, b.const(0)), b.op("Greater", p, b.const(0.0, np.float64)))
-    keep = b.op("And", b.op("GreaterOrEqual", p, floor_p), positive)
-    axis1 = b.const(1)  # CumSum takes a scalar axis
-    broken = b.op("CumSum", b.op("Cast", b.op("Not", keep), to=INT64), axis1)
-    m = b.op("ReduceSum", b.op("Cast", b.op("Equal", broken, b.const(0)), to=INT64), one, keepdims=1)  # [N, 1]
-    m_at_least_1 = b.op("Max", m, b.const(1))
-    mass_upto = b.op("CumSum", p, axis1)
-    kept = b.op("GatherElements", mass_upto, b.op("Sub", m_at_least_1, b.const(1)), axis=1)
-    # n: the shortest prefix (within m) whose mass reaches top_p * kept
-    target_mass = b.op("Mul", b.op("Cast", b.attr("top_p", "value_float"), to=DOUBLE), kept)
-    reached = b.op("And", b.op("GreaterOrEqual", mass_upto, target_mass), b.op("Less", col, m))
-    n = b.op("Add", _first_true(b, reached, b.op("Sub", m_at_least_1, b.const(1))), b.const(1))
-    mass = b.op("GatherElements", mass_upto, b.op("Sub", n, b.const(1)), axis=1)
+    dropped = b.op("And", b.op("Less", p, floor_p), b.op("Greater", col, b.const(0)))
+    q = _first_true(b, b.op("Or", dropped, b.op("GreaterOrEqual", col, n)), n)
+    kept = b.op("GatherElements", mass_upto, b.op("Sub", q, b.const(1)), axis=1)
     # u: the counter-based uniform of (seed, row)
     rows = b.op("Range", b.const(0), b.op("Squeeze", b.dim(p, 0, 1), b.const([0])), b.const(1))
     row_ids = b.op("Unsqueeze", b.op("Cast", rows, to=UINT64), one)  # [N, 1]
@@ -165,10 +166,9 @@ def _sample_topk_function() -> FunctionProto:
     bits = _splitmix64(b, b.op("BitwiseXor", seed_hash, row_ids))
     u = b.op("Mul", b.op("Cast", b.op("BitShift", bits, b.const(11, np.uint64), direction="RIGHT"), to=DOUBLE),
              b.const(1.0 / 9007199254740992.0, np.float64))
-    # j: the first candidate (within n) whose running mass passes u * mass
-    passed = b.op("And", b.op("Greater", mass_upto, b.op("Mul", u, mass)), b.op("Less", col, n))
-    j = _first_true(b, passed, b.op("Sub", n, b.const(1)))
-    j = b.op("Where", b.op("Equal", m, b.const(0)), b.const([[0]]), j)
+    # j: the first candidate (within q) whose running mass passes u * kept
+    passed = b.op("And", b.op("Greater", mass_upto, b.op("Mul", u, kept)), b.op("Less", col, q))
+    j = _first_true(b, passed, b.op("Sub", q, b.const(1)))
     lead = b.dim("logits", 0, -1)
     b.rename(b.reshape(b.op("GatherElements", indices, j, axis=1), lead), "token_ids")
     b.rename(b.reshape(b.op("GatherElements", values, j, axis=1), lead), "token_probs")

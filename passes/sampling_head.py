@@ -12,7 +12,7 @@ This pass takes the last position of the ``logits`` output and feeds it to
 With ``sample=true`` the head is ``com.toolkit::SampleTopKTopP`` instead: the model
 takes an extra input ``sampling_seed`` (int64 ``[1]``; a decode loop passes
 ``base_seed + step``) and outputs ``next_token [B]`` (drawn with temperature,
-top-k, min-p and top-p) and ``next_token_prob [B]``.
+top-k, top-p and min-p, in that order) and ``next_token_prob [B]``.
 
 The logits output is kept by default (parity checks and scoring need it); with
 ``keep_logits=false`` it is removed from the graph outputs, so a runtime never

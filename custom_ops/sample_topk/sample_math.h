@@ -29,39 +29,48 @@ TOOLKIT_HD double Uniform(int64_t seed, int64_t row) {
 }
 
 // probs[0..k) are the top-k probabilities under softmax(x / T) over the whole row,
-// in descending order. Keeps those >= min_p * probs[0], then the shortest prefix
-// whose renormalised mass reaches top_p, and draws one of them in proportion to its
-// probability with u in [0, 1). Returns the chosen position in [0, k). A NaN
-// probability (a NaN/+inf row) selects position 0.
+// in descending order. The filters run in transformers' order (its top-k, top-p and
+// min-p logits warpers): the shortest prefix whose mass reaches top_p of the top-k
+// mass (zero probabilities after the first left out), then those of it >= min_p *
+// probs[0]; one of them is drawn in proportion to its probability with u in [0, 1).
+// Returns the chosen position in [0, k). A NaN probability (a NaN/+inf row) selects
+// position 0.
 template <typename GetProb>
 TOOLKIT_HD int64_t SamplePosition(GetProb prob, int64_t k, double top_p, double min_p, double u) {
   const double p0 = prob(0);
   if (!(p0 == p0)) return 0;
   int64_t m = 0;
-  double kept = 0.0;
-  const double floor_p = min_p * p0;
+  double total = 0.0;
   for (; m < k; ++m) {
     const double p = prob(m);
-    if (!(p >= floor_p) || (m > 0 && p <= 0.0)) break;  // sorted: everything after fails too
-    kept += p;
+    if (m > 0 && !(p > 0.0)) break;  // sorted: everything after is zero too
+    total += p;
   }
-  if (m == 0) return 0;
-  // top-p on the renormalised mass: stop at the first prefix reaching top_p * kept.
-  double mass = 0.0;
+  // top-p: stop at the first prefix reaching top_p of the top-k mass.
   int64_t n = 0;
-  const double target_mass = top_p * kept;
+  double mass = 0.0;
+  const double target_mass = top_p * total;
   while (n < m) {
     mass += prob(n);
     ++n;
     if (mass >= target_mass) break;
   }
-  const double target = u * mass;
+  // min-p within it (relative to the largest, so the renormalisation does not matter).
+  const double floor_p = min_p * p0;
+  int64_t q = 1;  // (p0 >= min_p * p0 for min_p < 1)
+  double kept = p0;
+  for (; q < n; ++q) {
+    const double p = prob(q);
+    if (!(p >= floor_p)) break;
+    kept += p;
+  }
+  const double target = u * kept;
   double c = 0.0;
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t j = 0; j < q; ++j) {
     c += prob(j);
     if (c > target) return j;
   }
-  return n - 1;
+  return q - 1;
 }
 
 }  // namespace toolkit::sample_topk

@@ -1,6 +1,6 @@
 // SampleTopKTopP (domain com.toolkit, since_version 1): the whole sampling head of a
 // decode step in one op — the one-pass softmax–top-k of FusedSoftmaxTopK, then
-// temperature / top-k / min-p / top-p filtering and a seeded draw.
+// temperature / top-k / top-p / min-p filtering and a seeded draw.
 //
 //   input  0 logits       float32 | float16, shape [..., V], rank >= 1
 //   input  1 seed         int64, optional, one element: the random stream of this call
@@ -13,8 +13,10 @@
 //   output 0 token_ids    [...] int64: the drawn token of each row
 //   output 1 token_probs  [...] float32 (optional): its probability under softmax(x / T)
 //
-// Filtering order: top-k, then min-p (keep p >= min_p * p_max), then top-p (shortest
-// prefix of the kept, in descending order, whose renormalised mass reaches top_p).
+// Filtering order, transformers' (its TopK, TopP, MinP logits warpers; also vLLM's and
+// llama.cpp's): top-k, then top-p (the shortest prefix, in descending order, whose
+// mass reaches top_p of the top-k mass), then min-p (keep p >= min_p * p_max). (Until
+// stop 22 min-p came before top-p, which keeps fewer tokens when both are set.)
 // k = 1 or top_p -> 0 is greedy. Row r draws u = Uniform(seed, r) (sample_math.h),
 // the same number on every provider and thread count, so for a given seed a provider
 // gives the same tokens at any thread count. Across providers the candidate

@@ -47,7 +47,10 @@ def ort_include() -> pathlib.Path:
 
 def build(out_dir: pathlib.Path, sanitize: str | None = None) -> pathlib.Path:
     """Compiles (or reuses) the library; returns its path."""
-    inputs = [*SOURCES, *sorted(SIM.glob("include/*.h")), SIM / "runtime.cc", pathlib.Path(__file__)]
+    # every header the kernels include counts: a reused build of an edited sample_math.h
+    # ran the old draw rule
+    headers = sorted(p for ext in ("*.h", "*.cuh") for p in (ROOT / "custom_ops").rglob(ext))
+    inputs = [*SOURCES, *headers, *sorted(SIM.glob("include/*.h")), SIM / "runtime.cc", pathlib.Path(__file__)]
     digest = hashlib.sha256()
     for p in inputs:
         digest.update(p.read_bytes())

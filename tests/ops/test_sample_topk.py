@@ -233,3 +233,40 @@ def test_parity_forgives_a_sampled_flip_only_near_a_boundary():
         assert rec.top1_agreement == 0.0 and rec.passed == forgiven, (gap, rec.top1_flip_margins, rec.failures)
         if not forgiven:
             assert "sampled token agreement 0.0000" in rec.failures[0]
+
+
+def test_filters_keep_the_tokens_transformers_keeps():
+    """top-k, top-p and min-p together keep the tokens transformers' logits warpers keep
+    (TopK, then TopP, then MinP: the order of its generation config, also vLLM's and
+    llama.cpp's). The op applied min-p before top-p, which differs when both are set:
+    probabilities [.5, .3, .2], top_p 0.6, min_p 0.5 drew only token 0, transformers
+    keeps 0 and 1 (an audit). The kept set is where a draw with u just below 1 lands."""
+    import torch
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    def kept_by_us(logits, k, top_p, min_p):
+        values, _ = reference.softmax_topk(logits[None], k, 1.0, 0, False)[:2]
+        return reference.sample_position(values[0], top_p, min_p, 1.0 - 1e-12) + 1  # a prefix of the top k
+
+    def kept_by_transformers(logits, k, top_p, min_p):
+        scores = torch.from_numpy(logits)[None]
+        for warper in (TopKLogitsWarper(k), TopPLogitsWarper(top_p), MinPLogitsWarper(min_p)):
+            scores = warper(None, scores)
+        return int(torch.isfinite(scores).sum())
+
+    logits = np.log(np.array([0.5, 0.3, 0.2], np.float32))
+    assert kept_by_us(logits, 3, 0.6, 0.5) == kept_by_transformers(logits, 3, 0.6, 0.5) == 2
+    rng = np.random.default_rng(7)
+    checked = 0
+    for _ in range(400):
+        V = int(rng.integers(2, 300))
+        logits = (rng.normal(size=V) * rng.uniform(0.3, 4.0)).astype(np.float32)
+        k = int(rng.integers(1, V + 1))
+        top_p, min_p = float(np.float32(rng.uniform(0.05, 1.0))), float(np.float32(rng.uniform(0.0, 0.6)))
+        probs = np.sort(reference.softmax_topk(logits[None], k, 1.0, 0, False)[0][0].astype(np.float64))[::-1]
+        cum = np.cumsum(probs) / probs.sum()
+        if np.abs(cum - top_p).min() < 1e-5 or np.abs(probs - min_p * probs[0]).min() < 1e-6:
+            continue  # a cut within float32 rounding: the two sides may round it differently
+        assert kept_by_us(logits, k, top_p, min_p) == kept_by_transformers(logits, k, top_p, min_p), (V, k, top_p, min_p)
+        checked += 1
+    assert checked > 300

@@ -124,53 +124,58 @@ def uniform(seed: int, row: int) -> float:
 
 
 def sample_position(probs: np.ndarray, top_p: float, min_p: float, u: float) -> int:
-    """The draw over descending top-k probabilities (min-p, then top-p, then u)."""
+    """The draw over descending top-k probabilities, in transformers' order: top-p on the
+    top-k mass (zero probabilities after the first left out), then min-p relative to the
+    largest, then ``u`` over what is kept."""
     p = [float(v) for v in probs]
     if np.isnan(p[0]):
         return 0
-    m, kept = 0, 0.0
+    m, total = 0, 0.0
     for i, v in enumerate(p):
-        if not v >= min_p * p[0] or (i > 0 and v <= 0.0):
+        if i > 0 and not v > 0.0:
             break
-        kept += v
+        total += v
         m += 1
-    if m == 0:
-        return 0
     mass, n = 0.0, 0
     while n < m:
         mass += p[n]
         n += 1
-        if mass >= top_p * kept:
+        if mass >= top_p * total:
             break
-    target, c = u * mass, 0.0
-    for j in range(n):
+    q, kept = 1, p[0]
+    while q < n and p[q] >= min_p * p[0]:
+        kept += p[q]
+        q += 1
+    target, c = u * kept, 0.0
+    for j in range(q):
         c += p[j]
         if c > target:
             return j
-    return n - 1
+    return q - 1
 
 
 def draw_margin(probs: np.ndarray, top_p: float, min_p: float, u: float) -> float:
     """How far (in probability) :func:`sample_position`'s decision lies from flipping:
-    the smallest distance from the draw ``u * mass`` to a cumulative boundary of the
-    kept candidates, from the top-p mass to its cut, and from a candidate to the min-p
-    cut. Probabilities that move by less than this cannot change the drawn token."""
+    the smallest distance from a prefix mass to the top-p cut, from a candidate to the
+    min-p cut, and from the draw ``u * kept`` to a cumulative boundary of the kept
+    candidates. Probabilities that move by less than this cannot change the drawn token."""
     p = np.asarray(probs, np.float64)
     if not len(p) or np.isnan(p[0]):
         return 0.0
-    keep = (p >= min_p * p[0]) & ((np.arange(len(p)) == 0) | (p > 0))
-    m = int(np.argmin(keep)) if not keep.all() else len(p)
-    margins = [abs(float(v) - min_p * float(p[0])) for v in p[1:]] if min_p > 0 else []
+    valid = (np.arange(len(p)) == 0) | (p > 0)
+    m = int(np.argmin(valid)) if not valid.all() else len(p)
     cum = np.cumsum(p[:m])
-    kept = float(cum[-1]) if m else 0.0
-    if m == 0:
-        return min(margins) if margins else float("inf")
-    n = int(np.searchsorted(cum, top_p * kept)) + 1 if top_p < 1 else m
-    n = min(n, m)
+    total = float(cum[-1])
+    margins: list[float] = []
+    n = min(int(np.searchsorted(cum, top_p * total)) + 1, m) if top_p < 1 else m
     if top_p < 1:
-        margins += [abs(float(c) - top_p * kept) for c in cum]
-    mass = float(cum[n - 1])
-    margins += [abs(float(c) - u * mass) for c in cum[:n]]
+        margins += [abs(float(c) - top_p * total) for c in cum]
+    if min_p > 0:
+        margins += [abs(float(v) - min_p * float(p[0])) for v in p[1:n]]
+    below = np.flatnonzero(p[1:n] < min_p * p[0])
+    q = int(below[0]) + 1 if len(below) else n
+    kept = float(cum[q - 1])
+    margins += [abs(float(c) - u * kept) for c in cum[:q]]
     return min(margins) if margins else float("inf")
 
 
