@@ -251,15 +251,21 @@ def _registration_path(path: Path, digest: str) -> Path:
     try:
         base.mkdir(mode=0o700, exist_ok=True)
         if base.is_symlink() or base.stat().st_uid != os.getuid():
-            raise OpLibraryError(f"{base} is not this user's directory", hint="")
+            raise PermissionError(f"{base} is not this user's directory")
         if not (copy.is_file() and sha256(copy) == digest):
             copy.parent.mkdir(mode=0o700, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=copy.parent, prefix=".partial-")
+            written = hashlib.sha256()  # (the bytes copied, hashed as they are written)
             with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
-                shutil.copyfileobj(src, out)
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    written.update(block)
+                    out.write(block)
+            if written.hexdigest() != digest:
+                raise OpLibraryError(f"{path} changed while it was being loaded",
+                                     hint="load the bundle again once it is completely written")
             os.replace(tmp, copy)
             tmp = None
-    except (OSError, OpLibraryError) as exc:
+    except OSError as exc:
         raise OpLibraryError(
             f"{path} differs from the op library this process still has open under that path (from a bundle "
             f"that was there before), and a copy of it could not be staged in {base} to load it beside the "
@@ -269,9 +275,6 @@ def _registration_path(path: Path, digest: str) -> Path:
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-    if sha256(copy) != digest:
-        raise OpLibraryError(f"{path} changed while it was being loaded",
-                             hint="load the bundle again once it is completely written")
     _REGISTERED[str(copy)] = digest
     return copy
 

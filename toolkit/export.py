@@ -241,45 +241,24 @@ def _drop_source_paths(model: Any) -> None:
     the same conversion on two machines gave two model hashes, and they were about 30% of
     a small model's file. The module scopes and FX node names stay (no paths in them).
     """
-    import onnx
+    from toolkit.parity import all_graphs
 
-    def strip(nodes: Any) -> None:
-        for node in nodes:
-            keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
-            if len(keep) != len(node.metadata_props):
-                del node.metadata_props[:]
-                node.metadata_props.extend(keep)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    strip(attr.g.node)
-                for g in attr.graphs:
-                    strip(g.node)
-
-    strip(model.graph.node)
-    for f in model.functions:
-        strip(f.node)
+    for node in [n for g in all_graphs(model) for n in g.node] + [n for f in model.functions for n in f.node]:
+        keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        if len(keep) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
 
 
 def _drop_ir10_metadata(model: Any) -> None:
     """Removes graph, node and function ``metadata_props`` (fields of ONNX IR 10) from
     a model stamped with an older IR version (opset <= 20), where they do not exist;
     the model-level metadata (``toolkit.*``) is older and stays."""
-    import onnx
+    from toolkit.parity import all_graphs
 
-    def strip(graph: Any) -> None:
-        del graph.metadata_props[:]
-        for node in graph.node:
-            del node.metadata_props[:]
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    strip(attr.g)
-                for g in attr.graphs:
-                    strip(g)
-
-    strip(model.graph)
-    for f in model.functions:
-        del f.metadata_props[:]
-        for node in f.node:
+    for holder in [*all_graphs(model), *model.functions]:
+        del holder.metadata_props[:]
+        for node in holder.node:
             del node.metadata_props[:]
 
 

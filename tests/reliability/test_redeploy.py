@@ -92,12 +92,11 @@ def test_a_bundle_swapped_in_place_runs_its_own_library(tmp_path, monkeypatch, s
         shutil.copytree(v2, other / "live")
         monkeypatch.chdir(other)
     second = bundle.load("live" if swap == "relative" else live, threads=1)
-    x = X
     assert new_digest in _mapped_library_digests(), "the new bundle's session runs another library"
-    for a, b in zip(second.run(None, {"logits": x}), expected):
+    for a, b in zip(second.run(None, {"logits": X}), expected):
         np.testing.assert_array_equal(a, b)  # (the same kernel code: only a message differs)
     # the old session still runs, on its own library
-    np.testing.assert_array_equal(first.run(None, {"logits": x})[1], expected[1])
+    np.testing.assert_array_equal(first.run(None, {"logits": X})[1], expected[1])
     assert old_digest in _mapped_library_digests()
 
 
