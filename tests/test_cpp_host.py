@@ -146,3 +146,25 @@ def test_context_and_vocabulary_are_checked_up_front(host, bundle_dir):
     assert r.returncode == 2 and f"need {context + 1} positions; the model was built for {context}" in r.stderr
     r = run_host(host, str(bundle_dir), "--prompt-ids", f"5,{vocab}")
     assert r.returncode == 2 and f"prompt id {vocab} is outside the model's vocabulary [0, {vocab})" in r.stderr
+
+
+def test_sampled_head_draws_what_python_draws(host, tmp_path):
+    """A --sample bundle: the host feeds each call the seed toolkit.generate feeds
+    (``call_seed``), so the in-graph draws give the same tokens for the same --seed."""
+    from toolkit import bundle, generate
+
+    out = tmp_path / "sampled"
+    r = subprocess.run([sys.executable, "-m", "toolkit", "convert", "llama-stdlib", "-o", str(out),
+                        "--sampling-head", "40", "--sample", "--pass-option", "sampling-head.temperature=1.5",
+                        "--no-parity"],
+                       check=False, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    session = bundle.load(out, threads=1)
+    runs = {}
+    for seed in (7, 8):
+        r = run_host(host, str(out), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", str(NEW_TOKENS),
+                     "--threads", "1", "--seed", str(seed))
+        assert r.returncode == 0, r.stderr
+        runs[seed] = [int(t) for t in r.stdout.strip().split(",")]
+        assert runs[seed] == generate.greedy(session, PROMPT, NEW_TOKENS, seed=seed).token_ids
+    assert runs[7] != runs[8]

@@ -149,7 +149,7 @@ def test_host_sampling_draws_what_the_fused_sampler_would(exported):
     """--do-sample on a top-k head (candidates re-weighted to T) and on plain logits: every
     token is the one SampleTopKTopP's reference draws from the full logits with that call's seed."""
     from toolkit.generate import Sampling, generate
-    from toolkit.ops.reference import sample_topk_top_p
+    from toolkit.ops.reference import call_seed, sample_topk_top_p
 
     _, path = exported("llama")
     head, _ = run_pipeline(onnx.load(str(path)), ["sampling-head"], {"sampling-head": {"k": 40, "temperature": 1.3}})
@@ -159,7 +159,7 @@ def test_host_sampling_draws_what_the_fused_sampler_would(exported):
         sess = _session(model)
         result = generate(sess, prompt, 16, sampling, seed=100)
         logits, _ = _replay_logits(sess, prompt, result.token_ids)
-        expected = [int(sample_topk_top_p(row, 24, 0.7, 0.9, 0.02, seed=100 + i)[0][0])
+        expected = [int(sample_topk_top_p(row, 24, 0.7, 0.9, 0.02, seed=call_seed(100, i))[0][0])
                     for i, row in enumerate(logits)]
         assert result.token_ids == expected
         assert len(set(result.token_ids)) > 3  # it did sample (greedy on a random model repeats)

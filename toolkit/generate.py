@@ -19,8 +19,9 @@ The loop (:func:`generate`) drives the session through **IOBinding**:
 Token choice:
 
 * a ``SampleTopKTopP`` head (``--sampling-head K --sample``) draws in the graph with
-  the options fixed at conversion; the loop passes ``seed + call index`` as
-  ``sampling_seed``, so a run is reproducible;
+  the options fixed at conversion; the loop passes ``call_seed(seed, call index)``
+  (``toolkit.ops.reference``: the base seed hashed, plus the call) as
+  ``sampling_seed``, so a run is reproducible and runs with nearby seeds are unrelated;
 * a ``FusedSoftmaxTopK`` head (``--sampling-head K``) returns the top-k candidates
   and their probabilities under the conversion temperature T0. Greedy takes the
   first; sampling re-weights them to the requested temperature T (``p^(T0/T)`` is
@@ -48,6 +49,7 @@ import numpy as np
 
 from toolkit.errors import ToolkitError
 from toolkit.ops import kv_quant
+from toolkit.ops.reference import call_seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,7 +326,7 @@ def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling:
     """Decode up to ``max_new_tokens`` tokens after ``prompt_ids`` (batch 1).
 
     ``eos_id``: stop after this token (or any of these). ``seed`` is the base of the
-    per-call seeds (call ``i`` uses ``seed + i``): the sampled head's input, or the
+    per-call seeds (call ``i`` uses ``call_seed(seed, i)``): the sampled head's input, or the
     host's draw. ``on_token`` is called with each token as soon as it is chosen
     (streaming). ``context_length``: positions the model was built for (default: the
     model's ``toolkit.context_length`` metadata); a longer run is refused up front
@@ -353,7 +355,7 @@ def generate_batch(session: Any, prompts: list[list[int]], max_new_tokens: int, 
     hf:llama: max logit difference vs alone 7.8e-3 for kivi4 R = 32, 3.3e-2 for kivi2;
     agreement with the float model moved by at most 0.8 points). A row stops at an
     ``eos_id`` token; the run ends when every row has stopped. Draws: row ``b`` of call
-    ``i`` uses ``uniform(seed + i, b)``, in the graph or on the host.
+    ``i`` uses ``uniform(call_seed(seed, i), b)``, in the graph or on the host.
     ``on_token(row, token)`` is called as each token is chosen. ``context_length``: as
     in :func:`generate` (default: the model's own).
     """
@@ -414,9 +416,9 @@ def generate_batch(session: Any, prompts: list[list[int]], max_new_tokens: int, 
     prefill_ms = 0.0
     for step in range(max_new_tokens):
         start = time.perf_counter()
-        call_seed = seed + dec.calls
-        outs, past = dec.step(ids, mask, pos, past, call_seed)
-        chosen = [chooser.choose(outs, call_seed, b) for b in range(batch)]
+        seed_i = call_seed(seed, dec.calls)
+        outs, past = dec.step(ids, mask, pos, past, seed_i)
+        chosen = [chooser.choose(outs, seed_i, b) for b in range(batch)]
         elapsed = (time.perf_counter() - start) * 1e3
         if step == 0:
             prefill_ms = elapsed

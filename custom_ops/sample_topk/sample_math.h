@@ -28,6 +28,14 @@ TOOLKIT_HD double Uniform(int64_t seed, int64_t row) {
   return double(bits >> 11) * (1.0 / 9007199254740992.0);
 }
 
+// The seed a host feeds for call `call` of a run with base seed `seed` (toolkit.generate
+// and the C++ host). Hashing the base keeps runs with nearby base seeds apart: with
+// seed + call, base seed s's call i + 1 drew what base seed s + 1's call i drew, so
+// runs with consecutive seeds were shifted copies of one stream of uniforms.
+TOOLKIT_HD int64_t CallSeed(int64_t seed, int64_t call) {
+  return int64_t(SplitMix64(uint64_t(seed)) + uint64_t(call));
+}
+
 // probs[0..k) are the top-k probabilities under softmax(x / T) over the whole row,
 // in descending order. The filters run in transformers' order (its top-k, top-p and
 // min-p logits warpers): the shortest prefix whose mass reaches top_p of the top-k

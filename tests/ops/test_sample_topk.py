@@ -211,6 +211,17 @@ def test_draw_margin_bounds_the_perturbation_a_draw_survives(k, top_p, min_p, u,
         assert reference.sample_position(q, top_p, min_p, u) == j
 
 
+def test_runs_with_nearby_seeds_draw_unrelated_streams():
+    """The per-call seeds of runs with base seeds -8..7 over 64 calls are all different
+    (so no two calls draw the same uniforms): with seed + call, run s's call i + 1 was run
+    s + 1's call i, and runs with consecutive seeds were shifted copies of one stream.
+    Every call seed is an int64, as the op's sampling_seed input. The C++ host's rule
+    (CallSeed in sample_math.h) is checked against this one by tests/test_cpp_host.py."""
+    seeds = [reference.call_seed(s, i) for s in range(-8, 8) for i in range(64)]
+    assert len(set(seeds)) == len(seeds)
+    assert all(-(1 << 63) <= v < 1 << 63 for v in seeds)
+
+
 def test_parity_forgives_a_sampled_flip_only_near_a_boundary():
     """A sampled head over a quantized cache failed parity on one of six draws whose
     probabilities moved by 1e-5: the draw sat on a boundary. Flips whose draw lay within

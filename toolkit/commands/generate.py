@@ -21,7 +21,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated token ids instead of --prompt; repeat it for a batch")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0, help="base seed of the draws (call i uses seed + i)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed of the draws (call i feeds toolkit.ops.reference.call_seed(seed, i))")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="candidates kept (0: all the head returns)")

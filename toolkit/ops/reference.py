@@ -123,6 +123,15 @@ def uniform(seed: int, row: int) -> float:
     return (bits >> 11) * (1.0 / 9007199254740992.0)
 
 
+def call_seed(seed: int, call: int) -> int:
+    """The ``sampling_seed`` a host feeds for call ``call`` of a run with base seed
+    ``seed`` (an int64; ``CallSeed`` in sample_math.h). The base is hashed so that runs
+    with nearby seeds draw unrelated streams (``seed + call`` made seed s's call i + 1
+    equal seed s + 1's call i)."""
+    v = (_splitmix64(seed & _MASK64) + call) & _MASK64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
 def sample_position(probs: np.ndarray, top_p: float, min_p: float, u: float) -> int:
     """The draw over descending top-k probabilities, in transformers' order: top-p on the
     top-k mass (zero probabilities after the first left out), then min-p relative to the

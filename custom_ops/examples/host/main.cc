@@ -21,6 +21,8 @@
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 
+#include "sample_topk/sample_math.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -298,8 +300,8 @@ std::vector<int64_t> Generate(const Args& args) {
         feeds.push_back(Int64Tensor(std::vector<int64_t>(total, 1), {1, total}));
       } else if (in.name == "position_ids") {
         feeds.push_back(Int64Tensor(positions, {1, n}));
-      } else if (in.name == "sampling_seed") {  // a sampled head: base + call index, like toolkit.generate
-        feeds.push_back(Int64Tensor({args.seed + step}, {1}));
+      } else if (in.name == "sampling_seed") {  // a sampled head: the call's seed, as toolkit.generate feeds
+        feeds.push_back(Int64Tensor({toolkit::sample_topk::CallSeed(args.seed, step)}, {1}));
       } else if (past.count(in.name)) {
         feeds.push_back(std::move(past.at(in.name)));
       } else {
