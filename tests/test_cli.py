@@ -472,3 +472,31 @@ def test_bench_head_stays_inside_the_context_length(tmp_path):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "32-token prompts and --new-tokens 100 need 131 positions; gpt2 was built for 128" in r.stderr
     assert "pass --new-tokens 97 or fewer" in r.stderr
+
+
+def test_convert_an_onnx_file_that_onnx_runtime_optimized(tmp_path):
+    """An ONNX file as MODEL: the passes run on it and parity compares the result with
+    --reference. The file is our export after ORT's transformer optimizer, which writes
+    RMSNorm as SimplifiedLayerNormalization in the standard domain (no onnx schema):
+    every pass refused it as an invalid input, and convert took only PyTorch sources."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    exported, optimized, out = tmp_path / "x.onnx", tmp_path / "opt.onnx", tmp_path / "out"
+    r = toolkit("export", "llama", "-o", str(exported))
+    assert r.returncode == 0, r.stderr
+    optimize_model(str(exported), model_type="bert", opt_level=1, num_heads=0, hidden_size=0) \
+        .save_model_to_file(str(optimized))
+    assert ("", "SimplifiedLayerNormalization") in {(n.domain, n.op_type) for n in onnx.load(optimized).graph.node}
+    r = toolkit("convert", str(optimized), "-o", str(out), "--kv-cache", "int8", "--sampling-head", "8",
+                "--reference", "llama")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "parity.json").read_text())["passed"]
+    ops = {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
+    assert {"QuantKVAttention", "FusedSoftmaxTopK", "SimplifiedLayerNormalization"} <= ops
+    # the flags that only make sense for one kind of MODEL, refused before any work
+    for args, message in (((str(optimized),), "pass --reference MODEL"),
+                          ((str(optimized), "--reference", "llama", "--opset", "20"), "keeps its opset"),
+                          (("llama", "--reference", "llama"), "--reference is for an ONNX file")):
+        r = toolkit("convert", *args, "-o", str(tmp_path / "refused"))
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert not (tmp_path / "refused").exists()

@@ -63,7 +63,10 @@ def test_a_cache_layout_the_shapes_cannot_describe_is_unknown(tmp_path, shapes, 
     kv = _inspect_json(path, capsys)["kv_cache"]
     assert kv["bytes_per_token"] is None and "cannot be read from the shapes" in kv["layout_note"]
     assert main(["inspect", str(path)]) == 0
-    assert "unknown bytes per token" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "unknown bytes per token" in out
+    # printed as text: rich read "[batch, heads, sequence, head_dim]" as markup and dropped it
+    assert "[batch, heads, sequence, head_dim]" in " ".join(out.split())
 
 
 def test_the_exporters_layout_is_counted(tmp_path, capsys):
@@ -135,3 +138,48 @@ def test_a_misspelt_attribute_of_our_ops_is_refused(tmp_path, capsys):
     assert [a.name for a in attrs] == ["k"]
     onnx.save(m, str(tmp_path / "m.onnx"))
     load_onnx(tmp_path / "m.onnx")
+
+
+def _rms_norm_model(*, dangling: bool = False):
+    """x -> SimplifiedLayerNormalization (ONNX Runtime's RMSNorm, in the standard domain,
+    with no onnx schema) -> Relu; ``dangling``: the Relu reads a tensor nothing makes."""
+    w = numpy_helper.from_array(np.linspace(0.5, 1.5, 64).astype(np.float32), "w")
+    nodes = [helper.make_node("SimplifiedLayerNormalization", ["x", "w"], ["t"], axis=-1, epsilon=1e-5),
+             helper.make_node("Relu", ["nope" if dangling else "t"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    return m
+
+
+def test_onnx_runtime_standard_domain_ops_are_accepted(tmp_path, monkeypatch, capsys):
+    """onnxruntime-genai's builder, ORT's transformer optimizer and onnxscript's ORT fusions
+    write RMSNorm as SimplifiedLayerNormalization in the standard domain, which ONNX
+    Runtime runs and onnx.checker rejects ("No Op registered"): inspect, parity and every
+    pass refused such models as invalid. The rest of the model is still checked."""
+    import onnxruntime as ort
+
+    from toolkit.checker import check_model, runtime_only_ops
+
+    assert "SimplifiedLayerNormalization" in runtime_only_ops()
+    m = _rms_norm_model()
+    with pytest.raises(onnx.checker.ValidationError, match="No Op registered"):
+        onnx.checker.check_model(m)
+    for full in (False, True):
+        check_model(m, full_check=full)
+    with pytest.raises(onnx.checker.ValidationError, match="nope"):
+        check_model(_rms_norm_model(dangling=True))
+    # ONNX Runtime agrees it is a model: RMSNorm of the input
+    x = np.random.default_rng(0).normal(size=(2, 64)).astype(np.float32)
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * np.linspace(0.5, 1.5, 64)
+    np.testing.assert_allclose(y, np.maximum(ref, 0), rtol=1e-5, atol=1e-6)
+    # with external data, seen from another directory (the checker's copy keeps no weights)
+    (tmp_path / "m").mkdir()
+    onnx.save(m, str(tmp_path / "m" / "model.onnx"), save_as_external_data=True, location="w.bin",
+              size_threshold=0)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    load_onnx("../m/model.onnx")
+    assert _inspect_json("../m/model.onnx", capsys)["parameters"] == 64

@@ -29,6 +29,7 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
+from toolkit.checker import check_model
 from toolkit.errors import InvalidModelError, OpLibraryError, ToolkitError
 
 # One table of thresholds, per precision profile. A record fails when a metric is
@@ -417,7 +418,7 @@ def load_onnx(path: str | Path) -> Any:
         # A model with external data is checked from its path: the checker looks for the
         # data files beside the model it is given a path to, and beside the current
         # directory for a model given in memory.
-        onnx.checker.check_model(str(path) if external else model, full_check=False)
+        check_model(model, full_check=False, path=path if external else None)
     except Exception as exc:
         raise InvalidModelError(
             f"{str(path)!r} is not a valid ONNX model: {str(exc).strip().splitlines()[0][:300]}",

@@ -11,6 +11,8 @@ plots, toolkit/report.py). Load it with toolkit.load(DIR). Nothing is published 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 from toolkit.commands._common import (
     add_model_args,
@@ -23,7 +25,13 @@ from toolkit.commands._common import (
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="built-in name, hf:<arch>, or a model directory")
+    parser.add_argument("model", metavar="MODEL",
+                        help="built-in name, hf:<arch>, a model directory, or an ONNX file (a decoder exported "
+                        "elsewhere: the passes run on it, and parity compares it with --reference)")
+    parser.add_argument("--reference", metavar="MODEL", default=None,
+                        help="with an ONNX file as MODEL: the PyTorch model it was exported from (built-in name, "
+                        "hf:<arch> or a model directory; --preset/--config/--seed apply to it), which parity "
+                        "compares the converted model with")
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--passes", default=None,
                         help="comma-separated passes to run (default: the default pipeline; 'none' for none); "
@@ -85,7 +93,8 @@ def register(parser: argparse.ArgumentParser) -> None:
                         "(ORT with the library still uses the fused kernels)")
     add_pass_option_arg(parser)
     parser.add_argument("--explain", action="store_true", help="say why each pass did not match where it did not")
-    parser.add_argument("--opset", type=int, default=21)
+    parser.add_argument("--opset", type=int, default=None,
+                        help="ONNX opset of the export (default 21); an ONNX file as MODEL keeps its own")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--keep-failed", action="store_true",
                         help="publish the output even when parity fails; the exit status is then 0 and the "
@@ -114,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from toolkit.workspace import check_destination, check_report_paths, publish
 
     out = Path(args.output)
+    onnx_input = _onnx_input(args)
     check_destination(out, directory=True, overwrite=args.overwrite, keep=(args.model,))
     check_report_paths({"--junit": args.junit}, inputs=(args.model,))
     names, pass_options = _pass_selection(args)
@@ -140,22 +150,30 @@ def run(args: argparse.Namespace) -> int:
     try:
         columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress:
-            t = progress.add_task(f"load {args.model}", total=None)
-            src = resolve_model(args)
-            progress.update(t, total=1, completed=1, description=f"loaded {src.spec} ({src.family})")
-
-            t = progress.add_task("export (torch.onnx dynamo)", total=None)
             from toolkit.export import export, save_model
 
-            exported = export(src, staging / "exported.onnx", opset=args.opset)
-            progress.update(t, total=1, completed=1)
+            if onnx_input is not None:
+                t = progress.add_task(f"read {onnx_input}", total=None)
+                exported = _read_onnx(onnx_input)
+                progress.update(t, total=1, completed=1)
+            src = None
+            if onnx_input is None or args.reference is not None:
+                t = progress.add_task(f"load {args.reference or args.model}", total=None)
+                src = (resolve_model(args) if onnx_input is None else
+                       resolve_model(argparse.Namespace(**{**vars(args), "model": args.reference}),
+                                     {p.key: p.value for p in exported.metadata_props}))
+                progress.update(t, total=1, completed=1, description=f"loaded {src.spec} ({src.family})")
+            if onnx_input is None:
+                t = progress.add_task("export (torch.onnx dynamo)", total=None)
+                exported = export(src, staging / "exported.onnx", opset=args.opset or DEFAULT_OPSET)
+                progress.update(t, total=1, completed=1)
 
             t = progress.add_task("graph passes", total=None)
             from passes import run_pipeline
 
             optimized, pipeline_report = run_pipeline(exported, names, pass_options, explain=args.explain)
             save_model(optimized, staging / "model.onnx")
-            if src.tokenizer is not None:
+            if src is not None and src.tokenizer is not None:
                 src.tokenizer.save(str(staging / "tokenizer.json"))
             for f in staging.glob("exported.onnx*"):
                 f.unlink()
@@ -189,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
                 parity.write_atomic(args.junit, report.to_junit())
             if not report.passed and not args.keep_failed:
                 raise ParityFailure(
-                    f"parity failed for {src.spec}; nothing was written to {str(out)!r}",
+                    f"parity failed for {args.model}; nothing was written to {str(out)!r}",
                     hint="see the table above; rerun with --keep-failed to inspect the model, or --passes to "
                     "narrow down which pass breaks it")
         from toolkit import bundle
@@ -209,6 +227,45 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+DEFAULT_OPSET = 21
+
+
+def _onnx_input(args: argparse.Namespace) -> Path | None:
+    """The ONNX file MODEL names (None for a PyTorch source), with its flags checked
+    before anything runs."""
+    from pathlib import Path
+
+    from toolkit.errors import ToolkitError
+
+    path = Path(args.model)
+    if path.suffix.lower() != ".onnx":
+        if args.reference is not None:
+            raise ToolkitError(f"--reference is for an ONNX file as MODEL; {args.model!r} is a PyTorch source, "
+                               "which parity compares with itself",
+                               hint=f"drop --reference, or pass the ONNX file: toolkit convert model.onnx "
+                               f"--reference {args.model} -o DIR")
+        return None
+    if args.opset is not None:
+        raise ToolkitError(f"--opset applies to an export; {args.model!r} is already ONNX and keeps its opset",
+                           hint="drop --opset (or convert from the PyTorch source with --opset)")
+    if args.reference is None and not args.no_parity:
+        raise ToolkitError(f"parity needs the PyTorch model that {args.model!r} was exported from",
+                           hint="pass --reference MODEL (a built-in name, hf:<arch> or a Hugging Face model "
+                           "directory), or --no-parity to convert without the check (not recommended)")
+    return path
+
+
+def _read_onnx(path: Path) -> Any:
+    """The ONNX input with its weights, after toolkit.parity's checks of the file (named
+    errors for a missing, corrupt or invalid model, or external data outside its directory)."""
+    import onnx
+
+    from toolkit.parity import load_onnx
+
+    load_onnx(path)
+    return onnx.load(str(path))
 
 
 def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, dict[str, str]]]:
@@ -292,7 +349,7 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
     if args.portable:
         from passes.function_builder import ONNX_OPSET
 
-        if args.opset < ONNX_OPSET:  # (the pass says so too, but only after the slow export)
+        if (args.opset or DEFAULT_OPSET) < ONNX_OPSET:  # (the pass says so too, but only after the slow export)
             raise PassError(f"--portable writes its function bodies in ONNX opset {ONNX_OPSET}; --opset "
                             f"{args.opset} is older, and a model-local function cannot use a newer opset than "
                             "its model",
