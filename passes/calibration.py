@@ -200,6 +200,27 @@ def _batch_chunks(inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     return [{n: sliced(n, v, a, min(a + rows, batch)) for n, v in inputs.items()} for a in range(0, batch, rows)]
 
 
+def _session(proto: Any, so: Any) -> Any:
+    """An ORT session of ``proto`` (a copy the caller gives up): from its bytes, or past
+    protobuf's 2 GiB limit from a temporary file with external data (ORT has read or
+    mapped the weights when the session exists, so the file can go)."""
+    import onnxruntime as ort
+
+    from toolkit.checker import too_large_to_serialize
+
+    if not too_large_to_serialize(proto):
+        return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="toolkit-calibration-") as tmp:
+        path = f"{tmp}/model.onnx"
+        onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
 def run_exposed(model: ir.Model, names: list[str], options: CalibrationOptions, pass_name: str,
                 threads: int | None = None,
                 per_batch: Callable[[dict[str, np.ndarray], int], None] | None = None) -> dict[str, np.ndarray]:
@@ -245,7 +266,7 @@ def run_exposed(model: ir.Model, names: list[str], options: CalibrationOptions, 
         return PassError(f"{pass_name}: the calibration run of the graph failed: {err}", hint=hint)
 
     try:
-        session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        session = _session(proto, so)
     except Exception as err:  # ORT raises its own pybind exception types
         raise failure(err) from err
     batches = _batch_chunks(inputs)

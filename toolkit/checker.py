@@ -1,4 +1,5 @@
-"""``onnx.checker`` that accepts ONNX Runtime's own ops in the standard domain.
+"""``onnx.checker`` that accepts ONNX Runtime's own ops in the standard domain, and
+models past protobuf's 2 GiB limit held in memory.
 
 ONNX Runtime registers a few ops in the standard domain that onnx has no schema for,
 most usefully ``SimplifiedLayerNormalization`` (RMSNorm), which onnxruntime-genai's
@@ -18,6 +19,14 @@ from typing import Any
 
 # The domain the checker's copy moves those nodes to: unknown to onnx, so not checked.
 _UNCHECKED_DOMAIN = "toolkit.unchecked.ort_standard_domain"
+# Protocol buffers cannot serialize a message of 2 GiB or more, and onnx.checker
+# serializes a model given in memory: a larger one is checked without its weights.
+PROTOBUF_LIMIT = (1 << 31) - 1
+
+
+def too_large_to_serialize(model: Any) -> bool:
+    """Whether ``model`` is at or past protobuf's 2 GiB serialization limit."""
+    return model.ByteSize() >= PROTOBUF_LIMIT
 
 
 @functools.cache
@@ -83,13 +92,15 @@ def _checkable_copy(model: Any, ops: frozenset[str]) -> Any:
 
 def check_model(model: Any, *, full_check: bool = False, path: str | Path | None = None) -> None:
     """``onnx.checker.check_model(model, full_check)``, except that ONNX Runtime's own
-    standard-domain ops (:func:`runtime_only_ops`) are not checked against a schema.
-    ``path``: the model's file, checked from there (external data is looked for beside
-    it) when the model has none of those ops. Raises what ``onnx.checker`` raises."""
+    standard-domain ops (:func:`runtime_only_ops`) are not checked against a schema, and
+    that a model in memory past 2 GiB (weights loaded) is checked without its
+    initializers' data, which onnx cannot serialize. ``path``: the model's file, checked
+    from there (external data is looked for beside it) when neither applies. Raises
+    what ``onnx.checker`` raises."""
     import onnx
 
     ops = runtime_only_ops()
-    if not any(_runtime_only(n, ops) for n in _all_nodes(model)):
-        onnx.checker.check_model(str(path) if path is not None else model, full_check=full_check)
+    if any(_runtime_only(n, ops) for n in _all_nodes(model)) or (path is None and too_large_to_serialize(model)):
+        onnx.checker.check_model(_checkable_copy(model, ops), full_check=full_check)
         return
-    onnx.checker.check_model(_checkable_copy(model, ops), full_check=full_check)
+    onnx.checker.check_model(str(path) if path is not None else model, full_check=full_check)
