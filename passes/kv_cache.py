@@ -181,7 +181,11 @@ def _cache_concat(graph_outputs: dict[str, ir.Value], past: ir.Value, present_na
     concat = others[0]
     axis = concat.attributes.get_int("axis", 0)
     if len(concat.inputs) != 2 or concat.inputs[0] is not past or axis not in (2, -2):
-        raise _NoMatch(f"{describe_node(concat)} is not Concat(past, new) on axis 2 (axis={axis})")
+        why = (f"it has {len(concat.inputs)} inputs" if len(concat.inputs) != 2 else
+               f"its first input is {concat.inputs[0].name!r}" if concat.inputs[0] is not past else f"axis={axis}")
+        raise _NoMatch(f"{describe_node(concat)} is not Concat(past, new) on axis 2 ({why})"
+                       + ("; a one-input Concat is an identity the TorchScript exporter writes: simplify the model "
+                          "first (onnxscript.optimizer.optimize)" if len(concat.inputs) == 1 else ""))
     out = concat.outputs[0]
     if graph_outputs.get(present_name) is not out:
         raise _NoMatch(f"{describe_node(concat)} does not produce the graph output {present_name!r}")
@@ -294,6 +298,14 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
         if past_v is None:
             raise PassError(f"kv-cache: input past_key_values.{index}.value is missing",
                             hint="the model must have a flat KV cache (`toolkit export`)")
+        for past in (past_k, past_v):
+            if past.dtype is not None and past.dtype != ir.DataType.FLOAT:
+                raise PassError(f"kv-cache: input {past.name!r} is {past.dtype.name.lower()}; QuantKVAttention "
+                                "takes float32 attention (query, new keys and values, the residual window)",
+                                hint="convert the float32 model, then cast the rest to float16 with the "
+                                "com.toolkit ops kept in float32 (onnxruntime.transformers.float16."
+                                "convert_float_to_float16(..., op_block_list=['QuantKVAttention'])), or leave "
+                                "out --kv-cache")
         try:
             layers.append(_match_layer(model, index, past_k, past_v))
         except _NoMatch as err:

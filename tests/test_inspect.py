@@ -183,3 +183,44 @@ def test_onnx_runtime_standard_domain_ops_are_accepted(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path / "elsewhere")
     load_onnx("../m/model.onnx")
     assert _inspect_json("../m/model.onnx", capsys)["parameters"] == 64
+
+
+def test_files_a_deployer_makes_get_named_errors(tmp_path):
+    """Three files from shipping steps that were reported as corrupt or with a wrong fix:
+    an ONNX Runtime format model (.ort: "does not parse ... re-run toolkit export"), a
+    model whose .data file was left behind ("not a regular file ... structurally
+    invalid"), and our op cast to float16 ("the op library is missing or too old")."""
+    import onnxruntime as ort
+
+    from toolkit.errors import InvalidModelError
+    from toolkit.parity import make_session
+
+    m = _rms_norm_model()
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "m.ort")
+    so.add_session_config_entry("session.save_model_format", "ORT")
+    ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    with pytest.raises(InvalidModelError, match="ONNX Runtime format model") as err:
+        load_onnx(tmp_path / "m.ort")
+    assert "InferenceSession" in err.value.hint
+
+    (tmp_path / "b").mkdir()
+    onnx.save(m, str(tmp_path / "b" / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    (tmp_path / "b" / "model.onnx.data").unlink()
+    with pytest.raises(InvalidModelError, match="external data file 'model.onnx.data' that holds tensor 'w' is "
+                       "missing") as err:
+        load_onnx(tmp_path / "b")
+    assert "move the whole directory" in err.value.hint
+
+    h = TensorProto.FLOAT16
+    g = helper.make_graph([helper.make_node("LowRankMatMul", ["x", "U", "V"], ["y"], domain="com.toolkit")], "g",
+                          [helper.make_tensor_value_info("x", h, [1, 4])], [helper.make_tensor_value_info("y", h, [1, 3])],
+                          [numpy_helper.from_array(np.ones((4, 2), np.float16), "U"),
+                           numpy_helper.from_array(np.ones((2, 3), np.float16), "V")])
+    half = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.toolkit", 1)])
+    half.ir_version = 10
+    onnx.save(half, str(tmp_path / "half.onnx"))
+    with pytest.raises(InvalidModelError, match="Type Error") as err:
+        make_session(tmp_path / "half.onnx")
+    assert "op_block_list" in err.value.hint and "LowRankMatMul takes float32" in err.value.hint

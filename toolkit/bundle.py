@@ -114,6 +114,10 @@ def write(staging: Path, model: Any, pipeline_report: dict[str, Any], parity_pas
         "parity": {"passed": parity_passed, "report": "parity.json" if parity_passed is not None else None,
                    "html": "parity.html" if parity_passed is not None else None},
         "op_library": None,
+        # the model and its external data as converted: load refuses a model file that
+        # was replaced afterwards (parity.json would no longer describe it)
+        "files": {Path(f).resolve().relative_to(staging.resolve()).as_posix():
+                  {"bytes": Path(f).stat().st_size, "sha256": sha256(Path(f))} for f in info["files"]},
     }
     portable_ops = sorted(op.split("::")[1] for op in info["custom_ops"]) if manifest["portable"] else []
     manifest["runtime"] = runtime_requirements(
@@ -279,6 +283,33 @@ def _registration_path(path: Path, digest: str) -> Path:
     return copy
 
 
+def _check_model_files(manifest: dict[str, Any], directory: Path, model_path: Path) -> None:
+    """The model file must have the SHA-256 and its external data files the sizes
+    recorded at conversion (bundles written before the record are not checked). A file
+    that no longer parses gets the bare-file diagnosis (toolkit.parity.load_onnx)."""
+    from toolkit.parity import load_onnx
+
+    recorded = manifest.get("files")
+    if not isinstance(recorded, dict):
+        return
+    for name, want in recorded.items():
+        path = directory / name
+        size = path.stat().st_size if path.is_file() else None
+        changed = size != want.get("bytes") or (path == model_path and sha256(path) != want.get("sha256"))
+        if not changed:
+            continue
+        load_onnx(model_path)  # a missing, truncated or invalid file is named as such first
+        what = "is missing" if size is None else (
+            f"has {size:,} bytes, not the {want.get('bytes'):,} recorded" if size != want.get("bytes") else
+            "does not match its recorded SHA-256")
+        raise InvalidModelError(
+            f"{path} {what} in {directory / MANIFEST}: the model was changed after conversion, so the parity "
+            "report no longer describes it",
+            hint="restore the converted files or convert the model again; a model changed on purpose (e.g. "
+            "onnxruntime.quantization) is a new model: check it with `toolkit parity SOURCE MODEL.onnx` and run "
+            "the file itself (toolkit.parity.make_session)")
+
+
 def load(directory: str | Path, providers: list[str] | None = None, threads: int | None = None,
          session_options: Any | None = None) -> Any:
     """An ONNX Runtime session for a bundle, after checking its manifest.
@@ -343,6 +374,7 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
     if providers is None:
         providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
     model_path = directory / manifest["model"]
+    _check_model_files(manifest, directory, model_path)
     try:
         return ort.InferenceSession(str(model_path), so, providers=providers)
     except Exception as exc:

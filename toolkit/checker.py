@@ -25,8 +25,17 @@ PROTOBUF_LIMIT = (1 << 31) - 1
 
 
 def too_large_to_serialize(model: Any) -> bool:
-    """Whether ``model`` is at or past protobuf's 2 GiB serialization limit."""
-    return model.ByteSize() >= PROTOBUF_LIMIT
+    """Whether ``model`` is at or past protobuf's 2 GiB serialization limit (the
+    weights' raw bytes alone, else the whole message: ByteSize serializes, and fails
+    past the limit)."""
+    from google.protobuf.message import EncodeError
+
+    if sum(len(t.raw_data) for t in model.graph.initializer) >= PROTOBUF_LIMIT:
+        return True
+    try:
+        return model.ByteSize() >= PROTOBUF_LIMIT
+    except EncodeError:
+        return True
 
 
 @functools.cache

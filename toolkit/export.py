@@ -334,12 +334,14 @@ def _set_metadata(model: Any, src: SourceModel, opset: int) -> None:
             model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
 
 
-def save_model(model: Any, out_path: Path) -> None:
+def save_model(model: Any, out_path: Path, keep_weights: bool = True) -> None:
     """Save an ONNX model, with weights as external data when the model is large.
 
     The caller is responsible for atomicity (write into a temporary directory and
     rename); this function writes ``out_path`` and, for large models,
-    ``out_path.name + ".data"`` beside it. ``model`` keeps its weights in memory either way.
+    ``out_path.name + ".data"`` beside it. ``model`` keeps its weights in memory either
+    way, unless ``keep_weights`` is false: a large model's tensors then only name the
+    ``.data`` file (a caller that only reads the graph saves a copy of the weights).
     """
     import onnx
 
@@ -354,8 +356,9 @@ def save_model(model: Any, out_path: Path) -> None:
         # out_path's .data file): read them back, so the caller still holds a whole model
         # (convert runs its passes on it and saves it again beside another name, then
         # deletes this file; with bare references it published a model with no weights).
-        from onnx.external_data_helper import load_external_data_for_model
+        if keep_weights:
+            from onnx.external_data_helper import load_external_data_for_model
 
-        load_external_data_for_model(model, str(out_path.parent))
+            load_external_data_for_model(model, str(out_path.parent))
     else:
         onnx.save_model(model, str(out_path))

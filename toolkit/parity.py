@@ -382,6 +382,13 @@ def checked_model_file(path: str | Path) -> Path:
     if path.stat().st_size == 0:
         raise InvalidModelError(f"{str(path)!r} is empty (0 bytes)",
                                 hint="the file is truncated: re-run `toolkit export` or `toolkit convert`")
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head[4:8] == b"ORTM":  # the file identifier of ONNX Runtime's flatbuffer format
+        raise InvalidModelError(f"{str(path)!r} is an ONNX Runtime format model (.ort), not an ONNX model",
+                                hint="inspect, parity and generate read the .onnx it was converted from; ONNX "
+                                "Runtime runs the .ort itself (onnxruntime.InferenceSession on the file, with the "
+                                "op library registered when it holds com.toolkit ops)")
     return path
 
 
@@ -445,6 +452,13 @@ def _check_external_data(path: Path, model: Any) -> bool:
                         f"{str(path)!r}: external data of tensor {tensor.name!r} points outside the model's "
                         f"directory ({entry.value!r}); refusing to read it",
                         hint="external data must be a relative path next to the model (as onnx.save writes it)",
+                    )
+                if not target.is_file():
+                    raise InvalidModelError(
+                        f"{str(path)!r}: the external data file {entry.value!r} that holds tensor "
+                        f"{tensor.name!r} is missing",
+                        hint=f"the weights live in {entry.value!r} beside the model: copy or move the whole "
+                        "directory (model.onnx and its .data file together)",
                     )
     return found
 
@@ -518,11 +532,16 @@ def make_session(path: str | Path, model: Any | None = None, threads: int | None
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise InvalidModelError(
-            f"ONNX Runtime could not load {str(path)!r}: {str(exc).strip()[:400]}",
-            hint="if it names an op of domain com.toolkit, the op library is missing or too old "
-            "(rebuild with `make build`); otherwise re-export the model",
-        ) from exc
+        reason = str(exc).strip()
+        ours = [op for op in ops.OP_ATTRIBUTES if op in reason]
+        if "Type Error" in reason and ours:  # the library is there and refused an input/output type
+            hint = (f"{ours[0]} takes float32 (FusedSoftmaxTopK also float16 logits); a float16 conversion must "
+                    "keep our ops in float32: onnxruntime.transformers.float16.convert_float_to_float16(..., "
+                    f"op_block_list={list(ops.OP_ATTRIBUTES)})")
+        else:
+            hint = ("if it names an op of domain com.toolkit, the op library is missing or too old "
+                    "(rebuild with `make build`); otherwise re-export the model")
+        raise InvalidModelError(f"ONNX Runtime could not load {str(path)!r}: {reason[:400]}", hint=hint) from exc
 
 
 class OnnxDecoder:

@@ -139,6 +139,31 @@ def test_attention_probabilities_used_elsewhere_is_a_named_error(exported):
     assert "layer 0" in msg and "attention probabilities" in msg and softmax.output[0] in msg
 
 
+def test_a_float16_cache_is_refused_by_name(exported):
+    """A model cast to float16 (ORT's float16 converter) was rewritten, and ONNX Runtime
+    then refused to load it (QuantKVAttention takes float32): now the pass says so."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    _, path = exported("llama")
+    half = convert_float_to_float16(onnx.load(str(path)), keep_io_types=False)
+    ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])  # a model ORT runs
+    with pytest.raises(PassError, match="'past_key_values.0.key' is float16; QuantKVAttention takes float32") as err:
+        run_pipeline(half, ["kv-cache"], {"kv-cache": {"scheme": "int8"}})
+    assert "op_block_list" in err.value.hint
+
+
+def test_a_one_input_concat_on_the_cache_is_named(exported):
+    """The TorchScript exporter writes Concat(past) (an identity) before the real one; the
+    message blamed the axis."""
+    _, path = exported("llama")
+    model = onnx.load(str(path))
+    concat = next(n for n in model.graph.node if n.op_type == "Concat" and n.input[0] == "past_key_values.0.key")
+    concat.input[0] = "past_copy"
+    model.graph.node.insert(0, onnx.helper.make_node("Concat", ["past_key_values.0.key"], ["past_copy"], axis=2))
+    with pytest.raises(PassError, match=r"has 1 inputs\); a one-input Concat .*onnxscript.optimizer.optimize"):
+        run_pipeline(model, ["kv-cache"], {"kv-cache": {"scheme": "int8"}})
+
+
 @pytest.mark.parametrize("family", ["llama", "hf:gpt2", "hf:qwen2", "hf:phi3"])
 @pytest.mark.parametrize("scheme", ["int8", "kivi2"])
 def test_fixed_capacity_model_matches_the_growing_cache_bit_for_bit(exported, family, scheme):

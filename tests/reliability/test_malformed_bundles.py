@@ -58,3 +58,51 @@ def test_a_model_file_or_a_provider_string_is_named(tmp_path):
     assert str(tmp_path) in err.value.hint
     with pytest.raises(ToolkitError, match="providers must be a list of provider names"):
         toolkit.load(tmp_path, providers="CPUExecutionProvider")
+
+
+def _relu_bundle(directory, op="Relu", external=False):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.linspace(-1, 1, 64).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["t"]), helper.make_node(op, ["t"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(directory / "model.onnx"), save_as_external_data=external, location="model.onnx.data",
+              size_threshold=0)
+    return model
+
+
+def test_a_model_changed_after_conversion_is_refused(tmp_path):
+    """A bundle whose model.onnx was replaced by a valid model (onnxruntime.quantization's
+    output, in an audit) loaded and ran while manifest.json still said parity passed.
+    The manifest records the model's SHA-256 and its external data files' sizes."""
+    import shutil
+
+    one = tmp_path / "one"
+    bundle.write(one, _relu_bundle(one), {"passes": []}, True)
+    assert set(json.loads((one / bundle.MANIFEST).read_text())["files"]) == {"model.onnx"}
+    toolkit.load(one)
+    _relu_bundle(one, op="Tanh")  # a valid model of the same size, another function
+    with pytest.raises(InvalidModelError, match="model.onnx does not match its recorded SHA-256 .*changed after "
+                       "conversion"):
+        toolkit.load(one)
+    (one / "model.onnx").write_bytes(b"\x0a\xff\xff\xff\x0fnot onnx")  # a broken file: the bare-file diagnosis
+    with pytest.raises(InvalidModelError, match="does not parse"):
+        toolkit.load(one)
+
+    two = tmp_path / "two"
+    bundle.write(two, _relu_bundle(two, external=True), {"passes": []}, True)
+    assert set(json.loads((two / bundle.MANIFEST).read_text())["files"]) == {"model.onnx", "model.onnx.data"}
+    toolkit.load(two)
+    data = (two / "model.onnx.data").read_bytes()
+    (two / "model.onnx.data").write_bytes(data + b"\0" * 8)
+    with pytest.raises(InvalidModelError, match=f"has {len(data) + 8} bytes, not the {len(data)} recorded"):
+        toolkit.load(two)
+    shutil.rmtree(two)  # ORT maps the file: write it anew
+    bundle.write(two, _relu_bundle(two, external=True), {"passes": []}, True)
+    toolkit.load(two)

@@ -172,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
             from passes import run_pipeline
 
             optimized, pipeline_report = run_pipeline(exported, names, pass_options, explain=args.explain)
-            save_model(optimized, staging / "model.onnx")
+            del exported  # a large model's weights are held once less from here on
+            # what follows reads the graph only (parity and the session read the file)
+            save_model(optimized, staging / "model.onnx", keep_weights=False)
             if src is not None and src.tokenizer is not None:
                 src.tokenizer.save(str(staging / "tokenizer.json"))
             for f in staging.glob("exported.onnx*"):
