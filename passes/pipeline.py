@@ -98,15 +98,48 @@ class PipelineReport:
         return "\n".join(lines)
 
 
-def _to_ir(model: onnx.ModelProto | ir.Model) -> ir.Model:
-    """An onnx_ir copy of ``model``; the caller's model is never modified."""
+def _to_ir(model: onnx.ModelProto | ir.Model, consume: bool = False) -> ir.Model:
+    """An onnx_ir copy of ``model``; the caller's model is never modified. ``consume``:
+    a ModelProto the caller gives up is wrapped, its weights shared instead of copied."""
     import onnx
     import onnx_ir as ir
 
+    if consume and isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model)
     proto = model if isinstance(model, onnx.ModelProto) else ir.serde.serialize_model(model)
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     return ir.serde.deserialize_model(copy)
+
+
+# Initializers at least this large are left out of the copy a pass's output is checked
+# on (a placeholder with their type and shape stands in), once the weights add up to
+# protobuf's limit: the copy would hold the weights a second time only to be stripped.
+_PLACEHOLDER_BYTES = 1 << 16
+
+
+def _checkable_proto(ir_model: ir.Model) -> onnx.ModelProto:
+    """``ir_model`` serialized for the checker; past protobuf's 2 GiB limit, its large
+    initializers are placeholders (external-data references with their dtype and shape,
+    which :func:`toolkit.checker.check_model` checks as typed inputs) instead of copies."""
+    import onnx_ir as ir
+
+    from toolkit.checker import PROTOBUF_LIMIT
+
+    weights = [v for v in ir_model.graph.initializers.values() if v.const_value is not None]
+    if sum(v.const_value.nbytes for v in weights) < PROTOBUF_LIMIT:
+        return ir.serde.serialize_model(ir_model)
+    saved = {}
+    try:
+        for v in weights:
+            if v.const_value.nbytes >= _PLACEHOLDER_BYTES:
+                saved[v] = v.const_value
+                v.const_value = ir.ExternalTensor("toolkit-checker-placeholder", offset=0, length=saved[v].nbytes,
+                                                  dtype=saved[v].dtype, shape=saved[v].shape, name=v.name)
+        return ir.serde.serialize_model(ir_model)
+    finally:
+        for v, tensor in saved.items():
+            v.const_value = tensor
 
 
 def _find_dangling_input(graph: onnx.GraphProto, outer: set[str]) -> tuple[Any, str] | None:
@@ -212,11 +245,15 @@ def run_pipeline(
     names: list[str] | None = None,
     options: dict[str, dict[str, Any]] | None = None,
     explain: bool = False,
+    consume: bool = False,
 ) -> tuple[onnx.ModelProto, PipelineReport]:
     """Run the requested passes in pipeline order.
 
     Args:
         model: The model; it is copied, never modified.
+        consume: The caller gives ``model`` (a ModelProto) up: its weights are shared
+            with the passes' working copy instead of copied (convert of a large model
+            holds one copy fewer); do not use it afterwards.
         names: Passes to run (any order, duplicates ignored); ``None`` runs the
             default set ``DEFAULT_PASSES``.
         options: ``{pass name: {option: value}}``; values may be strings (from the
@@ -244,12 +281,12 @@ def run_pipeline(
     graph_passes = [get_pass(name) for name in selected]
     pass_options = [p.make_options(options.get(p.name)) for p in graph_passes]
 
-    ir_model = _to_ir(model)
+    ir_model = _to_ir(model, consume=consume)
     report = PipelineReport()
     for graph_pass, opts in zip(graph_passes, pass_options):
         result = graph_pass.apply(ir_model, opts, explain=explain)
         try:
-            validate_model(ir.serde.serialize_model(ir_model), graph_pass.name)
+            validate_model(_checkable_proto(ir_model), graph_pass.name)
         except PassError:
             _refuse_invalid_input(model)  # an input that was invalid already is not the pass's bug
             raise

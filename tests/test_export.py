@@ -143,6 +143,24 @@ def test_a_large_model_converts_into_a_bundle_with_its_weights(monkeypatch, tmp_
     assert tokens == ids[0, 3:].tolist()
 
 
+def test_overwriting_a_large_export_with_a_small_one_removes_its_weights_file(monkeypatch, tmp_path):
+    """export --overwrite of a model with external data by one without left the old
+    m.onnx.data beside the new m.onnx (publish moves the new files over the old)."""
+    from toolkit import export
+    from toolkit.cli import main
+
+    out = tmp_path / "m.onnx"
+    with monkeypatch.context() as m:
+        m.setattr(export, "EXTERNAL_DATA_THRESHOLD", 0)
+        assert main(["export", "llama", "-o", str(out)]) == 0
+    assert (tmp_path / "m.onnx.data").is_file()
+    assert main(["export", "llama", "-o", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    import onnxruntime as ort
+
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
 def test_dynamic_axes_have_runtime_names(exported):
     _, path = exported("hf:qwen2")
     model = onnx.load(str(path), load_external_data=False)

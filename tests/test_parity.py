@@ -250,3 +250,40 @@ def test_parity_lengths_that_cannot_run_are_named(exported, tmp_path):
     blind = parity.ParitySettings(batch_sizes=(1,), prompt_len=6, decode_steps=0, greedy_prompts=0)
     with pytest.raises(ToolkitError, match="nothing in this run reads the quantized KV cache"):
         parity.check(src, kv_path, blind)
+
+
+def test_logit_statistics_in_chunks_equal_those_of_the_whole(monkeypatch):
+    """compare_logits accumulates over chunks of rows (greedy[32x128] held every step's
+    logits of both models and compared them whole: about 7 GB at V = 32000). The record
+    equals the whole-array formulas, computed here directly, with NaN rows and flips."""
+    rng = np.random.default_rng(3)
+    ref = rng.normal(0, 3, (5, 7, 50)).astype(np.float32)
+    got = (ref + rng.normal(0, 0.4, ref.shape)).astype(np.float32)
+    got[1, 2, 4] = np.nan
+    keep = rng.random((5, 7)) < 0.8
+    monkeypatch.setattr(parity.LogitStats, "ROW_ELEMENTS", 3 * 50)  # chunks of 3 rows
+    rec = parity.compare_logits("p", ref, got, keep)
+    r, g = ref[keep].astype(np.float64), got[keep].astype(np.float64)
+    diff = np.abs(r - g)
+    finite = np.isfinite(diff)
+    assert rec.shape == [5, 7, 50] and rec.top1_positions == len(r)
+    assert rec.max_abs == math.inf and rec.max_rel == math.inf  # a NaN in one model only
+    np.testing.assert_allclose(rec.cosine, np.dot(r[finite], g[finite]) /
+                               (np.linalg.norm(r[finite]) * np.linalg.norm(g[finite])), rtol=1e-12)
+    assert rec.histogram == np.histogram(diff[finite], bins=parity.HIST_EDGES)[0].tolist()
+    lp = r - r.max(-1, keepdims=True) - np.log(np.exp(r - r.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    lq = g - g.max(-1, keepdims=True) - np.log(np.exp(g - g.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    assert np.isnan((np.exp(lp) * (lp - lq)).sum(-1)).any()
+    assert np.isnan(rec.kl_mean) and np.isnan(rec.kl_max)  # the NaN row, as before
+    rt, gt = ref[keep].argmax(-1), got[keep].argmax(-1)
+    assert rec.top1_agreement == np.mean(rt == gt) < 1
+    assert sorted(rec.top1_flip_margins) == sorted(float(ref[keep][i, rt[i]] - ref[keep][i, gt[i]])
+                                                   for i in np.nonzero(rt != gt)[0])
+    np.testing.assert_allclose(rec.ref_logit_std, np.median(r.std(-1)), rtol=1e-12)
+    got[1, 2, 4] = ref[1, 2, 4]  # finite everywhere: the maxima and KL too
+    rec = parity.compare_logits("p", ref, got, keep)
+    g = got[keep].astype(np.float64)
+    lq = g - g.max(-1, keepdims=True) - np.log(np.exp(g - g.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    np.testing.assert_allclose([rec.kl_mean, rec.kl_max], [kl.mean(), kl.max()], rtol=1e-10)
+    assert rec.max_abs == np.abs(r - g).max() and rec.max_rel == (np.abs(r - g) / np.maximum(np.abs(r), 1e-6)).max()

@@ -103,13 +103,16 @@ def check_model(model: Any, *, full_check: bool = False, path: str | Path | None
     """``onnx.checker.check_model(model, full_check)``, except that ONNX Runtime's own
     standard-domain ops (:func:`runtime_only_ops`) are not checked against a schema, and
     that a model in memory past 2 GiB (weights loaded) is checked without its
-    initializers' data, which onnx cannot serialize. ``path``: the model's file, checked
-    from there (external data is looked for beside it) when neither applies. Raises
-    what ``onnx.checker`` raises."""
+    initializers' data, which onnx cannot serialize (as is one whose initializers are
+    external references: in memory, onnx looks for their files beside the current
+    directory). ``path``: the model's file, checked from there (external data is looked
+    for beside it) when none of this applies. Raises what ``onnx.checker`` raises."""
     import onnx
 
     ops = runtime_only_ops()
-    if any(_runtime_only(n, ops) for n in _all_nodes(model)) or (path is None and too_large_to_serialize(model)):
+    weightless = path is None and (too_large_to_serialize(model) or any(
+        t.data_location == t.EXTERNAL for t in model.graph.initializer))  # (not looked for beside the cwd)
+    if weightless or any(_runtime_only(n, ops) for n in _all_nodes(model)):
         onnx.checker.check_model(_checkable_copy(model, ops), full_check=full_check)
         return
     onnx.checker.check_model(str(path) if path is not None else model, full_check=full_check)

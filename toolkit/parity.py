@@ -290,21 +290,75 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
+class LogitStats:
+    """:func:`compare_logits`' statistics accumulated over rows of logits ([n, V] each,
+    a few rows at a time in float64), so a long run is never held, or cast to float64,
+    whole: greedy[32x128] kept every step's [32, V] logits of both models and compared
+    them in one piece (2 x 4096 x V float32, then several float64 copies: about 7 GB at
+    V = 32000, four times that at V = 128256)."""
+
+    ROW_ELEMENTS = 1 << 22  # logits per chunk: 32 MB per float64 temporary
+
+    def __init__(self, phase: str) -> None:
+        self.phase = phase
+        self.nan_mismatch = False
+        self.max_abs = self.max_rel = self.dot = self.norm_a = self.norm_b = self.kl_sum = 0.0
+        self.kl_max = -math.inf
+        self.hist = np.zeros(len(HIST_EDGES) - 1, np.int64)
+        self.agree = self.positions = 0
+        self.flip_margins: list[float] = []
+        self.stds: list[np.ndarray] = []
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        """Rows ``ref`` / ``got`` ([n, V], the same shape) of the two models' logits."""
+        rows = max(1, self.ROW_ELEMENTS // max(1, ref.shape[-1]))
+        for start in range(0, len(ref), rows):
+            r, g = ref[start:start + rows], got[start:start + rows]
+            a, b = r.astype(np.float64), g.astype(np.float64)
+            diff = np.abs(a - b)
+            self.nan_mismatch |= bool(np.any(np.isnan(a) != np.isnan(b)))
+            finite = np.isfinite(diff)
+            self.max_abs = max(self.max_abs, float(diff[finite].max(initial=0.0)))
+            rel = diff / np.maximum(np.abs(a), 1e-6)
+            self.max_rel = max(self.max_rel, float(rel[finite].max(initial=0.0)))
+            af, bf = a[finite], b[finite]
+            self.dot += float(np.dot(af, bf))
+            self.norm_a += float(np.dot(af, af))
+            self.norm_b += float(np.dot(bf, bf))
+            self.hist += np.histogram(diff[finite], bins=HIST_EDGES)[0]
+            lp, lq = _log_softmax(a), _log_softmax(b)
+            kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+            self.kl_sum += float(kl.sum())
+            self.kl_max = float(np.max([self.kl_max, kl.max()]))  # (a NaN stays)
+            r_top, g_top = r.argmax(-1), g.argmax(-1)
+            self.agree += int(np.sum(r_top == g_top))
+            self.flip_margins += [float(r[i, r_top[i]] - r[i, g_top[i]]) for i in np.nonzero(r_top != g_top)[0]]
+            self.positions += len(r)
+            self.stds.append(a.std(axis=-1))
+
+    def record(self, shape: list[int]) -> OutputRecord:
+        max_abs = math.inf if self.nan_mismatch else self.max_abs
+        denom = math.sqrt(self.norm_a) * math.sqrt(self.norm_b)
+        rec = OutputRecord(name="logits", phase=self.phase, shape=list(shape), max_abs=max_abs,
+                           max_rel=math.inf if self.nan_mismatch else self.max_rel,
+                           cosine=self.dot / denom if denom > 0 else (1.0 if max_abs == 0 else 0.0),
+                           histogram=[int(h) for h in self.hist])
+        if self.positions:
+            rec.top1_agreement = self.agree / self.positions
+            rec.kl_mean, rec.kl_max = self.kl_sum / self.positions, self.kl_max
+            rec.ref_logit_std = float(np.median(np.concatenate(self.stds)))
+        rec.top1_flip_margins = self.flip_margins
+        rec.top1_positions = self.positions
+        return rec
+
+
 def compare_logits(phase: str, ref: np.ndarray, got: np.ndarray, keep: np.ndarray) -> OutputRecord:
     """Compare logits at the positions ``keep`` (bool [B, S]: real, non-padding tokens)."""
-    rec = compare("logits", phase, ref[keep], got[keep])
-    rec.shape = list(ref.shape)
-    lp, lq = _log_softmax(ref[keep]), _log_softmax(got[keep])
-    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
-    r, g = ref[keep], got[keep]
-    r_top, g_top = r.argmax(-1), g.argmax(-1)
-    rec.top1_agreement = float(np.mean(r_top == g_top))
-    flips = np.nonzero(r_top != g_top)[0]
-    rec.top1_flip_margins = [float(r[i, r_top[i]] - r[i, g_top[i]]) for i in flips]
-    rec.top1_positions = len(r_top)
-    rec.kl_mean, rec.kl_max = float(kl.mean()), float(kl.max())
-    rec.ref_logit_std = float(np.median(r.astype(np.float64).std(axis=-1))) if len(r) else None
-    return rec
+    if ref.shape != got.shape:
+        compare("logits", phase, ref, got)  # the named shape error
+    stats = LogitStats(phase)
+    stats.add(ref[keep], got[keep])
+    return stats.record(list(ref.shape))
 
 
 def tie_margin_key(rec: OutputRecord) -> str:
@@ -950,17 +1004,17 @@ def greedy_agreement(src: Any, dec: OnnxDecoder, prompts: int, tokens: int, prom
     pos = _positions(mask, ids.shape[1])
     ref_logits, ref_past = _torch_step(src, ids, mask, pos, src.empty_past(prompts))
     _, past, _ = dec.step(ids, mask, pos, dec.empty_past(prompts))
-    refs, gots = [], []
+    stats = LogitStats(f"greedy[{prompts}x{tokens}]")  # step by step: the run's logits are never held whole
     for _ in range(tokens):
         nxt = ref_logits[:, -1].argmax(-1).astype(np.int64)[:, None]
         mask = np.concatenate([mask, np.ones((prompts, 1), np.int64)], axis=1)
         pos = _positions(mask, 1)
         ref_logits, ref_past = _torch_step(src, nxt, mask, pos, ref_past)
         got, past, _ = dec.step(nxt, mask, pos, past)
-        refs.append(ref_logits)
-        gots.append(got)
-    r, g = np.concatenate(refs, axis=1), np.concatenate(gots, axis=1)
-    return compare_logits(f"greedy[{prompts}x{tokens}]", r, g, np.ones(r.shape[:2], bool))
+        if got.shape != ref_logits.shape:
+            compare("logits", stats.phase, ref_logits, got)  # the named shape error
+        stats.add(ref_logits[:, -1], got[:, -1])
+    return stats.record([prompts, tokens, ref_logits.shape[-1]])
 
 
 def perplexity(src: Any, dec: OnnxDecoder, settings: ParitySettings, decode: bool = False) -> dict[str, float]:

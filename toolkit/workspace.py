@@ -12,6 +12,48 @@ import shutil
 from pathlib import Path
 
 
+class Interrupts:
+    """``with Interrupts() as guard:`` SIGINT and SIGTERM unwind as KeyboardInterrupt
+    (``.signum`` set: the CLI exits 128 + signum), so temporary outputs are removed.
+    The record survives a library that catches the interrupt and carries on (the torch
+    exporter retries with another strategy after an exception): an exception leaving
+    the block after a signal becomes the interrupt again, and :meth:`check` raises it
+    before anything is published."""
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+        self._previous: dict[int, object] = {}
+
+    @staticmethod
+    def _interrupt(signum: int) -> KeyboardInterrupt:
+        exc = KeyboardInterrupt()
+        exc.signum = signum
+        return exc
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)
+        raise self._interrupt(signum)
+
+    def check(self) -> None:
+        """Raise the interrupt if a signal came, whatever caught it since."""
+        if self.signals:
+            raise self._interrupt(self.signals[0])
+
+    def __enter__(self) -> Interrupts:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        import signal
+
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if kind is not None and issubclass(kind, Exception) and self.signals:
+            raise self._interrupt(self.signals[0]) from None  # a library caught the interrupt and failed on it
+
+
 def check_writable(path: str | Path) -> None:
     """Refuse, before any work, an output path whose nearest existing ancestor is a file
     or cannot be written (a read-only mount, no permission): it used to end in an
@@ -144,9 +186,17 @@ def publish(staging: Path, dest: Path, *, files: bool = False, overwrite: bool =
     """
     _readable_files(staging)
     if files:
-        for f in sorted(staging.iterdir()):
-            if f.name == dest.name or f.name.startswith(dest.name + "."):
-                os.replace(f, dest.parent / f.name)
+        # sidecars (the .data weights) first and the model last, so the published model
+        # never names weights that are not there yet; a sidecar of the replaced model
+        # that the new one does not have goes (an --overwrite of a large model by a
+        # small one left the old weights behind)
+        sidecars = sorted(f for f in staging.iterdir() if f.name.startswith(dest.name + "."))
+        for f in sidecars:
+            os.replace(f, dest.parent / f.name)
+        os.replace(staging / dest.name, dest)
+        stale = dest.parent / (dest.name + ".data")
+        if overwrite and stale.name not in {f.name for f in sidecars} and stale.is_file():
+            stale.unlink()
         return
     # A server running as another user must be able to read the published directory.
     staging.chmod(0o777 & ~_umask() if mode is None else mode)

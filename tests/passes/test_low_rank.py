@@ -595,9 +595,9 @@ def test_a_model_past_the_protobuf_limit_is_checked_and_calibrated(exported, tmp
     """onnx cannot serialize a model of 2 GiB or more held in memory: convert of a large
     model crashed (EncodeError) in the check after its first pass, and a calibration run
     built its ORT session from the model's bytes. With the limit lowered to 1 KiB, the
-    checks see a copy without the weights' data and calibration runs from a temporary
-    file with external data; the converted model and the calibration values are those of
-    the ordinary path."""
+    checks see a copy without the weights' data (large initializers as placeholders, not
+    serialized at all) and calibration runs from a temporary file with external data;
+    the converted model and the calibration values are those of the ordinary path."""
     import onnx_ir as ir
 
     from passes import calibration
@@ -612,14 +612,26 @@ def test_a_model_past_the_protobuf_limit_is_checked_and_calibrated(exported, tmp
     small, _ = run_pipeline(model, *passes)
     values = calibration.run_exposed(ir.serde.deserialize_model(model), names, options, "low-rank")
 
+    from passes import pipeline
+
     monkeypatch.setattr(checker, "PROTOBUF_LIMIT", 1024)
+    monkeypatch.setattr(pipeline, "_PLACEHOLDER_BYTES", 1024)
+    placeholders = []
+    validate = pipeline.validate_model
+    monkeypatch.setattr(pipeline, "validate_model", lambda m, name: placeholders.append(
+        sum(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)) or validate(m, name))
     checked = []
     check = onnx.checker.check_model
     monkeypatch.setattr(onnx.checker, "check_model", lambda m, **kw: checked.append(
         sum(len(t.raw_data) for t in m.graph.initializer)) or check(m, **kw))
     large, _ = run_pipeline(model, *passes)
     assert len(checked) >= 2 and set(checked) == {0}  # each pass's output, without its weights
+    assert min(placeholders) > 10  # the weights of 1 KiB and more were never copied for the check
     assert large.SerializeToString() == small.SerializeToString()
+    given = onnx.ModelProto()
+    given.CopyFrom(model)
+    consumed, _ = run_pipeline(given, *passes, consume=True)  # convert's way: the weights are shared, not copied
+    assert consumed.SerializeToString() == small.SerializeToString()
     exposed = calibration.run_exposed(ir.serde.deserialize_model(model), names, options, "low-rank")
     for name in names:
         np.testing.assert_array_equal(exposed[name], values[name])

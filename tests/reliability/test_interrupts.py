@@ -10,16 +10,20 @@ import time
 import pytest
 
 
+@pytest.mark.parametrize("command", ["convert", "export"])
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_interrupted_convert_leaves_nothing(tmp_path, sig):
+def test_interrupted_convert_leaves_nothing(tmp_path, sig, command):
+    """Also export, whose staging directory a SIGTERM left behind (it unwound on SIGINT only)."""
     import signal
 
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, "-m", "toolkit", "convert", "llama", "-o", str(tmp_path / "out")],
+    out, staging = ((tmp_path / "out", ".out.partial-") if command == "convert" else
+                    (tmp_path / "m.onnx", ".toolkit-export-"))
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit", command, "llama", "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     # wait until the staging directory exists (the conversion is under way), then interrupt
     deadline = time.monotonic() + 120
-    while not any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir()):
+    while not any(p.name.startswith(staging) for p in tmp_path.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline, "convert never started"
         time.sleep(0.05)
     time.sleep(4)  # into torch import / export: the slow part a user would interrupt

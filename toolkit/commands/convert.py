@@ -110,7 +110,6 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
     import shutil
-    import signal
     import sys
     import tempfile
     from pathlib import Path
@@ -120,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
     from toolkit.commands._common import resolve_model
     from toolkit.errors import ParityFailure
-    from toolkit.workspace import check_destination, check_report_paths, publish
+    from toolkit.workspace import Interrupts, check_destination, check_report_paths, publish
 
     out = Path(args.output)
     onnx_input = _onnx_input(args)
@@ -131,102 +130,83 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
 
-    # SIGINT and SIGTERM unwind (KeyboardInterrupt) and remove the staging dir. The
-    # flag survives a library that catches the interrupt and carries on (the torch
-    # exporter retries with another strategy after any exception): nothing is
-    # published after an interrupt, whatever caught it.
-    interrupted = []
-
-    def interrupt(signum):
-        exc = KeyboardInterrupt()
-        exc.signum = signum  # main() exits with 128 + signum, as the shell reports a kill
-        return exc
-
-    def on_signal(signum, frame):
-        interrupted.append(signum)
-        raise interrupt(signum)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # SIGINT and SIGTERM unwind (KeyboardInterrupt) and remove the staging dir; nothing
+    # is published after an interrupt, whatever caught it (workspace.Interrupts).
     try:
-        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=False) as progress:
-            from toolkit.export import export, save_model
+        with Interrupts() as guard:
+            columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=console, transient=False) as progress:
+                from toolkit.export import export, save_model
 
-            if onnx_input is not None:
-                t = progress.add_task(f"read {onnx_input}", total=None)
-                exported = _read_onnx(onnx_input)
-                progress.update(t, total=1, completed=1)
-            src = None
-            if onnx_input is None or args.reference is not None:
-                t = progress.add_task(f"load {args.reference or args.model}", total=None)
-                src = (resolve_model(args) if onnx_input is None else
-                       resolve_model(argparse.Namespace(**{**vars(args), "model": args.reference}),
-                                     {p.key: p.value for p in exported.metadata_props}))
-                progress.update(t, total=1, completed=1, description=f"loaded {src.spec} ({src.family})")
-            if onnx_input is None:
-                t = progress.add_task("export (torch.onnx dynamo)", total=None)
-                exported = export(src, staging / "exported.onnx", opset=args.opset or DEFAULT_OPSET)
-                progress.update(t, total=1, completed=1)
+                if onnx_input is not None:
+                    t = progress.add_task(f"read {onnx_input}", total=None)
+                    exported = _read_onnx(onnx_input)
+                    progress.update(t, total=1, completed=1)
+                src = None
+                if onnx_input is None or args.reference is not None:
+                    t = progress.add_task(f"load {args.reference or args.model}", total=None)
+                    src = (resolve_model(args) if onnx_input is None else
+                           resolve_model(argparse.Namespace(**{**vars(args), "model": args.reference}),
+                                         {p.key: p.value for p in exported.metadata_props}))
+                    progress.update(t, total=1, completed=1, description=f"loaded {src.spec} ({src.family})")
+                if onnx_input is None:
+                    t = progress.add_task("export (torch.onnx dynamo)", total=None)
+                    exported = export(src, staging / "exported.onnx", opset=args.opset or DEFAULT_OPSET)
+                    progress.update(t, total=1, completed=1)
 
-            t = progress.add_task("graph passes", total=None)
-            from passes import run_pipeline
+                t = progress.add_task("graph passes", total=None)
+                from passes import run_pipeline
 
-            optimized, pipeline_report = run_pipeline(exported, names, pass_options, explain=args.explain)
-            del exported  # a large model's weights are held once less from here on
-            # what follows reads the graph only (parity and the session read the file)
-            save_model(optimized, staging / "model.onnx", keep_weights=False)
-            if src is not None and src.tokenizer is not None:
-                src.tokenizer.save(str(staging / "tokenizer.json"))
-            for f in staging.glob("exported.onnx*"):
-                f.unlink()
-            report_dict = pipeline_report.to_dict()
-            (staging / "passes.json").write_text(json.dumps(report_dict, indent=2))
-            counts = ", ".join(f"{r['name']}={r['count']}" for r in report_dict["passes"]) or "none"
-            progress.update(t, total=1, completed=1, description=f"graph passes ({counts})")
+                optimized, pipeline_report = run_pipeline(exported, names, pass_options, explain=args.explain,
+                                                          consume=True)
+                del exported  # its weights were shared with the passes (consume), not copied
+                # what follows reads the graph only (parity and the session read the file)
+                save_model(optimized, staging / "model.onnx", keep_weights=False)
+                if src is not None and src.tokenizer is not None:
+                    src.tokenizer.save(str(staging / "tokenizer.json"))
+                for f in staging.glob("exported.onnx*"):
+                    f.unlink()
+                report_dict = pipeline_report.to_dict()
+                (staging / "passes.json").write_text(json.dumps(report_dict, indent=2))
+                counts = ", ".join(f"{r['name']}={r['count']}" for r in report_dict["passes"]) or "none"
+                progress.update(t, total=1, completed=1, description=f"graph passes ({counts})")
 
-            report = None
-            if not args.no_parity:
-                from toolkit import parity
+                report = None
+                if not args.no_parity:
+                    from toolkit import parity
 
-                t = progress.add_task("parity (prefill + decode)", total=1)
-                report = parity.check(
-                    src, staging / "model.onnx", parity_settings(args), profile=args.profile,
-                    overrides=threshold_overrides(args),
-                    progress=lambda done, total: progress.update(t, completed=done, total=total))
-                report.optimized = str(out / "model.onnx")  # where it will be, not the staging path
-                (staging / "parity.json").write_text(report.to_json())
-                from toolkit.report import render_html
+                    t = progress.add_task("parity (prefill + decode)", total=1)
+                    report = parity.check(
+                        src, staging / "model.onnx", parity_settings(args), profile=args.profile,
+                        overrides=threshold_overrides(args),
+                        progress=lambda done, total: progress.update(t, completed=done, total=total))
+                    report.optimized = str(out / "model.onnx")  # where it will be, not the staging path
+                    (staging / "parity.json").write_text(report.to_json())
+                    from toolkit.report import render_html
 
-                parity.write_atomic(staging / "parity.html",
-                                    render_html(report, title=f"parity: {out.name} vs {src.spec}"))
-        if args.explain:
-            for r in report_dict["passes"]:
-                for line in r.get("explanations", []):
-                    console.print(f"[dim]{r['name']}: {line}[/]")
-        if report is not None:
-            report.render(console)
-            if args.junit:
-                parity.write_atomic(args.junit, report.to_junit())
-            if not report.passed and not args.keep_failed:
-                raise ParityFailure(
-                    f"parity failed for {args.model}; nothing was written to {str(out)!r}",
-                    hint="see the table above; rerun with --keep-failed to inspect the model, or --passes to "
-                    "narrow down which pass breaks it")
-        from toolkit import bundle
+                    parity.write_atomic(staging / "parity.html",
+                                        render_html(report, title=f"parity: {out.name} vs {src.spec}"))
+            if args.explain:
+                for r in report_dict["passes"]:
+                    for line in r.get("explanations", []):
+                        console.print(f"[dim]{r['name']}: {line}[/]")
+            if report is not None:
+                report.render(console)
+                if args.junit:
+                    parity.write_atomic(args.junit, report.to_junit())
+                if not report.passed and not args.keep_failed:
+                    raise ParityFailure(
+                        f"parity failed for {args.model}; nothing was written to {str(out)!r}",
+                        hint="see the table above; rerun with --keep-failed to inspect the model, or --passes to "
+                        "narrow down which pass breaks it")
+            from toolkit import bundle
 
-        bundle.write(staging, optimized, report_dict, None if report is None else report.passed)
-        if interrupted:
-            raise interrupt(interrupted[0])
-        publish(staging, out, overwrite=args.overwrite)
-        console.print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
-        return 0
-    except Exception:
-        if interrupted:  # a library caught the interrupt and failed on it (the exporter does)
-            raise interrupt(interrupted[0]) from None
-        raise
+            bundle.write(staging, optimized, report_dict, None if report is None else report.passed)
+            guard.check()
+            publish(staging, out, overwrite=args.overwrite)
+            console.print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+            return 0
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
 

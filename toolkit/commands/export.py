@@ -25,15 +25,18 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from toolkit.export import export
-    from toolkit.workspace import check_destination, publish
+    from toolkit.workspace import Interrupts, check_destination, publish
 
     out = Path(args.output)
     check_destination(out, directory=False, overwrite=args.overwrite, keep=(args.model,))
     src = resolve_model(args)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".toolkit-export-", dir=out.parent) as tmp:
+    # SIGTERM too unwinds, so the staging directory (a partial .data file of a large
+    # model) goes; it was left behind
+    with Interrupts() as guard, tempfile.TemporaryDirectory(prefix=".toolkit-export-", dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
         export(src, staged, opset=args.opset)
+        guard.check()
         publish(Path(tmp), out, files=True, overwrite=args.overwrite)
     print(f"exported {src.spec} ({src.family}, {src.num_layers} layers) -> {out}")
     return 0
