@@ -117,7 +117,6 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from toolkit.commands._common import resolve_model
     from toolkit.errors import ParityFailure
     from toolkit.workspace import Interrupts, check_destination, check_report_paths, publish
 
@@ -136,24 +135,9 @@ def run(args: argparse.Namespace) -> int:
         with Interrupts() as guard:
             columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
             with Progress(*columns, console=console, transient=False) as progress:
-                from toolkit.export import export, save_model
+                from toolkit.export import save_model
 
-                if onnx_input is not None:
-                    t = progress.add_task(f"read {onnx_input}", total=None)
-                    exported = _read_onnx(onnx_input)
-                    progress.update(t, total=1, completed=1)
-                src = None
-                if onnx_input is None or args.reference is not None:
-                    t = progress.add_task(f"load {args.reference or args.model}", total=None)
-                    src = (resolve_model(args) if onnx_input is None else
-                           resolve_model(argparse.Namespace(**{**vars(args), "model": args.reference}),
-                                         {p.key: p.value for p in exported.metadata_props}))
-                    progress.update(t, total=1, completed=1, description=f"loaded {src.spec} ({src.family})")
-                if onnx_input is None:
-                    t = progress.add_task("export (torch.onnx dynamo)", total=None)
-                    exported = export(src, staging / "exported.onnx", opset=args.opset or DEFAULT_OPSET)
-                    progress.update(t, total=1, completed=1)
-
+                src, exported = _source_and_model(args, onnx_input, staging, progress)
                 t = progress.add_task("graph passes", total=None)
                 from passes import run_pipeline
 
@@ -212,6 +196,32 @@ def run(args: argparse.Namespace) -> int:
 
 
 DEFAULT_OPSET = 21
+
+
+def _source_and_model(args: argparse.Namespace, onnx_input: Path | None, staging: Path,
+                      progress: Any) -> tuple[Any, Any]:
+    """(the PyTorch source, or None without a --reference; the ONNX model the passes run
+    on): the ONNX file given, or the source exported into ``staging``."""
+    from toolkit.commands._common import resolve_model
+    from toolkit.export import export
+
+    model = None
+    if onnx_input is not None:
+        t = progress.add_task(f"read {onnx_input}", total=None)
+        model = _read_onnx(onnx_input)
+        progress.update(t, total=1, completed=1)
+    src = None
+    if onnx_input is None or args.reference is not None:
+        t = progress.add_task(f"load {args.reference or args.model}", total=None)
+        src = (resolve_model(args) if onnx_input is None else
+               resolve_model(argparse.Namespace(**{**vars(args), "model": args.reference}),
+                             {p.key: p.value for p in model.metadata_props}))
+        progress.update(t, total=1, completed=1, description=f"loaded {src.spec} ({src.family})")
+    if onnx_input is None:
+        t = progress.add_task("export (torch.onnx dynamo)", total=None)
+        model = export(src, staging / "exported.onnx", opset=args.opset or DEFAULT_OPSET)
+        progress.update(t, total=1, completed=1)
+    return src, model
 
 
 def _onnx_input(args: argparse.Namespace) -> Path | None:
