@@ -33,7 +33,7 @@ import onnx_ir as ir
 from passes.registry import GraphPass, PassOptions, PassResult
 from passes.rule_application import describe_node
 from toolkit.errors import PassError
-from toolkit.ops import kv_quant
+from toolkit.ops import FLOAT32_ONLY_OPS, kv_quant
 
 DOMAIN = "com.toolkit"
 _PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
@@ -304,8 +304,8 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
                                 "takes float32 attention (query, new keys and values, the residual window)",
                                 hint="convert the float32 model, then cast the rest to float16 with the "
                                 "com.toolkit ops kept in float32 (onnxruntime.transformers.float16."
-                                "convert_float_to_float16(..., op_block_list=['QuantKVAttention'])), or leave "
-                                "out --kv-cache")
+                                f"convert_float_to_float16(..., op_block_list={list(FLOAT32_ONLY_OPS)})), or "
+                                "leave out --kv-cache")
         try:
             layers.append(_match_layer(model, index, past_k, past_v))
         except _NoMatch as err:

@@ -11,7 +11,7 @@ This pass takes the last position of the ``logits`` output and feeds it to
 
 With ``sample=true`` the head is ``com.toolkit::SampleTopKTopP`` instead: the model
 takes an extra input ``sampling_seed`` (int64 ``[1]``; a decode loop passes
-``base_seed + step``) and outputs ``next_token [B]`` (drawn with temperature,
+``call_seed(base_seed, step)`` from toolkit.ops.reference) and outputs ``next_token [B]`` (drawn with temperature,
 top-k, top-p and min-p, in that order) and ``next_token_prob [B]``.
 
 The logits output is kept by default (parity checks and scoring need it); with

@@ -287,3 +287,5 @@ def test_logit_statistics_in_chunks_equal_those_of_the_whole(monkeypatch):
     kl = (np.exp(lp) * (lp - lq)).sum(-1)
     np.testing.assert_allclose([rec.kl_mean, rec.kl_max], [kl.mean(), kl.max()], rtol=1e-10)
     assert rec.max_abs == np.abs(r - g).max() and rec.max_rel == (np.abs(r - g) / np.maximum(np.abs(r), 1e-6)).max()
+    with pytest.raises(ToolkitError, match="no logit positions to compare"):  # it would pass every bound
+        parity.compare_logits("p", ref, ref + 1, np.zeros((5, 7), bool))

@@ -192,6 +192,15 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         providers = lib.get("providers", [])
         if not isinstance(providers, list) or not all(isinstance(x, str) for x in providers):
             raise bad("op_library.providers", "a list of provider names", providers)
+    files = manifest.get("files", {})  # (bundles written before the record have none)
+    if not isinstance(files, dict):
+        raise bad("files", "an object of file records", files)
+    for name, record in files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise bad("files", "names inside the bundle directory", name)
+        if not (isinstance(record, dict) and isinstance(record.get("bytes"), int)
+                and not isinstance(record.get("bytes"), bool) and isinstance(record.get("sha256"), str)):
+            raise bad(f"files.{name}", "{bytes: integer, sha256: hex digest}", record)
     return manifest
 
 
@@ -289,18 +298,15 @@ def _check_model_files(manifest: dict[str, Any], directory: Path, model_path: Pa
     that no longer parses gets the bare-file diagnosis (toolkit.parity.load_onnx)."""
     from toolkit.parity import load_onnx
 
-    recorded = manifest.get("files")
-    if not isinstance(recorded, dict):
-        return
-    for name, want in recorded.items():
+    for name, want in manifest.get("files", {}).items():  # (checked by read_manifest)
         path = directory / name
         size = path.stat().st_size if path.is_file() else None
-        changed = size != want.get("bytes") or (path == model_path and sha256(path) != want.get("sha256"))
+        changed = size != want["bytes"] or (path == model_path and sha256(path) != want["sha256"])
         if not changed:
             continue
         load_onnx(model_path)  # a missing, truncated or invalid file is named as such first
         what = "is missing" if size is None else (
-            f"has {size:,} bytes, not the {want.get('bytes'):,} recorded" if size != want.get("bytes") else
+            f"has {size:,} bytes, not the {want['bytes']:,} recorded" if size != want["bytes"] else
             "does not match its recorded SHA-256")
         raise InvalidModelError(
             f"{path} {what} in {directory / MANIFEST}: the model was changed after conversion, so the parity "

@@ -38,9 +38,17 @@ def too_large_to_serialize(model: Any) -> bool:
         return True
 
 
+# ONNX Runtime's own ops in the standard domain that the producers above write. Its
+# kernel registry lists others there too (Scale, Crop, ImageScaler ...: ONNX's removed
+# experimental ops, which ORT refuses at current opsets, whatever the registry's version
+# range says), so the list is explicit and checked against the registry.
+_RUNTIME_STANDARD_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
+
+
 @functools.cache
 def runtime_only_ops() -> frozenset[str]:
-    """Op types ONNX Runtime implements in the standard domain that onnx has no schema for."""
+    """ONNX Runtime's standard-domain ops that onnx has no schema for and this
+    onnxruntime implements (of :data:`_RUNTIME_STANDARD_DOMAIN_OPS`)."""
     import onnx
 
     try:
@@ -49,8 +57,8 @@ def runtime_only_ops() -> frozenset[str]:
         kernels = ort_c.get_all_opkernel_def()
     except (ImportError, AttributeError):  # a runtime without the kernel registry listing
         return frozenset()
-    return frozenset(k.op_name for k in kernels
-                     if k.domain in ("", "ai.onnx") and not onnx.defs.has(k.op_name))
+    return frozenset(k.op_name for k in kernels if k.domain in ("", "ai.onnx") and
+                     k.op_name in _RUNTIME_STANDARD_DOMAIN_OPS and not onnx.defs.has(k.op_name))
 
 
 def _nodes(nodes: Any) -> Any:

@@ -61,7 +61,9 @@ THRESHOLDS: dict[str, dict[str, float]] = {
         "ppl_rel_increase_max": 5e-3,
         # A logit error d moves a probability by up to p(1 - p) * 2d <= d / 2: 1e-3 failed
         # an fp16 head whose logits were within 4.7e-3 (probabilities 1.07e-3, top-1 100%,
-        # perplexity +0.005%; an audit), against a logits bound of 5e-2.
+        # perplexity +0.005%; an audit), against a logits bound of 5e-2. It is also the
+        # sampled head's tie window (tie_margin_key): a flipped draw within 1e-2 of a
+        # boundary of the reference's distribution counts as a tie.
         "head_probs_max_abs": 1e-2,
     },
     "kv-int8": {
@@ -294,14 +296,18 @@ class _Differences:
                             histogram=[int(h) for h in self.hist])
 
 
-def compare(name: str, phase: str, ref: np.ndarray, got: np.ndarray) -> OutputRecord:
-    """Elementwise comparison of two arrays of the same shape."""
+def _check_same_shape(name: str, phase: str, ref: np.ndarray, got: np.ndarray) -> None:
     if ref.shape != got.shape:
         raise ToolkitError(
             f"output {name!r} ({phase}) has shape {list(got.shape)} in the ONNX model but "
             f"{list(ref.shape)} in PyTorch",
             hint="the optimized model's I/O does not match the original; check the passes applied",
         )
+
+
+def compare(name: str, phase: str, ref: np.ndarray, got: np.ndarray) -> OutputRecord:
+    """Elementwise comparison of two arrays of the same shape."""
+    _check_same_shape(name, phase, ref, got)
     d = _Differences()
     d.add_values(ref.astype(np.float64).ravel(), got.astype(np.float64).ravel())
     return d.output_record(name, phase, list(ref.shape))
@@ -348,11 +354,13 @@ class LogitStats(_Differences):
             self.stds.append(a.std(axis=-1))
 
     def record(self, shape: list[int]) -> OutputRecord:
+        if not self.positions:  # (an empty comparison would pass every bound)
+            raise ToolkitError(f"parity {self.phase}: no logit positions to compare",
+                               hint="check the parity settings (prompt length, batch, tokens)")
         rec = self.output_record("logits", self.phase, shape)
-        if self.positions:
-            rec.top1_agreement = self.agree / self.positions
-            rec.kl_mean, rec.kl_max = self.kl_sum / self.positions, self.kl_max
-            rec.ref_logit_std = float(np.median(np.concatenate(self.stds)))
+        rec.top1_agreement = self.agree / self.positions
+        rec.kl_mean, rec.kl_max = self.kl_sum / self.positions, self.kl_max
+        rec.ref_logit_std = float(np.median(np.concatenate(self.stds)))
         rec.top1_flip_margins = self.flip_margins
         rec.top1_positions = self.positions
         return rec
@@ -360,8 +368,7 @@ class LogitStats(_Differences):
 
 def compare_logits(phase: str, ref: np.ndarray, got: np.ndarray, keep: np.ndarray) -> OutputRecord:
     """Compare logits at the positions ``keep`` (bool [B, S]: real, non-padding tokens)."""
-    if ref.shape != got.shape:
-        compare("logits", phase, ref, got)  # the named shape error
+    _check_same_shape("logits", phase, ref, got)
     stats = LogitStats(phase)
     stats.add(ref[keep], got[keep])
     return stats.record(list(ref.shape))
@@ -595,9 +602,10 @@ def make_session(path: str | Path, model: Any | None = None, threads: int | None
         reason = str(exc).strip()
         ours = [op for op in ops.OP_ATTRIBUTES if op in reason]
         if "Type Error" in reason and ours:  # the library is there and refused an input/output type
-            hint = (f"{ours[0]} takes float32 (FusedSoftmaxTopK also float16 logits); a float16 conversion must "
-                    "keep our ops in float32: onnxruntime.transformers.float16.convert_float_to_float16(..., "
-                    f"op_block_list={list(ops.OP_ATTRIBUTES)})")
+            hint = (f"{ours[0]} does not take these types (float32; FusedSoftmaxTopK also float16 logits): a "
+                    "float16 conversion must keep "
+                    f"{', '.join(ops.FLOAT32_ONLY_OPS)} in float32: onnxruntime.transformers.float16."
+                    f"convert_float_to_float16(..., op_block_list={list(ops.FLOAT32_ONLY_OPS)})")
         else:
             hint = ("if it names an op of domain com.toolkit, the op library is missing or too old "
                     "(rebuild with `make build`); otherwise re-export the model")
@@ -612,8 +620,8 @@ class OnnxDecoder:
         self.inputs = {i.name: i for i in session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.output_names = [o.name for o in session.get_outputs()]
-        # A sampled head takes a seed per call: base + call index, so every step draws
-        # fresh numbers and a rerun reproduces them.
+        # A sampled head takes a seed per call, call_seed(base, call index) as in
+        # toolkit.generate: every step draws fresh numbers and a rerun reproduces them.
         self.seed_base = 0
         self.calls = 0
         self.last_seed: int | None = None
@@ -651,7 +659,9 @@ class OnnxDecoder:
         if "position_ids" in self.inputs:
             feeds["position_ids"] = position_ids
         if "sampling_seed" in self.inputs:
-            self.last_seed = self.seed_base + self.calls
+            from toolkit.ops.reference import call_seed
+
+            self.last_seed = call_seed(self.seed_base, self.calls)
             feeds["sampling_seed"] = np.array([self.last_seed], dtype=np.int64)
         self.calls += 1
         outs = dict(zip(self.output_names, self.session.run(None, feeds)))
@@ -1017,8 +1027,7 @@ def greedy_agreement(src: Any, dec: OnnxDecoder, prompts: int, tokens: int, prom
         pos = _positions(mask, 1)
         ref_logits, ref_past = _torch_step(src, nxt, mask, pos, ref_past)
         got, past, _ = dec.step(nxt, mask, pos, past)
-        if got.shape != ref_logits.shape:
-            compare("logits", stats.phase, ref_logits, got)  # the named shape error
+        _check_same_shape("logits", stats.phase, ref_logits, got)
         stats.add(ref_logits[:, -1], got[:, -1])
     return stats.record([prompts, tokens, ref_logits.shape[-1]])
 

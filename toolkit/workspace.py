@@ -41,8 +41,10 @@ class Interrupts:
 
     def __enter__(self) -> Interrupts:  # noqa: PYI034 (typing.Self needs Python 3.11)
         import signal
+        import threading
 
-        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if threading.current_thread() is threading.main_thread():  # (only it may set handlers)
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
@@ -186,10 +188,11 @@ def publish(staging: Path, dest: Path, *, files: bool = False, overwrite: bool =
     """
     _readable_files(staging)
     if files:
-        # sidecars (the .data weights) first and the model last, so the published model
-        # never names weights that are not there yet; a sidecar of the replaced model
-        # that the new one does not have goes (an --overwrite of a large model by a
-        # small one left the old weights behind)
+        # sidecars (the .data weights) first and the model last, so a new model never
+        # names weights that are not there yet (on --overwrite the old model sits beside
+        # the new weights between the two renames: single files have no atomic swap; a
+        # bundle directory does); a sidecar of the replaced model that the new one does
+        # not have goes (an --overwrite of a large model by a small one left it behind)
         sidecars = sorted(f for f in staging.iterdir() if f.name.startswith(dest.name + "."))
         for f in sidecars:
             os.replace(f, dest.parent / f.name)

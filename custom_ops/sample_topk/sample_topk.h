@@ -4,7 +4,8 @@
 //
 //   input  0 logits       float32 | float16, shape [..., V], rank >= 1
 //   input  1 seed         int64, optional, one element: the random stream of this call
-//                         (a decode loop passes base_seed + step); default: attribute seed
+//                         (a decode loop passes CallSeed(base_seed, step), sample_math.h);
+//                         default: attribute seed
 //   attr   k              int, required, 1 <= k <= V: candidates (top-k)
 //   attr   temperature    float, default 1.0, > 0
 //   attr   top_p          float, default 1.0, in (0, 1]

@@ -30,10 +30,11 @@ def test_interrupted_convert_leaves_nothing(tmp_path, sig, command):
     assert proc.poll() is None, "convert finished before it could be interrupted"
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
-    # 128 + signum, the shell's convention; or death by the signal itself (-signum here),
-    # which the shell reports as the same status: seen once in ~15 SIGINT runs, after
-    # main had printed "interrupted" (Python re-raises SIGINT at exit when a
-    # KeyboardInterrupt went unhandled somewhere, e.g. in a finalizer during torch's import)
-    assert proc.returncode in (128 + getattr(signal, sig), -getattr(signal, sig)), (proc.returncode, err)
+    # 128 + signum, the shell's convention. After SIGINT, also death by SIGINT itself,
+    # which the shell reports as the same 130: seen once in ~15 runs, after main had
+    # printed "interrupted" (Python re-raises SIGINT at exit when a KeyboardInterrupt
+    # went unhandled somewhere; where, in torch's import, is not known)
+    allowed = {128 + getattr(signal, sig)} | ({-signal.SIGINT} if sig == "SIGINT" else set())
+    assert proc.returncode in allowed and "interrupted" in err, (proc.returncode, err)
     assert list(tmp_path.iterdir()) == [], "an interrupted convert must leave no output or staging directory"
     assert "Traceback" not in err

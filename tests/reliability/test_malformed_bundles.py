@@ -20,6 +20,11 @@ def _manifest(**fields):
 
 @pytest.mark.parametrize("manifest,fragment", [
     ([1, 2], "holds a JSON list, not an object"),
+    (_manifest(op_library=None, files={"model.onnx": 5}), "field 'files.model.onnx' must be {bytes: integer"),
+    (_manifest(op_library=None, files={"model.onnx": {"sha256": "00"}}), "'files.model.onnx'"),
+    (_manifest(op_library=None, files={"../../etc/hostname": {"bytes": 1, "sha256": "00"}}),
+     "must be names inside the bundle directory"),
+    (_manifest(op_library=None, files=[]), "field 'files' must be an object"),
     (_manifest(model=None), "field 'model' must be the model file's name, got None"),
     ({k: v for k, v in _manifest().items() if k != "model"}, "field 'model'"),
     (_manifest(op_library="lib.so"), "field 'op_library' must be an object or null"),

@@ -36,6 +36,10 @@ OP_ATTRIBUTES: dict[str, frozenset[str]] = {
                                    "quantize_query", "scale"}),
     "LowRankMatMul": frozenset(),
 }
+# Ops that take float32 only (FusedSoftmaxTopK also reads float16 logits): a float16
+# conversion of a model keeps them in float32 (onnxruntime.transformers.float16's
+# op_block_list).
+FLOAT32_ONLY_OPS = ("QuantKVAttention", "LowRankMatMul", "SampleTopKTopP")
 LIBRARY_ENV_VAR = "TOOLKIT_OPS_LIBRARY"
 _LIBRARY_NAME = "libtoolkit_ops.so"
 _BUILD_HINT = (
