@@ -124,10 +124,10 @@ def _checkable_proto(ir_model: ir.Model) -> onnx.ModelProto:
     which :func:`toolkit.checker.check_model` checks as typed inputs) instead of copies."""
     import onnx_ir as ir
 
-    from toolkit.checker import PROTOBUF_LIMIT
+    from toolkit.checker import exceeds_protobuf_limit
 
     weights = [v for v in ir_model.graph.initializers.values() if v.const_value is not None]
-    if sum(v.const_value.nbytes for v in weights) < PROTOBUF_LIMIT:
+    if not exceeds_protobuf_limit(sum(v.const_value.nbytes for v in weights)):
         return ir.serde.serialize_model(ir_model)
     saved = {}
     try:
@@ -168,11 +168,10 @@ def _checker_failing_node(model: onnx.ModelProto) -> Any | None:
     ctx = onnx.checker.C.CheckerContext()
     ctx.ir_version = model.ir_version
     ctx.opset_imports = {o.domain: o.version for o in model.opset_import}
-    from toolkit.checker import runtime_only_ops
+    from toolkit.checker import is_runtime_only
 
-    unchecked = runtime_only_ops()  # (onnx has no schema for them: not the culprit)
     for node in model.graph.node:
-        if node.domain in ("", "ai.onnx") and node.op_type in unchecked:
+        if is_runtime_only(node):  # (onnx has no schema for it: not the culprit)
             continue
         try:
             onnx.checker.check_node(node, ctx)

@@ -22,20 +22,35 @@ _UNCHECKED_DOMAIN = "toolkit.unchecked.ort_standard_domain"
 # Protocol buffers cannot serialize a message of 2 GiB or more, and onnx.checker
 # serializes a model given in memory: a larger one is checked without its weights.
 PROTOBUF_LIMIT = (1 << 31) - 1
+# What a model holds besides its tensors' data (nodes, names, attributes, shapes): room
+# left under the limit for it. Counting it exactly takes ByteSize, which serializes the
+# whole message (measured: as long as SerializeToString, 1.5 s for 512 MB of weights),
+# i.e. the very work the checker then does again.
+_GRAPH_HEADROOM = 64 << 20
+
+
+def exceeds_protobuf_limit(data_bytes: int) -> bool:
+    """Whether a model whose tensors hold ``data_bytes`` may not serialize."""
+    return data_bytes + _GRAPH_HEADROOM >= PROTOBUF_LIMIT
+
+
+def _tensor_bytes(t: Any) -> int:
+    """Bytes of a TensorProto's data, from the lengths of its fields (nothing serialized)."""
+    return (len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data))
+            + 8 * (len(t.int64_data) + len(t.double_data) + len(t.uint64_data)) + sum(map(len, t.string_data)))
 
 
 def too_large_to_serialize(model: Any) -> bool:
-    """Whether ``model`` is at or past protobuf's 2 GiB serialization limit (the
-    weights' raw bytes alone, else the whole message: ByteSize serializes, and fails
-    past the limit)."""
-    from google.protobuf.message import EncodeError
+    """Whether ``model`` may be past protobuf's 2 GiB serialization limit: its
+    initializers' and Constant nodes' data, with headroom for the rest."""
+    from toolkit.parity import all_graphs
 
-    if sum(len(t.raw_data) for t in model.graph.initializer) >= PROTOBUF_LIMIT:
-        return True
-    try:
-        return model.ByteSize() >= PROTOBUF_LIMIT
-    except EncodeError:
-        return True
+    data = 0
+    for graph in all_graphs(model):
+        data += sum(_tensor_bytes(t) for t in graph.initializer)
+        data += sum(_tensor_bytes(t) for node in graph.node for attr in node.attribute
+                    for t in ([attr.t] if attr.HasField("t") else attr.tensors))
+    return exceeds_protobuf_limit(data)
 
 
 # ONNX Runtime's own ops in the standard domain that the producers above write. Its
@@ -61,26 +76,19 @@ def runtime_only_ops() -> frozenset[str]:
                      k.op_name in _RUNTIME_STANDARD_DOMAIN_OPS and not onnx.defs.has(k.op_name))
 
 
-def _nodes(nodes: Any) -> Any:
-    """``nodes`` and every node of their subgraphs (If / Loop / Scan bodies)."""
-    for node in nodes:
-        yield node
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else attr.graphs:
-                yield from _nodes(sub.node)
+def _all_nodes(model: Any) -> list[Any]:
+    """The nodes of the main graph, its subgraphs and the model's functions."""
+    from toolkit.parity import all_graphs
+
+    return [n for g in all_graphs(model) for n in g.node] + [n for f in model.functions for n in f.node]
 
 
-def _all_nodes(model: Any) -> Any:
-    yield from _nodes(model.graph.node)
-    for function in model.functions:
-        yield from _nodes(function.node)
+def is_runtime_only(node: Any) -> bool:
+    """Whether ``node`` is one of :func:`runtime_only_ops` (onnx has no schema for it)."""
+    return node.domain in ("", "ai.onnx") and node.op_type in runtime_only_ops()
 
 
-def _runtime_only(node: Any, ops: frozenset[str]) -> bool:
-    return node.domain in ("", "ai.onnx") and node.op_type in ops
-
-
-def _checkable_copy(model: Any, ops: frozenset[str]) -> Any:
+def _checkable_copy(model: Any) -> Any:
     """A copy of ``model`` whose runtime-only nodes are in an unknown domain, and whose
     main-graph initializers are graph inputs of the same type and shape (weights are
     neither copied nor, when external, looked for beside the current directory)."""
@@ -102,7 +110,7 @@ def _checkable_copy(model: Any, ops: frozenset[str]) -> Any:
     graph.input.extend(onnx.helper.make_tensor_value_info(name, dtype, list(dims))
                        for name, dtype, dims in weights if name not in declared)
     for node in _all_nodes(shadow):
-        if _runtime_only(node, ops):
+        if is_runtime_only(node):
             node.domain = _UNCHECKED_DOMAIN
     return shadow
 
@@ -117,10 +125,9 @@ def check_model(model: Any, *, full_check: bool = False, path: str | Path | None
     for beside it) when none of this applies. Raises what ``onnx.checker`` raises."""
     import onnx
 
-    ops = runtime_only_ops()
     weightless = path is None and (too_large_to_serialize(model) or any(
         t.data_location == t.EXTERNAL for t in model.graph.initializer))  # (not looked for beside the cwd)
-    if weightless or any(_runtime_only(n, ops) for n in _all_nodes(model)):
-        onnx.checker.check_model(_checkable_copy(model, ops), full_check=full_check)
+    if weightless or any(is_runtime_only(n) for n in _all_nodes(model)):
+        onnx.checker.check_model(_checkable_copy(model), full_check=full_check)
         return
     onnx.checker.check_model(str(path) if path is not None else model, full_check=full_check)

@@ -252,12 +252,13 @@ def _onnx_input(args: argparse.Namespace) -> Path | None:
 def _read_onnx(path: Path) -> Any:
     """The ONNX input with its weights, after toolkit.parity's checks of the file (named
     errors for a missing, corrupt or invalid model, or external data outside its directory)."""
-    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
     from toolkit.parity import load_onnx
 
-    load_onnx(path)
-    return onnx.load(str(path))
+    model = load_onnx(path)  # (parsed once; the external weights, if any, read next)
+    load_external_data_for_model(model, str(path.parent))
+    return model
 
 
 def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, dict[str, str]]]:
