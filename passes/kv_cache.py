@@ -10,6 +10,13 @@ Qwen2, Mistral and Phi-3)::
     scores            = Add(Mul(MatMul(q, Transpose(k_rep, perm=[0,1,3,2])), scale), bias)
     out               = MatMul(Softmax(scores, axis=-1), v_rep)
 
+and the forms exporters write for SDPA (Hugging Face ``attn_implementation="sdpa"``):
+torch's dynamo decomposition (keys transposed by Reshape -> Transpose -> Reshape with
+shapes read from the keys, checked symbolically; ``sqrt(scale)`` on q and k; a NaN guard
+``Where(IsNaN(p), 0, p)`` after the Softmax), an ONNX ``Attention`` node (opset >= 23;
+a boolean mask becomes an additive bias) and the TorchScript exporter's form (Shape
+nodes on the repeated values that size the output are pointed at the op's output),
+
 into one ``QuantKVAttention(q, k_new, v_new, <cache>, bias)`` per layer, and changes
 the model's cache I/O from ``past_key_values.{i}.key/value`` to the quantized layout
 of ``toolkit/ops/kv_quant.py`` (``past_key_values.{i}.key_q`` ... ``value_res`` in,
@@ -26,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -119,6 +127,12 @@ class _Layer:
     out: ir.Value
     remove: list[ir.Node]
     shape_users: list[tuple[ir.Node, str]]  # (Shape node, "past" | "present") of the key or value
+    form: str = "eager"  # "eager" (MatMul ... Softmax ... MatMul, any key transpose) or "attention" (ONNX Attention)
+    key_path: list[ir.Node] = dataclasses.field(default_factory=list)  # keys^T [-> Mul] -> MatMul(q, .)
+    dead_k: list[ir.Node] = dataclasses.field(default_factory=list)  # shape arithmetic that served only the
+    dead_v: list[ir.Node] = dataclasses.field(default_factory=list)  # attention, from the repeated keys / values
+    bool_mask: bool = False  # the bias is an ONNX Attention boolean mask (True: attend)
+    out_shapes: list[ir.Node] = dataclasses.field(default_factory=list)  # Shape of repeated K/V read for B, H, D only
 
 
 class _NoMatch(Exception):
@@ -215,6 +229,141 @@ def _repeat_chain(present: ir.Value, what: str) -> tuple[ir.Value, list[ir.Node]
     return reshape.outputs[0], [node, expand, reshape], shape_users
 
 
+def _shape_symbols(value: ir.Value | None, depth: int = 0) -> list | None:
+    """A 1-D shape tensor as a list of symbols (an int, or ``(source, axis)``: dimension
+    ``axis`` of ``source`` as read by a Shape node), or None where it is not computed from
+    constants, Shape, Slice, Gather, Concat, Unsqueeze, Squeeze and Cast alone."""
+    if value is None or depth > 16:
+        return None
+    if (known := _int_list(value)) is not None:
+        return known
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    op, ins = node.op_type, node.inputs
+    if op == "Shape":
+        shape = ins[0].shape
+        if shape is None:
+            return None
+        rank = len(shape)
+        dims = list(range(rank))[node.attributes.get_int("start", 0):node.attributes.get_int("end", rank)]
+        return [(ins[0], a) for a in dims]
+    if op == "Concat":
+        parts = [_shape_symbols(v, depth + 1) for v in ins]
+        return None if any(p is None for p in parts) else [d for p in parts for d in p]
+    if op in ("Unsqueeze", "Squeeze", "Cast"):
+        return _shape_symbols(ins[0], depth + 1)
+    if op in ("Slice", "Gather"):
+        dims = _shape_symbols(ins[0], depth + 1)
+        if dims is None:
+            return None
+        if op == "Gather":
+            index = _int_list(ins[1])
+            return None if index is None or node.attributes.get_int("axis", 0) else [dims[i] for i in index]
+        starts, ends = _int_list(ins[1]), _int_list(ins[2])
+        axes = _int_list(ins[3]) if len(ins) > 3 and ins[3] is not None else [0]
+        steps = _int_list(ins[4]) if len(ins) > 4 and ins[4] is not None else [1]
+        if starts is None or ends is None or len(starts) != 1 or axes not in ([0], [-1]) or steps != [1]:
+            return None
+        return dims[starts[0]:ends[0]]  # ONNX Slice clamps like a Python slice (step 1)
+    return None
+
+
+def _is_dim(symbol: Any, value: ir.Value, axis: int) -> bool:
+    """Whether a shape symbol is dimension ``axis`` of ``value`` (read, or a static int equal to it)."""
+    if isinstance(symbol, tuple):
+        return symbol[0] is value and symbol[1] == axis
+    dim = value.shape[axis] if value.shape is not None and len(value.shape) > axis else None
+    return isinstance(symbol, int) and isinstance(dim, int) and symbol == dim
+
+
+def _key_transpose(keys: ir.Value, node: ir.Node) -> list[ir.Node]:
+    """The nodes that swap the last two axes of the keys, starting at their consumer ``node``:
+    ``Transpose(perm=[0,1,3,2])`` (eager and TorchScript exports), or torch's dynamo SDPA
+    decomposition ``Reshape([-1, T, D]) -> Transpose([0,2,1]) -> Reshape([B, H, D, T])``
+    whose shapes (computed from ``Shape(keys)``) are checked to be exactly that."""
+    perm = list(node.attributes.get_ints("perm", None) or [])
+    if node.op_type == "Transpose" and perm == [0, 1, 3, 2]:
+        return [node]
+    if node.op_type == "Reshape" and node.inputs[0] is keys:
+        flat = _shape_symbols(node.inputs[1])
+        transpose = _only_use(node.outputs[0], "flattened key")
+        back = _only_use(transpose.outputs[0], "transposed flat key") if transpose.op_type == "Transpose" else None
+        if (flat is not None and len(flat) == 3 and flat[0] == -1 and _is_dim(flat[1], keys, 2)
+                and _is_dim(flat[2], keys, 3) and list(transpose.attributes.get_ints("perm", None) or []) == [0, 2, 1]
+                and back is not None and back.op_type == "Reshape"):
+            dims = _shape_symbols(back.inputs[1])
+            if dims is not None and len(dims) == 4 and all(_is_dim(d, keys, a) for d, a in zip(dims, (0, 1, 3, 2))):
+                return [node, transpose, back]
+        raise _NoMatch(f"{describe_node(node)} reshapes the keys, but not as torch's SDPA decomposition of "
+                       "keys.transpose(-2, -1) (Reshape [-1, T, D] -> Transpose [0,2,1] -> Reshape [B, H, D, T] "
+                       "with shapes read from the keys)")
+    raise _NoMatch(f"{describe_node(node)} consumes the keys; expected Transpose(perm=[0,1,3,2]) (or torch's SDPA "
+                   "decomposition of it, or an ONNX Attention node)")
+
+
+def _dead_with(starts: list[ir.Node], removed: list[ir.Node]) -> list[ir.Node] | None:
+    """The nodes downstream of ``starts`` (stopping at ``removed``) when nothing outside them
+    and ``removed`` reads them (shape arithmetic that served only the rewritten attention);
+    None when some of it is used elsewhere."""
+    stop = {id(n) for n in removed}
+    seen: dict[int, ir.Node] = {}
+    stack = list(starts)
+    while stack:
+        node = stack.pop()
+        if id(node) in stop or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        if len(seen) > 64 or any(o.is_graph_output() for o in node.outputs):
+            return None
+        stack += [u.node for o in node.outputs for u in o.uses()]
+    return list(seen.values())
+
+
+def remove_nodes(graph: ir.Graph, nodes: list[ir.Node]) -> None:
+    """Remove ``nodes`` (no node outside them may read them), consumers first."""
+    pending = {id(n): n for n in nodes}
+    while pending:
+        ready = [n for n in pending.values()
+                 if not any(id(u.node) in pending for o in n.outputs for u in o.uses())]
+        if not ready:
+            raise RuntimeError("remove_nodes: the nodes read each other in a cycle")
+        for node in ready:
+            graph.remove(node, safe=True)
+            del pending[id(node)]
+
+
+def _attention_node(node: ir.Node, k_rep: ir.Value, v_rep: ir.Value) -> tuple[float | None, ir.Value]:
+    """(scale, mask) of an ONNX ``Attention`` (opset 23) node that torch's dynamo exporter
+    writes for SDPA at opset >= 23, checked to be plain 4-D attention over the keys and
+    values; raises _NoMatch naming what differs."""
+    ins = [*node.inputs, *[None] * 6]
+    where = describe_node(node)
+    if ins[1] is not k_rep or ins[2] is not v_rep:
+        raise _NoMatch(f"{where} does not read the cache's keys and values as its inputs 1 and 2")
+    if any(v is not None for v in ins[4:]):
+        raise _NoMatch(f"{where} takes past_key / past_value (or nonpad_kv_seqlen) inputs: the pass rewrites "
+                       "an Attention that reads Concat(past, new) as its keys and values")
+    for name, why in (("is_causal", "a causal flag instead of a mask (export with an attention mask)"),
+                      ("softcap", "logit soft-capping, which QuantKVAttention does not apply"),
+                      ("q_num_heads", "3-D inputs"), ("kv_num_heads", "3-D inputs")):
+        attr = node.attributes.get(name)
+        if attr is not None and attr.value:
+            raise _NoMatch(f"{where} has {name}={attr.value}: {why}")
+    extra = [o for o in node.outputs[1:] if o is not None and (o.uses() or o.is_graph_output())]
+    if extra:
+        raise _NoMatch(f"{where}: its output {extra[0].name!r} is used; only the attention output can be rewritten")
+    mask = ins[3]
+    if mask is None:
+        raise _NoMatch(f"{where} has no attention mask (attention over every key, not a decoder's)")
+    if mask.dtype not in (ir.DataType.FLOAT, ir.DataType.BOOL) or (
+            mask.shape is not None and (len(mask.shape) != 4 or mask.shape[1] not in (1, None))):
+        raise _NoMatch(f"{where}: mask {mask.name!r} is {mask.dtype} of shape {mask.shape}; expected a float32 or "
+                       "boolean [batch, 1, query, key] mask")
+    scale = node.attributes.get_float("scale", 0.0)
+    return (scale or None), mask
+
+
 def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value) -> _Layer:
     graph = model.graph
     outputs = {v.name: v for v in graph.outputs}
@@ -227,55 +376,145 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
     shape_users += su
     remove = [concat_k, concat_v, *remove_k, *remove_v]
 
-    # Without GQA (no repeat_kv) the keys are the present output itself.
-    transpose = _only_use(k_rep, "repeated key", graph_output_ok=k_rep is concat_k.outputs[0])
-    perm = transpose.attributes.get_ints("perm", None)
-    if transpose.op_type != "Transpose" or list(perm or []) not in ([0, 1, 3, 2],):
-        raise _NoMatch(f"{describe_node(transpose)} consumes the keys; expected Transpose(perm=[0,1,3,2])")
-    remove.append(transpose)
-    scale = 1.0
-    node = _only_use(transpose.outputs[0], "transposed key")
-    if node.op_type == "Mul":  # SDPA decomposition: sqrt(scale) on q and k
-        c = _const_scalar(node.inputs[1]) if node.inputs[0] is transpose.outputs[0] else _const_scalar(node.inputs[0])
-        if c is None:
-            raise _NoMatch(f"{describe_node(node)} scales the keys by a non-constant")
-        scale *= c
+    # The repeated keys and values (GQA) may also be read by Shape nodes (torch's SDPA
+    # decomposition reads the key shape to transpose it): that arithmetic must serve the
+    # attention alone. Without GQA they are the present outputs, whose Shape readers are
+    # rebuilt like the past's.
+    rep_shapes: dict[str, list[ir.Node]] = {"key": [], "value": []}
+    consumers = {}
+    for value, what, repeated in ((k_rep, "key", bool(remove_k)), (v_rep, "value", bool(remove_v))):
+        shapes, others = _split_uses(value)
+        if repeated:
+            rep_shapes[what] = shapes
+        if len(others) != 1:
+            raise _NoMatch(f"repeated {what} {value.name!r} must have exactly one consumer besides Shape nodes (has: "
+                           f"{', '.join(describe_node(n) for n in others) or 'none'})")
+        consumers[what] = others[0]
+    form, key_path, bool_mask = "eager", [], False
+    node = consumers["key"]
+    head_dim = past_k.shape[3] if past_k.shape is not None and len(past_k.shape) == 4 else None
+    if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
+        scale, bias = _attention_node(node, k_rep, v_rep)
+        if scale is None:
+            if not isinstance(head_dim, int):
+                raise _NoMatch(f"{describe_node(node)} has no scale and the head dim of {past_k.name!r} is not static")
+            scale = 1.0 / float(np.sqrt(head_dim))
+        form, bool_mask = "attention", bias.dtype == ir.DataType.BOOL
+        query, out = node.inputs[0], node.outputs[0]
         remove.append(node)
-        node = _only_use(node.outputs[0], "scaled key")
-    qk = node
-    if qk.op_type != "MatMul" or qk.inputs[1] is not remove[-1].outputs[0]:
-        raise _NoMatch(f"{describe_node(qk)} consumes the keys; expected MatMul(query, keys^T)")
-    remove.append(qk)
-    query = qk.inputs[0]
-    node = _only_use(qk.outputs[0], "attention scores")
-    if node.op_type in ("Mul", "Div"):
-        other = node.inputs[1] if node.inputs[0] is qk.outputs[0] else node.inputs[0]
-        c = _const_scalar(other)
-        if c is None or (node.op_type == "Div" and node.inputs[1] is not other) or c == 0:
-            raise _NoMatch(f"{describe_node(node)} scales the scores by a non-constant")
-        scale *= c if node.op_type == "Mul" else 1.0 / c
-        remove.append(node)
-        node = _only_use(node.outputs[0], "scaled scores")
-    bias = None
-    if node.op_type == "Add":
-        prev = remove[-1].outputs[0]
-        bias = node.inputs[1] if node.inputs[0] is prev else node.inputs[0]
-        remove.append(node)
-        node = _only_use(node.outputs[0], "masked scores")
-    softmax = node
-    if softmax.op_type != "Softmax" or softmax.attributes.get_int("axis", -1) not in (-1, 3):
-        raise _NoMatch(f"{describe_node(softmax)} follows the scores; expected Softmax(axis=-1)")
-    remove.append(softmax)
-    pv = _only_use(softmax.outputs[0], "attention probabilities")
-    if pv.op_type != "MatMul" or pv.inputs[0] is not softmax.outputs[0] or pv.inputs[1] is not v_rep:
-        raise _NoMatch(f"{describe_node(pv)} consumes the probabilities; expected MatMul(probs, values) with the "
-                       f"values of {past_v.name!r}")
-    remove.append(pv)
-    return _Layer(index, past_k, past_v, concat_k, concat_v, query, scale, bias, pv.outputs[0], remove, shape_users)
+    else:
+        key_path = _key_transpose(k_rep, node)
+        scale = 1.0
+        node = _only_use(key_path[-1].outputs[0], "transposed key")
+        if node.op_type == "Mul":  # SDPA decomposition: sqrt(scale) on q and k
+            c = (_const_scalar(node.inputs[1]) if node.inputs[0] is key_path[-1].outputs[0]
+                 else _const_scalar(node.inputs[0]))
+            if c is None:
+                raise _NoMatch(f"{describe_node(node)} scales the keys by a non-constant")
+            scale *= c
+            key_path.append(node)
+            node = _only_use(node.outputs[0], "scaled key")
+        qk = node
+        if qk.op_type != "MatMul" or qk.inputs[1] is not key_path[-1].outputs[0]:
+            raise _NoMatch(f"{describe_node(qk)} consumes the keys; expected MatMul(query, keys^T)")
+        key_path.append(qk)
+        remove += key_path
+        query = qk.inputs[0]
+        node = _only_use(qk.outputs[0], "attention scores")
+        if node.op_type in ("Mul", "Div"):
+            other = node.inputs[1] if node.inputs[0] is qk.outputs[0] else node.inputs[0]
+            c = _const_scalar(other)
+            if c is None or (node.op_type == "Div" and node.inputs[1] is not other) or c == 0:
+                raise _NoMatch(f"{describe_node(node)} scales the scores by a non-constant")
+            scale *= c if node.op_type == "Mul" else 1.0 / c
+            remove.append(node)
+            node = _only_use(node.outputs[0], "scaled scores")
+        bias = None
+        if node.op_type == "Add":
+            prev = remove[-1].outputs[0]
+            bias = node.inputs[1] if node.inputs[0] is prev else node.inputs[0]
+            remove.append(node)
+            node = _only_use(node.outputs[0], "masked scores")
+        softmax = node
+        if softmax.op_type != "Softmax" or softmax.attributes.get_int("axis", -1) not in (-1, 3):
+            raise _NoMatch(f"{describe_node(softmax)} follows the scores; expected Softmax(axis=-1)")
+        remove.append(softmax)
+        probs = softmax.outputs[0]
+        guard = _nan_guard(probs)
+        if guard:  # SDPA exports zero a NaN row (every key masked with -inf); the op gives such rows zeros
+            remove += guard
+            probs = guard[-1].outputs[0]
+        pv = _only_use(probs, "attention probabilities")
+        if pv.op_type != "MatMul" or pv.inputs[0] is not probs or pv.inputs[1] is not v_rep:
+            raise _NoMatch(f"{describe_node(pv)} consumes the probabilities; expected MatMul(probs, values) with the "
+                           f"values of {past_v.name!r}")
+        if consumers["value"] is not pv:
+            raise _NoMatch(f"the values of {past_v.name!r} are read by {describe_node(consumers['value'])}, not by "
+                           f"the attention's {describe_node(pv)}")
+        remove.append(pv)
+        out = pv.outputs[0]
+    # Each Shape reader of the repeated keys / values either serves the attention alone
+    # (dead with it) or reads only the batch, head and head-dim axes, which the
+    # attention's output has too (TorchScript's SDPA shapes its output from the values).
+    dead: dict[str, list[ir.Node]] = {"key": [], "value": []}
+    out_shapes = []
+    for what, shapes in rep_shapes.items():
+        for shape in shapes:
+            gone = _dead_with([shape], remove)
+            if gone is not None:
+                dead[what] += gone
+            elif (_axes_read(shape) or {2}) <= {0, 1, 3}:
+                out_shapes.append(shape)
+            else:
+                raise _NoMatch(f"the shape of the repeated {what}s ({describe_node(shape)}) is used outside the "
+                               "attention")
+    return _Layer(index, past_k, past_v, concat_k, concat_v, query, scale, bias, out, remove, shape_users,
+                  form=form, key_path=key_path, dead_k=dead["key"], dead_v=dead["value"], bool_mask=bool_mask,
+                  out_shapes=out_shapes)
+
+
+def _axes_read(shape: ir.Node) -> set[int] | None:
+    """The axes of its input whose sizes a Shape node's readers take (constant Gather or
+    Slice readers only), or None."""
+    rank = len(shape.inputs[0].shape) if shape.inputs[0].shape is not None else None
+    if rank is None or shape.outputs[0].is_graph_output():
+        return None
+    axes = list(range(rank))[shape.attributes.get_int("start", 0):shape.attributes.get_int("end", rank)]
+    read: set[int] = set()
+    for use in shape.outputs[0].uses():
+        symbols = _shape_symbols(use.node.outputs[0]) if use.node.op_type in ("Gather", "Slice") else None
+        if symbols is None:
+            return None
+        read |= {s[1] for s in symbols if isinstance(s, tuple) and s[0] is shape.inputs[0]} & set(axes)
+    return read
+
+
+def rewire_out_shapes(graph: ir.Graph, layer: _Layer, out: ir.Value) -> None:
+    """Point the layer's ``out_shapes`` at the new attention output ``out`` (same batch, head
+    and head-dim sizes); the graph is re-sorted, as they may come before it."""
+    for shape in layer.out_shapes:
+        shape.replace_input_with(0, out)
+    if layer.out_shapes:
+        graph.sort()
+
+
+def _nan_guard(probs: ir.Value) -> list[ir.Node]:
+    """``Where(IsNaN(p), 0, p)`` after the Softmax (torch's SDPA exports), or []."""
+    users = [u.node for u in probs.uses()]
+    isnan = next((n for n in users if n.op_type == "IsNaN"), None)
+    where = next((n for n in users if n.op_type == "Where"), None)
+    if (len(users) != 2 or isnan is None or where is None or list(where.inputs)[0::2] != [isnan.outputs[0], probs]
+            or len(isnan.outputs[0].uses()) != 1 or _const_scalar(where.inputs[1]) != 0.0):
+        return []
+    return [isnan, where]
 
 
 def _int64(name: str, values: list[int]) -> ir.Value:
     return ir.val(name, const_value=ir.tensor(np.array(values, dtype=np.int64)))
+
+
+def _float(name: str, value: float) -> ir.Value:
+    return ir.val(name, const_value=ir.tensor(np.array(value, dtype=np.float32)))
 
 
 def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) -> PassResult:
@@ -310,7 +549,8 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
             layers.append(_match_layer(model, index, past_k, past_v))
         except _NoMatch as err:
             hint = (SLICED_CACHE_HINT if isinstance(err, _SlicedCache) else
-                    "the pass rewrites the eager attention exported by `toolkit export`; run `toolkit inspect` "
+                    "the pass rewrites eager attention (`toolkit export`), torch exporters' SDPA forms and ONNX "
+                    "Attention nodes; run `toolkit inspect` "
                     "on the model and report the pattern if it is a standard one")
             raise PassError(f"kv-cache: layer {index}: {err}", hint=hint) from None
 
@@ -368,11 +608,20 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
         i = layer.index
         new_in = {n: ir.val(f"past_key_values.{i}.{n}", dtypes[n.rsplit("_", 1)[1]], past_shapes[n]) for n in names}
         k_new, v_new = layer.concat_k.inputs[1], layer.concat_v.inputs[1]
-        op_inputs = [layer.query, k_new, v_new, *(new_in.get(n) for n in kv_quant.CACHE_TENSORS), layer.bias,
+        pv = layer.remove[-1]
+        bias = layer.bias
+        if layer.bool_mask:  # ONNX Attention's boolean mask (True: attend) as the op's additive bias
+            where = ir.Node("", "Where", [bias, _float(f"kv_cache/layer{i}/attend", 0.0),
+                                          _float(f"kv_cache/layer{i}/masked", -np.inf)],
+                            name=f"kv_cache/layer{i}/MaskBias")
+            for c in where.inputs[1:]:
+                graph.register_initializer(c)
+            graph.insert_before(pv, [where])
+            bias = where.outputs[0]
+        op_inputs = [layer.query, k_new, v_new, *(new_in.get(n) for n in kv_quant.CACHE_TENSORS), bias,
                      lengths_in]
         while op_inputs[-1] is None:
             op_inputs.pop()
-        pv = layer.remove[-1]
         with_lengths = lengths_in is not None and lengths_out is None  # the first layer reports them
         node = ir.Node(DOMAIN, kv_quant.OP_TYPE, op_inputs,
                        [*attrs, ir.AttrFloat32("scale", float(layer.scale))],
@@ -394,6 +643,7 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
                 value.name = ""  # symmetric: no zero point
         graph.insert_before(pv, [node])
         ir.convenience.replace_all_uses_with(layer.out, out)
+        rewire_out_shapes(graph, layer, out)
 
         # The shape of the old cache tensors, rebuilt: [B, Hkv, N + r (+ S), D]; N and r
         # are the tensors' lengths, or the lengths input with a fixed capacity.
@@ -446,8 +696,7 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
             for j, n in enumerate(n for n in names if n.startswith(kind)):
                 graph.outputs.insert(out_pos + j, new_out[n])
 
-        for dead in reversed(layer.remove):
-            graph.remove(dead, safe=True)
+        remove_nodes(graph, [*layer.remove, *layer.dead_k, *layer.dead_v])
 
     model.opset_imports.setdefault(DOMAIN, 1)
     info = {"scheme": options.scheme, **scheme.to_attributes(), "kv_heads": kv_heads, "head_dim": head_dim,

@@ -66,7 +66,15 @@ import onnx_ir as ir
 
 from passes import calibration
 from passes.calibration import CalibrationOptions
-from passes.kv_cache import SLICED_CACHE_HINT, _const_scalar, _match_layer, _NoMatch, _SlicedCache
+from passes.kv_cache import (
+    SLICED_CACHE_HINT,
+    _const_scalar,
+    _match_layer,
+    _NoMatch,
+    _SlicedCache,
+    remove_nodes,
+    rewire_out_shapes,
+)
 from passes.registry import GraphPass, PassResult
 from toolkit.errors import PassError
 
@@ -346,17 +354,18 @@ def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_di
     b = _Builder(graph, f"low_rank_kv/layer{i}")
     new_io: dict[str, tuple[list[ir.Value], list[ir.Value]]] = {}
     remove: list[ir.Node] = []
-    qk = next(n for n in m.remove if n.op_type == "MatMul")
+    qk = m.key_path[-1]
     pv = m.remove[-1]
 
     if layer.key is not None:
         side = layer.key
         r = side.rank
-        # Key side of the attention core: Transpose(K) [-> Mul(sqrt scale)] -> MatMul(q, .).
-        # An SDPA decomposition's constant scale of K^T is folded into the query-side basis.
-        core = m.remove[next(j for j, n in enumerate(m.remove) if n.op_type == "Transpose"):m.remove.index(qk) + 1]
+        # Key side of the attention core: keys^T [-> Mul(sqrt scale)] -> MatMul(q, .) (with
+        # the shape arithmetic that served it alone). An SDPA decomposition's constant scale
+        # of K^T is folded into the query-side basis.
+        core = [*m.key_path, *m.dead_k]
         key_scale = 1.0
-        for n in core:
+        for n in m.key_path:
             if n.op_type == "Mul":
                 c = _const_scalar(n.inputs[1])
                 key_scale *= c if c is not None else _const_scalar(n.inputs[0])
@@ -389,7 +398,8 @@ def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_di
         graph.insert_before(pv, b.nodes)
         b.nodes = []
         ir.convenience.replace_all_uses_with(pv.outputs[0], out)
-        remove += [side.concat, *_repeat_nodes(side.concat), pv]
+        rewire_out_shapes(graph, m, out)
+        remove += [side.concat, *_repeat_nodes(side.concat), *m.dead_v, pv]
         new_io["value"] = (pasts, presents)
 
     # Shape nodes that read a replaced cache tensor (exporters take batch / past length
@@ -431,11 +441,7 @@ def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_di
         graph.outputs.pop(pos)
         for j, present in enumerate(presents):
             graph.outputs.insert(pos + j, present)
-    seen = set()
-    for dead in reversed(remove):
-        if id(dead) not in seen:
-            seen.add(id(dead))
-            graph.remove(dead, safe=True)
+    remove_nodes(graph, list({id(n): n for n in remove}.values()))
     return {"layer": i, "q_heads": hq, "groups": groups}
 
 
@@ -480,6 +486,11 @@ def apply(model: ir.Model, options: LowRankKVOptions, *, explain: bool = False) 
                             hint=SLICED_CACHE_HINT if isinstance(err, _SlicedCache) else
                             "the pass rewrites the eager attention exported by `toolkit export` (the pattern "
                             "kv-cache matches); run `toolkit inspect` and report the pattern") from None
+        if match.form != "eager":
+            raise PassError(f"low-rank-kv: layer {index}: the attention is an ONNX Attention node, whose score "
+                            "and value products this pass cannot split",
+                            hint="export at opset 21 or 22 (torch then writes the attention as MatMul/Softmax), or "
+                                 "use --kv-cache, which rewrites Attention nodes")
         layers.append(_LayerRewrite(index, match,
                                     _Side("key", match.past_k, match.concat_k) if options.keys else None,
                                     _Side("value", match.past_v, match.concat_v) if options.values else None))

@@ -1,0 +1,201 @@
+"""``kv-cache`` on the attention other exporters write for SDPA.
+
+A Hugging Face model with ``attn_implementation="sdpa"`` (the transformers default)
+calls ``torch.nn.functional.scaled_dot_product_attention``, which each exporter writes
+in its own form:
+
+- torch's dynamo exporter at opset < 23: its decomposition, the keys transposed as
+  ``Reshape [-1, T, D] -> Transpose [0, 2, 1] -> Reshape`` with shapes read from the
+  keys, ``sqrt(scale)`` on the query and the keys, and ``Where(IsNaN(p), 0, p)`` after a
+  boolean mask's Softmax;
+- torch's dynamo exporter at opset >= 23: one ONNX ``Attention`` node with a boolean mask;
+- the TorchScript exporter (``dynamo=False``, what optimum uses), simplified with
+  ``onnxscript.optimizer.optimize``: the eager form plus the NaN guard, and the output's
+  shape read from the repeated values.
+
+Every form is rewritten (all layers) and, while nothing is quantized (the residual
+window is longer than every sequence), the rewritten model must reproduce the original
+ONNX model's logits (1e-4 absolute, as the eager export's test); with int8 keys and
+values the logits must move but stay close. The export of each form is the reference:
+it is checked against PyTorch before the rewrite is compared with it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from test_kv_cache_pass import convert, decoder, prompts, run_steps
+
+from passes.pipeline import run_pipeline
+from toolkit.errors import PassError
+
+FORMS = ["dynamo-opset21", "dynamo-opset23", "torchscript"]
+_CACHE: dict[tuple[str, str], tuple] = {}
+
+
+@pytest.fixture(scope="module")
+def sdpa_export(tmp_path_factory):
+    """``sdpa_export(spec, form) -> (SourceModel, path)``: the model exported with SDPA attention."""
+    out_dir = tmp_path_factory.mktemp("sdpa_exports")
+
+    def get(spec: str, form: str):
+        if (spec, form) not in _CACHE:
+            from toolkit import export, sources
+
+            src = sources.resolve(spec)
+            src.module.set_attn_implementation("sdpa")
+            path = out_dir / f"{spec.replace(':', '_')}_{form}.onnx"
+            if form.startswith("dynamo"):
+                export.export(src, path, opset=int(form.removeprefix("dynamo-opset")))
+            else:
+                _torchscript_export(src, path)
+            _CACHE[spec, form] = (src, path)
+        return _CACHE[spec, form]
+
+    return get
+
+
+def _torchscript_export(src, path) -> None:
+    import onnx_ir as ir
+    import onnxscript
+    import torch
+
+    from toolkit import export
+
+    n = src.num_layers
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"},
+            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    for i in range(n):
+        for kind in ("key", "value"):
+            axes[f"past_key_values.{i}.{kind}"] = {0: "batch", 2: "past"}
+            axes[f"present.{i}.{kind}"] = {0: "batch", 2: "total"}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(export._flat_module(src), export.example_inputs(src), str(path), dynamo=False,
+                          opset_version=17, input_names=export.input_names(n), output_names=export.output_names(n),
+                          dynamic_axes=axes)
+    ir.save(onnxscript.optimizer.optimize(ir.load(str(path))), str(path))
+
+
+def _reference_logits(src, ids, mask, steps=8, seed=0):
+    """PyTorch's last-position logits for the same calls as run_steps (greedy-free decode)."""
+    import torch
+
+    from models import position_ids_from_mask
+
+    rng = np.random.default_rng(seed)
+    ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+    out, past = [], None
+    with torch.no_grad():
+        for step in range(steps + 1):
+            pos = position_ids_from_mask(mask_t, ids_t.shape[1])
+            logits, past = src.forward(ids_t, mask_t, pos, past)
+            out.append(logits[:, -1].numpy())
+            if step < steps:
+                ids_t = torch.from_numpy(rng.integers(3, 200, (ids.shape[0], 1)).astype(np.int64))
+                mask_t = torch.cat([mask_t, torch.ones(ids.shape[0], 1, dtype=torch.int64)], 1)
+    return np.stack(out, 1)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("family", ["hf:llama", "hf:gpt2"])
+def test_sdpa_forms_are_rewritten_exactly_while_nothing_is_quantized(sdpa_export, family, form):
+    src, path = sdpa_export(family, form)
+    ops_before = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ("Attention" in ops_before) == (form == "dynamo-opset23")  # the form this test means to cover
+    ids, mask = prompts()
+    ref, _ = run_steps(decoder(path), ids, mask, steps=8)
+    np.testing.assert_allclose(ref, _reference_logits(src, ids, mask), atol=1e-4, rtol=0)
+
+    model, report = convert(path, "kivi4", group=32, residual=64)
+    assert report.counts["kv-cache"] == src.num_layers
+    ops_after = [n.op_type for n in model.graph.node]
+    assert ops_after.count("QuantKVAttention") == src.num_layers
+    assert not {"Softmax", "Attention", "IsNaN"} & set(ops_after)
+    got, past = run_steps(decoder(model), ids, mask, steps=8)
+    assert past["past_key_values.0.key_q"].shape[2] == 0  # 19 tokens < R = 64: all full precision
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_sdpa_forms_with_an_int8_cache_move_but_stay_close(sdpa_export, form):
+    _, path = sdpa_export("hf:llama", form)
+    model, _ = convert(path, "int8", residual=-1)
+    ids, mask = prompts(length=20)
+    ref, _ = run_steps(decoder(path), ids, mask, steps=12)
+    got, past = run_steps(decoder(model), ids, mask, steps=12)
+    assert past["past_key_values.0.key_q"].shape[2] > 0
+    diff = float(np.abs(got - ref).max())
+    assert diff > 1e-5, diff
+    a, b = got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.min() >= 0.999, cos.min()
+
+
+def test_low_rank_kv_rewrites_the_decomposition_and_names_the_attention_node(sdpa_export):
+    """low-rank-kv splits the score and value products: at full rank the decomposed form is
+    reproduced (1e-4); an ONNX Attention node has no such products and is refused by name."""
+    _, path = sdpa_export("hf:llama", "dynamo-opset21")
+    options = {"low-rank-kv": {"rank_ratio": "1.0"}}
+    model, report = run_pipeline(onnx.load(str(path)), ["low-rank-kv", "cleanup"], options)
+    assert report.counts["low-rank-kv"] == 2
+    ids, mask = prompts()
+    ref, _ = run_steps(decoder(path), ids, mask, steps=4)
+    got, _ = run_steps(decoder(model), ids, mask, steps=4)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+    _, path = sdpa_export("hf:llama", "dynamo-opset23")
+    with pytest.raises(PassError, match="layer 0: the attention is an ONNX Attention node") as err:
+        run_pipeline(onnx.load(str(path)), ["low-rank-kv"], options)
+    assert "--kv-cache" in err.value.hint
+
+
+def _first(model, op_type):
+    return next(n for n in model.graph.node if n.op_type == op_type)
+
+
+@pytest.mark.parametrize("attribute,value,fragment", [
+    ("is_causal", 1, "is_causal=1: a causal flag instead of a mask"),
+    ("softcap", 30.0, "softcap=30.0: logit soft-capping"),
+])
+def test_attention_nodes_the_op_cannot_express_are_named(sdpa_export, attribute, value, fragment):
+    _, path = sdpa_export("hf:llama", "dynamo-opset23")
+    model = onnx.load(str(path))
+    node = _first(model, "Attention")
+    for attr in node.attribute:
+        if attr.name == attribute:
+            node.attribute.remove(attr)
+            break
+    node.attribute.append(onnx.helper.make_attribute(attribute, value))
+    with pytest.raises(PassError, match=f"layer 0: node {node.name} \\(Attention\\) has {fragment}"):
+        run_pipeline(model, ["kv-cache"], {"kv-cache": {"scheme": "int8"}})
+
+
+def test_a_reshape_of_the_keys_that_is_not_a_transpose_is_named(sdpa_export):
+    """The decomposition's shapes are checked, not assumed: a final Reshape to [B, H, T, D]
+    (a view that does not swap the axes) is refused."""
+    _, path = sdpa_export("hf:llama", "dynamo-opset21")
+    model = onnx.load(str(path))
+    by_output = {o: n for n in model.graph.node for o in n.output}
+    transpose = next(n for n in model.graph.node if n.op_type == "Transpose" and list(n.attribute[0].ints) == [0, 2, 1])
+    back = next(n for n in model.graph.node if n.op_type == "Reshape" and n.input[0] == transpose.output[0])
+    concat = by_output[back.input[1]]
+    assert concat.op_type == "Concat" and len(concat.input) == 3  # [B, H], D, T
+    concat.input[1], concat.input[2] = concat.input[2], concat.input[1]
+    with pytest.raises(PassError, match=r"layer 0: node \S+ \(Reshape\) reshapes the keys, but not as torch's SDPA"):
+        run_pipeline(model, ["kv-cache"], {"kv-cache": {"scheme": "int8"}})
+
+
+def test_the_shape_of_repeated_keys_used_elsewhere_is_named(sdpa_export):
+    _, path = sdpa_export("hf:llama", "dynamo-opset21")
+    model = onnx.load(str(path))
+    transpose = next(n for n in model.graph.node if n.op_type == "Transpose" and list(n.attribute[0].ints) == [0, 2, 1])
+    flatten = next(n for n in model.graph.node if n.output[0] == transpose.input[0])
+    shape = next(n for n in model.graph.node if n.op_type == "Shape" and n.input[0] == flatten.input[0])
+    model.graph.output.append(onnx.helper.make_tensor_value_info(shape.output[0], onnx.TensorProto.INT64, None))
+    with pytest.raises(PassError, match=f"layer 0: the shape of the repeated keys \\(node {shape.name} \\(Shape\\)\\) "
+                                        "is used outside the attention"):
+        run_pipeline(model, ["kv-cache"], {"kv-cache": {"scheme": "int8"}})
