@@ -289,3 +289,25 @@ def test_logit_statistics_in_chunks_equal_those_of_the_whole(monkeypatch):
     assert rec.max_abs == np.abs(r - g).max() and rec.max_rel == (np.abs(r - g) / np.maximum(np.abs(r), 1e-6)).max()
     with pytest.raises(ToolkitError, match="no logit positions to compare"):  # it would pass every bound
         parity.compare_logits("p", ref, ref + 1, np.zeros((5, 7), bool))
+
+
+def test_cache_outputs_are_compared_where_the_attention_mask_keeps_them():
+    """A padding position's key and value are masked out of every attention, so a value
+    stored there is never read: it is not compared (an SDPA export differs from the eager
+    reference only there, tests/passes/test_kv_cache_sdpa.py); a kept position still is."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    k, v = (rng.standard_normal((2, 3, 5, 4)).astype(np.float32) for _ in range(2))
+    mask = np.ones((2, 5), np.int64)
+    mask[1, :2] = 0  # row 1: two left-padding positions
+    got_k, got_v = k.copy(), v.copy()
+    got_k[1, :, :2] += 7.0  # differs at padding only
+    recs = parity._compare_presents("p", [(torch.from_numpy(k), torch.from_numpy(v))],
+                                    {"present.0.key": got_k, "present.0.value": got_v}, mask)
+    assert [r.name for r in recs] == ["present.0.key", "present.0.value"]
+    assert recs[0].max_abs == 0.0 and recs[0].shape == [2, 3, 5, 4]
+    got_k[0, 1, 3, 2] += 0.5  # a kept position
+    recs = parity._compare_presents("p", [(torch.from_numpy(k), torch.from_numpy(v))],
+                                    {"present.0.key": got_k, "present.0.value": got_v}, mask)
+    assert recs[0].max_abs == pytest.approx(0.5)

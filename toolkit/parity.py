@@ -305,12 +305,16 @@ def _check_same_shape(name: str, phase: str, ref: np.ndarray, got: np.ndarray) -
         )
 
 
-def compare(name: str, phase: str, ref: np.ndarray, got: np.ndarray) -> OutputRecord:
-    """Elementwise comparison of two arrays of the same shape."""
+def compare(name: str, phase: str, ref: np.ndarray, got: np.ndarray, where: np.ndarray | None = None) -> OutputRecord:
+    """Elementwise comparison of two arrays of the same shape (``where``: a boolean mask
+    broadcastable to them, the elements to compare; all by default)."""
     _check_same_shape(name, phase, ref, got)
+    if where is not None:
+        where = np.broadcast_to(where, ref.shape)
+        ref, got = ref[where], got[where]
     d = _Differences()
     d.add_values(ref.astype(np.float64).ravel(), got.astype(np.float64).ravel())
-    return d.output_record(name, phase, list(ref.shape))
+    return d.output_record(name, phase, list(np.shape(where) if where is not None else ref.shape))
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -846,7 +850,7 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
         phase = f"prefill[b={batch}]"
         if got_logits is not None:  # a model with a sampling head may drop its logits output
             records.append(compare_logits(phase, ref_logits, got_logits, mask.astype(bool)))
-        records += _compare_presents(phase, ref_past, presents)
+        records += _compare_presents(phase, ref_past, presents, mask)
         head = HeadCheck.for_model(meta)
         if head:
             head.add(ref_logits, presents, dec.last_seed)
@@ -875,7 +879,7 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
             if got_logits is not None:
                 g = np.concatenate(dec_got, axis=1)
                 records.append(compare_logits(phase, r, g, np.ones(r.shape[:2], bool)))
-            records += _compare_presents(phase, ref_past, presents)
+            records += _compare_presents(phase, ref_past, presents, mask)
             if head:  # all decode steps as one record: rows = batch x steps
                 records.append(head.record(phase))
     if not any(r.name in ("logits", *HeadCheck.RECORD_NAMES) for r in records):
@@ -981,15 +985,21 @@ class HeadCheck:
         return rec
 
 
-def _compare_presents(phase: str, ref_past: list, presents: dict[str, np.ndarray]) -> list[OutputRecord]:
-    """Compare cache outputs when the ONNX model keeps the original fp32 layout."""
+def _compare_presents(phase: str, ref_past: list, presents: dict[str, np.ndarray],
+                      mask: np.ndarray) -> list[OutputRecord]:
+    """Compare cache outputs when the ONNX model keeps the original fp32 layout, at the
+    positions the attention mask ([B, T]) keeps: every attention masks a padding
+    position's key and value out, so what a model stores there is never read (eager
+    attention gives a query row whose keys are all masked the mean of the values, SDPA
+    zeros; that reaches the next layer's cache at those positions only)."""
     out = []
     for i, (k, v) in enumerate(ref_past):
         for kind, t in (("key", k), ("value", v)):
             name = f"present.{i}.{kind}"
             got = presents.get(name)
             if got is not None and got.shape == tuple(t.shape) and got.dtype == np.float32:
-                out.append(compare(name, phase, t.numpy(), got))
+                keep = mask.astype(bool)[:, None, :, None] if mask.shape == (got.shape[0], got.shape[2]) else None
+                out.append(compare(name, phase, t.numpy(), got, keep))
     return out
 
 
