@@ -259,7 +259,10 @@ def _shape_symbols(value: ir.Value | None, depth: int = 0) -> list | None:
             return None
         if op == "Gather":
             index = _int_list(ins[1])
-            return None if index is None or node.attributes.get_int("axis", 0) else [dims[i] for i in index]
+            if index is None or node.attributes.get_int("axis", 0) or any(not -len(dims) <= i < len(dims)
+                                                                           for i in index):
+                return None
+            return [dims[i] for i in index]
         starts, ends = _int_list(ins[1]), _int_list(ins[2])
         axes = _int_list(ins[3]) if len(ins) > 3 and ins[3] is not None else [0]
         steps = _int_list(ins[4]) if len(ins) > 4 and ins[4] is not None else [1]
@@ -302,11 +305,13 @@ def _key_transpose(keys: ir.Value, node: ir.Node) -> list[ir.Node]:
                    "decomposition of it, or an ONNX Attention node)")
 
 
-def _dead_with(starts: list[ir.Node], removed: list[ir.Node]) -> list[ir.Node] | None:
+def _dead_with(starts: list[ir.Node], removed: list[ir.Node], kept: list[ir.Value | None]) -> list[ir.Node] | None:
     """The nodes downstream of ``starts`` (stopping at ``removed``) when nothing outside them
     and ``removed`` reads them (shape arithmetic that served only the rewritten attention);
-    None when some of it is used elsewhere."""
+    None when some of it is used elsewhere, or computes a value the new op still reads
+    (``kept``: the query and the mask, which may be sized from the keys)."""
     stop = {id(n) for n in removed}
+    keep = {id(v) for v in kept if v is not None}
     seen: dict[int, ir.Node] = {}
     stack = list(starts)
     while stack:
@@ -314,7 +319,7 @@ def _dead_with(starts: list[ir.Node], removed: list[ir.Node]) -> list[ir.Node] |
         if id(node) in stop or id(node) in seen:
             continue
         seen[id(node)] = node
-        if len(seen) > 64 or any(o.is_graph_output() for o in node.outputs):
+        if len(seen) > 64 or any(o.is_graph_output() or id(o) in keep for o in node.outputs):
             return None
         stack += [u.node for o in node.outputs for u in o.uses()]
     return list(seen.values())
@@ -454,17 +459,23 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
         remove.append(pv)
         out = pv.outputs[0]
     # Each Shape reader of the repeated keys / values either serves the attention alone
-    # (dead with it) or reads only the batch, head and head-dim axes, which the
-    # attention's output has too (TorchScript's SDPA shapes its output from the values).
+    # (dead with it), or reads only the batch, head and head-dim axes, which the
+    # attention's output has too (TorchScript's SDPA shapes its output from the values),
+    # or only the batch, length and head-dim axes, which the cache's rebuilt shape has
+    # (a mask cut to the keys' length).
     dead: dict[str, list[ir.Node]] = {"key": [], "value": []}
     out_shapes = []
+    kept = [query, bias]
     for what, shapes in rep_shapes.items():
         for shape in shapes:
-            gone = _dead_with([shape], remove)
+            gone = _dead_with([shape], remove, kept)
+            axes = _axes_read(shape, remove, kept) if gone is None else None
             if gone is not None:
                 dead[what] += gone
-            elif (_axes_read(shape) or {2}) <= {0, 1, 3}:
+            elif axes is not None and axes <= {0, 1, 3}:
                 out_shapes.append(shape)
+            elif axes is not None and axes <= {0, 2, 3}:
+                shape_users.append((shape, "present"))
             else:
                 raise _NoMatch(f"the shape of the repeated {what}s ({describe_node(shape)}) is used outside the "
                                "attention")
@@ -473,15 +484,18 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
                   out_shapes=out_shapes)
 
 
-def _axes_read(shape: ir.Node) -> set[int] | None:
-    """The axes of its input whose sizes a Shape node's readers take (constant Gather or
-    Slice readers only), or None."""
+def _axes_read(shape: ir.Node, removed: list[ir.Node], kept: list[ir.Value | None]) -> set[int] | None:
+    """The axes of its input whose sizes a Shape node's live readers take (constant Gather
+    or Slice readers only; readers that serve the rewritten attention alone do not count),
+    or None."""
     rank = len(shape.inputs[0].shape) if shape.inputs[0].shape is not None else None
     if rank is None or shape.outputs[0].is_graph_output():
         return None
     axes = list(range(rank))[shape.attributes.get_int("start", 0):shape.attributes.get_int("end", rank)]
     read: set[int] = set()
     for use in shape.outputs[0].uses():
+        if _dead_with([use.node], removed, kept) is not None:
+            continue
         symbols = _shape_symbols(use.node.outputs[0]) if use.node.op_type in ("Gather", "Slice") else None
         if symbols is None:
             return None

@@ -398,7 +398,6 @@ def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_di
         graph.insert_before(pv, b.nodes)
         b.nodes = []
         ir.convenience.replace_all_uses_with(pv.outputs[0], out)
-        rewire_out_shapes(graph, m, out)
         remove += [side.concat, *_repeat_nodes(side.concat), *m.dead_v, pv]
         new_io["value"] = (pasts, presents)
 
@@ -406,11 +405,17 @@ def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_di
     # from them): rebuild [B, kv_heads, len, head_dim] from the past latent's [B, P, r]
     # (+ the new tokens' S for a present tensor; the present latent itself is produced
     # only where the attention was, possibly after the Shape node's consumers).
+    # Shape readers of the repeated keys / values sized by batch, head and head dim read
+    # the attention's output instead (the value side's new one, or the kept MatMul's).
+    rewire_out_shapes(graph, m, (out if layer.value is not None else pv.outputs[0]))
     replaced = {}
     for kind, (pasts, _) in new_io.items():
         concat = (layer.key if kind == "key" else layer.value).concat
         replaced[concat.inputs[0]] = (pasts[0], None)
         replaced[concat.outputs[0]] = (pasts[0], concat.inputs[1])
+        repeat = _repeat_nodes(concat)
+        if repeat:  # a Shape of the repeated tensor that reads batch, length or head dim only
+            replaced[repeat[-1].outputs[0]] = (pasts[0], concat.inputs[1])
     for shape_node, _ in m.shape_users:
         if shape_node.inputs[0] not in replaced:
             continue

@@ -217,3 +217,85 @@ def test_an_sdpa_export_passes_parity_against_the_eager_reference(sdpa_export):
     assert len(presents) == 4 * 2 * src.num_layers  # 2 phases x 2 batch sizes, key and value per layer
     assert report.passed, [(r.phase, r.name, r.max_abs) for r in report.records if not r.passed]
     assert max(r.max_abs for r in presents) < 1e-5
+
+
+def _repeated_keys(model):
+    """Per layer, (the keys' Transpose, the repeated keys it reads) in the TorchScript form."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    return [(n, n.input[0]) for n in model.graph.node
+            if n.op_type == "Transpose" and list(n.attribute[0].ints) == [0, 1, 3, 2]
+            and producers[n.input[0]].op_type == "Reshape"]
+
+
+def _int64(model, name, values):
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(values, np.int64), name))
+
+
+@pytest.mark.parametrize("passes,options", [
+    (["kv-cache", "cleanup"], {"kv-cache": {"scheme": "kivi4", "group": "32", "residual": "64"}}),
+    (["low-rank-kv", "cleanup"], {"low-rank-kv": {"rank_ratio": "1.0", "values": "false"}}),
+])
+def test_shapes_of_the_repeated_keys_read_elsewhere_are_rebuilt(sdpa_export, tmp_path, passes, options):
+    """Live readers of Shape(repeated keys): the mask cut to the keys' length (what
+    transformers 4.4x wrote: mask[..., :key.shape[-2]]) and the batch size as an output.
+    The first crashed (the mask's Slice was taken for dead shape arithmetic), the second
+    crashed low-rank-kv with keys only; both are now rebuilt, and the rewrite is exact."""
+    _, path = sdpa_export("hf:llama", "torchscript")
+    model = onnx.load(str(path))
+    _int64(model, "t_axis", 2)
+    _int64(model, "t_zero", [0])
+    _int64(model, "t_last", [3])
+    _int64(model, "t_batch", 0)
+    for layer, (transpose, keys) in enumerate(_repeated_keys(model)):
+        mul = next(n for n in model.graph.node if transpose.output[0] in n.input)
+        matmul = next(n for n in model.graph.node if mul.output[0] in n.input)
+        add = next(n for n in model.graph.node if n.op_type == "Add" and matmul.output[0] in n.input)
+        p = f"t{layer}_"
+        new = [onnx.helper.make_node("Shape", [keys], [p + "shape"]),
+               onnx.helper.make_node("Gather", [p + "shape", "t_axis"], [p + "len"]),
+               onnx.helper.make_node("Unsqueeze", [p + "len", "t_zero"], [p + "end"]),
+               onnx.helper.make_node("Slice", [add.input[1], "t_zero", p + "end", "t_last"], [p + "mask"]),
+               onnx.helper.make_node("Gather", [p + "shape", "t_batch"], [p + "batch"])]
+        add.input[1] = p + "mask"
+        at = list(model.graph.node).index(add)
+        for j, node in enumerate(new):
+            model.graph.node.insert(at + j, node)
+        model.graph.output.append(onnx.helper.make_tensor_value_info(p + "batch", onnx.TensorProto.INT64, []))
+    original = tmp_path / "mask_from_keys.onnx"
+    onnx.save(model, str(original))
+    rewritten, report = run_pipeline(onnx.load(str(original)), passes, options)
+    assert report.counts[passes[0]] == 2
+    ids, mask = prompts()
+    ref, _ = run_steps(decoder(original), ids, mask, steps=6)
+    got, _ = run_steps(decoder(rewritten), ids, mask, steps=6)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+def test_a_portable_kv_cache_at_opset_23_runs_without_the_op_library(sdpa_export):
+    """--portable on an opset-23 model: onnx.checker refused the bodies (opset 21 inside a
+    model importing 23). The bodies now import the model's opset, and ONNX Runtime without
+    our library reproduces the op library's logits."""
+    import onnxruntime as ort
+
+    from toolkit.parity import OnnxDecoder
+
+    _, path = sdpa_export("hf:llama", "dynamo-opset23")
+    model, report = run_pipeline(onnx.load(str(path)), ["kv-cache", "portable", "cleanup"],
+                                 {"kv-cache": {"scheme": "int8"}})
+    assert report.counts["portable"] == 1
+    onnx.checker.check_model(model)
+    blob = model.SerializeToString()
+    ids, mask = prompts(length=12)
+    bodies, _ = run_steps(OnnxDecoder(ort.InferenceSession(blob, providers=["CPUExecutionProvider"])),
+                          ids, mask, steps=6)
+    kernels, past = run_steps(decoder(model), ids, mask, steps=6)
+    assert past["past_key_values.0.key_q"].shape[2] > 0
+    np.testing.assert_allclose(bodies, kernels, atol=1e-4, rtol=0)
+
+
+def test_portable_names_a_model_opset_its_bodies_were_not_checked_at(sdpa_export):
+    _, path = sdpa_export("hf:llama", "dynamo-opset23")
+    model = onnx.load(str(path))
+    model.opset_import[0].version = 24
+    with pytest.raises(PassError, match="bodies are written in ONNX opsets 21 to 23, and the model imports opset 24"):
+        run_pipeline(model, ["kv-cache", "portable"], {"kv-cache": {"scheme": "int8"}})
