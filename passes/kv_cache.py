@@ -183,8 +183,18 @@ def _only_use(value: ir.Value, what: str, graph_output_ok: bool = False) -> ir.N
     return uses[0].node
 
 
-def _cache_concat(graph_outputs: dict[str, ir.Value], past: ir.Value, present_name: str) -> tuple[ir.Node, list]:
+def _cache_concat(graph_outputs: dict[str, ir.Value], past: ir.Value, present_name: str
+                  ) -> tuple[ir.Node, list, list[ir.Node]]:
+    """(the Concat(past, new) that makes the present, the Shape readers of the past, nodes
+    that die with it: a one-input Concat, an identity the TorchScript exporter writes first)."""
     shapes, others = _split_uses(past)
+    extra: list[ir.Node] = []
+    if (len(others) == 1 and others[0].op_type == "Concat" and len(others[0].inputs) == 1
+            and others[0].domain in ("", "ai.onnx") and not others[0].outputs[0].is_graph_output()):
+        extra = [others[0]]
+        past = others[0].outputs[0]
+        more, others = _split_uses(past)
+        shapes += more
     if any(n.op_type == "Slice" for n in others):
         raise _SlicedCache(f"input {past.name!r} is sliced before attention ("
                            f"{', '.join(describe_node(n) for n in others)}): a cache cut to a window (sliding-window "
@@ -197,13 +207,11 @@ def _cache_concat(graph_outputs: dict[str, ir.Value], past: ir.Value, present_na
     if len(concat.inputs) != 2 or concat.inputs[0] is not past or axis not in (2, -2):
         why = (f"it has {len(concat.inputs)} inputs" if len(concat.inputs) != 2 else
                f"its first input is {concat.inputs[0].name!r}" if concat.inputs[0] is not past else f"axis={axis}")
-        raise _NoMatch(f"{describe_node(concat)} is not Concat(past, new) on axis 2 ({why})"
-                       + ("; a one-input Concat is an identity the TorchScript exporter writes: simplify the model "
-                          "first (onnxscript.optimizer.optimize)" if len(concat.inputs) == 1 else ""))
+        raise _NoMatch(f"{describe_node(concat)} is not Concat(past, new) on axis 2 ({why})")
     out = concat.outputs[0]
     if graph_outputs.get(present_name) is not out:
         raise _NoMatch(f"{describe_node(concat)} does not produce the graph output {present_name!r}")
-    return concat, [(n, "past") for n in shapes]
+    return concat, [(n, "past") for n in shapes], extra
 
 
 def _repeat_chain(present: ir.Value, what: str) -> tuple[ir.Value, list[ir.Node], list]:
@@ -229,10 +237,11 @@ def _repeat_chain(present: ir.Value, what: str) -> tuple[ir.Value, list[ir.Node]
     return reshape.outputs[0], [node, expand, reshape], shape_users
 
 
-def _shape_symbols(value: ir.Value | None, depth: int = 0) -> list | None:
+def _shape_symbols(value: ir.Value | None, rank4: frozenset[int] = frozenset(), depth: int = 0) -> list | None:
     """A 1-D shape tensor as a list of symbols (an int, or ``(source, axis)``: dimension
     ``axis`` of ``source`` as read by a Shape node), or None where it is not computed from
-    constants, Shape, Slice, Gather, Concat, Unsqueeze, Squeeze and Cast alone."""
+    constants, Shape, Slice, Gather, Concat, Unsqueeze, Squeeze and Cast alone. ``rank4``: ids
+    of values known to be 4-D whose shape may not be annotated (a raw TorchScript export)."""
     if value is None or depth > 16:
         return None
     if (known := _int_list(value)) is not None:
@@ -242,19 +251,18 @@ def _shape_symbols(value: ir.Value | None, depth: int = 0) -> list | None:
         return None
     op, ins = node.op_type, node.inputs
     if op == "Shape":
-        shape = ins[0].shape
-        if shape is None:
+        rank = len(ins[0].shape) if ins[0].shape is not None else 4 if id(ins[0]) in rank4 else None
+        if rank is None:
             return None
-        rank = len(shape)
         dims = list(range(rank))[node.attributes.get_int("start", 0):node.attributes.get_int("end", rank)]
         return [(ins[0], a) for a in dims]
     if op == "Concat":
-        parts = [_shape_symbols(v, depth + 1) for v in ins]
+        parts = [_shape_symbols(v, rank4, depth + 1) for v in ins]
         return None if any(p is None for p in parts) else [d for p in parts for d in p]
     if op in ("Unsqueeze", "Squeeze", "Cast"):
-        return _shape_symbols(ins[0], depth + 1)
+        return _shape_symbols(ins[0], rank4, depth + 1)
     if op in ("Slice", "Gather"):
-        dims = _shape_symbols(ins[0], depth + 1)
+        dims = _shape_symbols(ins[0], rank4, depth + 1)
         if dims is None:
             return None
         if op == "Gather":
@@ -289,13 +297,13 @@ def _key_transpose(keys: ir.Value, node: ir.Node) -> list[ir.Node]:
     if node.op_type == "Transpose" and perm == [0, 1, 3, 2]:
         return [node]
     if node.op_type == "Reshape" and node.inputs[0] is keys:
-        flat = _shape_symbols(node.inputs[1])
+        flat = _shape_symbols(node.inputs[1], frozenset({id(keys)}))
         transpose = _only_use(node.outputs[0], "flattened key")
         back = _only_use(transpose.outputs[0], "transposed flat key") if transpose.op_type == "Transpose" else None
         if (flat is not None and len(flat) == 3 and flat[0] == -1 and _is_dim(flat[1], keys, 2)
                 and _is_dim(flat[2], keys, 3) and list(transpose.attributes.get_ints("perm", None) or []) == [0, 2, 1]
                 and back is not None and back.op_type == "Reshape"):
-            dims = _shape_symbols(back.inputs[1])
+            dims = _shape_symbols(back.inputs[1], frozenset({id(keys)}))
             if dims is not None and len(dims) == 4 and all(_is_dim(d, keys, a) for d, a in zip(dims, (0, 1, 3, 2))):
                 return [node, transpose, back]
         raise _NoMatch(f"{describe_node(node)} reshapes the keys, but not as torch's SDPA decomposition of "
@@ -372,8 +380,8 @@ def _attention_node(node: ir.Node, k_rep: ir.Value, v_rep: ir.Value) -> tuple[fl
 def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value) -> _Layer:
     graph = model.graph
     outputs = {v.name: v for v in graph.outputs}
-    concat_k, shape_users = _cache_concat(outputs, past_k, f"present.{index}.key")
-    concat_v, shape_users_v = _cache_concat(outputs, past_v, f"present.{index}.value")
+    concat_k, shape_users, identity_k = _cache_concat(outputs, past_k, f"present.{index}.key")
+    concat_v, shape_users_v, identity_v = _cache_concat(outputs, past_v, f"present.{index}.value")
     shape_users += shape_users_v
     k_rep, remove_k, su = _repeat_chain(concat_k.outputs[0], "key")
     shape_users += su
@@ -445,6 +453,11 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
             raise _NoMatch(f"{describe_node(softmax)} follows the scores; expected Softmax(axis=-1)")
         remove.append(softmax)
         probs = softmax.outputs[0]
+        # TorchScript writes softmax(..., dtype=float32).to(query.dtype) as Casts to float32
+        while len(uses := probs.uses()) == 1 and not probs.is_graph_output() and uses[0].node.op_type == "Cast" \
+                and uses[0].node.attributes.get_int("to", 0) == ir.DataType.FLOAT:
+            remove.append(uses[0].node)
+            probs = uses[0].node.outputs[0]
         guard = _nan_guard(probs)
         if guard:  # SDPA exports zero a NaN row (every key masked with -inf); the op gives such rows zeros
             remove += guard
@@ -463,7 +476,7 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
     # attention's output has too (TorchScript's SDPA shapes its output from the values),
     # or only the batch, length and head-dim axes, which the cache's rebuilt shape has
     # (a mask cut to the keys' length).
-    dead: dict[str, list[ir.Node]] = {"key": [], "value": []}
+    dead: dict[str, list[ir.Node]] = {"key": identity_k, "value": identity_v}
     out_shapes = []
     kept = [query, bias]
     for what, shapes in rep_shapes.items():
@@ -487,16 +500,16 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
 def _axes_read(shape: ir.Node, removed: list[ir.Node], kept: list[ir.Value | None]) -> set[int] | None:
     """The axes of its input whose sizes a Shape node's live readers take (constant Gather
     or Slice readers only; readers that serve the rewritten attention alone do not count),
-    or None."""
-    rank = len(shape.inputs[0].shape) if shape.inputs[0].shape is not None else None
-    if rank is None or shape.outputs[0].is_graph_output():
+    or None. The shape's input is 4-D (repeated keys or values), annotated or not."""
+    if shape.outputs[0].is_graph_output():
         return None
-    axes = list(range(rank))[shape.attributes.get_int("start", 0):shape.attributes.get_int("end", rank)]
+    axes = list(range(4))[shape.attributes.get_int("start", 0):shape.attributes.get_int("end", 4)]
     read: set[int] = set()
     for use in shape.outputs[0].uses():
         if _dead_with([use.node], removed, kept) is not None:
             continue
-        symbols = _shape_symbols(use.node.outputs[0]) if use.node.op_type in ("Gather", "Slice") else None
+        symbols = (_shape_symbols(use.node.outputs[0], frozenset({id(shape.inputs[0])}))
+                   if use.node.op_type in ("Gather", "Slice") else None)
         if symbols is None:
             return None
         read |= {s[1] for s in symbols if isinstance(s, tuple) and s[0] is shape.inputs[0]} & set(axes)
@@ -646,7 +659,7 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
             lengths_out.name, lengths_out.dtype, lengths_out.shape = kv_quant.MODEL_LENGTHS_OUTPUT, ir.DataType.INT64, ir.Shape([2])
             graph.outputs.append(lengths_out)
         out = node.outputs[0]
-        out.name, out.dtype, out.shape = f"kv_cache.{i}.attention", layer.out.dtype, layer.out.shape
+        out.name, out.dtype, out.shape = f"kv_cache.{i}.attention", ir.DataType.FLOAT, layer.out.shape
         new_out = {}
         for value, n in zip(node.outputs[1:1 + len(kv_quant.CACHE_TENSORS)], kv_quant.CACHE_TENSORS):
             if n in new_in:

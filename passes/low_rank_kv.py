@@ -376,7 +376,7 @@ def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_di
         q_grp = b.op("Reshape", [q_lat, b.i64("query_group_shape", [0, groups, -1, r])])
         scores = b.op("MatMul", [q_grp, keys_t], name="scores")                     # [B, G, hpg*S, T]
         scores = b.op("Reshape", [scores, b.i64("scores_shape", [0, hq, -1, 0])])    # [B, Hq, S, T]
-        scores.dtype, scores.shape = qk.outputs[0].dtype, qk.outputs[0].shape
+        scores.dtype, scores.shape = qk.outputs[0].dtype or ir.DataType.FLOAT, qk.outputs[0].shape
         graph.insert_before(qk, b.nodes)
         b.nodes = []
         ir.convenience.replace_all_uses_with(qk.outputs[0], scores)
@@ -394,7 +394,7 @@ def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_di
         mixed = b.op("Reshape", [mixed, b.i64("mixed_shape", [0, hq, -1, r])])             # [B,Hq,S,r]
         up = b.const("value_up", _per_head(side, kv_heads, head_dim, hq).transpose(0, 2, 1).astype(np.float32))
         out = b.op("MatMul", [mixed, up], name="value_up")                                 # [B,Hq,S,D]
-        out.dtype, out.shape = pv.outputs[0].dtype, pv.outputs[0].shape
+        out.dtype, out.shape = pv.outputs[0].dtype or ir.DataType.FLOAT, pv.outputs[0].shape
         graph.insert_before(pv, b.nodes)
         b.nodes = []
         ir.convenience.replace_all_uses_with(pv.outputs[0], out)
@@ -412,6 +412,7 @@ def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_di
     for kind, (pasts, _) in new_io.items():
         concat = (layer.key if kind == "key" else layer.value).concat
         replaced[concat.inputs[0]] = (pasts[0], None)
+        replaced[m.past_k if kind == "key" else m.past_v] = (pasts[0], None)  # also past of an identity Concat
         replaced[concat.outputs[0]] = (pasts[0], concat.inputs[1])
         repeat = _repeat_nodes(concat)
         if repeat:  # a Shape of the repeated tensor that reads batch, length or head dim only

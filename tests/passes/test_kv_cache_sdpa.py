@@ -11,7 +11,10 @@ in its own form:
 - torch's dynamo exporter at opset >= 23: one ONNX ``Attention`` node with a boolean mask;
 - the TorchScript exporter (``dynamo=False``, what optimum uses), simplified with
   ``onnxscript.optimizer.optimize``: the eager form plus the NaN guard, and the output's
-  shape read from the repeated values.
+  shape read from the repeated values;
+- the same, raw: also an identity ``Concat(past)`` before the cache's Concat, and
+  Constant nodes for the scales (and, with eager attention, no-op Casts to float32
+  after the Softmax).
 
 Every form is rewritten (all layers) and, while nothing is quantized (the residual
 window is longer than every sequence), the rewritten model must reproduce the original
@@ -32,7 +35,7 @@ from test_kv_cache_pass import convert, decoder, prompts, run_steps
 from passes.pipeline import run_pipeline
 from toolkit.errors import PassError
 
-FORMS = ["dynamo-opset21", "dynamo-opset23", "torchscript"]
+FORMS = ["dynamo-opset21", "dynamo-opset23", "torchscript", "torchscript-raw"]
 _CACHE: dict[tuple[str, str], tuple] = {}
 
 
@@ -46,19 +49,19 @@ def sdpa_export(tmp_path_factory):
             from toolkit import export, sources
 
             src = sources.resolve(spec)
-            src.module.set_attn_implementation("sdpa")
+            src.module.set_attn_implementation("eager" if form.endswith("-eager") else "sdpa")
             path = out_dir / f"{spec.replace(':', '_')}_{form}.onnx"
             if form.startswith("dynamo"):
                 export.export(src, path, opset=int(form.removeprefix("dynamo-opset")))
             else:
-                _torchscript_export(src, path)
+                _torchscript_export(src, path, simplify=form == "torchscript")
             _CACHE[spec, form] = (src, path)
         return _CACHE[spec, form]
 
     return get
 
 
-def _torchscript_export(src, path) -> None:
+def _torchscript_export(src, path, simplify: bool) -> None:
     import onnx_ir as ir
     import onnxscript
     import torch
@@ -77,7 +80,8 @@ def _torchscript_export(src, path) -> None:
         torch.onnx.export(export._flat_module(src), export.example_inputs(src), str(path), dynamo=False,
                           opset_version=17, input_names=export.input_names(n), output_names=export.output_names(n),
                           dynamic_axes=axes)
-    ir.save(onnxscript.optimizer.optimize(ir.load(str(path))), str(path))
+    if simplify:
+        ir.save(onnxscript.optimizer.optimize(ir.load(str(path))), str(path))
 
 
 def _reference_logits(src, ids, mask, steps=8, seed=0):
@@ -299,3 +303,19 @@ def test_portable_names_a_model_opset_its_bodies_were_not_checked_at(sdpa_export
     model.opset_import[0].version = 24
     with pytest.raises(PassError, match="bodies are written in ONNX opsets 21 to 23, and the model imports opset 24"):
         run_pipeline(model, ["kv-cache", "portable"], {"kv-cache": {"scheme": "int8"}})
+
+
+def test_a_raw_torchscript_export_of_eager_attention_is_rewritten_exactly(sdpa_export):
+    """TorchScript writes eager attention's softmax(dtype=float32).to(float32) as two Casts,
+    and the cache through an identity Concat: both are looked through (they stopped the
+    pass before)."""
+    src, path = sdpa_export("hf:llama", "torchscript-raw-eager")
+    ops_before = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "IsNaN" not in ops_before and ops_before.count("Cast") > 2 * src.num_layers
+    model, report = convert(path, "kivi4", group=32, residual=64)
+    assert report.counts["kv-cache"] == src.num_layers
+    ids, mask = prompts()
+    ref, _ = run_steps(decoder(path), ids, mask, steps=8)
+    np.testing.assert_allclose(ref, _reference_logits(src, ids, mask), atol=1e-4, rtol=0)
+    got, _ = run_steps(decoder(model), ids, mask, steps=8)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
