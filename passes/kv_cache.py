@@ -377,6 +377,66 @@ def _attention_node(node: ir.Node, k_rep: ir.Value, v_rep: ir.Value) -> tuple[fl
     return (scale or None), mask
 
 
+def _match_eager(k_rep: ir.Value, v_rep: ir.Value, node: ir.Node, value_reader: ir.Node, past_v: ir.Value
+                 ) -> tuple[list[ir.Node], float, ir.Value, ir.Value | None, ir.Value, list[ir.Node]]:
+    """The attention as MatMul / Softmax / MatMul from the keys' consumer ``node``:
+    (key_path, scale, query, bias, output, every node of it)."""
+    key_path = _key_transpose(k_rep, node)
+    scale = 1.0
+    node = _only_use(key_path[-1].outputs[0], "transposed key")
+    if node.op_type == "Mul":  # SDPA decomposition: sqrt(scale) on q and k
+        c = (_const_scalar(node.inputs[1]) if node.inputs[0] is key_path[-1].outputs[0]
+             else _const_scalar(node.inputs[0]))
+        if c is None:
+            raise _NoMatch(f"{describe_node(node)} scales the keys by a non-constant")
+        scale *= c
+        key_path.append(node)
+        node = _only_use(node.outputs[0], "scaled key")
+    qk = node
+    if qk.op_type != "MatMul" or qk.inputs[1] is not key_path[-1].outputs[0]:
+        raise _NoMatch(f"{describe_node(qk)} consumes the keys; expected MatMul(query, keys^T)")
+    key_path.append(qk)
+    core = list(key_path)
+    node = _only_use(qk.outputs[0], "attention scores")
+    if node.op_type in ("Mul", "Div"):
+        other = node.inputs[1] if node.inputs[0] is qk.outputs[0] else node.inputs[0]
+        c = _const_scalar(other)
+        if c is None or (node.op_type == "Div" and node.inputs[1] is not other) or c == 0:
+            raise _NoMatch(f"{describe_node(node)} scales the scores by a non-constant")
+        scale *= c if node.op_type == "Mul" else 1.0 / c
+        core.append(node)
+        node = _only_use(node.outputs[0], "scaled scores")
+    bias = None
+    if node.op_type == "Add":
+        prev = core[-1].outputs[0]
+        bias = node.inputs[1] if node.inputs[0] is prev else node.inputs[0]
+        core.append(node)
+        node = _only_use(node.outputs[0], "masked scores")
+    softmax = node
+    if softmax.op_type != "Softmax" or softmax.attributes.get_int("axis", -1) not in (-1, 3):
+        raise _NoMatch(f"{describe_node(softmax)} follows the scores; expected Softmax(axis=-1)")
+    core.append(softmax)
+    probs = softmax.outputs[0]
+    # TorchScript writes softmax(..., dtype=float32).to(query.dtype) as Casts to float32
+    while len(uses := probs.uses()) == 1 and not probs.is_graph_output() and uses[0].node.op_type == "Cast" \
+            and uses[0].node.attributes.get_int("to", 0) == ir.DataType.FLOAT:
+        core.append(uses[0].node)
+        probs = uses[0].node.outputs[0]
+    guard = _nan_guard(probs)
+    if guard:  # SDPA exports zero a NaN row (every key masked with -inf); the op gives such rows zeros
+        core += guard
+        probs = guard[-1].outputs[0]
+    pv = _only_use(probs, "attention probabilities")
+    if pv.op_type != "MatMul" or pv.inputs[0] is not probs or pv.inputs[1] is not v_rep:
+        raise _NoMatch(f"{describe_node(pv)} consumes the probabilities; expected MatMul(probs, values) with the "
+                       f"values of {past_v.name!r}")
+    if value_reader is not pv:
+        raise _NoMatch(f"the values of {past_v.name!r} are read by {describe_node(value_reader)}, not by "
+                       f"the attention's {describe_node(pv)}")
+    core.append(pv)
+    return key_path, scale, qk.inputs[0], bias, pv.outputs[0], core
+
+
 def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value) -> _Layer:
     graph = model.graph
     outputs = {v.name: v for v in graph.outputs}
@@ -416,61 +476,8 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
         query, out = node.inputs[0], node.outputs[0]
         remove.append(node)
     else:
-        key_path = _key_transpose(k_rep, node)
-        scale = 1.0
-        node = _only_use(key_path[-1].outputs[0], "transposed key")
-        if node.op_type == "Mul":  # SDPA decomposition: sqrt(scale) on q and k
-            c = (_const_scalar(node.inputs[1]) if node.inputs[0] is key_path[-1].outputs[0]
-                 else _const_scalar(node.inputs[0]))
-            if c is None:
-                raise _NoMatch(f"{describe_node(node)} scales the keys by a non-constant")
-            scale *= c
-            key_path.append(node)
-            node = _only_use(node.outputs[0], "scaled key")
-        qk = node
-        if qk.op_type != "MatMul" or qk.inputs[1] is not key_path[-1].outputs[0]:
-            raise _NoMatch(f"{describe_node(qk)} consumes the keys; expected MatMul(query, keys^T)")
-        key_path.append(qk)
-        remove += key_path
-        query = qk.inputs[0]
-        node = _only_use(qk.outputs[0], "attention scores")
-        if node.op_type in ("Mul", "Div"):
-            other = node.inputs[1] if node.inputs[0] is qk.outputs[0] else node.inputs[0]
-            c = _const_scalar(other)
-            if c is None or (node.op_type == "Div" and node.inputs[1] is not other) or c == 0:
-                raise _NoMatch(f"{describe_node(node)} scales the scores by a non-constant")
-            scale *= c if node.op_type == "Mul" else 1.0 / c
-            remove.append(node)
-            node = _only_use(node.outputs[0], "scaled scores")
-        bias = None
-        if node.op_type == "Add":
-            prev = remove[-1].outputs[0]
-            bias = node.inputs[1] if node.inputs[0] is prev else node.inputs[0]
-            remove.append(node)
-            node = _only_use(node.outputs[0], "masked scores")
-        softmax = node
-        if softmax.op_type != "Softmax" or softmax.attributes.get_int("axis", -1) not in (-1, 3):
-            raise _NoMatch(f"{describe_node(softmax)} follows the scores; expected Softmax(axis=-1)")
-        remove.append(softmax)
-        probs = softmax.outputs[0]
-        # TorchScript writes softmax(..., dtype=float32).to(query.dtype) as Casts to float32
-        while len(uses := probs.uses()) == 1 and not probs.is_graph_output() and uses[0].node.op_type == "Cast" \
-                and uses[0].node.attributes.get_int("to", 0) == ir.DataType.FLOAT:
-            remove.append(uses[0].node)
-            probs = uses[0].node.outputs[0]
-        guard = _nan_guard(probs)
-        if guard:  # SDPA exports zero a NaN row (every key masked with -inf); the op gives such rows zeros
-            remove += guard
-            probs = guard[-1].outputs[0]
-        pv = _only_use(probs, "attention probabilities")
-        if pv.op_type != "MatMul" or pv.inputs[0] is not probs or pv.inputs[1] is not v_rep:
-            raise _NoMatch(f"{describe_node(pv)} consumes the probabilities; expected MatMul(probs, values) with the "
-                           f"values of {past_v.name!r}")
-        if consumers["value"] is not pv:
-            raise _NoMatch(f"the values of {past_v.name!r} are read by {describe_node(consumers['value'])}, not by "
-                           f"the attention's {describe_node(pv)}")
-        remove.append(pv)
-        out = pv.outputs[0]
+        key_path, scale, query, bias, out, core = _match_eager(k_rep, v_rep, node, consumers["value"], past_v)
+        remove += core
     # Each Shape reader of the repeated keys / values either serves the attention alone
     # (dead with it), or reads only the batch, head and head-dim axes, which the
     # attention's output has too (TorchScript's SDPA shapes its output from the values),
