@@ -500,3 +500,33 @@ def test_convert_an_onnx_file_that_onnx_runtime_optimized(tmp_path):
         r = toolkit("convert", *args, "-o", str(tmp_path / "refused"))
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert not (tmp_path / "refused").exists()
+
+
+def test_a_bundle_kept_after_failing_parity_warns_when_loaded(tmp_path):
+    """--keep-failed writes a bundle whose manifest says parity failed; a server loading it
+    was not told (found by an audit). load warns (ParityFailedWarning, which a server can
+    turn into an error) and generate prints one line; a passing bundle loads silently."""
+    import warnings
+
+    from toolkit import bundle
+    from toolkit.errors import ParityFailedWarning
+
+    out = tmp_path / "failed"
+    r = toolkit("convert", "llama", "-o", str(out), "--keep-failed", "--threshold", "logits_max_abs=1e-12")
+    assert r.returncode == 0 and (out / "model.onnx").is_file(), r.stderr  # kept: exit 0, verdict FAIL
+    assert json.loads((out / "manifest.json").read_text())["parity"]["passed"] is False
+    with pytest.warns(ParityFailedWarning, match="failed its parity check at conversion"):
+        bundle.load(out, threads=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ParityFailedWarning)
+        with pytest.raises(ParityFailedWarning):
+            bundle.load(out, threads=1)
+    r = toolkit("generate", str(out), "--prompt-ids", "5,6,7", "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("warning: ") == 1 and "failed its parity check" in r.stderr
+
+    passed = tmp_path / "passed"
+    assert toolkit("convert", "llama", "-o", str(passed)).returncode == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ParityFailedWarning)
+        bundle.load(passed, threads=1)

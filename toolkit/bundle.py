@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import InvalidModelError, OpLibraryError, ToolkitError
+from toolkit.errors import InvalidModelError, OpLibraryError, ParityFailedWarning, ToolkitError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -342,6 +343,10 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
                            hint='e.g. providers=["CPUExecutionProvider"]')
     manifest = read_manifest(directory)
     _check_runtime_reads(manifest, directory, ort.__version__)
+    if (manifest.get("parity") or {}).get("passed") is False:
+        warnings.warn(f"{str(directory)!r} failed its parity check at conversion (manifest.json: parity.passed is "
+                      f"false; it was kept with --keep-failed): see {directory / 'parity.json'}",
+                      ParityFailedWarning, stacklevel=2)
     if session_options is not None and not isinstance(session_options, ort.SessionOptions):
         raise ToolkitError(f"session_options must be an onnxruntime.SessionOptions, got "
                            f"{type(session_options).__name__}", hint="so = onnxruntime.SessionOptions(); ...")

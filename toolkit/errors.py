@@ -47,3 +47,9 @@ class ParityFailure(ToolkitError):
     """A parity threshold failed (exit code 1, like a failing test)."""
 
     exit_code = 1
+
+
+class ParityFailedWarning(UserWarning):
+    """A bundle whose own manifest says it failed its parity check (written with
+    ``--keep-failed``) is being loaded; ``warnings.simplefilter("error",
+    ParityFailedWarning)`` turns it into an error for a server that must not serve one."""

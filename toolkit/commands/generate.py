@@ -10,6 +10,9 @@ KV-cache bytes and peak memory.
 from __future__ import annotations
 
 import argparse
+import warnings
+
+from toolkit.errors import ParityFailedWarning
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +65,14 @@ def run(args: argparse.Namespace) -> int:
     from toolkit import bundle
 
     if (Path(args.model) / bundle.MANIFEST).is_file():  # a convert bundle: its own checked library
-        session = bundle.load(args.model, threads=args.threads)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ParityFailedWarning)
+            session = bundle.load(args.model, threads=args.threads)
+        for w in caught:  # a failed parity: one plain line on stderr; others as they were
+            if issubclass(w.category, ParityFailedWarning):
+                print(f"warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     else:
         session = make_session(onnx_path, threads=args.threads)
     sampling = Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.min_p)
