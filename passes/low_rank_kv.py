@@ -175,7 +175,8 @@ def _calibrate(model: ir.Model, layers: list[_LayerRewrite], options: LowRankKVO
             if q.ndim != 4:
                 raise PassError(f"low-rank-kv: layer {layer.index}: query {layer.match.query.name!r} has rank "
                                 f"{q.ndim}, expected [batch, heads, seq, head_dim]",
-                                hint="the pass rewrites the eager attention exported by `toolkit export`")
+                                hint="the pass rewrites 4-D attention (eager from `toolkit export`, torch "
+                                     "exporters' SDPA forms)")
             layer.q_heads = int(q.shape[1])
             if options.query_aware and layer.key is not None:
                 q = np.asarray(q, np.float64).transpose(1, 0, 2, 3).reshape(q.shape[1], -1, q.shape[3])  # [Hq, N, D]
@@ -490,8 +491,9 @@ def apply(model: ir.Model, options: LowRankKVOptions, *, explain: bool = False) 
         except _NoMatch as err:
             raise PassError(f"low-rank-kv: layer {index}: {err}",
                             hint=SLICED_CACHE_HINT if isinstance(err, _SlicedCache) else
-                            "the pass rewrites the eager attention exported by `toolkit export` (the pattern "
-                            "kv-cache matches); run `toolkit inspect` and report the pattern") from None
+                            "the pass rewrites the attention kv-cache matches (eager from `toolkit export`, torch "
+                            "exporters' SDPA forms) except ONNX Attention nodes; run `toolkit inspect` and report "
+                            "the pattern") from None
         if match.form != "eager":
             raise PassError(f"low-rank-kv: layer {index}: the attention is an ONNX Attention node, whose score "
                             "and value products this pass cannot split",

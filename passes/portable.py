@@ -37,12 +37,11 @@ import onnx_ir as ir
 from onnx import FunctionProto
 
 from passes.function_builder import BOOL, DOUBLE, FLOAT, INT64, ONNX_OPSET, UINT64, FunctionBuilder
-
-NEWEST_BODY_OPSET = 23  # the newest model opset the bodies were checked at (tests/passes/test_kv_cache_sdpa.py)
 from passes.registry import GraphPass, PassOptions, PassResult
 from toolkit.errors import PassError
 
 DOMAIN = "com.toolkit"
+NEWEST_BODY_OPSET = 23  # the newest model opset the bodies are checked at (tests/passes/test_kv_cache_sdpa.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,7 +329,7 @@ def apply(model: ir.Model, options: PortableOptions, *, explain: bool = False) -
             model.functions[key] = ir.serde.deserialize_function(factory())
             # onnx.checker wants a function to import its model's opset; the bodies' ops
             # mean the same in opsets 21 to 23 (22 and 23 add types, not semantics)
-            model.functions[key].opset_imports[""] = max(opset, ONNX_OPSET)
+            model.functions[key].opset_imports[""] = opset
             count += 1
         _spell_out_defaults(node, model.functions[key])
     if count:

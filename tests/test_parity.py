@@ -292,9 +292,10 @@ def test_logit_statistics_in_chunks_equal_those_of_the_whole(monkeypatch):
 
 
 def test_cache_outputs_are_compared_where_the_attention_mask_keeps_them():
-    """A padding position's key and value are masked out of every attention, so a value
-    stored there is never read: it is not compared (an SDPA export differs from the eager
-    reference only there, tests/passes/test_kv_cache_sdpa.py); a kept position still is."""
+    """A padding position's key and value get weight zero in every attention: a finite
+    value stored there is not compared (an SDPA export differs from the eager reference
+    only there, tests/passes/test_kv_cache_sdpa.py), a NaN there is (0 x NaN is NaN), and
+    a kept position is."""
     import torch
 
     rng = np.random.default_rng(0)
@@ -307,6 +308,10 @@ def test_cache_outputs_are_compared_where_the_attention_mask_keeps_them():
                                     {"present.0.key": got_k, "present.0.value": got_v}, mask)
     assert [r.name for r in recs] == ["present.0.key", "present.0.value"]
     assert recs[0].max_abs == 0.0 and recs[0].shape == [2, 3, 5, 4]
+    got_v[1, 2, 0, 1] = np.nan  # at padding, but read with weight zero: 0 x NaN is NaN
+    recs = parity._compare_presents("p", [(torch.from_numpy(k), torch.from_numpy(v))],
+                                    {"present.0.key": got_k, "present.0.value": got_v}, mask)
+    assert recs[0].max_abs == 0.0 and math.isinf(recs[1].max_abs)
     got_k[0, 1, 3, 2] += 0.5  # a kept position
     recs = parity._compare_presents("p", [(torch.from_numpy(k), torch.from_numpy(v))],
                                     {"present.0.key": got_k, "present.0.value": got_v}, mask)

@@ -193,6 +193,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         providers = lib.get("providers", [])
         if not isinstance(providers, list) or not all(isinstance(x, str) for x in providers):
             raise bad("op_library.providers", "a list of provider names", providers)
+    parity = manifest.get("parity")
+    if parity is not None and not (isinstance(parity, dict) and any(parity.get("passed") is v for v in (True, False, None))):
+        raise bad("parity", "an object whose 'passed' is true, false or null", parity)
     files = manifest.get("files", {})  # (bundles written before the record have none)
     if not isinstance(files, dict):
         raise bad("files", "an object of file records", files)
@@ -343,7 +346,7 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
                            hint='e.g. providers=["CPUExecutionProvider"]')
     manifest = read_manifest(directory)
     _check_runtime_reads(manifest, directory, ort.__version__)
-    if (manifest.get("parity") or {}).get("passed") is False:
+    if (manifest.get("parity") or {}).get("passed") is False:  # (null: converted with --no-parity)
         warnings.warn(f"{str(directory)!r} failed its parity check at conversion (manifest.json: parity.passed is "
                       f"false; it was kept with --keep-failed): see {directory / 'parity.json'}",
                       ParityFailedWarning, stacklevel=2)

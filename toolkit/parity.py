@@ -307,10 +307,12 @@ def _check_same_shape(name: str, phase: str, ref: np.ndarray, got: np.ndarray) -
 
 def compare(name: str, phase: str, ref: np.ndarray, got: np.ndarray, where: np.ndarray | None = None) -> OutputRecord:
     """Elementwise comparison of two arrays of the same shape (``where``: a boolean mask
-    broadcastable to them, the elements to compare; all by default)."""
+    broadcastable to them, the elements to compare, plus every non-finite element of
+    ``got``; all by default)."""
     _check_same_shape(name, phase, ref, got)
     if where is not None:
-        where = np.broadcast_to(where, ref.shape)
+        # a left-out element still has to be finite: it is read with weight zero, and 0 x NaN is NaN
+        where = np.broadcast_to(where, ref.shape) | ~np.isfinite(got)
         ref, got = ref[where], got[where]
     d = _Differences()
     d.add_values(ref.astype(np.float64).ravel(), got.astype(np.float64).ravel())
@@ -988,10 +990,11 @@ class HeadCheck:
 def _compare_presents(phase: str, ref_past: list, presents: dict[str, np.ndarray],
                       mask: np.ndarray) -> list[OutputRecord]:
     """Compare cache outputs when the ONNX model keeps the original fp32 layout, at the
-    positions the attention mask ([B, T]) keeps: every attention masks a padding
-    position's key and value out, so what a model stores there is never read (eager
-    attention gives a query row whose keys are all masked the mean of the values, SDPA
-    zeros; that reaches the next layer's cache at those positions only)."""
+    positions the attention mask ([B, T]) keeps: every attention gives a padding
+    position's key and value weight zero, so what a model stores there only has to be
+    finite (0 x NaN is NaN; a non-finite value there is still compared). Eager attention
+    gives a query row whose keys are all masked the mean of the values, SDPA zeros; that
+    reaches the next layer's cache at those positions only."""
     out = []
     for i, (k, v) in enumerate(ref_past):
         for kind, t in (("key", k), ("value", v)):

@@ -366,7 +366,9 @@ def _load_hf_directory(spec: str, config: SourceConfig) -> SourceModel:
 def _hf_impl_kwargs(config: Any) -> dict[str, str]:
     """Implementation choices that the dynamo exporter can trace.
 
-    Eager attention (SDPA's ``is_causal`` becomes a SymBool). For mixture-of-experts
+    Eager attention: the form every pass matches most directly (an SDPA export works
+    through this wrapper too, which always passes a mask, and kv-cache takes torch's
+    SDPA forms; without a mask SDPA's ``is_causal`` becomes a SymBool). For mixture-of-experts
     models, ``batched_mm`` experts: dense gathers of expert weights, while the
     default grouped-mm path is a custom op the exporter cannot translate and the
     eager path loops over data-dependent token sets.

@@ -275,26 +275,42 @@ def test_shapes_of_the_repeated_keys_read_elsewhere_are_rebuilt(sdpa_export, tmp
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
 
 
-def test_a_portable_kv_cache_at_opset_23_runs_without_the_op_library(sdpa_export):
+@pytest.mark.parametrize("opset", [22, 23])
+@pytest.mark.parametrize("head", [{"k": "8"}, {"k": "8", "sample": "true", "top_p": "0.9"}])
+def test_portable_bodies_at_opsets_22_and_23_run_without_the_op_library(sdpa_export, opset, head):
     """--portable on an opset-23 model: onnx.checker refused the bodies (opset 21 inside a
-    model importing 23). The bodies now import the model's opset, and ONNX Runtime without
-    our library reproduces the op library's logits."""
+    model importing 23). The bodies now import the model's opset (22: the opset-21 export
+    re-stamped; its ops changed only types), and ONNX Runtime without our library
+    reproduces the op library: the int8 cache's logits within 1e-4, the sampling head's
+    token ids exactly and its probabilities within 1e-5."""
     import onnxruntime as ort
 
     from toolkit.parity import OnnxDecoder
 
-    _, path = sdpa_export("hf:llama", "dynamo-opset23")
-    model, report = run_pipeline(onnx.load(str(path)), ["kv-cache", "portable", "cleanup"],
-                                 {"kv-cache": {"scheme": "int8"}})
-    assert report.counts["portable"] == 1
+    _, path = sdpa_export("hf:llama", "dynamo-opset23" if opset == 23 else "dynamo-opset21")
+    model = onnx.load(str(path))
+    if opset == 22:
+        next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = 22
+    model, report = run_pipeline(model, ["kv-cache", "sampling-head", "portable", "cleanup"],
+                                 {"kv-cache": {"scheme": "int8"}, "sampling-head": head})
+    assert report.counts["portable"] == 2  # QuantKVAttention and the head's op
     onnx.checker.check_model(model)
     blob = model.SerializeToString()
+    bodies = OnnxDecoder(ort.InferenceSession(blob, providers=["CPUExecutionProvider"]))
     ids, mask = prompts(length=12)
-    bodies, _ = run_steps(OnnxDecoder(ort.InferenceSession(blob, providers=["CPUExecutionProvider"])),
-                          ids, mask, steps=6)
-    kernels, past = run_steps(decoder(model), ids, mask, steps=6)
+    got, _ = run_steps(bodies, ids, mask, steps=6)
+    ref, past = run_steps(decoder(model), ids, mask, steps=6)
     assert past["past_key_values.0.key_q"].shape[2] > 0
-    np.testing.assert_allclose(bodies, kernels, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+    bodies = OnnxDecoder(ort.InferenceSession(blob, providers=["CPUExecutionProvider"]))  # call 0: same seed
+    _, _, out_b = bodies.step(ids, mask, pos, bodies.empty_past(ids.shape[0]))
+    kernels = decoder(model)
+    _, _, out_k = kernels.step(ids, mask, pos, kernels.empty_past(ids.shape[0]))
+    ids_name = "next_token_ids" if "next_token_ids" in out_k else "next_token"  # top-k or sampled
+    np.testing.assert_array_equal(out_b[ids_name], out_k[ids_name])
+    probs = next(n for n in out_k if n.startswith("next_token_prob"))
+    np.testing.assert_allclose(out_b[probs], out_k[probs], atol=1e-5, rtol=0)
 
 
 def test_portable_names_a_model_opset_its_bodies_were_not_checked_at(sdpa_export):

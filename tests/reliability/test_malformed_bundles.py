@@ -34,6 +34,9 @@ def _manifest(**fields):
      "'op_library.min_ort_api_version' must be an integer"),
     (_manifest(op_library={"file": "a.so", "sha256": "00", "min_ort_api_version": 17, "providers": "CPU"}),
      "'op_library.providers'"),
+    (_manifest(op_library=None, parity="passed"), "field 'parity' must be an object whose 'passed' is true"),
+    (_manifest(op_library=None, parity={"passed": "false"}), "field 'parity' must be an object"),
+    (_manifest(op_library=None, parity={"passed": 0}), "field 'parity' must be an object"),
 ])
 def test_malformed_manifest_names_the_field(tmp_path, manifest, fragment):
     (tmp_path / bundle.MANIFEST).write_text(json.dumps(manifest))
