@@ -489,38 +489,44 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
     for what, shapes in rep_shapes.items():
         for shape in shapes:
             gone = _dead_with([shape], remove, kept)
-            axes = _axes_read(shape, remove, kept) if gone is None else None
+            axes, dead_readers = _axes_read(shape, remove, kept) if gone is None else (None, [])
             if gone is not None:
                 dead[what] += gone
             elif axes is not None and axes <= {0, 1, 3}:
                 out_shapes.append(shape)
+                dead[what] += dead_readers
             elif axes is not None and axes <= {0, 2, 3}:
                 shape_users.append((shape, "present"))
+                dead[what] += dead_readers
             else:
                 raise _NoMatch(f"the shape of the repeated {what}s ({describe_node(shape)}) is used outside the "
-                               "attention")
+                               "attention (for more than its batch, length, head and head-dim sizes, or through "
+                               "over 64 nodes of shape arithmetic)")
     return _Layer(index, past_k, past_v, concat_k, concat_v, query, scale, bias, out, remove, shape_users,
                   form=form, key_path=key_path, dead_k=dead["key"], dead_v=dead["value"], bool_mask=bool_mask,
                   out_shapes=out_shapes)
 
 
-def _axes_read(shape: ir.Node, removed: list[ir.Node], kept: list[ir.Value | None]) -> set[int] | None:
-    """The axes of its input whose sizes a Shape node's live readers take (constant Gather
-    or Slice readers only; readers that serve the rewritten attention alone do not count),
-    or None. The shape's input is 4-D (repeated keys or values), annotated or not."""
+def _axes_read(shape: ir.Node, removed: list[ir.Node], kept: list[ir.Value | None]
+               ) -> tuple[set[int] | None, list[ir.Node]]:
+    """(the axes of its input whose sizes a Shape node's live readers take, constant Gather
+    or Slice readers only, or None; the readers that serve the rewritten attention alone,
+    which die with it). The shape's input is 4-D (repeated keys or values), annotated or not."""
     if shape.outputs[0].is_graph_output():
-        return None
+        return None, []
     axes = list(range(4))[shape.attributes.get_int("start", 0):shape.attributes.get_int("end", 4)]
     read: set[int] = set()
+    dead: list[ir.Node] = []
     for use in shape.outputs[0].uses():
-        if _dead_with([use.node], removed, kept) is not None:
+        if (gone := _dead_with([use.node], removed, kept)) is not None:
+            dead += gone
             continue
         symbols = (_shape_symbols(use.node.outputs[0], frozenset({id(shape.inputs[0])}))
                    if use.node.op_type in ("Gather", "Slice") else None)
         if symbols is None:
-            return None
+            return None, []
         read |= {s[1] for s in symbols if isinstance(s, tuple) and s[0] is shape.inputs[0]} & set(axes)
-    return read
+    return read, dead
 
 
 def rewire_out_shapes(graph: ir.Graph, layer: _Layer, out: ir.Value) -> None:
