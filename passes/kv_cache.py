@@ -129,6 +129,7 @@ class _Layer:
     shape_users: list[tuple[ir.Node, str]]  # (Shape node, "past" | "present") of the key or value
     form: str = "eager"  # "eager" (MatMul ... Softmax ... MatMul, any key transpose) or "attention" (ONNX Attention)
     key_path: list[ir.Node] = dataclasses.field(default_factory=list)  # keys^T [-> Mul] -> MatMul(q, .)
+    key_scale: float = 1.0  # the part of ``scale`` that key_path's Mul applies (SDPA's sqrt(scale) on K^T)
     dead_k: list[ir.Node] = dataclasses.field(default_factory=list)  # shape arithmetic that served only the
     dead_v: list[ir.Node] = dataclasses.field(default_factory=list)  # attention, from the repeated keys / values
     bool_mask: bool = False  # the bias is an ONNX Attention boolean mask (True: attend)
@@ -378,9 +379,9 @@ def _attention_node(node: ir.Node, k_rep: ir.Value, v_rep: ir.Value) -> tuple[fl
 
 
 def _match_eager(k_rep: ir.Value, v_rep: ir.Value, node: ir.Node, value_reader: ir.Node, past_v: ir.Value
-                 ) -> tuple[list[ir.Node], float, ir.Value, ir.Value | None, ir.Value, list[ir.Node]]:
+                 ) -> tuple[list[ir.Node], float, float, ir.Value, ir.Value | None, ir.Value, list[ir.Node]]:
     """The attention as MatMul / Softmax / MatMul from the keys' consumer ``node``:
-    (key_path, scale, query, bias, output, every node of it)."""
+    (key_path, key_scale, scale, query, bias, output, every node of it)."""
     key_path = _key_transpose(k_rep, node)
     scale = 1.0
     node = _only_use(key_path[-1].outputs[0], "transposed key")
@@ -392,6 +393,7 @@ def _match_eager(k_rep: ir.Value, v_rep: ir.Value, node: ir.Node, value_reader: 
         scale *= c
         key_path.append(node)
         node = _only_use(node.outputs[0], "scaled key")
+    key_scale = scale
     qk = node
     if qk.op_type != "MatMul" or qk.inputs[1] is not key_path[-1].outputs[0]:
         raise _NoMatch(f"{describe_node(qk)} consumes the keys; expected MatMul(query, keys^T)")
@@ -434,7 +436,7 @@ def _match_eager(k_rep: ir.Value, v_rep: ir.Value, node: ir.Node, value_reader: 
         raise _NoMatch(f"the values of {past_v.name!r} are read by {describe_node(value_reader)}, not by "
                        f"the attention's {describe_node(pv)}")
     core.append(pv)
-    return key_path, scale, qk.inputs[0], bias, pv.outputs[0], core
+    return key_path, key_scale, scale, qk.inputs[0], bias, pv.outputs[0], core
 
 
 def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value) -> _Layer:
@@ -463,7 +465,7 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
             raise _NoMatch(f"repeated {what} {value.name!r} must have exactly one consumer besides Shape nodes (has: "
                            f"{', '.join(describe_node(n) for n in others) or 'none'})")
         consumers[what] = others[0]
-    form, key_path, bool_mask = "eager", [], False
+    form, key_path, key_scale, bool_mask = "eager", [], 1.0, False
     node = consumers["key"]
     head_dim = past_k.shape[3] if past_k.shape is not None and len(past_k.shape) == 4 else None
     if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
@@ -476,7 +478,8 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
         query, out = node.inputs[0], node.outputs[0]
         remove.append(node)
     else:
-        key_path, scale, query, bias, out, core = _match_eager(k_rep, v_rep, node, consumers["value"], past_v)
+        key_path, key_scale, scale, query, bias, out, core = _match_eager(k_rep, v_rep, node, consumers["value"],
+                                                                           past_v)
         remove += core
     # Each Shape reader of the repeated keys / values either serves the attention alone
     # (dead with it), or reads only the batch, head and head-dim axes, which the
@@ -503,7 +506,8 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
                                "attention (for more than its batch, length, head and head-dim sizes, or through "
                                "over 64 nodes of shape arithmetic)")
     return _Layer(index, past_k, past_v, concat_k, concat_v, query, scale, bias, out, remove, shape_users,
-                  form=form, key_path=key_path, dead_k=dead["key"], dead_v=dead["value"], bool_mask=bool_mask,
+                  form=form, key_path=key_path, key_scale=key_scale, dead_k=dead["key"], dead_v=dead["value"],
+                  bool_mask=bool_mask,
                   out_shapes=out_shapes)
 
 

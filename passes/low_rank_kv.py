@@ -68,7 +68,6 @@ from passes import calibration
 from passes.calibration import CalibrationOptions
 from passes.kv_cache import (
     SLICED_CACHE_HINT,
-    _const_scalar,
     _match_layer,
     _NoMatch,
     _SlicedCache,
@@ -365,14 +364,9 @@ def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_di
         # the shape arithmetic that served it alone). An SDPA decomposition's constant scale
         # of K^T is folded into the query-side basis.
         core = [*m.key_path, *m.dead_k]
-        key_scale = 1.0
-        for n in m.key_path:
-            if n.op_type == "Mul":
-                c = _const_scalar(n.inputs[1])
-                key_scale *= c if c is not None else _const_scalar(n.inputs[0])
         pasts, presents, split = _latent_cache(b, side, i, kv_heads, head_dim, bits)
         keys_t = b.op("Transpose", [split], [ir.AttrInt64s("perm", [0, 2, 3, 1])], "key_latent_t")  # [B,G,r,T]
-        up = b.const("key_up", (key_scale * _per_head(side, kv_heads, head_dim, hq)).astype(np.float32))
+        up = b.const("key_up", (m.key_scale * _per_head(side, kv_heads, head_dim, hq)).astype(np.float32))
         q_lat = b.op("MatMul", [m.query, up], name="query_latent")                   # [B, Hq, S, r]
         q_grp = b.op("Reshape", [q_lat, b.i64("query_group_shape", [0, groups, -1, r])])
         scores = b.op("MatMul", [q_grp, keys_t], name="scores")                     # [B, G, hpg*S, T]
