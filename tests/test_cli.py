@@ -502,7 +502,7 @@ def test_convert_an_onnx_file_that_onnx_runtime_optimized(tmp_path):
         assert not (tmp_path / "refused").exists()
 
 
-def test_a_bundle_kept_after_failing_parity_warns_when_loaded(tmp_path):
+def test_a_bundle_kept_after_failing_parity_warns_when_loaded_and_can_be_refused(tmp_path):
     """--keep-failed writes a bundle whose manifest says parity failed; a server loading it
     was not told (found by an audit). load warns (ParityFailedWarning, which a server can
     turn into an error) and generate prints one line; a passing bundle loads silently."""
@@ -530,3 +530,22 @@ def test_a_bundle_kept_after_failing_parity_warns_when_loaded(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ParityFailedWarning)
         bundle.load(passed, threads=1)
+
+    # require_parity refuses both a failed and an unchecked (--no-parity: null) record; the
+    # top-level toolkit.load takes it and session_options, as the README shows (it took
+    # neither: TypeError)
+    import onnxruntime as ort
+
+    import toolkit as package
+    from toolkit.errors import ParityFailure
+
+    so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = False
+    assert package.load(passed, threads=1, session_options=so, require_parity=True).get_inputs()
+    with pytest.raises(ParityFailure, match="parity.passed is false; kept with --keep-failed"):
+        package.load(out, require_parity=True)
+    manifest = json.loads((passed / "manifest.json").read_text())
+    manifest["parity"]["passed"] = None
+    (passed / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ParityFailure, match="parity.passed is null; not checked"):
+        package.load(passed, require_parity=True)

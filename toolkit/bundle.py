@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import InvalidModelError, OpLibraryError, ParityFailedWarning, ToolkitError
+from toolkit.errors import InvalidModelError, OpLibraryError, ParityFailedWarning, ParityFailure, ToolkitError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -321,7 +321,7 @@ def _check_model_files(manifest: dict[str, Any], directory: Path, model_path: Pa
 
 
 def load(directory: str | Path, providers: list[str] | None = None, threads: int | None = None,
-         session_options: Any | None = None) -> Any:
+         session_options: Any | None = None, require_parity: bool = False) -> Any:
     """An ONNX Runtime session for a bundle, after checking its manifest.
 
     Checks the op library's SHA-256 against the manifest and that the running ONNX
@@ -331,6 +331,9 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
     ``enable_cpu_mem_arena = False``, so the memory of one large request goes back to
     the system), used for this one session: the library is registered into it and
     ``threads`` sets its intra-op threads, so pass a new object to each call.
+    ``require_parity``: refuse a bundle whose manifest does not record a passing parity
+    check (kept with ``--keep-failed``, or converted with ``--no-parity``); without it
+    a failed one loads with a :class:`ParityFailedWarning`.
 
     Raises:
         InvalidModelError: missing/unreadable manifest or model.
@@ -346,7 +349,14 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
                            hint='e.g. providers=["CPUExecutionProvider"]')
     manifest = read_manifest(directory)
     _check_runtime_reads(manifest, directory, ort.__version__)
-    if (manifest.get("parity") or {}).get("passed") is False:  # (null: converted with --no-parity)
+    passed = (manifest.get("parity") or {}).get("passed")  # null: converted with --no-parity
+    if require_parity and passed is not True:
+        raise ParityFailure(f"{str(directory)!r} has no passing parity check (manifest.json: parity.passed is "
+                            f"{json.dumps(passed)}; {'kept with --keep-failed' if passed is False else 'not checked'})"
+                            " and require_parity=True",
+                            hint="convert the model again without --keep-failed / --no-parity, or load it without "
+                                 "require_parity")
+    if passed is False:
         warnings.warn(f"{str(directory)!r} failed its parity check at conversion (manifest.json: parity.passed is "
                       f"false; it was kept with --keep-failed): see {directory / 'parity.json'}",
                       ParityFailedWarning, stacklevel=2)
