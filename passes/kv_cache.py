@@ -130,6 +130,8 @@ class _Layer:
     form: str = "eager"  # "eager" (MatMul ... Softmax ... MatMul, any key transpose) or "attention" (ONNX Attention)
     key_path: list[ir.Node] = dataclasses.field(default_factory=list)  # keys^T [-> Mul] -> MatMul(q, .)
     key_scale: float = 1.0  # the part of ``scale`` that key_path's Mul applies (SDPA's sqrt(scale) on K^T)
+    repeat_k: list[ir.Node] = dataclasses.field(default_factory=list)  # repeat_kv (Unsqueeze, Expand, Reshape)
+    repeat_v: list[ir.Node] = dataclasses.field(default_factory=list)  # after each Concat, or nothing
     dead_k: list[ir.Node] = dataclasses.field(default_factory=list)  # shape arithmetic that served only the
     dead_v: list[ir.Node] = dataclasses.field(default_factory=list)  # attention, from the repeated keys / values
     bool_mask: bool = False  # the bias is an ONNX Attention boolean mask (True: attend)
@@ -445,11 +447,11 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
     concat_k, shape_users, identity_k = _cache_concat(outputs, past_k, f"present.{index}.key")
     concat_v, shape_users_v, identity_v = _cache_concat(outputs, past_v, f"present.{index}.value")
     shape_users += shape_users_v
-    k_rep, remove_k, su = _repeat_chain(concat_k.outputs[0], "key")
+    k_rep, repeat_k, su = _repeat_chain(concat_k.outputs[0], "key")
     shape_users += su
-    v_rep, remove_v, su = _repeat_chain(concat_v.outputs[0], "value")
+    v_rep, repeat_v, su = _repeat_chain(concat_v.outputs[0], "value")
     shape_users += su
-    remove = [concat_k, concat_v, *remove_k, *remove_v]
+    remove = [concat_k, concat_v, *repeat_k, *repeat_v]
 
     # The repeated keys and values (GQA) may also be read by Shape nodes (torch's SDPA
     # decomposition reads the key shape to transpose it): that arithmetic must serve the
@@ -457,7 +459,7 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
     # rebuilt like the past's.
     rep_shapes: dict[str, list[ir.Node]] = {"key": [], "value": []}
     consumers = {}
-    for value, what, repeated in ((k_rep, "key", bool(remove_k)), (v_rep, "value", bool(remove_v))):
+    for value, what, repeated in ((k_rep, "key", bool(repeat_k)), (v_rep, "value", bool(repeat_v))):
         shapes, others = _split_uses(value)
         if repeated:
             rep_shapes[what] = shapes
@@ -506,8 +508,8 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
                                "attention (for more than its batch, length, head and head-dim sizes, or through "
                                "over 64 nodes of shape arithmetic)")
     return _Layer(index, past_k, past_v, concat_k, concat_v, query, scale, bias, out, remove, shape_users,
-                  form=form, key_path=key_path, key_scale=key_scale, dead_k=dead["key"], dead_v=dead["value"],
-                  bool_mask=bool_mask,
+                  form=form, key_path=key_path, key_scale=key_scale, repeat_k=repeat_k, repeat_v=repeat_v,
+                  dead_k=dead["key"], dead_v=dead["value"], bool_mask=bool_mask,
                   out_shapes=out_shapes)
 
 

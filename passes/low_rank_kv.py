@@ -375,7 +375,7 @@ def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_di
         graph.insert_before(qk, b.nodes)
         b.nodes = []
         ir.convenience.replace_all_uses_with(qk.outputs[0], scores)
-        remove += [side.concat, *_repeat_nodes(side.concat), *core]
+        remove += [side.concat, *m.repeat_k, *core]
         new_io["key"] = (pasts, presents)
 
     if layer.value is not None:
@@ -393,7 +393,7 @@ def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_di
         graph.insert_before(pv, b.nodes)
         b.nodes = []
         ir.convenience.replace_all_uses_with(pv.outputs[0], out)
-        remove += [side.concat, *_repeat_nodes(side.concat), *m.dead_v, pv]
+        remove += [side.concat, *m.repeat_v, *m.dead_v, pv]
         new_io["value"] = (pasts, presents)
 
     # Shape nodes that read a replaced cache tensor (exporters take batch / past length
@@ -409,7 +409,7 @@ def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_di
         replaced[concat.inputs[0]] = (pasts[0], None)
         replaced[m.past_k if kind == "key" else m.past_v] = (pasts[0], None)  # also past of an identity Concat
         replaced[concat.outputs[0]] = (pasts[0], concat.inputs[1])
-        repeat = _repeat_nodes(concat)
+        repeat = m.repeat_k if kind == "key" else m.repeat_v
         if repeat:  # a Shape of the repeated tensor that reads batch, length or head dim only
             replaced[repeat[-1].outputs[0]] = (pasts[0], concat.inputs[1])
     for shape_node, _ in m.shape_users:
@@ -444,18 +444,6 @@ def _rewrite_layer(graph: ir.Graph, layer: _LayerRewrite, kv_heads: int, head_di
             graph.outputs.insert(pos + j, present)
     remove_nodes(graph, list({id(n): n for n in remove}.values()))
     return {"layer": i, "q_heads": hq, "groups": groups}
-
-
-def _repeat_nodes(concat: ir.Node) -> list[ir.Node]:
-    """The repeat_kv chain (Unsqueeze -> Expand -> Reshape) after a cache Concat, if any."""
-    nodes, x = [], concat.outputs[0]
-    while True:
-        uses = [u.node for u in x.uses() if u.node.op_type != "Shape"]
-        expected = ("Unsqueeze", "Expand", "Reshape")
-        if len(nodes) == 3 or len(uses) != 1 or uses[0].op_type != expected[len(nodes)]:
-            return nodes
-        nodes.append(uses[0])
-        x = uses[0].outputs[0]
 
 
 def apply(model: ir.Model, options: LowRankKVOptions, *, explain: bool = False) -> PassResult:

@@ -310,13 +310,14 @@ def compare(name: str, phase: str, ref: np.ndarray, got: np.ndarray, where: np.n
     broadcastable to them, the elements to compare, plus every non-finite element of
     ``got``; all by default)."""
     _check_same_shape(name, phase, ref, got)
+    shape = list(ref.shape)
     if where is not None:
         # a left-out element still has to be finite: it is read with weight zero, and 0 x NaN is NaN
         where = np.broadcast_to(where, ref.shape) | ~np.isfinite(got)
         ref, got = ref[where], got[where]
     d = _Differences()
     d.add_values(ref.astype(np.float64).ravel(), got.astype(np.float64).ravel())
-    return d.output_record(name, phase, list(np.shape(where) if where is not None else ref.shape))
+    return d.output_record(name, phase, shape)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

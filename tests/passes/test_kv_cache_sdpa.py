@@ -85,22 +85,18 @@ def _torchscript_export(src, path, simplify: bool) -> None:
 
 
 def _reference_logits(src, ids, mask, steps=8, seed=0):
-    """PyTorch's last-position logits for the same calls as run_steps (greedy-free decode)."""
-    import torch
-
-    from models import position_ids_from_mask
+    """PyTorch's last-position logits for the same calls as run_steps (greedy-free decode),
+    through parity's own PyTorch step."""
+    from toolkit.parity import _positions, _torch_step
 
     rng = np.random.default_rng(seed)
-    ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-    out, past = [], None
-    with torch.no_grad():
-        for step in range(steps + 1):
-            pos = position_ids_from_mask(mask_t, ids_t.shape[1])
-            logits, past = src.forward(ids_t, mask_t, pos, past)
-            out.append(logits[:, -1].numpy())
-            if step < steps:
-                ids_t = torch.from_numpy(rng.integers(3, 200, (ids.shape[0], 1)).astype(np.int64))
-                mask_t = torch.cat([mask_t, torch.ones(ids.shape[0], 1, dtype=torch.int64)], 1)
+    logits, past = _torch_step(src, ids, mask, _positions(mask, ids.shape[1]), src.empty_past(ids.shape[0]))
+    out = [logits[:, -1]]
+    for _ in range(steps):
+        nxt = rng.integers(3, 200, (ids.shape[0], 1)).astype(np.int64)
+        mask = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], 1)
+        logits, past = _torch_step(src, nxt, mask, _positions(mask, 1), past)
+        out.append(logits[:, -1])
     return np.stack(out, 1)
 
 
