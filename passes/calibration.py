@@ -15,8 +15,11 @@ values. Anything else is an error naming the input.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -200,10 +203,31 @@ def _batch_chunks(inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     return [{n: sliced(n, v, a, min(a + rows, batch)) for n, v in inputs.items()} for a in range(0, batch, rows)]
 
 
+_SCRATCH: contextvars.ContextVar[str | None] = contextvars.ContextVar("calibration_scratch", default=None)
+
+
+@contextlib.contextmanager
+def scratch_directory(path: str | Path) -> Iterator[None]:
+    """``with scratch_directory(DIR):`` the temporary copy of a model past 2 GiB that a
+    calibration run writes (:func:`_session`: the whole model with its weights) goes
+    under ``DIR`` instead of the system temp directory. ``toolkit convert`` passes its
+    staging directory, beside the output: ``$TMPDIR`` is often a small tmpfs (RAM)
+    where a multi-GB copy failed or crowded out memory, while the output's file system
+    has room for the model by construction. Without it (the passes called from Python)
+    the system temp directory is used."""
+    token = _SCRATCH.set(str(path))
+    try:
+        yield
+    finally:
+        _SCRATCH.reset(token)
+
+
 def _session(proto: Any, so: Any) -> Any:
     """An ORT session of ``proto`` (a copy the caller gives up): from its bytes, or past
     protobuf's 2 GiB limit from a temporary file with external data (ORT has read or
-    mapped the weights when the session exists, so the file can go)."""
+    mapped the weights when the session exists, so the file can go), in a temporary
+    directory under :func:`scratch_directory`'s (else the system temp directory),
+    removed on success and error alike."""
     import onnxruntime as ort
 
     from toolkit.checker import too_large_to_serialize
@@ -214,10 +238,12 @@ def _session(proto: Any, so: Any) -> Any:
 
     import onnx
 
-    with tempfile.TemporaryDirectory(prefix="toolkit-calibration-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="toolkit-calibration-", dir=_SCRATCH.get()) as tmp:
         path = f"{tmp}/model.onnx"
+        # (onnx refuses a location that exists relative to the current directory, not
+        # to the model's: a name of the directory's own, which no other file has)
         onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data", size_threshold=1024)
+                        location=f"{Path(tmp).name}.data", size_threshold=1024)
         return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 

@@ -6,6 +6,7 @@ past) and then two decode steps feeding the ONNX model its own cache.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 
@@ -347,4 +348,91 @@ def test_export_stamps_the_oldest_ir_version_its_opset_allows(opset, ir_version,
     assert has_node_metadata == (ir_version >= 10)
     assert {p.key for p in saved.metadata_props} >= {"toolkit.source", "toolkit.opset"}
     onnx.checker.check_model(saved, full_check=True)
+    ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+
+
+def _digests(directory) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_overwrite_keeps_the_old_model_when_the_save_fails(monkeypatch, tmp_path):
+    """export --overwrite whose save fails halfway (a full disk) leaves the previous
+    model and its weights byte for byte, and no temporary file beside them."""
+    from toolkit import export
+    from toolkit.cli import main
+
+    out = tmp_path / "m.onnx"
+    monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 0)
+    assert main(["export", "llama", "-o", str(out)]) == 0
+    before = _digests(tmp_path)
+    assert set(before) == {"m.onnx", "m.onnx.data"}
+
+    def half_written(model, path, keep_weights=True):
+        path.write_bytes(b"\x08\x0a partial")
+        (path.parent / (path.name + ".data")).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "save_model", half_written)
+    assert main(["export", "llama", "-o", str(out), "--overwrite", "--seed", "1"]) != 0
+    assert _digests(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def test_overwrite_never_pairs_a_model_with_the_other_exports_weights(monkeypatch, tmp_path):
+    """export --overwrite of a model with external data by another: at every rename the
+    directory holds the old pair, the new pair or no model (publish moved the new
+    weights beside the old model first), and a failed rename puts the old pair back
+    (the old model was left for good beside the new weights)."""
+    from toolkit import export
+    from toolkit.cli import main
+
+    out = tmp_path / "m.onnx"
+    monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 0)
+    assert main(["export", "llama", "-o", str(out)]) == 0
+    old = _digests(tmp_path)
+    real_replace = os.replace
+    seen: list[dict[str, str]] = []
+
+    def watched(src, dst):
+        real_replace(src, dst)
+        seen.append({k: v for k, v in _digests(tmp_path).items() if k.startswith("m.onnx")})
+
+    monkeypatch.setattr(os, "replace", watched)
+    assert main(["export", "llama", "-o", str(out), "--overwrite", "--seed", "1"]) == 0
+    new = _digests(tmp_path)
+    assert new["m.onnx"] != old["m.onnx"] and new["m.onnx.data"] != old["m.onnx.data"]
+    assert seen
+    for state in seen:
+        if "m.onnx" in state:
+            assert state in (old, new), "a model beside the other export's weights"
+
+    def failing(src, dst):  # the model's own rename fails, after its weights were moved
+        if str(dst) == str(out) and ".toolkit-export-" in str(src) and not str(src).endswith(".old-m.onnx"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    assert main(["export", "llama", "-o", str(out), "--overwrite", "--seed", "2"]) != 0
+    assert _digests(tmp_path) == new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def test_overwrite_of_a_large_export_from_its_own_directory(monkeypatch, tmp_path):
+    """export -o m.onnx --overwrite run in m.onnx's directory, for a model with external
+    data: onnx.save_model refused the location m.onnx.data because it existed relative
+    to the current directory (FileExistsError), though the new file goes to staging."""
+    import onnxruntime as ort
+
+    from toolkit import export
+    from toolkit.cli import main
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "llama", "-o", "m.onnx"]) == 0
+    first = _digests(tmp_path)
+    assert main(["export", "llama", "-o", "m.onnx", "--overwrite", "--seed", "1"]) == 0
+    second = _digests(tmp_path)
+    assert set(second) == {"m.onnx", "m.onnx.data"} and second["m.onnx.data"] != first["m.onnx.data"]
     ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from passes import run_pipeline
-from toolkit.generate import greedy
+from toolkit.generate import GREEDY, greedy
 from toolkit.parity import make_session
 
 
@@ -302,3 +302,47 @@ def test_a_batch_of_prompts_decodes_each_as_it_would_alone(exported, tmp_path):
                         "--max-new-tokens", "10", "--json"], capture_output=True, text=True, check=False, timeout=300)
     one = json.loads(r.stdout)  # one prompt: the flat fields and the same "rows" schema
     assert one["token_ids"] == one["rows"][0]["token_ids"] == alone[1] and one["batch"] == 1
+
+
+def test_a_zero_length_prompt_through_a_sampling_head_is_a_named_error(tmp_path):
+    """toolkit.load(DIR).run with an empty input_ids on a bundle with a sampling head:
+    ORT failed in the head's Gather of the last position ("indices element out of data
+    bounds"); the session refuses it first, naming input_ids. A one-token prompt still
+    runs, and the head's choice is the logits' argmax."""
+    import onnxruntime as ort
+
+    import toolkit
+    from toolkit.cli import main
+    from toolkit.errors import ToolkitError
+    from toolkit.generate import BoundDecoder, TokenChooser, head_options
+
+    bundle = tmp_path / "b"
+    assert main(["convert", "llama", "-o", str(bundle), "--sampling-head", "8", "--no-parity"]) == 0
+    session = toolkit.load(bundle, threads=1)
+    assert isinstance(session, ort.InferenceSession)
+    outputs = [o.name for o in session.get_outputs()]
+    assert "next_token_ids" in outputs and "logits" in outputs
+
+    def feeds(seq: int) -> dict[str, np.ndarray]:
+        out = {"input_ids": np.full((1, seq), 7, np.int64), "attention_mask": np.ones((1, seq), np.int64),
+               "position_ids": np.arange(seq, dtype=np.int64)[None]}
+        for i in session.get_inputs():
+            if i.name.startswith("past_key_values."):
+                dims = [d if isinstance(d, int) else 0 for d in i.shape]
+                dims[0] = 1
+                out[i.name] = np.zeros(dims, np.float32)
+        return out
+
+    with pytest.raises(ToolkitError) as err:
+        session.run(["next_token_ids"], feeds(0))
+    assert "input_ids" in str(err.value) and "[1, 0]" in str(err.value)
+    assert err.value.hint and "at least one token" in err.value.hint
+    ids, logits = session.run(["next_token_ids", "logits"], feeds(1))
+    assert ids.shape == (1, 8) and ids[0, 0] == logits[0, -1].argmax()
+
+    # the IOBinding driver of toolkit.generate checks it too (generate_batch refuses an
+    # empty prompt earlier; a host driving BoundDecoder itself reached ORT)
+    dec = BoundDecoder(session, TokenChooser(head_options(session), GREEDY).wanted_outputs)
+    empty = np.zeros((1, 0), np.int64)
+    with pytest.raises(ToolkitError, match="input_ids"):
+        dec.step(empty, empty, empty, dec.empty_past(1), seed=0)

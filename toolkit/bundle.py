@@ -13,6 +13,7 @@ onnxruntime-genai can drive the model, the bundle also holds its `genai_config.j
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -320,6 +321,31 @@ def _check_model_files(manifest: dict[str, Any], directory: Path, model_path: Pa
             "the file itself (toolkit.parity.make_session)")
 
 
+@functools.cache
+def _session_class() -> type:
+    """The class of the sessions :func:`load` returns: an ``onnxruntime.InferenceSession``
+    whose :meth:`run` first refuses inputs ONNX Runtime fails on with a kernel's message
+    (an empty ``input_ids`` through a sampling head: :func:`toolkit.generate.check_input_ids`).
+    Defined on first use (onnxruntime is imported lazily)."""
+    import onnxruntime as ort
+
+    from toolkit.generate import check_input_ids, head_options
+
+    class BundleSession(ort.InferenceSession):
+        __doc__ = _session_class.__doc__
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._sampling_head = head_options(self) is not None
+
+        def run(self, output_names: Any, input_feed: dict[str, Any], run_options: Any = None) -> Any:
+            if self._sampling_head and isinstance(input_feed, dict) and "input_ids" in input_feed:
+                check_input_ids(input_feed["input_ids"])
+            return super().run(output_names, input_feed, run_options)
+
+    return BundleSession
+
+
 def load(directory: str | Path, providers: list[str] | None = None, threads: int | None = None,
          session_options: Any | None = None, require_parity: bool = False) -> Any:
     """An ONNX Runtime session for a bundle, after checking its manifest.
@@ -334,6 +360,10 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
     ``require_parity``: refuse a bundle whose manifest does not record a passing parity
     check (kept with ``--keep-failed``, or converted with ``--no-parity``); without it
     a failed one loads with a :class:`ParityFailedWarning`.
+
+    The session is an ``onnxruntime.InferenceSession`` (a subclass) whose ``run``
+    refuses a zero-length ``input_ids`` through a sampling head with a ToolkitError
+    naming the input, where ONNX Runtime failed in the head's Gather.
 
     Raises:
         InvalidModelError: missing/unreadable manifest or model.
@@ -400,7 +430,7 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
     model_path = directory / manifest["model"]
     _check_model_files(manifest, directory, model_path)
     try:
-        return ort.InferenceSession(str(model_path), so, providers=providers)
+        return _session_class()(str(model_path), so, providers=providers)
     except Exception as exc:
         # The same diagnosis as a bare .onnx file (corrupt, truncated, invalid graph);
         # else ORT's own reason, named.

@@ -350,8 +350,19 @@ def save_model(model: Any, out_path: Path, keep_weights: bool = True) -> None:
         _drop_ir10_metadata(model)
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     if size > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=out_path.name + ".data", size_threshold=1024)
+        from onnx.external_data_helper import set_external_data
+
+        from toolkit.parity import all_graphs
+
+        # The tensors are marked here rather than by onnx.save_model(location=...), which
+        # refuses a location that exists relative to the current directory, not to the
+        # model's: `export -o m.onnx --overwrite` run beside a large m.onnx failed with
+        # FileExistsError (the new model is written into a fresh staging directory).
+        for graph in all_graphs(model):
+            for tensor in graph.initializer:
+                if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                    set_external_data(tensor, out_path.name + ".data")
+        onnx.save_model(model, str(out_path))
         # onnx.save_model moved the weights out of `model` (its tensors now only name
         # out_path's .data file): read them back, so the caller still holds a whole model
         # (convert runs its passes on it and saves it again beside another name, then

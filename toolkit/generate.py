@@ -204,6 +204,7 @@ class BoundDecoder:
                 hint="generate drives decoders exported by `toolkit export`/`convert` (flat KV-cache I/O)",
             )
         self.wanted = wanted
+        self.head = head_options(session) is not None
         self.device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
         # A fixed-capacity quantized cache (kv-cache pass, --kv-capacity): each present
         # output is bound to its past input's buffer, so a step writes only the new tokens.
@@ -233,6 +234,8 @@ class BoundDecoder:
     def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: dict[str, Any],
              seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """One forward call; returns (the wanted outputs as arrays, the next past as ORT values)."""
+        if self.head:
+            check_input_ids(ids)
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
@@ -271,6 +274,21 @@ def head_options(session: Any) -> dict[str, Any] | None:
     meta = session.get_modelmeta().custom_metadata_map
     head = meta.get("toolkit.sampling_head")
     return json.loads(head) if head else None
+
+
+def check_input_ids(input_ids: Any) -> None:
+    """Refuse, before ONNX Runtime runs, an ``input_ids`` with no token for a model with a
+    sampling head: the head reads each row's last position, and ORT stopped with
+    "Non-zero status code returned while running Gather node 'sampling_head/Gather_last'
+    ... indices element out of data bounds" (an audit: a server feeding an empty prompt
+    to ``toolkit.load(DIR).run``). ``input_ids`` is an array or an ORT value."""
+    shape = input_ids.shape() if callable(getattr(input_ids, "shape", None)) else np.shape(input_ids)
+    if len(shape) == 2 and shape[1] == 0:
+        raise ToolkitError(
+            f"input_ids has shape {list(shape)}: no token to choose the next one after (the model's sampling "
+            "head reads each row's last position)",
+            hint="feed at least one token per row: the prompt at prefill (left-padded, attention_mask 0 on the "
+            "padding), the last chosen token at each decode step")
 
 
 def model_context_length(session: Any) -> int | None:

@@ -172,6 +172,53 @@ def _umask() -> int:
     return mask
 
 
+def _publish_files(staging: Path, dest: Path, *, overwrite: bool) -> None:
+    """Move ``staging/dest.name`` and its sidecars (``dest.name + ".data"``, the
+    external weights) next to ``dest``.
+
+    Guarantee: a reader opening ``dest`` and its sidecar by name never finds the new
+    model beside the old weights or the old model beside the new ones. A model alone
+    (no sidecar on either side) is one atomic rename. When the new model has a sidecar
+    the old one has too, the old pair is first moved into ``staging``, then the new
+    sidecars and the new model are moved in: ``dest`` is absent between these renames
+    (a reader gets "no such file", not a mismatched pair). If a rename fails (or an
+    interrupt arrives), the new files are removed and the old pair is moved back; a
+    process killed between the renames leaves the old pair in ``staging``. (Not
+    covered: a reader that opened the old model before the swap and its weights
+    after; the file names are fixed, so only a bundle directory swaps both at once.)
+    Before, the weights were replaced first, so the old model sat beside the new
+    weights, for good when the model's rename then failed.
+    """
+    sidecars = sorted(f for f in staging.iterdir() if f.name.startswith(dest.name + ".") and f.is_file())
+    moved_aside: list[tuple[Path, Path]] = []  # (original path, where it is kept meanwhile)
+    placed: list[Path] = []
+    try:
+        clashing = [dest.parent / f.name for f in sidecars if (dest.parent / f.name).exists()]
+        if clashing and dest.exists():
+            for path in (dest, *clashing):  # the model first: it names the weights
+                kept = staging / f".old-{path.name}"
+                os.replace(path, kept)
+                moved_aside.append((path, kept))
+        for f in sidecars:
+            os.replace(f, dest.parent / f.name)
+            placed.append(dest.parent / f.name)
+        os.replace(staging / dest.name, dest)
+    except BaseException:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        for path, kept in reversed(moved_aside):
+            os.replace(kept, path)
+        raise
+    for _, kept in moved_aside:
+        kept.unlink(missing_ok=True)
+    # a sidecar of the replaced model that the new one does not have goes (an
+    # --overwrite of a large model by a small one left it behind); the new model
+    # names no such file, so it may go after the model is in place
+    stale = dest.parent / (dest.name + ".data")
+    if overwrite and stale.name not in {f.name for f in sidecars} and stale.is_file():
+        stale.unlink()
+
+
 def publish(staging: Path, dest: Path, *, files: bool = False, overwrite: bool = False,
             mode: int | None = None) -> None:
     """Move the staged output into place.
@@ -188,18 +235,7 @@ def publish(staging: Path, dest: Path, *, files: bool = False, overwrite: bool =
     """
     _readable_files(staging)
     if files:
-        # sidecars (the .data weights) first and the model last, so a new model never
-        # names weights that are not there yet (on --overwrite the old model sits beside
-        # the new weights between the two renames: single files have no atomic swap; a
-        # bundle directory does); a sidecar of the replaced model that the new one does
-        # not have goes (an --overwrite of a large model by a small one left it behind)
-        sidecars = sorted(f for f in staging.iterdir() if f.name.startswith(dest.name + "."))
-        for f in sidecars:
-            os.replace(f, dest.parent / f.name)
-        os.replace(staging / dest.name, dest)
-        stale = dest.parent / (dest.name + ".data")
-        if overwrite and stale.name not in {f.name for f in sidecars} and stale.is_file():
-            stale.unlink()
+        _publish_files(staging, dest, overwrite=overwrite)
         return
     # A server running as another user must be able to read the published directory.
     staging.chmod(0o777 & ~_umask() if mode is None else mode)

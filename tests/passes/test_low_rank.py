@@ -8,6 +8,9 @@ the quantity the pass promises to minimise, not on a fixed tolerance.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -635,3 +638,48 @@ def test_a_model_past_the_protobuf_limit_is_checked_and_calibrated(exported, tmp
     exposed = calibration.run_exposed(ir.serde.deserialize_model(model), names, options, "low-rank")
     for name in names:
         np.testing.assert_array_equal(exposed[name], values[name])
+
+
+def test_calibration_copy_of_a_large_model_goes_beside_the_output(monkeypatch, tmp_path):
+    """convert --whiten of a model past protobuf's 2 GiB (simulated) writes the
+    calibration run's copy of the model (its weights included) to a temporary directory:
+    it was the system temp directory ($TMPDIR, often a small tmpfs); it is now inside the
+    output's staging directory, and it is gone after a conversion and after a failed one."""
+    from toolkit import checker
+    from toolkit.cli import main
+
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(system_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read $TMPDIR
+    monkeypatch.setattr(checker, "too_large_to_serialize", lambda model: True)
+    copies: list[Path] = []
+    real_save = onnx.save_model
+
+    def recording_save(proto, f, *args, **kwargs):
+        if "toolkit-calibration-" in str(f):
+            copies.append(Path(f))
+        return real_save(proto, f, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "save_model", recording_save)
+    outputs = tmp_path / "outputs"
+    argv = ["convert", "llama", "--rank-ratio", "0.5", "--whiten", "--no-parity", "-o"]
+    assert main([*argv, str(outputs / "ok")]) == 0
+    assert copies, "the calibration run did not take the large-model path"
+    assert all(c.resolve().is_relative_to(outputs.resolve()) for c in copies), copies
+    assert list(system_tmp.rglob("toolkit-calibration-*")) == []  # (torch keeps its own caches there)
+    assert sorted(p.name for p in outputs.iterdir()) == ["ok"]
+
+    real_session = ort.InferenceSession
+
+    def failing_session(path_or_bytes, *args, **kwargs):
+        if "toolkit-calibration-" in str(path_or_bytes):
+            raise RuntimeError("simulated: onnxruntime could not load the calibration copy")
+        return real_session(path_or_bytes, *args, **kwargs)
+
+    copies.clear()
+    monkeypatch.setattr(ort, "InferenceSession", failing_session)
+    assert main([*argv, str(outputs / "failed")]) != 0
+    assert copies and all(c.resolve().is_relative_to(outputs.resolve()) for c in copies)
+    assert list(system_tmp.rglob("toolkit-calibration-*")) == []  # (torch keeps its own caches there)
+    assert sorted(p.name for p in outputs.iterdir()) == ["ok"]

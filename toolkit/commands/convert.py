@@ -139,10 +139,13 @@ def run(args: argparse.Namespace) -> int:
 
                 src, exported = _source_and_model(args, onnx_input, staging, progress)
                 t = progress.add_task("graph passes", total=None)
-                from passes import run_pipeline
+                from passes import calibration, run_pipeline
 
-                optimized, pipeline_report = run_pipeline(exported, names, pass_options, explain=args.explain,
-                                                          consume=True)
+                # a calibration run's temporary copy of a model past 2 GiB goes beside the
+                # output (removed with the staging directory), not to $TMPDIR
+                with calibration.scratch_directory(staging):
+                    optimized, pipeline_report = run_pipeline(exported, names, pass_options,
+                                                              explain=args.explain, consume=True)
                 del exported  # its weights were shared with the passes (consume), not copied
                 # what follows reads the graph only (parity and the session read the file)
                 save_model(optimized, staging / "model.onnx", keep_weights=False)
