@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from passes import kv_cache_gqa
 from passes.registry import GraphPass, PassOptions, PassResult
 from passes.rule_application import describe_node
 from toolkit.errors import PassError
@@ -119,9 +120,9 @@ class _Layer:
     index: int
     past_k: ir.Value
     past_v: ir.Value
-    concat_k: ir.Node
-    concat_v: ir.Node
-    query: ir.Value
+    concat_k: ir.Node | None  # None for GroupQueryAttention (``gqa``)
+    concat_v: ir.Node | None
+    query: ir.Value | None
     scale: float
     bias: ir.Value | None
     out: ir.Value
@@ -136,6 +137,7 @@ class _Layer:
     dead_v: list[ir.Node] = dataclasses.field(default_factory=list)  # attention, from the repeated keys / values
     bool_mask: bool = False  # the bias is an ONNX Attention boolean mask (True: attend)
     out_shapes: list[ir.Node] = dataclasses.field(default_factory=list)  # Shape of repeated K/V read for B, H, D only
+    gqa: kv_cache_gqa.Layer | None = None  # onnxruntime-genai's GroupQueryAttention (passes/kv_cache_gqa.py)
 
 
 class _NoMatch(Exception):
@@ -513,6 +515,26 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
                   out_shapes=out_shapes)
 
 
+def _match_gqa(graph: ir.Graph, index: int, past_k: ir.Value, past_v: ir.Value) -> _Layer | None:
+    """The layer when its past is read by a GroupQueryAttention node (onnxruntime-genai), else None."""
+    shapes, others = _split_uses(past_k)
+    shapes_v, others_v = _split_uses(past_v)
+    node = next((n for n in others if kv_cache_gqa.is_gqa(n)), None)
+    if node is None:
+        return None
+    if others != [node] or others_v != [node]:
+        raise _NoMatch(f"the past of layer {index} is read by {', '.join(describe_node(n) for n in others + others_v)}"
+                       f"; expected {describe_node(node)} alone")
+    gqa = kv_cache_gqa.match(node, past_k, past_v, graph)
+    present_k, present_v = node.outputs[1], node.outputs[2]
+    outputs = {v.name: v for v in graph.outputs}
+    for value, name in ((present_k, f"present.{index}.key"), (present_v, f"present.{index}.value")):
+        if outputs.get(name) is not value or value.uses():
+            raise _NoMatch(f"{describe_node(node)} must produce the graph output {name!r}, read by nothing else")
+    return _Layer(index, past_k, past_v, None, None, None, gqa.scale, None, node.outputs[0], [node],
+                  [(n, "past") for n in shapes + shapes_v], form="gqa", gqa=gqa)
+
+
 def _axes_read(shape: ir.Node, removed: list[ir.Node], kept: list[ir.Value | None]
                ) -> tuple[set[int] | None, list[ir.Node]]:
     """(the axes of its input whose sizes a Shape node's live readers take, constant Gather
@@ -592,7 +614,9 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
                                 f"convert_float_to_float16(..., op_block_list={list(FLOAT32_ONLY_OPS)})), or "
                                 "leave out --kv-cache")
         try:
-            layers.append(_match_layer(model, index, past_k, past_v))
+            layers.append(_match_gqa(graph, index, past_k, past_v) or _match_layer(model, index, past_k, past_v))
+        except kv_cache_gqa.Mismatch as err:
+            raise PassError(f"kv-cache: layer {index}: {err}", hint=kv_cache_gqa.HINT) from None
         except _NoMatch as err:
             hint = (SLICED_CACHE_HINT if isinstance(err, _SlicedCache) else
                     "the pass rewrites eager attention (`toolkit export`), torch exporters' SDPA forms and ONNX "
@@ -601,6 +625,12 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
             raise PassError(f"kv-cache: layer {index}: {err}", hint=hint) from None
 
     shape = layers[0].past_k.shape
+    if layers[0].gqa is not None and shape is not None and len(shape) == 4:
+        # onnxruntime-genai leaves the head dim symbolic: the node's attributes and query width give it
+        shape = ir.Shape([shape[0], layers[0].gqa.kv_heads, shape[2], layers[0].gqa.head_dim])
+        if any(layer.gqa is None for layer in layers):
+            raise PassError("kv-cache: some layers are GroupQueryAttention and some are not",
+                            hint="convert a model exported in one form")
     if shape is None or len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
         raise PassError(f"kv-cache: input {layers[0].past_k.name!r} has shape {shape}; expected "
                         "[batch, kv_heads, past_len, head_dim] with static kv_heads and head_dim",
@@ -650,12 +680,19 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
     if options.capacity:
         lengths_in = ir.val(kv_quant.MODEL_LENGTHS_INPUT, ir.DataType.INT64, ir.Shape([2]))
         graph.inputs.append(lengths_in)
+    shared = None  # GroupQueryAttention: the bias and rotary tables every layer reads
     for layer in layers:
         i = layer.index
         new_in = {n: ir.val(f"past_key_values.{i}.{n}", dtypes[n.rsplit("_", 1)[1]], past_shapes[n]) for n in names}
-        k_new, v_new = layer.concat_k.inputs[1], layer.concat_v.inputs[1]
         pv = layer.remove[-1]
-        bias = layer.bias
+        if layer.gqa is not None:
+            shared = shared or kv_cache_gqa.Shared(graph, layer.gqa)
+            shared.anchor = layer.gqa.node
+            query, k_new, v_new = layer.gqa.split_heads(shared, f"kv_cache/layer{i}")
+            bias = shared.bias()
+        else:
+            query, k_new, v_new = layer.query, layer.concat_k.inputs[1], layer.concat_v.inputs[1]
+            bias = layer.bias
         if layer.bool_mask:  # ONNX Attention's boolean mask (True: attend) as the op's additive bias
             where = ir.Node("", "Where", [bias, _float(f"kv_cache/layer{i}/attend", 0.0),
                                           _float(f"kv_cache/layer{i}/masked", -np.inf)],
@@ -664,7 +701,7 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
                 graph.register_initializer(c)
             graph.insert_before(pv, [where])
             bias = where.outputs[0]
-        op_inputs = [layer.query, k_new, v_new, *(new_in.get(n) for n in kv_quant.CACHE_TENSORS), bias,
+        op_inputs = [query, k_new, v_new, *(new_in.get(n) for n in kv_quant.CACHE_TENSORS), bias,
                      lengths_in]
         while op_inputs[-1] is None:
             op_inputs.pop()
@@ -678,7 +715,8 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
             lengths_out.name, lengths_out.dtype, lengths_out.shape = kv_quant.MODEL_LENGTHS_OUTPUT, ir.DataType.INT64, ir.Shape([2])
             graph.outputs.append(lengths_out)
         out = node.outputs[0]
-        out.name, out.dtype, out.shape = f"kv_cache.{i}.attention", ir.DataType.FLOAT, layer.out.shape
+        out.name, out.dtype = f"kv_cache.{i}.attention", ir.DataType.FLOAT
+        out.shape = None if layer.gqa is not None else layer.out.shape
         new_out = {}
         for value, n in zip(node.outputs[1:1 + len(kv_quant.CACHE_TENSORS)], kv_quant.CACHE_TENSORS):
             if n in new_in:
@@ -688,6 +726,8 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
             else:
                 value.name = ""  # symmetric: no zero point
         graph.insert_before(pv, [node])
+        if layer.gqa is not None:
+            out = layer.gqa.merge_heads(graph, out, f"kv_cache/layer{i}")
         ir.convenience.replace_all_uses_with(layer.out, out)
         rewire_out_shapes(graph, layer, out)
 

@@ -619,11 +619,42 @@ def make_session(path: str | Path, model: Any | None = None, threads: int | None
         raise InvalidModelError(f"ONNX Runtime could not load {str(path)!r}: {reason[:400]}", hint=hint) from exc
 
 
+def empty_cache_shape(name: str, shape: list, batch: int, known: dict[int, int] | None = None) -> list[int]:
+    """The shape of cache input ``name`` before the first call: ``batch`` on axis 0 (a
+    fixed-capacity cache's lengths, ``[2]``, have none), ``known`` ``{axis: size}`` for
+    symbolic sizes read elsewhere (:func:`cache_dims`), and 0 on the one symbolic axis
+    left, the past length. A second symbolic axis cannot be sized: a named error."""
+    dims: list[int | None] = [d if isinstance(d, int) else None for d in shape]
+    if len(dims) > 1:
+        dims[0] = batch
+    for axis, size in (known or {}).items():
+        dims[axis] = size
+    free = [axis for axis, d in enumerate(dims) if d is None]
+    if len(free) > 1:
+        raise InvalidModelError(
+            f"cache input {name!r} has shape {list(shape)}: axes {free} are symbolic, so its empty first-call "
+            "value cannot be sized (only the past length may be symbolic; it starts at 0)",
+            hint="give the other axes (heads, head dim) static sizes in the model's input, or export the model "
+            "with `toolkit export`")
+    return [0 if d is None else d for d in dims]
+
+
+def cache_dims(model: Any) -> dict[str, dict[int, int]]:
+    """Symbolic sizes of cache inputs the graph fixes: onnxruntime-genai's GroupQueryAttention
+    models leave the head dim (axis 3) symbolic; the node's attributes and weights give it."""
+    import onnx_ir as ir
+
+    from passes import kv_cache_gqa
+
+    return {name: {3: d} for name, d in kv_cache_gqa.past_head_dims(ir.serde.deserialize_model(model)).items()}
+
+
 class OnnxDecoder:
     """Drives an exported decoder's session step by step, keeping its own cache."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, cache_dims: dict[str, dict[int, int]] | None = None) -> None:
         self.session = session
+        self.cache_dims = cache_dims or {}  # {past input: {axis: size}} for symbolic sizes known otherwise
         self.inputs = {i.name: i for i in session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.output_names = [o.name for o in session.get_outputs()]
@@ -642,22 +673,8 @@ class OnnxDecoder:
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         from toolkit.model_info import ORT_TYPE_TO_NUMPY
 
-        past = {}
-        for name in self.past_names:
-            meta = self.inputs[name]
-            dims = []
-            for d in meta.shape:
-                if isinstance(d, int):
-                    dims.append(d)
-                else:
-                    dims.append(-1)
-            # By the export convention dim 0 is batch and the first other dynamic dim is the past length
-            # (a fixed-capacity cache's lengths, [2], start at zero).
-            if len(dims) > 1:
-                dims[0] = batch
-            dims = [0 if d == -1 else d for d in dims]
-            past[name] = np.zeros(dims, dtype=ORT_TYPE_TO_NUMPY[meta.type])
-        return past
+        return {name: np.zeros(empty_cache_shape(name, self.inputs[name].shape, batch, self.cache_dims.get(name)),
+                               dtype=ORT_TYPE_TO_NUMPY[self.inputs[name].type]) for name in self.past_names}
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -839,7 +856,7 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
                            f"{settings.prompt_len + settings.decode_steps} positions; the model was built for "
                            f"{context}", hint="pass a smaller --prompt-len / --decode-steps")
     session = make_session(onnx_path, model, threads=settings.threads, optimization=settings.optimization)
-    dec = OnnxDecoder(session)
+    dec = OnnxDecoder(session, cache_dims(model))
     settings = fit_to_capacity(settings, dec.inputs)
     rng = np.random.default_rng(settings.seed)
     records: list[OutputRecord] = []
