@@ -189,8 +189,10 @@ def _numpy_dtype(ort_type: str) -> Any:
 class BoundDecoder:
     """One decoder session driven through IOBinding; the cache stays in ORT values."""
 
-    def __init__(self, session: Any, wanted: tuple[str, ...]) -> None:
+    def __init__(self, session: Any, wanted: tuple[str, ...], cache_dims: dict[str, dict[int, int]] | None = None
+                 ) -> None:
         self.session = session
+        self.cache_dims = cache_dims or {}  # symbolic cache sizes the graph fixes (toolkit.parity.cache_dims)
         self.inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name for o in session.get_outputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
@@ -222,12 +224,12 @@ class BoundDecoder:
     def empty_past(self, batch: int) -> dict[str, Any]:
         import onnxruntime as ort
 
+        from toolkit.parity import empty_cache_shape
+
         past = {}
         for name in self.past_names:
             meta = self.inputs[name]
-            dims = [d if isinstance(d, int) else 0 for d in meta.shape]
-            if len(dims) > 1:  # batch first; a fixed-capacity cache's lengths ([2]) start at zero
-                dims[0] = batch
+            dims = empty_cache_shape(name, meta.shape, batch, self.cache_dims.get(name))
             past[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(dims, _numpy_dtype(meta.type)), self.device)
         return past
 
@@ -340,7 +342,8 @@ class BatchResult(_Timings):
 
 def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = GREEDY,
              eos_id: int | list[int] | None = None, seed: int = 0,
-             on_token: Callable[[int], None] | None = None, context_length: int | None = None) -> GenerationResult:
+             on_token: Callable[[int], None] | None = None, context_length: int | None = None,
+             cache_dims: dict[str, dict[int, int]] | None = None) -> GenerationResult:
     """Decode up to ``max_new_tokens`` tokens after ``prompt_ids`` (batch 1).
 
     ``eos_id``: stop after this token (or any of these). ``seed`` is the base of the
@@ -350,10 +353,13 @@ def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling:
     model's ``toolkit.context_length`` metadata); a longer run is refused up front
     (learned position tables fail past it with an ORT gather error after some tokens
     were printed, and RoPE models silently leave the positions they were trained on).
+    ``cache_dims``: sizes of symbolic cache axes other than the length, which the
+    session does not tell (:func:`toolkit.parity.cache_dims` of the model: the head dim
+    of onnxruntime-genai's GroupQueryAttention models).
     """
     stream = None if on_token is None else (lambda row, token: on_token(token))
     r = generate_batch(session, [prompt_ids], max_new_tokens, sampling, eos_id=eos_id, seed=seed,
-                       on_token=stream, context_length=context_length)
+                       on_token=stream, context_length=context_length, cache_dims=cache_dims)
     return GenerationResult(token_ids=r.token_ids[0], prefill_ms=r.prefill_ms, step_ms=r.step_ms,
                             kv_cache_bytes=r.kv_cache_bytes, peak_rss_mb=r.peak_rss_mb)
 
@@ -361,7 +367,8 @@ def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling:
 def generate_batch(session: Any, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = GREEDY,
                    eos_id: int | list[int] | None = None, seed: int = 0,
                    on_token: Callable[[int, int], None] | None = None,
-                   context_length: int | None = None) -> BatchResult:
+                   context_length: int | None = None, cache_dims: dict[str, dict[int, int]] | None = None
+                   ) -> BatchResult:
     """Decode up to ``max_new_tokens`` tokens after each prompt, all prompts in one batch.
 
     Prompts of different lengths are left-padded (masked, positions counted from each
@@ -412,7 +419,7 @@ def generate_batch(session: Any, prompts: list[list[int]], max_new_tokens: int, 
             hint=f"shorten the prompt or pass --max-new-tokens {context_length - longest + 1} or fewer"
             if longest <= context_length else f"shorten the prompt to at most {context_length} tokens")
     chooser = TokenChooser(head_options(session), sampling)
-    dec = BoundDecoder(session, chooser.wanted_outputs)
+    dec = BoundDecoder(session, chooser.wanted_outputs, cache_dims)
     capacity = dec.capacity()
     needed = longest + max_new_tokens - 1  # the last token is never fed back; padding takes cache slots too
     if capacity is not None and needed > capacity:

@@ -251,3 +251,27 @@ def test_unsupported_group_query_attention_is_refused_by_name(kwargs, fragment):
         _convert(model)
     assert fragment in str(err.value)
     assert "toolkit export" in err.value.hint
+
+
+def test_generate_drives_genai_models_before_and_after_the_rewrite(genai_model):
+    """Greedy tokens of the builder's model, and of its rewrite while nothing is
+    quantized, are PyTorch's; without the head dim the empty cache is a named error."""
+    import torch
+
+    from toolkit.generate import generate_batch
+
+    src, path = genai_model("llama")
+    prompt = [5, 6, 7, 8]
+    with torch.no_grad():
+        expected = src.module.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 4, dtype=torch.long),
+                                       max_new_tokens=10, do_sample=False, min_new_tokens=10)[0, 4:].tolist()
+    original = onnx.load(str(path))
+    rewritten, _ = convert(path, "kivi4", group=32, residual=64)
+    for model in (original, rewritten):
+        session = ort.InferenceSession(model.SerializeToString(), ops.session_options(1),
+                                       providers=["CPUExecutionProvider"])
+        result = generate_batch(session, [prompt], 10, cache_dims=cache_dims(model))
+        assert result.token_ids[0] == expected
+    with pytest.raises(InvalidModelError, match="'past_key_values.0.key'"):
+        generate_batch(ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"]),
+                       [prompt], 2)
