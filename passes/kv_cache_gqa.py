@@ -42,6 +42,11 @@ OP = ("com.microsoft", "GroupQueryAttention")
 # Inputs past index 8 (position_ids, attention_bias, head_sink) change the op's
 # positions or scores in ways the rewrite does not rebuild.
 _UNSUPPORTED_INPUTS = {9: "position_ids", 10: "attention_bias", 11: "head_sink"}
+# Attributes whose meaning the rewrite reproduces (or checks are at their defaults);
+# any other one (newer builders add quantized caches, q/k norms, windowed buffers)
+# is refused by name rather than ignored.
+_KNOWN_ATTRIBUTES = frozenset({"num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved",
+                               "local_window_size", "softcap", "smooth_softmax", "qk_output"})
 
 
 HINT = ("the rewrite takes onnxruntime-genai's GroupQueryAttention without a sliding window, softcap or extra "
@@ -306,6 +311,9 @@ def match(node: ir.Node, past_k: ir.Value, past_v: ir.Value, graph: ir.Graph) ->
         if ins[index] is not None:
             raise Mismatch(f"{where} has the input {name} ({ins[index].name!r}), which the rewrite does not take")
     a = node.attributes
+    unknown = sorted(set(a) - _KNOWN_ATTRIBUTES)
+    if unknown:  # e.g. a quantized GQA cache (k_quant_type) or q/k norms inside the op (qk_norm_epsilon)
+        raise Mismatch(f"{where} has the attribute(s) {', '.join(unknown)}, which the rewrite does not know")
     for attr, default in (("local_window_size", -1), ("softcap", 0.0), ("smooth_softmax", 0), ("qk_output", 0)):
         value = a[attr].value if attr in a else default
         if value != default:

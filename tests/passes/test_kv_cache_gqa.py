@@ -242,6 +242,7 @@ def test_group_query_attention_variants_match_onnxruntime(packed, rotary_dim, in
     ({"attrs": {"local_window_size": 4}}, "local_window_size=4"),
     ({"attrs": {"softcap": 30.0}}, "softcap=30.0"),
     ({"attrs": {"smooth_softmax": 1}}, "smooth_softmax=1"),
+    ({"attrs": {"qk_norm_epsilon": 1e-6}}, "attribute(s) qk_norm_epsilon"),
     ({"extra_inputs": ("position_ids",)}, "input position_ids"),
     ({"seqlens_from_mask": False}, "seqlens_k 'seqlens_k' is not ReduceSum"),
 ])
