@@ -354,6 +354,11 @@ struct ScalarOps {
       out[d] = p.s[d / p.G] * c + p.z[d / p.G];
     }
   }
+  // out[r * stride + t] = dot(q + r * D, k + t * D) for nt consecutive float key rows.
+  static inline void FloatDotsBlock(const float* q, int64_t rows, const float* k, int64_t nt, int64_t D, float* out,
+                                    int64_t stride) {
+    for (int64_t t = 0; t < nt; ++t) DotRows(q, rows, k + t * D, D, out + t, stride);
+  }
   // out[r] = dot(q + r * D, k) for `rows` query rows.
   static inline void DotRows(const float* q, int64_t rows, const float* k, int64_t D, float* out, int64_t stride) {
     for (int64_t r = 0; r < rows; ++r) {
@@ -828,6 +833,16 @@ struct Avx2Ops {
                                           int64_t stride) {
     DotRowsWith(q, rows, FloatRow{k}, D, out, stride);
   }
+  struct FloatRowAt {  // token t of consecutive float key rows, as DotsBlock's key(t, d)
+    const float* k;
+    int64_t D;
+    TOOLKIT_AVX2 __m256 operator()(int64_t t, int64_t d) const { return _mm256_loadu_ps(k + t * D + d); }
+  };
+  // Full-precision keys (residual, new tokens): four query rows and two key rows a tile.
+  TOOLKIT_AVX2 static inline void FloatDotsBlock(const float* q, int64_t rows, const float* k, int64_t nt, int64_t D,
+                                                 float* out, int64_t stride) {
+    DotsBlock(q, rows, FloatRowAt{k, D}, nt, D, out, stride);
+  }
   TOOLKIT_AVX2 static inline void AxpyRows(const float* p, int64_t stride,
                                                                           int64_t rows, const float* v, int64_t D,
                                                                           float* acc) {
@@ -1266,8 +1281,12 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       }
       t = tq;
     }
-    for (; t < tb; ++t) {
-      Ops::DotRows(q, nr, FpRow(io, io.key_res, io.key, b, h, t), D, out + (t - ta), stride);
+    // Full-precision rows: the residual's, then the new tokens' (each run contiguous).
+    for (const int64_t end : {std::min(tb, io.N + io.r), tb}) {
+      if (t < end) {
+        Ops::FloatDotsBlock(q, nr, FpRow(io, io.key_res, io.key, b, h, t), end - t, D, out + (t - ta), stride);
+        t = end;
+      }
     }
   };
   auto value_row = [&](int64_t t, float* dst) {
@@ -1339,13 +1358,37 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
         for (int64_t d = 0; d < D; ++d) qsum[size_t(rr)] += q[size_t(rr * D + d)];
       }
     }
-    // Pass 1: scores [nr, len] (+ bias). The first row block also copies the slice's
-    // past key codes into the present cache, kTokenBlock rows at a time right after
-    // scoring them (still in L1), instead of re-reading the whole cache from memory
-    // in WritePresent.
+    // Positions from te_rows on are masked for every row of the block (causal, or a
+    // bias <= kMaskedBias: the causal part of a prefill): not scored, not summed. Exact:
+    // a row that sees some position gives a masked one exp(bias + score - max) = 0 (a
+    // NaN bias counts as seen); a row that sees none (a padding query, every bias
+    // finite and tiny: softmax spreads it over all T positions) keeps the whole slice.
+    // Keys and values of skipped positions are not read, so an inf or NaN stored there
+    // reaches no row (as in ONNX Runtime's GroupQueryAttention; README). Rows are
+    // scanned last-first: the latest query usually sees the most and ends the others'
+    // scans at once.
+    int64_t te_rows = t0;
+    const auto masked = [](float x) { return x <= kMaskedBias; };
+    for (int64_t rr = nr - 1; rr >= 0 && te_rows < t1; --rr) {
+      const int64_t s = (r0 + rr) % S;
+      if (!io.bias_batch) {
+        te_rows = std::max(te_rows, std::min(t1, io.N + io.r + s + 1));
+        continue;
+      }
+      const float* br = io.bias + ((io.bias_batch == 1 ? 0 : b) * S + s) * io.T;
+      int64_t t = t1;
+      while (t > te_rows && masked(br[t - 1])) --t;
+      if (t == te_rows && std::all_of(br, br + io.T, masked)) t = t1;
+      te_rows = t;
+    }
+    const int64_t seen = te_rows - t0;  // scored positions of the slice, [t0, te_rows)
+    // Pass 1: scores [nr, seen] (+ bias), stride len. The first row block also copies
+    // the slice's past key codes into the present cache, kTokenBlock rows at a time
+    // right after scoring them (still in L1), instead of re-reading the whole cache
+    // from memory in WritePresent.
     loaded_group = -1;
-    for (int64_t tb = t0; tb < t1; tb += kTokenBlock) {
-      const int64_t te = std::min(t1, tb + kTokenBlock);
+    for (int64_t tb = t0; tb < te_rows; tb += kTokenBlock) {
+      const int64_t te = std::min(te_rows, tb + kTokenBlock);
       key_scores(tb, te, q.data(), nr, score.data() + (tb - t0), len);
       const int64_t tq = std::min(te, io.N);  // quantized positions of the block
       if (!a.key_per_channel && io.key_params_per_token == 1 && tb < tq) {
@@ -1372,32 +1415,36 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
       }
       if (r0 == 0) copy_codes(io.key_q, io.p_key_q, tb, te);
     }
+    if (r0 == 0) {  // the skipped positions' codes too
+      copy_codes(io.key_q, io.p_key_q, te_rows, t1);
+      copy_codes(io.value_q, io.p_value_q, te_rows, t1);
+    }
     for (int64_t rr = 0; rr < nr; ++rr) {
       const int64_t s = (r0 + rr) % S;
       float* sr = score.data() + rr * len;
       if (io.bias_batch) {
         const float* br = io.bias + ((io.bias_batch == 1 ? 0 : b) * S + s) * io.T + t0;
-        for (int64_t i = 0; i < len; ++i) sr[i] += br[i];
+        for (int64_t i = 0; i < seen; ++i) sr[i] += br[i];
       } else {
-        for (int64_t t = std::max(t0, io.N + io.r + s + 1); t < t1; ++t) sr[t - t0] = kNegInf;
+        for (int64_t t = std::max(t0, io.N + io.r + s + 1); t < te_rows; ++t) sr[t - t0] = kNegInf;
       }
     }
     // Softmax numerators against the slice max.
     for (int64_t rr = 0; rr < nr; ++rr) {
       float* sr = score.data() + rr * len;
-      const float m = Ops::RowMax(sr, len);
+      const float m = Ops::RowMax(sr, seen);
       float* dst = part + (r0 + rr) * (D + 2);
       dst[0] = m;
       if (!(m > kNegInf)) {  // every position of the slice masked, or NaN (RowMax skips NaN)
         // Masked: the slice adds nothing. NaN scores (a NaN query or key, a NaN bias):
         // a finite max with a NaN sum makes the merged row NaN, as ONNX Softmax does.
-        const bool nan = std::any_of(sr, sr + len, [](float x) { return std::isnan(x); });
+        const bool nan = std::any_of(sr, sr + seen, [](float x) { return std::isnan(x); });
         dst[0] = nan ? 0.0f : m;
         dst[1] = nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
-        std::fill(sr, sr + len, 0.0f);
+        std::fill(sr, sr + seen, 0.0f);
         continue;
       }
-      dst[1] = Ops::ExpShift(sr, len, m);
+      dst[1] = Ops::ExpShift(sr, seen, m);
     }
     // Pass 2: probability-weighted values, kTokenBlock rows at a time. A block of
     // quantized rows is read as codes: with v = s c + z per (row, group),
@@ -1407,8 +1454,8 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
     // are dequantized rows.
     std::fill(acc.begin(), acc.begin() + nr * D, 0.0f);
     std::fill(zsum.begin(), zsum.begin() + nr * ng, 0.0f);
-    for (int64_t tb = t0; tb < t1; tb += kTokenBlock) {
-      const int64_t nt = std::min(kTokenBlock, t1 - tb);
+    for (int64_t tb = t0; tb < te_rows; tb += kTokenBlock) {
+      const int64_t nt = std::min(kTokenBlock, te_rows - tb);
       if (fold_values && tb + nt <= io.N) {
         const int64_t slot = (bh * io.Nc + tb) * ng;  // the block's rows are consecutive slots
         Ops::LoadScales(io.value_scale + slot, io.value_zero ? io.value_zero + slot : nullptr, nt * ng, bs.data(),

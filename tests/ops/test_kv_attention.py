@@ -941,3 +941,58 @@ def test_property_matches_reference(case):
         tol = OUT_ATOL * max(1.0, float(np.abs(v).max()))
         np.testing.assert_allclose(out, ref, rtol=OUT_RTOL, atol=tol)
         past += s_len
+
+
+@pytest.mark.parametrize("path", ["simd", "scalar"])
+@pytest.mark.parametrize("fill", [-np.inf, np.finfo(np.float32).min, -1e9])
+@pytest.mark.parametrize("name", ["int8", "kivi4", "kivi2", "int4-res"])
+def test_positions_every_row_masks_are_skipped_and_still_cached(name, fill, path, monkeypatch):
+    """The kernel neither scores nor sums positions that every query row of a block
+    masks (bias <= -1e8 from some position on: the causal part of a prefill, or here
+    the last 100 past positions and the new tokens for all rows), in both slices of a
+    300-token context: outputs match the reference, and the present cache still holds
+    the skipped positions' codes. Their keys are not read: a NaN stored there reaches no
+    row (the reference, which adds the bias to every score, makes those rows NaN)."""
+    if path == "scalar":
+        monkeypatch.setenv("TOOLKIT_KV_SCALAR", "1")
+    scheme = SCHEMES[name]
+    rng = np.random.default_rng(7)
+    sess = make_session(scheme, with_bias=True)
+    cache, cache_ref = kq.empty_cache(1, 2, 32, scheme), kq.empty_cache(1, 2, 32, scheme)
+    q, k, v = step_inputs(rng, 1, 4, 2, 300, 32)
+    bias = causal_bias(1, 300, 0)
+    bias[bias < 0] = fill
+    out, cache = run_op(sess, q, k, v, cache, bias)
+    with np.errstate(invalid="ignore"):
+        ref, cache_ref = kq.attention(q, k, v, cache_ref, scheme, bias)
+    np.testing.assert_allclose(out, ref, rtol=OUT_RTOL, atol=OUT_ATOL)
+    assert_cache_equal(cache, cache_ref, "prefill")
+
+    q, k, v = step_inputs(rng, 1, 4, 2, 4, 32)
+    bias = np.zeros((1, 1, 4, 304), np.float32)
+    bias[..., 200:] = fill  # every row sees positions 0..199 only
+    out, present = run_op(sess, q, k, v, cache, bias)
+    ref, present_ref = kq.attention(q, k, v, dict(cache), scheme, bias)
+    np.testing.assert_allclose(out, ref, rtol=OUT_RTOL, atol=OUT_ATOL)
+    assert_cache_equal(present, present_ref, "masked tail")
+
+    poisoned = k.copy()
+    poisoned[0, 1, 2, 5] = np.nan  # a new key, at position 302: masked for every row
+    out_nan, _ = run_op(sess, q, poisoned, v, cache, bias)
+    with np.errstate(invalid="ignore"):
+        ref_nan, _ = kq.attention(q, poisoned, v, dict(cache), scheme, bias)
+    assert np.isnan(ref_nan[0, 2:]).all()  # KV head 1's query heads, in the reference
+    np.testing.assert_array_equal(out_nan, out)
+
+
+@pytest.mark.parametrize("path", ["simd", "scalar"])
+@pytest.mark.parametrize("name", ["int8", "kivi4"])
+def test_a_padding_query_row_still_spreads_over_every_position(name, path, monkeypatch):
+    """A left-padding query row masks every position with a finite bias (finfo.min),
+    so softmax spreads it evenly over all T positions, as in the reference and eager
+    attention. The kernel skips the positions a block of query rows all mask (rows
+    0-63 of a 200-token prefill see positions < 64); a block holding such a row must
+    keep them all, or the row averages fewer values."""
+    if path == "scalar":
+        monkeypatch.setenv("TOOLKIT_KV_SCALAR", "1")
+    drive(SCHEMES[name], 2, 2, 2, 32, steps=[200, 1], pad=[0, 10])
