@@ -789,6 +789,11 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
             "capacity": options.capacity, "residual_slots": scheme.residual_slots if options.capacity else 0,
             "layers": len(layers), "bytes_per_token": scheme.bytes_per_token(kv_heads, head_dim) * len(layers),
             "fp32_bytes_per_token": 2 * kv_heads * head_dim * 4 * len(layers)}
+    positions = [layer.gqa.rotary.positions for layer in layers if layer.gqa is not None and layer.gqa.rotary]
+    if positions and "toolkit.context_length" not in model.metadata_props:
+        # onnxruntime-genai records none: the rotary caches' rows are the positions the
+        # model takes (generate and parity refuse longer runs up front)
+        model.metadata_props["toolkit.context_length"] = str(min(positions))
     model.metadata_props["toolkit.kv_cache"] = options.scheme
     model.metadata_props["toolkit.kv_quant"] = json.dumps(info, sort_keys=True)
     model.metadata_props["toolkit.parity_profile"] = PROFILE[scheme.bits]

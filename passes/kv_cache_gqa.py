@@ -39,18 +39,22 @@ from onnx_ir import tape
 from passes.rule_application import describe_node
 
 OP = ("com.microsoft", "GroupQueryAttention")
-# Inputs past index 8 (position_ids, attention_bias, head_sink) change the op's
-# positions or scores in ways the rewrite does not rebuild.
-_UNSUPPORTED_INPUTS = {9: "position_ids", 10: "attention_bias", 11: "head_sink"}
+# GroupQueryAttention's inputs (ONNX Runtime 1.32's schema). Those past index 8
+# (positions, a bias, sinks, cache scales, q/k norm weights, ...) change the op's
+# positions, scores or cache in ways the rewrite does not rebuild: any one given is refused.
+_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache",
+           "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale", "q_norm_weight",
+           "k_norm_weight", "query_seqlens")
 # Attributes whose meaning the rewrite reproduces (or checks are at their defaults);
 # any other one (newer builders add quantized caches, q/k norms, windowed buffers)
 # is refused by name rather than ignored.
 _KNOWN_ATTRIBUTES = frozenset({"num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved",
-                               "local_window_size", "softcap", "smooth_softmax", "qk_output"})
+                               "local_window_size", "softcap", "smooth_softmax", "qk_output", "causal"})
 
 
-HINT = ("the rewrite takes onnxruntime-genai's GroupQueryAttention without a sliding window, softcap or extra "
-        "inputs; export the model with `toolkit export` (eager attention) to convert it instead")
+HINT = ("the rewrite takes GroupQueryAttention as onnxruntime-genai's model builder writes it for Llama, Qwen2, "
+        "Mistral and Phi-3 (CPU, fp32); export the model with `toolkit export` (eager attention) to convert it "
+        "instead")
 
 
 class Mismatch(Exception):
@@ -80,15 +84,20 @@ def _static_width(value: ir.Value) -> int | None:
 
 def _mask_of(seqlens: ir.Value | None) -> ir.Value | None:
     """The graph input ``seqlens_k`` is computed from (``Cast(Sub(ReduceSum(mask, 1), 1))``,
-    Casts in any place), or None."""
-    value = seqlens
+    Casts in any place, one Sub of the constant 1), or None."""
+    value, subtracted = seqlens, False
     for _ in range(8):
         node = value.producer() if value is not None else None
         if node is None:
             return None
-        if node.op_type in ("Cast", "Sub"):
+        if node.op_type == "Cast":
             value = node.inputs[0]
-        elif node.op_type == "ReduceSum":
+        elif node.op_type == "Sub" and not subtracted:
+            one = ir.convenience.get_const_tensor(node.inputs[1])
+            if one is None or one.numpy().size != 1 or float(one.numpy().reshape(())) != 1.0:
+                return None
+            value, subtracted = node.inputs[0], True
+        elif node.op_type == "ReduceSum" and subtracted:
             axes = ir.convenience.get_const_tensor(node.inputs[1]) if len(node.inputs) > 1 else None
             if axes is None or axes.numpy().reshape(-1).tolist() not in ([1], [-1]):
                 return None
@@ -122,6 +131,38 @@ def past_head_dims(model: ir.Model) -> dict[str, int]:
     return dims
 
 
+def table_shape(value: ir.Value | None) -> tuple[int, int] | None:
+    """(positions, R/2) of a cos or sin cache: its static shape, or, for the ``If`` that
+    picks one of two caches by length (onnxruntime-genai's LongRoPE Phi-3: short and long
+    factors), the most positions of its branches' constant outputs, which must agree on R/2."""
+    if value is None:
+        return None
+    if value.shape is not None and len(value.shape) == 2 and all(isinstance(d, int) for d in value.shape):
+        return int(value.shape[0]), int(value.shape[1])
+    node = value.producer()
+    if node is None or node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+        return None
+    shapes = []
+    for branch in ("then_branch", "else_branch"):
+        graph = node.attributes[branch].value if branch in node.attributes else None
+        out = graph.outputs[value.index()] if graph is not None and value.index() < len(graph.outputs) else None
+        tensor = ir.convenience.get_const_tensor(out) if out is not None else None
+        if tensor is None or len(tensor.shape) != 2:
+            return None
+        shapes.append((int(tensor.shape[0]), int(tensor.shape[1])))
+    if shapes[0][1] != shapes[1][1]:
+        return None
+    return max(s[0] for s in shapes), shapes[0][1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rotary:
+    cos: ir.Value  # [positions, R/2]
+    sin: ir.Value
+    half: int  # R/2
+    positions: int  # rows of the (longest) cache: the positions the model can take
+
+
 @dataclasses.dataclass
 class Layer:
     """One GroupQueryAttention node the rewrite takes."""
@@ -132,7 +173,7 @@ class Layer:
     head_dim: int
     scale: float
     mask: ir.Value  # the graph's attention_mask [B, T]
-    rotary: tuple[ir.Value, ir.Value] | None  # (cos_cache, sin_cache), or None without do_rotary
+    rotary: Rotary | None  # None without do_rotary
     interleaved: bool
 
     def split_heads(self, shared: Shared, prefix: str) -> tuple[ir.Value, ir.Value, ir.Value]:
@@ -151,9 +192,9 @@ class Layer:
             split = t.op("Reshape", [part, shape], name=f"{prefix}/{what.upper()}Heads")
             heads.append(t.op("Transpose", [split], {"perm": [0, 2, 1, 3]}, name=f"{prefix}/{what.upper()}Transpose"))
         if self.rotary is not None:
-            cos, sin = shared.rotary_tables(*self.rotary)
-            heads[0] = _rotate(t, heads[0], cos, sin, d, self.interleaved, f"{prefix}/RotaryQ")
-            heads[1] = _rotate(t, heads[1], cos, sin, d, self.interleaved, f"{prefix}/RotaryK")
+            cos, sin = shared.rotary_tables(self.rotary)
+            heads[0] = _rotate(t, heads[0], cos, sin, self.rotary.half, d, self.interleaved, f"{prefix}/RotaryQ")
+            heads[1] = _rotate(t, heads[1], cos, sin, self.rotary.half, d, self.interleaved, f"{prefix}/RotaryK")
         shared.insert(t)
         return heads[0], heads[1], heads[2]
 
@@ -172,10 +213,9 @@ class Layer:
         return merged
 
 
-def _rotate(t: tape.Tape, x: ir.Value, cos: ir.Value, sin: ir.Value, head_dim: int, interleaved: bool,
+def _rotate(t: tape.Tape, x: ir.Value, cos: ir.Value, sin: ir.Value, half: int, head_dim: int, interleaved: bool,
             prefix: str) -> ir.Value:
     """Rotary embedding of ``x [B, N, S, D]`` with tables ``[B, 1, S, R/2]`` on the first R channels."""
-    half = int(cos.shape[-1])
     rot = 2 * half
 
     def cut(v: ir.Value, start: int, end: int, name: str, axis: int = -1) -> ir.Value:
@@ -257,18 +297,18 @@ class Shared:
             self.insert(t)
         return self._positions
 
-    def rotary_tables(self, cos_cache: ir.Value, sin_cache: ir.Value) -> tuple[ir.Value, ir.Value]:
+    def rotary_tables(self, rotary: Rotary) -> tuple[ir.Value, ir.Value]:
         """cos / sin at the positions, ``[B, 1, S, R/2]``, once per pair of caches."""
-        key = (id(cos_cache), id(sin_cache))
+        key = (id(rotary.cos), id(rotary.sin))
         if key not in self._tables:
             positions = self.positions()
             t, p = tape.Tape(), f"kv_cache/gqa/rotary{len(self._tables)}"
             axis = t.initializer(ir.tensor(np.array([1], np.int64), name=f"{p}/heads_axis"))
             tables = []
-            for cache, what in ((cos_cache, "Cos"), (sin_cache, "Sin")):
+            for cache, what in ((rotary.cos, "Cos"), (rotary.sin, "Sin")):
                 at = t.op("Gather", [cache, positions], {"axis": 0}, name=f"{p}/{what}At")
                 table = t.op("Unsqueeze", [at, axis], name=f"{p}/{what}")
-                table.dtype, table.shape = ir.DataType.FLOAT, ir.Shape([None, 1, None, cache.shape[-1]])
+                table.dtype, table.shape = ir.DataType.FLOAT, ir.Shape([None, 1, None, rotary.half])
                 tables.append(table)
             self.insert(t)
             self._tables[key] = (tables[0], tables[1])
@@ -303,18 +343,20 @@ class Shared:
 
 def match(node: ir.Node, past_k: ir.Value, past_v: ir.Value, graph: ir.Graph) -> Layer:
     """The GroupQueryAttention ``node`` that reads ``past_k`` / ``past_v``, or :class:`Mismatch`."""
-    ins = list(node.inputs) + [None] * (12 - len(node.inputs))
+    ins = list(node.inputs) + [None] * (9 - len(node.inputs))
     where = describe_node(node)
     if ins[3] is not past_k or ins[4] is not past_v:
         raise Mismatch(f"{where} does not read {past_k.name!r} and {past_v.name!r} as its past key and value")
-    for index, name in _UNSUPPORTED_INPUTS.items():
+    for index in range(9, len(ins)):
         if ins[index] is not None:
+            name = _INPUTS[index] if index < len(_INPUTS) else f"#{index}"
             raise Mismatch(f"{where} has the input {name} ({ins[index].name!r}), which the rewrite does not take")
     a = node.attributes
     unknown = sorted(set(a) - _KNOWN_ATTRIBUTES)
     if unknown:  # e.g. a quantized GQA cache (k_quant_type) or q/k norms inside the op (qk_norm_epsilon)
         raise Mismatch(f"{where} has the attribute(s) {', '.join(unknown)}, which the rewrite does not know")
-    for attr, default in (("local_window_size", -1), ("softcap", 0.0), ("smooth_softmax", 0), ("qk_output", 0)):
+    for attr, default in (("local_window_size", -1), ("softcap", 0.0), ("smooth_softmax", 0), ("qk_output", 0),
+                          ("causal", 1)):
         value = a[attr].value if attr in a else default
         if value != default:
             raise Mismatch(f"{where} has {attr}={value}; the rewrite takes {attr}={default} only"
@@ -337,11 +379,11 @@ def match(node: ir.Node, past_k: ir.Value, past_v: ir.Value, graph: ir.Graph) ->
     rotary = None
     if a.get_int("do_rotary", 0):
         cos, sin = ins[7], ins[8]
-        if cos is None or sin is None or any(c.shape is None or len(c.shape) != 2 or not isinstance(c.shape[1], int)
-                                             or c.shape[1] * 2 > head_dim or c.shape != cos.shape for c in (cos, sin)):
-            raise Mismatch(f"{where} rotates without static [positions, R/2] cos/sin caches (R <= head dim "
-                           f"{head_dim})")
-        rotary = (cos, sin)
+        tables = [table_shape(c) for c in (cos, sin)]
+        if tables[0] is None or tables[0] != tables[1] or tables[0][1] * 2 > head_dim:
+            raise Mismatch(f"{where} rotates without cos/sin caches of one static shape [positions, R/2] with R <= "
+                           f"the head dim {head_dim} (they are {tables[0]} and {tables[1]})")
+        rotary = Rotary(cos, sin, tables[0][1], tables[0][0])
     scale = a["scale"].value if "scale" in a else 0.0
     return Layer(node, heads, kv_heads, head_dim, float(scale) or 1.0 / float(np.sqrt(head_dim)), mask, rotary,
                  bool(a.get_int("rotary_interleaved", 0)))

@@ -192,7 +192,7 @@ class BoundDecoder:
     def __init__(self, session: Any, wanted: tuple[str, ...], cache_dims: dict[str, dict[int, int]] | None = None
                  ) -> None:
         self.session = session
-        self.cache_dims = cache_dims or {}  # symbolic cache sizes the graph fixes (toolkit.parity.cache_dims)
+        self.cache_dims = cache_dims or {}  # symbolic cache sizes the graph fixes (toolkit.parity.decoder_facts)
         self.inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name for o in session.get_outputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
@@ -343,7 +343,7 @@ class BatchResult(_Timings):
 def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = GREEDY,
              eos_id: int | list[int] | None = None, seed: int = 0,
              on_token: Callable[[int], None] | None = None, context_length: int | None = None,
-             cache_dims: dict[str, dict[int, int]] | None = None) -> GenerationResult:
+             facts: Any = None) -> GenerationResult:
     """Decode up to ``max_new_tokens`` tokens after ``prompt_ids`` (batch 1).
 
     ``eos_id``: stop after this token (or any of these). ``seed`` is the base of the
@@ -353,13 +353,13 @@ def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling:
     model's ``toolkit.context_length`` metadata); a longer run is refused up front
     (learned position tables fail past it with an ORT gather error after some tokens
     were printed, and RoPE models silently leave the positions they were trained on).
-    ``cache_dims``: sizes of symbolic cache axes other than the length, which the
-    session does not tell (:func:`toolkit.parity.cache_dims` of the model: the head dim
-    of onnxruntime-genai's GroupQueryAttention models).
+    ``facts``: :func:`toolkit.parity.decoder_facts` of the model, what the session does
+    not tell (onnxruntime-genai's GroupQueryAttention models: the cache's head dim,
+    right-padded rows, the positions their rotary caches hold).
     """
     stream = None if on_token is None else (lambda row, token: on_token(token))
     r = generate_batch(session, [prompt_ids], max_new_tokens, sampling, eos_id=eos_id, seed=seed,
-                       on_token=stream, context_length=context_length, cache_dims=cache_dims)
+                       on_token=stream, context_length=context_length, facts=facts)
     return GenerationResult(token_ids=r.token_ids[0], prefill_ms=r.prefill_ms, step_ms=r.step_ms,
                             kv_cache_bytes=r.kv_cache_bytes, peak_rss_mb=r.peak_rss_mb)
 
@@ -367,8 +367,7 @@ def generate(session: Any, prompt_ids: list[int], max_new_tokens: int, sampling:
 def generate_batch(session: Any, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = GREEDY,
                    eos_id: int | list[int] | None = None, seed: int = 0,
                    on_token: Callable[[int, int], None] | None = None,
-                   context_length: int | None = None, cache_dims: dict[str, dict[int, int]] | None = None
-                   ) -> BatchResult:
+                   context_length: int | None = None, facts: Any = None) -> BatchResult:
     """Decode up to ``max_new_tokens`` tokens after each prompt, all prompts in one batch.
 
     Prompts of different lengths are left-padded (masked, positions counted from each
@@ -411,7 +410,13 @@ def generate_batch(session: Any, prompts: list[list[int]], max_new_tokens: int, 
                            hint="pass the tokenizer's end-of-sequence id, or leave --eos-id out")
     longest = max(len(p) for p in prompts)
     if context_length is None:
-        context_length = model_context_length(session)
+        context_length = model_context_length(session) or (facts.context_length if facts is not None else None)
+    if facts is not None and facts.right_padded and len({len(p) for p in prompts}) > 1:
+        raise ToolkitError(
+            "the model's GroupQueryAttention takes each row of a batch as right-padded, and generate left-pads "
+            f"prompts of different lengths ({sorted({len(p) for p in prompts})} tokens): the shorter rows would be "
+            "read wrong", hint="run the prompts one at a time or at one length, or convert the model with "
+            "`toolkit convert --kv-cache ...` (its attention takes the padding generate writes)")
     if context_length is not None and longest + max_new_tokens - 1 > context_length:
         raise ToolkitError(
             f"a {longest}-token prompt and {max_new_tokens} new tokens need "
@@ -419,7 +424,7 @@ def generate_batch(session: Any, prompts: list[list[int]], max_new_tokens: int, 
             hint=f"shorten the prompt or pass --max-new-tokens {context_length - longest + 1} or fewer"
             if longest <= context_length else f"shorten the prompt to at most {context_length} tokens")
     chooser = TokenChooser(head_options(session), sampling)
-    dec = BoundDecoder(session, chooser.wanted_outputs, cache_dims)
+    dec = BoundDecoder(session, chooser.wanted_outputs, facts.cache_dims if facts is not None else None)
     capacity = dec.capacity()
     needed = longest + max_new_tokens - 1  # the last token is never fed back; padding takes cache slots too
     if capacity is not None and needed > capacity:

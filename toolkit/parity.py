@@ -639,14 +639,39 @@ def empty_cache_shape(name: str, shape: list, batch: int, known: dict[int, int] 
     return [0 if d is None else d for d in dims]
 
 
-def cache_dims(model: Any) -> dict[str, dict[int, int]]:
-    """Symbolic sizes of cache inputs the graph fixes: onnxruntime-genai's GroupQueryAttention
-    models leave the head dim (axis 3) symbolic; the node's attributes and weights give it."""
+@dataclasses.dataclass(frozen=True)
+class DecoderFacts:
+    """What a decoder's session does not tell but its graph does (:func:`decoder_facts`)."""
+
+    cache_dims: dict[str, dict[int, int]]  # {cache input: {axis: size}}: symbolic sizes the graph fixes
+    right_padded: bool = False  # GroupQueryAttention: a batch's rows are taken as right-padded
+    context_length: int | None = None  # positions its rotary caches hold, when the metadata has none
+
+
+def decoder_facts(model: Any) -> DecoderFacts:
+    """:class:`DecoderFacts` of an ONNX model (weights not needed). onnxruntime-genai's
+    GroupQueryAttention models leave the cache's head dim (axis 3) symbolic (the node's
+    attributes and weights give it), take each row of a batch as right-padded (where
+    parity and generate left-pad), and record no context length (their cos/sin caches
+    hold the positions)."""
     import onnx_ir as ir
 
     from passes import kv_cache_gqa
 
-    return {name: {3: d} for name, d in kv_cache_gqa.past_head_dims(ir.serde.deserialize_model(model)).items()}
+    graph_model = ir.serde.deserialize_model(model)
+    nodes = [n for n in graph_model.graph if kv_cache_gqa.is_gqa(n)]
+    tables = [kv_cache_gqa.table_shape(n.inputs[7]) if len(n.inputs) > 7 else None for n in nodes]
+    rows = [t[0] for t in tables if t is not None]
+    return DecoderFacts({name: {3: d} for name, d in kv_cache_gqa.past_head_dims(graph_model).items()},
+                        right_padded=bool(nodes), context_length=min(rows) if rows else None)
+
+
+# A parity note for models that take padded rows on the right (GroupQueryAttention).
+RIGHT_PADDED_NOTE = (
+    "the model's GroupQueryAttention takes each row of a batch as right-padded (its per-row lengths come from "
+    "attention_mask), while parity feeds left-padded prompts, as Hugging Face models take them: batches with "
+    "padding fail by that convention alone. `toolkit convert --kv-cache ...` rewrites the attention to take the "
+    "padding parity feeds; --batch-sizes 1 checks the model as it is")
 
 
 class OnnxDecoder:
@@ -856,7 +881,8 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
                            f"{settings.prompt_len + settings.decode_steps} positions; the model was built for "
                            f"{context}", hint="pass a smaller --prompt-len / --decode-steps")
     session = make_session(onnx_path, model, threads=settings.threads, optimization=settings.optimization)
-    dec = OnnxDecoder(session, cache_dims(model))
+    facts = decoder_facts(model)
+    dec = OnnxDecoder(session, facts.cache_dims)
     settings = fit_to_capacity(settings, dec.inputs)
     rng = np.random.default_rng(settings.seed)
     records: list[OutputRecord] = []
@@ -921,6 +947,8 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
         report.records.append(rec)
     if not (scores_perplexity and has_logits):
         report.settings["perplexity_tokens"] = 0  # no held-out text (or no logits): no perplexity ran
+    if facts.right_padded and any(b > 1 for b in settings.batch_sizes):
+        report.notes.append(RIGHT_PADDED_NOTE)
     spreads = [r.ref_logit_std for r in report.records if r.ref_logit_std is not None]
     if profile.startswith("kv-") and spreads and float(np.median(spreads)) < FLAT_LOGITS_STD:
         report.notes.append(

@@ -38,7 +38,7 @@ from test_kv_cache_sdpa import _reference_logits
 from passes.pipeline import run_pipeline
 from toolkit import ops
 from toolkit.errors import InvalidModelError, PassError
-from toolkit.parity import OnnxDecoder, cache_dims, empty_cache_shape
+from toolkit.parity import RIGHT_PADDED_NOTE, OnnxDecoder, decoder_facts, empty_cache_shape
 
 ROOT = Path(__file__).resolve().parents[2]
 _BUILT: dict[str, tuple] = {}
@@ -48,7 +48,7 @@ def _decoder(model: onnx.ModelProto | Path) -> OnnxDecoder:
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     session = ort.InferenceSession(proto.SerializeToString(), ops.session_options(1),
                                    providers=["CPUExecutionProvider"])
-    return OnnxDecoder(session, cache_dims(proto))
+    return OnnxDecoder(session, decoder_facts(proto).cache_dims)
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +135,11 @@ def test_genai_model_head_dim_sizes_the_empty_cache(genai_model):
     src, path = genai_model("llama")
     proto = onnx.load(str(path), load_external_data=False)
     head_dim = src.module.config.hidden_size // src.module.config.num_attention_heads
-    assert cache_dims(proto) == {f"past_key_values.{i}.{k}": {3: head_dim}
-                                 for i in range(src.num_layers) for k in ("key", "value")}
+    facts = decoder_facts(proto)
+    assert facts.cache_dims == {f"past_key_values.{i}.{k}": {3: head_dim}
+                                for i in range(src.num_layers) for k in ("key", "value")}
+    assert facts.right_padded
+    assert facts.context_length == src.module.config.max_position_embeddings  # the cos/sin caches' rows
     shape = ["batch_size", 2, "past_sequence_length", "kv_cache_dim"]
     assert empty_cache_shape("past_key_values.0.key", shape, 3, {3: head_dim}) == [3, 2, 0, head_dim]
     with pytest.raises(InvalidModelError, match=r"'past_key_values.0.key'.*axes \[2, 3\] are symbolic"):
@@ -155,8 +158,12 @@ H, HKV, D, E, V = 4, 2, 32, 32, 256
 
 
 def _gqa_model(packed=True, rotary_dim=D, interleaved=False, attrs=None, extra_inputs=(), seqlens_from_mask=True,
-               seed=0) -> onnx.ModelProto:
-    """input_ids -> embedding -> q/k/v projections -> GroupQueryAttention -> o_proj = logits [B, S, E]."""
+               seed=0, seqlens_sub=1, switch_at=None) -> onnx.ModelProto:
+    """input_ids -> embedding -> q/k/v projections -> GroupQueryAttention -> o_proj = logits [B, S, E].
+
+    ``switch_at``: the cos/sin caches come from an ``If`` on the total length, as in
+    onnxruntime-genai's LongRoPE Phi-3 (short factors up to ``switch_at`` tokens, long
+    ones past it), their shapes symbolic."""
     rng = np.random.default_rng(seed)
 
     def weight(name, *shape):
@@ -174,9 +181,10 @@ def _gqa_model(packed=True, rotary_dim=D, interleaved=False, attrs=None, extra_i
             nodes.append(helper.make_node("MatMul", ["x", f"{n}_proj"], [n]))
         qkv = ["q", "k", "v"]
     inits.append(helper.make_tensor("one", TensorProto.INT64, [1], [1]))
+    inits.append(helper.make_tensor("sub", TensorProto.INT64, [1], [seqlens_sub]))
     if seqlens_from_mask:
         nodes += [helper.make_node("ReduceSum", ["attention_mask", "one"], ["len"], keepdims=0),
-                  helper.make_node("Sub", ["len", "one"], ["len_1"]),
+                  helper.make_node("Sub", ["len", "sub"], ["len_1"]),
                   helper.make_node("Cast", ["len_1"], ["seqlens_k"], to=TensorProto.INT32)]
     nodes += [helper.make_node("Shape", ["attention_mask"], ["mask_shape"]),
               helper.make_node("Gather", ["mask_shape", "one"], ["total_1"]),
@@ -185,8 +193,21 @@ def _gqa_model(packed=True, rotary_dim=D, interleaved=False, attrs=None, extra_i
     if rotary_dim:
         inv = 1.0 / 10000 ** (np.arange(0, rotary_dim, 2) / rotary_dim)
         angles = np.arange(128)[:, None] * inv[None]
-        inits += [helper.make_tensor("cos_cache", TensorProto.FLOAT, angles.shape, np.cos(angles).ravel()),
-                  helper.make_tensor("sin_cache", TensorProto.FLOAT, angles.shape, np.sin(angles).ravel())]
+        if switch_at is None:
+            inits += [helper.make_tensor("cos_cache", TensorProto.FLOAT, angles.shape, np.cos(angles).ravel()),
+                      helper.make_tensor("sin_cache", TensorProto.FLOAT, angles.shape, np.sin(angles).ravel())]
+        else:
+            def branch(name, a):
+                outs = [helper.make_tensor_value_info(f"{name}_{f}", TensorProto.FLOAT, None) for f in ("cos", "sin")]
+                consts = [helper.make_node("Constant", [], [f"{name}_{f}"], value=helper.make_tensor(
+                    f"{name}_{f}_value", TensorProto.FLOAT, a.shape, fn(a).ravel())) for f, fn in (("cos", np.cos),
+                                                                                                   ("sin", np.sin))]
+                return helper.make_graph(consts, name, [], outs)
+
+            inits.append(helper.make_tensor("switch", TensorProto.INT32, [], [switch_at]))
+            nodes += [helper.make_node("Greater", ["total", "switch"], ["long"]),
+                      helper.make_node("If", ["long"], ["cos_cache", "sin_cache"],
+                                       then_branch=branch("long", angles * 0.5), else_branch=branch("short", angles))]
         rot = ["cos_cache", "sin_cache"]
     gqa_inputs = [*qkv, "past_key_values.0.key", "past_key_values.0.value", "seqlens_k", "total",
                   *(rot or ["", ""]), *extra_inputs]
@@ -236,6 +257,26 @@ def test_group_query_attention_variants_match_onnxruntime(packed, rotary_dim, in
     for kind in ("key", "value"):  # rotated at the same positions
         np.testing.assert_allclose(past[f"past_key_values.0.{kind}_res"], ref_past[f"past_key_values.0.{kind}"],
                                    atol=1e-5, rtol=0)
+    # the positions the cos/sin caches hold, for generate's and parity's up-front length check
+    meta = {p.key: p.value for p in rewritten.metadata_props}
+    assert meta.get("toolkit.context_length") == ("128" if rotary_dim else None)
+
+
+def test_cos_sin_caches_chosen_by_an_if_match_onnxruntime_across_the_switch():
+    """onnxruntime-genai's LongRoPE Phi-3 picks its cos/sin caches with an If on the total
+    length (symbolic shapes): the pass reads R/2 from the branches' constants, and the
+    rewrite follows the switch (9 tokens here: a 7-token prompt, then 5 decode steps)."""
+    model = _gqa_model(switch_at=9)
+    ids, mask = _unpadded(batch=2, length=7)
+    ref, ref_past = run_steps(_decoder(model), ids, mask, steps=5)
+    rewritten, report = _convert(model)
+    assert report.counts["kv-cache"] == 1
+    got, past = run_steps(_decoder(rewritten), ids, mask, steps=5)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(past["past_key_values.0.key_res"], ref_past["past_key_values.0.key"], atol=1e-5, rtol=0)
+    # the long factors moved the keys rotated after the switch (the test can fail)
+    unswitched, _ = run_steps(_decoder(_convert(_gqa_model())[0]), ids, mask, steps=5)
+    assert np.abs(unswitched[:, -3:] - got[:, -3:]).max() > 1e-3
 
 
 @pytest.mark.parametrize(("kwargs", "fragment"), [
@@ -244,6 +285,9 @@ def test_group_query_attention_variants_match_onnxruntime(packed, rotary_dim, in
     ({"attrs": {"smooth_softmax": 1}}, "smooth_softmax=1"),
     ({"attrs": {"qk_norm_epsilon": 1e-6}}, "attribute(s) qk_norm_epsilon"),
     ({"extra_inputs": ("position_ids",)}, "input position_ids"),
+    ({"extra_inputs": ("", "", "", "", "", "q_norm_weight")}, "input q_norm_weight"),
+    ({"attrs": {"causal": 0}}, "causal=0"),
+    ({"seqlens_sub": 2}, "is not ReduceSum"),
     ({"seqlens_from_mask": False}, "seqlens_k 'seqlens_k' is not ReduceSum"),
 ])
 def test_unsupported_group_query_attention_is_refused_by_name(kwargs, fragment):
@@ -271,8 +315,30 @@ def test_generate_drives_genai_models_before_and_after_the_rewrite(genai_model):
     for model in (original, rewritten):
         session = ort.InferenceSession(model.SerializeToString(), ops.session_options(1),
                                        providers=["CPUExecutionProvider"])
-        result = generate_batch(session, [prompt], 10, cache_dims=cache_dims(model))
+        result = generate_batch(session, [prompt], 10, facts=decoder_facts(model))
         assert result.token_ids[0] == expected
     with pytest.raises(InvalidModelError, match="'past_key_values.0.key'"):
         generate_batch(ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"]),
                        [prompt], 2)
+
+
+def test_unconverted_genai_models_are_named_where_their_padding_convention_differs(genai_model):
+    """GroupQueryAttention takes rows right-padded: generate refuses a batch it would pad
+    (its rows came out wrong), and parity says why padded batches fail."""
+    from toolkit import parity
+    from toolkit.errors import ToolkitError
+    from toolkit.generate import generate_batch
+
+    src, path = genai_model("llama")
+    original = onnx.load(str(path))
+    session = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"])
+    with pytest.raises(ToolkitError, match="right-padded") as err:
+        generate_batch(session, [[5, 6, 7, 8], [9, 10]], 3, facts=decoder_facts(original))
+    assert "--kv-cache" in err.value.hint
+    alone = generate_batch(session, [[9, 10]], 3, facts=decoder_facts(original)).token_ids[0]
+    same_length = generate_batch(session, [[5, 6], [9, 10]], 3, facts=decoder_facts(original)).token_ids[1]
+    assert same_length == alone  # no padding: the batch is fine
+    report = parity.check(src, path, parity.ParitySettings(batch_sizes=(1, 3), decode_steps=1))
+    assert RIGHT_PADDED_NOTE in report.notes
+    assert not report.passed  # the padded batch, by the convention
+    assert all(r.passed for r in report.records if "b=1" in r.phase)

@@ -900,12 +900,13 @@ def run_end_to_end(model: str, converted: str, context: int = 2048, steps: int =
     import onnxruntime as ort
 
     from toolkit.generate import BoundDecoder, next_token, vocab_size
-    from toolkit.parity import cache_dims, load_onnx, make_session, model_file
+    from toolkit.parity import decoder_facts, load_onnx, make_session, model_file
 
     say = progress or (lambda _msg: None)
     rng = np.random.default_rng(seed)
-    # (an onnxruntime-genai model's cache has a symbolic head dim: cache_dims reads it from the graph)
-    decoders = {name: BoundDecoder(make_session(path, threads=threads), ("logits",), cache_dims(load_onnx(path)))
+    # (an onnxruntime-genai model's cache has a symbolic head dim: read from the graph)
+    decoders = {name: BoundDecoder(make_session(path, threads=threads), ("logits",),
+                                   decoder_facts(load_onnx(path)).cache_dims)
                 for name, path in (("original", model_file(model)), ("converted", model_file(converted)))}
     vocab = vocab_size(decoders["original"].session) or 256  # byte-level vocabularies are at least this large
     prompt = rng.integers(0, vocab, (1, context), dtype=np.int64)

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from toolkit.commands._common import check_threads
     from toolkit.errors import ToolkitError
     from toolkit.generate import Sampling, TokenChooser, generate_batch, head_options, load_bundle
-    from toolkit.parity import cache_dims, load_onnx, make_session
+    from toolkit.parity import decoder_facts, load_onnx, make_session
 
     if args.prompt is not None and args.prompt_ids is not None:
         raise ToolkitError("--prompt and --prompt-ids both given", hint="pass one of them")
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = generate_batch(session, prompts, args.max_new_tokens, sampling, eos_id=eos, seed=args.seed,
                                 on_token=stream if single and not args.json else None,
-                                cache_dims=cache_dims(load_onnx(onnx_path)))
+                                facts=decoder_facts(load_onnx(onnx_path)))
     except KeyboardInterrupt as exc:
         if streamed:  # end the streamed line, so the interrupt message starts its own
             print(flush=True)
