@@ -35,7 +35,7 @@ from test_kv_cache_pass import convert, decoder, prompts, run_steps
 from passes.pipeline import run_pipeline
 from toolkit.errors import PassError
 
-FORMS = ["dynamo-opset21", "dynamo-opset23", "torchscript", "torchscript-raw"]
+FORMS = ["dynamo-opset21", "dynamo-opset23", "torchscript", "torchscript-raw", "torchscript-ort"]
 _CACHE: dict[tuple[str, str], tuple] = {}
 
 
@@ -55,6 +55,8 @@ def sdpa_export(tmp_path_factory):
                 export.export(src, path, opset=int(form.removeprefix("dynamo-opset")))
             else:
                 _torchscript_export(src, path, simplify=form == "torchscript")
+                if form == "torchscript-ort":
+                    _ort_transformers_optimize(src, path)
             _CACHE[spec, form] = (src, path)
         return _CACHE[spec, form]
 
@@ -84,6 +86,16 @@ def _torchscript_export(src, path, simplify: bool) -> None:
         ir.save(onnxscript.optimizer.optimize(ir.load(str(path))), str(path))
 
 
+def _ort_transformers_optimize(src, path) -> None:
+    """ONNX Runtime's transformer optimizer (what optimum's ORTOptimizer runs): its fusions
+    around the attention (SkipLayerNormalization, FastGelu, Gemm), which it leaves unfused."""
+    from onnxruntime.transformers import optimizer
+
+    cfg = src.module.config
+    optimizer.optimize_model(str(path), model_type="gpt2", num_heads=cfg.num_attention_heads,
+                             hidden_size=cfg.hidden_size, opt_level=0).save_model_to_file(str(path))
+
+
 def _reference_logits(src, ids, mask, steps=8, seed=0):
     """PyTorch's last-position logits for the same calls as run_steps (greedy-free decode),
     through parity's own PyTorch step."""
@@ -106,6 +118,8 @@ def test_sdpa_forms_are_rewritten_exactly_while_nothing_is_quantized(sdpa_export
     src, path = sdpa_export(family, form)
     ops_before = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ("Attention" in ops_before) == (form == "dynamo-opset23")  # the form this test means to cover
+    assert ("SkipLayerNormalization" in ops_before or "SkipSimplifiedLayerNormalization" in ops_before) == (
+        form == "torchscript-ort")
     ids, mask = prompts()
     ref, _ = run_steps(decoder(path), ids, mask, steps=8)
     np.testing.assert_allclose(ref, _reference_logits(src, ids, mask), atol=1e-4, rtol=0)
