@@ -160,11 +160,13 @@ def _sample_topk_function() -> FunctionProto:
     dropped = b.op("And", b.op("Less", p, floor_p), b.op("Greater", col, b.const(0)))
     q = _first_true(b, b.op("Or", dropped, b.op("GreaterOrEqual", col, n)), n)
     kept = b.op("GatherElements", mass_upto, b.op("Sub", q, b.const(1)), axis=1)
-    # u: the counter-based uniform of (seed, row)
+    # u: the counter-based uniform of (seed, row), or of (seed[row], 0) with a seed per row
     rows = b.op("Range", b.const(0), b.op("Squeeze", b.dim(p, 0, 1), b.const([0])), b.const(1))
-    row_ids = b.op("Unsqueeze", b.op("Cast", rows, to=UINT64), one)  # [N, 1]
-    seed_hash = _splitmix64(b, b.op("Cast", "seed", to=UINT64))
-    bits = _splitmix64(b, b.op("BitwiseXor", seed_hash, row_ids))
+    one_seed = b.op("Equal", b.op("Size", "seed"), b.const(1))
+    counter = b.op("Where", one_seed, rows, b.const(0))  # (Where has no uint64 kernel in ORT)
+    counter = b.op("Unsqueeze", b.op("Cast", counter, to=UINT64), one)  # [N, 1]
+    seeds = b.reshape(b.op("Cast", "seed", to=UINT64), b.const([-1, 1]))  # [1, 1] or [N, 1]
+    bits = _splitmix64(b, b.op("BitwiseXor", _splitmix64(b, seeds), counter))
     u = b.op("Mul", b.op("Cast", b.op("BitShift", bits, b.const(11, np.uint64), direction="RIGHT"), to=DOUBLE),
              b.const(1.0 / 9007199254740992.0, np.float64))
     # j: the first candidate (within q) whose running mass passes u * kept

@@ -10,8 +10,10 @@ This pass takes the last position of the ``logits`` output and feeds it to
   the greedy token.
 
 With ``sample=true`` the head is ``com.toolkit::SampleTopKTopP`` instead: the model
-takes an extra input ``sampling_seed`` (int64 ``[1]``; a decode loop passes
-``call_seed(base_seed, step)`` from toolkit.ops.reference) and outputs ``next_token [B]`` (drawn with temperature,
+takes an extra input ``sampling_seed`` (int64 ``[seeds]``: one, for which a decode
+loop passes ``call_seed(base_seed, step)`` from toolkit.ops.reference, or one per
+row, for a server batching requests, each row drawing its own stream whatever its
+slot) and outputs ``next_token [B]`` (drawn with temperature,
 top-k, top-p and min-p, in that order) and ``next_token_prob [B]``.
 
 The logits output is kept by default (parity checks and scoring need it); with
@@ -100,7 +102,7 @@ def apply(model: ir.Model, options: SamplingHeadOptions, *, explain: bool = Fals
     batch = shape[0] if shape is not None else None
     common = [ir.AttrInt64("k", options.k), ir.AttrFloat32("temperature", float(options.temperature))]
     if options.sample:
-        seed = ir.val("sampling_seed", ir.DataType.INT64, ir.Shape([1]))
+        seed = ir.val("sampling_seed", ir.DataType.INT64, ir.Shape(["seeds"]))  # 1, or B
         graph.inputs.append(seed)
         head = ir.Node(DOMAIN, "SampleTopKTopP", [last, seed],
                        [*common, ir.AttrFloat32("top_p", float(options.top_p)),

@@ -73,7 +73,7 @@ MODEL_TYPES: dict[str, str] = {
 # Inputs the model may have beyond genai's own, which a host feeds once per
 # generator; value: what to tell the user.
 HOST_INPUTS: dict[str, str] = {
-    "sampling_seed": "int64 [1]: seed of the model's SampleTopKTopP head; genai samples from logits itself "
+    "sampling_seed": "int64 [1] (or one per row): seed of the model's SampleTopKTopP head; genai samples from logits itself "
     "and only needs some value here: generator.set_model_input('sampling_seed', np.array([0], np.int64))",
 }
 

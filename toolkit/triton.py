@@ -36,8 +36,8 @@ Decisions, and why:
   assembled itself. ``max_batch_size > 0`` is offered for lock-step workloads (fixed
   prompt length, equal past lengths): the batch dimension becomes implicit and a
   ``dynamic_batching`` block is emitted; it is refused for models with an input or
-  output that has no leading dynamic batch dimension (``sampling_seed [1]`` of a
-  sampled head). The sequence batcher with implicit state (the server keeping the
+  output that has no leading dynamic batch dimension (``sampling_seed [seeds]`` of a
+  sampled head: one seed, or one per row). The sequence batcher with implicit state (the server keeping the
   cache between requests) would be the efficient design but needs the cache
   tensors' growth handled by the backend, so it is not emitted and not claimed.
 """

@@ -28,6 +28,13 @@ TOOLKIT_HD double Uniform(int64_t seed, int64_t row) {
   return double(bits >> 11) * (1.0 / 9007199254740992.0);
 }
 
+// The uniform row r of a call draws: one seed for the call, Uniform(seed, r); per-row
+// seeds (row_seeds non-null), Uniform(row_seeds[r], 0), what the row would draw alone
+// in a call with its seed, whatever its slot in the batch (continuous batching).
+TOOLKIT_HD double RowUniform(int64_t seed, const int64_t* row_seeds, int64_t r) {
+  return row_seeds ? Uniform(row_seeds[r], 0) : Uniform(seed, r);
+}
+
 // The seed a host feeds for call `call` of a run with base seed `seed` (toolkit.generate
 // and the C++ host). Hashing the base keeps runs with nearby base seeds apart: with
 // seed + call, base seed s's call i + 1 drew what base seed s + 1's call i drew, so

@@ -3,9 +3,10 @@
 // temperature / top-k / top-p / min-p filtering and a seeded draw.
 //
 //   input  0 logits       float32 | float16, shape [..., V], rank >= 1
-//   input  1 seed         int64, optional, one element: the random stream of this call
-//                         (a decode loop passes CallSeed(base_seed, step), sample_math.h);
-//                         default: attribute seed
+//   input  1 seed         int64, optional: one element, the random stream of this call
+//                         (a decode loop passes CallSeed(base_seed, step), sample_math.h),
+//                         or one per row of logits (a server batching requests: each row
+//                         its request's stream, RowUniform); default: attribute seed
 //   attr   k              int, required, 1 <= k <= V: candidates (top-k)
 //   attr   temperature    float, default 1.0, > 0
 //   attr   top_p          float, default 1.0, in (0, 1]
@@ -18,7 +19,8 @@
 // llama.cpp's): top-k, then top-p (the shortest prefix, in descending order, whose
 // mass reaches top_p of the top-k mass), then min-p (keep p >= min_p * p_max). (Until
 // stop 22 min-p came before top-p, which keeps fewer tokens when both are set.)
-// k = 1 or top_p -> 0 is greedy. Row r draws u = Uniform(seed, r) (sample_math.h),
+// k = 1 or top_p -> 0 is greedy. Row r draws u = Uniform(seed, r) (sample_math.h), or
+// Uniform(seeds[r], 0) with a seed per row,
 // the same number on every provider and thread count, so for a given seed a provider
 // gives the same tokens at any thread count. Across providers the candidate
 // probabilities agree only to rounding (the CPU forms them in double, the CUDA kernel
@@ -45,8 +47,10 @@ struct Attributes {
 
 OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs);
 
-// The seed of this call: input 1 when given (one int64 element), else the attribute.
-OrtStatus* ReadSeed(OrtKernelContext* context, const Attributes& attrs, int64_t* seed);
+// The seeds of this call: input 1 when given (one int64 element: *seed; or one per row
+// of the `rows` rows: *row_seeds points at them, in host memory), else the attribute.
+OrtStatus* ReadSeeds(OrtKernelContext* context, const Attributes& attrs, int64_t rows, int64_t* seed,
+                     const int64_t** row_seeds);
 
 // The provider kernels: compute functions (CPU in the _cpu.cc, CUDA in the _cuda.cc).
 OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context);

@@ -34,17 +34,25 @@ OrtStatus* ReadAttributes(const OrtKernelInfo* info, Attributes* attrs) {
   return nullptr;
 }
 
-OrtStatus* ReadSeed(OrtKernelContext* context, const Attributes& attrs, int64_t* seed) {
+OrtStatus* ReadSeeds(OrtKernelContext* context, const Attributes& attrs, int64_t rows, int64_t* seed,
+                     const int64_t** row_seeds) {
   Ort::KernelContext ctx(context);
   *seed = attrs.seed;
+  *row_seeds = nullptr;
   if (ctx.GetInputCount() < 2) return nullptr;
   Ort::ConstValue value = ctx.GetInput(1);
   if (!value) return nullptr;  // optional input left empty
   const auto info = value.GetTensorTypeAndShapeInfo();
-  if (info.GetElementCount() != 1) {
-    return InvalidInputStatus(kOpName, "seed", info.GetShape(), "exactly one int64 element");
+  const int64_t n = int64_t(info.GetElementCount());
+  if (n == 1) {
+    *seed = *value.GetTensorData<int64_t>();
+  } else if (n == rows) {
+    *row_seeds = value.GetTensorData<int64_t>();
+  } else {
+    return InvalidInputStatus(kOpName, "seed", info.GetShape(),
+                              "one int64 element (the call's stream) or one per row of logits (" +
+                                  std::to_string(rows) + ")");
   }
-  *seed = *value.GetTensorData<int64_t>();
   return nullptr;
 }
 
@@ -59,7 +67,8 @@ OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context) {
       return st;
     }
     int64_t seed = 0;
-    if (OrtStatus* st = ReadSeed(context, attrs, &seed)) return st;
+    const int64_t* row_seeds = nullptr;
+    if (OrtStatus* st = ReadSeeds(context, attrs, io.rows, &seed, &row_seeds)) return st;
     const std::vector<int64_t> out_shape(io.shape.begin(), io.shape.end() - 1);
     int64_t* token_ids = ctx.GetOutput(0, out_shape).GetTensorMutableData<int64_t>();
     float* token_probs = OptionalFloatOutput(context, 1, out_shape);
@@ -80,7 +89,7 @@ OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context) {
     for (int64_t r = 0; r < io.rows; ++r) {
       const float* p = probs.data() + r * k;
       const int64_t j = SamplePosition([p](int64_t i) { return double(p[i]); }, k, attrs.top_p, attrs.min_p,
-                                       Uniform(seed, r));
+                                       RowUniform(seed, row_seeds, r));
       token_ids[r] = ids[size_t(r * k + j)];
       if (token_probs) token_probs[r] = p[j];
     }

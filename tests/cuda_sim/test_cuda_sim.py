@@ -101,15 +101,18 @@ def test_softmax_topk_split_rows(sim, dtype, shape, k, kinds, log_probs):
 def test_sample_topk(sim, dtype, rows, V, k, top_p, min_p):
     fn = sim.toolkit_sample_topk_cuda
     fn.restype = ctypes.c_int
-    fn.argtypes = [P, ctypes.c_int, I64, I64, I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, I64, P, P, P]
+    fn.argtypes = [P, ctypes.c_int, I64, I64, I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, I64, P, P, P, P]
     x = (2.0 * np.random.default_rng(V).standard_normal((rows, V))).astype(dtype)
-    ids = np.empty(rows, np.int64)
-    probs = np.empty(rows, np.float32)
-    err = fn(_ptr(x), int(dtype == np.float16), rows, V, k, 0.8, top_p, min_p, 42, _ptr(ids), _ptr(probs), None)
-    assert err == 0, f"cudaError {err}"
-    ref_ids, ref_probs = reference.sample_topk_top_p(x, k, 0.8, top_p, min_p, seed=42)
-    np.testing.assert_array_equal(ids, ref_ids)
-    np.testing.assert_allclose(probs, ref_probs, rtol=1e-3 if dtype == np.float16 else 2e-5)
+    row_seeds = np.random.default_rng(rows).integers(-2**62, 2**62, rows)
+    for seeds in (None, row_seeds):  # one seed for the call, then one per row
+        ids = np.empty(rows, np.int64)
+        probs = np.empty(rows, np.float32)
+        err = fn(_ptr(x), int(dtype == np.float16), rows, V, k, 0.8, top_p, min_p, 42,
+                 None if seeds is None else _ptr(seeds), _ptr(ids), _ptr(probs), None)
+        assert err == 0, f"cudaError {err}"
+        ref_ids, ref_probs = reference.sample_topk_top_p(x, k, 0.8, top_p, min_p, seed=42 if seeds is None else seeds)
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_allclose(probs, ref_probs, rtol=1e-3 if dtype == np.float16 else 2e-5)
 
 
 # ---------------------------------------------------------------- LowRankMatMul

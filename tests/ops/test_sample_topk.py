@@ -122,8 +122,31 @@ def test_k_larger_than_vocab_names_the_input():
 def test_bad_seed_input_names_it():
     sess = session(np.float32, 2, with_seed_input=True)
     x = np.zeros((2, 4), np.float32)
-    with pytest.raises(Exception, match=r"input .seed. has shape \[2\]"):
-        sess.run(None, {"logits": x, "seed": np.array([1, 2], np.int64)})
+    with pytest.raises(Exception, match=r"input .seed. has shape \[3\].*one per row of logits \(2\)"):
+        sess.run(None, {"logits": x, "seed": np.array([1, 2, 3], np.int64)})
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_a_seed_per_row_draws_each_row_as_alone(dtype, threads):
+    """A server batching requests passes one seed per row: row r then draws what it draws
+    alone in a call with seed[r] (uniform(seed[r], 0)), whatever its slot; one seed for
+    the whole call (uniform(seed, r)) moves a request's draw when its slot changes."""
+    sess = session(dtype, 40, temperature=1.3, top_p=0.9, with_seed_input=True, threads=threads)
+    rng = np.random.default_rng(11)
+    x = (2 * rng.standard_normal((64, 500))).astype(dtype)
+    x[:] = x[0]  # every row the same logits: only the seed can tell the rows' draws apart
+    seeds = rng.integers(-2**62, 2**62, 64)
+    ids, probs = sess.run(None, {"logits": x, "seed": seeds})
+    alone = [sess.run(None, {"logits": x[r:r + 1], "seed": seeds[r:r + 1]})[0][0] for r in range(64)]
+    np.testing.assert_array_equal(ids, alone)
+    ref_ids, ref_probs = reference.sample_topk_top_p(x, 40, 1.3, 0.9, 0.0, seeds)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(probs, ref_probs, rtol=RTOL[dtype])
+    shuffled = rng.permutation(64)  # a request's token follows its seed, not its slot
+    np.testing.assert_array_equal(sess.run(None, {"logits": x, "seed": seeds[shuffled]})[0], ids[shuffled])
+    one_seed = sess.run(None, {"logits": x, "seed": seeds[:1]})[0]
+    assert len(set(one_seed.tolist())) > 1 and one_seed[0] == ids[0]  # row r of one seed: uniform(seed, r)
 
 
 @pytest.mark.gpu
@@ -138,19 +161,23 @@ def test_cuda_kernel_matches_reference(dtype, V, k, top_p, min_p):
     fn = ctypes.CDLL(str(ops.library_path())).toolkit_sample_topk_cuda
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
-                   ctypes.c_float, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                   ctypes.c_float, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p]
     rows = 32
     x = (2.0 * np.random.default_rng(V).standard_normal((rows, V))).astype(dtype)
     xt = torch.from_numpy(x).cuda()
     ids = torch.empty(rows, dtype=torch.int64, device="cuda")
     probs = torch.empty(rows, dtype=torch.float32, device="cuda")
-    err = fn(xt.data_ptr(), int(dtype == np.float16), rows, V, k, 0.8, top_p, min_p, 42, ids.data_ptr(),
-             probs.data_ptr(), torch.cuda.current_stream().cuda_stream)
-    torch.cuda.synchronize()
-    assert err == 0, f"cudaError {err}"
-    ref_ids, ref_probs = reference.sample_topk_top_p(x, k, 0.8, top_p, min_p, seed=42)
-    np.testing.assert_array_equal(ids.cpu().numpy(), ref_ids)
-    np.testing.assert_allclose(probs.cpu().numpy(), ref_probs, rtol=1e-3 if dtype == np.float16 else 2e-5)
+    row_seeds = np.random.default_rng(V).integers(-2**62, 2**62, rows)
+    for seeds in (None, row_seeds):  # one seed for the call, then one per row (host memory)
+        err = fn(xt.data_ptr(), int(dtype == np.float16), rows, V, k, 0.8, top_p, min_p, 42,
+                 None if seeds is None else seeds.ctypes.data, ids.data_ptr(), probs.data_ptr(),
+                 torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        assert err == 0, f"cudaError {err}"
+        ref_ids, ref_probs = reference.sample_topk_top_p(x, k, 0.8, top_p, min_p, seed=42 if seeds is None else seeds)
+        np.testing.assert_array_equal(ids.cpu().numpy(), ref_ids)
+        np.testing.assert_allclose(probs.cpu().numpy(), ref_probs, rtol=1e-3 if dtype == np.float16 else 2e-5)
 
 
 @st.composite

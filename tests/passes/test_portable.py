@@ -131,6 +131,20 @@ def test_sampling_body_draws_the_kernels_token(k, top_p, min_p, temperature, see
         np.testing.assert_allclose(probs, ref_p, rtol=2e-6, atol=1e-7)  # fp32 softmax, another summation order
 
 
+def test_sampling_body_takes_a_seed_per_row():
+    """One seed per row (a server's batch of requests): the body draws the kernel's tokens."""
+    model = _sample_model(k=30, top_p=0.9, temperature=1.2)
+    model.graph.input[1].type.tensor_type.shape.dim[0].dim_param = "seeds"
+    model, _ = run_pipeline(model, ["portable"])
+    rng = np.random.default_rng(9)
+    x = np.tile((2 * rng.standard_normal((1, 300))).astype(np.float32), (7, 1))
+    seeds = rng.integers(-2**62, 2**62, 7)
+    ref_ids, _ = sample_topk_top_p(x, 30, 1.2, 0.9, 0.0, seeds)
+    assert len(set(ref_ids.tolist())) > 1  # same logits on every row: the seeds draw different tokens
+    for ids, _ in _three_runtimes(model, {"x": x, "seed": seeds}):
+        np.testing.assert_array_equal(ids, ref_ids)
+
+
 def test_sampling_body_without_seed_input_uses_the_attribute():
     model, _ = run_pipeline(_sample_model(with_seed=False, k=20, seed=1234), ["portable"])
     x = np.random.default_rng(5).standard_normal((6, 100)).astype(np.float32)

@@ -100,6 +100,11 @@ def test_sampled_head_structure_and_draws_match_reference():
         ref_token, ref_prob = sample_topk_top_p(logits[:, -1], 20, 0.9, 0.85, 0.01, seed=seed)
         np.testing.assert_array_equal(token, ref_token)
         np.testing.assert_allclose(prob, ref_prob, rtol=1e-6)
+    # one seed per row (a server batching requests): row r draws with its own seed
+    seeds = np.arange(100, 100 + B, dtype=np.int64) * 7919
+    logits, token, _ = sess.run(None, {"x": x, "sampling_seed": seeds})
+    ref_token, _ = sample_topk_top_p(logits[:, -1], 20, 0.9, 0.85, 0.01, seed=seeds)
+    np.testing.assert_array_equal(token, ref_token)
 
 
 def test_sampled_head_bad_top_p():

@@ -194,9 +194,13 @@ def sample_topk_top_p(
     temperature: float = 1.0,
     top_p: float = 1.0,
     min_p: float = 0.0,
-    seed: int = 0,
+    seed: int | np.ndarray = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference of ``com.toolkit::SampleTopKTopP`` (contract in sample_topk.h).
+
+    ``seed``: the call's seed (row ``r`` draws ``uniform(seed, r)``), or one per row of
+    ``logits`` (row ``r`` draws ``uniform(seed[r], 0)``: what it draws alone in a call
+    with that seed, whatever its slot in the batch).
 
     Returns:
         ``(token_ids [...] int64, token_probs [...] float32)``.
@@ -215,8 +219,12 @@ def sample_topk_top_p(
     indices = indices.reshape(-1, k)
     ids = np.empty(values.shape[0], np.int64)
     probs = np.empty(values.shape[0], np.float32)
-    for r in range(values.shape[0]):
-        j = sample_position(values[r], top_p, min_p, uniform(seed, r))
+    seeds = np.asarray(seed, np.int64).reshape(-1)
+    if seeds.size not in (1, values.shape[0]):
+        raise ValueError(f"expected one seed or one per row ({values.shape[0]}), got {seeds.size}")
+    for r in range(values.shape[0]):  # (one row: uniform(s, 0) either way)
+        u = uniform(int(seeds[r]), 0) if seeds.size > 1 else uniform(int(seeds[0]), r)
+        j = sample_position(values[r], top_p, min_p, u)
         ids[r], probs[r] = indices[r, j], values[r, j]
     return ids.reshape(lead), probs.reshape(lead)
 
