@@ -116,7 +116,7 @@ class KVCacheOptions(PassOptions):
 
 
 @dataclasses.dataclass
-class _Layer:
+class Layer:
     index: int
     past_k: ir.Value
     past_v: ir.Value
@@ -140,11 +140,11 @@ class _Layer:
     gqa: kv_cache_gqa.Layer | None = None  # onnxruntime-genai's GroupQueryAttention (passes/kv_cache_gqa.py)
 
 
-class _NoMatch(Exception):
+class NoMatch(Exception):
     pass
 
 
-class _SlicedCache(_NoMatch):
+class SlicedCache(NoMatch):
     """The past is cut before attention (a cache capped to a window)."""
 
 
@@ -183,7 +183,7 @@ def _only_use(value: ir.Value, what: str, graph_output_ok: bool = False) -> ir.N
     uses = value.uses()
     if (value.is_graph_output() and not graph_output_ok) or len(uses) != 1:
         users = ", ".join(describe_node(u.node) for u in uses) or "none"
-        raise _NoMatch(f"{what} {value.name!r} must have exactly one consumer (has: {users}"
+        raise NoMatch(f"{what} {value.name!r} must have exactly one consumer (has: {users}"
                        f"{'; it is a graph output' if value.is_graph_output() else ''})")
     return uses[0].node
 
@@ -201,21 +201,21 @@ def _cache_concat(graph_outputs: dict[str, ir.Value], past: ir.Value, present_na
         more, others = _split_uses(past)
         shapes += more
     if any(n.op_type == "Slice" for n in others):
-        raise _SlicedCache(f"input {past.name!r} is sliced before attention ("
+        raise SlicedCache(f"input {past.name!r} is sliced before attention ("
                            f"{', '.join(describe_node(n) for n in others)}): a cache cut to a window (sliding-window "
                            "attention exported with a capped cache) is not supported")
     if len(others) != 1 or others[0].op_type != "Concat":
-        raise _NoMatch(f"input {past.name!r} is read by {', '.join(describe_node(n) for n in others) or 'nothing'};"
+        raise NoMatch(f"input {past.name!r} is read by {', '.join(describe_node(n) for n in others) or 'nothing'};"
                        " expected one Concat(past, new, axis=2) (a flat KV cache from `toolkit export`)")
     concat = others[0]
     axis = concat.attributes.get_int("axis", 0)
     if len(concat.inputs) != 2 or concat.inputs[0] is not past or axis not in (2, -2):
         why = (f"it has {len(concat.inputs)} inputs" if len(concat.inputs) != 2 else
                f"its first input is {concat.inputs[0].name!r}" if concat.inputs[0] is not past else f"axis={axis}")
-        raise _NoMatch(f"{describe_node(concat)} is not Concat(past, new) on axis 2 ({why})")
+        raise NoMatch(f"{describe_node(concat)} is not Concat(past, new) on axis 2 ({why})")
     out = concat.outputs[0]
     if graph_outputs.get(present_name) is not out:
-        raise _NoMatch(f"{describe_node(concat)} does not produce the graph output {present_name!r}")
+        raise NoMatch(f"{describe_node(concat)} does not produce the graph output {present_name!r}")
     return concat, [(n, "past") for n in shapes], extra
 
 
@@ -224,21 +224,21 @@ def _repeat_chain(present: ir.Value, what: str) -> tuple[ir.Value, list[ir.Node]
     shapes, others = _split_uses(present)
     shape_users = [(n, "present") for n in shapes]
     if len(others) != 1:
-        raise _NoMatch(f"{what} cache {present.name!r} has {len(others)} non-Shape consumers "
+        raise NoMatch(f"{what} cache {present.name!r} has {len(others)} non-Shape consumers "
                        f"({', '.join(describe_node(n) for n in others)}); expected the attention alone")
     node = others[0]
     if node.op_type != "Unsqueeze":
         return present, [], shape_users
     axes = _int_list(node.inputs[1]) if len(node.inputs) > 1 else None
     if axes not in ([2], [-3]):
-        raise _NoMatch(f"{describe_node(node)} unsqueezes axes {axes}; repeat_kv (query head h reads KV head "
+        raise NoMatch(f"{describe_node(node)} unsqueezes axes {axes}; repeat_kv (query head h reads KV head "
                        "h // n_rep) unsqueezes axis 2")
     expand = _only_use(node.outputs[0], "repeat_kv Unsqueeze output")
     if expand.op_type != "Expand":
-        raise _NoMatch(f"{describe_node(expand)} follows the repeat_kv Unsqueeze; expected Expand")
+        raise NoMatch(f"{describe_node(expand)} follows the repeat_kv Unsqueeze; expected Expand")
     reshape = _only_use(expand.outputs[0], "repeat_kv Expand output")
     if reshape.op_type != "Reshape":
-        raise _NoMatch(f"{describe_node(reshape)} follows the repeat_kv Expand; expected Reshape")
+        raise NoMatch(f"{describe_node(reshape)} follows the repeat_kv Expand; expected Reshape")
     return reshape.outputs[0], [node, expand, reshape], shape_users
 
 
@@ -311,10 +311,10 @@ def _key_transpose(keys: ir.Value, node: ir.Node) -> list[ir.Node]:
             dims = _shape_symbols(back.inputs[1], frozenset({id(keys)}))
             if dims is not None and len(dims) == 4 and all(_is_dim(d, keys, a) for d, a in zip(dims, (0, 1, 3, 2))):
                 return [node, transpose, back]
-        raise _NoMatch(f"{describe_node(node)} reshapes the keys, but not as torch's SDPA decomposition of "
+        raise NoMatch(f"{describe_node(node)} reshapes the keys, but not as torch's SDPA decomposition of "
                        "keys.transpose(-2, -1) (Reshape [-1, T, D] -> Transpose [0,2,1] -> Reshape [B, H, D, T] "
                        "with shapes read from the keys)")
-    raise _NoMatch(f"{describe_node(node)} consumes the keys; expected Transpose(perm=[0,1,3,2]) (or torch's SDPA "
+    raise NoMatch(f"{describe_node(node)} consumes the keys; expected Transpose(perm=[0,1,3,2]) (or torch's SDPA "
                    "decomposition of it, or an ONNX Attention node)")
 
 
@@ -354,29 +354,29 @@ def remove_nodes(graph: ir.Graph, nodes: list[ir.Node]) -> None:
 def _attention_node(node: ir.Node, k_rep: ir.Value, v_rep: ir.Value) -> tuple[float | None, ir.Value]:
     """(scale, mask) of an ONNX ``Attention`` (opset 23) node that torch's dynamo exporter
     writes for SDPA at opset >= 23, checked to be plain 4-D attention over the keys and
-    values; raises _NoMatch naming what differs."""
+    values; raises NoMatch naming what differs."""
     ins = [*node.inputs, *[None] * 6]
     where = describe_node(node)
     if ins[1] is not k_rep or ins[2] is not v_rep:
-        raise _NoMatch(f"{where} does not read the cache's keys and values as its inputs 1 and 2")
+        raise NoMatch(f"{where} does not read the cache's keys and values as its inputs 1 and 2")
     if any(v is not None for v in ins[4:]):
-        raise _NoMatch(f"{where} takes past_key / past_value (or nonpad_kv_seqlen) inputs: the pass rewrites "
+        raise NoMatch(f"{where} takes past_key / past_value (or nonpad_kv_seqlen) inputs: the pass rewrites "
                        "an Attention that reads Concat(past, new) as its keys and values")
     for name, why in (("is_causal", "a causal flag instead of a mask (export with an attention mask)"),
                       ("softcap", "logit soft-capping, which QuantKVAttention does not apply"),
                       ("q_num_heads", "3-D inputs"), ("kv_num_heads", "3-D inputs")):
         attr = node.attributes.get(name)
         if attr is not None and attr.value:
-            raise _NoMatch(f"{where} has {name}={attr.value}: {why}")
+            raise NoMatch(f"{where} has {name}={attr.value}: {why}")
     extra = [o for o in node.outputs[1:] if o is not None and (o.uses() or o.is_graph_output())]
     if extra:
-        raise _NoMatch(f"{where}: its output {extra[0].name!r} is used; only the attention output can be rewritten")
+        raise NoMatch(f"{where}: its output {extra[0].name!r} is used; only the attention output can be rewritten")
     mask = ins[3]
     if mask is None:
-        raise _NoMatch(f"{where} has no attention mask (attention over every key, not a decoder's)")
+        raise NoMatch(f"{where} has no attention mask (attention over every key, not a decoder's)")
     if mask.dtype not in (ir.DataType.FLOAT, ir.DataType.BOOL) or (
             mask.shape is not None and (len(mask.shape) != 4 or mask.shape[1] not in (1, None))):
-        raise _NoMatch(f"{where}: mask {mask.name!r} is {mask.dtype} of shape {mask.shape}; expected a float32 or "
+        raise NoMatch(f"{where}: mask {mask.name!r} is {mask.dtype} of shape {mask.shape}; expected a float32 or "
                        "boolean [batch, 1, query, key] mask")
     scale = node.attributes.get_float("scale", 0.0)
     return (scale or None), mask
@@ -393,14 +393,14 @@ def _match_eager(k_rep: ir.Value, v_rep: ir.Value, node: ir.Node, value_reader: 
         c = (_const_scalar(node.inputs[1]) if node.inputs[0] is key_path[-1].outputs[0]
              else _const_scalar(node.inputs[0]))
         if c is None:
-            raise _NoMatch(f"{describe_node(node)} scales the keys by a non-constant")
+            raise NoMatch(f"{describe_node(node)} scales the keys by a non-constant")
         scale *= c
         key_path.append(node)
         node = _only_use(node.outputs[0], "scaled key")
     key_scale = scale
     qk = node
     if qk.op_type != "MatMul" or qk.inputs[1] is not key_path[-1].outputs[0]:
-        raise _NoMatch(f"{describe_node(qk)} consumes the keys; expected MatMul(query, keys^T)")
+        raise NoMatch(f"{describe_node(qk)} consumes the keys; expected MatMul(query, keys^T)")
     key_path.append(qk)
     core = list(key_path)
     node = _only_use(qk.outputs[0], "attention scores")
@@ -408,7 +408,7 @@ def _match_eager(k_rep: ir.Value, v_rep: ir.Value, node: ir.Node, value_reader: 
         other = node.inputs[1] if node.inputs[0] is qk.outputs[0] else node.inputs[0]
         c = _const_scalar(other)
         if c is None or (node.op_type == "Div" and node.inputs[1] is not other) or c == 0:
-            raise _NoMatch(f"{describe_node(node)} scales the scores by a non-constant")
+            raise NoMatch(f"{describe_node(node)} scales the scores by a non-constant")
         scale *= c if node.op_type == "Mul" else 1.0 / c
         core.append(node)
         node = _only_use(node.outputs[0], "scaled scores")
@@ -420,7 +420,7 @@ def _match_eager(k_rep: ir.Value, v_rep: ir.Value, node: ir.Node, value_reader: 
         node = _only_use(node.outputs[0], "masked scores")
     softmax = node
     if softmax.op_type != "Softmax" or softmax.attributes.get_int("axis", -1) not in (-1, 3):
-        raise _NoMatch(f"{describe_node(softmax)} follows the scores; expected Softmax(axis=-1)")
+        raise NoMatch(f"{describe_node(softmax)} follows the scores; expected Softmax(axis=-1)")
     core.append(softmax)
     probs = softmax.outputs[0]
     # TorchScript writes softmax(..., dtype=float32).to(query.dtype) as Casts to float32
@@ -434,16 +434,16 @@ def _match_eager(k_rep: ir.Value, v_rep: ir.Value, node: ir.Node, value_reader: 
         probs = guard[-1].outputs[0]
     pv = _only_use(probs, "attention probabilities")
     if pv.op_type != "MatMul" or pv.inputs[0] is not probs or pv.inputs[1] is not v_rep:
-        raise _NoMatch(f"{describe_node(pv)} consumes the probabilities; expected MatMul(probs, values) with the "
+        raise NoMatch(f"{describe_node(pv)} consumes the probabilities; expected MatMul(probs, values) with the "
                        f"values of {past_v.name!r}")
     if value_reader is not pv:
-        raise _NoMatch(f"the values of {past_v.name!r} are read by {describe_node(value_reader)}, not by "
+        raise NoMatch(f"the values of {past_v.name!r} are read by {describe_node(value_reader)}, not by "
                        f"the attention's {describe_node(pv)}")
     core.append(pv)
     return key_path, key_scale, scale, qk.inputs[0], bias, pv.outputs[0], core
 
 
-def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value) -> _Layer:
+def match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value) -> Layer:
     graph = model.graph
     outputs = {v.name: v for v in graph.outputs}
     concat_k, shape_users, identity_k = _cache_concat(outputs, past_k, f"present.{index}.key")
@@ -466,7 +466,7 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
         if repeated:
             rep_shapes[what] = shapes
         if len(others) != 1:
-            raise _NoMatch(f"repeated {what} {value.name!r} must have exactly one consumer besides Shape nodes (has: "
+            raise NoMatch(f"repeated {what} {value.name!r} must have exactly one consumer besides Shape nodes (has: "
                            f"{', '.join(describe_node(n) for n in others) or 'none'})")
         consumers[what] = others[0]
     form, key_path, key_scale, bool_mask = "eager", [], 1.0, False
@@ -476,7 +476,7 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
         scale, bias = _attention_node(node, k_rep, v_rep)
         if scale is None:
             if not isinstance(head_dim, int):
-                raise _NoMatch(f"{describe_node(node)} has no scale and the head dim of {past_k.name!r} is not static")
+                raise NoMatch(f"{describe_node(node)} has no scale and the head dim of {past_k.name!r} is not static")
             scale = 1.0 / float(np.sqrt(head_dim))
         form, bool_mask = "attention", bias.dtype == ir.DataType.BOOL
         query, out = node.inputs[0], node.outputs[0]
@@ -506,16 +506,16 @@ def _match_layer(model: ir.Model, index: int, past_k: ir.Value, past_v: ir.Value
                 shape_users.append((shape, "present"))
                 dead[what] += dead_readers
             else:
-                raise _NoMatch(f"the shape of the repeated {what}s ({describe_node(shape)}) is used outside the "
+                raise NoMatch(f"the shape of the repeated {what}s ({describe_node(shape)}) is used outside the "
                                "attention (for more than its batch, length, head and head-dim sizes, or through "
                                "over 64 nodes of shape arithmetic)")
-    return _Layer(index, past_k, past_v, concat_k, concat_v, query, scale, bias, out, remove, shape_users,
+    return Layer(index, past_k, past_v, concat_k, concat_v, query, scale, bias, out, remove, shape_users,
                   form=form, key_path=key_path, key_scale=key_scale, repeat_k=repeat_k, repeat_v=repeat_v,
                   dead_k=dead["key"], dead_v=dead["value"], bool_mask=bool_mask,
                   out_shapes=out_shapes)
 
 
-def _match_gqa(graph: ir.Graph, index: int, past_k: ir.Value, past_v: ir.Value) -> _Layer | None:
+def _match_gqa(graph: ir.Graph, index: int, past_k: ir.Value, past_v: ir.Value) -> Layer | None:
     """The layer when its past is read by a GroupQueryAttention node (onnxruntime-genai), else None."""
     shapes, others = _split_uses(past_k)
     shapes_v, others_v = _split_uses(past_v)
@@ -523,15 +523,15 @@ def _match_gqa(graph: ir.Graph, index: int, past_k: ir.Value, past_v: ir.Value) 
     if node is None:
         return None
     if others != [node] or others_v != [node]:
-        raise _NoMatch(f"the past of layer {index} is read by {', '.join(describe_node(n) for n in others + others_v)}"
+        raise NoMatch(f"the past of layer {index} is read by {', '.join(describe_node(n) for n in others + others_v)}"
                        f"; expected {describe_node(node)} alone")
     gqa = kv_cache_gqa.match(node, past_k, past_v, graph)
     present_k, present_v = node.outputs[1], node.outputs[2]
     outputs = {v.name: v for v in graph.outputs}
     for value, name in ((present_k, f"present.{index}.key"), (present_v, f"present.{index}.value")):
         if outputs.get(name) is not value or value.uses():
-            raise _NoMatch(f"{describe_node(node)} must produce the graph output {name!r}, read by nothing else")
-    return _Layer(index, past_k, past_v, None, None, None, gqa.scale, None, node.outputs[0], [node],
+            raise NoMatch(f"{describe_node(node)} must produce the graph output {name!r}, read by nothing else")
+    return Layer(index, past_k, past_v, None, None, None, gqa.scale, None, node.outputs[0], [node],
                   [(n, "past") for n in shapes + shapes_v], form="gqa", gqa=gqa)
 
 
@@ -557,7 +557,7 @@ def _axes_read(shape: ir.Node, removed: list[ir.Node], kept: list[ir.Value | Non
     return read, dead
 
 
-def rewire_out_shapes(graph: ir.Graph, layer: _Layer, out: ir.Value) -> None:
+def rewire_out_shapes(graph: ir.Graph, layer: Layer, out: ir.Value) -> None:
     """Point the layer's ``out_shapes`` at the new attention output ``out`` (same batch, head
     and head-dim sizes); the graph is re-sorted, as they may come before it."""
     for shape in layer.out_shapes:
@@ -614,11 +614,11 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
                                 f"convert_float_to_float16(..., op_block_list={list(FLOAT32_ONLY_OPS)})), or "
                                 "leave out --kv-cache")
         try:
-            layers.append(_match_gqa(graph, index, past_k, past_v) or _match_layer(model, index, past_k, past_v))
+            layers.append(_match_gqa(graph, index, past_k, past_v) or match_layer(model, index, past_k, past_v))
         except kv_cache_gqa.Mismatch as err:
             raise PassError(f"kv-cache: layer {index}: {err}", hint=kv_cache_gqa.HINT) from None
-        except _NoMatch as err:
-            hint = (SLICED_CACHE_HINT if isinstance(err, _SlicedCache) else
+        except NoMatch as err:
+            hint = (SLICED_CACHE_HINT if isinstance(err, SlicedCache) else
                     "the pass rewrites eager attention (`toolkit export`), torch exporters' SDPA forms and ONNX "
                     "Attention nodes; run `toolkit inspect` "
                     "on the model and report the pattern if it is a standard one")

@@ -205,10 +205,7 @@ class Layer:
         shape = t.initializer(ir.tensor(np.array([0, 0, self.heads * self.head_dim], np.int64),
                                         name=f"{prefix}/merged"))
         merged = t.op("Reshape", [back, shape], name=f"{prefix}/MergeHeads")
-        _name_outputs(t)
-        for init in t.initializers:
-            graph.register_initializer(init)
-        graph.insert_after(out.producer(), t.nodes)
+        _place(graph, t, after=out.producer())
         merged.dtype, merged.shape = ir.DataType.FLOAT, self.node.outputs[0].shape
         return merged
 
@@ -245,11 +242,19 @@ def _rotate(t: tape.Tape, x: ir.Value, cos: ir.Value, sin: ir.Value, half: int, 
     return rotated
 
 
-def _name_outputs(t: tape.Tape) -> None:
+def _place(graph: ir.Graph, t: tape.Tape, *, before: ir.Node | None = None, after: ir.Node | None = None) -> None:
+    """Put a tape's nodes into ``graph`` before or after a node, its constants as
+    initializers, each output named after its node."""
     for node in t.nodes:
         for j, value in enumerate(node.outputs):
             if not value.name or value.name.startswith("anonymous"):
                 value.name = f"{node.name}/output_{j}"
+    for init in t.initializers:
+        graph.register_initializer(init)
+    if after is not None:
+        graph.insert_after(after, t.nodes)
+    else:
+        graph.insert_before(before, t.nodes)
 
 
 class Shared:
@@ -265,10 +270,7 @@ class Shared:
         self._length_values: tuple[ir.Value, ir.Value] | None = None
 
     def insert(self, t: tape.Tape) -> None:
-        _name_outputs(t)
-        for init in t.initializers:
-            self.graph.register_initializer(init)
-        self.graph.insert_before(self.anchor, t.nodes)
+        _place(self.graph, t, before=self.anchor)
 
     def _lengths(self, t: tape.Tape) -> tuple[ir.Value, ir.Value]:
         """(T, S) as int64 [1]: the mask's length and the new tokens' (the first layer's query)."""

@@ -68,9 +68,9 @@ from passes import calibration
 from passes.calibration import CalibrationOptions
 from passes.kv_cache import (
     SLICED_CACHE_HINT,
-    _match_layer,
-    _NoMatch,
-    _SlicedCache,
+    NoMatch,
+    SlicedCache,
+    match_layer,
     remove_nodes,
     rewire_out_shapes,
 )
@@ -143,7 +143,7 @@ class _Side:
 @dataclasses.dataclass
 class _LayerRewrite:
     index: int
-    match: Any                 # passes.kv_cache._Layer
+    match: Any                 # passes.kv_cache.Layer
     key: _Side | None
     value: _Side | None
     q_heads: int = 0
@@ -469,10 +469,10 @@ def apply(model: ir.Model, options: LowRankKVOptions, *, explain: bool = False) 
             raise PassError(f"low-rank-kv: input past_key_values.{index}.value is missing",
                             hint="the model must have a flat KV cache (`toolkit export`)")
         try:
-            match = _match_layer(model, index, pasts[index], past_v)
-        except _NoMatch as err:
+            match = match_layer(model, index, pasts[index], past_v)
+        except NoMatch as err:
             raise PassError(f"low-rank-kv: layer {index}: {err}",
-                            hint=SLICED_CACHE_HINT if isinstance(err, _SlicedCache) else
+                            hint=SLICED_CACHE_HINT if isinstance(err, SlicedCache) else
                             "the pass rewrites the attention kv-cache matches (eager from `toolkit export`, torch "
                             "exporters' SDPA forms) except ONNX Attention nodes; run `toolkit inspect` and report "
                             "the pattern") from None

@@ -32,7 +32,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
-from test_kv_cache_pass import convert, run_steps
+from test_kv_cache_pass import convert, prompts, run_steps
 from test_kv_cache_sdpa import _reference_logits
 
 from passes.pipeline import run_pipeline
@@ -80,14 +80,6 @@ def _unpadded(batch=2, length=9, seed=3):
     return ids, np.ones_like(ids)
 
 
-def _left_padded(batch=3, length=11, seed=1):
-    ids, mask = _unpadded(batch, length, seed)
-    for b in range(batch):
-        mask[b, : 3 * b] = 0
-        ids[b, : 3 * b] = 0
-    return ids, mask
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
 def test_genai_builder_models_are_rewritten_exactly_while_nothing_is_quantized(genai_model, family):
     src, path = genai_model(family)
@@ -113,14 +105,14 @@ def test_genai_builder_models_are_rewritten_exactly_while_nothing_is_quantized(g
                                        atol=1e-5, rtol=0)
 
     # Left padding: positions and mask as the Hugging Face model takes them.
-    ids, mask = _left_padded()
+    ids, mask = prompts()  # left padding: 0, 3 and 6 tokens
     got, _ = run_steps(_decoder(model), ids, mask, steps=6)
     np.testing.assert_allclose(got, _reference_logits(src, ids, mask, steps=6), atol=1e-4, rtol=0)
 
 
 def test_int8_cache_on_a_genai_model_moves_the_logits_but_stays_close(genai_model):
     src, path = genai_model("llama")
-    ids, mask = _left_padded()
+    ids, mask = prompts()  # left padding: 0, 3 and 6 tokens
     ref = _reference_logits(src, ids, mask, steps=8)
     model, _ = convert(path, "int8", residual=0)
     got, past = run_steps(_decoder(model), ids, mask, steps=8)
