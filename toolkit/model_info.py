@@ -89,10 +89,14 @@ def describe(path: str | Path, model: Any) -> dict[str, Any]:
     # [batch, heads, sequence, head_dim] with heads and head_dim fixed and the sequence
     # symbolic. Any other layout ([batch, seq, heads, dim], symbolic heads, GPTBigCode's
     # fused [batch, seq, 2 * dim]) cannot be read from the shapes alone: None, "unknown".
+    # (onnxruntime-genai's GroupQueryAttention models leave the head dim symbolic; the graph gives it)
+    from toolkit.parity import decoder_facts
+
+    known = decoder_facts(model).cache_dims if layers else {}
     per_token: int | None = 0
     for tensors in layers.values():
         for vi in tensors:
-            shape = vi["shape"]
+            shape = [known.get(vi["name"], {}).get(axis, d) for axis, d in enumerate(vi["shape"])]
             if not (len(shape) == 4 and isinstance(shape[1], int) and isinstance(shape[3], int)
                     and not isinstance(shape[2], int) and vi["dtype"] != "?"):
                 per_token = None

@@ -132,6 +132,11 @@ def test_genai_model_head_dim_sizes_the_empty_cache(genai_model):
                                 for i in range(src.num_layers) for k in ("key", "value")}
     assert facts.right_padded
     assert facts.context_length == src.module.config.max_position_embeddings  # the cos/sin caches' rows
+    from toolkit import model_info  # toolkit inspect: float32 K and V, kv heads x head dim per layer
+
+    cfg = src.module.config
+    assert model_info.describe(path, proto)["kv_cache"]["bytes_per_token"] == (
+        src.num_layers * 2 * cfg.num_key_value_heads * head_dim * 4)
     shape = ["batch_size", 2, "past_sequence_length", "kv_cache_dim"]
     assert empty_cache_shape("past_key_values.0.key", shape, 3, {3: head_dim}) == [3, 2, 0, head_dim]
     with pytest.raises(InvalidModelError, match=r"'past_key_values.0.key'.*axes \[2, 3\] are symbolic"):
