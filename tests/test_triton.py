@@ -69,7 +69,7 @@ def _decoder(sampled_seed: bool = False) -> onnx.ModelProto:
         helper.make_node("FusedSoftmaxTopK", ["last_logits"], ["next_token_probs", "next_token_ids"],
                          domain=ops.DOMAIN, k=K),
     ]
-    if sampled_seed:  # like SampleTopKTopP's seed: no batch dimension
+    if sampled_seed:  # a tensor with no batch dimension (a static [1], as sampled heads' seeds were)
         inputs.append(helper.make_tensor_value_info("sampling_seed", TensorProto.INT64, [1]))
         outputs.append(helper.make_tensor_value_info("seed_out", TensorProto.INT64, [1]))
         nodes.append(helper.make_node("Identity", ["sampling_seed"], ["seed_out"]))
@@ -171,6 +171,21 @@ def test_batching_refused_without_batch_dimension(tmp_path):
     # the default (explicit batch dimension) is fine for it
     assert toolkit("package", str(sampled), "--triton", str(tmp_path / "repo")).returncode == 0
     triton.validate_model_dir(tmp_path / "repo" / "sampled")
+
+
+def test_a_sampled_heads_seed_batches_one_per_row():
+    """The sampling-head pass's seed input is [seeds] (one, or one per row): with server
+    batching each request's seed becomes its row's, so it is not refused."""
+    sys.path.insert(0, str(Path(__file__).parent / "passes"))
+    from test_sampling_head import _lm_graph
+
+    from passes import run_pipeline
+
+    out, _ = run_pipeline(_lm_graph(), ["sampling-head"], {"sampling-head": {"k": 20, "sample": "true"}})
+    inputs, outputs = triton.graph_io(out)
+    assert tuple({t.name: t.dims for t in inputs}["sampling_seed"]) == (-1,)
+    config = triton.render_config(triton.TritonOptions(name="m", max_batch_size=4), inputs, outputs, None)
+    assert "dynamic_batching" in config and "sampling_seed" in config
 
 
 def test_served_root_maps_the_library_path(bundle_dir, tmp_path):

@@ -36,8 +36,10 @@ Decisions, and why:
   assembled itself. ``max_batch_size > 0`` is offered for lock-step workloads (fixed
   prompt length, equal past lengths): the batch dimension becomes implicit and a
   ``dynamic_batching`` block is emitted; it is refused for models with an input or
-  output that has no leading dynamic batch dimension (``sampling_seed [seeds]`` of a
-  sampled head: one seed, or one per row). The sequence batcher with implicit state (the server keeping the
+  output that has no leading dynamic batch dimension (a static ``[1]``). A sampled
+  head's ``sampling_seed [seeds]`` takes one seed per row, so batched requests, each
+  sending its own seed, become one seed per row and every request draws its own
+  stream. The sequence batcher with implicit state (the server keeping the
   cache between requests) would be the efficient design but needs the cache
   tensors' growth handled by the backend, so it is not emitted and not claimed.
 """

@@ -1145,6 +1145,7 @@ struct Job {
   int64_t rows = 0;  // query rows per (batch, kv head): rep * S
   bool avx2 = false;
   bool codes_copied = false;  // the attention pass copied the past codes into the present
+  bool skip_masked = true;    // positions every row of a block masks may be skipped (AttendSliceImpl)
   // partials[(bh * slices + slice) * rows + row] -> {max, sum, acc[D]}
   std::vector<float> partials;
   // Slices of each (batch, kv head) still running: the last one to finish merges the
@@ -1360,14 +1361,15 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
     }
     // Positions from te_rows on are masked for every row of the block (causal, or a
     // bias <= kMaskedBias: the causal part of a prefill): not scored, not summed. Exact:
-    // a row that sees some position gives a masked one exp(bias + score - max) = 0 (a
-    // NaN bias counts as seen); a row that sees none (a padding query, every bias
+    // a row that sees some position (bias > kMaskedBias / 2: a call with a bias in
+    // between skips nothing, job->skip_masked) gives a masked one exp(bias + score - max)
+    // = 0 for scores within 5e7 of each other (a NaN bias counts as seen); a row that sees none (a padding query, every bias
     // finite and tiny: softmax spreads it over all T positions) keeps the whole slice.
     // Keys and values of skipped positions are not read, so an inf or NaN stored there
     // reaches no row (as in ONNX Runtime's GroupQueryAttention; README). Rows are
     // scanned last-first: the latest query usually sees the most and ends the others'
     // scans at once.
-    int64_t te_rows = t0;
+    int64_t te_rows = job->skip_masked ? t0 : t1;
     const auto masked = [](float x) { return x <= kMaskedBias; };
     for (int64_t rr = nr - 1; rr >= 0 && te_rows < t1; --rr) {
       const int64_t s = (r0 + rr) % S;
@@ -1768,6 +1770,13 @@ OrtStatus* ComputeCpu(const Attributes& attrs, OrtKernelContext* context) {
       job.slices = (io.T + job.slice_len - 1) / job.slice_len;
       job.partials.resize(size_t(heads * job.slices * job.rows * (io.D + 2)));
       job.codes_copied = !io.capacity;
+      // A bias within (kMaskedBias, kMaskedBias / 2] would leave a masked position
+      // (<= kMaskedBias) less than 5e7 below a seen one, where exp need not underflow:
+      // no skipping in such a call (no real mask has one: 0 / -inf / finfo.min / -1e9).
+      if (io.bias_batch) {
+        const float* end = io.bias + (io.bias_batch == 1 ? 1 : io.B) * io.S * io.T;
+        job.skip_masked = std::none_of(io.bias, end, [](float x) { return x > kMaskedBias && x <= kMaskedBias / 2; });
+      }
       job.pending.reset(new std::atomic<int64_t>[size_t(heads)]);
       for (int64_t i = 0; i < heads; ++i) job.pending[size_t(i)].store(job.slices, std::memory_order_relaxed);
       ctx.ParallelFor(&AttendSlice, size_t(heads * job.slices), 0, &job);  // also merges and writes

@@ -996,3 +996,21 @@ def test_a_padding_query_row_still_spreads_over_every_position(name, path, monke
     if path == "scalar":
         monkeypatch.setenv("TOOLKIT_KV_SCALAR", "1")
     drive(SCHEMES[name], 2, 2, 2, 32, steps=[200, 1], pad=[0, 10])
+
+
+def test_a_seen_bias_just_above_the_mask_threshold_turns_skipping_off():
+    """A seen position with bias -99999992 (the float32 next to -1e8) sits 8 above a
+    masked -1e8: with a score 8 higher there, the masked position weighs as much as the
+    seen one (the reference: output 6.7e-8 from values +1 / -1). Skipping it gave 1.0;
+    a bias in (-1e8, -5e7] turns skipping off for the call (found by an audit)."""
+    scheme, d = SCHEMES["int8"], 32
+    q = np.zeros((1, 1, 2, d), np.float32)
+    q[..., 0] = 4.0
+    k = np.zeros((1, 1, 2, d), np.float32)
+    k[0, 0, 1, 0] = 8.0 * np.sqrt(d) / 4.0  # score(1) - score(0) = 8 after the 1/sqrt(d) scale
+    v = np.zeros((1, 1, 2, d), np.float32)
+    v[0, 0, 0], v[0, 0, 1] = 1.0, -1.0
+    bias = np.array([[-99999992.0, -1e8]] * 2, np.float32)[None, None]
+    out, _ = run_op(make_session(scheme), q, k, v, kq.empty_cache(1, 1, d, scheme), bias)
+    ref, _ = kq.attention(q, k, v, kq.empty_cache(1, 1, d, scheme), scheme, bias)
+    np.testing.assert_allclose(out, ref, rtol=OUT_RTOL, atol=OUT_ATOL)
