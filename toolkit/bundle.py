@@ -325,22 +325,28 @@ def _check_model_files(manifest: dict[str, Any], directory: Path, model_path: Pa
 def _session_class() -> type:
     """The class of the sessions :func:`load` returns: an ``onnxruntime.InferenceSession``
     whose :meth:`run` first refuses inputs ONNX Runtime fails on with a kernel's message
-    (an empty ``input_ids`` through a sampling head: :func:`toolkit.generate.check_input_ids`).
+    (an empty ``input_ids`` through a sampling head: :func:`toolkit.generate.check_input_ids`)
+    or reads wrong without a word (a left-padded ``attention_mask`` through onnxruntime-genai's
+    GroupQueryAttention, which takes rows right-padded: :func:`toolkit.generate.check_right_padding`).
     Defined on first use (onnxruntime is imported lazily)."""
     import onnxruntime as ort
 
-    from toolkit.generate import check_input_ids, head_options
+    from toolkit.generate import check_input_ids, check_right_padding, head_options
+    from toolkit.parity import decoder_facts, load_onnx
 
     class BundleSession(ort.InferenceSession):
         __doc__ = _session_class.__doc__
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
+        def __init__(self, path: str, *args: Any, **kwargs: Any) -> None:
+            super().__init__(path, *args, **kwargs)
             self._sampling_head = head_options(self) is not None
+            self._right_padded = decoder_facts(load_onnx(path)).right_padded
 
         def run(self, output_names: Any, input_feed: dict[str, Any], run_options: Any = None) -> Any:
             if self._sampling_head and isinstance(input_feed, dict) and "input_ids" in input_feed:
                 check_input_ids(input_feed["input_ids"])
+            if self._right_padded and isinstance(input_feed, dict) and "attention_mask" in input_feed:
+                check_right_padding(input_feed["attention_mask"])
             return super().run(output_names, input_feed, run_options)
 
     return BundleSession

@@ -293,6 +293,27 @@ def check_input_ids(input_ids: Any) -> None:
             "padding), the last chosen token at each decode step")
 
 
+def check_right_padding(attention_mask: Any) -> None:
+    """Refuse, before ONNX Runtime runs, an ``attention_mask`` with padding before a kept
+    position in some row, for a model whose GroupQueryAttention takes rows right-padded
+    (onnxruntime-genai's builder): it reads such a row wrong without an error (an audit:
+    a left-padded row's tokens changed). ``attention_mask`` is an array (an ORT value is
+    not checked)."""
+    if callable(getattr(attention_mask, "shape", None)):
+        return
+    mask = np.asarray(attention_mask)
+    if mask.ndim != 2 or mask.shape[1] < 2:
+        return
+    kept = mask != 0
+    bad = np.flatnonzero((~kept[:, :-1] & kept[:, 1:]).any(axis=1))
+    if bad.size:
+        raise ToolkitError(
+            f"attention_mask row {int(bad[0])} has padding before a kept position; the model's "
+            "GroupQueryAttention takes each row right-padded (padding after the tokens) and reads such a row wrong",
+            hint="pad on the right, or convert the model with `toolkit convert --kv-cache ...`, whose attention "
+            "takes left padding as Hugging Face models do")
+
+
 def model_context_length(session: Any) -> int | None:
     """The positions the model was built for (``toolkit.context_length``, recorded at
     export from the source's config), or None when the model does not say."""

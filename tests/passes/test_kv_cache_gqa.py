@@ -339,3 +339,27 @@ def test_unconverted_genai_models_are_named_where_their_padding_convention_diffe
     assert RIGHT_PADDED_NOTE in report.notes
     assert not report.passed  # the padded batch, by the convention
     assert all(r.passed for r in report.records if "b=1" in r.phase)
+
+
+def test_a_bundle_of_an_unconverted_genai_model_refuses_left_padding(genai_model, tmp_path):
+    """toolkit.load's session refuses an attention_mask GroupQueryAttention would read
+    wrong (padding before a kept position); right padding and no padding run."""
+    import toolkit
+    from toolkit.errors import ToolkitError
+
+    _, path = genai_model("llama")
+    out = tmp_path / "bundle"
+    run = subprocess.run([sys.executable, "-m", "toolkit", "convert", str(path), "--reference", "hf:llama",
+                          "--sampling-head", "4", "--no-parity", "-o", str(out)], capture_output=True, text=True,
+                         check=False)
+    assert run.returncode == 0, run.stderr
+    session = toolkit.load(out)
+    past = {i.name: np.zeros((2, 2, 0, 16), np.float32) for i in session.get_inputs()
+            if i.name.startswith("past_key_values.")}
+    ids = np.array([[0, 0, 5, 6], [7, 8, 9, 10]], np.int64)
+    left = np.array([[0, 0, 1, 1], [1, 1, 1, 1]], np.int64)
+    with pytest.raises(ToolkitError, match="attention_mask row 0 has padding before a kept position") as err:
+        session.run(None, {"input_ids": ids, "attention_mask": left, **past})
+    assert "--kv-cache" in err.value.hint
+    right = np.array([[1, 1, 0, 0], [1, 1, 1, 1]], np.int64)
+    assert session.run(None, {"input_ids": ids, "attention_mask": right, **past})[0].shape[0] == 2
