@@ -309,7 +309,8 @@ def test_generate_drives_genai_models_before_and_after_the_rewrite(genai_model):
                                        max_new_tokens=10, do_sample=False, min_new_tokens=10)[0, 4:].tolist()
     original = onnx.load(str(path))
     rewritten, _ = convert(path, "kivi4", group=32, residual=64)
-    for model in (original, rewritten):
+    in_place, _ = convert(path, "kivi4", group=32, residual=64, capacity=128)  # bound present-to-past
+    for model in (original, rewritten, in_place):
         session = ort.InferenceSession(model.SerializeToString(), ops.session_options(1),
                                        providers=["CPUExecutionProvider"])
         result = generate_batch(session, [prompt], 10, facts=decoder_facts(model))
