@@ -350,7 +350,8 @@ def test_a_bundle_of_an_unconverted_genai_model_refuses_left_padding(genai_model
 
     _, path = genai_model("llama")
     out = tmp_path / "bundle"
-    run = subprocess.run([sys.executable, "-m", "toolkit", "convert", str(path), "--reference", "hf:llama",
+    # (the builder's output directory as MODEL: its model.onnx, as convert takes a bundle directory)
+    run = subprocess.run([sys.executable, "-m", "toolkit", "convert", str(path.parent), "--reference", "hf:llama",
                           "--sampling-head", "4", "--no-parity", "-o", str(out)], capture_output=True, text=True,
                          check=False)
     assert run.returncode == 0, run.stderr

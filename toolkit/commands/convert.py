@@ -235,6 +235,8 @@ def _onnx_input(args: argparse.Namespace) -> Path | None:
     from toolkit.errors import ToolkitError
 
     path = Path(args.model)
+    if path.is_dir() and (path / "model.onnx").is_file() and not (path / "config.json").is_file():
+        path = path / "model.onnx"  # a directory of ONNX files (onnxruntime-genai's builder output, a bundle)
     if path.suffix.lower() != ".onnx":
         if args.reference is not None:
             raise ToolkitError(f"--reference is for an ONNX file as MODEL; {args.model!r} is a PyTorch source, "
