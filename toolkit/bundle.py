@@ -368,8 +368,10 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
     a failed one loads with a :class:`ParityFailedWarning`.
 
     The session is an ``onnxruntime.InferenceSession`` (a subclass) whose ``run``
-    refuses a zero-length ``input_ids`` through a sampling head with a ToolkitError
-    naming the input, where ONNX Runtime failed in the head's Gather.
+    refuses with a ToolkitError naming the input a zero-length ``input_ids`` through a
+    sampling head (ONNX Runtime failed in the head's Gather) and, for a model that keeps
+    onnxruntime-genai's GroupQueryAttention, an ``attention_mask`` padded before a kept
+    position (read wrong without an error).
 
     Raises:
         InvalidModelError: missing/unreadable manifest or model.

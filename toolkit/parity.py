@@ -622,7 +622,7 @@ def make_session(path: str | Path, model: Any | None = None, threads: int | None
 def empty_cache_shape(name: str, shape: list, batch: int, known: dict[int, int] | None = None) -> list[int]:
     """The shape of cache input ``name`` before the first call: ``batch`` on axis 0 (a
     fixed-capacity cache's lengths, ``[2]``, have none), ``known`` ``{axis: size}`` for
-    symbolic sizes read elsewhere (:func:`cache_dims`), and 0 on the one symbolic axis
+    symbolic sizes read elsewhere (:func:`decoder_facts`), and 0 on the one symbolic axis
     left, the past length. A second symbolic axis cannot be sized: a named error."""
     dims: list[int | None] = [d if isinstance(d, int) else None for d in shape]
     if len(dims) > 1:
