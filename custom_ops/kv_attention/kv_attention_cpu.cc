@@ -1362,9 +1362,10 @@ inline __attribute__((always_inline)) void AttendSliceImpl(Job* job, size_t inde
     // Positions from te_rows on are masked for every row of the block (causal, or a
     // bias <= kMaskedBias: the causal part of a prefill): not scored, not summed. Exact:
     // a row that sees some position (bias > kMaskedBias / 2: a call with a bias in
-    // between skips nothing, job->skip_masked) gives a masked one exp(bias + score - max)
-    // = 0 for scores within 5e7 of each other (a NaN bias counts as seen); a row that sees none (a padding query, every bias
-    // finite and tiny: softmax spreads it over all T positions) keeps the whole slice.
+    // between skips nothing, job->skip_masked) gives a masked one exp(bias + score -
+    // max) = 0 for scores within 5e7 of each other (a NaN bias counts as seen); a row
+    // that sees none (a padding query, every bias finite and tiny: softmax spreads it
+    // over all T positions) keeps the whole slice.
     // Keys and values of skipped positions are not read, so an inf or NaN stored there
     // reaches no row (as in ONNX Runtime's GroupQueryAttention; README). Rows are
     // scanned last-first: the latest query usually sees the most and ends the others'
