@@ -53,24 +53,26 @@ def _decoder(model: onnx.ModelProto | Path) -> OnnxDecoder:
 
 @pytest.fixture(scope="module")
 def genai_model(tmp_path_factory):
-    """``genai_model(family) -> (SourceModel, model.onnx)``, built by onnxruntime-genai's builder."""
+    """``genai_model(family, precision="fp32") -> (SourceModel, model.onnx)``, built by
+    onnxruntime-genai's builder (``int4``: its MatMulNBits weights)."""
     root = tmp_path_factory.mktemp("genai_builder")
 
-    def get(family: str):
-        if family not in _BUILT:
+    def get(family: str, precision: str = "fp32"):
+        if (family, precision) not in _BUILT:
             from toolkit import sources
 
             src = sources.resolve(f"hf:{family}")
-            hf_dir, out = root / f"{family}_hf", root / family
-            src.module.save_pretrained(hf_dir)
+            hf_dir, out = root / f"{family}_hf", root / f"{family}_{precision}"
+            if not hf_dir.exists():
+                src.module.save_pretrained(hf_dir)
             # the builder saves the tokenizer too (any tokenizer.json does: only the graph is tested)
-            shutil.copy(ROOT / "models/checkpoints/llama-stdlib/tokenizer.json", hf_dir / "tokenizer.json")
+                shutil.copy(ROOT / "models/checkpoints/llama-stdlib/tokenizer.json", hf_dir / "tokenizer.json")
             run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
-                                  "-o", str(out), "-p", "fp32", "-e", "cpu"], capture_output=True, text=True, check=False,
-                                 env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+                                  "-o", str(out), "-p", precision, "-e", "cpu"], capture_output=True, text=True,
+                                 check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
             assert run.returncode == 0, run.stderr[-3000:]
-            _BUILT[family] = (src, out / "model.onnx")
-        return _BUILT[family]
+            _BUILT[family, precision] = (src, out / "model.onnx")
+        return _BUILT[family, precision]
 
     return get
 
@@ -108,6 +110,22 @@ def test_genai_builder_models_are_rewritten_exactly_while_nothing_is_quantized(g
     ids, mask = prompts()  # left padding: 0, 3 and 6 tokens
     got, _ = run_steps(_decoder(model), ids, mask, steps=6)
     np.testing.assert_allclose(got, _reference_logits(src, ids, mask, steps=6), atol=1e-4, rtol=0)
+
+
+def test_int4_weight_genai_models_are_rewritten_exactly_while_nothing_is_quantized(genai_model):
+    """The builder's int4 weights (MatMulNBits: the query width is its N attribute): the
+    rewrite reproduces the original model (not PyTorch: the weights are quantized)."""
+    src, path = genai_model("llama", "int4")
+    original = onnx.load(str(path))
+    assert "MatMulNBits" in {n.op_type for n in original.graph.node}
+    ids, mask = _unpadded()
+    ref, _ = run_steps(_decoder(original), ids, mask, steps=4)
+    del original.graph.value_info[:]  # (this builder annotates the widths; others do not)
+    model, report = run_pipeline(original, ["kv-cache", "cleanup"],
+                                 {"kv-cache": {"scheme": "kivi4", "group": "32", "residual": "64"}})
+    assert report.counts["kv-cache"] == src.num_layers
+    got, _ = run_steps(_decoder(model), ids, mask, steps=4)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
 
 
 def test_int8_cache_on_a_genai_model_moves_the_logits_but_stays_close(genai_model):
