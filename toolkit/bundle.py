@@ -329,10 +329,11 @@ def _session_class() -> type:
     or reads wrong without a word (a left-padded ``attention_mask`` through onnxruntime-genai's
     GroupQueryAttention, which takes rows right-padded: :func:`toolkit.generate.check_right_padding`).
     Defined on first use (onnxruntime is imported lazily)."""
+    import onnx
     import onnxruntime as ort
 
+    from passes import kv_cache_gqa
     from toolkit.generate import check_input_ids, check_right_padding, head_options
-    from toolkit.parity import decoder_facts, load_onnx
 
     class BundleSession(ort.InferenceSession):
         __doc__ = _session_class.__doc__
@@ -340,7 +341,8 @@ def _session_class() -> type:
         def __init__(self, path: str, *args: Any, **kwargs: Any) -> None:
             super().__init__(path, *args, **kwargs)
             self._sampling_head = head_options(self) is not None
-            self._right_padded = decoder_facts(load_onnx(path)).right_padded
+            graph = onnx.load(path, load_external_data=False).graph  # (load() checked the model)
+            self._right_padded = any(kv_cache_gqa.is_gqa(n) for n in graph.node)  # (as decoder_facts)
 
         def run(self, output_names: Any, input_feed: dict[str, Any], run_options: Any = None) -> Any:
             if self._sampling_head and isinstance(input_feed, dict) and "input_ids" in input_feed:
