@@ -646,6 +646,13 @@ class DecoderFacts:
     cache_dims: dict[str, dict[int, int]]  # {cache input: {axis: size}}: symbolic sizes the graph fixes
     right_padded: bool = False  # GroupQueryAttention: a batch's rows are taken as right-padded
     context_length: int | None = None  # positions its rotary caches hold, when the metadata has none
+    quantized_weights: tuple[str, ...] = ()  # ops computing with quantized weights (MatMulNBits, ...)
+
+
+# Ops that compute with quantized weights (onnxruntime-genai's -p int4, ORT's quantizers):
+# parity against the float model then measures the weights' quantization too.
+QUANTIZED_WEIGHT_OPS = frozenset({"MatMulNBits", "DequantizeLinear", "QLinearMatMul", "MatMulInteger",
+                                  "DynamicQuantizeMatMul", "GatherBlockQuantized", "MatMulBnb4", "QAttention"})
 
 
 def decoder_facts(model: Any) -> DecoderFacts:
@@ -662,8 +669,10 @@ def decoder_facts(model: Any) -> DecoderFacts:
     nodes = [n for n in graph_model.graph if kv_cache_gqa.is_gqa(n)]
     tables = [kv_cache_gqa.table_shape(n.inputs[7]) if len(n.inputs) > 7 else None for n in nodes]
     rows = [t[0] for t in tables if t is not None]
+    quantized = tuple(sorted({n.op_type for n in graph_model.graph if n.op_type in QUANTIZED_WEIGHT_OPS}))
     return DecoderFacts({name: {3: d} for name, d in kv_cache_gqa.past_head_dims(graph_model).items()},
-                        right_padded=bool(nodes), context_length=min(rows) if rows else None)
+                        right_padded=bool(nodes), context_length=min(rows) if rows else None,
+                        quantized_weights=quantized)
 
 
 # A parity note for models that take padded rows on the right (GroupQueryAttention).
@@ -949,6 +958,12 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
         report.settings["perplexity_tokens"] = 0  # no held-out text (or no logits): no perplexity ran
     if facts.right_padded and any(b > 1 for b in settings.batch_sizes):
         report.notes.append(RIGHT_PADDED_NOTE)
+    if facts.quantized_weights:
+        report.notes.append(
+            f"the model computes with quantized weights ({', '.join(facts.quantized_weights)}): compared with the "
+            f"float reference, the {profile} profile's bounds measure that quantization too, far beyond float32 "
+            "rounding; judge it with --threshold NAME=VALUE (e.g. logits_cosine_min, top1_min) or against its "
+            "float build")
     spreads = [r.ref_logit_std for r in report.records if r.ref_logit_std is not None]
     if profile.startswith("kv-") and spreads and float(np.median(spreads)) < FLAT_LOGITS_STD:
         report.notes.append(

@@ -383,3 +383,15 @@ def test_a_bundle_of_an_unconverted_genai_model_refuses_left_padding(genai_model
     assert "--kv-cache" in err.value.hint
     right = np.array([[1, 1, 0, 0], [1, 1, 1, 1]], np.int64)
     assert session.run(None, {"input_ids": ids, "attention_mask": right, **past})[0].shape[0] == 2
+
+
+def test_parity_says_when_a_model_computes_with_quantized_weights(genai_model):
+    """The builder's int4 model fails float32 parity by its weights alone: the report says so."""
+    from toolkit import parity
+
+    src, path = genai_model("llama", "int4")
+    report = parity.check(src, path, parity.ParitySettings(batch_sizes=(1,), decode_steps=1))
+    assert any("quantized weights (MatMulNBits)" in n for n in report.notes), report.notes
+    _, fp32 = genai_model("llama")
+    report = parity.check(src, fp32, parity.ParitySettings(batch_sizes=(1,), decode_steps=1))
+    assert report.passed and not any("quantized weights" in n for n in report.notes)
