@@ -329,20 +329,17 @@ def _session_class() -> type:
     or reads wrong without a word (a left-padded ``attention_mask`` through onnxruntime-genai's
     GroupQueryAttention, which takes rows right-padded: :func:`toolkit.generate.check_right_padding`).
     Defined on first use (onnxruntime is imported lazily)."""
-    import onnx
     import onnxruntime as ort
 
-    from passes import kv_cache_gqa
     from toolkit.generate import check_input_ids, check_right_padding, head_options
 
     class BundleSession(ort.InferenceSession):
         __doc__ = _session_class.__doc__
 
-        def __init__(self, path: str, *args: Any, **kwargs: Any) -> None:
-            super().__init__(path, *args, **kwargs)
+        def __init__(self, *args: Any, right_padded: bool = False, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
             self._sampling_head = head_options(self) is not None
-            graph = onnx.load(path, load_external_data=False).graph  # (load() checked the model)
-            self._right_padded = any(kv_cache_gqa.is_gqa(n) for n in graph.node)  # (as decoder_facts)
+            self._right_padded = right_padded  # the manifest's kv_cache.right_padded, recorded at conversion
 
         def run(self, output_names: Any, input_feed: dict[str, Any], run_options: Any = None) -> Any:
             if self._sampling_head and isinstance(input_feed, dict) and "input_ids" in input_feed:
@@ -440,7 +437,9 @@ def load(directory: str | Path, providers: list[str] | None = None, threads: int
     model_path = directory / manifest["model"]
     _check_model_files(manifest, directory, model_path)
     try:
-        return _session_class()(str(model_path), so, providers=providers)
+        kv = manifest.get("kv_cache")
+        return _session_class()(str(model_path), so, providers=providers,
+                                right_padded=isinstance(kv, dict) and kv.get("right_padded") is True)
     except Exception as exc:
         # The same diagnosis as a bare .onnx file (corrupt, truncated, invalid graph);
         # else ORT's own reason, named.

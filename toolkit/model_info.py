@@ -90,9 +90,10 @@ def describe(path: str | Path, model: Any) -> dict[str, Any]:
     # symbolic. Any other layout ([batch, seq, heads, dim], symbolic heads, GPTBigCode's
     # fused [batch, seq, 2 * dim]) cannot be read from the shapes alone: None, "unknown".
     # (onnxruntime-genai's GroupQueryAttention models leave the head dim symbolic; the graph gives it)
-    from toolkit.parity import decoder_facts
+    from toolkit.parity import DecoderFacts, decoder_facts
 
-    known = decoder_facts(model).cache_dims if layers else {}
+    facts = decoder_facts(model) if layers else DecoderFacts({})
+    known = facts.cache_dims
     per_token: int | None = 0
     for tensors in layers.values():
         for vi in tensors:
@@ -110,6 +111,9 @@ def describe(path: str | Path, model: Any) -> dict[str, Any]:
         "tensors_per_layer": sorted({vi["name"].split(".", 2)[2] for t in layers.values() for vi in t}),
         "bytes_per_token": per_token,
         "scheme": meta.get("toolkit.kv_cache", "unknown"),
+        # GroupQueryAttention reads a batch's rows right-padded (toolkit.load's session
+        # refuses left padding for such bundles; generate and parity left-pad)
+        "right_padded": facts.right_padded,
     }
     if "toolkit.kv_quant" in meta:
         # Quantized cache (passes/kv_cache.py): codes + float16 scales/zeros per token,

@@ -904,10 +904,11 @@ def run_end_to_end(model: str, converted: str, context: int = 2048, steps: int =
 
     say = progress or (lambda _msg: None)
     rng = np.random.default_rng(seed)
-    # (an onnxruntime-genai model's cache has a symbolic head dim: read from the graph)
-    decoders = {name: BoundDecoder(make_session(path, threads=threads), ("logits",),
-                                   decoder_facts(load_onnx(path)).cache_dims)
-                for name, path in (("original", model_file(model)), ("converted", model_file(converted)))}
+    decoders = {}
+    for name, path in (("original", model_file(model)), ("converted", model_file(converted))):
+        graph = load_onnx(path)  # (once: the session and the cache's symbolic head dim, onnxruntime-genai's)
+        decoders[name] = BoundDecoder(make_session(path, graph, threads=threads), ("logits",),
+                                      decoder_facts(graph).cache_dims)
     vocab = vocab_size(decoders["original"].session) or 256  # byte-level vocabularies are at least this large
     prompt = rng.integers(0, vocab, (1, context), dtype=np.int64)
     state = {}

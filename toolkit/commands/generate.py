@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     from toolkit import bundle
 
+    model = None  # the checked graph (without weights), loaded once: the session and decoder_facts read it
     if (Path(args.model) / bundle.MANIFEST).is_file():  # a convert bundle: its own checked library
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ParityFailedWarning)
@@ -74,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     else:
-        session = make_session(onnx_path, threads=args.threads)
+        model = load_onnx(onnx_path)
+        session = make_session(onnx_path, model, threads=args.threads)
     sampling = Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.min_p)
     if not args.do_sample and sampling != Sampling(False):
         raise ToolkitError("--temperature/--top-k/--top-p/--min-p only apply with --do-sample",
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = generate_batch(session, prompts, args.max_new_tokens, sampling, eos_id=eos, seed=args.seed,
                                 on_token=stream if single and not args.json else None,
-                                facts=decoder_facts(load_onnx(onnx_path)))
+                                facts=decoder_facts(model if model is not None else load_onnx(onnx_path)))
     except KeyboardInterrupt as exc:
         if streamed:  # end the streamed line, so the interrupt message starts its own
             print(flush=True)
