@@ -29,10 +29,11 @@ class FunctionBuilder:
         self._count += 1
         return f"{self._prefix}{self._count}_{hint}"
 
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs: Any) -> Any:
-        """Append a node; returns its output name (or a list when ``outputs > 1``)."""
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, node_name: str | None = None, **attrs: Any) -> Any:
+        """Append a node; returns its output name (or a list when ``outputs > 1``). ``node_name``
+        names the node where a runtime's error message would otherwise say ``Name:''``."""
         names = [self._name(op_type.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=node_name, **attrs))
         return names[0] if outputs == 1 else names
 
     def const(self, value: Any, dtype: Any = np.int64) -> str:

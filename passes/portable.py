@@ -166,7 +166,10 @@ def _sample_topk_function() -> FunctionProto:
     counter = b.op("Where", one_seed, rows, b.const(0))  # (Where has no uint64 kernel in ORT)
     counter = b.op("Unsqueeze", b.op("Cast", counter, to=UINT64), one)  # [N, 1]
     seeds = b.reshape(b.op("Cast", "seed", to=UINT64), b.const([-1, 1]))  # [1, 1] or [N, 1]
-    bits = _splitmix64(b, b.op("BitwiseXor", _splitmix64(b, seeds), counter))
+    # the first node that meets a seed count other than 1 or N: its name is the runtime's error message
+    mixed = b.op("BitwiseXor", _splitmix64(b, seeds), counter,
+                 node_name="SampleTopKTopP_seed_must_have_1_element_or_1_per_row_of_logits")
+    bits = _splitmix64(b, mixed)
     u = b.op("Mul", b.op("Cast", b.op("BitShift", bits, b.const(11, np.uint64), direction="RIGHT"), to=DOUBLE),
              b.const(1.0 / 9007199254740992.0, np.float64))
     # j: the first candidate (within q) whose running mass passes u * kept

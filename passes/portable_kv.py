@@ -228,7 +228,10 @@ class _KVBody:
         b.rename(b.op("Concat", "past_value_q", vq, axis=2), "present_value_q")
         b.rename(b.op("Concat", "past_value_scale", vs, axis=2), "present_value_scale")
         if s.symmetric:  # the node leaves these outputs unbound; the function still has to define them
-            empty = b.const(np.zeros(0, np.float16), np.float16)
+            # as an empty slice of an input rather than a constant: optimizers that inline the
+            # function and fold constants (onnxscript's) fail on a folded unbound output
+            nothing = b.const([0])
+            empty = b.op("Slice", "past_key_scale", nothing, nothing, nothing)
             b.rename(empty, "present_key_zero")
             b.rename(empty, "present_value_zero")
         else:

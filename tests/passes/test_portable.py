@@ -145,6 +145,19 @@ def test_sampling_body_takes_a_seed_per_row():
         np.testing.assert_array_equal(ids, ref_ids)
 
 
+def test_sampling_body_names_a_wrong_seed_count():
+    """Neither one seed nor one per row: the body has no Assert, so the node that fails is
+    named for the fix (the kernel's own error says the same)."""
+    model = _sample_model(k=30)
+    model.graph.input[1].type.tensor_type.shape.dim[0].dim_param = "seeds"
+    model, _ = run_pipeline(model, ["portable"])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.zeros((7, 50), np.float32)
+    for count in (0, 3):
+        with pytest.raises(Exception, match="seed_must_have_1_element_or_1_per_row_of_logits"):
+            session.run(None, {"x": x, "seed": np.arange(count, dtype=np.int64)})
+
+
 def test_sampling_body_without_seed_input_uses_the_attribute():
     model, _ = run_pipeline(_sample_model(with_seed=False, k=20, seed=1234), ["portable"])
     x = np.random.default_rng(5).standard_normal((6, 100)).astype(np.float32)
@@ -262,6 +275,33 @@ def test_kv_attention_body_reproduces_the_cache_bit_for_bit(preset, with_bias, p
             caches[i] = {n: got[f"present_{n}"] for n in CACHE_TENSORS if n in ref_cache}
             for n in caches[i]:
                 np.testing.assert_array_equal(caches[i][n], ref_cache[n], err_msg=f"present_{n} ({session is body})")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_kv_attention_body_survives_onnxscript_optimizer(preset):
+    """Olive-style pipelines run onnxscript's optimizer (inline, fold constants) on the
+    model: it must not fail on the body (a constant for the outputs a symmetric scheme
+    leaves unbound did), and the optimized graph must compute the same cache and output."""
+    import onnxscript.optimizer
+
+    scheme = scheme_for(preset, 16, group=8, residual=8)
+    out, _ = run_pipeline(single_op_model(scheme, with_bias=False), ["portable"])
+    optimized = onnxscript.optimizer.optimize(out)
+    assert not optimized.functions  # inlined
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                for m in (out, optimized)]
+    names = [[o.name for o in s.get_outputs()] for s in sessions]
+    rng = np.random.default_rng(11)
+    caches = [empty_cache(2, 2, 16, scheme)] * 2
+    for s in (5, 1, 3, 9, 1):
+        q = rng.standard_normal((2, 4, s, 16)).astype(np.float32)
+        k, v = (rng.standard_normal((2, 2, s, 16)).astype(np.float32) for _ in range(2))
+        got = [dict(zip(n, sess.run(None, _kv_feeds(q, k, v, c, None))))
+               for n, sess, c in zip(names, sessions, caches)]
+        np.testing.assert_allclose(got[1]["output"], got[0]["output"], rtol=0, atol=1e-6)
+        caches = [{n: g[f"present_{n}"] for n in CACHE_TENSORS if n in caches[0]} for g in got]
+        for n in caches[0]:
+            np.testing.assert_array_equal(caches[1][n], caches[0][n], err_msg=n)
 
 
 def test_fixed_capacity_kv_cache_is_refused(exported):
