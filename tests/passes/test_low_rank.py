@@ -683,3 +683,39 @@ def test_calibration_copy_of_a_large_model_goes_beside_the_output(monkeypatch, t
     assert copies and all(c.resolve().is_relative_to(outputs.resolve()) for c in copies)
     assert list(system_tmp.rglob("toolkit-calibration-*")) == []  # (torch keeps its own caches there)
     assert sorted(p.name for p in outputs.iterdir()) == ["ok"]
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96), (50, 50)])
+def test_thin_svd_matches_lapack(shape):
+    """The pass's SVD (the eigenproblem of the smaller Gram matrix, for speed) against
+    LAPACK's: the same energies s^2 and the same best rank-r approximations (float64,
+    within 1e-13 and 1e-12 of the largest value), orthonormal factors; a rank-deficient weight gives
+    finite factors that rebuild it, an all-zero one zeros."""
+    from passes.low_rank import thin_svd
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal(shape) * np.geomspace(1.0, 1e-3, shape[1])[None]
+    u, s, vt = thin_svd(w)
+    ref_u, ref_s, ref_vt = np.linalg.svd(w, full_matrices=False)
+    # squaring: the energies s^2 agree within float64 rounding of the largest one (a small
+    # s itself to ~eps s0^2 / s)
+    np.testing.assert_allclose(s ** 2, ref_s ** 2, rtol=0, atol=1e-13 * ref_s[0] ** 2)
+    np.testing.assert_allclose(thin_svd(w, compute_uv=False), s, rtol=0, atol=0)
+    for r in (1, 7, min(shape) // 2, min(shape)):
+        ours, ref = (u[:, :r] * s[:r]) @ vt[:r], (ref_u[:, :r] * ref_s[:r]) @ ref_vt[:r]
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12 * np.abs(w).max())
+    m = min(shape)
+    # orthonormal: the Gram side to rounding, the side derived from it (v = a^T u / s) to
+    # ~eps (s0 / s)^2, so checked where s >= 1e-3 s0
+    big = s >= 1e-3 * s[0]
+    np.testing.assert_allclose(u[:, big].T @ u[:, big], np.eye(big.sum()), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(vt[big] @ vt[big].T, np.eye(big.sum()), rtol=0, atol=1e-9)
+    small = u if shape[0] <= shape[1] else vt.T  # the Gram side: its largest entries are positive
+    assert (small[np.abs(small).argmax(axis=0), np.arange(m)] > 0).all()
+
+    deficient = rng.standard_normal((shape[0], 5)) @ rng.standard_normal((5, shape[1]))
+    u, s, vt = thin_svd(deficient)
+    assert np.isfinite(u).all() and np.isfinite(vt).all() and s[5] < 1e-6 * s[0]
+    np.testing.assert_allclose((u[:, :5] * s[:5]) @ vt[:5], deficient, rtol=0, atol=1e-10)
+    u, s, vt = thin_svd(np.zeros(shape))
+    assert not s.any() and np.isfinite(u).all() and np.isfinite(vt).all() and not ((u * s) @ vt).any()
