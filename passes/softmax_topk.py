@@ -30,7 +30,9 @@ Rules (onnxscript rewriter, ``RewriteRuleClassBase``):
 * :class:`RenormalizedTopKFusion` -- ``Fused(normalize=0) -> Div(v, ReduceSum(v,
   -1, keepdims))`` (HF Mixtral / Qwen2-MoE ``norm_topk_prob``: softmax, top-k,
   then renormalise) becomes ``normalize=1``: exp(x_i)/sum_{j in topk} exp(x_j) is
-  exactly the softmax over the k largest logits. It rewrites the output of the
+  exactly the softmax over the k largest logits, on every row without NaN or +inf. On
+  such a row the weights are NaN either way, but the original's softmax row is all NaN
+  (its TopK returns 0..k-1) while the fused op ranks the raw logits (NaN / +inf first). It rewrites the output of the
   first rule, so it is listed after it in the same rule set (see ``_rules``).
 
 Every ``check`` says why a candidate is rejected (``MatchResult().fail``); the
@@ -204,6 +206,11 @@ def _temperature(scale_kind: str | None, scale: ir.Value | None) -> float:
     return c if scale_kind == "Div" else 1.0 / c
 
 
+# Folding x * c or x / c into the temperature is exact only while x * c cannot leave
+# float32's range for logits of any size a model produces (|x| < 2^64 with |log2 c| <= 64).
+_MAX_FOLDED_SCALE_LOG2 = 64
+
+
 def _temperature_failure(scale_kind: str | None, scale: ir.Value | None, rank: int | None) -> str | None:
     """Why the Div/Mul constant cannot fold into the temperature, or None. ``rank``: the
     rank of the logits it scales (None: unknown); a constant of higher rank would
@@ -221,6 +228,12 @@ def _temperature_failure(scale_kind: str | None, scale: ir.Value | None, rank: i
     if not math.isfinite(c) or c <= 0.0:
         # A non-positive scale reverses (or collapses) the order TopK sees.
         return f"the {scale_kind} constant {c} is not a positive finite number"
+    if abs(math.log2(c)) > _MAX_FOLDED_SCALE_LOG2:
+        # x * 3e38 overflows float32 in the original graph (a NaN softmax row) and x * 1e-30
+        # flushes logits together (ties), where the fused op's (x - max) / T would not
+        return (f"the {scale_kind} constant {c!r} scales the logits by more than 2^{_MAX_FOLDED_SCALE_LOG2} either "
+                "way: the original graph's scaled logits can overflow or underflow float32 where the fused op's "
+                "would not")
     from toolkit.ops.reference import temperature_problem
 
     if (problem := temperature_problem(_temperature(scale_kind, scale))) is not None:

@@ -229,6 +229,25 @@ def test_a_constant_that_folds_into_a_temperature_the_kernel_refuses_stays(scale
     np.testing.assert_allclose(got["v"], want["v"], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("scale_op,c", [("Mul", 3e38), ("Div", 1e-38)])
+def test_a_scale_that_takes_the_logits_out_of_float32_range_is_not_folded(scale_op, c):
+    """x * 3e38 overflows in the original graph: a NaN softmax row, indices 0..k-1.
+    Folded into the temperature, the fused op's (x - max) / T stayed finite and picked
+    the largest logits with finite probabilities (found by a fuzzing audit). A scale
+    beyond 2^64 either way (also one that flushes logits together) stays a node."""
+    model = graphs.scaled_softmax_topk(scale_op, c)
+    out, result = fuse(model)
+    assert result.count == 1 and op_types(out) == [scale_op, "FusedSoftmaxTopK"]
+    rng = np.random.default_rng(2)
+    x = (rng.uniform(4, 8, (2, 3, 10)) * rng.choice([-1, 1], (2, 3, 10))).astype(np.float32)
+    want, got = run_original(model, {"x": x}), run_rewritten(out, {"x": x})
+    assert np.isnan(want["v"]).all()
+    np.testing.assert_array_equal(got["i"], want["i"])
+    np.testing.assert_array_equal(got["v"], want["v"])
+    out, _ = fuse(graphs.scaled_softmax_topk("Mul", 2.0 ** 60))  # within the bound: folds
+    assert op_types(out) == ["FusedSoftmaxTopK"] and attrs(fused_nodes(out)[0])["temperature"] == 2.0 ** -60
+
+
 def test_a_scale_of_higher_rank_than_the_logits_is_not_folded():
     """x [10] / c [1, 1, 1] broadcasts to [1, 1, 10]: folding c dropped the two axes (the
     fused output was [3] instead of [1, 1, 3])."""
