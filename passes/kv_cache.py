@@ -609,10 +609,9 @@ def apply(model: ir.Model, options: KVCacheOptions, *, explain: bool = False) ->
             if past.dtype is not None and past.dtype != ir.DataType.FLOAT:
                 raise PassError(f"kv-cache: input {past.name!r} is {past.dtype.name.lower()}; QuantKVAttention "
                                 "takes float32 attention (query, new keys and values, the residual window)",
-                                hint="convert the float32 model, then cast the rest to float16 with the "
-                                "com.toolkit ops kept in float32 (onnxruntime.transformers.float16."
-                                f"convert_float_to_float16(..., op_block_list={list(FLOAT32_ONLY_OPS)})), or "
-                                "leave out --kv-cache")
+                                hint="convert the float32 model with `toolkit convert MODEL --kv-cache SCHEME "
+                                f"--float16` (the rest runs in float16, {', '.join(FLOAT32_ONLY_OPS)} stay "
+                                "float32), or leave out --kv-cache")
         try:
             layers.append(_match_gqa(graph, index, past_k, past_v) or match_layer(model, index, past_k, past_v))
         except kv_cache_gqa.Mismatch as err:

@@ -30,6 +30,7 @@ _PASS_MODULES: dict[str, str] = {
     "sampling-head": "passes.sampling_head",
     "low-rank": "passes.low_rank",
     "low-rank-kv": "passes.low_rank_kv",
+    "float16": "passes.float16",
     "portable": "passes.portable",
     "cleanup": "passes.cleanup",
 }

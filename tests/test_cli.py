@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -134,8 +135,6 @@ def test_list_passes():
 
 
 def test_model_with_custom_ops_needs_the_library(exported, tmp_path):
-    import onnx
-
     from passes import run_pipeline
 
     _, path = exported("llama")
@@ -242,6 +241,32 @@ def test_portable_bundle_generates_the_same_tokens_without_the_library(tmp_path)
     plain = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     with_kernels = greedy(bundle.load(out, threads=1), [5, 6, 7], 24, seed=11).token_ids
     assert greedy(plain, [5, 6, 7], 24, seed=11).token_ids == with_kernels
+
+
+def test_float16_conversion_passes_parity_with_the_fp16_profile_and_loads(tmp_path):
+    """--float16: the weights are float16 (half the float32 bytes), parity
+    against PyTorch judges it by the fp16 profile (or a quantized cache's, when there is
+    one), and the bundle loads and generates."""
+    from toolkit import bundle
+    from toolkit.generate import greedy
+
+    def weight_bytes(out):
+        return sum(onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(str(out / "model.onnx")).graph.initializer)
+
+    runs = {}
+    for name, extra in (("fp32", ()), ("fp16", ("--float16",)), ("fp16_int8", ("--float16", "--kv-cache", "int8"))):
+        out = tmp_path / name
+        r = toolkit("convert", "llama", "-o", str(out), *extra, "--batch-sizes", "1,3", "--decode-steps", "4")
+        assert r.returncode == 0, r.stdout + r.stderr
+        runs[name] = out
+    assert json.loads((runs["fp16"] / "parity.json").read_text())["profile"] == "fp16"
+    assert json.loads((runs["fp16_int8"] / "parity.json").read_text())["profile"] == "kv-int8"
+    for name in ("fp16", "fp16_int8"):
+        model = onnx.load(str(runs[name] / "model.onnx"))
+        assert {t.data_type for t in model.graph.initializer if t.dims and math.prod(t.dims) > 1000} == \
+            {onnx.TensorProto.FLOAT16}
+        assert weight_bytes(runs[name]) < 0.55 * weight_bytes(runs["fp32"])
+        assert len(greedy(bundle.load(runs[name], threads=1), [5, 6, 7], 8).token_ids) == 8
 
 
 def test_unusable_output_paths_are_refused_before_any_work(tmp_path):

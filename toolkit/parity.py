@@ -56,7 +56,12 @@ THRESHOLDS: dict[str, dict[str, float]] = {
         "top1_min": 0.98,
         "top1_tie_margin": 1e-2,
         "kl_mean_max": 1e-3,
-        "present_max_abs": 1e-2,
+        # float16 keeps 11 significant bits: keys of llama-stdlib reach 5.9 in magnitude
+        # (ulp 3.9e-3 there), and each cached key has been rounded by the projection, the
+        # rotary products and their sum; 1e-2 failed its --float16 conversion at 1.005e-2
+        # (logits within 2.6e-3, perplexity +0.001%). A real bug moves the cache by more
+        # and drops the cosine below 0.9999.
+        "present_max_abs": 3e-2,
         "present_cosine_min": 0.9999,
         "ppl_rel_increase_max": 5e-3,
         # A logit error d moves a probability by up to p(1 - p) * 2d <= d / 2: 1e-3 failed
@@ -501,11 +506,34 @@ def load_onnx(path: str | Path) -> Any:
         # directory for a model given in memory.
         check_model(model, full_check=False, path=path if external else None)
     except Exception as exc:
+        if "topologically sorted" not in str(exc):
+            raise InvalidModelError(
+                f"{str(path)!r} is not a valid ONNX model: {' '.join(str(exc).split())[:600]}",
+                hint="the graph is structurally invalid (unknown op, missing input, cycle, ...): fix the producer "
+                "or re-run `toolkit export` / `toolkit convert`",
+            ) from exc
+        # Nodes out of order (onnxruntime.transformers.float16 appends its input Casts last):
+        # ONNX Runtime runs such a file; the checker and the passes want it sorted.
+        model = _sorted_copy(path, model, exc)
+    return model
+
+
+def _sorted_copy(path: Path, model: Any, exc: Exception) -> Any:
+    """``model`` with its nodes in topological order (the file is left as it is), or an
+    :class:`InvalidModelError` when sorting cannot fix it (a cycle)."""
+    import onnx_ir as ir
+
+    try:
+        graph_model = ir.serde.deserialize_model(model)
+        graph_model.graph.sort()
+        model = ir.serde.serialize_model(graph_model)
+        check_model(model, full_check=False, path=None)
+    except Exception as err:
         raise InvalidModelError(
-            f"{str(path)!r} is not a valid ONNX model: {str(exc).strip().splitlines()[0][:300]}",
-            hint="the graph is structurally invalid (unknown op, missing input, cycle, ...): fix the producer "
-            "or re-run `toolkit export` / `toolkit convert`",
-        ) from exc
+            f"{str(path)!r} is not a valid ONNX model: {' '.join(str(exc).split())[:600]} (sorting its nodes "
+            f"did not help: {' '.join(str(err).split())[:200]})",
+            hint="the graph has a cycle or a value no node produces: fix the producer",
+        ) from err
     return model
 
 
@@ -611,8 +639,10 @@ def make_session(path: str | Path, model: Any | None = None, threads: int | None
         if "Type Error" in reason and ours:  # the library is there and refused an input/output type
             hint = (f"{ours[0]} does not take these types (float32; FusedSoftmaxTopK also float16 logits): a "
                     "float16 conversion must keep "
-                    f"{', '.join(ops.FLOAT32_ONLY_OPS)} in float32: onnxruntime.transformers.float16."
-                    f"convert_float_to_float16(..., op_block_list={list(ops.FLOAT32_ONLY_OPS)})")
+                    f"{', '.join(ops.FLOAT32_ONLY_OPS)} in float32: convert the float32 model with `toolkit "
+                    "convert MODEL --float16` (or run the float16 pass on it: --passes float16), or call "
+                    "onnxruntime.transformers.float16.convert_float_to_float16(..., op_block_list="
+                    f"{list(ops.FLOAT32_ONLY_OPS)} + its DEFAULT_OP_BLOCK_LIST)")
         else:
             hint = ("if it names an op of domain com.toolkit, the op library is missing or too old "
                     "(rebuild with `make build`); otherwise re-export the model")

@@ -149,7 +149,7 @@ def test_a_float16_cache_is_refused_by_name(exported):
     ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])  # a model ORT runs
     with pytest.raises(PassError, match="'past_key_values.0.key' is float16; QuantKVAttention takes float32") as err:
         run_pipeline(half, ["kv-cache"], {"kv-cache": {"scheme": "int8"}})
-    assert "op_block_list" in err.value.hint
+    assert "--float16" in err.value.hint
 
 
 def test_a_one_input_concat_on_the_cache_is_looked_through(exported, tmp_path):

@@ -50,7 +50,7 @@ def test_unknown_pass_lists_known_passes():
     for name in registry.known_pass_names():
         assert name in message
     assert "list-passes" in message
-    with pytest.raises(PassError, match="known passes: cleanup, fuse-softmax-topk"):
+    with pytest.raises(PassError, match="known passes: cleanup, float16, fuse-softmax-topk"):
         passes.get_pass("nope")
 
 

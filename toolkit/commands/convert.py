@@ -88,6 +88,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-latent-bits", type=int, choices=(8, 32), default=None,
                         help="with --kv-rank-ratio: 8 stores the latent cache as int8 codes with a float32 scale per "
                         "token and head group (4x smaller again); 32 (default) keeps it float32")
+    parser.add_argument("--float16", action="store_true",
+                        help="after the other passes, run the float32 computation in float16 (ONNX Runtime's "
+                        "converter; our float32-only ops and the model's inputs and outputs stay float32; parity "
+                        "with the fp16 profile unless a quantized cache's applies)")
     parser.add_argument("--portable", action="store_true",
                         help="attach standard-ONNX bodies to our ops: the model also runs without the op library "
                         "(ORT with the library still uses the fused kernels)")
@@ -344,6 +348,9 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
             raise PassError("--kv-latent-bits needs --kv-rank-ratio (it sets how the latent cache is stored)",
                             hint="e.g. toolkit convert MODEL -o DIR --kv-rank-ratio 0.5 --kv-latent-bits 8")
         options["low-rank-kv"]["latent_bits"] = str(args.kv_latent_bits)
+    if getattr(args, "float16", False):
+        names = list(DEFAULT_PASSES) if names is None else names
+        names.append("float16")
     if args.portable:
         from passes.function_builder import ONNX_OPSET
 

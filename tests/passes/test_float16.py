@@ -1,0 +1,175 @@
+"""The ``float16`` pass (``toolkit convert --float16``) and float16 files from ONNX Runtime's
+converter run by hand.
+
+References: the same model in float32 (the float16 model must stay within float16
+rounding of it: logits within 2e-2 absolute on these random-weight models, whose
+logits are of magnitude ~1, while moving them by more than 1e-6; the PyTorch
+comparison is parity's, with the fp16 profile, in the CLI test), and exact equality
+where nothing is computed in float16 (a full-precision residual window passed through).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+from test_kv_cache_pass import decoder, prompts, run_steps
+
+from passes.pipeline import run_pipeline
+from toolkit import ops
+from toolkit.errors import InvalidModelError
+
+FP16_LOGITS_ATOL = 2e-2
+
+
+def _float_weights(model: onnx.ModelProto) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for t in model.graph.initializer:
+        counts[t.data_type] = counts.get(t.data_type, 0) + 1
+    return counts
+
+
+def test_float16_decoder_stays_within_float16_rounding_of_float32(exported):
+    _, path = exported("llama")
+    fp32, _ = run_pipeline(onnx.load(str(path)), ["cleanup"])
+    fp16, report = run_pipeline(onnx.load(str(path)), ["float16", "cleanup"])
+    details = report["float16"].details
+    assert details["float32_weights_converted"] > 0 and details["float32_weights_kept"] == 0
+    assert TensorProto.FLOAT not in _float_weights(fp16)
+    assert fp16.metadata_props and {p.key: p.value for p in fp16.metadata_props}["toolkit.parity_profile"] == "fp16"
+    # I/O keep their types: hosts feed it as before
+    assert [(v.name, v.type.tensor_type.elem_type) for v in fp16.graph.input] == \
+        [(v.name, v.type.tensor_type.elem_type) for v in fp32.graph.input]
+    ids, mask = prompts()
+    ref, _ = run_steps(decoder(fp32), ids, mask, steps=5)
+    got, _ = run_steps(decoder(fp16), ids, mask, steps=5)
+    diff = np.abs(got - ref).max()
+    assert 1e-6 < diff <= FP16_LOGITS_ATOL, diff
+
+
+def test_quantized_cache_stays_float32_and_its_residual_window_is_not_rounded(exported):
+    """QuantKVAttention takes float32: it stays a float32 island. ONNX Runtime's converter
+    routes a float32 input that only passes through as Cast(float16) -> Cast(float32),
+    which rounded the full-precision residual window; the pass removes those round trips,
+    so a past residual of float32 values comes back out bit for bit."""
+    _, path = exported("llama")
+    kv = {"kv-cache": {"scheme": "kivi4", "group": "8", "residual": "64"}}
+    fp32, _ = run_pipeline(onnx.load(str(path)), ["kv-cache", "cleanup"], kv)
+    fp16, report = run_pipeline(onnx.load(str(path)), ["kv-cache", "float16", "cleanup"], kv)
+    assert report["float16"].details["float32_ops_kept"] == 2
+    assert report["float16"].details["cast_round_trips_removed"] > 0
+    consumers = {i: n.op_type for n in fp16.graph.node for i in n.input}
+    producers = {o: n.op_type for n in fp16.graph.node for o in n.output}
+    for v in fp16.graph.input:
+        if v.name.endswith(("_res", "_q", "_scale", "_zero")):
+            assert consumers[v.name] == "QuantKVAttention", v.name
+    for v in fp16.graph.output:
+        if v.name.startswith("present."):
+            assert producers[v.name] == "QuantKVAttention", v.name
+    ids, mask = prompts()
+    ref, _ = run_steps(decoder(fp32), ids, mask, steps=5)
+    got, past = run_steps(decoder(fp16), ids, mask, steps=5)
+    assert np.abs(got - ref).max() <= FP16_LOGITS_ATOL
+    # one more step from a residual of arbitrary float32 values (not float16-representable)
+    dec = decoder(fp16)
+    res = {k: v for k, v in past.items() if k.endswith("_res")}
+    rng = np.random.default_rng(0)
+    for k in res:
+        past[k] = (rng.standard_normal(past[k].shape) * 1.2345678).astype(np.float32)
+    mask = np.concatenate([mask, np.ones((ids.shape[0], 6), np.int64)], 1)  # the 5 steps' tokens and this one
+    _, present, _ = dec.step(np.full((ids.shape[0], 1), 5, np.int64), mask, (np.cumsum(mask, -1) - 1)[:, -1:], past)
+    for k in res:
+        kept = past[k].shape[2]
+        np.testing.assert_array_equal(present[k][:, :, :kept], past[k], err_msg=k)
+
+
+def test_low_rank_factors_become_float16_and_are_read_directly(exported):
+    """ORT's converter keeps the weights of a float32-only op float32 (behind a no-op
+    Cast); LowRankMatMul takes float16 factors and widens them exactly, so the pass
+    stores them float16 (the float32 factors rounded, as every other weight) and feeds
+    them to the op directly: half the bytes, logits within float16 rounding."""
+    from onnx import numpy_helper
+
+    _, path = exported("llama")
+    lr = {"low-rank": {"rank_ratio": "0.5"}}
+    fp32, report32 = run_pipeline(onnx.load(str(path)), ["low-rank", "cleanup"], lr)
+    model, report = run_pipeline(onnx.load(str(path)), ["low-rank", "float16", "cleanup"], lr)
+    rewired = report["float16"].details["low_rank_ops_with_float16_factors"]
+    assert rewired == report["low-rank"].count == report32["low-rank"].count > 0
+    assert report["float16"].details["float32_weights_kept"] == 0
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weights32 = {t.name: numpy_helper.to_array(t) for t in fp32.graph.initializer}
+    factors = [name for n in model.graph.node if n.op_type == "LowRankMatMul" for name in n.input[1:3]]
+    assert len(factors) == 2 * rewired
+    for name in factors:  # an initializer the op reads itself: no Cast in between
+        assert weights[name].dtype == np.float16
+        np.testing.assert_array_equal(weights[name], weights32[name].astype(np.float16))
+    ids, mask = prompts()
+    ref, _ = run_steps(decoder(fp32), ids, mask, steps=3)
+    got, _ = run_steps(decoder(model), ids, mask, steps=3)
+    assert 1e-6 < np.abs(got - ref).max() <= FP16_LOGITS_ATOL
+
+
+def test_sampling_head_and_portable_bodies_in_float16(exported):
+    """The fused sampling op reads float16 logits; SampleTopKTopP stays float32; portable
+    runs after the conversion, so the model still runs without the library."""
+    import onnxruntime as ort
+
+    from toolkit.parity import OnnxDecoder
+
+    _, path = exported("llama")
+    opts = {"sampling-head": {"k": "8", "sample": "true"}}
+    model, _ = run_pipeline(onnx.load(str(path)), ["sampling-head", "float16", "portable", "cleanup"], opts)
+    blob = model.SerializeToString()
+    decoders = [OnnxDecoder(ort.InferenceSession(blob, providers=["CPUExecutionProvider"])),
+                OnnxDecoder(ort.InferenceSession(blob, ops.session_options(1), providers=["CPUExecutionProvider"]))]
+    ids, mask = prompts()
+    pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+    tokens = [dec.step(ids, mask, pos, dec.empty_past(3))[2]["next_token"] for dec in decoders]
+    np.testing.assert_array_equal(tokens[0], tokens[1])
+
+
+def test_float16_after_portable_is_refused(exported):
+    from passes.pipeline import PIPELINE_ORDER
+
+    assert PIPELINE_ORDER.index("float16") < PIPELINE_ORDER.index("portable")
+    _, path = exported("llama")
+    opts = {"kv-cache": {"scheme": "int8", "residual": "0"}}
+    portable, _ = run_pipeline(onnx.load(str(path)), ["kv-cache", "portable"], opts)
+    from toolkit.errors import PassError
+
+    with pytest.raises(PassError, match="local functions") as err:
+        run_pipeline(portable, ["float16"])
+    assert "before portable" in err.value.hint
+
+
+def test_toolkit_loads_an_unsorted_float16_file(exported, tmp_path):
+    """onnxruntime.transformers.float16 run by hand appends its input Casts after their
+    readers: ONNX Runtime runs the file, and toolkit's loader (every command) now sorts
+    it in memory instead of refusing it; a graph that sorting cannot fix is still refused
+    with the checker's whole message."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from toolkit.parity import load_onnx
+
+    _, path = exported("llama")
+    raw = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True,
+                                   op_block_list=list(ops.FLOAT32_ONLY_OPS))
+    with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+        onnx.checker.check_model(raw)
+    onnx.save(raw, tmp_path / "raw.onnx")
+    loaded = load_onnx(tmp_path / "raw.onnx")
+    onnx.checker.check_model(loaded)
+    assert len(loaded.graph.node) == len(raw.graph.node)
+    ids, mask = prompts()
+    ref, _ = run_steps(decoder(tmp_path / "raw.onnx"), ids, mask, steps=2)  # ORT on the file as written
+    got, _ = run_steps(decoder(loaded), ids, mask, steps=2)
+    np.testing.assert_array_equal(got, ref)
+
+    # a value read before any node produces it, which no order fixes
+    broken = onnx.load(str(tmp_path / "raw.onnx"))
+    broken.graph.node[-1].input[0] = broken.graph.node[0].output[0] + "_nowhere"
+    onnx.save(broken, tmp_path / "broken.onnx")
+    with pytest.raises(InvalidModelError, match="topologically sorted.*_nowhere|_nowhere.*topologically sorted"):
+        load_onnx(tmp_path / "broken.onnx")
