@@ -145,6 +145,7 @@ def describe(path: str | Path, model: Any) -> dict[str, Any]:
                 kv[key] = float(info[key]) if key == "reduction_vs_fp32" else int(info[key])
         except (KeyError, TypeError, ValueError) as exc:
             raise _bad_metadata(path, "toolkit.low_rank_kv", exc) from None
+    notes = _inlined_op_notes(meta, set(ops) | {f"{f.domain}::{f.name}" for f in model.functions})
     if kv["bytes_per_token"] is None:  # neither the shapes nor the toolkit's metadata give it
         kv["layout_note"] = ("the past_key_values.* inputs are not [batch, heads, sequence, head_dim] with fixed "
                              "heads and head_dim, so their bytes per token cannot be read from the shapes")
@@ -163,5 +164,25 @@ def describe(path: str | Path, model: Any) -> dict[str, Any]:
         "outputs": outputs,
         "kv_cache": kv,
         "metadata": meta,
+        "notes": notes,
         "onnx_version": onnx.__version__,
     }
+
+
+# A pass's metadata key, and the com.toolkit ops its output always holds (one suffices).
+_PASS_OPS = (("toolkit.kv_quant", "a quantized KV cache", ("QuantKVAttention",)),
+             ("toolkit.sampling_head", "a sampling head", ("FusedSoftmaxTopK", "SampleTopKTopP")))
+
+
+def _inlined_op_notes(meta: dict[str, str], present: set[str]) -> list[str]:
+    """Notes for a pass the metadata records whose ops are gone from the graph (and its
+    functions): an offline tool inlined the ``--portable`` bodies, so the model runs in
+    plain ONNX ops and the fused kernels are never used."""
+    notes = []
+    for key, what, op_types in _PASS_OPS:
+        if key in meta and not any(f"com.toolkit::{op}" in present for op in op_types):
+            notes.append(f"the metadata ({key}) records {what}, but no com.toolkit::{' or '.join(op_types)} is left "
+                         "in the graph: a tool inlined the --portable function bodies (onnxscript.optimizer.optimize "
+                         "does by default, inline=False keeps them; so does ORT's optimizer saving without the op "
+                         "library), so the model runs without the fused kernels")
+    return notes

@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     if kv.get("quantize_query"):
         c.print("  int8 query (quantize_query=1): integer QK dot products on CPU, the rounded query on CUDA")
     c.print(escape(f"custom ops: {', '.join(info['custom_ops']) or 'none'}"))
+    for note in info["notes"]:
+        c.print(escape(f"note: {note}"))
     io = Table(title="inputs / outputs")
     for col in ("kind", "name", "dtype", "shape"):
         io.add_column(col)
