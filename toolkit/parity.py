@@ -677,6 +677,7 @@ class DecoderFacts:
     right_padded: bool = False  # GroupQueryAttention: a batch's rows are taken as right-padded
     context_length: int | None = None  # positions its rotary caches hold, when the metadata has none
     quantized_weights: tuple[str, ...] = ()  # ops computing with quantized weights (MatMulNBits, ...)
+    attention_windows: tuple[int, ...] = ()  # each GroupQueryAttention's local_window_size (-1: none)
 
 
 # Ops that compute with quantized weights (onnxruntime-genai's -p int4, ORT's quantizers):
@@ -700,9 +701,23 @@ def decoder_facts(model: Any) -> DecoderFacts:
     tables = [kv_cache_gqa.table_shape(n.inputs[7]) if len(n.inputs) > 7 else None for n in nodes]
     rows = [t[0] for t in tables if t is not None]
     quantized = tuple(sorted({n.op_type for n in graph_model.graph if n.op_type in QUANTIZED_WEIGHT_OPS}))
+    windows = tuple(n.attributes.get_int("local_window_size", -1) for n in nodes)
     return DecoderFacts({name: {3: d} for name, d in kv_cache_gqa.past_head_dims(graph_model).items()},
                         right_padded=bool(nodes), context_length=min(rows) if rows else None,
-                        quantized_weights=quantized)
+                        quantized_weights=quantized, attention_windows=windows)
+
+
+def sliding_window_of(src: Any) -> int | None:
+    """The sliding attention window of a Hugging Face source's config, or None. A config
+    with ``layer_types`` windows only its ``sliding_attention`` layers (none: no window)."""
+    config = getattr(getattr(src, "module", None), "config", None)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not isinstance(window, int) or window <= 0 or getattr(config, "use_sliding_window", True) is False:
+        return None
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return window
 
 
 # A parity note for models that take padded rows on the right (GroupQueryAttention).
@@ -988,6 +1003,13 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
         report.settings["perplexity_tokens"] = 0  # no held-out text (or no logits): no perplexity ran
     if facts.right_padded and any(b > 1 for b in settings.batch_sizes):
         report.notes.append(RIGHT_PADDED_NOTE)
+    window = sliding_window_of(src)
+    if facts.attention_windows and window is not None and max(facts.attention_windows) <= 0:
+        report.notes.append(
+            f"{src.spec} attends within a sliding window of {window} tokens, but the model's GroupQueryAttention "
+            "nodes attend the whole past (local_window_size=-1: onnxruntime-genai's builder windows only the "
+            "layers a config's layer_types marks sliding_attention), so sequences longer than the window differ "
+            f"by that alone; `toolkit convert {src.spec}` exports the window in the attention mask")
     if facts.quantized_weights:
         report.notes.append(
             f"the model computes with quantized weights ({', '.join(facts.quantized_weights)}): compared with the "

@@ -53,16 +53,19 @@ def _decoder(model: onnx.ModelProto | Path) -> OnnxDecoder:
 
 @pytest.fixture(scope="module")
 def genai_model(tmp_path_factory):
-    """``genai_model(family, precision="fp32") -> (SourceModel, model.onnx)``, built by
-    onnxruntime-genai's builder (``int4``: its MatMulNBits weights)."""
+    """``genai_model(family, precision="fp32", **config) -> (SourceModel, model.onnx)``,
+    built by onnxruntime-genai's builder (``int4``: its MatMulNBits weights; ``config``:
+    overrides of the Hugging Face config)."""
     root = tmp_path_factory.mktemp("genai_builder")
 
-    def get(family: str, precision: str = "fp32"):
-        if (family, precision) not in _BUILT:
+    def get(family: str, precision: str = "fp32", **overrides):
+        key = (family, precision, *sorted(overrides.items()))
+        if key not in _BUILT:
             from toolkit import sources
 
-            src = sources.resolve(f"hf:{family}")
-            hf_dir, out = root / f"{family}_hf", root / f"{family}_{precision}"
+            src = sources.resolve(f"hf:{family}", overrides=overrides or None)
+            tag = family + "".join(f"_{k}{v}" for k, v in sorted(overrides.items()))
+            hf_dir, out = root / f"{tag}_hf", root / f"{tag}_{precision}"
             if not hf_dir.exists():
                 src.module.save_pretrained(hf_dir)
             # the builder saves the tokenizer too (any tokenizer.json does: only the graph is tested)
@@ -71,8 +74,8 @@ def genai_model(tmp_path_factory):
                                   "-o", str(out), "-p", precision, "-e", "cpu"], capture_output=True, text=True,
                                  check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
             assert run.returncode == 0, run.stderr[-3000:]
-            _BUILT[family, precision] = (src, out / "model.onnx")
-        return _BUILT[family, precision]
+            _BUILT[key] = (src, out / "model.onnx")
+        return _BUILT[key]
 
     return get
 
@@ -395,3 +398,21 @@ def test_parity_says_when_a_model_computes_with_quantized_weights(genai_model):
     _, fp32 = genai_model("llama")
     report = parity.check(src, fp32, parity.ParitySettings(batch_sizes=(1,), decode_steps=1))
     assert report.passed and not any("quantized weights" in n for n in report.notes)
+
+
+def test_parity_says_when_a_genai_build_drops_the_checkpoints_sliding_window(genai_model):
+    """onnxruntime-genai's builder windows only the layers a config's layer_types marks
+    sliding_attention: a Mistral with sliding_window=8 (no layer_types) is built with
+    local_window_size=-1, full attention, and fails parity past 8 tokens. The report says
+    why (and the kv-cache rewrite reproduces the model as built, full attention)."""
+    from toolkit import parity
+
+    src, path = genai_model("mistral", sliding_window=8)
+    assert decoder_facts(onnx.load(str(path))).attention_windows == (-1,) * src.num_layers
+    settings = parity.ParitySettings(batch_sizes=(1,), decode_steps=1)  # a 12-token prompt
+    report = parity.check(src, path, settings)
+    assert not report.passed
+    assert any("sliding window of 8 tokens" in n and "local_window_size=-1" in n for n in report.notes), report.notes
+    plain_src, plain = genai_model("mistral")  # no window in the checkpoint: no note, and it passes
+    report = parity.check(plain_src, plain, settings)
+    assert report.passed and not any("sliding window" in n for n in report.notes)
