@@ -885,9 +885,18 @@ def _torch_step(src: Any, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, pa
     return logits.float().numpy(), [(k, v) for k, v in presents]
 
 
-def default_profile(meta: dict[str, str]) -> tuple[str, str | None]:
+def float16_weights(model: Any) -> tuple[int, int]:
+    """(float16, all) counts of the model's matrix weights (initializers of rank >= 2)."""
+    import onnx
+
+    matrices = [t for t in model.graph.initializer if len(t.dims) >= 2]
+    return sum(t.data_type == onnx.TensorProto.FLOAT16 for t in matrices), len(matrices)
+
+
+def default_profile(meta: dict[str, str], model: Any = None) -> tuple[str, str | None]:
     """The threshold profile for a model's ``toolkit.*`` metadata, and a note when it
-    is not the one a pass recorded.
+    is not the one a pass recorded (or when none is recorded and ``model``'s weights
+    are mostly float16: the fp16 profile).
 
     A quantized cache records its profile (kv-int8, kv-int4, kv-2bit). Low-rank
     weights are lossy with no profile of their own: alone they are judged by fp32 and
@@ -900,6 +909,11 @@ def default_profile(meta: dict[str, str]) -> tuple[str, str | None]:
         return "fp32", (f"fp32, not the KV cache's {recorded}: the low-rank weights are lossy too, and "
                         f"{recorded}'s bounds would hide their loss; --profile {recorded} applies the cache's "
                         "bounds to both, --threshold loosens one metric")
+    if not recorded and model is not None:
+        half, total = float16_weights(model)
+        if total and 2 * half > total:  # e.g. ORT's float16 converter run by hand: no toolkit metadata
+            return "fp16", (f"fp16: {half} of the model's {total} weight matrices are float16 (no profile in its "
+                            "metadata); --profile fp32 judges it by float32 bounds")
     return recorded or "fp32", None
 
 
@@ -911,7 +925,7 @@ def check(src: Any, onnx_path: str | Path, settings: ParitySettings = ParitySett
     meta = metadata(model)
     profile_note = None
     if not profile:
-        profile, profile_note = default_profile(meta)
+        profile, profile_note = default_profile(meta, model)
     if profile not in THRESHOLDS:
         raise ToolkitError(f"unknown parity profile {profile!r}",
                            hint=f"use one of {', '.join(THRESHOLDS)}")

@@ -173,3 +173,21 @@ def test_toolkit_loads_an_unsorted_float16_file(exported, tmp_path):
     onnx.save(broken, tmp_path / "broken.onnx")
     with pytest.raises(InvalidModelError, match="topologically sorted.*_nowhere|_nowhere.*topologically sorted"):
         load_onnx(tmp_path / "broken.onnx")
+
+
+def test_parity_judges_a_hand_converted_float16_model_by_the_fp16_profile(exported, tmp_path):
+    """A float16 model without toolkit metadata (ORT's converter run by hand) failed the
+    fp32 bounds by design; parity now picks the fp16 profile from its weights, says so,
+    and passes it (the float32 export stays on fp32)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from toolkit import parity
+
+    src, path = exported("llama")
+    onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), tmp_path / "half.onnx")
+    settings = parity.ParitySettings(batch_sizes=(1, 3), decode_steps=2)
+    report = parity.check(src, tmp_path / "half.onnx", settings)
+    assert report.profile == "fp16" and "weight matrices are float16" in report.profile_note
+    assert report.passed
+    report = parity.check(src, path, settings)
+    assert report.profile == "fp32" and report.profile_note is None and report.passed

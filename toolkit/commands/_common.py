@@ -51,7 +51,7 @@ def add_parity_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--greedy-tokens", type=int, default=128, help="new tokens per greedy prompt (default 128)")
     g.add_argument("--profile", default=None,
                    help="threshold profile (fp32, fp16, kv-int8, kv-int4, kv-2bit); default from the model's "
-                   "metadata")
+                   "metadata, else fp16 when most weight matrices are float16, else fp32")
     g.add_argument("--threshold", action="append", metavar="NAME=VALUE",
                    help="override one threshold, e.g. --threshold logits_max_abs=1e-2")
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
