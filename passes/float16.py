@@ -119,6 +119,46 @@ def _float16_factors(graph: ir.Graph) -> int:
     return rewired
 
 
+# Names ONNX Runtime's converter gives the Casts it adds (value / node name prefixes).
+_CONVERTER_PREFIXES = ("graph_input_cast", "graph_output_cast")
+
+
+def _rename_converter_names(graph: ir.Graph) -> None:
+    """A float16 model written by ORT's converter (by hand) holds values and nodes named
+    ``graph_input_cast_0`` ...; converting it again would name new ones the same (a
+    redeclared output). Its inner values and nodes are renamed out of the way."""
+    io = {id(v) for v in (*graph.inputs, *graph.outputs)}
+    for node in graph:
+        if (node.name or "").startswith(_CONVERTER_PREFIXES):
+            node.name = f"toolkit_{node.name}"
+        for value in node.outputs:
+            if id(value) not in io and (value.name or "").startswith(_CONVERTER_PREFIXES):
+                value.name = f"toolkit_{value.name}"
+
+
+def _refuse_out_of_range(graph: ir.Graph) -> None:
+    """A float32 weight matrix with finite values beyond float16's range (65504) would be
+    clamped silently by the converter (and its results overflow to inf / NaN): refused,
+    naming the weights. Scalars and vectors (a mask's -3.4e38 fill) may be clamped."""
+    import numpy as np
+
+    bad = []
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or tensor.dtype != ir.DataType.FLOAT or len(tensor.shape) < 2 or not value.uses():
+            continue
+        array = np.abs(tensor.numpy())
+        peak = float(np.max(array, initial=0.0, where=np.isfinite(array)))
+        if peak > 65504.0:
+            bad.append((peak, value.name))
+    if bad:
+        bad.sort(reverse=True)
+        listed = ", ".join(f"{name!r} (|w| up to {peak:.4g})" for peak, name in bad[:5])
+        raise PassError(f"float16: {len(bad)} weight matri{'ces hold' if len(bad) > 1 else 'x holds'} values beyond "
+                        f"float16's range (65504), which the conversion would clamp: {listed}",
+                        hint="leave out --float16 (float32), or rescale those layers in the source model")
+
+
 def apply(model: ir.Model, options: Float16Options, *, explain: bool = False) -> PassResult:
     """Convert in place; count = float32 weights converted to float16."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -126,10 +166,15 @@ def apply(model: ir.Model, options: Float16Options, *, explain: bool = False) ->
     from toolkit.ops import FLOAT32_ONLY_OPS
 
     del explain
+    if model.metadata_props.get("toolkit.float16") == "1":
+        done = "the model is float16 already (its metadata toolkit.float16 says so): nothing to convert"
+        return PassResult(name=PASS.name, count=0, explanations=[done])
     if model.functions:
         raise PassError("float16: the model has local functions (" + ", ".join(sorted(
             f"{d}::{n}" for d, n, _ in model.functions)) + "); the converter does not convert their bodies",
                         hint="run float16 before portable (`toolkit convert --float16 --portable` does)")
+    _refuse_out_of_range(model.graph)
+    _rename_converter_names(model.graph)
     before = _float32_weights(model.graph)
     proto = ir.serde.serialize_model(model)
     # The converter's shape inference serializes the model, which cannot pass 2 GB; the
@@ -146,6 +191,10 @@ def apply(model: ir.Model, options: Float16Options, *, explain: bool = False) ->
     after = _float32_weights(model.graph)
     model.metadata_props["toolkit.float16"] = "1"
     model.metadata_props.setdefault("toolkit.parity_profile", "fp16")
+    past = [v for v in model.graph.inputs if (v.name or "").startswith("past_key_values.")]
+    if model.metadata_props.get("toolkit.kv_cache") == "fp32" and past and all(
+            v.dtype == ir.DataType.FLOAT16 for v in past):  # keep_io_types=false: a float16 cache
+        model.metadata_props["toolkit.kv_cache"] = "fp16"
     kept = [n.op_type for n in model.graph if n.domain == "com.toolkit" and n.op_type in FLOAT32_ONLY_OPS]
     return PassResult(name=PASS.name, count=before - after, details={
         "float32_weights_converted": before - after, "float32_weights_kept": after,

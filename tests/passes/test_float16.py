@@ -191,3 +191,63 @@ def test_parity_judges_a_hand_converted_float16_model_by_the_fp16_profile(export
     assert report.passed
     report = parity.check(src, path, settings)
     assert report.profile == "fp32" and report.profile_note is None and report.passed
+
+
+def test_converting_a_float16_model_again(exported):
+    """--float16 on its own output is a no-op (it crashed: ORT's converter named its new
+    Casts as the previous run's, a redeclared output); a float16 model from ORT's
+    converter run by hand, with no toolkit metadata, converts again and runs."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    _, path = exported("llama")
+    once, _ = run_pipeline(onnx.load(str(path)), ["float16"])
+    twice, report = run_pipeline(once, ["float16"], explain=True)
+    assert report["float16"].count == 0 and "float16 already" in report["float16"].explanations[0]
+    assert len(twice.graph.node) == len(once.graph.node)
+    raw = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+    assert any(n.name.startswith("graph_input_cast") for n in raw.graph.node)
+    again, _ = run_pipeline(raw, ["float16", "cleanup"])
+    ids, mask = prompts()
+    ref, _ = run_steps(decoder(once), ids, mask, steps=2)
+    got, _ = run_steps(decoder(again), ids, mask, steps=2)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=FP16_LOGITS_ATOL)
+
+
+def test_a_weight_beyond_float16_range_is_refused_by_name(exported):
+    """The converter clamps to 65504 silently: a weight of 1e5 gave all-NaN logits in a
+    bundle written without parity (audit). A weight matrix beyond the range is refused,
+    named; the export's scalar fills (-3.4e38 masks) still convert."""
+    from onnx import numpy_helper
+
+    from toolkit.errors import PassError
+
+    _, path = exported("llama")
+    model = onnx.load(str(path))
+    index, weight = next((i, t) for i, t in enumerate(model.graph.initializer)
+                         if t.data_type == TensorProto.FLOAT and len(t.dims) == 2)
+    array = numpy_helper.to_array(weight).copy()
+    array[0, 0] = 1e5
+    model.graph.initializer[index].CopyFrom(numpy_helper.from_array(array, weight.name))
+    with pytest.raises(PassError, match=rf"beyond float16's range.*'{weight.name}' \(\|w\| up to 1e\+05\)"):
+        run_pipeline(model, ["float16"])
+
+
+def test_a_float16_cache_io_is_labelled_float16(exported):
+    """keep_io_types=false: the cache inputs/outputs become float16 and the metadata says
+    so (it said fp32); the decoder feeds and reads them as float16."""
+    from toolkit.parity import OnnxDecoder
+
+    _, path = exported("llama")
+    model, _ = run_pipeline(onnx.load(str(path)), ["float16"], {"float16": {"keep_io_types": "false"}})
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["toolkit.kv_cache"] == "fp16"
+    past = [v for v in model.graph.input if v.name.startswith("past_key_values.")]
+    assert past and all(v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in past)
+    dec = decoder(model)
+    assert isinstance(dec, OnnxDecoder)
+    ids, mask = prompts()
+    fp32, _ = run_pipeline(onnx.load(str(path)), ["float16"])
+    ref, _ = run_steps(decoder(fp32), ids, mask, steps=2)
+    got, cache = run_steps(dec, ids, mask, steps=2)
+    assert all(v.dtype == np.float16 for v in cache.values())
+    np.testing.assert_allclose(got, ref, rtol=0, atol=FP16_LOGITS_ATOL)

@@ -262,8 +262,9 @@ def test_convert_flags_for_the_fixed_capacity_cache():
 
 
 def test_convert_options_without_their_parent_flag_are_refused():
-    """--kv-group / --kv-residual without --kv-cache and --sample without
-    --sampling-head used to be dropped silently (the model came out without them)."""
+    """--kv-group / --kv-residual without --kv-cache, --sample without --sampling-head
+    and a --pass-option of a pass that does not run used to be dropped silently (the
+    model came out without them)."""
     import argparse
 
     from toolkit.commands import convert as convert_cmd
@@ -272,9 +273,17 @@ def test_convert_options_without_their_parent_flag_are_refused():
     convert_cmd.register(parser)
     for extra, message in ((["--kv-group", "64"], "--kv-group needs --kv-cache"),
                            (["--kv-residual", "0"], "--kv-residual needs --kv-cache"),
-                           (["--sample"], "--sample needs --sampling-head K")):
+                           (["--sample"], "--sample needs --sampling-head K"),
+                           # an option of a pass that does not run (audit: silently ignored)
+                           (["--pass-option", "float16.keep_io_types=false"],
+                            "the pass 'float16' does not run in this conversion"),
+                           (["--passes", "none", "--pass-option", "fuse-softmax-topk.max_k=8"],
+                            "the pass 'fuse-softmax-topk' does not run")):
         with pytest.raises(PassError, match=message):
             convert_cmd._pass_selection(parser.parse_args(["llama", "-o", "x", *extra]))
+    assert convert_cmd._pass_selection(parser.parse_args(
+        ["llama", "-o", "x", "--float16", "--pass-option", "float16.keep_io_types=false"]))[1] == \
+        {"float16": {"keep_io_types": "false"}}
     opts = convert_cmd._pass_selection(parser.parse_args(["llama", "-o", "x", "--kv-cache", "kivi2", "--kv-group",
                                                           "64", "--kv-residual", "128"]))[1]["kv-cache"]
     assert (opts["group"], opts["residual"]) == ("64", "128")

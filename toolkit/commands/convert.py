@@ -361,7 +361,13 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
                             hint=f"use --opset {ONNX_OPSET} or newer with --portable (the default is {ONNX_OPSET})")
         names = list(DEFAULT_PASSES) if names is None else names
         names.append("portable")
-    resolve_pass_names(names)
+    running = resolve_pass_names(names)
     for name, opts in options.items():
         get_pass(name).make_options(opts)
+        if name not in running:  # (an option of a pass that does not run was silently ignored)
+            flag = {"float16": "--float16", "portable": "--portable", "sampling-head": "--sampling-head K",
+                    "kv-cache": "--kv-cache SCHEME", "low-rank": "--rank-ratio R", "low-rank-kv": "--kv-rank-ratio R"}
+            raise PassError(f"--pass-option {name}.{next(iter(opts))}=...: the pass {name!r} does not run in this "
+                            f"conversion (passes: {', '.join(running) or 'none'})",
+                            hint=f"add {flag.get(name, '--passes ...,' + name)} to run it, or drop the option")
     return names, options
