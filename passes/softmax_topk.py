@@ -32,8 +32,9 @@ Rules (onnxscript rewriter, ``RewriteRuleClassBase``):
   then renormalise) becomes ``normalize=1``: exp(x_i)/sum_{j in topk} exp(x_j) is
   exactly the softmax over the k largest logits, on every row without NaN or +inf. On
   such a row the weights are NaN either way, but the original's softmax row is all NaN
-  (its TopK returns 0..k-1) while the fused op ranks the raw logits (NaN / +inf first). It rewrites the output of the
-  first rule, so it is listed after it in the same rule set (see ``_rules``).
+  (its TopK returns 0..k-1) while the fused op ranks the raw logits (NaN / +inf first).
+  It rewrites the output of the first rule, so it is listed after it in the same rule
+  set (see ``_rules``).
 
 Every ``check`` says why a candidate is rejected (``MatchResult().fail``); the
 pipeline shows those reasons with ``explain=True``. The rules use
