@@ -136,25 +136,46 @@ def _rename_converter_names(graph: ir.Graph) -> None:
                 value.name = f"toolkit_{value.name}"
 
 
+# Ops whose constant inputs are weights (a constant elsewhere may be a mask fill of
+# -3.4e38 or -1e9, which clamping to -65504 keeps a mask).
+_WEIGHT_READERS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "Einsum", "LowRankMatMul"})
+
+
+def _constant_of(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor of an initializer, or of a ``Constant`` node's ``value``."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        return producer.attributes["value"].as_tensor()
+    return None
+
+
 def _refuse_out_of_range(graph: ir.Graph) -> None:
-    """A float32 weight matrix with finite values beyond float16's range (65504) would be
-    clamped silently by the converter (and its results overflow to inf / NaN): refused,
-    naming the weights. Scalars and vectors (a mask's -3.4e38 fill) may be clamped."""
+    """A float32 weight (a constant that a MatMul, Gemm, Conv, Gather ... reads, in any
+    graph or subgraph, initializer or Constant node) with finite values beyond float16's
+    range (65504) would be clamped silently by the converter, and its results overflow
+    to inf / NaN: refused, naming the weights."""
     import numpy as np
 
-    bad = []
-    for value in graph.initializers.values():
-        tensor = value.const_value
-        if tensor is None or tensor.dtype != ir.DataType.FLOAT or len(tensor.shape) < 2 or not value.uses():
+    bad = {}
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if node.op_type not in _WEIGHT_READERS:
             continue
-        array = np.abs(tensor.numpy())
-        peak = float(np.max(array, initial=0.0, where=np.isfinite(array)))
-        if peak > 65504.0:
-            bad.append((peak, value.name))
+        for value in node.inputs:
+            tensor = _constant_of(value)
+            if tensor is None or tensor.dtype != ir.DataType.FLOAT or value.name in bad:
+                continue
+            array = np.abs(tensor.numpy())
+            peak = float(np.max(array, initial=0.0, where=np.isfinite(array)))
+            if peak > 65504.0:
+                bad[value.name] = peak
     if bad:
-        bad.sort(reverse=True)
-        listed = ", ".join(f"{name!r} (|w| up to {peak:.4g})" for peak, name in bad[:5])
-        raise PassError(f"float16: {len(bad)} weight matri{'ces hold' if len(bad) > 1 else 'x holds'} values beyond "
+        listed = ", ".join(f"{name!r} (|w| up to {peak:.4g})"
+                           for name, peak in sorted(bad.items(), key=lambda kv: -kv[1])[:5])
+        raise PassError(f"float16: {len(bad)} weight{'s hold' if len(bad) > 1 else ' holds'} values beyond "
                         f"float16's range (65504), which the conversion would clamp: {listed}",
                         hint="leave out --float16 (float32), or rescale those layers in the source model")
 

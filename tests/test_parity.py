@@ -191,6 +191,10 @@ def test_low_rank_with_a_quantized_cache_is_judged_by_fp32(exported, tmp_path):
 
     assert parity.default_profile({"toolkit.parity_profile": "kv-2bit"}) == ("kv-2bit", None)
     assert parity.default_profile({"toolkit.low_rank": "{}"}) == ("fp32", None)
+    # --float16 records fp16; with low-rank weights too the note names it, not a cache
+    profile, note = parity.default_profile({"toolkit.parity_profile": "fp16", "toolkit.low_rank": "{}",
+                                            "toolkit.float16": "1"})
+    assert profile == "fp32" and "not --float16's fp16" in note and "cache" not in note
     src, path = exported("llama")
     kv = {"kv-cache": {"scheme": "kivi2", "group": "8", "residual": "8"}}
     both, _ = run_pipeline(onnx.load(str(path)), ["kv-cache", "low-rank", "cleanup"],

@@ -906,8 +906,9 @@ def default_profile(meta: dict[str, str], model: Any = None) -> tuple[str, str |
     """
     recorded = meta.get("toolkit.parity_profile")
     if recorded and "toolkit.low_rank" in meta:
-        return "fp32", (f"fp32, not the KV cache's {recorded}: the low-rank weights are lossy too, and "
-                        f"{recorded}'s bounds would hide their loss; --profile {recorded} applies the cache's "
+        whose = "--float16's" if recorded == "fp16" else "the KV cache's"
+        return "fp32", (f"fp32, not {whose} {recorded}: the low-rank weights are lossy too, and "
+                        f"{recorded}'s bounds would hide their loss; --profile {recorded} applies those "
                         "bounds to both, --threshold loosens one metric")
     if not recorded and model is not None:
         half, total = float16_weights(model)

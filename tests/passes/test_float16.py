@@ -251,3 +251,34 @@ def test_a_float16_cache_io_is_labelled_float16(exported):
     got, cache = run_steps(dec, ids, mask, steps=2)
     assert all(v.dtype == np.float16 for v in cache.values())
     np.testing.assert_allclose(got, ref, rtol=0, atol=FP16_LOGITS_ATOL)
+
+
+def test_range_check_reads_every_weight_and_only_weights():
+    """A weight of 1e5 in a Constant node or an If branch was clamped unrefused (review
+    audit); a 2-D mask filled with float32's minimum (read by an Add, not a weight) is
+    clamped to -65504 by the converter, still a mask, and converts."""
+    from onnx import helper, numpy_helper
+
+    from toolkit.errors import PassError
+
+    big = np.array([[1e5, 1.0], [1.0, 1.0]], np.float32)
+
+    def model(nodes, inits=(), opset=21):
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], initializer=list(inits))
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+    constant = model([helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(big, "w")),
+                      helper.make_node("MatMul", ["x", "w"], ["y"])])
+    branch = helper.make_graph([helper.make_node("MatMul", ["x", "wb"], ["yb"])], "then", [],
+                               [helper.make_tensor_value_info("yb", TensorProto.FLOAT, [1, 2])],
+                               initializer=[numpy_helper.from_array(big, "wb")])
+    in_if = model([helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(True))),
+                   helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)])
+    for m, name in ((constant, "'w'"), (in_if, "'wb'")):
+        with pytest.raises(PassError, match=f"beyond float16's range.*{name}"):
+            run_pipeline(m, ["float16"])
+    mask = np.triu(np.full((2, 2), np.finfo(np.float32).min, np.float32), 1)
+    masked = model([helper.make_node("Add", ["x", "m"], ["y"])], [numpy_helper.from_array(mask, "m")])
+    out, _ = run_pipeline(masked, ["float16"])
+    assert {t.data_type for t in out.graph.initializer} == {TensorProto.FLOAT16}

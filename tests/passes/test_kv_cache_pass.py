@@ -276,7 +276,7 @@ def test_convert_options_without_their_parent_flag_are_refused():
                            (["--sample"], "--sample needs --sampling-head K"),
                            # an option of a pass that does not run (audit: silently ignored)
                            (["--pass-option", "float16.keep_io_types=false"],
-                            "the pass 'float16' does not run in this conversion"),
+                            "the pass 'float16' does not run here"),
                            (["--passes", "none", "--pass-option", "fuse-softmax-topk.max_k=8"],
                             "the pass 'fuse-softmax-topk' does not run")):
         with pytest.raises(PassError, match=message):
@@ -284,6 +284,19 @@ def test_convert_options_without_their_parent_flag_are_refused():
     assert convert_cmd._pass_selection(parser.parse_args(
         ["llama", "-o", "x", "--float16", "--pass-option", "float16.keep_io_types=false"]))[1] == \
         {"float16": {"keep_io_types": "false"}}
+    # a kv-cache pass option wins over a flag's default (the default overwrote it), and
+    # conflicts with a flag given
+    opts = convert_cmd._pass_selection(parser.parse_args(
+        ["llama", "-o", "x", "--kv-cache", "int8", "--pass-option", "kv-cache.residual=4"]))[1]["kv-cache"]
+    assert opts["residual"] == "4" and opts["scheme"] == "int8"
+    with pytest.raises(PassError, match="kv-cache.residual=4 conflicts with the flag that sets residual to 8"):
+        convert_cmd._pass_selection(parser.parse_args(["llama", "-o", "x", "--kv-cache", "int8", "--kv-residual", "8",
+                                                       "--pass-option", "kv-cache.residual=4"]))
+    # parity --bisect too
+    from toolkit.cli import main
+
+    assert main(["parity", "llama", "x.onnx", "--bisect", "--passes", "cleanup",
+                 "--pass-option", "float16.keep_io_types=false"]) == 2
     opts = convert_cmd._pass_selection(parser.parse_args(["llama", "-o", "x", "--kv-cache", "kivi2", "--kv-group",
                                                           "64", "--kv-residual", "128"]))[1]["kv-cache"]
     assert (opts["group"], opts["residual"]) == ("64", "128")

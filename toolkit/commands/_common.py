@@ -124,6 +124,22 @@ def add_pass_option_arg(parser: argparse.ArgumentParser) -> None:
                         help="set a pass option, e.g. --pass-option sampling-head.temperature=0.8")
 
 
+# The convert flag that runs each opt-in pass (for hints).
+PASS_FLAGS = {"float16": "--float16", "portable": "--portable", "sampling-head": "--sampling-head K",
+              "kv-cache": "--kv-cache SCHEME", "low-rank": "--rank-ratio R", "low-rank-kv": "--kv-rank-ratio R"}
+
+
+def refuse_unused_pass_options(running: list[str], options: dict[str, dict[str, str]]) -> None:
+    """A ``--pass-option`` of a pass that does not run was silently ignored: refused by name."""
+    from toolkit.errors import PassError
+
+    for name, opts in options.items():
+        if name not in running:
+            raise PassError(f"--pass-option {name}.{next(iter(opts), '')}=...: the pass {name!r} does not run here "
+                            f"(passes: {', '.join(running) or 'none'})",
+                            hint=f"add {PASS_FLAGS.get(name, '--passes ...,' + name)} to run it, or drop the option")
+
+
 def parse_pass_options(items: list[str]) -> dict[str, dict[str, str]]:
     """``["kv-cache.scheme=int8", ...]`` -> ``{"kv-cache": {"scheme": "int8"}}``."""
     from toolkit.errors import PassError

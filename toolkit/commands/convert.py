@@ -20,6 +20,7 @@ from toolkit.commands._common import (
     add_pass_option_arg,
     parity_settings,
     parse_pass_options,
+    refuse_unused_pass_options,
     threshold_overrides,
 )
 
@@ -310,10 +311,19 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
     if getattr(args, "kv_cache", None):
         names = list(DEFAULT_PASSES) if names is None else names
         names.append("kv-cache")
-        options.setdefault("kv-cache", {}).update(
-            scheme=args.kv_cache, group=str(args.kv_group or 0),
-            residual=str(-1 if args.kv_residual is None else args.kv_residual),
-            capacity=str(args.kv_capacity), quantize_query=str(bool(getattr(args, "kv_quantize_query", False))))
+        # The flags' values, and whether the user gave each flag: a --pass-option kv-cache.X
+        # wins over a flag's default (it was overwritten) and conflicts with a given flag.
+        flags = {"scheme": (args.kv_cache, True), "group": (str(args.kv_group or 0), args.kv_group is not None),
+                 "residual": (str(-1 if args.kv_residual is None else args.kv_residual), args.kv_residual is not None),
+                 "capacity": (str(args.kv_capacity), bool(args.kv_capacity)),
+                 "quantize_query": (str(bool(getattr(args, "kv_quantize_query", False))),
+                                    bool(getattr(args, "kv_quantize_query", False)))}
+        user = options.setdefault("kv-cache", {})
+        for key, (value, given) in flags.items():
+            if key in user and given and user[key] != value:
+                raise PassError(f"--pass-option kv-cache.{key}={user[key]} conflicts with the flag that sets "
+                                f"{key} to {value}", hint="give it once: the flag or the pass option")
+            user.setdefault(key, value)
     for flag, option in (("rank_ratio", "rank_ratio"), ("energy", "energy"), ("param_budget", "param_budget")):
         if getattr(args, flag, None) is not None:
             names = list(DEFAULT_PASSES) if names is None else names
@@ -364,10 +374,5 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
     running = resolve_pass_names(names)
     for name, opts in options.items():
         get_pass(name).make_options(opts)
-        if name not in running:  # (an option of a pass that does not run was silently ignored)
-            flag = {"float16": "--float16", "portable": "--portable", "sampling-head": "--sampling-head K",
-                    "kv-cache": "--kv-cache SCHEME", "low-rank": "--rank-ratio R", "low-rank-kv": "--kv-rank-ratio R"}
-            raise PassError(f"--pass-option {name}.{next(iter(opts))}=...: the pass {name!r} does not run in this "
-                            f"conversion (passes: {', '.join(running) or 'none'})",
-                            hint=f"add {flag.get(name, '--passes ...,' + name)} to run it, or drop the option")
+    refuse_unused_pass_options(running, options)
     return names, options

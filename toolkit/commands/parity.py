@@ -20,6 +20,7 @@ from toolkit.commands._common import (
     add_pass_option_arg,
     parity_settings,
     parse_pass_options,
+    refuse_unused_pass_options,
     resolve_model,
     threshold_overrides,
 )
@@ -125,12 +126,15 @@ def _run_compare(args: argparse.Namespace) -> int:
 def _run_bisect(args: argparse.Namespace) -> int:
     import json
 
+    from passes.pipeline import resolve_pass_names
     from toolkit.bisect import bisect
     from toolkit.parity import write_atomic
 
     names = None if args.passes is None else [p for p in args.passes.split(",") if p]
+    options = parse_pass_options(args.pass_option)
+    refuse_unused_pass_options(resolve_pass_names(names), options)
     step_reports: list[tuple[str, dict]] = []
-    result = bisect(resolve_model(args), names, parse_pass_options(args.pass_option) or None, parity_settings(args),
+    result = bisect(resolve_model(args), names, options or None, parity_settings(args),
                     profile=args.profile,
                     overrides=threshold_overrides(args),
                     on_report=lambda name, report: step_reports.append((f"+{name}", report.to_dict())))
