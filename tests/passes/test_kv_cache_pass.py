@@ -289,9 +289,21 @@ def test_convert_options_without_their_parent_flag_are_refused():
     opts = convert_cmd._pass_selection(parser.parse_args(
         ["llama", "-o", "x", "--kv-cache", "int8", "--pass-option", "kv-cache.residual=4"]))[1]["kv-cache"]
     assert opts["residual"] == "4" and opts["scheme"] == "int8"
-    with pytest.raises(PassError, match="kv-cache.residual=4 conflicts with the flag that sets residual to 8"):
+    with pytest.raises(PassError, match="kv-cache.residual=4 conflicts with --kv-residual, which sets residual to 8"):
         convert_cmd._pass_selection(parser.parse_args(["llama", "-o", "x", "--kv-cache", "int8", "--kv-residual", "8",
                                                        "--pass-option", "kv-cache.residual=4"]))
+    # the same for every flag that sets a pass option (they overwrote it silently); the
+    # same value, written another way, is no conflict
+    for extra, message in ((["--sampling-head", "50", "--pass-option", "sampling-head.k=40"],
+                            "sampling-head.k=40 conflicts with --sampling-head, which sets k to 50"),
+                           (["--rank-ratio", "0.5", "--pass-option", "low-rank.rank_ratio=0.25"],
+                            "low-rank.rank_ratio=0.25 conflicts with --rank-ratio")):
+        with pytest.raises(PassError, match=message):
+            convert_cmd._pass_selection(parser.parse_args(["llama", "-o", "x", *extra]))
+    same = convert_cmd._pass_selection(parser.parse_args(["llama", "-o", "x", "--rank-ratio", "0.5", "--whiten",
+                                                          "--pass-option", "low-rank.rank_ratio=.50",
+                                                          "--pass-option", "low-rank.whiten=True"]))[1]
+    assert same["low-rank"] == {"rank_ratio": "0.5", "whiten": "true"}
     # parity --bisect too
     from toolkit.cli import main
 

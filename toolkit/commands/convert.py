@@ -271,6 +271,27 @@ def _read_onnx(path: Path) -> Any:
     return model
 
 
+def _flag_option(options: dict[str, dict[str, str]], name: str, key: str, value: str, flag: str) -> None:
+    """Set the pass option a flag gives; a --pass-option of the same key with another value
+    conflicts (the flag used to overwrite it silently)."""
+    from toolkit.errors import PassError
+
+    user = options.setdefault(name, {})
+    if key in user and not _same_option_value(user[key], value):
+        raise PassError(f"--pass-option {name}.{key}={user[key]} conflicts with {flag}, which sets {key} to {value}",
+                        hint="give it once: the flag or the pass option")
+    user[key] = value
+
+
+def _same_option_value(a: str, b: str) -> bool:
+    if a.strip().lower() == b.strip().lower():
+        return True
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
+
+
 def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, dict[str, str]]]:
     """Pass names and options from the flags; validated before the (slow) export."""
     from passes import get_pass
@@ -282,9 +303,9 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
     if args.sampling_head is not None:
         names = list(DEFAULT_PASSES) if names is None else names
         names.append("sampling-head")
-        options.setdefault("sampling-head", {})["k"] = str(args.sampling_head)
+        _flag_option(options, "sampling-head", "k", str(args.sampling_head), "--sampling-head")
         if args.sample:
-            options["sampling-head"]["sample"] = "true"
+            _flag_option(options, "sampling-head", "sample", "true", "--sample")
     if args.sample and args.sampling_head is None:
         raise PassError("--sample needs --sampling-head K (it draws from the head's top K)",
                         hint="e.g. toolkit convert MODEL -o DIR --sampling-head 50 --sample")
@@ -318,22 +339,22 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
                  "capacity": (str(args.kv_capacity), bool(args.kv_capacity)),
                  "quantize_query": (str(bool(getattr(args, "kv_quantize_query", False))),
                                     bool(getattr(args, "kv_quantize_query", False)))}
-        user = options.setdefault("kv-cache", {})
         for key, (value, given) in flags.items():
-            if key in user and given and user[key] != value:
-                raise PassError(f"--pass-option kv-cache.{key}={user[key]} conflicts with the flag that sets "
-                                f"{key} to {value}", hint="give it once: the flag or the pass option")
-            user.setdefault(key, value)
+            if given:
+                _flag_option(options, "kv-cache", key, value,
+                             "--kv-cache" if key == "scheme" else f"--kv-{key.replace('_', '-')}")
+            else:
+                options.setdefault("kv-cache", {}).setdefault(key, value)
     for flag, option in (("rank_ratio", "rank_ratio"), ("energy", "energy"), ("param_budget", "param_budget")):
         if getattr(args, flag, None) is not None:
             names = list(DEFAULT_PASSES) if names is None else names
             names.append("low-rank")
-            options.setdefault("low-rank", {})[option] = str(getattr(args, flag))
+            _flag_option(options, "low-rank", option, str(getattr(args, flag)), f"--{flag.replace('_', '-')}")
     if getattr(args, "activation_aware", False):
         if "low-rank" not in options:
             raise PassError("--activation-aware needs --rank-ratio, --energy or --param-budget",
                             hint="e.g. toolkit convert MODEL -o DIR --rank-ratio 0.5 --activation-aware")
-        options["low-rank"]["activation_aware"] = "true"
+        _flag_option(options, "low-rank", "activation_aware", "true", "--activation-aware")
     if getattr(args, "whiten", False):
         if "low-rank" not in options:
             raise PassError("--whiten needs --rank-ratio, --energy or --param-budget",
@@ -343,21 +364,21 @@ def _pass_selection(args: argparse.Namespace) -> tuple[list[str] | None, dict[st
                             "choose one",
                             hint="drop one: --whiten (whitened SVD, the smallest output error on the calibration "
                             "activations) or --activation-aware (ASVD)")
-        options["low-rank"]["whiten"] = "true"
+        _flag_option(options, "low-rank", "whiten", "true", "--whiten")
     if getattr(args, "int8_factors", False):
         if "low-rank" not in options:
             raise PassError("--int8-factors needs --rank-ratio, --energy or --param-budget",
                             hint="e.g. toolkit convert MODEL -o DIR --rank-ratio 0.5 --int8-factors")
-        options["low-rank"]["int8_weights"] = "true"
+        _flag_option(options, "low-rank", "int8_weights", "true", "--int8-factors")
     if getattr(args, "kv_rank_ratio", None) is not None:
         names = list(DEFAULT_PASSES) if names is None else names
         names.append("low-rank-kv")
-        options.setdefault("low-rank-kv", {})["rank_ratio"] = str(args.kv_rank_ratio)
+        _flag_option(options, "low-rank-kv", "rank_ratio", str(args.kv_rank_ratio), "--kv-rank-ratio")
     if getattr(args, "kv_latent_bits", None) is not None:
         if "low-rank-kv" not in options:
             raise PassError("--kv-latent-bits needs --kv-rank-ratio (it sets how the latent cache is stored)",
                             hint="e.g. toolkit convert MODEL -o DIR --kv-rank-ratio 0.5 --kv-latent-bits 8")
-        options["low-rank-kv"]["latent_bits"] = str(args.kv_latent_bits)
+        _flag_option(options, "low-rank-kv", "latent_bits", str(args.kv_latent_bits), "--kv-latent-bits")
     if getattr(args, "float16", False):
         names = list(DEFAULT_PASSES) if names is None else names
         names.append("float16")
