@@ -141,18 +141,6 @@ def _rename_converter_names(graph: ir.Graph) -> None:
 _WEIGHT_READERS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "Einsum", "LowRankMatMul"})
 
 
-def _constant_of(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The tensor of an initializer, or of a ``Constant`` node's ``value``."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-        return producer.attributes["value"].as_tensor()
-    return None
-
-
 def _refuse_out_of_range(graph: ir.Graph) -> None:
     """A float32 weight (a constant that a MatMul, Gemm, Conv, Gather ... reads, in any
     graph or subgraph, initializer or Constant node) with finite values beyond float16's
@@ -165,7 +153,7 @@ def _refuse_out_of_range(graph: ir.Graph) -> None:
         if node.op_type not in _WEIGHT_READERS:
             continue
         for value in node.inputs:
-            tensor = _constant_of(value)
+            tensor = ir.convenience.get_const_tensor(value) if value is not None else None  # (or Constant)
             if tensor is None or tensor.dtype != ir.DataType.FLOAT or value.name in bad:
                 continue
             array = np.abs(tensor.numpy())
@@ -184,6 +172,7 @@ def apply(model: ir.Model, options: Float16Options, *, explain: bool = False) ->
     """Convert in place; count = float32 weights converted to float16."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+    from toolkit.checker import too_large_to_serialize
     from toolkit.ops import FLOAT32_ONLY_OPS
 
     del explain
@@ -200,9 +189,8 @@ def apply(model: ir.Model, options: Float16Options, *, explain: bool = False) ->
     proto = ir.serde.serialize_model(model)
     # The converter's shape inference serializes the model, which cannot pass 2 GB; the
     # exporter's and the passes' type annotations are what it needs without it.
-    large = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                if v.const_value is not None) >= 2**31 - 2**26
-    converted = convert_float_to_float16(proto, keep_io_types=options.keep_io_types, disable_shape_infer=large,
+    converted = convert_float_to_float16(proto, keep_io_types=options.keep_io_types,
+                                         disable_shape_infer=too_large_to_serialize(proto),
                                          op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FLOAT32_ONLY_OPS])
     result = ir.serde.deserialize_model(converted)
     result.graph.sort()
